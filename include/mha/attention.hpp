@@ -1,0 +1,247 @@
+// SPDX-License-Identifier: MIT
+// Scaled dot-product attention: the score and weighted-sum kernels, single-head attention on any
+// Q/K/V views, and the multi-head core over a packed batch.
+//
+// Shapes (one column per token):
+//   q : d_k × Lq      k : d_k × Lk      v : d_v × Lk
+//   scores, weights : Lk × Lq (column i holds query i's view of every key)
+//   out : d_v × Lq
+//
+// Order inside the scores: scale → additive bias → mask → normalise. Masks are applied by
+// selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never leaks).
+// A query with no key to attend to gets output 0 and weights 0.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <mha/batch.hpp>
+#include <mha/config.hpp>
+#include <mha/mask.hpp>
+#include <mha/softmax.hpp>
+
+namespace mha {
+
+/// Settings of the attention core.
+struct attention_options {
+    /// Multiplies Kᵀ·Q; 1/√d_k when not set. Must be finite.
+    std::optional<double> scale;
+    /// How scores become weights.
+    normalization normalize = normalization::softmax;
+};
+
+/// Which attention weights a multi-head call returns.
+enum class weights_mode {
+    none,      ///< do not return weights
+    per_head,  ///< one `Lk × Lq` matrix per sequence and head, index b·H + h
+    averaged,  ///< one `Lk × Lq` matrix per sequence: the mean over heads (PyTorch's default)
+};
+
+/// scores = scale · kᵀ·q   (Lk × Lq).
+template <class DK, class DQ, class DS>
+void attention_scores(const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DQ>& q,
+                      typename DQ::Scalar scale, const Eigen::MatrixBase<DS>& scores_) {
+    constexpr const char* where = "mha::attention_scores";
+    auto& scores = const_cast<Eigen::MatrixBase<DS>&>(scores_);
+    detail::check_size(where, "k.rows()", q.rows(), k.rows(), "q.rows(), the key width d_k");
+    detail::check_size(where, "scores.rows()", k.cols(), scores.rows(), "k.cols()");
+    detail::check_size(where, "scores.cols()", q.cols(), scores.cols(), "q.cols()");
+    scores.noalias() = scale * (k.transpose() * q);
+}
+
+/// out = v · weights   (d_v × Lq): each query's weighted sum of the value columns.
+template <class DV, class DW, class DO>
+void weighted_sum_of_values(const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DW>& weights,
+                            const Eigen::MatrixBase<DO>& out_) {
+    constexpr const char* where = "mha::weighted_sum_of_values";
+    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
+    detail::check_size(where, "weights.rows()", v.cols(), weights.rows(), "v.cols()");
+    detail::check_size(where, "out.rows()", v.rows(), out.rows(), "v.rows()");
+    detail::check_size(where, "out.cols()", weights.cols(), out.cols(), "weights.cols()");
+    out.noalias() = v * weights;
+}
+
+namespace detail {
+
+template <class Scalar>
+Scalar resolve_scale(const char* where, const attention_options& options, Index key_width) {
+    if (options.scale) {
+        if (!std::isfinite(*options.scale))
+            fail<value_error>(where, "options.scale", "finite", *options.scale);
+        return static_cast<Scalar>(*options.scale);
+    }
+    if (key_width <= 0)
+        fail<shape_error>(where, "the key width d_k", ">= 1 (or set options.scale)", key_width);
+    return static_cast<Scalar>(1.0L / std::sqrt(static_cast<long double>(key_width)));
+}
+
+/// Sets excluded scores to −∞ and adds biases, for one (sequence, head).
+template <class Scalar, class DS>
+void apply_mask(const typename attention_mask<Scalar>::slice& mask, Eigen::MatrixBase<DS>& s) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    const Index lk = s.rows();
+    for (Index i = 0; i < s.cols(); ++i) {
+        const auto range = mask.key_range(i);
+        s.col(i).head(range.first).setConstant(minus_inf);
+        s.col(i).tail(lk - range.second).setConstant(minus_inf);
+        if (mask.has_bias())
+            for (Index j = range.first; j < range.second; ++j) s(j, i) += mask.bias(j, i);
+        if (mask.has_keep())
+            for (Index j = range.first; j < range.second; ++j)
+                if (!mask.keeps(j, i)) s(j, i) = minus_inf;
+    }
+}
+
+/// P·V by GEMM lets 0·NaN from an excluded value column into a query's output. Such outputs are
+/// the only non-finite ones that can be wrong; recompute them from the allowed keys alone.
+template <class Scalar, class DV, class DW, class DO>
+void repair_excluded_values(const typename attention_mask<Scalar>::slice& mask,
+                            const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DW>& weights,
+                            Eigen::MatrixBase<DO>& out) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    for (Index i = 0; i < out.cols(); ++i) {
+        if (out.col(i).allFinite()) continue;
+        out.col(i).setZero();
+        const auto range = mask.key_range(i);
+        for (Index j = range.first; j < range.second; ++j) {
+            if (!mask.keeps(j, i)) continue;
+            if (mask.has_bias() && mask.bias(j, i) == minus_inf) continue;
+            out.col(i) += weights(j, i) * v.col(j);
+        }
+    }
+}
+
+/// The materialised attention of one (sequence, head); `scores` is scratch, resized to Lk × Lq.
+template <class Scalar, class DQ, class DK, class DV, class DO>
+void attend_one_head(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                     const Eigen::MatrixBase<DV>& v,
+                     const typename attention_mask<Scalar>::slice& mask, Scalar scale,
+                     normalization normalize, Eigen::MatrixBase<DO>& out, matrix<Scalar>& scores) {
+    const Index lq = q.cols();
+    const Index lk = k.cols();
+    scores.resize(lk, lq);
+    if (lq == 0) return;
+    if (lk == 0) {
+        out.setZero();
+        return;
+    }
+    scores.noalias() = scale * (k.transpose() * q);
+    const bool masked = !mask.is_unmasked();
+    if (masked) apply_mask<Scalar>(mask, scores);
+    normalize_columns(scores, normalize);
+    out.noalias() = v * scores;
+    if (masked) repair_excluded_values<Scalar>(mask, v, scores, out);
+}
+
+}  // namespace detail
+
+/// Single-head attention on any Q/K/V views (see the shapes at the top of this header).
+/// Writes `out` (d_v × Lq); if `weights` is given it is resized to Lk × Lq and receives the
+/// normalised attention weights.
+template <class DQ, class DK, class DV, class DO>
+void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                  const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DO>& out_,
+                                  const attention_mask<typename DQ::Scalar>& mask = {},
+                                  const attention_options& options = {},
+                                  matrix<typename DQ::Scalar>* weights = nullptr) {
+    using Scalar = typename DQ::Scalar;
+    static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
+    constexpr const char* where = "mha::scaled_dot_product_attention";
+    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
+    detail::check_size(where, "k.rows()", q.rows(), k.rows(), "q.rows(), the key width d_k");
+    detail::check_size(where, "v.cols()", k.cols(), v.cols(), "k.cols(), the number of keys");
+    detail::check_size(where, "out.rows()", v.rows(), out.rows(), "v.rows(), the value width");
+    detail::check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols(), the number of queries");
+    const Scalar scale = detail::resolve_scale<Scalar>(where, options, q.rows());
+    mask.validate(where, 1, {q.cols()}, {k.cols()});
+    const auto slice = mask.for_head(0, 0, 1, 1, q.cols(), k.cols());
+    matrix<Scalar> scratch;
+    matrix<Scalar>& scores = weights != nullptr ? *weights : scratch;
+    detail::attend_one_head<Scalar>(q, k, v, slice, scale, options.normalize, out, scores);
+}
+
+/// Returns the single-head attention output (d_v × Lq).
+template <class DQ, class DK, class DV>
+matrix<typename DQ::Scalar> scaled_dot_product_attention(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const attention_mask<typename DQ::Scalar>& mask = {}, const attention_options& options = {}) {
+    matrix<typename DQ::Scalar> out(v.rows(), q.cols());
+    scaled_dot_product_attention(q, k, v, out, mask, options);
+    return out;
+}
+
+/// The multi-head attention core over a packed batch, on already projected Q, K and V:
+///   q : (H·d_k) × Nq,  k : (H·d_k) × Nk,  v : (H·d_v) × Nk,  out : (H·d_v) × Nq
+/// with Nq and Nk the batch's total query and key counts. Head h of sequence b attends with
+/// rows [h·d_k, (h+1)·d_k) of the columns of sequence b only. If `weights` is given and `mode`
+/// is not `none`, it receives the weights (see `weights_mode`).
+template <class DQ, class DK, class DV, class DO>
+void multi_head_attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                               const Eigen::MatrixBase<DV>& v, Index num_heads,
+                               const packed_batch& batch, const Eigen::MatrixBase<DO>& out_,
+                               const attention_mask<typename DQ::Scalar>& mask = {},
+                               const attention_options& options = {},
+                               weights_mode mode = weights_mode::none,
+                               std::vector<matrix<typename DQ::Scalar>>* weights = nullptr) {
+    using Scalar = typename DQ::Scalar;
+    static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
+    constexpr const char* where = "mha::multi_head_attention_core";
+    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
+    if (num_heads <= 0) detail::fail<value_error>(where, "num_heads", ">= 1", num_heads);
+    if (q.rows() % num_heads != 0)
+        detail::fail<shape_error>(where, "q.rows()",
+                                  "a multiple of num_heads = " + std::to_string(num_heads),
+                                  q.rows());
+    if (v.rows() % num_heads != 0)
+        detail::fail<shape_error>(where, "v.rows()",
+                                  "a multiple of num_heads = " + std::to_string(num_heads),
+                                  v.rows());
+    detail::check_size(where, "k.rows()", q.rows(), k.rows(), "q.rows()");
+    detail::check_size(where, "q.cols()", batch.total_queries(), q.cols(),
+                       "the batch's total query count");
+    detail::check_size(where, "k.cols()", batch.total_keys(), k.cols(),
+                       "the batch's total key count");
+    detail::check_size(where, "v.cols()", k.cols(), v.cols(), "k.cols()");
+    detail::check_size(where, "out.rows()", v.rows(), out.rows(), "v.rows()");
+    detail::check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols()");
+    const Index dk = q.rows() / num_heads;
+    const Index dv = v.rows() / num_heads;
+    const Scalar scale = detail::resolve_scale<Scalar>(where, options, dk);
+    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
+
+    const bool want_weights = weights != nullptr && mode != weights_mode::none;
+    if (want_weights) {
+        weights->clear();
+        for (Index b = 0; b < batch.size(); ++b) {
+            const Index copies = mode == weights_mode::per_head ? num_heads : 1;
+            for (Index h = 0; h < copies; ++h)
+                weights->push_back(
+                    matrix<Scalar>::Zero(batch.key_length(b), batch.query_length(b)));
+        }
+    }
+    matrix<Scalar> scores;
+    for (Index b = 0; b < batch.size(); ++b) {
+        const Index lq = batch.query_length(b);
+        const Index lk = batch.key_length(b);
+        const Index q0 = batch.query_offset(b);
+        const Index k0 = batch.key_offset(b);
+        for (Index h = 0; h < num_heads; ++h) {
+            const auto slice = mask.for_head(b, h, batch.size(), num_heads, lq, lk);
+            auto out_bh = out.derived().block(h * dv, q0, dv, lq);
+            detail::attend_one_head<Scalar>(
+                q.derived().block(h * dk, q0, dk, lq), k.derived().block(h * dk, k0, dk, lk),
+                v.derived().block(h * dv, k0, dv, lk), slice, scale, options.normalize, out_bh,
+                scores);
+            if (!want_weights) continue;
+            if (mode == weights_mode::per_head)
+                (*weights)[static_cast<std::size_t>(b * num_heads + h)] = scores;
+            else
+                (*weights)[static_cast<std::size_t>(b)] += scores / Scalar(num_heads);
+        }
+    }
+}
+
+}  // namespace mha

@@ -1,0 +1,334 @@
+// SPDX-License-Identifier: MIT
+// Mask types. Each says in its name what it means, so no boolean convention can be misread:
+// `keep_mask` true = may attend; `additive_bias` is added to the scaled scores; `causal`,
+// `sliding_window` and `key_lengths` exclude keys by position. They compose by intersection
+// (a key is attended only if every mask allows it) into an `attention_mask<Scalar>`.
+#pragma once
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <mha/config.hpp>
+
+namespace mha {
+
+/// Where the causal diagonal sits when the query and key lengths differ.
+enum class causal_alignment {
+    /// Query i sees keys j <= i + (Lk - Lq): the last query sees every key. This is what a
+    /// decode step over a KV cache needs, and what FlashAttention and ONNX use.
+    bottom_right,
+    /// Query i sees keys j <= i, as PyTorch's `is_causal=True` does.
+    top_left,
+};
+
+/// Each query attends only to keys at or before its own position (see `causal_alignment`).
+struct causal {
+    causal_alignment alignment = causal_alignment::bottom_right;
+};
+
+/// Each query attends to keys within `left` positions before and `right` positions after its
+/// own position (aligned as `alignment` says). `sliding_window{w, 0}` is causal with a window.
+struct sliding_window {
+    Index left = 0;
+    Index right = 0;
+    causal_alignment alignment = causal_alignment::bottom_right;
+};
+
+/// Sequence b attends only to its first `lengths[b]` keys (the rest is padding or unused cache).
+/// One entry per sequence of the batch (a single entry for an unbatched call).
+struct key_lengths {
+    std::vector<Index> lengths;
+};
+
+/// Explicit permission matrix, shape `Lk × Lq` (rows: keys, columns: queries, like the scores):
+/// `true` means the query may attend to the key. The same bytes as a PyTorch `(L, S)` bool
+/// tensor, but note the polarity: this is SDPA's convention, the opposite of
+/// `nn.MultiheadAttention`'s boolean `attn_mask` (where true means "do not attend").
+///
+/// `masks` holds 1 matrix (shared by every sequence and head), B (one per sequence) or B·H
+/// (sequence b, head h at index b·H + h).
+struct keep_mask {
+    std::vector<bool_matrix> masks;
+    keep_mask() = default;
+    explicit keep_mask(bool_matrix mask) { masks.push_back(std::move(mask)); }
+    explicit keep_mask(std::vector<bool_matrix> per_sequence_or_head)
+        : masks(std::move(per_sequence_or_head)) {}
+};
+
+/// Added to the scaled scores before normalisation, shape `Lk × Lq`; −∞ excludes a key.
+/// Broadcast like `keep_mask`: 1, B or B·H matrices.
+template <class Scalar>
+struct additive_bias {
+    std::vector<matrix<Scalar>> biases;
+    additive_bias() = default;
+    explicit additive_bias(matrix<Scalar> bias) { biases.push_back(std::move(bias)); }
+    explicit additive_bias(std::vector<matrix<Scalar>> per_sequence_or_head)
+        : biases(std::move(per_sequence_or_head)) {}
+};
+
+/// The composition of any number of the masks above. Implicitly constructible from each of them,
+/// so a function taking `const attention_mask<Scalar>&` accepts `mha::causal{}` directly.
+template <class Scalar>
+class attention_mask {
+public:
+    attention_mask() = default;
+    // NOLINTBEGIN(google-explicit-constructor): one mask is a mask set of one.
+    attention_mask(causal c) { add(c); }
+    attention_mask(sliding_window w) { add(w); }
+    attention_mask(key_lengths k) { add(std::move(k)); }
+    attention_mask(keep_mask k) { add(std::move(k)); }
+    attention_mask(additive_bias<Scalar> b) { add(std::move(b)); }
+    // NOLINTEND(google-explicit-constructor)
+
+    /// Several masks at once: `attention_mask<float>(causal{}, key_lengths{{3, 5}})`.
+    template <class First, class Second, class... Rest>
+    attention_mask(First first, Second second, Rest... rest) {
+        add(std::move(first));
+        add(std::move(second));
+        (add(std::move(rest)), ...);
+    }
+
+    attention_mask& add(causal c) {
+        if (causal_ && causal_->alignment != c.alignment)
+            detail::fail<value_error>("mha::attention_mask", "a second causal mask's alignment",
+                                      "the same as the first", "a different one");
+        causal_ = c;
+        return *this;
+    }
+    attention_mask& add(sliding_window w) {
+        if (w.left < 0) detail::fail<value_error>("mha::sliding_window", "left", ">= 0", w.left);
+        if (w.right < 0) detail::fail<value_error>("mha::sliding_window", "right", ">= 0", w.right);
+        windows_.push_back(w);
+        return *this;
+    }
+    attention_mask& add(key_lengths k) {
+        if (key_lengths_)
+            detail::fail<value_error>("mha::attention_mask", "key_lengths", "given at most once",
+                                      "a second one");
+        for (std::size_t b = 0; b < k.lengths.size(); ++b)
+            if (k.lengths[b] < 0)
+                detail::fail<value_error>("mha::key_lengths",
+                                          "lengths[" + std::to_string(b) + "]", ">= 0",
+                                          k.lengths[b]);
+        key_lengths_ = std::move(k);
+        return *this;
+    }
+    attention_mask& add(keep_mask k) {
+        for (auto& m : k.masks) keep_.push_back(std::move(m));
+        keep_groups_.push_back(k.masks.size());
+        return *this;
+    }
+    attention_mask& add(additive_bias<Scalar> b) {
+        for (auto& m : b.biases) bias_.push_back(std::move(m));
+        bias_groups_.push_back(b.biases.size());
+        return *this;
+    }
+    attention_mask& add(const attention_mask& other) {
+        if (other.causal_) add(*other.causal_);
+        for (const auto& w : other.windows_) add(w);
+        if (other.key_lengths_) add(*other.key_lengths_);
+        std::size_t at = 0;
+        for (std::size_t n : other.keep_groups_) {
+            add(keep_mask(std::vector<bool_matrix>(other.keep_.begin() + at,
+                                                   other.keep_.begin() + at + n)));
+            at += n;
+        }
+        at = 0;
+        for (std::size_t n : other.bias_groups_) {
+            add(additive_bias<Scalar>(std::vector<matrix<Scalar>>(other.bias_.begin() + at,
+                                                                  other.bias_.begin() + at + n)));
+            at += n;
+        }
+        return *this;
+    }
+
+    /// Intersection of two mask sets.
+    template <class Mask>
+    friend attention_mask operator&(attention_mask lhs, Mask rhs) {
+        lhs.add(std::move(rhs));
+        return lhs;
+    }
+
+    bool empty() const {
+        return !causal_ && windows_.empty() && !key_lengths_ && keep_.empty() && bias_.empty();
+    }
+    const std::optional<causal>& causal_mask() const { return causal_; }
+    const std::vector<sliding_window>& windows() const { return windows_; }
+    const std::optional<key_lengths>& lengths() const { return key_lengths_; }
+    bool has_elementwise() const { return !keep_.empty() || !bias_.empty(); }
+
+    /// Checks every mask against a batch of `num_sequences` sequences with `num_heads` heads
+    /// whose query and key lengths are given; throws shape_error naming the offending mask.
+    void validate(const char* where, Index num_heads, const std::vector<Index>& query_lengths,
+                  const std::vector<Index>& key_lengths_of_batch) const {
+        const auto batch = static_cast<Index>(query_lengths.size());
+        if (key_lengths_) {
+            detail::check_size(where, "key_lengths.lengths.size()", batch,
+                               static_cast<Index>(key_lengths_->lengths.size()),
+                               "one per sequence");
+            for (Index b = 0; b < batch; ++b)
+                if (key_lengths_->lengths[b] > key_lengths_of_batch[b])
+                    detail::fail<shape_error>(
+                        where, "key_lengths.lengths[" + std::to_string(b) + "]",
+                        "<= " + std::to_string(key_lengths_of_batch[b]) + " (keys in sequence)",
+                        key_lengths_->lengths[b]);
+        }
+        check_groups(where, "keep_mask", keep_groups_, keep_, num_heads, query_lengths,
+                     key_lengths_of_batch);
+        check_groups(where, "additive_bias", bias_groups_, bias_, num_heads, query_lengths,
+                     key_lengths_of_batch);
+    }
+
+    /// The masks as they apply to sequence `b`, head `h` (see `mask_slice`).
+    class slice;
+    slice for_head(Index b, Index h, Index num_sequences, Index num_heads, Index lq,
+                   Index lk) const;
+
+private:
+    template <class M>
+    static void check_groups(const char* where, const char* name,
+                             const std::vector<std::size_t>& groups, const std::vector<M>& items,
+                             Index num_heads, const std::vector<Index>& lq,
+                             const std::vector<Index>& lk) {
+        const auto batch = static_cast<Index>(lq.size());
+        std::size_t at = 0;
+        for (std::size_t n : groups) {
+            const auto count = static_cast<Index>(n);
+            if (count != 1 && count != batch && count != batch * num_heads)
+                detail::fail<shape_error>(
+                    where, std::string(name) + " count",
+                    "1, " + std::to_string(batch) + " (sequences) or " +
+                        std::to_string(batch * num_heads) + " (sequences x heads)",
+                    count);
+            for (Index i = 0; i < count; ++i) {
+                const Index b = count == 1 ? 0 : (count == batch ? i : i / num_heads);
+                const auto& m = items[at + static_cast<std::size_t>(i)];
+                const std::string label = std::string(name) + "[" + std::to_string(i) + "]";
+                if (count == 1) {
+                    for (Index s = 0; s < batch; ++s) {
+                        detail::check_size(where, label + ".rows()", lk[s], m.rows(),
+                                           "keys in sequence");
+                        detail::check_size(where, label + ".cols()", lq[s], m.cols(),
+                                           "queries in sequence");
+                    }
+                } else {
+                    detail::check_size(where, label + ".rows()", lk[b], m.rows(),
+                                       "keys in sequence");
+                    detail::check_size(where, label + ".cols()", lq[b], m.cols(),
+                                       "queries in sequence");
+                }
+            }
+            at += n;
+        }
+    }
+
+    std::optional<causal> causal_;
+    std::vector<sliding_window> windows_;
+    std::optional<key_lengths> key_lengths_;
+    std::vector<bool_matrix> keep_;
+    std::vector<std::size_t> keep_groups_;
+    std::vector<matrix<Scalar>> bias_;
+    std::vector<std::size_t> bias_groups_;
+
+    friend class slice;
+};
+
+/// The masks of one (sequence, head) pair, with the queries' allowed key ranges precomputed
+/// from the positional masks. Kernels ask it for `key_range(i)` and then for the element-wise
+/// masks inside that range.
+template <class Scalar>
+class attention_mask<Scalar>::slice {
+public:
+    slice(Index lq, Index lk) : lq_(lq), lk_(lk), key_limit_(lk) {}
+
+    Index query_count() const { return lq_; }
+    Index key_count() const { return lk_; }
+
+    /// Keys [first, last) of query i allowed by causal, window and key-length masks.
+    std::pair<Index, Index> key_range(Index i) const {
+        Index first = 0;
+        Index last = key_limit_;
+        if (causal_) {
+            const Index c = i + (*causal_ == causal_alignment::bottom_right ? lk_ - lq_ : 0);
+            last = std::min(last, c + 1);
+        }
+        for (const auto& w : windows_) {
+            const Index c = i + (w.alignment == causal_alignment::bottom_right ? lk_ - lq_ : 0);
+            first = std::max(first, c - w.left);
+            last = std::min(last, c + w.right + 1);
+        }
+        first = std::max<Index>(first, 0);
+        if (last < first) last = first;
+        return {first, last};
+    }
+
+    /// Whether the element-wise masks allow key j for query i (range masks not included).
+    bool keeps(Index j, Index i) const {
+        for (const bool_matrix* m : keep_)
+            if (!(*m)(j, i)) return false;
+        return true;
+    }
+    bool has_keep() const { return !keep_.empty(); }
+    bool has_bias() const { return !bias_.empty(); }
+    /// Sum of the additive biases at (j, i).
+    Scalar bias(Index j, Index i) const {
+        Scalar total(0);
+        for (const matrix<Scalar>* m : bias_) total += (*m)(j, i);
+        return total;
+    }
+
+    /// Key j is allowed for query i by every mask (a −∞ bias counts as excluded elsewhere).
+    bool allows(Index j, Index i) const {
+        const auto range = key_range(i);
+        return j >= range.first && j < range.second && keeps(j, i);
+    }
+
+    /// True when no key of any query lies outside [0, key_limit) and nothing else masks.
+    bool is_unmasked() const {
+        return !causal_ && windows_.empty() && key_limit_ == lk_ && keep_.empty() &&
+               bias_.empty();
+    }
+
+private:
+    friend class attention_mask<Scalar>;
+    Index lq_;
+    Index lk_;
+    Index key_limit_;
+    std::optional<causal_alignment> causal_;
+    std::vector<sliding_window> windows_;
+    std::vector<const bool_matrix*> keep_;
+    std::vector<const matrix<Scalar>*> bias_;
+};
+
+template <class Scalar>
+typename attention_mask<Scalar>::slice attention_mask<Scalar>::for_head(
+    Index b, Index h, Index num_sequences, Index num_heads, Index lq, Index lk) const {
+    slice s(lq, lk);
+    if (causal_) s.causal_ = causal_->alignment;
+    s.windows_ = windows_;
+    if (key_lengths_) s.key_limit_ = key_lengths_->lengths[static_cast<std::size_t>(b)];
+    // A group of 1 is shared, a group of B is one per sequence, a group of B·H one per head.
+    auto index_in_group = [&](std::size_t count) -> std::size_t {
+        const auto n = static_cast<Index>(count);
+        if (n == 1) return 0;
+        if (n == num_sequences) return static_cast<std::size_t>(b);
+        return static_cast<std::size_t>(b * num_heads + h);
+    };
+    std::size_t at = 0;
+    for (std::size_t n : keep_groups_) {
+        s.keep_.push_back(&keep_[at + index_in_group(n)]);
+        at += n;
+    }
+    at = 0;
+    for (std::size_t n : bias_groups_) {
+        s.bias_.push_back(&bias_[at + index_in_group(n)]);
+        at += n;
+    }
+    return s;
+}
+
+}  // namespace mha

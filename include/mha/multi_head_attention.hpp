@@ -1,0 +1,343 @@
+// SPDX-License-Identifier: MIT
+// The multi-head attention layer: Q/K/V projections, per-head attention, concatenation and the
+// output projection, for one sequence or a packed batch, self- or cross-attention.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <mha/attention.hpp>
+#include <mha/batch.hpp>
+#include <mha/config.hpp>
+#include <mha/heads.hpp>
+#include <mha/mask.hpp>
+#include <mha/projection.hpp>
+
+namespace mha {
+
+/// Shape and settings of a layer. Zero in a width means "the usual default".
+struct attention_config {
+    Index embed_dim = 0;        ///< E: width of the queries and of the output
+    Index num_heads = 1;        ///< H
+    Index head_dim = 0;         ///< d_k, per-head query/key width (0: E / H)
+    Index value_head_dim = 0;   ///< d_v, per-head value width (0: d_k)
+    Index key_input_dim = 0;    ///< width of the key source, PyTorch `kdim` (0: E)
+    Index value_input_dim = 0;  ///< width of the value source, PyTorch `vdim` (0: E)
+    bool bias = true;           ///< biases on the input and output projections
+    attention_options attention{};  ///< scale and normalisation
+
+    /// The same config with every default made explicit; throws on invalid values.
+    attention_config resolved() const {
+        constexpr const char* where = "mha::attention_config";
+        attention_config c = *this;
+        if (c.embed_dim <= 0) detail::fail<value_error>(where, "embed_dim", ">= 1", c.embed_dim);
+        if (c.num_heads <= 0) detail::fail<value_error>(where, "num_heads", ">= 1", c.num_heads);
+        if (c.head_dim < 0) detail::fail<value_error>(where, "head_dim", ">= 0", c.head_dim);
+        if (c.value_head_dim < 0)
+            detail::fail<value_error>(where, "value_head_dim", ">= 0", c.value_head_dim);
+        if (c.key_input_dim < 0)
+            detail::fail<value_error>(where, "key_input_dim", ">= 0", c.key_input_dim);
+        if (c.value_input_dim < 0)
+            detail::fail<value_error>(where, "value_input_dim", ">= 0", c.value_input_dim);
+        if (c.head_dim == 0) {
+            if (c.embed_dim % c.num_heads != 0)
+                detail::fail<shape_error>(
+                    where, "embed_dim",
+                    "a multiple of num_heads = " + std::to_string(c.num_heads) +
+                        " (or set head_dim)",
+                    c.embed_dim);
+            c.head_dim = c.embed_dim / c.num_heads;
+        }
+        if (c.value_head_dim == 0) c.value_head_dim = c.head_dim;
+        if (c.key_input_dim == 0) c.key_input_dim = c.embed_dim;
+        if (c.value_input_dim == 0) c.value_input_dim = c.embed_dim;
+        if (c.attention.scale && !std::isfinite(*c.attention.scale))
+            detail::fail<value_error>(where, "attention.scale", "finite", *c.attention.scale);
+        return c;
+    }
+};
+
+/// The learned parameters, in PyTorch's `Linear.weight` layout (out × in, y = W·x + b).
+template <class Scalar>
+struct attention_parameters {
+    matrix<Scalar> w_q;  ///< (H·d_k) × E
+    matrix<Scalar> w_k;  ///< (H·d_k) × key_input_dim
+    matrix<Scalar> w_v;  ///< (H·d_v) × value_input_dim
+    matrix<Scalar> w_o;  ///< E × (H·d_v)
+    vector<Scalar> b_q;  ///< H·d_k, or size 0 without bias
+    vector<Scalar> b_k;  ///< H·d_k, or size 0
+    vector<Scalar> b_v;  ///< H·d_v, or size 0
+    vector<Scalar> b_o;  ///< E, or size 0
+};
+
+/// Output of `forward_with_weights`.
+template <class Scalar>
+struct attention_result {
+    matrix<Scalar> output;                ///< E × Nq
+    std::vector<matrix<Scalar>> weights;  ///< see `weights_mode`; each Lk × Lq
+};
+
+/// Multi-head attention layer. `const` member functions may be called from several threads.
+template <class Scalar>
+class multi_head_attention {
+    static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
+
+public:
+    using input = Eigen::Ref<const matrix<Scalar>>;
+
+    /// Deterministic initialisation from `seed`, with PyTorch's distributions: Xavier-uniform
+    /// input projections (over the stacked [W_q; W_k; W_v] when all inputs have width E, as
+    /// PyTorch's `in_proj_weight`), U(±1/√(H·d_v)) for W_o, zero biases.
+    explicit multi_head_attention(const attention_config& config, std::uint64_t seed = 0)
+        : config_(config.resolved()) {
+        std::mt19937_64 engine(seed);
+        // The standard fixes mt19937_64's output but not uniform_real_distribution's, so map
+        // the bits to [−bound, bound) here to get the same numbers on every platform.
+        auto uniform = [&engine](matrix<Scalar>& w, double bound) {
+            for (Index c = 0; c < w.cols(); ++c)
+                for (Index r = 0; r < w.rows(); ++r) {
+                    const double unit = static_cast<double>(engine() >> 11) * 0x1.0p-53;
+                    w(r, c) = static_cast<Scalar>((2.0 * unit - 1.0) * bound);
+                }
+        };
+        auto xavier = [](Index fan_out, Index fan_in) {
+            return std::sqrt(6.0 / static_cast<double>(fan_in + fan_out));
+        };
+        const Index qk = qk_width();
+        const Index vw = v_width();
+        fused_ = config_.key_input_dim == config_.embed_dim &&
+                 config_.value_input_dim == config_.embed_dim;
+        if (fused_) {
+            w_in_.resize(2 * qk + vw, config_.embed_dim);
+            uniform(w_in_, xavier(w_in_.rows(), w_in_.cols()));
+        } else {
+            w_in_.resize(qk, config_.embed_dim);
+            w_k_.resize(qk, config_.key_input_dim);
+            w_v_.resize(vw, config_.value_input_dim);
+            uniform(w_in_, xavier(w_in_.rows(), w_in_.cols()));
+            uniform(w_k_, xavier(w_k_.rows(), w_k_.cols()));
+            uniform(w_v_, xavier(w_v_.rows(), w_v_.cols()));
+        }
+        w_o_.resize(config_.embed_dim, vw);
+        uniform(w_o_, 1.0 / std::sqrt(static_cast<double>(vw)));
+        if (config_.bias) {
+            b_in_ = vector<Scalar>::Zero(2 * qk + vw);
+            b_o_ = vector<Scalar>::Zero(config_.embed_dim);
+        }
+    }
+
+    /// A layer with the given parameters; their shapes are checked against `config`.
+    multi_head_attention(const attention_config& config, const attention_parameters<Scalar>& p)
+        : config_(config.resolved()) {
+        constexpr const char* where = "mha::multi_head_attention";
+        const Index qk = qk_width();
+        const Index vw = v_width();
+        const Index e = config_.embed_dim;
+        check_matrix(where, "parameters.w_q", p.w_q, qk, e);
+        check_matrix(where, "parameters.w_k", p.w_k, qk, config_.key_input_dim);
+        check_matrix(where, "parameters.w_v", p.w_v, vw, config_.value_input_dim);
+        check_matrix(where, "parameters.w_o", p.w_o, e, vw);
+        const bool bias = config_.bias;
+        check_bias(where, "parameters.b_q", p.b_q, bias ? qk : 0);
+        check_bias(where, "parameters.b_k", p.b_k, bias ? qk : 0);
+        check_bias(where, "parameters.b_v", p.b_v, bias ? vw : 0);
+        check_bias(where, "parameters.b_o", p.b_o, bias ? e : 0);
+        fused_ = config_.key_input_dim == e && config_.value_input_dim == e;
+        if (fused_) {
+            w_in_.resize(2 * qk + vw, e);
+            w_in_ << p.w_q, p.w_k, p.w_v;
+        } else {
+            w_in_ = p.w_q;
+            w_k_ = p.w_k;
+            w_v_ = p.w_v;
+        }
+        w_o_ = p.w_o;
+        if (bias) {
+            b_in_.resize(2 * qk + vw);
+            b_in_ << p.b_q, p.b_k, p.b_v;
+            b_o_ = p.b_o;
+        }
+    }
+
+    /// From PyTorch's packed parameters: `in_proj_weight` (3E × E, rows q, k, v),
+    /// `in_proj_bias` (3E, or size 0 without bias), `out_proj.weight` (E × E) and
+    /// `out_proj.bias` (E, or size 0). Needs head_dim = value_head_dim = E / H and
+    /// kdim = vdim = E, which is when PyTorch packs them.
+    static multi_head_attention from_packed(const attention_config& config,
+                                            const Eigen::Ref<const matrix<Scalar>>& in_proj_weight,
+                                            const Eigen::Ref<const vector<Scalar>>& in_proj_bias,
+                                            const Eigen::Ref<const matrix<Scalar>>& out_weight,
+                                            const Eigen::Ref<const vector<Scalar>>& out_bias) {
+        constexpr const char* where = "mha::multi_head_attention::from_packed";
+        const attention_config c = config.resolved();
+        const Index e = c.embed_dim;
+        const Index qk = c.num_heads * c.head_dim;
+        const Index vw = c.num_heads * c.value_head_dim;
+        check_matrix(where, "in_proj_weight", in_proj_weight, 2 * qk + vw, e);
+        attention_parameters<Scalar> p;
+        p.w_q = in_proj_weight.topRows(qk);
+        p.w_k = in_proj_weight.middleRows(qk, qk);
+        p.w_v = in_proj_weight.bottomRows(vw);
+        p.w_o = out_weight;
+        if (c.bias) {
+            check_bias(where, "in_proj_bias", in_proj_bias, 2 * qk + vw);
+            p.b_q = in_proj_bias.head(qk);
+            p.b_k = in_proj_bias.segment(qk, qk);
+            p.b_v = in_proj_bias.tail(vw);
+            p.b_o = out_bias;
+        } else {
+            check_bias(where, "in_proj_bias", in_proj_bias, 0);
+            check_bias(where, "out_proj.bias", out_bias, 0);
+        }
+        return multi_head_attention(c, p);
+    }
+
+    /// Self-attention over one sequence: x is E × L, returns E × L.
+    matrix<Scalar> forward(const input& x, const attention_mask<Scalar>& mask = {}) const {
+        return forward(x, packed_batch::single(x.cols(), x.cols()), mask);
+    }
+
+    /// Self-attention over a packed batch: x is E × (Σ lengths).
+    matrix<Scalar> forward(const input& x, const packed_batch& batch,
+                           const attention_mask<Scalar>& mask = {}) const {
+        matrix<Scalar> out(config_.embed_dim, x.cols());
+        run(x, x, x, true, batch, mask, out, weights_mode::none, nullptr);
+        return out;
+    }
+
+    /// Cross-attention over one sequence: query E × Lq, key kdim × Lk, value vdim × Lk.
+    matrix<Scalar> forward(const input& query, const input& key, const input& value,
+                           const attention_mask<Scalar>& mask = {}) const {
+        return forward(query, key, value, packed_batch::single(query.cols(), key.cols()), mask);
+    }
+
+    /// Cross-attention over a packed batch.
+    matrix<Scalar> forward(const input& query, const input& key, const input& value,
+                           const packed_batch& batch,
+                           const attention_mask<Scalar>& mask = {}) const {
+        matrix<Scalar> out(config_.embed_dim, query.cols());
+        run(query, key, value, false, batch, mask, out, weights_mode::none, nullptr);
+        return out;
+    }
+
+    /// Self-attention over one sequence, also returning the attention weights.
+    attention_result<Scalar> forward_with_weights(const input& x, weights_mode mode,
+                                                  const attention_mask<Scalar>& mask = {}) const {
+        attention_result<Scalar> r;
+        r.output.resize(config_.embed_dim, x.cols());
+        run(x, x, x, true, packed_batch::single(x.cols(), x.cols()), mask, r.output, mode,
+            &r.weights);
+        return r;
+    }
+
+    /// The general form: cross- or self-attention over a packed batch, writing `out`
+    /// (E × Nq, resized if needed) and, unless `mode` is none, `weights`.
+    attention_result<Scalar> forward_with_weights(const input& query, const input& key,
+                                                  const input& value, const packed_batch& batch,
+                                                  weights_mode mode,
+                                                  const attention_mask<Scalar>& mask = {}) const {
+        attention_result<Scalar> r;
+        r.output.resize(config_.embed_dim, query.cols());
+        run(query, key, value, false, batch, mask, r.output, mode, &r.weights);
+        return r;
+    }
+
+    const attention_config& config() const { return config_; }
+    Index qk_width() const { return config_.num_heads * config_.head_dim; }
+    Index v_width() const { return config_.num_heads * config_.value_head_dim; }
+
+    /// A copy of the parameters in the separate-matrix form.
+    attention_parameters<Scalar> parameters() const {
+        attention_parameters<Scalar> p;
+        const Index qk = qk_width();
+        const Index vw = v_width();
+        p.w_q = w_in_.topRows(qk);
+        p.w_k = fused_ ? matrix<Scalar>(w_in_.middleRows(qk, qk)) : w_k_;
+        p.w_v = fused_ ? matrix<Scalar>(w_in_.bottomRows(vw)) : w_v_;
+        p.w_o = w_o_;
+        if (config_.bias) {
+            p.b_q = b_in_.head(qk);
+            p.b_k = b_in_.segment(qk, qk);
+            p.b_v = b_in_.tail(vw);
+            p.b_o = b_o_;
+        }
+        return p;
+    }
+
+private:
+    template <class M>
+    static void check_matrix(const char* where, const char* name, const M& m, Index rows,
+                             Index cols) {
+        detail::check_size(where, std::string(name) + ".rows()", rows, m.rows());
+        detail::check_size(where, std::string(name) + ".cols()", cols, m.cols());
+    }
+    template <class V>
+    static void check_bias(const char* where, const char* name, const V& b, Index size) {
+        detail::check_size(where, std::string(name) + ".size()", size, b.size(),
+                           size == 0 ? "no bias configured" : nullptr);
+    }
+
+    // Biases of the stacked input projection, as segments (size 0 without bias).
+    auto bias_segment(Index start, Index size) const {
+        return b_in_.segment(config_.bias ? start : 0, config_.bias ? size : 0);
+    }
+
+    void run(const input& query, const input& key, const input& value, bool self,
+             const packed_batch& batch, const attention_mask<Scalar>& mask, matrix<Scalar>& out,
+             weights_mode mode, std::vector<matrix<Scalar>>* weights) const {
+        constexpr const char* where = "mha::multi_head_attention::forward";
+        const Index qk = qk_width();
+        const Index vw = v_width();
+        detail::check_size(where, "query.rows()", config_.embed_dim, query.rows(), "embed_dim");
+        detail::check_size(where, "key.rows()", config_.key_input_dim, key.rows(),
+                           "key_input_dim");
+        detail::check_size(where, "value.rows()", config_.value_input_dim, value.rows(),
+                           "value_input_dim");
+        detail::check_size(where, "value.cols()", key.cols(), value.cols(), "key.cols()");
+        detail::check_size(where, "query.cols()", batch.total_queries(), query.cols(),
+                           "the batch's total query count");
+        detail::check_size(where, "key.cols()", batch.total_keys(), key.cols(),
+                           "the batch's total key count");
+        out.resize(config_.embed_dim, query.cols());
+
+        matrix<Scalar> heads(vw, query.cols());  // concatenated head outputs, (H·d_v) × Nq
+        if (self && fused_) {
+            // One GEMM over every token for Q, K and V together.
+            matrix<Scalar> qkv(2 * qk + vw, query.cols());
+            project_qkv(w_in_, b_in_, query, qkv);
+            auto views = split_qkv(qkv, qk, vw);
+            multi_head_attention_core(views.q, views.k, views.v, config_.num_heads, batch, heads,
+                                      mask, config_.attention, mode, weights);
+        } else {
+            matrix<Scalar> q(qk, query.cols());
+            matrix<Scalar> k(qk, key.cols());
+            matrix<Scalar> v(vw, key.cols());
+            linear(w_in_.topRows(qk), bias_segment(0, qk), query, q);
+            if (fused_) {
+                linear(w_in_.middleRows(qk, qk), bias_segment(qk, qk), key, k);
+                linear(w_in_.bottomRows(vw), bias_segment(2 * qk, vw), value, v);
+            } else {
+                linear(w_k_, bias_segment(qk, qk), key, k);
+                linear(w_v_, bias_segment(2 * qk, vw), value, v);
+            }
+            multi_head_attention_core(q, k, v, config_.num_heads, batch, heads, mask,
+                                      config_.attention, mode, weights);
+        }
+        output_projection(w_o_, b_o_, heads, out);
+    }
+
+    attention_config config_;
+    bool fused_ = true;  // key and value inputs have width E: W_q, W_k, W_v stacked in w_in_
+    matrix<Scalar> w_in_;  // fused: [W_q; W_k; W_v], (2·H·d_k + H·d_v) × E; else W_q only
+    matrix<Scalar> w_k_;   // unfused only: (H·d_k) × key_input_dim
+    matrix<Scalar> w_v_;   // unfused only: (H·d_v) × value_input_dim
+    vector<Scalar> b_in_;  // [b_q; b_k; b_v], or size 0 without bias
+    matrix<Scalar> w_o_;   // E × (H·d_v)
+    vector<Scalar> b_o_;   // E, or size 0
+};
+
+}  // namespace mha
