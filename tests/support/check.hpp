@@ -1,0 +1,132 @@
+// SPDX-License-Identifier: MIT
+// Tolerance checks for comparisons with the long-double reference. Two rules, both from the
+// method the project follows (an a-priori bound and a baseline-relative bound); each failure
+// prints the worst element, its bound and the shape so a failure can be read without a debugger.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <sstream>
+#include <string>
+
+#include <catch2/catch_test_macros.hpp>
+
+#include "reference.hpp"
+
+namespace mha_test {
+
+/// Unit roundoff of Scalar: 2^-24 for float, 2^-53 for double.
+template <class Scalar>
+constexpr long double unit_roundoff() {
+    return static_cast<long double>(std::numeric_limits<Scalar>::epsilon()) / 2;
+}
+
+/// Check A, the a-priori element-wise bound for single-head attention:
+///   |O(c,i) − R(c,i)| ≤ C·u·Vmax_i·(1 + Smax_i) + u·|R(c,i)|
+/// with Vmax_i / Smax_i the largest |value| / |scaled, biased score| over the keys query i may
+/// attend to, and C = 8: rounding analysis of softmax followed by a weighted sum gives errors of
+/// order u·Vmax·(1+Smax); a calibration against long-double loops measured at most 1.1 of that
+/// for float and double up to Lk = 4096, d = 128, so 8 leaves a margin of about 7 without
+/// hiding a wrong mask (a leaked or missing key moves the output by O(Vmax), far above it).
+/// A query with no allowed key must be exactly 0.
+template <class Scalar>
+void require_attention_close(const mat<Scalar>& out, const mat<long double>& ref,
+                             const mat<long double>& q, const mat<long double>& k,
+                             const mat<long double>& v, long double scale,
+                             const allowed_fn& allowed = allow_all(),
+                             const bias_fn& bias = nullptr, const std::string& what = "") {
+    REQUIRE(out.rows() == ref.rows());
+    REQUIRE(out.cols() == ref.cols());
+    const long double u = unit_roundoff<Scalar>();
+    constexpr long double C = 8;
+    for (Index i = 0; i < ref.cols(); ++i) {
+        long double vmax = 0, smax = 0;
+        bool any = false;
+        for (Index j = 0; j < k.cols(); ++j) {
+            if (!allowed(j, i)) continue;
+            long double b = bias ? bias(j, i) : 0.0L;
+            if (b == -std::numeric_limits<long double>::infinity()) continue;
+            any = true;
+            long double dot = 0;
+            for (Index c = 0; c < q.rows(); ++c) dot += q(c, i) * k(c, j);
+            smax = std::max(smax, std::fabs(dot * scale + b));
+            for (Index c = 0; c < v.rows(); ++c) vmax = std::max(vmax, std::fabs(v(c, j)));
+        }
+        for (Index c = 0; c < ref.rows(); ++c) {
+            const long double o = static_cast<long double>(out(c, i));
+            if (!any) {
+                if (o != 0.0L) {
+                    std::ostringstream m;
+                    m << what << ": query " << i << " has no key to attend to, but out(" << c
+                      << ", " << i << ") = " << o << " (must be exactly 0)";
+                    FAIL(m.str());
+                }
+                continue;
+            }
+            const long double err = std::fabs(o - ref(c, i));
+            const long double bound = C * u * vmax * (1 + smax) + u * std::fabs(ref(c, i));
+            if (!(err <= bound)) {
+                std::ostringstream m;
+                m << what << ": |out - ref| = " << err << " > bound " << bound << " at (" << c
+                  << ", " << i << "); out = " << o << ", ref = " << ref(c, i) << ", Vmax = " << vmax
+                  << ", Smax = " << smax << ", shape " << ref.rows() << "x" << ref.cols();
+                FAIL(m.str());
+            }
+        }
+    }
+    SUCCEED();
+}
+
+/// Check B, the baseline-relative rule: the implementation may be at most `k` times as far from
+/// the long-double reference R as the plain-loop evaluation in Scalar (R_lp, same algorithm,
+/// every operation rounded to Scalar) is, plus a floor of twice the rounding noise of R itself:
+///   max|O − R| ≤ k·max|R_lp − R| + 2·max|fl(fl(R + 0.3) − 0.3) − R|.
+/// The floor keeps the rule meaningful when R_lp happens to be exact. k = 2 follows the forward
+/// rule used by FlashAttention's and PyTorch's fused-kernel tests.
+template <class Scalar>
+void require_within_baseline(const mat<Scalar>& out, const mat<long double>& ref,
+                             const mat<Scalar>& baseline, long double k = 2,
+                             const std::string& what = "") {
+    REQUIRE(out.rows() == ref.rows());
+    REQUIRE(out.cols() == ref.cols());
+    REQUIRE(baseline.rows() == ref.rows());
+    REQUIRE(baseline.cols() == ref.cols());
+    long double err = 0, base = 0, noise = 0;
+    Index wr = 0, wc = 0;
+    for (Index c = 0; c < ref.cols(); ++c)
+        for (Index r = 0; r < ref.rows(); ++r) {
+            const long double e = std::fabs(static_cast<long double>(out(r, c)) - ref(r, c));
+            if (!(e <= err)) {  // also catches NaN
+                err = e;
+                wr = r;
+                wc = c;
+            }
+            base = std::max(base, std::fabs(static_cast<long double>(baseline(r, c)) - ref(r, c)));
+            const Scalar shifted = static_cast<Scalar>(static_cast<Scalar>(ref(r, c)) + Scalar(0.3));
+            const Scalar back = static_cast<Scalar>(shifted - Scalar(0.3));
+            noise = std::max(noise, std::fabs(static_cast<long double>(back) - ref(r, c)));
+        }
+    const long double bound = k * base + 2 * noise;
+    std::ostringstream m;
+    m << what << ": max|out - ref| = " << err << " at (" << wr << ", " << wc
+      << "), baseline error " << base << ", floor " << 2 * noise << ", bound " << bound
+      << ", shape " << ref.rows() << "x" << ref.cols();
+    INFO(m.str());
+    CHECK(err <= bound);
+}
+
+/// Largest |a − b| (NaN if any element differs by NaN).
+template <class A, class B>
+long double max_abs_diff(const A& a, const B& b) {
+    long double worst = 0;
+    for (Index c = 0; c < a.cols(); ++c)
+        for (Index r = 0; r < a.rows(); ++r) {
+            const long double d = std::fabs(static_cast<long double>(a(r, c)) -
+                                            static_cast<long double>(b(r, c)));
+            if (!(d <= worst)) worst = d;
+        }
+    return worst;
+}
+
+}  // namespace mha_test

@@ -1,0 +1,208 @@
+// SPDX-License-Identifier: MIT
+// An independent, deliberately plain reference for every kernel: triple loops, no Eigen products,
+// masks given as explicit predicates (never through the library's mask types), a max-subtracted
+// softmax, and a fully masked query giving 0. Templated on the arithmetic type T so that the same
+// code yields the high-precision reference R (T = long double) and the low-precision baseline
+// R_lp (T = the tested Scalar) that the tolerance rule of tests/support/check.hpp compares with.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include <Eigen/Core>
+
+namespace mha_test {
+
+using Eigen::Index;
+
+template <class T>
+using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+template <class T>
+using vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+/// allowed(j, i): may query i attend to key j. bias(j, i): added to the scaled score.
+using allowed_fn = std::function<bool(Index j, Index i)>;
+using bias_fn = std::function<long double(Index j, Index i)>;
+
+inline allowed_fn allow_all() {
+    return [](Index, Index) { return true; };
+}
+/// Bottom-right causal: query i of Lq sees key j of Lk iff j <= i + (Lk - Lq).
+inline allowed_fn causal_bottom_right(Index lq, Index lk) {
+    return [=](Index j, Index i) { return j <= i + (lk - lq); };
+}
+/// Top-left causal: j <= i.
+inline allowed_fn causal_top_left() {
+    return [](Index j, Index i) { return j <= i; };
+}
+
+enum class norm_kind { softmax, relu, sigmoid };
+
+/// Normalises one query's scores over its allowed keys (written with plain loops).
+template <class T>
+void reference_normalize(std::vector<T>& s, const std::vector<bool>& ok, norm_kind kind) {
+    const std::size_t n = s.size();
+    bool any = false;
+    for (std::size_t j = 0; j < n; ++j) any = any || ok[j];
+    if (!any) {
+        for (auto& x : s) x = T(0);
+        return;
+    }
+    if (kind == norm_kind::softmax) {
+        T m = -std::numeric_limits<T>::infinity();
+        for (std::size_t j = 0; j < n; ++j)
+            if (ok[j] && (s[j] > m || std::isnan(s[j]))) m = s[j];
+        T sum = 0;
+        for (std::size_t j = 0; j < n; ++j) {
+            s[j] = ok[j] ? std::exp(s[j] - m) : T(0);
+            sum += s[j];
+        }
+        for (auto& x : s) x /= sum;
+    } else if (kind == norm_kind::relu) {
+        T sum = 0;
+        for (std::size_t j = 0; j < n; ++j) {
+            s[j] = ok[j] ? (s[j] > T(0) || std::isnan(s[j]) ? s[j] : T(0)) : T(0);
+            sum += s[j];
+        }
+        if (sum > T(0) || std::isnan(sum))
+            for (auto& x : s) x /= sum;
+        else
+            for (auto& x : s) x = T(0);
+    } else {
+        for (std::size_t j = 0; j < n; ++j) s[j] = ok[j] ? T(1) / (T(1) + std::exp(-s[j])) : T(0);
+    }
+}
+
+/// Single-head attention: q (dk × Lq), k (dk × Lk), v (dv × Lk) → dv × Lq; optionally the
+/// Lk × Lq weights. A key whose bias is −∞ counts as excluded.
+template <class T>
+mat<T> reference_attention(const mat<T>& q, const mat<T>& k, const mat<T>& v, T scale,
+                           const allowed_fn& allowed = allow_all(), const bias_fn& bias = nullptr,
+                           norm_kind kind = norm_kind::softmax, mat<T>* weights = nullptr) {
+    const Index lq = q.cols(), lk = k.cols(), dk = q.rows(), dv = v.rows();
+    mat<T> out = mat<T>::Zero(dv, lq);
+    if (weights) *weights = mat<T>::Zero(lk, lq);
+    for (Index i = 0; i < lq; ++i) {
+        std::vector<T> s(static_cast<std::size_t>(lk), T(0));
+        std::vector<bool> ok(static_cast<std::size_t>(lk), false);
+        for (Index j = 0; j < lk; ++j) {
+            const auto jj = static_cast<std::size_t>(j);
+            ok[jj] = allowed(j, i);
+            if (!ok[jj]) continue;
+            T dot = 0;
+            for (Index c = 0; c < dk; ++c) dot += q(c, i) * k(c, j);
+            s[jj] = dot * scale;
+            if (bias) {
+                const long double b = bias(j, i);
+                if (b == -std::numeric_limits<long double>::infinity())
+                    ok[jj] = false;
+                else
+                    s[jj] += static_cast<T>(b);
+            }
+        }
+        reference_normalize(s, ok, kind);
+        for (Index j = 0; j < lk; ++j) {
+            const auto jj = static_cast<std::size_t>(j);
+            if (weights) (*weights)(j, i) = s[jj];
+            if (!ok[jj]) continue;  // excluded values are never read
+            for (Index c = 0; c < dv; ++c) out(c, i) += s[jj] * v(c, j);
+        }
+    }
+    return out;
+}
+
+/// y = w·x + b with plain loops (b may be empty).
+template <class T>
+mat<T> reference_linear(const mat<T>& w, const vec<T>& b, const mat<T>& x) {
+    mat<T> y(w.rows(), x.cols());
+    for (Index n = 0; n < x.cols(); ++n)
+        for (Index r = 0; r < w.rows(); ++r) {
+            T acc = b.size() ? b(r) : T(0);
+            for (Index c = 0; c < w.cols(); ++c) acc += w(r, c) * x(c, n);
+            y(r, n) = acc;
+        }
+    return y;
+}
+
+/// Parameters of a layer in the reference's own form.
+template <class T>
+struct reference_params {
+    mat<T> w_q, w_k, w_v, w_o;
+    vec<T> b_q, b_k, b_v, b_o;
+
+    template <class U>
+    reference_params<U> cast() const {
+        return {w_q.template cast<U>(), w_k.template cast<U>(), w_v.template cast<U>(),
+                w_o.template cast<U>(), b_q.template cast<U>(), b_k.template cast<U>(),
+                b_v.template cast<U>(), b_o.template cast<U>()};
+    }
+};
+
+/// The layer on one sequence: per head, attention on its rows; heads concatenated; projected.
+/// allowed/bias take (head, j, i). Optionally returns each head's weights.
+template <class T>
+mat<T> reference_layer(const reference_params<T>& p, Index heads, const mat<T>& xq,
+                       const mat<T>& xk, const mat<T>& xv, T scale,
+                       const std::function<bool(Index, Index, Index)>& allowed = nullptr,
+                       const std::function<long double(Index, Index, Index)>& bias = nullptr,
+                       norm_kind kind = norm_kind::softmax,
+                       std::vector<mat<T>>* head_weights = nullptr) {
+    const mat<T> q = reference_linear(p.w_q, p.b_q, xq);
+    const mat<T> k = reference_linear(p.w_k, p.b_k, xk);
+    const mat<T> v = reference_linear(p.w_v, p.b_v, xv);
+    const Index dk = q.rows() / heads, dv = v.rows() / heads;
+    mat<T> concat(v.rows(), xq.cols());
+    if (head_weights) head_weights->clear();
+    for (Index h = 0; h < heads; ++h) {
+        allowed_fn a = allowed ? allowed_fn([&, h](Index j, Index i) { return allowed(h, j, i); })
+                               : allow_all();
+        bias_fn bf = bias ? bias_fn([&, h](Index j, Index i) { return bias(h, j, i); }) : nullptr;
+        mat<T> w;
+        concat.middleRows(h * dv, dv) =
+            reference_attention<T>(q.middleRows(h * dk, dk), k.middleRows(h * dk, dk),
+                                   v.middleRows(h * dv, dv), scale, a, bf, kind, &w);
+        if (head_weights) head_weights->push_back(w);
+    }
+    return reference_linear(p.w_o, p.b_o, concat);
+}
+
+/// Seeded N(0, sigma) or U(lo, hi) values generated in double (std distributions are not
+/// portable, so the mapping is written here).
+class value_source {
+public:
+    explicit value_source(std::uint64_t seed) : engine_(seed) {}
+
+    double uniform(double lo, double hi) {
+        const double unit = static_cast<double>(engine_() >> 11) * 0x1.0p-53;
+        return lo + (hi - lo) * unit;
+    }
+    double normal(double sigma = 1.0) {  // Box-Muller
+        const double u1 = uniform(0x1.0p-53, 1.0), u2 = uniform(0.0, 1.0);
+        return sigma * std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+    }
+    /// A matrix of Scalar values: N(0, sigma) rounded to Scalar.
+    template <class Scalar>
+    mat<Scalar> normal_matrix(Index rows, Index cols, double sigma = 1.0) {
+        mat<Scalar> m(rows, cols);
+        for (Index c = 0; c < cols; ++c)
+            for (Index r = 0; r < rows; ++r) m(r, c) = static_cast<Scalar>(normal(sigma));
+        return m;
+    }
+    template <class Scalar>
+    mat<Scalar> uniform_matrix(Index rows, Index cols, double lo, double hi) {
+        mat<Scalar> m(rows, cols);
+        for (Index c = 0; c < cols; ++c)
+            for (Index r = 0; r < rows; ++r) m(r, c) = static_cast<Scalar>(uniform(lo, hi));
+        return m;
+    }
+    std::uint64_t next() { return engine_(); }
+
+private:
+    std::mt19937_64 engine_;
+};
+
+}  // namespace mha_test
