@@ -1,0 +1,183 @@
+// SPDX-License-Identifier: MIT
+// Micro-benchmarks of the layer and its parts, each with a GFLOP/s counter (bench/flops.hpp).
+//
+// The machine a figure comes from matters more than the figure, so every run also times a plain
+// Eigen GEMM (BM_gemm_roofline): read each GFLOP/s against that one from the same run, not
+// against numbers from another day or another machine.
+//
+//   ./bench_attention --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+#include <string>
+#include <vector>
+
+#include <Eigen/Core>
+#include <benchmark/benchmark.h>
+
+#include <mha/mha.hpp>
+
+#include "flops.hpp"
+
+namespace {
+
+using mha::Index;
+using Matrix = mha::matrix<float>;
+using Vector = mha::vector<float>;
+
+// One table of shapes serves every family, so the projections, the attention core and the whole
+// layer are measured on exactly the same problems and their times can be added up and compared.
+// The projections read (d_model, L); the core and the layer also the heads, and run causal and not.
+struct shape {
+    Index d_model;
+    Index heads;
+    Index length;
+};
+constexpr shape kShapes[] = {
+    {512, 8, 128},   // 8 heads × 64
+    {512, 8, 512},   //
+    {512, 8, 2048},  // long enough for the L² core to dominate
+    {768, 12, 512},  // 12 heads × 64 (BERT-base / GPT-2 small width)
+};
+// One sequence per call. The FLOP formulas take the batch anyway, so that a batched entry would
+// only need a change here and in the packed_batch below.
+constexpr Index kBatch = 1;
+
+// Google Benchmark divides a rate counter by the measured time (real time here, UseRealTime) and
+// multiplies an iteration-invariant one by the iteration count: giving it GFLOP per iteration
+// yields GFLOP/s.
+void set_gflops(benchmark::State& state, double flops_per_iteration) {
+    state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iteration / 1e9,
+                                                   benchmark::Counter::kIsIterationInvariantRate);
+}
+
+mha::attention_mask<float> mask_for(bool causal) {
+    return causal ? mha::attention_mask<float>(mha::causal{}) : mha::attention_mask<float>();
+}
+
+mha::packed_batch batch_of(Index length) {
+    return mha::packed_batch(std::vector<Index>(static_cast<std::size_t>(kBatch), length));
+}
+
+// What the hardware and Eigen reach on a large square GEMM: the ceiling every other figure is
+// read against, since the projections are GEMMs and the core is built from GEMMs.
+void BM_gemm_roofline(benchmark::State& state) {
+    const Index n = state.range(0);
+    const Matrix a = Matrix::Random(n, n);
+    const Matrix b = Matrix::Random(n, n);
+    Matrix c(n, n);
+    for (auto _ : state) {
+        c.noalias() = a * b;
+        benchmark::DoNotOptimize(c.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::gemm_flops(n, n, n));
+}
+
+// The layer's two projections as the layer runs them: one fused Q/K/V GEMM with bias, then the
+// output projection of the (contiguous) concatenated heads.
+void BM_projections(benchmark::State& state) {
+    const Index d = state.range(0);
+    const Index n = kBatch * state.range(1);
+    const Matrix w_qkv = Matrix::Random(3 * d, d);
+    const Vector b_qkv = Vector::Random(3 * d);
+    const Matrix w_o = Matrix::Random(d, d);
+    const Vector b_o = Vector::Random(d);
+    const Matrix x = Matrix::Random(d, n);
+    const Matrix heads = Matrix::Random(d, n);
+    Matrix qkv(3 * d, n);
+    Matrix out(d, n);
+    for (auto _ : state) {
+        mha::project_qkv(w_qkv, b_qkv, x, qkv);
+        mha::output_projection(w_o, b_o, heads, out);
+        benchmark::DoNotOptimize(qkv.data());
+        benchmark::DoNotOptimize(out.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::projection_flops(kBatch, state.range(1), d));
+}
+
+// The attention core on Q, K and V viewed inside one fused projection result, as the layer
+// passes them (row blocks of a (3·D) × L matrix: strided views, no copies).
+void BM_attention_core(benchmark::State& state) {
+    const Index d = state.range(0);
+    const Index heads = state.range(1);
+    const Index length = state.range(2);
+    const bool causal = state.range(3) != 0;
+    const Matrix qkv = Matrix::Random(3 * d, kBatch * length);
+    const auto q = qkv.topRows(d);
+    const auto k = qkv.middleRows(d, d);
+    const auto v = qkv.bottomRows(d);
+    const mha::packed_batch batch = batch_of(length);
+    const mha::attention_mask<float> mask = mask_for(causal);
+    Matrix out(d, kBatch * length);
+    for (auto _ : state) {
+        mha::multi_head_attention_core(q, k, v, heads, batch, out, mask);
+        benchmark::DoNotOptimize(out.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::attention_core_flops(kBatch, length, d, causal));
+}
+
+// The whole layer through its public forward, allocations included, as a user would call it.
+void BM_mha_forward(benchmark::State& state) {
+    const Index d = state.range(0);
+    const Index heads = state.range(1);
+    const Index length = state.range(2);
+    const bool causal = state.range(3) != 0;
+    mha::attention_config config;
+    config.embed_dim = d;
+    config.num_heads = heads;
+    const mha::multi_head_attention<float> layer(config, /*seed=*/1);
+    const Matrix x = Matrix::Random(d, kBatch * length);
+    const mha::packed_batch batch = batch_of(length);
+    const mha::attention_mask<float> mask = mask_for(causal);
+    for (auto _ : state) {
+        Matrix y = layer.forward(x, batch, mask);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::forward_flops(kBatch, length, d, causal));
+}
+
+void projection_shapes(benchmark::internal::Benchmark* b) {
+    b->ArgNames({"d_model", "L"});
+    for (const shape& s : kShapes)
+        b->Args({s.d_model, s.length});
+}
+
+void attention_shapes(benchmark::internal::Benchmark* b) {
+    b->ArgNames({"d_model", "heads", "L", "causal"});
+    for (const shape& s : kShapes)
+        for (Index causal : {0, 1})
+            b->Args({s.d_model, s.heads, s.length, causal});
+}
+
+// Milliseconds suit every shape here; real time, because a GFLOP/s figure is about wall-clock
+// throughput and CPU time would hide time lost to the other processes on a shared machine.
+BENCHMARK(BM_gemm_roofline)->ArgName("n")->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_projections)->Apply(projection_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_attention_core)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_mha_forward)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+std::string compiler() {
+#if defined(__clang__)
+    return "clang " __clang_version__;
+#elif defined(__GNUC__)
+    return "g++ " __VERSION__;
+#else
+    return "unknown";
+#endif
+}
+
+}  // namespace
+
+// Our own main instead of benchmark_main, to record in the report's context what the figures
+// depend on besides the machine: the compiler, Eigen's SIMD set and its thread count.
+int main(int argc, char** argv) {
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+    benchmark::AddCustomContext("compiler", compiler());
+    benchmark::AddCustomContext("eigen_simd", Eigen::SimdInstructionSetsInUse());
+    benchmark::AddCustomContext("eigen_threads", std::to_string(Eigen::nbThreads()));
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+    return 0;
+}
