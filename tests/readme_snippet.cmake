@@ -1,0 +1,23 @@
+# Checks that the README's ```cpp blocks are, in order, the files given in EXAMPLES (a
+# semicolon-separated list), character for character: the code a reader copies is code that
+# compiles and runs in the test suite.
+file(READ ${README} rest)
+foreach(example IN LISTS EXAMPLES)
+  file(READ ${example} expected)
+  string(FIND "${rest}" "```cpp\n" start)
+  if(start EQUAL -1)
+    message(FATAL_ERROR "README has no ```cpp block for ${example}")
+  endif()
+  math(EXPR start "${start} + 7")
+  string(SUBSTRING "${rest}" ${start} -1 rest)
+  string(FIND "${rest}" "```" stop)
+  string(SUBSTRING "${rest}" 0 ${stop} snippet)
+  if(NOT snippet STREQUAL expected)
+    message(FATAL_ERROR "README's ```cpp block differs from ${example}")
+  endif()
+  string(SUBSTRING "${rest}" ${stop} -1 rest)
+endforeach()
+string(FIND "${rest}" "```cpp" extra)
+if(NOT extra EQUAL -1)
+  message(FATAL_ERROR "README has a ```cpp block that is not an example file")
+endif()
