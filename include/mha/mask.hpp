@@ -261,7 +261,9 @@ public:
             first = std::max(first, c - w.left);
             last = std::min(last, c + w.right + 1);
         }
-        first = std::max<Index>(first, 0);
+        // Clamp into [0, key_limit]: a top-left window with Lq > Lk would otherwise start past
+        // the last key, and callers index the scores with the range.
+        first = std::min(std::max<Index>(first, 0), key_limit_);
         if (last < first) last = first;
         return {first, last};
     }
