@@ -87,8 +87,13 @@ void apply_mask(const typename attention_mask<Scalar>::slice& mask, Eigen::Matri
         const auto range = mask.key_range(i);
         s.col(i).head(range.first).setConstant(minus_inf);
         s.col(i).tail(lk - range.second).setConstant(minus_inf);
+        // A −∞ bias excludes the key by selection: adding it would turn a NaN or ±∞ score
+        // (poisoned K at that key) into NaN and leak it into the whole column.
         if (mask.has_bias())
-            for (Index j = range.first; j < range.second; ++j) s(j, i) += mask.bias(j, i);
+            for (Index j = range.first; j < range.second; ++j) {
+                const Scalar b = mask.bias(j, i);
+                s(j, i) = b == minus_inf ? minus_inf : s(j, i) + b;
+            }
         if (mask.has_keep())
             for (Index j = range.first; j < range.second; ++j)
                 if (!mask.keeps(j, i)) s(j, i) = minus_inf;
