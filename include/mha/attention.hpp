@@ -16,14 +16,28 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <mha/batch.hpp>
 #include <mha/config.hpp>
+#include <mha/detail/tiled_attention.hpp>
 #include <mha/mask.hpp>
 #include <mha/softmax.hpp>
 
 namespace mha {
+
+/// Which kernel computes the attention core.
+enum class attention_algorithm {
+    /// tiled for softmax, materialized for the other normalisations.
+    automatic,
+    /// Scores Lk × Lq in full, then normalise, then V·P: the simple reference path.
+    materialized,
+    /// Online-softmax tiles (detail/tiled_attention.hpp): memory linear in L, multi-threaded with
+    /// OpenMP. Softmax only: relu and sigmoid have no online form here and use materialized.
+    tiled,
+};
 
 /// Settings of the attention core.
 struct attention_options {
@@ -31,6 +45,8 @@ struct attention_options {
     std::optional<double> scale;
     /// How scores become weights.
     normalization normalize = normalization::softmax;
+    /// Which kernel runs (the results agree to rounding; see attention_algorithm).
+    attention_algorithm algorithm = attention_algorithm::automatic;
 };
 
 /// Which attention weights a multi-head call returns.
@@ -65,6 +81,25 @@ void weighted_sum_of_values(const Eigen::MatrixBase<DV>& v, const Eigen::MatrixB
 }
 
 namespace detail {
+
+/// Whether the options select the tiled kernel.
+inline bool use_tiled(const attention_options& options) {
+    return options.normalize == normalization::softmax &&
+           options.algorithm == attention_algorithm::tiled;
+}
+
+/// Runs fn on a writable, inner-stride-1 view of `out`, through a temporary if `out` cannot be
+/// viewed that way (e.g. a Map with an inner stride).
+template <class Scalar, class DO, class Fn>
+void with_matrix_ref(Eigen::MatrixBase<DO>& out, Fn&& fn) {
+    if constexpr (std::is_constructible_v<matrix_ref<Scalar>, DO&>) {
+        fn(matrix_ref<Scalar>(out.derived()));
+    } else {
+        matrix<Scalar> tmp(out.rows(), out.cols());
+        fn(matrix_ref<Scalar>(tmp));
+        out = tmp;
+    }
+}
 
 template <class Scalar>
 Scalar resolve_scale(const char* where, const attention_options& options, Index key_width) {
@@ -162,6 +197,18 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
     detail::check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols(), the number of queries");
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, q.rows());
     mask.validate(where, 1, {q.cols()}, {k.cols()});
+    if (detail::use_tiled(options)) {
+        std::vector<matrix<Scalar>> w;
+        if (weights != nullptr) w.push_back(matrix<Scalar>::Zero(k.cols(), q.cols()));
+        detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
+            detail::tiled_multi_head_attention<Scalar>(
+                q, k, v, 1, packed_batch::single(q.cols(), k.cols()), o, mask, scale,
+                weights != nullptr ? detail::tiled_weights::per_head : detail::tiled_weights::none,
+                &w);
+        });
+        if (weights != nullptr) *weights = std::move(w.front());
+        return;
+    }
     const auto slice = mask.for_head(0, 0, 1, 1, q.cols(), k.cols());
     matrix<Scalar> scratch;
     matrix<Scalar>& scores = weights != nullptr ? *weights : scratch;
@@ -226,6 +273,16 @@ void multi_head_attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
                 weights->push_back(
                     matrix<Scalar>::Zero(batch.key_length(b), batch.query_length(b)));
         }
+    }
+    if (detail::use_tiled(options)) {
+        const auto tiled_mode = !want_weights ? detail::tiled_weights::none
+                                : mode == weights_mode::per_head ? detail::tiled_weights::per_head
+                                                                 : detail::tiled_weights::averaged;
+        detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
+            detail::tiled_multi_head_attention<Scalar>(q, k, v, num_heads, batch, o, mask, scale,
+                                                       tiled_mode, weights);
+        });
+        return;
     }
     matrix<Scalar> scores;
     for (Index b = 0; b < batch.size(); ++b) {

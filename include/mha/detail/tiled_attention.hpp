@@ -1,0 +1,573 @@
+// SPDX-License-Identifier: MIT
+// The tiled (online-softmax, "flash") attention kernel: the fast path for softmax attention.
+//
+// Design
+// ------
+// Work units. Tasks are (sequence b, head h, query block of `query_block` columns). A task owns
+// its output columns, so tasks never write the same memory and need no reduction: the result of
+// a task does not depend on which thread runs it or when. Tasks are handed out dynamically
+// (OpenMP `schedule(dynamic)`), the most expensive first (causal and sliding-window blocks differ).
+//
+// Loop of one task, over key blocks of `key_block` columns:
+//   S  = scale·K_blkᵀ·Q_blk          (key_block × query_block, one GEMM on strided head views)
+//   mask S by selection               (−∞, whatever K held: poisoned keys never leak)
+//   m' = max(m, colmax S)             per query (NaN wins, so NaN in allowed inputs propagates)
+//   P  = exp(S − m'), −∞ → exactly 0  (vectorised; Eigen's pexp, with the −∞ lanes cleared)
+//   l  = exp(m − m')·l + colsum P;  O = exp(m − m')·O + V_blk·P   (second GEMM)
+// At the end O /= l; a query that saw no allowed key (m = −∞) gets exactly 0.
+//
+// Tile sizes. query_block = 128, key_block = 512: S is 512×128 floats = 256 KB and stays in the
+// 1 MB L2 of the target (Zen 5) together with the O accumulator (d_v×128) and the K/V blocks
+// (d×512). performance.md §7.3 measured this shape of the Eigen-GEMM-per-block design at
+// 136–159 GFLOP/s per core (64×512: 144, 256×512: 157); 128 keeps enough tasks for 2 threads at
+// L = 512 with 12 heads (48 tasks). Larger key blocks amortise the per-block softmax bookkeeping
+// and Eigen's packing of the Q block; smaller query blocks would re-pack K more often.
+//
+// Masks. Positional masks (causal, sliding windows, key_lengths) give each query an allowed key
+// interval [first_i, last_i) (attention_mask::slice::key_range). A task only visits keys in the
+// union of its queries' intervals, so blocks above the causal diagonal, outside a window or past
+// a key length are never computed. Key blocks inside every query's interval are "interior" and
+// pay nothing for masking; only boundary blocks set the out-of-interval entries to −∞ column by
+// column. keep_mask and additive_bias are applied element-wise to each visited block (a −∞ bias
+// is a selection, like keep_mask, so NaN + (−∞) cannot resurrect an excluded key).
+//
+// Poisoned values. P·V by GEMM multiplies excluded value columns by 0, and 0·NaN = NaN (0·Inf as
+// well). As in the materialised path, such an output column is the only non-finite one that can
+// be wrong, so after the last block every non-finite output column is recomputed from its
+// allowed keys alone with the final (m, l), skipping excluded keys. NaN from allowed inputs comes
+// out again from that recomputation, so it still propagates.
+//
+// Weights. When asked for, they come from the same kernel: after (m, l) are final, the block
+// scores are recomputed (one more score GEMM per block) and exp(S − m)/l is written straight into
+// the caller's Lk×Lq matrix. Only that requested output grows with L².
+//
+// Decode (few queries, many keys). A single (b, h, query block) task would leave the other core
+// idle, so when a sequence has at most one query block and at least 2·split_chunk keys, its keys
+// are split into chunks of `split_chunk`; each chunk yields a partial (m, l, O) and the partials
+// are merged in chunk order by log-sum-exp. The decision depends only on the shapes, never on the
+// thread count, so results are identical for every thread count.
+//
+// Memory. Per thread: S (key_block × query_block), O (d_v × query_block), m, l and the query
+// intervals: independent of L. Split partials are d_v × Lq per chunk: linear in Lk. No L×L
+// buffer exists unless weights are requested.
+//
+// Threads. OpenMP when the compiler has it enabled (CMake option MHA_OPENMP), otherwise serial.
+// The block GEMMs call Eigen's GEMM kernel directly with no parallel info, i.e. always
+// single-threaded: Eigen's own OpenMP GEMM never nests inside our parallel region, and a 1-thread
+// call is really 1 thread.
+//
+// Normalisations other than softmax (relu, sigmoid) have no online form worth having here; the
+// dispatcher in attention.hpp sends them to the materialised path.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#if defined(_OPENMP) && !defined(MHA_NO_OPENMP)
+#include <omp.h>
+#define MHA_TILED_USE_OPENMP 1
+#endif
+
+#include <mha/batch.hpp>
+#include <mha/config.hpp>
+#include <mha/mask.hpp>
+#include <mha/softmax.hpp>
+
+namespace mha {
+namespace detail {
+
+/// Queries per task (columns of a score tile). See the design comment for the choice.
+inline constexpr Index tiled_query_block = 128;
+/// Keys per block (rows of a score tile).
+inline constexpr Index tiled_key_block = 512;
+/// Keys per split-KV chunk for decode-like shapes (a multiple of tiled_key_block).
+inline constexpr Index tiled_split_chunk = 1024;
+
+/// Tunables of the tiled kernel; the defaults are the constants above. Tests shrink the blocks to
+/// reach many tile boundaries with small inputs.
+struct tiled_settings {
+    Index query_block = tiled_query_block;
+    Index key_block = tiled_key_block;
+    Index split_chunk = tiled_split_chunk;
+    int threads = 0;  ///< 0: OpenMP's default (omp_get_max_threads()); ignored without OpenMP
+};
+
+/// Which weights the tiled driver writes (mirrors mha::weights_mode, which lives in attention.hpp).
+enum class tiled_weights { none, per_head, averaged };
+
+template <class Scalar>
+using const_matrix_ref = Eigen::Ref<const matrix<Scalar>, 0, Eigen::OuterStride<>>;
+template <class Scalar>
+using matrix_ref = Eigen::Ref<matrix<Scalar>, 0, Eigen::OuterStride<>>;
+
+/// C (m×n, column-major, ldc) += alpha · A·B with A m×k (column-major, or row-major when
+/// AOrder = RowMajor, i.e. the transpose of a column-major k×m) and B k×n column-major.
+/// Always single-threaded: Eigen's GEMM kernel is called without parallel info.
+template <class Scalar, int AOrder>
+void serial_gemm_add(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
+                     Index ldb, Scalar* c, Index ldc, Scalar alpha) {
+    if (m == 0 || n == 0 || k == 0) return;
+    using a_type = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, AOrder>;
+    if (n == 1 || m + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
+        // GEMV and tiny products: Eigen never parallelises these.
+        Eigen::Map<const a_type, 0, Eigen::OuterStride<>> am(a, m, k, Eigen::OuterStride<>(lda));
+        Eigen::Map<const matrix<Scalar>, 0, Eigen::OuterStride<>> bm(b, k, n,
+                                                                     Eigen::OuterStride<>(ldb));
+        Eigen::Map<matrix<Scalar>, 0, Eigen::OuterStride<>> cm(c, m, n, Eigen::OuterStride<>(ldc));
+        cm.noalias() += alpha * (am * bm);
+        return;
+    }
+    using blocking_type =
+        Eigen::internal::gemm_blocking_space<Eigen::ColMajor, Scalar, Scalar, Eigen::Dynamic,
+                                             Eigen::Dynamic, Eigen::Dynamic, 1, false>;
+    blocking_type blocking(m, n, k, 1, true);
+    Eigen::internal::general_matrix_matrix_product<Index, Scalar, AOrder, false, Scalar,
+                                                   Eigen::ColMajor, false, Eigen::ColMajor,
+                                                   1>::run(m, n, k, a, lda, b, ldb, c, 1, ldc,
+                                                           alpha, blocking, nullptr);
+}
+
+/// p[j] = exp(s[j] − m) in place, with s[j] = −∞ giving exactly 0 (a vectorised exp(−∞) may
+/// return a denormal instead) and NaN staying NaN. Returns Σ p.
+template <class Scalar>
+Scalar exp_shifted_in_place(Scalar* s, Index n, Scalar m) {
+    using namespace Eigen::internal;
+    using packet = typename packet_traits<Scalar>::type;
+    constexpr Index width = packet_traits<Scalar>::size;
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    Index j = 0;
+    Scalar sum(0);
+    if constexpr (packet_traits<Scalar>::Vectorizable && packet_traits<Scalar>::HasExp &&
+                  width > 1) {
+        const packet pm = pset1<packet>(m);
+        const packet pinf = pset1<packet>(minus_inf);
+        packet acc = pset1<packet>(Scalar(0));
+        for (; j + width <= n; j += width) {
+            const packet x = ploadu<packet>(s + j);
+            const packet p = pandnot(pexp(psub(x, pm)), pcmp_eq(x, pinf));
+            pstoreu(s + j, p);
+            acc = padd(acc, p);
+        }
+        sum = predux(acc);
+    }
+    for (; j < n; ++j) {
+        const Scalar p = s[j] == minus_inf ? Scalar(0) : std::exp(s[j] - m);
+        s[j] = p;
+        sum += p;
+    }
+    return sum;
+}
+
+/// Largest entry of s[0, n), NaN if any entry is NaN, −∞ if n = 0.
+template <class Scalar>
+Scalar nan_propagating_max_of(const Scalar* s, Index n) {
+    if (n == 0) return -std::numeric_limits<Scalar>::infinity();
+    return Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(s, n)
+        .template maxCoeff<Eigen::PropagateNaN>();
+}
+
+/// One (sequence, head): strided views of its Q, K, V and output, and its mask.
+template <class Scalar>
+struct head_problem {
+    const Scalar* q;  // column i at q + i·q_stride, dk entries
+    const Scalar* k;
+    const Scalar* v;
+    Scalar* out;
+    Index q_stride, k_stride, v_stride, out_stride;
+    Index dk, dv, lq, lk;
+    Scalar scale;
+    const typename attention_mask<Scalar>::slice* mask;
+};
+
+/// Per-thread scratch, sized once per thread, independent of L.
+template <class Scalar>
+struct tile_scratch {
+    matrix<Scalar> s;    // key_block × query_block scores / probabilities
+    matrix<Scalar> acc;  // dv × query_block unnormalised output
+    vector<Scalar> m, l;
+    std::vector<Index> first, last;  // allowed key interval of each query of the block
+};
+
+/// The allowed key intervals of queries [i0, i0 + nq), clipped to [k_lo, k_hi); returns the
+/// union [lo, hi) and the intersection bounds (max first, min last) of the non-empty ones.
+struct interval_summary {
+    Index lo, hi;  // union of the intervals (lo >= hi: nothing to visit)
+    Index max_first, min_last;
+};
+
+template <class Scalar>
+interval_summary key_intervals(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo,
+                               Index k_hi, tile_scratch<Scalar>& t) {
+    t.first.resize(static_cast<std::size_t>(nq));
+    t.last.resize(static_cast<std::size_t>(nq));
+    interval_summary r{k_hi, k_lo, k_lo, k_hi};
+    for (Index c = 0; c < nq; ++c) {
+        auto range = p.mask->key_range(i0 + c);
+        const Index f = std::max(range.first, k_lo);
+        const Index e = std::max(f, std::min(range.second, k_hi));
+        t.first[static_cast<std::size_t>(c)] = f;
+        t.last[static_cast<std::size_t>(c)] = e;
+        r.max_first = std::max(r.max_first, f);
+        r.min_last = std::min(r.min_last, e);
+        if (f < e) {
+            r.lo = std::min(r.lo, f);
+            r.hi = std::max(r.hi, e);
+        }
+    }
+    return r;
+}
+
+/// S(0:nk, 0:nq) = scale·K[:, j0:j0+nk]ᵀ·Q[:, i0:i0+nq], then masked by selection.
+template <class Scalar>
+void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index j0, Index nk,
+                   const interval_summary& iv, tile_scratch<Scalar>& t) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    Scalar* s = t.s.data();
+    const Index lds = t.s.rows();
+    for (Index c = 0; c < nq; ++c)
+        std::fill(s + c * lds, s + c * lds + nk, Scalar(0));
+    serial_gemm_add<Scalar, Eigen::RowMajor>(nk, nq, p.dk, p.k + j0 * p.k_stride, p.k_stride,
+                                             p.q + i0 * p.q_stride, p.q_stride, s, lds, p.scale);
+    const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+    const auto& mask = *p.mask;
+    const bool elementwise = mask.has_bias() || mask.has_keep();
+    if (interior && !elementwise) return;
+    for (Index c = 0; c < nq; ++c) {
+        Scalar* col = s + c * lds;
+        const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
+        const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
+        std::fill(col, col + f, minus_inf);
+        std::fill(col + e, col + nk, minus_inf);
+        if (!elementwise) continue;
+        const Index i = i0 + c;
+        for (Index r = f; r < e; ++r) {
+            const Index j = j0 + r;
+            if (mask.has_bias()) {
+                const Scalar b = mask.bias(j, i);
+                col[r] = b == minus_inf ? minus_inf : col[r] + b;
+            }
+            if (mask.has_keep() && !mask.keeps(j, i)) col[r] = minus_inf;
+        }
+    }
+}
+
+/// The online pass of queries [i0, i0+nq) over keys [k_lo, k_hi): leaves the unnormalised output
+/// in t.acc (dv × nq) and the running max and sum in t.m, t.l.
+template <class Scalar>
+void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, Index k_hi,
+                 const tiled_settings& cfg, tile_scratch<Scalar>& t) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    t.acc.topLeftCorner(p.dv, nq).setZero();
+    t.m.head(nq).setConstant(minus_inf);
+    t.l.head(nq).setZero();
+    const interval_summary iv = key_intervals(p, i0, nq, k_lo, k_hi, t);
+    const Index lds = t.s.rows();
+    for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
+        const Index nk = std::min(cfg.key_block, iv.hi - j0);
+        masked_scores(p, i0, nq, j0, nk, iv, t);
+        for (Index c = 0; c < nq; ++c) {
+            Scalar* col = t.s.data() + c * lds;
+            const Scalar m_old = t.m(c);
+            const Scalar m_new = nan_propagating_max(m_old, nan_propagating_max_of(col, nk));
+            if (m_new == minus_inf) {  // nothing allowed yet: contributes nothing
+                std::fill(col, col + nk, Scalar(0));
+                continue;
+            }
+            const Scalar block_sum = exp_shifted_in_place(col, nk, m_new);
+            if (m_old == minus_inf) {
+                // First allowed keys: start from a clean accumulator (earlier blocks may have
+                // added 0·NaN from poisoned excluded values).
+                t.acc.col(c).head(p.dv).setZero();
+                t.l(c) = block_sum;
+            } else if (m_new != m_old) {
+                const Scalar alpha = std::exp(m_old - m_new);
+                t.acc.col(c).head(p.dv) *= alpha;
+                t.l(c) = alpha * t.l(c) + block_sum;
+            } else {
+                t.l(c) += block_sum;
+            }
+            t.m(c) = m_new;
+        }
+        serial_gemm_add<Scalar, Eigen::ColMajor>(p.dv, nq, nk, p.v + j0 * p.v_stride, p.v_stride,
+                                                 t.s.data(), lds, t.acc.data(), t.acc.rows(),
+                                                 Scalar(1));
+    }
+}
+
+/// Recomputes output column i from its allowed keys alone (see "Poisoned values" above).
+template <class Scalar>
+void repair_column(const head_problem<Scalar>& p, Index i, Scalar m, Scalar inv_l) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    using cvec = Eigen::Map<const vector<Scalar>>;
+    Eigen::Map<vector<Scalar>> out(p.out + i * p.out_stride, p.dv);
+    out.setZero();
+    const cvec qi(p.q + i * p.q_stride, p.dk);
+    const auto& mask = *p.mask;
+    const auto range = mask.key_range(i);
+    for (Index j = range.first; j < range.second; ++j) {
+        if (mask.has_keep() && !mask.keeps(j, i)) continue;
+        Scalar s = p.scale * cvec(p.k + j * p.k_stride, p.dk).dot(qi);
+        if (mask.has_bias()) {
+            const Scalar b = mask.bias(j, i);
+            if (b == minus_inf) continue;
+            s += b;
+        }
+        out += (std::exp(s - m) * inv_l) * cvec(p.v + j * p.v_stride, p.dv);
+    }
+}
+
+/// Writes out = acc / l for queries [i0, i0+nq) (0 for a query with no allowed key) and repairs
+/// non-finite columns.
+template <class Scalar>
+void finalize_block(const head_problem<Scalar>& p, Index i0, Index nq, tile_scratch<Scalar>& t) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    for (Index c = 0; c < nq; ++c) {
+        Eigen::Map<vector<Scalar>> out(p.out + (i0 + c) * p.out_stride, p.dv);
+        if (t.m(c) == minus_inf) {
+            out.setZero();
+            continue;
+        }
+        const Scalar inv_l = Scalar(1) / t.l(c);
+        out = t.acc.col(c).head(p.dv) * inv_l;
+        if (!out.allFinite()) repair_column(p, i0 + c, t.m(c), inv_l);
+    }
+}
+
+/// Weights of queries [i0, i0+nq): w = exp(S − m)/l over every visited block, written
+/// (divisor 0) or added divided by `divisor` (the head count, averaged mode) into `w`, an
+/// lk × lq matrix that is zero outside the visited blocks.
+template <class Scalar>
+void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled_settings& cfg,
+                  tile_scratch<Scalar>& t, matrix<Scalar>& w, Scalar divisor) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    const interval_summary iv = key_intervals(p, i0, nq, 0, p.lk, t);
+    const Index lds = t.s.rows();
+    for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
+        const Index nk = std::min(cfg.key_block, iv.hi - j0);
+        masked_scores(p, i0, nq, j0, nk, iv, t);
+        for (Index c = 0; c < nq; ++c) {
+            if (t.m(c) == minus_inf) continue;  // no allowed key: weights stay 0
+            Scalar* col = t.s.data() + c * lds;
+            exp_shifted_in_place(col, nk, t.m(c));
+            const Scalar inv_l = Scalar(1) / t.l(c);
+            auto dst = w.col(i0 + c).segment(j0, nk);
+            const Eigen::Map<const vector<Scalar>> src(col, nk);
+            if (divisor != Scalar(0))
+                dst += (src * inv_l) / divisor;
+            else
+                dst = src * inv_l;
+        }
+    }
+}
+
+/// Runs fn(task, scratch) for task in [0, count), in parallel when OpenMP is on; each thread gets
+/// its own scratch from make_scratch().
+template <class Scratch, class MakeScratch, class Fn>
+void parallel_tasks(Index count, int threads, MakeScratch make_scratch, Fn fn) {
+#if defined(MHA_TILED_USE_OPENMP)
+    const int nt = threads > 0 ? threads : omp_get_max_threads();
+    if (nt > 1 && count > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            Scratch scratch = make_scratch();
+#pragma omp for schedule(dynamic, 1)
+            for (Index task = 0; task < count; ++task)
+                fn(task, scratch);
+        }
+        return;
+    }
+#else
+    (void)threads;
+#endif
+    Scratch scratch = make_scratch();
+    for (Index task = 0; task < count; ++task)
+        fn(task, scratch);
+}
+
+/// The multi-head tiled attention over a packed batch (shapes as multi_head_attention_core; the
+/// caller has validated them). `weights`, when mode is not none, holds zero matrices of the right
+/// shapes (B·H for per_head, B for averaged).
+template <class Scalar>
+void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
+                                const const_matrix_ref<Scalar>& k,
+                                const const_matrix_ref<Scalar>& v, Index num_heads,
+                                const packed_batch& batch, matrix_ref<Scalar> out,
+                                const attention_mask<Scalar>& mask, Scalar scale,
+                                tiled_weights mode, std::vector<matrix<Scalar>>* weights,
+                                const tiled_settings& cfg = {}) {
+    const Index dk = q.rows() / num_heads;
+    const Index dv = v.rows() / num_heads;
+    const Index nb = batch.size();
+    const bool want_weights = mode != tiled_weights::none && weights != nullptr;
+    const bool averaged = want_weights && mode == tiled_weights::averaged;
+
+    std::vector<typename attention_mask<Scalar>::slice> slices;
+    slices.reserve(static_cast<std::size_t>(nb * num_heads));
+    for (Index b = 0; b < nb; ++b)
+        for (Index h = 0; h < num_heads; ++h)
+            slices.push_back(
+                mask.for_head(b, h, nb, num_heads, batch.query_length(b), batch.key_length(b)));
+    auto problem = [&](Index b, Index h) {
+        const Index q0 = batch.query_offset(b), k0 = batch.key_offset(b);
+        return head_problem<Scalar>{q.data() + q0 * q.outerStride() + h * dk,
+                                    k.data() + k0 * k.outerStride() + h * dk,
+                                    v.data() + k0 * v.outerStride() + h * dv,
+                                    out.data() + q0 * out.outerStride() + h * dv,
+                                    q.outerStride(),
+                                    k.outerStride(),
+                                    v.outerStride(),
+                                    out.outerStride(),
+                                    dk,
+                                    dv,
+                                    batch.query_length(b),
+                                    batch.key_length(b),
+                                    scale,
+                                    &slices[static_cast<std::size_t>(b * num_heads + h)]};
+    };
+
+    // Tasks. head = -1: every head in order (averaged weights add the heads into one matrix, so
+    // one task owns all of them and the sum has the same order as in the materialised path).
+    // chunk >= 0: split-KV partial over keys [chunk·split_chunk, (chunk+1)·split_chunk).
+    struct task {
+        Index b, h, i0, nq, chunk;
+        double cost;
+    };
+    std::vector<task> tasks;
+    std::vector<Index> chunks_of(static_cast<std::size_t>(nb), 0);
+    for (Index b = 0; b < nb; ++b) {
+        const Index lq = batch.query_length(b), lk = batch.key_length(b);
+        if (lq == 0) continue;
+        const bool split = !want_weights && lq <= cfg.query_block && lk >= 2 * cfg.split_chunk;
+        const Index nchunks = split ? (lk + cfg.split_chunk - 1) / cfg.split_chunk : 0;
+        chunks_of[static_cast<std::size_t>(b)] = nchunks;
+        for (Index i0 = 0; i0 < lq; i0 += cfg.query_block) {
+            const Index nq = std::min(cfg.query_block, lq - i0);
+            // Cost estimate: the keys the block's first and last queries may see (exact
+            // enough to hand out the long causal blocks first).
+            const auto& sl = slices[static_cast<std::size_t>(b * num_heads)];
+            const auto r0 = sl.key_range(i0), r1 = sl.key_range(i0 + nq - 1);
+            const double keys =
+                static_cast<double>(std::max(r0.second, r1.second) - std::min(r0.first, r1.first));
+            const double cost = static_cast<double>(nq) * (keys + 1);
+            if (averaged) {
+                tasks.push_back({b, -1, i0, nq, -1, cost * static_cast<double>(num_heads)});
+                continue;
+            }
+            for (Index h = 0; h < num_heads; ++h) {
+                if (!split) {
+                    tasks.push_back({b, h, i0, nq, -1, cost});
+                    continue;
+                }
+                for (Index c = 0; c < nchunks; ++c)
+                    tasks.push_back(
+                        {b, h, i0, nq, c,
+                         static_cast<double>(nq) * static_cast<double>(cfg.split_chunk)});
+            }
+        }
+    }
+    std::stable_sort(tasks.begin(), tasks.end(),
+                     [](const task& a, const task& b) { return a.cost > b.cost; });
+
+    // Split partials, per (b, h): nchunks × (acc dv×lq, m lq, l lq).
+    struct partial {
+        std::vector<matrix<Scalar>> acc;
+        std::vector<vector<Scalar>> m, l;
+    };
+    std::vector<partial> partials(static_cast<std::size_t>(nb * num_heads));
+    for (Index b = 0; b < nb; ++b) {
+        const Index n = chunks_of[static_cast<std::size_t>(b)];
+        if (n == 0) continue;
+        for (Index h = 0; h < num_heads; ++h) {
+            auto& pt = partials[static_cast<std::size_t>(b * num_heads + h)];
+            pt.acc.assign(static_cast<std::size_t>(n), matrix<Scalar>(dv, batch.query_length(b)));
+            pt.m.assign(static_cast<std::size_t>(n), vector<Scalar>(batch.query_length(b)));
+            pt.l.assign(static_cast<std::size_t>(n), vector<Scalar>(batch.query_length(b)));
+        }
+    }
+
+    auto make_scratch = [&] {
+        tile_scratch<Scalar> t;
+        t.s.resize(cfg.key_block, cfg.query_block);
+        t.acc.resize(std::max<Index>(dv, 1), cfg.query_block);
+        t.m.resize(cfg.query_block);
+        t.l.resize(cfg.query_block);
+        return t;
+    };
+    auto run = [&](Index index, tile_scratch<Scalar>& t) {
+        const task& tk = tasks[static_cast<std::size_t>(index)];
+        const Index h_begin = tk.h < 0 ? 0 : tk.h;
+        const Index h_end = tk.h < 0 ? num_heads : tk.h + 1;
+        for (Index h = h_begin; h < h_end; ++h) {
+            const head_problem<Scalar> p = problem(tk.b, h);
+            if (tk.chunk >= 0) {
+                const Index lo = tk.chunk * cfg.split_chunk;
+                const Index hi = std::min(p.lk, lo + cfg.split_chunk);
+                online_pass(p, tk.i0, tk.nq, lo, hi, cfg, t);
+                auto& pt = partials[static_cast<std::size_t>(tk.b * num_heads + h)];
+                const auto c = static_cast<std::size_t>(tk.chunk);
+                pt.acc[c].middleCols(tk.i0, tk.nq) = t.acc.topLeftCorner(dv, tk.nq);
+                pt.m[c].segment(tk.i0, tk.nq) = t.m.head(tk.nq);
+                pt.l[c].segment(tk.i0, tk.nq) = t.l.head(tk.nq);
+                continue;
+            }
+            online_pass(p, tk.i0, tk.nq, 0, p.lk, cfg, t);
+            finalize_block(p, tk.i0, tk.nq, t);
+            if (!want_weights) continue;
+            if (averaged)
+                weights_pass(p, tk.i0, tk.nq, cfg, t, (*weights)[static_cast<std::size_t>(tk.b)],
+                             Scalar(num_heads));
+            else
+                weights_pass(p, tk.i0, tk.nq, cfg, t,
+                             (*weights)[static_cast<std::size_t>(tk.b * num_heads + h)], Scalar(0));
+        }
+    };
+    parallel_tasks<tile_scratch<Scalar>>(static_cast<Index>(tasks.size()), cfg.threads,
+                                         make_scratch, run);
+
+    // Merge the split partials by log-sum-exp, chunk by chunk in order (deterministic).
+    std::vector<std::pair<Index, Index>> merges;
+    for (Index b = 0; b < nb; ++b)
+        if (chunks_of[static_cast<std::size_t>(b)] > 0)
+            for (Index h = 0; h < num_heads; ++h)
+                merges.emplace_back(b, h);
+    if (merges.empty()) return;
+    auto merge = [&](Index index, tile_scratch<Scalar>& t) {
+        const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+        const auto [b, h] = merges[static_cast<std::size_t>(index)];
+        const head_problem<Scalar> p = problem(b, h);
+        const auto& pt = partials[static_cast<std::size_t>(b * num_heads + h)];
+        for (Index i0 = 0; i0 < p.lq; i0 += cfg.query_block) {
+            const Index nq = std::min(cfg.query_block, p.lq - i0);
+            for (Index c = 0; c < nq; ++c) {
+                const Index i = i0 + c;
+                Scalar m = minus_inf;
+                for (const auto& mc : pt.m)
+                    m = nan_propagating_max(m, mc(i));
+                t.m(c) = m;
+                t.l(c) = Scalar(0);
+                auto acc = t.acc.col(c).head(dv);
+                acc.setZero();
+                if (m == minus_inf) continue;
+                for (std::size_t ch = 0; ch < pt.m.size(); ++ch) {
+                    // A chunk in which the query saw nothing is skipped, not multiplied by 0:
+                    // its accumulator may hold 0·NaN from poisoned excluded values.
+                    if (pt.m[ch](i) == minus_inf) continue;
+                    const Scalar alpha = std::exp(pt.m[ch](i) - m);
+                    t.l(c) += alpha * pt.l[ch](i);
+                    acc += alpha * pt.acc[ch].col(i);
+                }
+            }
+            finalize_block(p, i0, nq, t);
+        }
+    };
+    parallel_tasks<tile_scratch<Scalar>>(static_cast<Index>(merges.size()), cfg.threads,
+                                         make_scratch, merge);
+}
+
+}  // namespace detail
+}  // namespace mha

@@ -1,0 +1,350 @@
+// SPDX-License-Identifier: MIT
+// The tiled (online-softmax) kernel against the long-double reference and the materialised path,
+// at tile boundaries, for every mask type, with poisoned excluded keys and values, with and
+// without weights, with 1 and 2 threads. Small tile settings reach many boundaries with small
+// inputs; a few cases use the real tile sizes.
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <catch2/catch_test_macros.hpp>
+
+#include <mha/attention.hpp>
+
+#include "check.hpp"
+#include "reference.hpp"
+
+namespace {
+
+using mha::Index;
+using mha_test::mat;
+using settings = mha::detail::tiled_settings;
+
+constexpr long double inf_ld = std::numeric_limits<long double>::infinity();
+
+/// A mask given both as the library's type and as the reference's predicates.
+template <class Scalar>
+struct mask_case {
+    std::string name;
+    mha::attention_mask<Scalar> mask;
+    mha_test::allowed_fn allowed;
+    mha_test::bias_fn bias;
+};
+
+template <class Scalar>
+std::vector<mask_case<Scalar>> all_masks(Index lq, Index lk, std::uint64_t seed) {
+    using mha::causal_alignment;
+    mha_test::value_source rnd(seed);
+    std::vector<mask_case<Scalar>> cases;
+    cases.push_back({"none", {}, mha_test::allow_all(), nullptr});
+    cases.push_back(
+        {"causal bottom-right", mha::causal{}, mha_test::causal_bottom_right(lq, lk), nullptr});
+    cases.push_back({"causal top-left", mha::causal{causal_alignment::top_left},
+                     mha_test::causal_top_left(), nullptr});
+    cases.push_back({"window 5,2 bottom-right", mha::sliding_window{5, 2},
+                     [=](Index j, Index i) {
+                         const Index c = i + lk - lq;
+                         return j >= c - 5 && j <= c + 2;
+                     },
+                     nullptr});
+    cases.push_back({"window 3,0 top-left", mha::sliding_window{3, 0, causal_alignment::top_left},
+                     [](Index j, Index i) { return j >= i - 3 && j <= i; }, nullptr});
+    const Index len = lk * 2 / 3;
+    cases.push_back(
+        {"key_lengths", mha::key_lengths{{len}}, [=](Index j, Index) { return j < len; }, nullptr});
+    // keep_mask: random, with query 0 and every 5th query fully masked.
+    mha::bool_matrix keep(lk, lq);
+    for (Index i = 0; i < lq; ++i)
+        for (Index j = 0; j < lk; ++j)
+            keep(j, i) = i % 5 != 0 && rnd.uniform(0, 1) < 0.7;
+    cases.push_back({"keep_mask", mha::keep_mask(keep),
+                     [keep](Index j, Index i) { return keep(j, i); }, nullptr});
+    // additive_bias: random finite values, some −∞, every 4th query fully −∞.
+    mha::matrix<Scalar> bias(lk, lq);
+    for (Index i = 0; i < lq; ++i)
+        for (Index j = 0; j < lk; ++j) {
+            const double u = rnd.uniform(0, 1);
+            bias(j, i) = (i % 4 == 3 || u < 0.2) ? -std::numeric_limits<Scalar>::infinity()
+                                                 : static_cast<Scalar>(rnd.normal(2.0));
+        }
+    auto bias_fn = [bias](Index j, Index i) { return static_cast<long double>(bias(j, i)); };
+    cases.push_back(
+        {"additive_bias", mha::additive_bias<Scalar>(bias), mha_test::allow_all(), bias_fn});
+    cases.push_back({"causal + window + key_lengths + keep + bias",
+                     mha::attention_mask<Scalar>(mha::causal{}, mha::sliding_window{7, 0},
+                                                 mha::key_lengths{{len}}, mha::keep_mask(keep),
+                                                 mha::additive_bias<Scalar>(bias)),
+                     [=](Index j, Index i) {
+                         const Index c = i + lk - lq;
+                         return j <= c && j >= c - 7 && j < len && keep(j, i);
+                     },
+                     bias_fn});
+    return cases;
+}
+
+/// Runs the tiled kernel on one head; optionally returns the weights.
+template <class Scalar>
+mat<Scalar> run_tiled(const mat<Scalar>& q, const mat<Scalar>& k, const mat<Scalar>& v,
+                      const mha::attention_mask<Scalar>& mask, Scalar scale, const settings& cfg,
+                      mat<Scalar>* weights = nullptr) {
+    mat<Scalar> out(v.rows(), q.cols());
+    std::vector<mha::matrix<Scalar>> w;
+    if (weights) w.push_back(mha::matrix<Scalar>::Zero(k.cols(), q.cols()));
+    mha::detail::tiled_multi_head_attention<Scalar>(
+        q, k, v, 1, mha::packed_batch::single(q.cols(), k.cols()), out, mask, scale,
+        weights ? mha::detail::tiled_weights::per_head : mha::detail::tiled_weights::none, &w, cfg);
+    if (weights) *weights = w.front();
+    return out;
+}
+
+/// Weights are the attention output for values that are unit vectors (V = I, Vmax = 1), so check
+/// A's bound applies column by column with Vmax = 1: |W − R| ≤ 8·u·(1 + Smax) + u·|R|.
+template <class Scalar>
+void require_weights_close(const mat<Scalar>& w, const mat<long double>& ref,
+                           const mat<long double>& q, const mat<long double>& k, long double scale,
+                           const mha_test::allowed_fn& allowed, const mha_test::bias_fn& bias,
+                           const std::string& what) {
+    const mat<long double> eye = mat<long double>::Identity(k.cols(), k.cols());
+    mha_test::require_attention_close<Scalar>(w, ref, q, k, eye, scale, allowed, bias,
+                                              what + " (weights)");
+}
+
+/// Tiled vs long-double reference for every mask at one shape; 1 and 2 threads give identical bits.
+template <class Scalar>
+void check_shape(Index lq, Index lk, Index dk, Index dv, const settings& cfg, bool with_weights,
+                 std::uint64_t seed) {
+    mha_test::value_source rnd(seed);
+    const mat<Scalar> q = rnd.normal_matrix<Scalar>(dk, lq);
+    const mat<Scalar> k = rnd.normal_matrix<Scalar>(dk, lk);
+    const mat<Scalar> v = rnd.normal_matrix<Scalar>(dv, lk);
+    const Scalar scale = Scalar(1) / std::sqrt(Scalar(dk));
+    const mat<long double> ql = q.template cast<long double>(), kl = k.template cast<long double>(),
+                           vl = v.template cast<long double>();
+    for (const auto& mc : all_masks<Scalar>(lq, lk, seed + 1)) {
+        const std::string what = mc.name + ", lq " + std::to_string(lq) + ", lk " +
+                                 std::to_string(lk) + ", dk " + std::to_string(dk) + ", dv " +
+                                 std::to_string(dv);
+        mat<long double> ref_w;
+        const mat<long double> ref = mha_test::reference_attention<long double>(
+            ql, kl, vl, scale, mc.allowed, mc.bias, mha_test::norm_kind::softmax, &ref_w);
+        settings one = cfg, two = cfg;
+        one.threads = 1;
+        two.threads = 2;
+        mat<Scalar> w1, w2;
+        const mat<Scalar> out1 =
+            run_tiled<Scalar>(q, k, v, mc.mask, scale, one, with_weights ? &w1 : nullptr);
+        mha_test::require_attention_close<Scalar>(out1, ref, ql, kl, vl, scale, mc.allowed, mc.bias,
+                                                  what);
+        const mat<Scalar> out2 =
+            run_tiled<Scalar>(q, k, v, mc.mask, scale, two, with_weights ? &w2 : nullptr);
+        INFO(what);
+        REQUIRE(out1 == out2);  // tasks never share outputs: bit-identical for any thread count
+        if (!with_weights) continue;
+        REQUIRE(w1 == w2);
+        require_weights_close<Scalar>(w1, ref_w, ql, kl, scale, mc.allowed, mc.bias, what);
+    }
+}
+
+const settings small_tiles{8, 16, 32, 0};
+
+}  // namespace
+
+TEST_CASE("tiled attention: tile-boundary lengths with small tiles, every mask", "[tiled]") {
+    // Bq = 8, Bk = 16: lengths tile−1, tile, tile+1, 2·tile±1 for both, plus 1 and 0.
+    const std::vector<Index> lqs{0, 1, 7, 8, 9, 15, 17};
+    const std::vector<Index> lks{0, 1, 15, 16, 17, 31, 33};
+    std::uint64_t seed = 100;
+    for (Index lq : lqs)
+        for (Index lk : lks)
+            check_shape<float>(lq, lk, 3, 5, small_tiles, lq % 2 == 1, ++seed);
+}
+
+TEST_CASE("tiled attention: head dims not a multiple of the SIMD width", "[tiled]") {
+    std::uint64_t seed = 200;
+    for (Index d : {1, 3, 17, 64, 65}) {
+        check_shape<float>(9, 33, d, d, small_tiles, true, ++seed);
+        check_shape<double>(17, 15, d, d == 1 ? 2 : d - 1, small_tiles, false, ++seed);
+    }
+}
+
+TEST_CASE("tiled attention: real tile sizes", "[tiled]") {
+    using mha::detail::tiled_key_block;
+    using mha::detail::tiled_query_block;
+    const settings real{};
+    check_shape<float>(tiled_query_block + 1, tiled_key_block - 1, 16, 16, real, false, 301);
+    check_shape<float>(2 * tiled_query_block - 1, tiled_key_block + 1, 65, 17, real, true, 302);
+    check_shape<double>(tiled_query_block, 2 * tiled_key_block + 1, 8, 8, real, false, 303);
+    check_shape<float>(2 * tiled_key_block + 1, tiled_query_block - 1, 8, 8, real, false, 304);
+}
+
+TEST_CASE("tiled attention: decode shapes split over key chunks", "[tiled]") {
+    // lk >= 2·split_chunk with one query block triggers the split-KV path and its merge.
+    std::uint64_t seed = 400;
+    for (Index lq : {1, 3, 8})
+        for (Index lk : {64, 65, 95, 97})
+            check_shape<float>(lq, lk, 17, 9, small_tiles, false, ++seed);
+    check_shape<float>(1, 2 * mha::detail::tiled_split_chunk + 3, 64, 64, settings{}, false, 410);
+}
+
+TEST_CASE("tiled attention: poisoned excluded keys and values never leak", "[tiled]") {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+    for (float poison : {nan, inf, 1e30f}) {
+        for (const auto& cfg : {small_tiles, settings{4, 8, 16, 0}}) {
+            const Index lq = 13, lk = 70, d = 5;  // lk >= 2·split_chunk: split path as well
+            mha_test::value_source rnd(500);
+            mat<float> q = rnd.normal_matrix<float>(d, lq);
+            mat<float> k = rnd.normal_matrix<float>(d, lk);
+            mat<float> v = rnd.normal_matrix<float>(d, lk);
+            const float scale = 0.4f;
+            // Keys 50.. are past key_lengths; key 3 is excluded by keep_mask for every query,
+            // key 20 by a −∞ bias for every query. Poison all three kinds in K and V.
+            mha::bool_matrix keep = mha::bool_matrix::Constant(lk, lq, true);
+            keep.row(3).setConstant(false);
+            mha::matrix<float> bias = mha::matrix<float>::Zero(lk, lq);
+            bias.row(20).setConstant(-inf);
+            for (Index j : {3, 20, 50, 61, 69}) {
+                k.col(j).setConstant(poison);
+                v.col(j).setConstant(poison);
+            }
+            const mha::attention_mask<float> mask(mha::key_lengths{{50}}, mha::keep_mask(keep),
+                                                  mha::additive_bias<float>(bias));
+            auto allowed = [](Index j, Index) { return j < 50 && j != 3 && j != 20; };
+            mat<float> w;
+            const mat<float> out = run_tiled<float>(q, k, v, mask, scale, cfg, &w);
+            const mat<float> out_nw = run_tiled<float>(q, k, v, mask, scale, cfg);
+            REQUIRE(out.allFinite());
+            REQUIRE(out_nw == out);
+            REQUIRE(w.allFinite());
+            const mat<long double> ql = q.cast<long double>(), kl = k.cast<long double>(),
+                                   vl = v.cast<long double>();
+            const mat<long double> ref =
+                mha_test::reference_attention<long double>(ql, kl, vl, scale, allowed);
+            mha_test::require_attention_close<float>(out, ref, ql, kl, vl, scale, allowed, nullptr,
+                                                     "poison");
+            // Causal: value column j is excluded for queries before it but allowed after it;
+            // 1e30 keeps the excluded queries exact and the allowed ones are bounded by Vmax.
+            if (poison == 1e30f) {
+                mat<float> v2 = rnd.normal_matrix<float>(d, lk);
+                v2.col(10).setConstant(poison);
+                const mat<float> out2 = run_tiled<float>(
+                    q, k, v2, mha::causal{mha::causal_alignment::top_left}, scale, cfg);
+                const mat<long double> ref2 = mha_test::reference_attention<long double>(
+                    ql, kl, v2.cast<long double>(), scale, mha_test::causal_top_left());
+                mha_test::require_attention_close<float>(out2, ref2, ql, kl, v2.cast<long double>(),
+                                                         scale, mha_test::causal_top_left(),
+                                                         nullptr, "causal 1e30");
+            }
+        }
+    }
+}
+
+TEST_CASE("tiled attention: NaN in an allowed input propagates only where it is seen", "[tiled]") {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const Index lq = 20, lk = 40, d = 4;
+    mha_test::value_source rnd(600);
+    const mat<float> q = rnd.normal_matrix<float>(d, lq);
+    mat<float> k = rnd.normal_matrix<float>(d, lk);
+    mat<float> v = rnd.normal_matrix<float>(d, lk);
+    k(0, 12) = nan;  // key 12 seen (causal top-left) by queries 12..19
+    v(1, 5) = nan;   // value 5 seen by queries 5..19
+    const mat<float> out =
+        run_tiled<float>(q, k, v, mha::causal{mha::causal_alignment::top_left}, 0.5f, small_tiles);
+    for (Index i = 0; i < lq; ++i) {
+        INFO("query " << i);
+        if (i < 5)
+            REQUIRE(out.col(i).allFinite());
+        else
+            REQUIRE(out.col(i).hasNaN());
+    }
+}
+
+TEST_CASE("tiled attention: public API dispatch, packed batch, per-head and averaged weights",
+          "[tiled]") {
+    const Index heads = 3, dk = 5, dv = 4;
+    const mha::packed_batch batch({9, 1, 0, 17}, {17, 33, 4, 16});
+    mha_test::value_source rnd(700);
+    const mat<double> q = rnd.normal_matrix<double>(heads * dk, batch.total_queries());
+    const mat<double> k = rnd.normal_matrix<double>(heads * dk, batch.total_keys());
+    const mat<double> v = rnd.normal_matrix<double>(heads * dv, batch.total_keys());
+    const mha::attention_mask<double> mask(mha::causal{}, mha::key_lengths{{15, 30, 4, 16}});
+    for (auto mode :
+         {mha::weights_mode::none, mha::weights_mode::per_head, mha::weights_mode::averaged}) {
+        mha::attention_options tiled, materialized;
+        tiled.algorithm = mha::attention_algorithm::tiled;
+        materialized.algorithm = mha::attention_algorithm::materialized;
+        mat<double> out_t(heads * dv, batch.total_queries()), out_m = out_t;
+        std::vector<mha::matrix<double>> w_t, w_m;
+        mha::multi_head_attention_core(q, k, v, heads, batch, out_t, mask, tiled, mode, &w_t);
+        mha::multi_head_attention_core(q, k, v, heads, batch, out_m, mask, materialized, mode,
+                                       &w_m);
+        REQUIRE(w_t.size() == w_m.size());
+        const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+        for (Index b = 0; b < batch.size(); ++b) {
+            const Index lq = batch.query_length(b), lk = batch.key_length(b);
+            const Index len = mask.lengths()->lengths[static_cast<std::size_t>(b)];
+            auto allowed = [=](Index j, Index i) { return j <= i + lk - lq && j < len; };
+            mat<long double> avg = mat<long double>::Zero(lk, lq);
+            for (Index h = 0; h < heads; ++h) {
+                const mat<long double> qh =
+                    q.block(h * dk, batch.query_offset(b), dk, lq).cast<long double>();
+                const mat<long double> kh =
+                    k.block(h * dk, batch.key_offset(b), dk, lk).cast<long double>();
+                const mat<long double> vh =
+                    v.block(h * dv, batch.key_offset(b), dv, lk).cast<long double>();
+                mat<long double> rw;
+                const mat<long double> ref = mha_test::reference_attention<long double>(
+                    qh, kh, vh, scale, allowed, nullptr, mha_test::norm_kind::softmax, &rw);
+                const mat<double> oh = out_t.block(h * dv, batch.query_offset(b), dv, lq);
+                mha_test::require_attention_close<double>(oh, ref, qh, kh, vh, scale, allowed,
+                                                          nullptr, "packed batch");
+                if (mode == mha::weights_mode::per_head)
+                    require_weights_close<double>(w_t[static_cast<std::size_t>(b * heads + h)], rw,
+                                                  qh, kh, scale, allowed, nullptr, "per-head");
+                avg += rw / static_cast<long double>(heads);
+            }
+            if (mode == mha::weights_mode::averaged) {
+                // Mean of H weights, each within 8·u·(1+Smax) of the reference (check A with
+                // Vmax = 1); the mean of the per-head errors is below the largest of them, and
+                // Smax here is below 5 (normal inputs, d_k = 5), so 8·u·6 plus the mean's own
+                // rounding (H·u) bounds it.
+                const long double bound = 8 * mha_test::unit_roundoff<double>() * 6 +
+                                          heads * mha_test::unit_roundoff<double>();
+                REQUIRE(mha_test::max_abs_diff(w_t[static_cast<std::size_t>(b)], avg) <= bound);
+            }
+        }
+    }
+}
+
+TEST_CASE("tiled attention: other normalisations fall back to the materialised path", "[tiled]") {
+    mha_test::value_source rnd(800);
+    const mat<float> q = rnd.normal_matrix<float>(4, 9), k = rnd.normal_matrix<float>(4, 11),
+                     v = rnd.normal_matrix<float>(3, 11);
+    for (auto norm : {mha::normalization::relu, mha::normalization::sigmoid}) {
+        mha::attention_options tiled, materialized;
+        tiled.normalize = materialized.normalize = norm;
+        tiled.algorithm = mha::attention_algorithm::tiled;
+        materialized.algorithm = mha::attention_algorithm::materialized;
+        const mat<float> a = mha::scaled_dot_product_attention(q, k, v, mha::causal{}, tiled);
+        const mat<float> b =
+            mha::scaled_dot_product_attention(q, k, v, mha::causal{}, materialized);
+        REQUIRE(a == b);
+    }
+}
+
+TEST_CASE("tiled attention: empty inputs and the single-head API", "[tiled]") {
+    mha::attention_options tiled;
+    tiled.algorithm = mha::attention_algorithm::tiled;
+    const mat<float> q0(4, 0), k0(4, 0), v0(3, 0), q1 = mat<float>::Ones(4, 2);
+    mat<float> w;
+    mat<float> out(3, 0);
+    mha::scaled_dot_product_attention(q0, k0, v0, out, {}, tiled, &w);
+    REQUIRE(w.rows() == 0);
+    REQUIRE(w.cols() == 0);
+    mat<float> out1(3, 2);
+    mha::scaled_dot_product_attention(q1, k0, v0, out1, {}, tiled, &w);
+    REQUIRE(out1 == mat<float>::Zero(3, 2));  // no key at all: exactly 0
+    REQUIRE(w.rows() == 0);
+    REQUIRE(w.cols() == 2);
+}
