@@ -1,0 +1,176 @@
+// SPDX-License-Identifier: MIT
+// Projections of projection.hpp: linear against the reference (check B), bias on and off, the
+// fused QKV projection and its zero-copy split, and error messages.
+#include <string>
+#include <vector>
+
+#include <catch2/catch_template_test_macros.hpp>
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/generators/catch_generators.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include <mha/projection.hpp>
+
+#include "check.hpp"
+#include "reference.hpp"
+
+using Catch::Matchers::Equals;
+using mha::Index;
+using mha_test::mat;
+using mha_test::vec;
+
+namespace {
+
+/// Check B for y = w·x + b: the long-double reference R and, as baseline, the same plain loops
+/// evaluated in Scalar; k = 2 as in check.hpp (the forward rule). A GEMM with a different
+/// summation order has the same error order as the loops, so 2× plus the floor holds.
+template <class Scalar>
+void require_linear_close(const mat<Scalar>& out, const mat<Scalar>& w, const vec<Scalar>& b,
+                          const mat<Scalar>& x, const std::string& what) {
+    const mat<long double> ref = mha_test::reference_linear<long double>(
+        w.template cast<long double>(), b.template cast<long double>(),
+        x.template cast<long double>());
+    const mat<Scalar> baseline = mha_test::reference_linear<Scalar>(w, b, x);
+    mha_test::require_within_baseline(out, ref, baseline, 2, what);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("linear: y = W·x + b against the reference", "[projection]", float, double) {
+    using Scalar = TestType;
+    const auto [d_out, d_in, tokens] =
+        GENERATE(table<Index, Index, Index>({{1, 1, 1}, {5, 7, 13}, {64, 48, 33}, {3, 129, 2}}));
+    const bool with_bias = GENERATE(true, false);
+    CAPTURE(d_out, d_in, tokens, with_bias);
+    mha_test::value_source source(static_cast<std::uint64_t>(d_out * 1000 + d_in));
+    const mat<Scalar> w = source.normal_matrix<Scalar>(d_out, d_in);
+    const mat<Scalar> x = source.normal_matrix<Scalar>(d_in, tokens);
+    const vec<Scalar> b =
+        with_bias ? vec<Scalar>(source.normal_matrix<Scalar>(d_out, 1, 3.0)) : vec<Scalar>();
+
+    mat<Scalar> out(d_out, tokens);
+    mha::linear(w, b, x, out);
+    require_linear_close(out, w, b, x, "linear");
+    // The returning overload runs the same code.
+    CHECK(mha::linear(w, b, x) == out);
+    if (with_bias) {
+        // The bias is added after the same GEMM: out = fl(no_bias + b), one rounding apart,
+        // so |out − no_bias − b| ≤ u·|out|; doubled for margin. (A missing or misplaced bias
+        // is off by |b| ~ 3.)
+        mat<Scalar> no_bias(d_out, tokens);
+        mha::linear(w, vec<Scalar>(), x, no_bias);
+        const mat<Scalar> bias_cols = b.replicate(1, tokens);
+        const mat<long double> difference =
+            out.template cast<long double>() - no_bias.template cast<long double>();
+        CHECK(mha_test::max_abs_diff(difference, bias_cols.template cast<long double>()) <=
+              2 * mha_test::unit_roundoff<Scalar>() * out.cwiseAbs().maxCoeff());
+    }
+}
+
+TEMPLATE_TEST_CASE("linear writes into blocks and Maps, and accepts them as inputs", "[projection]",
+                   float, double) {
+    using Scalar = TestType;
+    mha_test::value_source source(12);
+    const mat<Scalar> w = source.normal_matrix<Scalar>(4, 6);
+    const mat<Scalar> x = source.normal_matrix<Scalar>(6, 5);
+    const vec<Scalar> b = source.normal_matrix<Scalar>(4, 1);
+    const Scalar sentinel(42);
+
+    // x and the output are disjoint blocks of one matrix (rows 4..9 and rows 0..3, partly the
+    // same columns): no aliasing, no copies, and nothing else may be written.
+    mat<Scalar> big = mat<Scalar>::Constant(10, 8, sentinel);
+    big.block(4, 1, 6, 5) = x;
+    mha::linear(w, b, big.block(4, 1, 6, 5), big.block(0, 2, 4, 5));
+    require_linear_close<Scalar>(big.block(0, 2, 4, 5), w, b, x, "block");
+    CHECK(big.block(4, 1, 6, 5) == x);
+    big.block(4, 1, 6, 5).setConstant(sentinel);
+    big.block(0, 2, 4, 5).setConstant(sentinel);
+    CHECK((big.array() == sentinel).all());
+
+    std::vector<Scalar> buffer(static_cast<std::size_t>(4 * 5), sentinel);
+    Eigen::Map<mat<Scalar>> out_map(buffer.data(), 4, 5);
+    mha::linear(Eigen::Map<const mat<Scalar>>(w.data(), 4, 6), b, x, out_map);
+    require_linear_close<Scalar>(out_map, w, b, x, "map");
+}
+
+TEST_CASE("linear: error messages", "[projection]") {
+    using M = mat<double>;
+    const M w = M::Zero(5, 7), x = M::Zero(7, 13);
+    const vec<double> b = vec<double>::Zero(5);
+    M out(5, 13);
+    REQUIRE_NOTHROW(mha::linear(w, b, x, out));
+    REQUIRE_THROWS_AS(mha::linear(w, b, M::Zero(6, 13), out), mha::shape_error);
+    REQUIRE_THROWS_WITH(mha::linear(w, b, M::Zero(6, 13), out),
+                        Equals("mha::linear: x.rows() must be 7 (w.cols()), got 6"));
+    REQUIRE_THROWS_WITH(mha::linear(w, vec<double>::Zero(4), x, out),
+                        Equals("mha::linear: b.size() must be 5 (w.rows() or 0), got 4"));
+    M wrong_rows(4, 13), wrong_cols(5, 12);
+    REQUIRE_THROWS_WITH(mha::linear(w, b, x, wrong_rows),
+                        Equals("mha::linear: out.rows() must be 5 (w.rows()), got 4"));
+    REQUIRE_THROWS_WITH(mha::linear(w, b, x, wrong_cols),
+                        Equals("mha::linear: out.cols() must be 13 (x.cols()), got 12"));
+}
+
+TEMPLATE_TEST_CASE("project_qkv + split_qkv: views equal separate projections", "[projection]",
+                   float, double) {
+    using Scalar = TestType;
+    const Index d_in = 10, qk = 6, vw = 4, tokens = 9;
+    const bool with_bias = GENERATE(true, false);
+    CAPTURE(with_bias);
+    mha_test::value_source source(34);
+    const mat<Scalar> w_q = source.normal_matrix<Scalar>(qk, d_in);
+    const mat<Scalar> w_k = source.normal_matrix<Scalar>(qk, d_in);
+    const mat<Scalar> w_v = source.normal_matrix<Scalar>(vw, d_in);
+    const vec<Scalar> b_q =
+        with_bias ? vec<Scalar>(source.normal_matrix<Scalar>(qk, 1)) : vec<Scalar>();
+    const vec<Scalar> b_k =
+        with_bias ? vec<Scalar>(source.normal_matrix<Scalar>(qk, 1)) : vec<Scalar>();
+    const vec<Scalar> b_v =
+        with_bias ? vec<Scalar>(source.normal_matrix<Scalar>(vw, 1)) : vec<Scalar>();
+    const mat<Scalar> x = source.normal_matrix<Scalar>(d_in, tokens);
+
+    mat<Scalar> w_qkv(2 * qk + vw, d_in);
+    w_qkv << w_q, w_k, w_v;
+    vec<Scalar> b_qkv(with_bias ? 2 * qk + vw : 0);
+    if (with_bias) b_qkv << b_q, b_k, b_v;
+
+    mat<Scalar> qkv(2 * qk + vw, tokens);
+    mha::project_qkv(w_qkv, b_qkv, x, qkv);
+    auto views = mha::split_qkv(qkv, qk, vw);
+
+    // Views, not copies: they point into qkv at rows 0, qk and 2·qk, with qkv's column stride.
+    CHECK(views.q.data() == qkv.data());
+    CHECK(views.k.data() == qkv.data() + qk);
+    CHECK(views.v.data() == qkv.data() + 2 * qk);
+    CHECK(views.k.outerStride() == qkv.rows());
+    CHECK(views.q.rows() == qk);
+    CHECK(views.v.rows() == vw);
+    CHECK(views.v.cols() == tokens);
+
+    // Each view is the projection with its own weights (check B each), i.e. what three separate
+    // linear calls give.
+    require_linear_close<Scalar>(views.q, w_q, b_q, x, "q view");
+    require_linear_close<Scalar>(views.k, w_k, b_k, x, "k view");
+    require_linear_close<Scalar>(views.v, w_v, b_v, x, "v view");
+    mat<Scalar> k_separate(qk, tokens);
+    mha::linear(w_k, b_k, x, k_separate);
+    require_linear_close(k_separate, w_k, b_k, x, "separate k");
+
+    // Writing through a view changes qkv.
+    views.v(1, 2) = Scalar(-77);
+    CHECK(qkv(2 * qk + 1, 2) == Scalar(-77));
+}
+
+TEST_CASE("split_qkv: error messages", "[projection]") {
+    mat<float> qkv = mat<float>::Zero(16, 3);
+    REQUIRE_NOTHROW(mha::split_qkv(qkv, 6, 4));
+    REQUIRE_THROWS_AS(mha::split_qkv(qkv, 6, 3), mha::shape_error);
+    REQUIRE_THROWS_WITH(mha::split_qkv(qkv, 6, 3),
+                        Equals("mha::split_qkv: qkv.rows() must be 15 (2*qk_width + v_width), "
+                               "got 16"));
+    REQUIRE_THROWS_AS(mha::split_qkv(qkv, -1, 18), mha::value_error);
+    REQUIRE_THROWS_WITH(mha::split_qkv(qkv, -1, 18),
+                        Equals("mha::split_qkv: qk_width must be >= 0, got -1"));
+    REQUIRE_THROWS_WITH(mha::split_qkv(qkv, 9, -2),
+                        Equals("mha::split_qkv: v_width must be >= 0, got -2"));
+}
