@@ -290,6 +290,12 @@ void multi_head_attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
         const Index lk = batch.key_length(b);
         const Index q0 = batch.query_offset(b);
         const Index k0 = batch.key_offset(b);
+        // Empty sequences create no blocks: a block of an empty matrix offsets a null pointer.
+        if (lq == 0) continue;
+        if (lk == 0) {  // no key: the output is 0 and the weights (0 × Lq) are already set
+            out.derived().middleCols(q0, lq).setZero();
+            continue;
+        }
         for (Index h = 0; h < num_heads; ++h) {
             const auto slice = mask.for_head(b, h, batch.size(), num_heads, lq, lk);
             auto out_bh = out.derived().block(h * dv, q0, dv, lq);

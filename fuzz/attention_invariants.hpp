@@ -1,0 +1,320 @@
+// SPDX-License-Identifier: MIT
+// The fuzzing oracle: decodes a problem (shapes ≤ 64, masks, values, tile sizes) from raw bytes,
+// runs the attention core through the tiled and the materialised kernels, and checks invariants
+// that hold for every input. Shared by the libFuzzer harness and the corpus replay test, so every
+// corpus file is also checked in the ordinary test run.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <mha/mha.hpp>
+
+namespace mha_fuzz {
+
+using mha::Index;
+
+/// Reads bytes from the input; past its end it yields zeros, so every input decodes to a problem.
+class byte_reader {
+public:
+    byte_reader(const std::uint8_t* data, std::size_t size) : data_(data), size_(size) {}
+    std::uint8_t byte() { return at_ < size_ ? data_[at_++] : 0; }
+    /// An integer in [lo, hi].
+    Index in_range(Index lo, Index hi) { return lo + static_cast<Index>(byte()) % (hi - lo + 1); }
+    bool flag() { return (byte() & 1) != 0; }
+    std::uint64_t seed() {
+        std::uint64_t s = 0;
+        for (int i = 0; i < 8; ++i)
+            s = (s << 8) | byte();
+        return s;
+    }
+
+private:
+    const std::uint8_t* data_;
+    std::size_t size_;
+    std::size_t at_ = 0;
+};
+
+/// splitmix64: cheap, portable values from a seed taken from the input.
+class value_stream {
+public:
+    explicit value_stream(std::uint64_t seed) : state_(seed) {}
+    std::uint64_t next() {
+        std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    /// Uniform in [-amplitude, amplitude).
+    float uniform(float amplitude) {
+        const double unit = static_cast<double>(next() >> 11) * 0x1.0p-53;
+        return static_cast<float>((2 * unit - 1) * amplitude);
+    }
+
+private:
+    std::uint64_t state_;
+};
+
+/// The decoded problem, with the mask kept both as library types and as plain parameters from
+/// which `allowed` recomputes permissions by explicit formulas.
+struct problem {
+    Index heads = 1, dk = 1, dv = 1;
+    std::vector<Index> lq, lk;
+    bool causal = false, top_left = false;
+    std::optional<std::pair<Index, Index>> window;
+    std::vector<Index> key_len;            // empty: no key_lengths mask
+    std::vector<mha::bool_matrix> keep;    // per sequence, or empty
+    std::vector<mha::matrix<float>> bias;  // per sequence, or empty
+    float amplitude = 1;
+    std::uint64_t seed = 0;
+    mha::detail::tiled_settings tiles;
+
+    bool allowed(std::size_t b, Index j, Index i) const {
+        const Index offset = top_left ? 0 : lk[b] - lq[b];
+        if (causal && j > i + offset) return false;
+        if (window && (j < i + offset - window->first || j > i + offset + window->second))
+            return false;
+        if (!key_len.empty() && j >= key_len[b]) return false;
+        if (!keep.empty() && !keep[b](j, i)) return false;
+        if (!bias.empty() && bias[b](j, i) == -std::numeric_limits<float>::infinity()) return false;
+        return true;
+    }
+
+    mha::attention_mask<float> mask() const {
+        mha::attention_mask<float> m;
+        if (causal)
+            m.add(mha::causal{top_left ? mha::causal_alignment::top_left
+                                       : mha::causal_alignment::bottom_right});
+        if (window)
+            m.add(mha::sliding_window{
+                window->first, window->second,
+                top_left ? mha::causal_alignment::top_left : mha::causal_alignment::bottom_right});
+        if (!key_len.empty()) m.add(mha::key_lengths{key_len});
+        if (!keep.empty()) m.add(mha::keep_mask(keep));
+        if (!bias.empty()) m.add(mha::additive_bias<float>(bias));
+        return m;
+    }
+};
+
+inline problem decode(const std::uint8_t* data, std::size_t size) {
+    byte_reader in(data, size);
+    problem p;
+    const Index batch = in.in_range(0, 3);
+    p.heads = in.in_range(1, 4);
+    p.dk = in.in_range(1, 16);
+    p.dv = in.in_range(1, 16);
+    const bool self = in.flag();
+    for (Index b = 0; b < batch; ++b) {
+        p.lq.push_back(in.in_range(0, 40));
+        p.lk.push_back(self ? p.lq.back() : in.in_range(0, 64));
+    }
+    const std::uint8_t masks = in.byte();
+    p.causal = (masks & 1) != 0;
+    p.top_left = (masks & 2) != 0;
+    if ((masks & 4) != 0) p.window = std::make_pair(in.in_range(0, 9), in.in_range(0, 9));
+    if ((masks & 8) != 0)
+        for (Index b = 0; b < batch; ++b)
+            p.key_len.push_back(in.in_range(0, p.lk[static_cast<std::size_t>(b)]));
+    const std::uint64_t mask_seed = in.seed();
+    value_stream bits(mask_seed);
+    if ((masks & 16) != 0)
+        for (Index b = 0; b < batch; ++b) {
+            const auto s = static_cast<std::size_t>(b);
+            mha::bool_matrix k(p.lk[s], p.lq[s]);
+            for (Index i = 0; i < k.size(); ++i)
+                k(i) = (bits.next() % 4) != 0;  // 3/4 kept
+            p.keep.push_back(k);
+        }
+    if ((masks & 32) != 0)
+        for (Index b = 0; b < batch; ++b) {
+            const auto s = static_cast<std::size_t>(b);
+            mha::matrix<float> m(p.lk[s], p.lq[s]);
+            for (Index i = 0; i < m.size(); ++i)
+                m(i) = (bits.next() % 8) == 0 ? -std::numeric_limits<float>::infinity()
+                                              : bits.uniform(3);
+            p.bias.push_back(m);
+        }
+    // Amplitudes up to 64 give logits in the thousands: the online max must keep exp in range.
+    static const float amplitudes[] = {0.5f, 1, 2, 4, 8, 64};
+    p.amplitude = amplitudes[in.in_range(0, 5)];
+    p.tiles.query_block = in.in_range(1, 9);
+    p.tiles.key_block = in.in_range(1, 17);
+    p.tiles.split_chunk = p.tiles.key_block * in.in_range(1, 3);
+    p.seed = in.seed();
+    return p;
+}
+
+struct inputs {
+    mha::matrix<float> q, k, v;
+};
+
+inline inputs make_inputs(const problem& p) {
+    value_stream values(p.seed);
+    Index nq = 0, nk = 0;
+    for (std::size_t b = 0; b < p.lq.size(); ++b) {
+        nq += p.lq[b];
+        nk += p.lk[b];
+    }
+    inputs x{mha::matrix<float>(p.heads * p.dk, nq), mha::matrix<float>(p.heads * p.dk, nk),
+             mha::matrix<float>(p.heads * p.dv, nk)};
+    for (Index i = 0; i < x.q.size(); ++i)
+        x.q(i) = values.uniform(p.amplitude);
+    for (Index i = 0; i < x.k.size(); ++i)
+        x.k(i) = values.uniform(p.amplitude);
+    for (Index i = 0; i < x.v.size(); ++i)
+        x.v(i) = values.uniform(4);
+    return x;
+}
+
+struct run_result {
+    mha::matrix<float> out;
+    std::vector<mha::matrix<float>> weights;
+};
+
+inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights) {
+    const mha::packed_batch batch(p.lq, p.lk);
+    run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
+    if (with_weights)
+        for (std::size_t b = 0; b < p.lq.size(); ++b)
+            for (Index h = 0; h < p.heads; ++h)
+                r.weights.push_back(mha::matrix<float>::Zero(p.lk[b], p.lq[b]));
+    const float scale = 1.0f / std::sqrt(static_cast<float>(p.dk));
+    mha::detail::tiled_multi_head_attention<float>(
+        x.q, x.k, x.v, p.heads, batch, r.out, p.mask(), scale,
+        with_weights ? mha::detail::tiled_weights::per_head : mha::detail::tiled_weights::none,
+        &r.weights, p.tiles);
+    return r;
+}
+
+inline run_result run_materialized(const problem& p, const inputs& x) {
+    run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
+    mha::attention_options options;
+    options.algorithm = mha::attention_algorithm::materialized;
+    mha::multi_head_attention_core(x.q, x.k, x.v, p.heads, mha::packed_batch(p.lq, p.lk), r.out,
+                                   p.mask(), options, mha::weights_mode::per_head, &r.weights);
+    return r;
+}
+
+/// Checks every invariant on the input; returns a description of the first violation.
+inline std::optional<std::string> check(const std::uint8_t* data, std::size_t size) {
+    const problem p = decode(data, size);
+    const inputs x = make_inputs(p);
+    std::ostringstream why;
+    auto violation = [&](const std::string& what) {
+        why << what << " (batch " << p.lq.size() << ", heads " << p.heads << ", dk " << p.dk
+            << ", dv " << p.dv << ", tiles " << p.tiles.query_block << "x" << p.tiles.key_block
+            << ")";
+        return std::optional<std::string>(why.str());
+    };
+
+    const run_result tiled = run_tiled(p, x, false);
+    const run_result tiled_w = run_tiled(p, x, true);
+    const run_result reference = run_materialized(p, x);
+    const float u = std::numeric_limits<float>::epsilon() / 2;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(p.dk));
+
+    // Per-output tolerance: the rule of tests/support/check.hpp (C·u·Vmax·(1 + Smax), C = 8),
+    // doubled because both kernels may err by that much in opposite directions. Weights use the
+    // same rule with Vmax = 1 (they lie in [0, 1]).
+    mha::matrix<float> out_bound = mha::matrix<float>::Zero(tiled.out.rows(), tiled.out.cols());
+    Index q0 = 0, k0 = 0;
+    for (std::size_t b = 0; b < p.lq.size(); ++b) {
+        const std::size_t head0 = b * static_cast<std::size_t>(p.heads);
+        for (Index h = 0; h < p.heads; ++h) {
+            const auto& wt = tiled_w.weights[head0 + static_cast<std::size_t>(h)];
+            const auto& wr = reference.weights[head0 + static_cast<std::size_t>(h)];
+            for (Index i = 0; i < p.lq[b]; ++i) {
+                float vmax = 0, smax = 0;
+                bool any = false;
+                for (Index j = 0; j < p.lk[b]; ++j) {
+                    if (!p.allowed(b, j, i)) continue;
+                    any = true;
+                    const float dot = x.k.block(h * p.dk, k0 + j, p.dk, 1)
+                                          .cwiseProduct(x.q.block(h * p.dk, q0 + i, p.dk, 1))
+                                          .sum();
+                    const float s = scale * dot + (p.bias.empty() ? 0.f : p.bias[b](j, i));
+                    smax = std::max(smax, std::fabs(s));
+                    vmax =
+                        std::max(vmax, x.v.block(h * p.dv, k0 + j, p.dv, 1).cwiseAbs().maxCoeff());
+                }
+                const float bound = 2 * 8 * u * vmax * (1 + smax);
+                out_bound.block(h * p.dv, q0 + i, p.dv, 1).setConstant(bound);
+                for (Index c = 0; c < p.dv; ++c) {
+                    const float a = tiled.out(h * p.dv + c, q0 + i);
+                    const float w = tiled_w.out(h * p.dv + c, q0 + i);
+                    const float r = reference.out(h * p.dv + c, q0 + i);
+                    if (!std::isfinite(a) || !std::isfinite(w) || !std::isfinite(r))
+                        return violation("finite inputs gave a non-finite output");
+                    if (!any && (a != 0 || r != 0 || w != 0))
+                        return violation("a query with no allowed key has a non-zero output");
+                    if (std::fabs(a - r) > bound || std::fabs(w - r) > bound)
+                        return violation("tiled and materialised outputs differ beyond the bound");
+                }
+                for (Index j = 0; j < p.lk[b]; ++j) {
+                    if (!p.allowed(b, j, i) && (wt(j, i) != 0 || wr(j, i) != 0))
+                        return violation("an excluded key has a non-zero weight");
+                    if (std::fabs(wt(j, i) - wr(j, i)) > 2 * 8 * u * (1 + smax))
+                        return violation("tiled and materialised weights differ beyond the bound");
+                }
+            }
+        }
+        q0 += p.lq[b];
+        k0 += p.lk[b];
+    }
+
+    // Poison: keys that no query of their sequence may see get NaN and 1e30 in K and V. Nothing
+    // may change beyond the same bound (a repaired column is recomputed and may round differently).
+    inputs poisoned = x;
+    k0 = 0;
+    bool any_poisoned = false;
+    for (std::size_t b = 0; b < p.lq.size(); ++b) {
+        for (Index j = 0; j < p.lk[b]; ++j) {
+            bool seen = false;
+            for (Index i = 0; i < p.lq[b] && !seen; ++i)
+                seen = p.allowed(b, j, i);
+            if (seen) continue;
+            poisoned.k.col(k0 + j).setConstant(std::numeric_limits<float>::quiet_NaN());
+            poisoned.v.col(k0 + j).setConstant(j % 2 ? 1e30f
+                                                     : std::numeric_limits<float>::quiet_NaN());
+            any_poisoned = true;
+        }
+        k0 += p.lk[b];
+    }
+    if (any_poisoned) {
+        const run_result a = run_tiled(p, poisoned, false);
+        const run_result r = run_materialized(p, poisoned);
+        for (Index i = 0; i < a.out.size(); ++i)
+            if (!(std::fabs(a.out(i) - tiled.out(i)) <= out_bound(i)) ||
+                !(std::fabs(r.out(i) - reference.out(i)) <= out_bound(i)))
+                return violation("a poisoned excluded key changed an output");
+    }
+
+    // Determinism: the same input gives the same bits.
+    const run_result again = run_tiled(p, x, false);
+    // (Outputs are finite here, checked above, so == compares every bit that matters.)
+    if (again.out.size() != tiled.out.size() || !(again.out.array() == tiled.out.array()).all())
+        return violation("two runs of the same input differ");
+
+    // Bad shapes throw the documented exception and nothing else.
+    if (!p.lq.empty()) {
+        mha::matrix<float> out(p.heads * p.dv, x.q.cols());
+        try {
+            mha::multi_head_attention_core(x.q, x.k.topRows(x.k.rows() - 1), x.v, p.heads,
+                                           mha::packed_batch(p.lq, p.lk), out, p.mask());
+            return violation("mismatched key width was accepted");
+        } catch (const mha::shape_error&) {
+        } catch (...) {
+            return violation("mismatched key width threw something other than mha::shape_error");
+        }
+    }
+    return std::nullopt;
+}
+
+}  // namespace mha_fuzz

@@ -1,0 +1,27 @@
+// SPDX-License-Identifier: MIT
+// Replays every file of the fuzzing corpus through the fuzzing oracle, so the invariants the
+// fuzzer checks are checked in every ordinary test run too, without libFuzzer.
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <vector>
+
+#include <catch2/catch_test_macros.hpp>
+
+#include "attention_invariants.hpp"
+
+TEST_CASE("every corpus input satisfies the fuzzing invariants", "[fuzz]") {
+    const std::filesystem::path corpus = MHA_FUZZ_CORPUS_DIR;
+    std::size_t replayed = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(corpus)) {
+        std::ifstream file(entry.path(), std::ios::binary);
+        const std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(file)),
+                                              std::istreambuf_iterator<char>());
+        CAPTURE(entry.path().filename().string());
+        const auto violation = mha_fuzz::check(bytes.data(), bytes.size());
+        INFO((violation ? *violation : std::string("none")));
+        CHECK(!violation);
+        ++replayed;
+    }
+    REQUIRE(replayed >= 10);  // the committed seed corpus; an empty directory must not pass
+}
