@@ -51,7 +51,9 @@ const std::vector<std::pair<Index, Index>> shapes = {{1, 1}, {4, 4}, {3, 7}, {1,
 }  // namespace
 
 TEST_CASE("causal bottom-right: query i sees keys j <= i + Lk - Lq", "[mask]") {
-    for (const auto& [lq, lk] : shapes) {
+    for (const auto& shape : shapes) {
+        // Plain names, not a structured binding: clang 14 cannot capture bindings in lambdas.
+        const Index lq = shape.first, lk = shape.second;
         const mha::attention_mask<double> mask(mha::causal{});  // bottom-right is the default
         require_allows_exactly(slice_of(mask, lq, lk), lq, lk,
                                [&](Index j, Index i) { return j <= i + lk - lq; });
@@ -80,10 +82,12 @@ TEST_CASE("sliding_window{left, right}: keys within the window around the aligne
     const auto alignment =
         GENERATE(mha::causal_alignment::bottom_right, mha::causal_alignment::top_left);
     const bool bottom_right = alignment == mha::causal_alignment::bottom_right;
-    for (const auto& [left, right] :
+    for (const auto& window :
          std::vector<std::pair<Index, Index>>{{0, 0}, {2, 0}, {0, 2}, {1, 3}, {100, 100}}) {
+        const Index left = window.first, right = window.second;
         const mha::attention_mask<double> mask(mha::sliding_window{left, right, alignment});
-        for (const auto& [lq, lk] : shapes) {
+        for (const auto& shape : shapes) {
+            const Index lq = shape.first, lk = shape.second;
             CAPTURE(bottom_right, left, right);
             require_allows_exactly(slice_of(mask, lq, lk), lq, lk, [&](Index j, Index i) {
                 const Index c = i + (bottom_right ? lk - lq : 0);
