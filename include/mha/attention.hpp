@@ -85,7 +85,7 @@ namespace detail {
 /// Whether the options select the tiled kernel.
 inline bool use_tiled(const attention_options& options) {
     return options.normalize == normalization::softmax &&
-           options.algorithm == attention_algorithm::tiled;
+           options.algorithm != attention_algorithm::materialized;
 }
 
 /// Runs fn on a writable, inner-stride-1 view of `out`, through a temporary if `out` cannot be

@@ -352,15 +352,20 @@ void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled
         masked_scores(p, i0, nq, j0, nk, iv, t);
         for (Index c = 0; c < nq; ++c) {
             if (t.m(c) == minus_inf) continue;  // no allowed key: weights stay 0
-            Scalar* col = t.s.data() + c * lds;
-            exp_shifted_in_place(col, nk, t.m(c));
-            const Scalar inv_l = Scalar(1) / t.l(c);
-            auto dst = w.col(i0 + c).segment(j0, nk);
-            const Eigen::Map<const vector<Scalar>> src(col, nk);
-            if (divisor != Scalar(0))
-                dst += (src * inv_l) / divisor;
-            else
-                dst = src * inv_l;
+            const Scalar* col = t.s.data() + c * lds;
+            const Scalar m = t.m(c), l = t.l(c);
+            Scalar* dst = w.data() + (i0 + c) * w.rows() + j0;
+            // Scalar std::exp and a true division, not the packet exp of the online pass:
+            // returned weights are compared element by element with other paths (the
+            // materialised softmax evaluates std::exp too), and 1-ulp packet exp errors showed
+            // up there. This pass is O(Lk·Lq) like the weights themselves.
+            for (Index r = 0; r < nk; ++r) {
+                const Scalar x = col[r] == minus_inf ? Scalar(0) : std::exp(col[r] - m) / l;
+                if (divisor != Scalar(0))
+                    dst[r] += x / divisor;
+                else
+                    dst[r] = x;
+            }
         }
     }
 }
