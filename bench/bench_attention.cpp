@@ -116,6 +116,56 @@ void BM_attention_core(benchmark::State& state) {
     set_gflops(state, mha_bench::attention_core_flops(kBatch, length, d, causal));
 }
 
+// BM_attention_core with the kernel chosen (algo 0: materialized, 1: tiled), to compare the two
+// on the same shapes in one run; L = 8192 runs tiled only (the materialised scores alone would be
+// 256 MB per head).
+void BM_attention_core_algo(benchmark::State& state) {
+    const Index d = state.range(0);
+    const Index heads = state.range(1);
+    const Index length = state.range(2);
+    const bool causal = state.range(3) != 0;
+    mha::attention_options options;
+    options.algorithm = state.range(4) != 0 ? mha::attention_algorithm::tiled
+                                            : mha::attention_algorithm::materialized;
+    const Matrix qkv = Matrix::Random(3 * d, kBatch * length);
+    const auto q = qkv.topRows(d);
+    const auto k = qkv.middleRows(d, d);
+    const auto v = qkv.bottomRows(d);
+    const mha::packed_batch batch = batch_of(length);
+    const mha::attention_mask<float> mask = mask_for(causal);
+    Matrix out(d, kBatch * length);
+    for (auto _ : state) {
+        mha::multi_head_attention_core(q, k, v, heads, batch, out, mask, options);
+        benchmark::DoNotOptimize(out.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::attention_core_flops(kBatch, length, d, causal));
+}
+
+// FMA throughput of one thread: 24 independent chains of 16-lane float FMAs (enough to cover
+// 2 pipes × 4 cycles latency with room), the hardware peak the GEMM roofline is read against.
+void BM_fma_peak(benchmark::State& state) {
+    using packet = Eigen::internal::packet_traits<float>::type;
+    constexpr int lanes = Eigen::internal::packet_traits<float>::size;
+    constexpr int chains = 24;
+    constexpr long steps = 1 << 16;
+    for (auto _ : state) {
+        packet acc[chains];
+        for (int c = 0; c < chains; ++c)
+            acc[c] = Eigen::internal::pset1<packet>(float(c));
+        const packet a = Eigen::internal::pset1<packet>(0.999999f);
+        const packet b = Eigen::internal::pset1<packet>(1e-7f);
+        for (long i = 0; i < steps; ++i)
+            for (int c = 0; c < chains; ++c)
+                acc[c] = Eigen::internal::pmadd(acc[c], a, b);
+        float sum = 0;
+        for (int c = 0; c < chains; ++c)
+            sum += Eigen::internal::predux(acc[c]);
+        benchmark::DoNotOptimize(sum);
+    }
+    set_gflops(state, 2.0 * lanes * chains * static_cast<double>(steps));
+}
+
 // The whole layer through its public forward, allocations included, as a user would call it.
 void BM_mha_forward(benchmark::State& state) {
     const Index d = state.range(0);
@@ -150,12 +200,24 @@ void attention_shapes(benchmark::internal::Benchmark* b) {
             b->Args({s.d_model, s.heads, s.length, causal});
 }
 
+void algo_shapes(benchmark::internal::Benchmark* b) {
+    b->ArgNames({"d_model", "heads", "L", "causal", "tiled"});
+    for (const shape& s : kShapes)
+        for (Index causal : {0, 1})
+            for (Index tiled : {0, 1})
+                b->Args({s.d_model, s.heads, s.length, causal, tiled});
+    for (Index causal : {0, 1})
+        b->Args({512, 8, 8192, causal, 1});
+}
+
 // Milliseconds suit every shape here; real time, because a GFLOP/s figure is about wall-clock
 // throughput and CPU time would hide time lost to the other processes on a shared machine.
 BENCHMARK(BM_gemm_roofline)->ArgName("n")->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_projections)->Apply(projection_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_attention_core)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_mha_forward)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_attention_core_algo)->Apply(algo_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 std::string compiler() {
 #if defined(__clang__)
