@@ -419,10 +419,16 @@ void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
                 mask.for_head(b, h, nb, num_heads, batch.query_length(b), batch.key_length(b)));
     auto problem = [&](Index b, Index h) {
         const Index q0 = batch.query_offset(b), k0 = batch.key_offset(b);
-        return head_problem<Scalar>{q.data() + q0 * q.outerStride() + h * dk,
-                                    k.data() + k0 * k.outerStride() + h * dk,
-                                    v.data() + k0 * v.outerStride() + h * dv,
-                                    out.data() + q0 * out.outerStride() + h * dv,
+        const Index lq = batch.query_length(b), lk = batch.key_length(b);
+        // An empty sequence's columns do not exist (the matrix may even be empty, with a null
+        // data pointer): offsetting into them would be undefined, and they are never read.
+        auto at = [](auto* base, Index length, Index offset) {
+            return length == 0 ? base : base + offset;
+        };
+        return head_problem<Scalar>{at(q.data(), lq, q0 * q.outerStride() + h * dk),
+                                    at(k.data(), lk, k0 * k.outerStride() + h * dk),
+                                    at(v.data(), lk, k0 * v.outerStride() + h * dv),
+                                    at(out.data(), lq, q0 * out.outerStride() + h * dv),
                                     q.outerStride(),
                                     k.outerStride(),
                                     v.outerStride(),
