@@ -139,6 +139,28 @@ mask_case<Scalar> make_mask(const std::string& name, Index lq, Index lk,
     return m;
 }
 
+/// The two kernels: the materialised reference path and the tiled online-softmax path (what
+/// `automatic` picks for softmax). Other normalisations run materialised whatever is asked.
+const std::vector<mha::attention_algorithm> both_algorithms = {
+    mha::attention_algorithm::materialized, mha::attention_algorithm::tiled};
+
+std::string algorithm_name(mha::attention_algorithm algorithm) {
+    switch (algorithm) {
+        case mha::attention_algorithm::materialized:
+            return "materialized";
+        case mha::attention_algorithm::tiled:
+            return "tiled";
+        default:
+            return "automatic";
+    }
+}
+
+mha::attention_options with_algorithm(mha::attention_options options,
+                                      mha::attention_algorithm algorithm) {
+    options.algorithm = algorithm;
+    return options;
+}
+
 template <class Scalar>
 struct attention_run {
     mat<Scalar> out;
@@ -155,9 +177,9 @@ attention_run<Scalar> run_attention(const mat<Scalar>& q, const mat<Scalar>& k,
     return r;
 }
 
-/// Output and weights against the long-double reference, both with check A. The weights are the
-/// attention output for V = identity, so check A applies to them with Vmax = 1 (check A reads V
-/// only for Vmax, hence the 1 × Lk row of ones in place of the identity).
+/// Output and weights of both kernels against the long-double reference, with check A. The weights
+/// are the attention output for V = identity, so check A applies to them with Vmax = 1 (check A
+/// reads V only for Vmax, hence the 1 × Lk row of ones in place of the identity).
 template <class Scalar>
 void require_matches_reference(const mat<Scalar>& q, const mat<Scalar>& k, const mat<Scalar>& v,
                                const mask_case<Scalar>& m, const mha::attention_options& options,
@@ -167,10 +189,14 @@ void require_matches_reference(const mat<Scalar>& q, const mat<Scalar>& k, const
     mat<long double> ref_weights;
     const mat<long double> ref = mha_test::reference_attention<long double>(
         Q, K, V, scale, m.allowed, m.bias, reference_kind(options.normalize), &ref_weights);
-    const attention_run<Scalar> run = run_attention(q, k, v, m.mask, options);
-    require_attention_close(run.out, ref, Q, K, V, scale, m.allowed, m.bias, what);
-    require_attention_close(run.weights, ref_weights, Q, K, mat<long double>::Ones(1, k.cols()),
-                            scale, m.allowed, m.bias, what + " (weights)");
+    for (const auto algorithm : both_algorithms) {
+        const std::string label = what + " [" + algorithm_name(algorithm) + "]";
+        const attention_run<Scalar> run =
+            run_attention(q, k, v, m.mask, with_algorithm(options, algorithm));
+        require_attention_close(run.out, ref, Q, K, V, scale, m.allowed, m.bias, label);
+        require_attention_close(run.weights, ref_weights, Q, K, mat<long double>::Ones(1, k.cols()),
+                                scale, m.allowed, m.bias, label + " (weights)");
+    }
 }
 
 template <class Scalar>
@@ -215,7 +241,10 @@ TEMPLATE_TEST_CASE("worked example: two queries, two keys, default scale", "[att
     expected_weights << 1.0L / 4, 2.0L / 3,  //
         3.0L / 4, 1.0L / 3;
 
-    const auto run = run_attention<Scalar>(q, k, v, {});
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    const auto run = run_attention<Scalar>(q, k, v, {}, with_algorithm({}, algorithm));
     // Check A: the expected values come from the exact (unrounded) q, but rounding √2·ln 3 to
     // Scalar moves a score by ≤ 2u, far inside the bound's 8u·Vmax·(1 + Smax).
     const long double scale = library_scale<Scalar>({}, 2);
@@ -245,7 +274,10 @@ TEMPLATE_TEST_CASE("worked example: causal self-attention over three tokens", "[
         0.0L, 2.0L / 3, 2.0L / 7,                  //
         0.0L, 0.0L, 4.0L / 7;
 
-    const auto run = run_attention<Scalar>(q, k, v, mha::causal{});
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    const auto run = run_attention<Scalar>(q, k, v, mha::causal{}, with_algorithm({}, algorithm));
     const auto allowed = mha_test::causal_top_left();  // Lq = Lk: both alignments agree
     // Check A; rounding ln 2 to Scalar moves a score by ≤ 2u·ln 2, inside the bound.
     require_attention_close(run.out, expected_out, wide(q), wide(k), wide(v), 1.0L, allowed);
@@ -266,9 +298,13 @@ TEMPLATE_TEST_CASE("worked example: causal alignment when one query meets three 
     q << 0;
     k << 1, -2, 4;
     v << 3, 6, 12;
-    const auto bottom_right = run_attention<Scalar>(q, k, v, mha::causal{});
-    const auto top_left =
-        run_attention<Scalar>(q, k, v, mha::causal{mha::causal_alignment::top_left});
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    const auto bottom_right =
+        run_attention<Scalar>(q, k, v, mha::causal{}, with_algorithm({}, algorithm));
+    const auto top_left = run_attention<Scalar>(
+        q, k, v, mha::causal{mha::causal_alignment::top_left}, with_algorithm({}, algorithm));
     // Weights of 1/3 rounded, a 3-term sum of products ≤ 12: a few u·12; 8u·Vmax is check A's
     // bound at Smax = 0.
     CHECK(std::fabs(bottom_right.out(0, 0) - 7.0L) <= 8 * unit_roundoff<Scalar>() * 12);
@@ -502,8 +538,12 @@ TEMPLATE_TEST_CASE("multi_head_attention_core vs reference per sequence and head
         bias = bias_per_sequence;
     }
     const auto normalize = GENERATE(mha::normalization::softmax, mha::normalization::sigmoid);
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
     mha::attention_options options;
     options.normalize = normalize;
+    options.algorithm = algorithm;
     CAPTURE(mask_name, mha::to_string(normalize));
 
     mat<Scalar> out(heads * dv, batch.total_queries());
@@ -589,6 +629,10 @@ TEMPLATE_TEST_CASE("permuting keys and values together leaves the output unchang
                                     mha::normalization::sigmoid);
     mha::attention_options options;
     options.normalize = normalize;
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    options.algorithm = algorithm;
     const auto run =
         run_attention<Scalar>(q, k_perm, v_perm,
                               mha::attention_mask<Scalar>(mha::keep_mask(keep_perm),
@@ -625,7 +669,11 @@ TEMPLATE_TEST_CASE("adding a constant to a query's scores changes nothing (softm
     mat<Scalar> shift(lk, lq);
     for (Index i = 0; i < lq; ++i)
         shift.col(i).setConstant(static_cast<Scalar>(25.0 * i - 60.0));
-    const auto run = run_attention<Scalar>(q, k, v, mha::additive_bias<Scalar>(shift));
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    const auto run = run_attention<Scalar>(q, k, v, mha::additive_bias<Scalar>(shift),
+                                           with_algorithm({}, algorithm));
     // Compared with the reference *without* the shift; check A still gets the shifted scores for
     // Smax, since rounding happens at the magnitude of s + c.
     const long double scale = library_scale<Scalar>({}, 8);
@@ -690,6 +738,10 @@ TEMPLATE_TEST_CASE("poisoned keys and values at masked positions never leak",
                                     mha::normalization::sigmoid);
     mha::attention_options options;
     options.normalize = normalize;
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    options.algorithm = algorithm;
     CAPTURE(mask_name, poison, mha::to_string(normalize));
 
     mat<Scalar> k_poisoned = k, v_poisoned = v;
@@ -725,6 +777,10 @@ TEMPLATE_TEST_CASE("NaN in an unmasked key, value or query reaches exactly the q
                                     mha::normalization::sigmoid);
     mha::attention_options options;
     options.normalize = normalize;
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    options.algorithm = algorithm;
     // Bottom-right causal: query i sees keys j ≤ i + 4, so key 7 is seen by queries 3, 4, 5.
     const mha::attention_mask<Scalar> mask(mha::causal{});
     const auto allowed = mha_test::causal_bottom_right(lq, lk);
@@ -805,6 +861,10 @@ TEMPLATE_TEST_CASE("a query with no key to attend to gets exactly 0 output and w
     const mat<Scalar> v = source.normal_matrix<Scalar>(3, lk);
     mha::attention_options options;
     options.normalize = normalize;
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    options.algorithm = algorithm;
     CAPTURE(mask_name, mha::to_string(normalize));
     const auto run = run_attention<Scalar>(q, k, v, mask, options);
     Index fully_masked = 0;
@@ -826,10 +886,15 @@ TEMPLATE_TEST_CASE("a query with no key to attend to gets exactly 0 output and w
 TEMPLATE_TEST_CASE("empty inputs: no keys gives zeros, no queries gives nothing",
                    "[attention][property]", float, double) {
     using Scalar = TestType;
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    const auto options = with_algorithm({}, algorithm);
     mha_test::value_source source(1);
     SECTION("Lk = 0") {
         const mat<Scalar> q = source.normal_matrix<Scalar>(3, 4);
-        const auto run = run_attention<Scalar>(q, mat<Scalar>(3, 0), mat<Scalar>(2, 0), {});
+        const auto run =
+            run_attention<Scalar>(q, mat<Scalar>(3, 0), mat<Scalar>(2, 0), {}, options);
         CHECK(run.out.rows() == 2);
         CHECK(run.out.cols() == 4);
         CHECK(run.out.isZero(0));
@@ -839,7 +904,7 @@ TEMPLATE_TEST_CASE("empty inputs: no keys gives zeros, no queries gives nothing"
     SECTION("Lq = 0") {
         const mat<Scalar> k = source.normal_matrix<Scalar>(3, 5);
         const mat<Scalar> v = source.normal_matrix<Scalar>(2, 5);
-        const auto run = run_attention<Scalar>(mat<Scalar>(3, 0), k, v, mha::causal{});
+        const auto run = run_attention<Scalar>(mat<Scalar>(3, 0), k, v, mha::causal{}, options);
         CHECK(run.out.rows() == 2);
         CHECK(run.out.cols() == 0);
         CHECK(run.weights.rows() == 5);
@@ -847,10 +912,10 @@ TEMPLATE_TEST_CASE("empty inputs: no keys gives zeros, no queries gives nothing"
     }
     SECTION("d_k = 0 with an explicit scale: every score is 0, so weights are uniform") {
         const mat<Scalar> v = source.normal_matrix<Scalar>(2, 4);
-        mha::attention_options options;
-        options.scale = 1.0;
+        mha::attention_options unit_scale = options;
+        unit_scale.scale = 1.0;
         const auto run =
-            run_attention<Scalar>(mat<Scalar>(0, 3), mat<Scalar>(0, 4), v, {}, options);
+            run_attention<Scalar>(mat<Scalar>(0, 3), mat<Scalar>(0, 4), v, {}, unit_scale);
         const mat<long double> mean =
             wide(v).rowwise().mean().replicate(1, 3);  // each query: the mean of the values
         // Weights 1/4 are exact; a 4-term sum of |v| ≤ Vmax: 4u·Vmax, doubled.
@@ -865,8 +930,8 @@ TEMPLATE_TEST_CASE("empty inputs: no keys gives zeros, no queries gives nothing"
         const mat<Scalar> v = source.normal_matrix<Scalar>(6, 3);
         mat<Scalar> out = mat<Scalar>::Constant(6, 2, Scalar(9));
         std::vector<mat<Scalar>> weights;
-        mha::multi_head_attention_core(q, k, v, 2, batch, out, {}, {}, mha::weights_mode::per_head,
-                                       &weights);
+        mha::multi_head_attention_core(q, k, v, 2, batch, out, {}, options,
+                                       mha::weights_mode::per_head, &weights);
         CHECK(out.isZero(0));  // sequence 1 has queries but no keys
         REQUIRE(weights.size() == 6);
         CHECK(weights[0].rows() == 3);
@@ -894,6 +959,10 @@ TEMPLATE_TEST_CASE("logits of ±1e4 neither overflow nor lose the answer", "[att
     const auto normalize = GENERATE(mha::normalization::softmax, mha::normalization::relu,
                                     mha::normalization::sigmoid);
     options.normalize = normalize;
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    options.algorithm = algorithm;
     CAPTURE(mha::to_string(normalize));
     const auto run = run_attention<Scalar>(q, k, v, {}, options);
     CHECK(run.out.allFinite());
@@ -1040,7 +1109,11 @@ TEMPLATE_TEST_CASE("inputs as Maps and blocks give the plain-matrix result", "[a
     const mat<long double> ref = mha_test::reference_attention<long double>(
         wide(q), wide(k), wide(v), scale, m.allowed, m.bias, mha_test::norm_kind::softmax,
         &ref_weights);
-    const auto plain = run_attention<Scalar>(q, k, v, m.mask);
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    CAPTURE(algorithm_name(algorithm));
+    const auto options = with_algorithm({}, algorithm);
+    const auto plain = run_attention<Scalar>(q, k, v, m.mask, options);
     require_attention_close(plain.out, ref, wide(q), wide(k), wide(v), scale, m.allowed, m.bias,
                             "plain");
     const Scalar sentinel(-3.25);
@@ -1055,7 +1128,7 @@ TEMPLATE_TEST_CASE("inputs as Maps and blocks give the plain-matrix result", "[a
         Eigen::Map<mat<Scalar>> out(out_buf.data(), dv, lq);
         mha::scaled_dot_product_attention(const_map(q_buf.data(), dk, lq),
                                           const_map(k_buf.data(), dk, lk),
-                                          const_map(v_buf.data(), dv, lk), out, m.mask);
+                                          const_map(v_buf.data(), dv, lk), out, m.mask, options);
         require_attention_close<Scalar>(out, ref, wide(q), wide(k), wide(v), scale, m.allowed,
                                         m.bias, "maps");
     }
@@ -1070,7 +1143,7 @@ TEMPLATE_TEST_CASE("inputs as Maps and blocks give the plain-matrix result", "[a
         mat<Scalar> weights;
         mha::scaled_dot_product_attention(qkv.block(0, 0, dk, lq), qkv.block(dk, 0, dk, lk),
                                           qkv.block(2 * dk, 0, dv, lk), big.block(2, 1, dv, lq),
-                                          m.mask, {}, &weights);
+                                          m.mask, options, &weights);
         require_attention_close<Scalar>(big.block(2, 1, dv, lq), ref, wide(q), wide(k), wide(v),
                                         scale, m.allowed, m.bias, "blocks");
         require_attention_close(weights, ref_weights, wide(q), wide(k),
@@ -1089,7 +1162,7 @@ TEMPLATE_TEST_CASE("inputs as Maps and blocks give the plain-matrix result", "[a
         using row_major = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
         const row_major v_row_major = v;
         mat<Scalar> out(dv, lq);
-        mha::scaled_dot_product_attention(q, k_view, v_row_major, out, m.mask);
+        mha::scaled_dot_product_attention(q, k_view, v_row_major, out, m.mask, options);
         require_attention_close(out, ref, wide(q), wide(k), wide(v), scale, m.allowed, m.bias,
                                 "strided");
     }
