@@ -220,7 +220,8 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
     const float u = std::numeric_limits<float>::epsilon() / 2;
     const float scale = 1.0f / std::sqrt(static_cast<float>(p.dk));
 
-    // Per-output tolerance: the rule of tests/support/check.hpp (C·u·Vmax·(1 + Smax), C = 8),
+    // Per-output tolerance: the rule of tests/support/check.hpp (C·u·Vmax·(1 + Smax), C = 8,
+    // Smax from the score's term magnitudes),
     // doubled because both kernels may err by that much in opposite directions. Weights use the
     // same rule with Vmax = 1 (they lie in [0, 1]).
     mha::matrix<float> out_bound = mha::matrix<float>::Zero(tiled.out.rows(), tiled.out.cols());
@@ -236,10 +237,13 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
                 for (Index j = 0; j < p.lk[b]; ++j) {
                     if (!p.allowed(b, j, i)) continue;
                     any = true;
-                    const float dot = x.k.block(h * p.dk, k0 + j, p.dk, 1)
-                                          .cwiseProduct(x.q.block(h * p.dk, q0 + i, p.dk, 1))
-                                          .sum();
-                    const float s = scale * dot + (p.bias.empty() ? 0.f : p.bias[b](j, i));
+                    // Score magnitude as in check.hpp: Σ|q·k| bounds the dot product's rounding.
+                    const float magnitude = x.k.block(h * p.dk, k0 + j, p.dk, 1)
+                                                .cwiseProduct(x.q.block(h * p.dk, q0 + i, p.dk, 1))
+                                                .cwiseAbs()
+                                                .sum();
+                    const float s =
+                        scale * magnitude + (p.bias.empty() ? 0.f : std::fabs(p.bias[b](j, i)));
                     smax = std::max(smax, std::fabs(s));
                     vmax =
                         std::max(vmax, x.v.block(h * p.dv, k0 + j, p.dv, 1).cwiseAbs().maxCoeff());

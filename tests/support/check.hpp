@@ -25,18 +25,22 @@ constexpr long double unit_roundoff() {
 
 /// Check A, the a-priori element-wise bound for single-head attention:
 ///   |O(c,i) − R(c,i)| ≤ C·u·Vmax_i·(1 + Smax_i) + u·|R(c,i)|
-/// with Vmax_i / Smax_i the largest |value| / |scaled, biased score| over the keys query i may
-/// attend to, and C = 8: rounding analysis of softmax followed by a weighted sum gives errors of
-/// order u·Vmax·(1+Smax); a calibration against long-double loops measured at most 1.1 of that
-/// for float and double up to Lk = 4096, d = 128, so 8 leaves a margin of about 7 without
-/// hiding a wrong mask (a leaked or missing key moves the output by O(Vmax), far above it).
+/// with Vmax_i the largest |value| over the keys query i may attend to, Smax_i the largest
+/// magnitude of a score's terms, |scale|·Σ_c |q(c,i)·k(c,j)| + |bias(j,i)|, over those keys, and
+/// C = 8: rounding analysis of softmax followed by a weighted sum gives errors of order
+/// u·Vmax·(1+Smax). The standard dot-product bound is in terms of Σ|q·k|, not |q·k|: when the
+/// terms cancel (small score, large entries) the computed score carries an error of order
+/// u·Σ|q·k| however small the score is, and so does its weight (a fuzzed case with scores ≈ 0.5
+/// built from terms ≈ 50 showed it). A calibration against long-double loops measured at most
+/// 1.1 of the bound for float and double up to Lk = 4096, d = 128, so 8 leaves a margin of about
+/// 7 without hiding a wrong mask (a leaked or missing key moves the output by O(Vmax), far above).
 /// A query with no allowed key must be exactly 0.
 template <class Scalar>
 void require_attention_close(const mat<Scalar>& out, const mat<long double>& ref,
                              const mat<long double>& q, const mat<long double>& k,
                              const mat<long double>& v, long double scale,
-                             const allowed_fn& allowed = allow_all(),
-                             const bias_fn& bias = nullptr, const std::string& what = "") {
+                             const allowed_fn& allowed = allow_all(), const bias_fn& bias = nullptr,
+                             const std::string& what = "") {
     REQUIRE(out.rows() == ref.rows());
     REQUIRE(out.cols() == ref.cols());
     const long double u = unit_roundoff<Scalar>();
@@ -58,9 +62,10 @@ void require_attention_close(const mat<Scalar>& out, const mat<long double>& ref
             if (b == -std::numeric_limits<long double>::infinity()) continue;
             any = true;
             const long double* kj = k.data() + j * k.rows();
-            long double dot = 0;
-            for (Index c = 0; c < q.rows(); ++c) dot += qi[c] * kj[c];
-            smax = std::max(smax, std::fabs(dot * scale + b));
+            long double magnitude = 0;  // Σ|q·k|: the scale of the dot product's rounding error
+            for (Index c = 0; c < q.rows(); ++c)
+                magnitude += std::fabs(qi[c] * kj[c]);
+            smax = std::max(smax, std::fabs(scale) * magnitude + std::fabs(b));
             vmax = std::max(vmax, value_max[static_cast<std::size_t>(j)]);
         }
         for (Index c = 0; c < ref.rows(); ++c) {
@@ -113,15 +118,16 @@ void require_within_baseline(const mat<Scalar>& out, const mat<long double>& ref
                 wc = c;
             }
             base = std::max(base, std::fabs(static_cast<long double>(baseline(r, c)) - ref(r, c)));
-            const Scalar shifted = static_cast<Scalar>(static_cast<Scalar>(ref(r, c)) + Scalar(0.3));
+            const Scalar shifted =
+                static_cast<Scalar>(static_cast<Scalar>(ref(r, c)) + Scalar(0.3));
             const Scalar back = static_cast<Scalar>(shifted - Scalar(0.3));
             noise = std::max(noise, std::fabs(static_cast<long double>(back) - ref(r, c)));
         }
     const long double bound = k * base + 2 * noise;
     std::ostringstream m;
-    m << what << ": max|out - ref| = " << err << " at (" << wr << ", " << wc
-      << "), baseline error " << base << ", floor " << 2 * noise << ", bound " << bound
-      << ", shape " << ref.rows() << "x" << ref.cols();
+    m << what << ": max|out - ref| = " << err << " at (" << wr << ", " << wc << "), baseline error "
+      << base << ", floor " << 2 * noise << ", bound " << bound << ", shape " << ref.rows() << "x"
+      << ref.cols();
     INFO(m.str());
     CHECK(err <= bound);
 }
@@ -132,8 +138,8 @@ long double max_abs_diff(const A& a, const B& b) {
     long double worst = 0;
     for (Index c = 0; c < a.cols(); ++c)
         for (Index r = 0; r < a.rows(); ++r) {
-            const long double d = std::fabs(static_cast<long double>(a(r, c)) -
-                                            static_cast<long double>(b(r, c)));
+            const long double d =
+                std::fabs(static_cast<long double>(a(r, c)) - static_cast<long double>(b(r, c)));
             if (!(d <= worst)) worst = d;
         }
     return worst;
