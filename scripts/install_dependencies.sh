@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building, testing and benchmarking mha needs on Debian 12 or Ubuntu 24.04:
-# a C++17 compiler, CMake >= 3.25, Ninja, Eigen 3.4, Catch2 v3 and Google Benchmark.
+# a C++17 compiler, CMake >= 3.25, Ninja, Eigen 3.4, Catch2 v3, Google Benchmark and
+# nlohmann-json (for the optional mha/safetensors.hpp, its tests and the PyTorch check example).
 # Debian 12 ships Catch2 v2 in main, so v3 comes from the distribution's own backports suite.
 set -euo pipefail
 
@@ -9,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(g++ cmake ninja-build libeigen3-dev libbenchmark-dev catch2)
+packages=(g++ cmake ninja-build libeigen3-dev libbenchmark-dev nlohmann-json3-dev catch2)
 
 # Skip the network when everything is already there.
 missing=()
@@ -45,5 +46,6 @@ if [ "${ID:-}" = debian ] && [ "${VERSION_CODENAME:-}" = bookworm ]; then
 fi
 
 apt-get update
-apt-get install -y --no-install-recommends g++ cmake ninja-build libeigen3-dev libbenchmark-dev
+apt-get install -y --no-install-recommends g++ cmake ninja-build libeigen3-dev libbenchmark-dev \
+  nlohmann-json3-dev
 apt-get install -y --no-install-recommends "${catch2_suite[@]}" catch2

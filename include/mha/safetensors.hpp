@@ -1,0 +1,662 @@
+// SPDX-License-Identifier: MIT
+// safetensors files: read and write named tensors, and import the weights of a PyTorch
+// `nn.MultiheadAttention` from its state_dict saved in that format.
+//
+// Optional part of the library: it needs nlohmann_json (CMake target `mha::safetensors`, created
+// only when nlohmann_json is found), and `mha/mha.hpp` does not include it, so the core keeps
+// depending on Eigen alone.
+//
+// The format (https://github.com/huggingface/safetensors): 8 bytes little-endian u64 N, then N
+// bytes of JSON `{"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ...,
+// "__metadata__": {"key": "value"}}`, then the data section. Offsets are relative to the data
+// section, tensors are row-major and little-endian, and together they cover the data section
+// exactly, with no gap and no overlap.
+//
+// Every problem with a file's content (truncated, bad JSON, missing tensor, wrong dtype or shape,
+// offsets out of range, overlapping or leaving gaps) and failure to open or write a file throws
+// `mha::format_error`, which derives from `mha::invalid_argument` and so from
+// `std::invalid_argument` like every other error of the library. Messages have the library's form
+// `<function>: <what> must be <expected>, got <actual>`.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <mha/config.hpp>
+#include <mha/multi_head_attention.hpp>
+
+#include <nlohmann/json.hpp>
+
+namespace mha {
+
+/// A file or buffer is not a valid safetensors file, or does not hold what was asked of it.
+class format_error : public invalid_argument {
+public:
+    using invalid_argument::invalid_argument;
+};
+
+/// One tensor's entry in the header.
+struct tensor_info {
+    std::string dtype;                ///< "F32", "F64", "BOOL", ...
+    std::vector<std::int64_t> shape;  ///< row-major, outermost first, as in PyTorch
+    std::size_t begin = 0;            ///< byte offsets into the data section
+    std::size_t end = 0;
+
+    std::int64_t numel() const {
+        std::int64_t n = 1;
+        for (std::int64_t d : shape)
+            n *= d;
+        return n;
+    }
+};
+
+namespace detail {
+
+/// Bytes per element of every dtype the format defines, 0 for an unknown name.
+inline std::size_t safetensors_dtype_size(const std::string& dtype) {
+    static const std::map<std::string, std::size_t> sizes = {
+        {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1},
+        {"I16", 2},  {"U16", 2}, {"F16", 2}, {"BF16", 2},    {"I32", 4},
+        {"U32", 4},  {"F32", 4}, {"F64", 8}, {"I64", 8},     {"U64", 8}};
+    const auto it = sizes.find(dtype);
+    return it == sizes.end() ? 0 : it->second;
+}
+
+template <class T>
+struct safetensors_dtype;
+template <>
+struct safetensors_dtype<float> {
+    static constexpr const char* name = "F32";
+};
+template <>
+struct safetensors_dtype<double> {
+    static constexpr const char* name = "F64";
+};
+template <>
+struct safetensors_dtype<bool> {
+    static constexpr const char* name = "BOOL";
+};
+
+inline bool host_is_little_endian() {
+    const std::uint16_t one = 1;
+    unsigned char first = 0;
+    std::memcpy(&first, &one, 1);
+    return first == 1;
+}
+
+// The format is little-endian; on a big-endian host every element is reversed on the way.
+template <class T>
+T load_little_endian(const unsigned char* p) {
+    unsigned char bytes[sizeof(T)];
+    std::memcpy(bytes, p, sizeof(T));
+    if (!host_is_little_endian()) std::reverse(bytes, bytes + sizeof(T));
+    T value;
+    std::memcpy(&value, bytes, sizeof(T));
+    return value;
+}
+
+template <class T>
+void store_little_endian(T value, std::vector<unsigned char>& out) {
+    unsigned char bytes[sizeof(T)];
+    std::memcpy(bytes, &value, sizeof(T));
+    if (!host_is_little_endian()) std::reverse(bytes, bytes + sizeof(T));
+    out.insert(out.end(), bytes, bytes + sizeof(T));
+}
+
+inline std::string shape_text(const std::vector<std::int64_t>& shape) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < shape.size(); ++i)
+        s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
+}  // namespace detail
+
+/// A parsed safetensors file held in memory. Construction validates the whole header, so every
+/// accessor afterwards only checks what the caller asks for (presence, dtype, shape).
+class safetensors_file {
+public:
+    /// Reads and validates the file at `path`.
+    static safetensors_file read(const std::string& path) {
+        std::ifstream in(path, std::ios::binary);
+        if (!in)
+            detail::fail<format_error>("mha::safetensors_file::read", "'" + path + "'",
+                                       "a readable file", "a file that cannot be opened");
+        std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)),
+                                         std::istreambuf_iterator<char>());
+        return parse(std::move(bytes), path);
+    }
+
+    /// Validates `bytes` as a safetensors file; `source` names it in error messages.
+    static safetensors_file parse(std::vector<unsigned char> bytes,
+                                  const std::string& source = "<memory>") {
+        safetensors_file f;
+        f.source_ = source;
+        f.bytes_ = std::move(bytes);
+        f.validate();
+        return f;
+    }
+
+    const std::string& source() const { return source_; }
+
+    bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+
+    /// Tensor names in sorted order.
+    std::vector<std::string> names() const {
+        std::vector<std::string> result;
+        for (const auto& entry : tensors_)
+            result.push_back(entry.first);
+        return result;
+    }
+
+    /// The header entry of `name`; throws format_error listing the file's tensors if absent.
+    const tensor_info& info(const std::string& name) const {
+        const auto it = tensors_.find(name);
+        if (it == tensors_.end()) {
+            std::string present;
+            for (const auto& entry : tensors_)
+                present += (present.empty() ? "" : ", ") + entry.first;
+            detail::fail<format_error>(
+                where().c_str(), "tensor '" + name + "'", "present",
+                "absent (the file has: " + (present.empty() ? std::string("nothing") : present) +
+                    ")");
+        }
+        return it->second;
+    }
+
+    /// The `__metadata__` string map (empty when the file has none).
+    const std::map<std::string, std::string>& metadata() const { return metadata_; }
+    std::string metadata(const std::string& key, const std::string& fallback) const {
+        const auto it = metadata_.find(key);
+        return it == metadata_.end() ? fallback : it->second;
+    }
+
+    /// Throws format_error unless `name` has dtype `T` and, when `shape` is not empty, that shape.
+    /// `meaning` explains the expected shape in the message (e.g. "(3·embed_dim, embed_dim)").
+    template <class T>
+    const tensor_info& expect(const std::string& name, const std::vector<std::int64_t>& shape = {},
+                              const std::string& meaning = "") const {
+        const tensor_info& t = info(name);
+        if (t.dtype != detail::safetensors_dtype<T>::name)
+            detail::fail<format_error>(where().c_str(), "dtype of tensor '" + name + "'",
+                                       detail::safetensors_dtype<T>::name, t.dtype);
+        if (!shape.empty() && t.shape != shape)
+            detail::fail<format_error>(
+                where().c_str(), "shape of tensor '" + name + "'",
+                detail::shape_text(shape) + (meaning.empty() ? "" : " " + meaning),
+                detail::shape_text(t.shape));
+        return t;
+    }
+
+    /// The elements of `name` in storage (row-major) order; dtype must be T.
+    template <class T>
+    std::vector<T> values(const std::string& name) const {
+        const tensor_info& t = expect<T>(name);
+        std::vector<T> result(static_cast<std::size_t>(t.numel()));
+        const unsigned char* p = data() + t.begin;
+        for (std::size_t i = 0; i < result.size(); ++i) {
+            if constexpr (std::is_same_v<T, bool>)
+                result[i] = p[i] != 0;
+            else
+                result[i] = detail::load_little_endian<T>(p + i * sizeof(T));
+        }
+        return result;
+    }
+
+    /// A tensor of shape (..., d) as a d × n matrix, n the product of the leading dimensions: one
+    /// column per row of the tensor, the same bytes. A (L, E) activation becomes E × L, a
+    /// (N, L, E) batch becomes E × (N·L) with the sequences side by side, a (L, S) mask or weight
+    /// becomes S × L (keys × queries). A 0-d tensor is 1 × 1.
+    template <class T>
+    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> as_columns(const std::string& name) const {
+        const tensor_info& t = expect<T>(name);
+        const std::int64_t rows = t.shape.empty() ? 1 : t.shape.back();
+        const std::vector<T> v = values<T>(name);
+        // Columns from the leading dimensions, not numel / rows, so a (N, 0) tensor is 0 × N.
+        Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> m(rows, leading(t));
+        std::copy(v.begin(), v.end(), m.data());
+        return m;
+    }
+
+    /// A 2-D tensor (r, c) as the r × c matrix with the same indexing, as PyTorch's
+    /// `Linear.weight` (out, in) is used by the library.
+    template <class T>
+    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> as_matrix(const std::string& name) const {
+        const tensor_info& t = expect<T>(name);
+        if (t.shape.size() != 2)
+            detail::fail<format_error>(where().c_str(), "rank of tensor '" + name + "'", 2,
+                                       static_cast<Index>(t.shape.size()));
+        // Row-major (r, c) is the bytes of a column-major c × r matrix: transpose that.
+        return as_columns<T>(name).transpose();
+    }
+
+    /// A 1-D tensor as a column vector.
+    template <class T>
+    Eigen::Matrix<T, Eigen::Dynamic, 1> as_vector(const std::string& name) const {
+        const tensor_info& t = expect<T>(name);
+        if (t.shape.size() != 1)
+            detail::fail<format_error>(where().c_str(), "rank of tensor '" + name + "'", 1,
+                                       static_cast<Index>(t.shape.size()));
+        const std::vector<T> v = values<T>(name);
+        Eigen::Matrix<T, Eigen::Dynamic, 1> result(static_cast<Index>(v.size()));
+        std::copy(v.begin(), v.end(), result.data());
+        return result;
+    }
+
+private:
+    std::string where() const { return "mha::safetensors_file(" + source_ + ")"; }
+    const unsigned char* data() const { return bytes_.data() + data_start_; }
+
+    static std::int64_t leading(const tensor_info& t) {
+        std::int64_t n = 1;
+        for (std::size_t i = 0; i + 1 < t.shape.size(); ++i)
+            n *= t.shape[i];
+        return n;
+    }
+
+    void validate() {
+        const std::string w = where();
+        const char* at = w.c_str();
+        if (bytes_.size() < 8)
+            detail::fail<format_error>(at, "file size", "at least 8 bytes (the header length)",
+                                       std::to_string(bytes_.size()) + " bytes");
+        const auto header_length = detail::load_little_endian<std::uint64_t>(bytes_.data());
+        const std::uint64_t available = bytes_.size() - 8;
+        if (header_length > available)
+            detail::fail<format_error>(
+                at, "header length",
+                "at most " + std::to_string(available) + " (the bytes after the length field)",
+                header_length);
+        data_start_ = 8 + static_cast<std::size_t>(header_length);
+        const std::size_t data_size = bytes_.size() - data_start_;
+
+        const auto header = nlohmann::json::parse(
+            bytes_.begin() + 8, bytes_.begin() + static_cast<std::ptrdiff_t>(data_start_), nullptr,
+            /*allow_exceptions=*/false);
+        if (header.is_discarded()) {
+            // Show the start of the text so the reader can tell garbage from a truncated header.
+            std::string excerpt(
+                bytes_.begin() + 8,
+                bytes_.begin() + 8 +
+                    static_cast<std::ptrdiff_t>(std::min<std::uint64_t>(header_length, 40)));
+            for (char& c : excerpt)
+                if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) > 0x7e)
+                    c = '?';
+            detail::fail<format_error>(at, "header", "valid JSON",
+                                       "text that does not parse: \"" + excerpt + "\"");
+        }
+        if (!header.is_object())
+            detail::fail<format_error>(at, "header", "a JSON object", header.type_name());
+
+        for (const auto& item : header.items()) {
+            const std::string& name = item.key();
+            const auto& entry = item.value();
+            if (name == "__metadata__") {
+                if (!entry.is_object())
+                    detail::fail<format_error>(at, "__metadata__", "an object of strings",
+                                               entry.type_name());
+                for (const auto& m : entry.items()) {
+                    if (!m.value().is_string())
+                        detail::fail<format_error>(at, "__metadata__[\"" + m.key() + "\"]",
+                                                   "a string", m.value().type_name());
+                    metadata_[m.key()] = m.value().get<std::string>();
+                }
+                continue;
+            }
+            tensors_[name] = parse_entry(at, name, entry, data_size);
+        }
+
+        // The tensors must tile the data section: sorted by offset, each starts where the
+        // previous one ended, the first at 0 and the last at the end.
+        std::vector<std::pair<std::string, const tensor_info*>> order;
+        for (const auto& entry : tensors_)
+            order.emplace_back(entry.first, &entry.second);
+        std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
+            return std::make_pair(a.second->begin, a.second->end) <
+                   std::make_pair(b.second->begin, b.second->end);
+        });
+        std::size_t expected_begin = 0;
+        std::string previous = "the start of the data section";
+        for (const auto& [name, t] : order) {
+            if (t->begin < expected_begin)
+                detail::fail<format_error>(
+                    at, "data_offsets of tensor '" + name + "'",
+                    "not overlapping: begin >= " + std::to_string(expected_begin) + " (end of " +
+                        previous + ")",
+                    t->begin);
+            if (t->begin > expected_begin)
+                detail::fail<format_error>(
+                    at, "data_offsets of tensor '" + name + "'",
+                    "contiguous: begin == " + std::to_string(expected_begin) + " (end of " +
+                        previous + ")",
+                    t->begin);
+            expected_begin = t->end;
+            previous = "tensor '" + name + "'";
+        }
+        if (expected_begin != data_size)
+            detail::fail<format_error>(
+                at, "data section size",
+                std::to_string(expected_begin) + " bytes (the end of " + previous + ")",
+                std::to_string(data_size) + " bytes");
+    }
+
+    static tensor_info parse_entry(const char* at, const std::string& name,
+                                   const nlohmann::json& entry, std::size_t data_size) {
+        const std::string label = "tensor '" + name + "'";
+        if (!entry.is_object())
+            detail::fail<format_error>(at, label, "an object", entry.type_name());
+        tensor_info t;
+        const auto dtype = entry.find("dtype");
+        if (dtype == entry.end() || !dtype->is_string())
+            detail::fail<format_error>(at, label + " dtype", "a string",
+                                       dtype == entry.end() ? "nothing" : dtype->type_name());
+        t.dtype = dtype->get<std::string>();
+        const std::size_t element = detail::safetensors_dtype_size(t.dtype);
+        if (element == 0)
+            detail::fail<format_error>(at, label + " dtype",
+                                       "one of BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, "
+                                       "BF16, I32, U32, F32, F64, I64, U64",
+                                       "\"" + t.dtype + "\"");
+
+        const auto shape = entry.find("shape");
+        if (shape == entry.end() || !shape->is_array())
+            detail::fail<format_error>(at, label + " shape", "an array",
+                                       shape == entry.end() ? "nothing" : shape->type_name());
+        // Element count with an overflow check: it is compared with the byte range below.
+        std::uint64_t numel = 1;
+        for (const auto& d : *shape) {
+            if (!d.is_number_unsigned())
+                detail::fail<format_error>(at, label + " shape", "non-negative integers", d.dump());
+            const auto dim = d.get<std::uint64_t>();
+            if (dim != 0 && numel > std::numeric_limits<std::uint64_t>::max() / element / dim)
+                detail::fail<format_error>(at, label + " shape", "a size that fits in memory",
+                                           shape->dump());
+            numel *= dim;
+            t.shape.push_back(static_cast<std::int64_t>(dim));
+        }
+
+        const auto offsets = entry.find("data_offsets");
+        if (offsets == entry.end() || !offsets->is_array() || offsets->size() != 2 ||
+            !(*offsets)[0].is_number_unsigned() || !(*offsets)[1].is_number_unsigned())
+            detail::fail<format_error>(at, label + " data_offsets",
+                                       "an array of two non-negative integers",
+                                       offsets == entry.end() ? "nothing" : offsets->dump());
+        const auto begin = (*offsets)[0].get<std::uint64_t>();
+        const auto end = (*offsets)[1].get<std::uint64_t>();
+        if (begin > end)
+            detail::fail<format_error>(at, label + " data_offsets",
+                                       "[begin, end] with begin <= end", offsets->dump());
+        if (end > data_size)
+            detail::fail<format_error>(
+                at, label + " data_offsets",
+                "within the data section (end <= " + std::to_string(data_size) + ")",
+                offsets->dump());
+        if (end - begin != numel * element)
+            detail::fail<format_error>(at, label + " byte size",
+                                       std::to_string(numel * element) + " (" + t.dtype + " " +
+                                           detail::shape_text(t.shape) + ")",
+                                       end - begin);
+        t.begin = static_cast<std::size_t>(begin);
+        t.end = static_cast<std::size_t>(end);
+        return t;
+    }
+
+    std::string source_;
+    std::vector<unsigned char> bytes_;
+    std::size_t data_start_ = 8;
+    std::map<std::string, tensor_info> tensors_;
+    std::map<std::string, std::string> metadata_;
+};
+
+/// Collects named tensors and metadata and writes them as one safetensors file. Tensors are laid
+/// out in the order they were added; names must be unique.
+class safetensors_writer {
+public:
+    void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
+
+    /// A d × n matrix as a tensor of shape `shape` whose last dimension is d and whose leading
+    /// dimensions multiply to n (default: (n, d)); the inverse of `safetensors_file::as_columns`.
+    template <class Derived>
+    void add_columns(const std::string& name, const Eigen::MatrixBase<Derived>& m,
+                     std::vector<std::int64_t> shape = {}) {
+        using T = typename Derived::Scalar;
+        if (shape.empty())
+            shape = {static_cast<std::int64_t>(m.cols()), static_cast<std::int64_t>(m.rows())};
+        std::int64_t numel = 1;
+        for (std::int64_t d : shape)
+            numel *= d;
+        if (numel != m.size() || (!shape.empty() && shape.back() != m.rows() && m.size() != 0))
+            detail::fail<shape_error>("mha::safetensors_writer::add_columns",
+                                      "shape of tensor '" + name + "'",
+                                      "(..., " + std::to_string(m.rows()) + ") with " +
+                                          std::to_string(m.size()) + " elements",
+                                      detail::shape_text(shape));
+        const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> column_major = m;
+        add_raw(name, shape, column_major.data());
+    }
+
+    /// An r × c matrix as a (r, c) tensor with the same indexing (a PyTorch weight).
+    template <class Derived>
+    void add_matrix(const std::string& name, const Eigen::MatrixBase<Derived>& m) {
+        add_columns(name, m.transpose(),
+                    {static_cast<std::int64_t>(m.rows()), static_cast<std::int64_t>(m.cols())});
+    }
+
+    /// A vector as a 1-D tensor.
+    template <class Derived>
+    void add_vector(const std::string& name, const Eigen::MatrixBase<Derived>& v) {
+        using T = typename Derived::Scalar;
+        const Eigen::Matrix<T, Eigen::Dynamic, 1> copy = v.reshaped();
+        add_raw(name, {static_cast<std::int64_t>(copy.size())}, copy.data());
+    }
+
+    /// `numel` elements of type T (float, double or bool) in row-major order for `shape`.
+    template <class T>
+    void add_raw(const std::string& name, const std::vector<std::int64_t>& shape, const T* data) {
+        for (const auto& t : tensors_)
+            if (t.name == name)
+                detail::fail<value_error>("mha::safetensors_writer", "tensor name '" + name + "'",
+                                          "unique", "a second tensor of that name");
+        if (name == "__metadata__")
+            detail::fail<value_error>("mha::safetensors_writer", "tensor name",
+                                      "anything but __metadata__", name);
+        entry e;
+        e.name = name;
+        e.dtype = detail::safetensors_dtype<T>::name;
+        e.shape = shape;
+        std::int64_t numel = 1;
+        for (std::int64_t d : shape)
+            numel *= d;
+        for (std::int64_t i = 0; i < numel; ++i) {
+            if constexpr (std::is_same_v<T, bool>)
+                e.bytes.push_back(data[i] ? 1 : 0);
+            else
+                detail::store_little_endian(data[i], e.bytes);
+        }
+        tensors_.push_back(std::move(e));
+    }
+
+    /// The whole file. The header is padded with spaces to a multiple of 8 bytes so that the
+    /// data section, and every 8-byte element in it, is aligned when the file is mapped.
+    std::vector<unsigned char> bytes() const {
+        nlohmann::ordered_json header = nlohmann::ordered_json::object();
+        if (!metadata_.empty()) header["__metadata__"] = metadata_;
+        std::size_t offset = 0;
+        for (const auto& t : tensors_) {
+            header[t.name] = {{"dtype", t.dtype},
+                              {"shape", t.shape},
+                              {"data_offsets", {offset, offset + t.bytes.size()}}};
+            offset += t.bytes.size();
+        }
+        std::string text = header.dump();
+        text.append((8 - text.size() % 8) % 8, ' ');
+        std::vector<unsigned char> out;
+        detail::store_little_endian(static_cast<std::uint64_t>(text.size()), out);
+        out.insert(out.end(), text.begin(), text.end());
+        for (const auto& t : tensors_)
+            out.insert(out.end(), t.bytes.begin(), t.bytes.end());
+        return out;
+    }
+
+    void write(const std::string& path) const {
+        const std::vector<unsigned char> b = bytes();
+        std::ofstream out(path, std::ios::binary);
+        out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+        out.close();
+        if (!out)
+            detail::fail<format_error>("mha::safetensors_writer::write", "'" + path + "'",
+                                       "a writable file", "a write error");
+    }
+
+private:
+    struct entry {
+        std::string name;
+        std::string dtype;
+        std::vector<std::int64_t> shape;
+        std::vector<unsigned char> bytes;
+    };
+    std::vector<entry> tensors_;
+    std::map<std::string, std::string> metadata_;
+};
+
+/// The layer whose weights are a PyTorch `nn.MultiheadAttention` state_dict in `file`, names
+/// prefixed by `prefix` (e.g. "encoder.self_attn."): `in_proj_weight` (3E × E) when PyTorch
+/// packs the projections, else `q_proj_weight` (E × E), `k_proj_weight` (E × kdim) and
+/// `v_proj_weight` (E × vdim); `in_proj_bias` (3E) and `out_proj.bias` (E) with bias=True;
+/// `out_proj.weight` (E × E). The number of heads is not in a state_dict, so it is an argument.
+/// The tensors' dtype must be Scalar's (F32 for float, F64 for double). `bias_k`/`bias_v`
+/// (add_bias_kv=True) have no equivalent here and are refused.
+///
+/// The separate form also accepts what the library allows beyond PyTorch: H·d_k rows in
+/// `q_proj_weight`/`k_proj_weight` and H·d_v in `v_proj_weight` and columns of `out_proj.weight`.
+template <class Scalar>
+multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& file,
+                                                       Index num_heads,
+                                                       const std::string& prefix = "") {
+    constexpr const char* where = "mha::load_multi_head_attention";
+    const auto n = [&prefix](const char* name) { return prefix + name; };
+    if (num_heads <= 0) detail::fail<value_error>(where, "num_heads", ">= 1", num_heads);
+    for (const char* unsupported : {"bias_k", "bias_v"})
+        if (file.contains(n(unsupported)))
+            detail::fail<format_error>(where, "tensor '" + n(unsupported) + "'",
+                                       "absent (add_bias_kv=True is not supported)", "present");
+
+    const tensor_info& out_w = file.expect<Scalar>(n("out_proj.weight"));
+    if (out_w.shape.size() != 2)
+        detail::fail<format_error>(where, "shape of tensor '" + n("out_proj.weight") + "'",
+                                   "(embed_dim, H·d_v)", detail::shape_text(out_w.shape));
+    const std::int64_t e = out_w.shape[0];
+    const std::int64_t vw = out_w.shape[1];
+    const auto fail_heads = [&](const std::string& tensor, std::int64_t width) {
+        detail::fail<format_error>(where, "rows of tensor '" + tensor + "'",
+                                   "a multiple of num_heads = " + std::to_string(num_heads), width);
+    };
+
+    attention_config config;
+    config.embed_dim = e;
+    config.num_heads = num_heads;
+    config.bias = file.contains(n("in_proj_bias"));
+    if (file.contains(n("out_proj.bias")) != config.bias)
+        detail::fail<format_error>(
+            where, "tensor '" + n("out_proj.bias") + "'",
+            config.bias ? "present (in_proj_bias is)" : "absent (in_proj_bias is)",
+            config.bias ? "absent" : "present");
+
+    attention_parameters<Scalar> p;
+    std::int64_t qk = 0;
+    if (file.contains(n("in_proj_weight"))) {
+        // PyTorch packs only when kdim = vdim = E, and then every block is E × E.
+        if (e % num_heads != 0) fail_heads(n("out_proj.weight"), e);
+        file.expect<Scalar>(n("in_proj_weight"), {3 * e, e}, "(3·embed_dim, embed_dim)");
+        file.expect<Scalar>(n("out_proj.weight"), {e, e}, "(embed_dim, embed_dim)");
+        const matrix<Scalar> w = file.as_matrix<Scalar>(n("in_proj_weight"));
+        qk = e;
+        p.w_q = w.topRows(e);
+        p.w_k = w.middleRows(e, e);
+        p.w_v = w.bottomRows(e);
+    } else {
+        if (!file.contains(n("q_proj_weight")))
+            detail::fail<format_error>(
+                where, "tensor '" + n("in_proj_weight") + "' or '" + n("q_proj_weight") + "'",
+                "present", "neither");
+        const tensor_info& q = file.expect<Scalar>(n("q_proj_weight"));
+        if (q.shape.size() != 2 || q.shape[1] != e)
+            detail::fail<format_error>(where, "shape of tensor '" + n("q_proj_weight") + "'",
+                                       "(H·d_k, embed_dim = " + std::to_string(e) + ")",
+                                       detail::shape_text(q.shape));
+        qk = q.shape[0];
+        if (qk % num_heads != 0) fail_heads(n("q_proj_weight"), qk);
+        if (vw % num_heads != 0) fail_heads(n("v_proj_weight"), vw);
+        const tensor_info& k = file.expect<Scalar>(n("k_proj_weight"));
+        const tensor_info& v = file.expect<Scalar>(n("v_proj_weight"));
+        if (k.shape.size() != 2 || k.shape[0] != qk)
+            detail::fail<format_error>(where, "shape of tensor '" + n("k_proj_weight") + "'",
+                                       "(" + std::to_string(qk) + " (rows of q_proj_weight), kdim)",
+                                       detail::shape_text(k.shape));
+        if (v.shape.size() != 2 || v.shape[0] != vw)
+            detail::fail<format_error>(
+                where, "shape of tensor '" + n("v_proj_weight") + "'",
+                "(" + std::to_string(vw) + " (columns of out_proj.weight), vdim)",
+                detail::shape_text(v.shape));
+        config.head_dim = qk / num_heads;
+        config.value_head_dim = vw / num_heads;
+        config.key_input_dim = k.shape[1];
+        config.value_input_dim = v.shape[1];
+        p.w_q = file.as_matrix<Scalar>(n("q_proj_weight"));
+        p.w_k = file.as_matrix<Scalar>(n("k_proj_weight"));
+        p.w_v = file.as_matrix<Scalar>(n("v_proj_weight"));
+    }
+    p.w_o = file.as_matrix<Scalar>(n("out_proj.weight"));
+    if (config.bias) {
+        file.expect<Scalar>(n("in_proj_bias"), {2 * qk + vw}, "(2·H·d_k + H·d_v)");
+        file.expect<Scalar>(n("out_proj.bias"), {e}, "(embed_dim)");
+        const vector<Scalar> b = file.as_vector<Scalar>(n("in_proj_bias"));
+        p.b_q = b.head(qk);
+        p.b_k = b.segment(qk, qk);
+        p.b_v = b.tail(vw);
+        p.b_o = file.as_vector<Scalar>(n("out_proj.bias"));
+    }
+    return multi_head_attention<Scalar>(config, p);
+}
+
+/// Adds `layer`'s weights to `out` under PyTorch's state_dict names (prefixed by `prefix`):
+/// `in_proj_weight` when PyTorch would pack them (kdim = vdim = E and d_k = d_v = E/H), else the
+/// three separate projections; biases only when the layer has them.
+template <class Scalar>
+void save_multi_head_attention(safetensors_writer& out, const multi_head_attention<Scalar>& layer,
+                               const std::string& prefix = "") {
+    const attention_config& c = layer.config();
+    const attention_parameters<Scalar> p = layer.parameters();
+    const bool packed = c.key_input_dim == c.embed_dim && c.value_input_dim == c.embed_dim &&
+                        layer.qk_width() == c.embed_dim && layer.v_width() == c.embed_dim;
+    if (packed) {
+        matrix<Scalar> w(3 * c.embed_dim, c.embed_dim);
+        w << p.w_q, p.w_k, p.w_v;
+        out.add_matrix(prefix + "in_proj_weight", w);
+    } else {
+        out.add_matrix(prefix + "q_proj_weight", p.w_q);
+        out.add_matrix(prefix + "k_proj_weight", p.w_k);
+        out.add_matrix(prefix + "v_proj_weight", p.w_v);
+    }
+    if (c.bias) {
+        vector<Scalar> b(p.b_q.size() + p.b_k.size() + p.b_v.size());
+        b << p.b_q, p.b_k, p.b_v;
+        out.add_vector(prefix + "in_proj_bias", b);
+    }
+    out.add_matrix(prefix + "out_proj.weight", p.w_o);
+    if (c.bias) out.add_vector(prefix + "out_proj.bias", p.b_o);
+}
+
+}  // namespace mha
