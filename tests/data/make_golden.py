@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Write the PyTorch golden cases in tests/data/golden/ (run with a Python that has torch):
+
+    /usr/bin/python3 tests/data/make_golden.py
+
+Each case is one small safetensors file in the layout examples/export_pytorch.py writes (tensor
+names and metadata keys: README.md, "PyTorch parity"), plus the reference results `output` and,
+when the call asks for them, `weights`. Two sources:
+
+- "torch.nn.MultiheadAttention": the module called as the metadata says. The module stays in
+  training mode with dropout 0, which is PyTorch's plain path (1.13's inference fast path treats
+  padded queries differently); every such case is also checked here against the plain math
+  below, so a golden file never records a PyTorch quirk by accident.
+- "torch math": matmul/softmax written out in torch, for what nn.MultiheadAttention 1.13 cannot
+  express: bottom-right causal alignment and head widths other than E / H.
+
+Inputs and weights are random with fixed seeds; biases are random too (PyTorch initialises them
+to 0, which would hide a bias bug). No case has a fully masked query except the one named
+`fully_masked_query_nan`, which records PyTorch's NaN so that the test can check the library's
+documented difference (exactly 0 from the attention, so the layer outputs the output bias).
+"""
+
+import math
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "examples"))
+import export_pytorch  # noqa: E402  (shared safetensors writer and case layout)
+
+OUT = os.path.join(HERE, "golden")
+
+
+def allowed_rows(shape, generator, p_masked=0.35):
+    """Random PyTorch-polarity bool mask (True = may NOT attend) with every row keeping a key."""
+    masked = torch.rand(shape, generator=generator) < p_masked
+    keep_one = torch.randint(0, shape[-1], shape[:-1], generator=generator)
+    masked.scatter_(-1, keep_one.unsqueeze(-1), False)
+    return masked
+
+
+def plain_math(query, key, value, p, num_heads, mask_bias):
+    """Reference multi-head attention on unbatched (L, E) inputs. `mask_bias` is (H, L, S) with
+    0 for allowed, -inf for excluded, or finite additive values. Returns output and per-head
+    weights (H, L, S)."""
+    def linear(x, w, b):
+        return x @ w.T + (b if b is not None else 0)
+
+    qk = p["w_q"].shape[0]
+    vw = p["w_v"].shape[0]
+    dk, dv = qk // num_heads, vw // num_heads
+    q = linear(query, p["w_q"], p["b_q"]).reshape(-1, num_heads, dk).transpose(0, 1)
+    k = linear(key, p["w_k"], p["b_k"]).reshape(-1, num_heads, dk).transpose(0, 1)
+    v = linear(value, p["w_v"], p["b_v"]).reshape(-1, num_heads, dv).transpose(0, 1)
+    scores = q @ k.transpose(1, 2) / math.sqrt(dk) + mask_bias
+    weights = torch.softmax(scores, dim=-1)
+    heads = (weights @ v).transpose(0, 1).reshape(-1, vw)
+    return linear(heads, p["w_o"], p["b_o"]), weights
+
+
+def split_params(module):
+    e = module.embed_dim
+    s = module.state_dict()
+    if "in_proj_weight" in s:
+        w_q, w_k, w_v = s["in_proj_weight"].split(e)
+    else:
+        w_q, w_k, w_v = s["q_proj_weight"], s["k_proj_weight"], s["v_proj_weight"]
+    b = s.get("in_proj_bias")
+    b_q, b_k, b_v = b.split(e) if b is not None else (None, None, None)
+    return dict(w_q=w_q, w_k=w_k, w_v=w_v, w_o=s["out_proj.weight"], b_q=b_q, b_k=b_k, b_v=b_v,
+                b_o=s.get("out_proj.bias"))
+
+
+def check_against_math(module, query, key, value, attn_mask, key_padding_mask, output,
+                       weights, batch_first, average):
+    """Recompute every sequence with plain_math and insist PyTorch agrees."""
+    batched = query.dim() == 3
+    h = module.num_heads
+    if batched and not batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        output = output.transpose(0, 1)
+    if not batched:
+        query, key, value, output = (t.unsqueeze(0) for t in (query, key, value, output))
+        if weights is not None:
+            weights = weights.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    n, length, source = query.shape[0], query.shape[1], key.shape[1]
+    p = split_params(module)
+    for b in range(n):
+        bias = torch.zeros(h, length, source, dtype=query.dtype)
+        if attn_mask is not None:
+            m = attn_mask if attn_mask.dim() == 2 else attn_mask[b * h:(b + 1) * h]
+            bias = bias + (m.float().masked_fill(m, -math.inf).to(query.dtype)
+                           if m.dtype == torch.bool else m)
+        if key_padding_mask is not None:
+            bias = bias.masked_fill(key_padding_mask[b][None, None, :], -math.inf)
+        out, w = plain_math(query[b], key[b], value[b], p, h, bias)
+        tol = 1e-5 if query.dtype == torch.float32 else 1e-12  # both are rounding differences
+        assert torch.allclose(out, output[b], atol=tol, rtol=tol, equal_nan=True), b
+        if weights is not None:
+            expected = w.mean(0) if average else w
+            assert torch.allclose(expected, weights[b], atol=tol, rtol=tol, equal_nan=True), b
+
+
+CASES = []
+
+
+def case(fn):
+    CASES.append(fn)
+    return fn
+
+
+def mha_case(name, *, embed, heads, length, source=None, batch=None, batch_first=True, bias=True,
+             kdim=None, vdim=None, dtype=torch.float32, attn_mask=None, key_padding=None,
+             need_weights=True, average=True, key_padding_as="key_lengths", description=""):
+    """One nn.MultiheadAttention call. attn_mask: None, "bool", "float", "bool_per_head",
+    "float_per_head", "causal" (PyTorch's triu bool mask), "causal_float", "fully_masked".
+    key_padding: list of valid key counts per sequence (suffix padding) or "random"."""
+    g = torch.Generator().manual_seed(len(CASES_WRITTEN) * 7919 + 17)
+    torch.manual_seed(len(CASES_WRITTEN) * 104729 + 3)
+    source = source or length
+    self_attention = source == length and kdim is None and vdim is None
+    module = torch.nn.MultiheadAttention(embed, heads, bias=bias, kdim=kdim, vdim=vdim,
+                                         batch_first=batch_first, dtype=dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.4)
+
+    def inputs(n, width):
+        if batch is None:
+            return torch.randn(n, width, generator=g, dtype=dtype)
+        t = torch.randn(batch, n, width, generator=g, dtype=dtype)
+        return t if batch_first else t.transpose(0, 1).contiguous()
+
+    query = inputs(length, embed)
+    if self_attention:
+        key = value = query
+    else:
+        key = inputs(source, kdim or embed)
+        value = inputs(source, vdim or embed)
+
+    nb = batch or 1
+    extra = {"source": "torch.nn.MultiheadAttention", "description": description}
+    mask = None
+    if attn_mask == "bool":
+        mask = allowed_rows((length, source), g)
+    elif attn_mask == "bool_per_head":
+        mask = allowed_rows((nb * heads, length, source), g)
+    elif attn_mask in ("float", "float_per_head"):
+        shape = (length, source) if attn_mask == "float" else (nb * heads, length, source)
+        mask = torch.randn(shape, generator=g, dtype=dtype) * 2
+        mask = mask.masked_fill(allowed_rows(shape, g, 0.2), -math.inf)
+    elif attn_mask == "causal":
+        mask = torch.ones(length, source, dtype=torch.bool).triu(1)
+        extra["causal"] = "top_left"
+    elif attn_mask == "causal_float":
+        mask = torch.zeros(length, source, dtype=dtype).masked_fill(
+            torch.ones(length, source, dtype=torch.bool).triu(1), -math.inf)
+    elif attn_mask == "fully_masked":
+        mask = allowed_rows((length, source), g)
+        mask[1, :] = True
+        extra["fully_masked_queries"] = "1"
+
+    padding = None
+    if key_padding == "random":
+        padding = allowed_rows((nb, source), g, 0.3)
+        key_padding_as = "keep_mask"
+    elif key_padding is not None:
+        padding = torch.arange(source)[None, :] >= torch.tensor(key_padding)[:, None]
+    if padding is not None:
+        if batch is None:
+            padding = padding[0]
+        extra["key_padding_as"] = key_padding_as
+
+    with torch.no_grad():
+        output, weights = module(query, key, value, key_padding_mask=padding, attn_mask=mask,
+                                 need_weights=need_weights, average_attn_weights=average)
+    check_against_math(module, query, key, value, mask, padding, output, weights, batch_first,
+                       average)
+    path = os.path.join(OUT, name + ".safetensors")
+    export_pytorch.export_case(path, module, query, key, value, key_padding_mask=padding,
+                               attn_mask=mask, need_weights=need_weights,
+                               average_attn_weights=average, with_reference=True,
+                               extra_metadata=extra)
+    CASES_WRITTEN.append(name)
+
+
+def math_case(name, *, embed, heads, head_dim, value_head_dim, length, source, causal,
+              dtype=torch.float64, bias=True, description=""):
+    """Unbatched cross-attention computed with plain_math; weights per head."""
+    g = torch.Generator().manual_seed(len(CASES_WRITTEN) * 7919 + 17)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(shape, generator=g, dtype=dtype) * scale
+
+    qk, vw = heads * head_dim, heads * value_head_dim
+    p = dict(w_q=rnd(qk, embed, scale=0.4), w_k=rnd(qk, embed, scale=0.4),
+             w_v=rnd(vw, embed, scale=0.4), w_o=rnd(embed, vw, scale=0.4))
+    for k, n in (("b_q", qk), ("b_k", qk), ("b_v", vw), ("b_o", embed)):
+        p[k] = rnd(n, scale=0.4) if bias else None
+    query, key, value = rnd(length, embed), rnd(source, embed), rnd(source, embed)
+    offset = source - length if causal == "bottom_right" else 0
+    i = torch.arange(length)[:, None]
+    j = torch.arange(source)[None, :]
+    not_allowed = j > i + offset  # PyTorch polarity
+    assert not not_allowed.all(-1).any(), "a fully masked query in a math case"
+    bias_mask = torch.zeros(length, source, dtype=dtype).masked_fill(not_allowed, -math.inf)
+    output, weights = plain_math(query, key, value, p, heads, bias_mask.expand(heads, -1, -1))
+    tensors = {"q_proj_weight": p["w_q"], "k_proj_weight": p["w_k"], "v_proj_weight": p["w_v"]}
+    if bias:
+        tensors["in_proj_bias"] = torch.cat([p["b_q"], p["b_k"], p["b_v"]])
+    tensors["out_proj.weight"] = p["w_o"]
+    if bias:
+        tensors["out_proj.bias"] = p["b_o"]
+    tensors.update(query=query, key=key, value=value, attn_mask=not_allowed, output=output,
+                   weights=weights)
+    metadata = {"format": export_pytorch.FORMAT, "torch_version": torch.__version__,
+                "source": "torch math", "description": description, "num_heads": heads,
+                "batch_first": 1, "need_weights": 1, "average_attn_weights": 0,
+                "self_attention": 0, "causal": causal}
+    export_pytorch.write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, metadata)
+    CASES_WRITTEN.append(name)
+
+
+CASES_WRITTEN = []
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    for f in os.listdir(OUT):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(OUT, f))
+    f32, f64 = torch.float32, torch.float64
+    # Heads, bias, dtypes, unmasked.
+    mha_case("self_h1_f32", embed=8, heads=1, length=5, description="1 head")
+    mha_case("self_h2_f32", embed=8, heads=2, length=6, description="2 heads")
+    mha_case("self_h4_f64", embed=16, heads=4, length=5, dtype=f64, description="4 heads, double")
+    mha_case("self_h8_f32", embed=16, heads=8, length=7, description="8 heads")
+    mha_case("self_h8_f64_nobias", embed=32, heads=8, length=4, dtype=f64, bias=False,
+             description="8 heads, bias=False")
+    mha_case("self_h2_f32_nobias", embed=8, heads=2, length=5, bias=False,
+             description="bias=False, float")
+    mha_case("self_h4_f32_per_head", embed=16, heads=4, length=5, average=False,
+             description="average_attn_weights=False")
+    mha_case("self_h2_f64_no_weights", embed=8, heads=2, length=5, dtype=f64, need_weights=False,
+             description="need_weights=False")
+    # Cross-attention, kdim / vdim.
+    mha_case("cross_h2_f32", embed=8, heads=2, length=3, source=6,
+             description="cross-attention, L=3, S=6")
+    mha_case("cross_h4_f64_long_query", embed=16, heads=4, length=7, source=3, dtype=f64,
+             description="cross-attention, L > S")
+    mha_case("cross_kdim_vdim_h2_f32", embed=8, heads=2, length=4, source=5, kdim=5, vdim=3,
+             description="kdim=5, vdim=3")
+    mha_case("cross_kdim_vdim_h4_f64_nobias", embed=16, heads=4, length=3, source=6, kdim=12,
+             vdim=7, dtype=f64, bias=False, average=False,
+             description="kdim, vdim, bias=False, per-head weights")
+    mha_case("cross_kdim_h1_f64", embed=6, heads=1, length=2, source=4, kdim=9, vdim=9,
+             dtype=f64, description="kdim = vdim != embed_dim")
+    # Masks.
+    mha_case("self_causal_h2_f32", embed=8, heads=2, length=6, attn_mask="causal",
+             description="causal bool attn_mask (PyTorch triu), as mha::causal top_left")
+    mha_case("self_causal_float_h4_f64", embed=16, heads=4, length=5, dtype=f64,
+             attn_mask="causal_float", description="causal as a float -inf attn_mask")
+    mha_case("cross_causal_top_left_h2_f64", embed=8, heads=2, length=4, source=7, dtype=f64,
+             attn_mask="causal", description="triu mask with L < S: top-left alignment")
+    mha_case("cross_causal_top_left_long_query_h2_f32", embed=8, heads=2, length=6, source=3,
+             attn_mask="causal", average=False,
+             description="triu mask with L > S: top-left alignment")
+    mha_case("self_bool_mask_h2_f32", embed=8, heads=2, length=5, attn_mask="bool",
+             description="random bool attn_mask (True = may not attend)")
+    mha_case("cross_bool_mask_h4_f64", embed=16, heads=4, length=4, source=6, dtype=f64,
+             attn_mask="bool", average=False, description="bool attn_mask, per-head weights")
+    mha_case("self_float_mask_h2_f32", embed=8, heads=2, length=5, attn_mask="float",
+             description="float attn_mask with -inf entries")
+    mha_case("cross_float_mask_h4_f64", embed=16, heads=4, length=3, source=5, dtype=f64,
+             attn_mask="float", description="float attn_mask, cross-attention")
+    mha_case("self_key_padding_h2_f32", embed=8, heads=2, length=5, key_padding=[3],
+             description="unbatched key_padding_mask, as key_lengths")
+    # Batches.
+    mha_case("batch_first_h2_f32", embed=8, heads=2, length=4, batch=3,
+             description="batch_first, 3 sequences")
+    mha_case("batch_first_key_padding_h4_f64", embed=16, heads=4, length=5, batch=3, dtype=f64,
+             key_padding=[5, 3, 1], description="batch_first, suffix key_padding_mask")
+    mha_case("batch_first_key_padding_keep_h2_f32", embed=8, heads=2, length=4, batch=2,
+             key_padding=[2, 4], key_padding_as="keep_mask",
+             description="suffix key_padding_mask as keep_mask")
+    mha_case("batch_first_random_padding_h2_f64", embed=8, heads=2, length=5, batch=2, dtype=f64,
+             key_padding="random", description="non-suffix key_padding_mask, as keep_mask")
+    mha_case("batch_first_causal_padding_h4_f32", embed=16, heads=4, length=5, batch=2,
+             attn_mask="causal", key_padding=[5, 4], average=False,
+             description="causal and key padding together")
+    mha_case("batch_first_bool_per_head_h2_f32", embed=8, heads=2, length=4, batch=2,
+             attn_mask="bool_per_head", average=False,
+             description="3-D bool attn_mask (N*H, L, S)")
+    mha_case("batch_first_float_per_head_h4_f64", embed=16, heads=4, length=3, batch=2,
+             dtype=f64, attn_mask="float_per_head", key_padding=[3, 2],
+             description="3-D float attn_mask and key padding")
+    mha_case("batch_first_cross_kdim_h2_f64", embed=8, heads=2, length=3, source=5, batch=3,
+             kdim=6, vdim=4, dtype=f64, key_padding=[5, 2, 4], description="batched cross, kdim/vdim")
+    mha_case("seq_first_h2_f32", embed=8, heads=2, length=4, batch=3, batch_first=False,
+             description="batch_first=False: (L, N, E)")
+    mha_case("seq_first_cross_h4_f64", embed=16, heads=4, length=3, source=5, batch=2,
+             batch_first=False, dtype=f64, key_padding=[4, 5], average=False,
+             description="batch_first=False cross-attention with padding")
+    mha_case("batch_first_h8_f32", embed=32, heads=8, length=3, batch=4, attn_mask="float",
+             description="8 heads, 4 sequences, shared float mask")
+    # The documented difference: PyTorch NaN where this library gives 0.
+    mha_case("fully_masked_query_nan", embed=8, heads=2, length=4, dtype=f64,
+             attn_mask="fully_masked",
+             description="query 1 fully masked: NaN in PyTorch, exactly 0 attention here")
+    # Plain math.
+    math_case("math_causal_bottom_right", embed=8, heads=2, head_dim=4, value_head_dim=4,
+              length=3, source=6, causal="bottom_right",
+              description="causal aligned bottom-right (the library's default), L < S")
+    math_case("math_causal_top_left", embed=8, heads=2, head_dim=4, value_head_dim=4, length=3,
+              source=6, causal="top_left", description="causal top-left (is_causal), L < S")
+    math_case("math_head_dims", embed=8, heads=2, head_dim=3, value_head_dim=5, length=4,
+              source=5, causal="bottom_right",
+              description="d_k=3, d_v=5 (beyond nn.MultiheadAttention)")
+    math_case("math_head_dims_f32_nobias", embed=6, heads=3, head_dim=4, value_head_dim=2,
+              length=5, source=5, causal="top_left", dtype=torch.float32, bias=False,
+              description="float, d_k=4, d_v=2, bias=False")
+    print(f"wrote {len(CASES_WRITTEN)} cases to {OUT} with torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
