@@ -1,0 +1,265 @@
+// SPDX-License-Identifier: MIT
+// The layer against results recorded from PyTorch: every case in data/golden (written by
+// data/make_golden.py from torch.nn.MultiheadAttention and from plain torch math; PyTorch version
+// in each file's metadata) is loaded, its PyTorch arguments are translated into this library's
+// masks and layout as the README's "PyTorch parity" table says, and output and attention weights
+// are compared. PyTorch is not needed here.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <catch2/catch_test_macros.hpp>
+
+#include <mha/mha.hpp>
+#include <mha/safetensors.hpp>
+
+namespace {
+
+using shape_t = std::vector<std::int64_t>;
+
+// Tolerances, |ours − PyTorch| <= tol·(1 + |PyTorch|): inputs, weights and outputs are O(1) and
+// widths at most 32, so each side rounds a few dozen products per GEMM and a softmax. Measured
+// worst over all cases: 6.3e-7 (float) and 1.8e-15 (double); the bounds are about 8x and 11x
+// that, and far below what a wrong mask, head split or weight layout causes (the "masks matter"
+// check below requires dropping the masks to move the result by more than 100x the bound).
+template <class Scalar>
+constexpr double tolerance() {
+    return std::is_same_v<Scalar, float> ? 5e-6 : 2e-14;
+}
+
+struct layout {
+    bool batched = false;
+    bool batch_first = true;
+    std::int64_t batch = 1;
+    std::int64_t queries = 0;
+    std::int64_t keys = 0;
+};
+
+// (L, N, d) interleaves the sequences: column l·N + n of its bytes is token l of sequence n.
+template <class T>
+mha::matrix<T> packed(const mha::matrix<T>& columns, const layout& f, std::int64_t length) {
+    if (!f.batched || f.batch_first) return columns;
+    mha::matrix<T> p(columns.rows(), columns.cols());
+    for (std::int64_t l = 0; l < length; ++l)
+        for (std::int64_t n = 0; n < f.batch; ++n)
+            p.col(n * length + l) = columns.col(l * f.batch + n);
+    return p;
+}
+
+template <class T>
+std::vector<mha::matrix<T>> per_query_block(const mha::matrix<T>& columns, std::int64_t queries) {
+    std::vector<mha::matrix<T>> result;
+    for (std::int64_t c = 0; c + queries <= columns.cols(); c += queries)
+        result.push_back(columns.middleCols(c, queries));
+    return result;
+}
+
+// PyTorch's masks as this library's. Returns the mask and whether it masks anything.
+template <class Scalar>
+mha::attention_mask<Scalar> translate_masks(const mha::safetensors_file& in, const layout& f) {
+    mha::attention_mask<Scalar> mask;
+    const std::string causal = in.metadata("causal", "");
+    if (!causal.empty()) {
+        // The stored PyTorch mask must be exactly the causal pattern of that alignment (true =
+        // may not attend: key j > query i + offset); then mha::causal replaces it.
+        const auto alignment = causal == "top_left" ? mha::causal_alignment::top_left
+                                                    : mha::causal_alignment::bottom_right;
+        const std::int64_t offset = causal == "top_left" ? 0 : f.keys - f.queries;
+        const mha::bool_matrix stored = in.as_columns<bool>("attn_mask");  // S × L
+        REQUIRE(stored.rows() == f.keys);
+        REQUIRE(stored.cols() == f.queries);
+        for (std::int64_t i = 0; i < f.queries; ++i)
+            for (std::int64_t j = 0; j < f.keys; ++j)
+                REQUIRE(stored(j, i) == (j > i + offset));
+        mask.add(mha::causal{alignment});
+    } else if (in.contains("attn_mask") && in.info("attn_mask").dtype == "BOOL") {
+        // Polarity differs: PyTorch true = may not attend, keep_mask true = may attend.
+        mha::keep_mask keep;
+        for (const auto& m : per_query_block<bool>(in.as_columns<bool>("attn_mask"), f.queries))
+            keep.masks.push_back(m.unaryExpr([](bool masked) { return !masked; }));
+        mask.add(std::move(keep));
+    } else if (in.contains("attn_mask")) {
+        mask.add(mha::additive_bias<Scalar>(
+            per_query_block<Scalar>(in.as_columns<Scalar>("attn_mask"), f.queries)));
+    }
+    if (in.contains("key_padding_mask")) {
+        const mha::bool_matrix pad = in.as_columns<bool>("key_padding_mask");  // S × N
+        REQUIRE(pad.cols() == f.batch);
+        if (in.metadata("key_padding_as", "") == "key_lengths") {
+            // Padding that is a suffix is a length per sequence.
+            mha::key_lengths lengths;
+            for (std::int64_t n = 0; n < f.batch; ++n) {
+                std::int64_t valid = 0;
+                while (valid < f.keys && !pad(valid, n))
+                    ++valid;
+                for (std::int64_t j = valid; j < f.keys; ++j)
+                    REQUIRE(pad(j, n));
+                lengths.lengths.push_back(valid);
+            }
+            mask.add(std::move(lengths));
+        } else {
+            mha::keep_mask keep;  // one per sequence, the same column for every query
+            for (std::int64_t n = 0; n < f.batch; ++n)
+                keep.masks.push_back(pad.col(n)
+                                         .unaryExpr([](bool padded) { return !padded; })
+                                         .replicate(1, f.queries));
+            mask.add(std::move(keep));
+        }
+    }
+    return mask;
+}
+
+// Largest |ours − theirs| / (1 + |theirs|) over entries where PyTorch is finite.
+template <class Scalar>
+double worst_relative(const mha::matrix<Scalar>& ours, const mha::matrix<Scalar>& theirs) {
+    double worst = 0;
+    for (mha::Index i = 0; i < theirs.size(); ++i) {
+        if (!std::isfinite(theirs(i))) continue;
+        const double t = theirs(i);
+        worst = std::max(worst, std::abs(static_cast<double>(ours(i)) - t) / (1 + std::abs(t)));
+    }
+    return worst;
+}
+
+struct run_result {
+    double output_error = 0;
+    double weights_error = 0;
+};
+
+template <class Scalar>
+run_result run_case(const mha::safetensors_file& in, bool apply_masks) {
+    const mha::Index heads = std::stoll(in.metadata("num_heads", ""));
+    const auto layer = mha::load_multi_head_attention<Scalar>(in, heads);
+    const bool self = in.metadata("self_attention", "") == "1";
+    const shape_t q_shape = in.info("query").shape;
+    const shape_t k_shape = in.info(self ? "query" : "key").shape;
+    layout f;
+    f.batched = q_shape.size() == 3;
+    f.batch_first = in.metadata("batch_first", "") == "1";
+    if (f.batched) f.batch = q_shape[f.batch_first ? 0 : 1];
+    f.queries = q_shape[f.batched && f.batch_first ? 1 : 0];
+    f.keys = k_shape[f.batched && f.batch_first ? 1 : 0];
+
+    const mha::matrix<Scalar> query = packed(in.as_columns<Scalar>("query"), f, f.queries);
+    const mha::packed_batch batch(std::vector<mha::Index>(f.batch, f.queries),
+                                  std::vector<mha::Index>(f.batch, f.keys));
+    const auto mask = apply_masks ? translate_masks<Scalar>(in, f) : mha::attention_mask<Scalar>();
+    const bool need_weights = in.metadata("need_weights", "") == "1";
+    const bool average = in.metadata("average_attn_weights", "") == "1";
+    const auto mode = !need_weights ? mha::weights_mode::none
+                      : average     ? mha::weights_mode::averaged
+                                    : mha::weights_mode::per_head;
+
+    mha::attention_result<Scalar> r;
+    if (self && !f.batched) {
+        r = layer.forward_with_weights(query, mode, mask);  // the fused self-attention path
+    } else if (self && !need_weights) {
+        r.output = layer.forward(query, batch, mask);  // fused, packed batch
+    } else {
+        const mha::matrix<Scalar> key =
+            self ? query : packed(in.as_columns<Scalar>("key"), f, f.keys);
+        const mha::matrix<Scalar> value =
+            self ? query : packed(in.as_columns<Scalar>("value"), f, f.keys);
+        r = layer.forward_with_weights(query, key, value, batch, mode, mask);
+    }
+
+    const mha::matrix<Scalar> theirs = packed(in.as_columns<Scalar>("output"), f, f.queries);
+    REQUIRE(r.output.rows() == theirs.rows());
+    REQUIRE(r.output.cols() == theirs.cols());
+    run_result result;
+    result.output_error = worst_relative<Scalar>(r.output, theirs);
+
+    // Fully masked queries: PyTorch 1.13 returns NaN; this library attends to nothing, so the
+    // concatenated heads are exactly 0 and the output is exactly the output bias (or 0).
+    if (apply_masks) {
+        const auto p = layer.parameters();
+        for (mha::Index i = 0; i < theirs.cols(); ++i) {
+            if (!theirs.col(i).hasNaN()) continue;
+            REQUIRE(in.metadata("fully_masked_queries", "") == "1");
+            const mha::vector<Scalar> expected =
+                p.b_o.size() ? p.b_o : mha::vector<Scalar>::Zero(theirs.rows());
+            CHECK(r.output.col(i) == expected);
+        }
+    }
+
+    if (need_weights) {
+        REQUIRE(in.contains("weights"));
+        const auto blocks = per_query_block<Scalar>(in.as_columns<Scalar>("weights"), f.queries);
+        REQUIRE(blocks.size() == r.weights.size());
+        for (std::size_t b = 0; b < blocks.size(); ++b) {
+            REQUIRE(r.weights[b].rows() == blocks[b].rows());
+            REQUIRE(r.weights[b].cols() == blocks[b].cols());
+            result.weights_error =
+                std::max(result.weights_error, worst_relative<Scalar>(r.weights[b], blocks[b]));
+            for (mha::Index i = 0; i < blocks[b].cols(); ++i)
+                if (apply_masks && blocks[b].col(i).hasNaN()) CHECK(r.weights[b].col(i).isZero(0));
+        }
+    } else {
+        CHECK_FALSE(in.contains("weights"));
+    }
+    return result;
+}
+
+template <class Scalar>
+void check_case(const mha::safetensors_file& in) {
+    const run_result r = run_case<Scalar>(in, true);
+    INFO("output error " << r.output_error << ", weights error " << r.weights_error);
+    CHECK(r.output_error <= tolerance<Scalar>());
+    CHECK(r.weights_error <= tolerance<Scalar>());
+    // The masks must matter: the same call without them is far outside the tolerance, so a
+    // case whose mask translation were skipped or inverted could not pass.
+    if (in.contains("attn_mask") || in.contains("key_padding_mask")) {
+        const run_result unmasked = run_case<Scalar>(in, false);
+        CHECK(std::max(unmasked.output_error, unmasked.weights_error) > 100 * tolerance<Scalar>());
+    }
+}
+
+std::vector<std::filesystem::path> golden_files() {
+    std::vector<std::filesystem::path> files;
+    for (const auto& entry :
+         std::filesystem::directory_iterator(std::filesystem::path(MHA_TEST_DATA_DIR) / "golden"))
+        if (entry.path().extension() == ".safetensors") files.push_back(entry.path());
+    std::sort(files.begin(), files.end());
+    return files;
+}
+
+}  // namespace
+
+TEST_CASE("the golden cases cover what the generator promises", "[pytorch]") {
+    const auto files = golden_files();
+    REQUIRE(files.size() >= 30);
+    int sources_module = 0, sources_math = 0, f32 = 0, f64 = 0;
+    for (const auto& path : files) {
+        const auto in = mha::safetensors_file::read(path.string());
+        CHECK(in.metadata("format", "") == "mha-pytorch-case/1");
+        CHECK_FALSE(in.metadata("torch_version", "").empty());
+        const std::string source = in.metadata("source", "");
+        sources_module += source == "torch.nn.MultiheadAttention";
+        sources_math += source == "torch math";
+        const std::string dtype = in.info("query").dtype;
+        f32 += dtype == "F32";
+        f64 += dtype == "F64";
+    }
+    CHECK(sources_module >= 30);
+    CHECK(sources_math >= 3);
+    CHECK(f32 >= 10);
+    CHECK(f64 >= 10);
+}
+
+TEST_CASE("the layer matches PyTorch on every golden case", "[pytorch]") {
+    for (const auto& path : golden_files()) {
+        DYNAMIC_SECTION(path.stem().string()) {
+            const auto in = mha::safetensors_file::read(path.string());
+            INFO(in.metadata("description", ""));
+            if (in.info("query").dtype == "F64")
+                check_case<double>(in);
+            else
+                check_case<float>(in);
+        }
+    }
+}

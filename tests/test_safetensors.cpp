@@ -1,0 +1,293 @@
+// SPDX-License-Identifier: MIT
+// mha/safetensors.hpp: the reader's view of tensors (columns, matrices, vectors), the writer, and
+// every malformed file the reader must refuse with a format_error naming what is wrong, what was
+// expected and what was found. Bad files are built here byte by byte.
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <catch2/catch_test_macros.hpp>
+
+#include <mha/mha.hpp>
+#include <mha/safetensors.hpp>
+
+namespace {
+
+using bytes_t = std::vector<unsigned char>;
+
+// A file with the given header text (length prefix computed) and `data` bytes after it.
+bytes_t make_file(const std::string& header, std::size_t data = 0, std::uint64_t length = ~0ull) {
+    if (length == ~0ull) length = header.size();
+    bytes_t b;
+    for (int i = 0; i < 8; ++i)
+        b.push_back(static_cast<unsigned char>(length >> (8 * i)));
+    b.insert(b.end(), header.begin(), header.end());
+    b.resize(b.size() + data, 0);
+    return b;
+}
+
+// Runs `f`, which must throw mha::format_error (hence std::invalid_argument) whose message
+// contains every one of `parts`.
+template <class F>
+void require_format_error(F&& f, const std::vector<std::string>& parts) {
+    try {
+        f();
+    } catch (const mha::format_error& e) {
+        const std::string message = e.what();
+        for (const auto& part : parts) {
+            INFO("message: " << message);
+            CHECK(message.find(part) != std::string::npos);
+        }
+        const std::invalid_argument* base = &e;  // the documented base class
+        CHECK(base != nullptr);
+        return;
+    }
+    FAIL("no mha::format_error thrown");
+}
+
+void require_parse_error(const bytes_t& b, const std::vector<std::string>& parts) {
+    require_format_error([&] { (void)mha::safetensors_file::parse(b, "bad"); }, parts);
+}
+
+const char* one_f32 = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+
+}  // namespace
+
+TEST_CASE("writer and reader agree on layout, dtypes and metadata", "[safetensors]") {
+    // A 3 × 2 matrix of tokens (one column per token) is the (2, 3) tensor with the same bytes.
+    mha::matrix<float> tokens(3, 2);
+    tokens << 1, 4, 2, 5, 3, 6;
+    mha::matrix<double> weight(2, 3);  // a PyTorch (out, in) weight
+    weight << 1, 2, 3, 4, 5, 6;
+    mha::vector<double> bias(2);
+    bias << -1, 0.5;
+    mha::bool_matrix keep(2, 2);
+    keep << true, false, true, true;
+
+    mha::safetensors_writer w;
+    w.set_metadata("torch_version", "1.13");
+    w.add_columns("tokens", tokens);
+    w.add_matrix("weight", weight);
+    w.add_vector("bias", bias);
+    w.add_columns("keep", keep);
+    w.add_columns("batch", tokens, {2, 1, 3});  // (N, L, E) with N = 2, L = 1
+    const bytes_t b = w.bytes();
+    const auto header_length =
+        static_cast<std::size_t>(b[0]) | (static_cast<std::size_t>(b[1]) << 8);
+    CHECK(header_length % 8 == 0);  // the data section is aligned
+
+    const auto f = mha::safetensors_file::parse(b);
+    CHECK(f.metadata("torch_version", "") == "1.13");
+    CHECK(f.metadata("absent", "fallback") == "fallback");
+    CHECK(f.names() == std::vector<std::string>{"batch", "bias", "keep", "tokens", "weight"});
+    CHECK(f.info("tokens").shape == std::vector<std::int64_t>{2, 3});
+    CHECK(f.info("tokens").dtype == "F32");
+    CHECK(f.values<float>("tokens") == std::vector<float>{1, 2, 3, 4, 5, 6});  // row-major (L, E)
+    CHECK(f.as_columns<float>("tokens") == tokens);
+    CHECK(f.info("weight").shape == std::vector<std::int64_t>{2, 3});
+    CHECK(f.values<double>("weight") == std::vector<double>{1, 2, 3, 4, 5, 6});
+    CHECK(f.as_matrix<double>("weight") == weight);
+    CHECK(f.as_vector<double>("bias") == bias);
+    CHECK(f.as_columns<bool>("keep") == keep);
+    CHECK(f.info("batch").shape == std::vector<std::int64_t>{2, 1, 3});
+    CHECK(f.as_columns<float>("batch") == tokens);
+}
+
+TEST_CASE("a file written to disk reads back", "[safetensors]") {
+    const std::string path = "test_safetensors_roundtrip.safetensors";
+    mha::safetensors_writer w;
+    w.add_vector("v", mha::vector<float>::LinSpaced(5, 0, 4));
+    w.write(path);
+    const auto f = mha::safetensors_file::read(path);
+    CHECK(f.as_vector<float>("v") == mha::vector<float>::LinSpaced(5, 0, 4));
+    std::remove(path.c_str());
+    require_format_error([&] { (void)mha::safetensors_file::read("no/such/file.safetensors"); },
+                         {"'no/such/file.safetensors' must be a readable file"});
+}
+
+TEST_CASE("an empty tensor set and zero-size tensors are valid", "[safetensors]") {
+    CHECK(mha::safetensors_file::parse(make_file("{}")).names().empty());
+    mha::safetensors_writer w;
+    w.add_columns("empty", mha::matrix<float>(4, 0));
+    w.add_vector("v", mha::vector<float>::Ones(2));
+    const auto f = mha::safetensors_file::parse(w.bytes());
+    CHECK(f.info("empty").shape == std::vector<std::int64_t>{0, 4});
+    CHECK(f.as_columns<float>("empty").rows() == 4);
+    CHECK(f.as_columns<float>("empty").cols() == 0);
+}
+
+TEST_CASE("truncated and oversized headers are refused", "[safetensors]") {
+    require_parse_error(bytes_t{1, 0, 0}, {"bad", "file size must be at least 8 bytes", "got 3"});
+    require_parse_error(make_file("{}", 0, 1000), {"header length must be at most 2", "got 1000"});
+    // Every proper prefix of a valid file is refused, and none crashes the reader.
+    mha::safetensors_writer w;
+    w.add_vector("x", mha::vector<double>::Ones(3));
+    w.add_matrix("y", mha::matrix<float>::Ones(2, 2));
+    const bytes_t good = w.bytes();
+    CHECK_NOTHROW(mha::safetensors_file::parse(good));
+    for (std::size_t n = 0; n < good.size(); ++n) {
+        INFO("prefix of " << n << " bytes");
+        CHECK_THROWS_AS(mha::safetensors_file::parse(bytes_t(good.begin(), good.begin() + n)),
+                        mha::format_error);
+    }
+}
+
+TEST_CASE("a header that is not the expected JSON is refused", "[safetensors]") {
+    require_parse_error(make_file("{\"a\": [1, 2"), {"header must be valid JSON", "{\"a\": [1, 2"});
+    require_parse_error(make_file("[1, 2]"), {"header must be a JSON object", "got array"});
+    require_parse_error(make_file(R"({"a": 3})"), {"tensor 'a' must be an object"});
+    require_parse_error(make_file(R"({"a":{"shape":[1],"data_offsets":[0,4]}})", 4),
+                        {"tensor 'a' dtype must be a string", "got nothing"});
+    require_parse_error(make_file(R"({"a":{"dtype":"F12","shape":[1],"data_offsets":[0,4]}})", 4),
+                        {"tensor 'a' dtype must be one of", "got \"F12\""});
+    require_parse_error(make_file(R"({"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4),
+                        {"tensor 'a' shape must be non-negative integers", "got -1"});
+    require_parse_error(make_file(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0]}})", 4),
+                        {"tensor 'a' data_offsets must be an array of two", "got [0]"});
+    require_parse_error(make_file(R"({"__metadata__":{"k":1}})"),
+                        {"__metadata__[\"k\"] must be a string", "got number"});
+    require_parse_error(
+        make_file(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}})",
+                  4),
+        {"tensor 'a' shape must be a size that fits in memory"});
+}
+
+TEST_CASE("data offsets out of range, overlapping or leaving gaps are refused", "[safetensors]") {
+    CHECK_NOTHROW(mha::safetensors_file::parse(make_file(one_f32, 8)));
+    require_parse_error(make_file(one_f32, 4), {"tensor 'a' data_offsets must be within the data "
+                                                "section (end <= 4)",
+                                                "got [0,8]"});
+    require_parse_error(make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8),
+                        {"begin <= end", "got [8,0]"});
+    require_parse_error(make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,12]}})", 12),
+                        {"tensor 'a' byte size must be 8 (F32 [2])", "got 12"});
+    require_parse_error(
+        make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                  R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                  12),
+        {"data_offsets of tensor 'b' must be not overlapping", "end of tensor 'a'", "got 4"});
+    require_parse_error(make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                  R"("b":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}})",
+                                  16),
+                        {"data_offsets of tensor 'b' must be contiguous: begin == 8", "got 12"});
+    require_parse_error(make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
+                        {"tensor 'a' must be contiguous: begin == 0", "start of the data section"});
+    require_parse_error(make_file(one_f32, 9),
+                        {"data section size must be 8 bytes", "got 9 bytes"});
+}
+
+TEST_CASE("missing tensors, wrong dtypes and wrong ranks are refused", "[safetensors]") {
+    const auto f = mha::safetensors_file::parse(make_file(one_f32, 8));
+    require_format_error([&] { (void)f.info("b"); },
+                         {"tensor 'b' must be present", "got absent (the file has: a)"});
+    require_format_error([&] { (void)f.as_columns<double>("a"); },
+                         {"dtype of tensor 'a' must be F64", "got F32"});
+    require_format_error([&] { (void)f.as_columns<bool>("a"); },
+                         {"dtype of tensor 'a' must be BOOL", "got F32"});
+    require_format_error([&] { (void)f.as_matrix<float>("a"); },
+                         {"rank of tensor 'a' must be 2", "got 1"});
+    require_format_error([&] { (void)f.expect<float>("a", {3}, "(three)"); },
+                         {"shape of tensor 'a' must be [3] (three)", "got [2]"});
+}
+
+TEST_CASE("the writer refuses duplicate names and shapes that do not fit", "[safetensors]") {
+    mha::safetensors_writer w;
+    w.add_vector("x", mha::vector<float>::Ones(2));
+    CHECK_THROWS_AS(w.add_vector("x", mha::vector<float>::Ones(2)), mha::value_error);
+    CHECK_THROWS_AS(w.add_vector("__metadata__", mha::vector<float>::Ones(2)), mha::value_error);
+    CHECK_THROWS_AS(w.add_columns("y", mha::matrix<float>::Ones(3, 2), {3, 2}), mha::shape_error);
+}
+
+namespace {
+
+// A state_dict as nn.MultiheadAttention(embed, heads, bias, kdim, vdim) names it, random values.
+mha::safetensors_writer state_dict(mha::Index e, mha::Index kdim, mha::Index vdim, bool bias) {
+    mha::safetensors_writer w;
+    if (kdim == e && vdim == e) {
+        w.add_matrix("in_proj_weight", mha::matrix<float>::Random(3 * e, e));
+    } else {
+        w.add_matrix("q_proj_weight", mha::matrix<float>::Random(e, e));
+        w.add_matrix("k_proj_weight", mha::matrix<float>::Random(e, kdim));
+        w.add_matrix("v_proj_weight", mha::matrix<float>::Random(e, vdim));
+    }
+    if (bias) w.add_vector("in_proj_bias", mha::vector<float>::Random(3 * e));
+    w.add_matrix("out_proj.weight", mha::matrix<float>::Random(e, e));
+    if (bias) w.add_vector("out_proj.bias", mha::vector<float>::Random(e));
+    return w;
+}
+
+}  // namespace
+
+TEST_CASE("a PyTorch state_dict loads into the layer and saves back", "[safetensors]") {
+    for (const bool bias : {true, false}) {
+        for (const mha::Index kdim : {8, 5}) {
+            INFO("bias " << bias << ", kdim " << kdim);
+            const auto f = mha::safetensors_file::parse(state_dict(8, kdim, 3, bias).bytes());
+            const auto layer = mha::load_multi_head_attention<float>(f, 2);
+            CHECK(layer.config().embed_dim == 8);
+            CHECK(layer.config().key_input_dim == kdim);
+            CHECK(layer.config().value_input_dim == 3);
+            CHECK(layer.config().bias == bias);
+            CHECK(layer.parameters().w_k == f.as_matrix<float>("k_proj_weight"));
+            CHECK(layer.parameters().w_o == f.as_matrix<float>("out_proj.weight"));
+            if (bias) CHECK(layer.parameters().b_v == f.as_vector<float>("in_proj_bias").tail(8));
+
+            mha::safetensors_writer again;
+            mha::save_multi_head_attention(again, layer, "attn.");
+            const auto g = mha::safetensors_file::parse(again.bytes());
+            CHECK(g.contains("attn.in_proj_bias") == bias);
+            for (const auto& name : f.names())
+                CHECK(g.values<float>("attn." + name) == f.values<float>(name));
+        }
+    }
+    // Packed form: in_proj_weight's rows are q, k, v.
+    const auto f = mha::safetensors_file::parse(state_dict(8, 8, 8, true).bytes());
+    const auto layer = mha::load_multi_head_attention<float>(f, 4);
+    CHECK(layer.parameters().w_k == f.as_matrix<float>("in_proj_weight").middleRows(8, 8));
+    CHECK(layer.config().head_dim == 2);
+}
+
+TEST_CASE("a state_dict of the wrong shape, dtype or form is refused", "[safetensors]") {
+    auto load = [](const mha::safetensors_writer& w, mha::Index heads = 2) {
+        return [bytes = w.bytes(), heads] {
+            (void)mha::load_multi_head_attention<float>(mha::safetensors_file::parse(bytes), heads);
+        };
+    };
+    mha::safetensors_writer w;
+    w.add_matrix("in_proj_weight", mha::matrix<float>::Ones(24, 9));
+    w.add_matrix("out_proj.weight", mha::matrix<float>::Ones(8, 8));
+    require_format_error(load(w), {
+                                   "shape of tensor 'in_proj_weight' must be [24, 8] "
+                                   "(3·embed_dim, embed_dim)",
+                                   "got [24, 9]"});
+    require_format_error(
+        load(state_dict(8, 8, 8, true), 3),
+        {"rows of tensor 'out_proj.weight' must be a multiple of num_heads = 3", "got 8"});
+    mha::safetensors_writer d;
+    d.add_matrix("in_proj_weight", mha::matrix<double>::Ones(24, 8));
+    d.add_matrix("out_proj.weight", mha::matrix<double>::Ones(8, 8));
+    require_format_error(load(d), {"dtype of tensor 'out_proj.weight' must be F32", "got F64"});
+    mha::safetensors_writer m;
+    m.add_matrix("out_proj.weight", mha::matrix<float>::Ones(8, 8));
+    require_format_error(
+        load(m), {"tensor 'in_proj_weight' or 'q_proj_weight' must be present", "got neither"});
+    mha::safetensors_writer b = state_dict(8, 8, 8, false);
+    b.add_vector("out_proj.bias", mha::vector<float>::Ones(8));
+    require_format_error(load(b), {"tensor 'out_proj.bias' must be absent", "got present"});
+    mha::safetensors_writer kv = state_dict(8, 8, 8, true);
+    kv.add_matrix("bias_k", mha::matrix<float>::Ones(1, 8));
+    require_format_error(load(kv), {"tensor 'bias_k' must be absent (add_bias_kv=True is not "
+                                    "supported)"});
+    mha::safetensors_writer s;
+    s.add_matrix("q_proj_weight", mha::matrix<float>::Ones(8, 8));
+    s.add_matrix("k_proj_weight", mha::matrix<float>::Ones(6, 5));
+    s.add_matrix("v_proj_weight", mha::matrix<float>::Ones(8, 3));
+    s.add_matrix("out_proj.weight", mha::matrix<float>::Ones(8, 8));
+    require_format_error(load(s), {"shape of tensor 'k_proj_weight' must be (8", "got [6, 5]"});
+    mha::safetensors_writer bad_bias = state_dict(8, 8, 8, false);
+    bad_bias.add_vector("in_proj_bias", mha::vector<float>::Ones(23));
+    bad_bias.add_vector("out_proj.bias", mha::vector<float>::Ones(8));
+    require_format_error(load(bad_bias),
+                         {"shape of tensor 'in_proj_bias' must be [24]", "got [23]"});
+}
