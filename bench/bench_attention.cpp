@@ -6,6 +6,7 @@
 // against numbers from another day or another machine.
 //
 //   ./bench_attention --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -142,6 +143,30 @@ void BM_attention_core_algo(benchmark::State& state) {
     set_gflops(state, mha_bench::attention_core_flops(kBatch, length, d, causal));
 }
 
+// One decode step: a single query per sequence over L cached keys (8 heads × 64, no mask), on
+// separate Q (D × 1), K and V (D × L) as a KV cache would hold them. 4·L·D flops against
+// 2·L·D floats of K and V read once: memory-bound, so bytes/s (K and V) are reported too. The
+// tiled kernel splits the keys of such a call into chunks so that both threads have work.
+void BM_attention_decode(benchmark::State& state) {
+    const Index d = state.range(0);
+    const Index heads = state.range(1);
+    const Index length = state.range(2);
+    const Matrix q = Matrix::Random(d, kBatch);
+    const Matrix k = Matrix::Random(d, kBatch * length);
+    const Matrix v = Matrix::Random(d, kBatch * length);
+    const mha::packed_batch batch(std::vector<Index>(static_cast<std::size_t>(kBatch), 1),
+                                  std::vector<Index>(static_cast<std::size_t>(kBatch), length));
+    Matrix out(d, kBatch);
+    for (auto _ : state) {
+        mha::multi_head_attention_core(q, k, v, heads, batch, out);
+        benchmark::DoNotOptimize(out.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::cross_attention_core_flops(kBatch, 1, length, d));
+    state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * kBatch * length * d *
+                            static_cast<int64_t>(sizeof(float)));
+}
+
 // FMA throughput of one thread, the hardware peak the GEMM roofline is read against.
 //
 // 16 independent chains of packet FMAs (16 floats each with AVX-512), in 16 named variables
@@ -250,6 +275,13 @@ BENCHMARK(BM_projections)->Apply(projection_shapes)->Unit(benchmark::kMillisecon
 BENCHMARK(BM_attention_core)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_mha_forward)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_attention_core_algo)->Apply(algo_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_attention_decode)
+    ->ArgNames({"d_model", "heads", "L"})
+    ->Args({512, 8, 2048})
+    ->Args({512, 8, 8192})
+    ->Args({512, 8, 32768})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 BENCHMARK(BM_fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 std::string compiler() {

@@ -8,6 +8,7 @@
 //                                                output projection: 2·B·L·D²)
 //   attention core             4·B·L²·D         (Kᵀ·Q: 2·B·L²·D summed over heads; P·V: the same)
 //   causal attention core      2·B·D·L·(L+1)    (only the L·(L+1)/2 allowed query-key pairs)
+//   core, Lq queries, Lk keys  4·B·Lq·Lk·D      (decode: Lq = 1)
 // Softmax, masking, scaling and biases are not counted. The causal count is what a kernel that
 // skips masked blocks must do; a kernel that computes the full L×L scores and then masks them
 // does twice that work, so its GFLOP/s reads as half of what the hardware delivered.
@@ -29,6 +30,11 @@ constexpr double projection_flops(double batch, double length, double d_model) {
 constexpr double attention_core_flops(double batch, double length, double d_model, bool causal) {
     return causal ? 2.0 * batch * d_model * length * (length + 1.0)
                   : 4.0 * batch * length * length * d_model;
+}
+
+/// Attention core of lq queries over lk keys per sequence, no mask (e.g. one decode step: lq = 1).
+constexpr double cross_attention_core_flops(double batch, double lq, double lk, double d_model) {
+    return 4.0 * batch * lq * lk * d_model;
 }
 
 /// The whole layer: projections plus the attention core.
