@@ -96,6 +96,11 @@ def main():
                         help="repetitions on each side; medians are compared (default: 5)")
     args = parser.parse_args()
 
+    # PyTorch's GEMMs go to whatever BLAS it loaded (Debian's build: the libblas.so.3
+    # alternative, which may be the reference netlib BLAS at a few GFLOP/s; an OpenBLAS can be put
+    # first with LD_LIBRARY_PATH). Its own threads must follow --threads as well.
+    for variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+        os.environ.setdefault(variable, str(args.threads))
     try:
         import torch
     except ImportError:
@@ -110,6 +115,10 @@ def main():
     except RuntimeError:
         pass
 
+    torch.zeros(2, 2) @ torch.zeros(2, 2)  # load the BLAS before looking for it
+    with open("/proc/self/maps") as maps:
+        blas = sorted({line.split()[-1] for line in maps
+                       if any(n in line for n in ("blas", "mkl", "blis"))})
     torch_ms = {}
     for d_model, heads, length in SHAPES:
         for causal in (0, 1):
@@ -122,6 +131,7 @@ def main():
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads) vs "
           f"{os.path.relpath(args.binary)} (OMP_NUM_THREADS={args.threads}); "
           f"medians of {args.repetitions} repetitions")
+    print(f"torch BLAS libraries loaded: {', '.join(blas) or 'none found'}")
     print(f"library built with {context.get('compiler', '?')}, Eigen SIMD "
           f"{context.get('eigen_simd', '?')}; host {context.get('host_name', '?')}, "
           f"{context.get('num_cpus', '?')} CPUs at {context.get('mhz_per_cpu', '?')} MHz")
