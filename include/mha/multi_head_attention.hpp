@@ -21,13 +21,13 @@ namespace mha {
 
 /// Shape and settings of a layer. Zero in a width means "the usual default".
 struct attention_config {
-    Index embed_dim = 0;        ///< E: width of the queries and of the output
-    Index num_heads = 1;        ///< H
-    Index head_dim = 0;         ///< d_k, per-head query/key width (0: E / H)
-    Index value_head_dim = 0;   ///< d_v, per-head value width (0: d_k)
-    Index key_input_dim = 0;    ///< width of the key source, PyTorch `kdim` (0: E)
-    Index value_input_dim = 0;  ///< width of the value source, PyTorch `vdim` (0: E)
-    bool bias = true;           ///< biases on the input and output projections
+    Index embed_dim = 0;            ///< E: width of the queries and of the output
+    Index num_heads = 1;            ///< H
+    Index head_dim = 0;             ///< d_k, per-head query/key width (0: E / H)
+    Index value_head_dim = 0;       ///< d_v, per-head value width (0: d_k)
+    Index key_input_dim = 0;        ///< width of the key source, PyTorch `kdim` (0: E)
+    Index value_input_dim = 0;      ///< width of the value source, PyTorch `vdim` (0: E)
+    bool bias = true;               ///< biases on the input and output projections
     attention_options attention{};  ///< scale and normalisation
 
     /// The same config with every default made explicit; throws on invalid values.
@@ -45,11 +45,10 @@ struct attention_config {
             detail::fail<value_error>(where, "value_input_dim", ">= 0", c.value_input_dim);
         if (c.head_dim == 0) {
             if (c.embed_dim % c.num_heads != 0)
-                detail::fail<shape_error>(
-                    where, "embed_dim",
-                    "a multiple of num_heads = " + std::to_string(c.num_heads) +
-                        " (or set head_dim)",
-                    c.embed_dim);
+                detail::fail<shape_error>(where, "embed_dim",
+                                          "a multiple of num_heads = " +
+                                              std::to_string(c.num_heads) + " (or set head_dim)",
+                                          c.embed_dim);
             c.head_dim = c.embed_dim / c.num_heads;
         }
         if (c.value_head_dim == 0) c.value_head_dim = c.head_dim;
@@ -79,6 +78,18 @@ template <class Scalar>
 struct attention_result {
     matrix<Scalar> output;                ///< E × Nq
     std::vector<matrix<Scalar>> weights;  ///< see `weights_mode`; each Lk × Lq
+};
+
+/// The intermediate buffers of a forward call (projected Q/K/V and the concatenated heads). Pass
+/// the same workspace to repeated `forward_into` calls with the same shapes and the buffers are
+/// reused instead of allocated and freed each time. One workspace per thread.
+template <class Scalar>
+struct forward_workspace {
+    matrix<Scalar> qkv;    ///< self-attention: stacked Q, K, V, (2·H·d_k + H·d_v) × N
+    matrix<Scalar> q;      ///< cross-attention: H·d_k × Nq
+    matrix<Scalar> k;      ///< cross-attention: H·d_k × Nk
+    matrix<Scalar> v;      ///< cross-attention: H·d_v × Nk
+    matrix<Scalar> heads;  ///< concatenated head outputs, H·d_v × Nq
 };
 
 /// Multi-head attention layer. `const` member functions may be called from several threads.
@@ -246,6 +257,21 @@ public:
         return r;
     }
 
+    /// Self-attention over a packed batch into `out` (E × N, not resized), reusing the buffers
+    /// of `workspace` across calls.
+    void forward_into(const input& x, const packed_batch& batch, const attention_mask<Scalar>& mask,
+                      Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace) const {
+        run(x, x, x, true, batch, mask, out, weights_mode::none, nullptr, workspace);
+    }
+
+    /// Cross-attention over a packed batch into `out` (E × Nq, not resized), reusing the
+    /// buffers of `workspace` across calls.
+    void forward_into(const input& query, const input& key, const input& value,
+                      const packed_batch& batch, const attention_mask<Scalar>& mask,
+                      Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace) const {
+        run(query, key, value, false, batch, mask, out, weights_mode::none, nullptr, workspace);
+    }
+
     const attention_config& config() const { return config_; }
     Index qk_width() const { return config_.num_heads * config_.head_dim; }
     Index v_width() const { return config_.num_heads * config_.value_head_dim; }
@@ -289,12 +315,20 @@ private:
     void run(const input& query, const input& key, const input& value, bool self,
              const packed_batch& batch, const attention_mask<Scalar>& mask, matrix<Scalar>& out,
              weights_mode mode, std::vector<matrix<Scalar>>* weights) const {
+        out.resize(config_.embed_dim, query.cols());
+        forward_workspace<Scalar> workspace;
+        run(query, key, value, self, batch, mask, out, mode, weights, workspace);
+    }
+
+    void run(const input& query, const input& key, const input& value, bool self,
+             const packed_batch& batch, const attention_mask<Scalar>& mask,
+             Eigen::Ref<matrix<Scalar>> out, weights_mode mode,
+             std::vector<matrix<Scalar>>* weights, forward_workspace<Scalar>& ws) const {
         constexpr const char* where = "mha::multi_head_attention::forward";
         const Index qk = qk_width();
         const Index vw = v_width();
         detail::check_size(where, "query.rows()", config_.embed_dim, query.rows(), "embed_dim");
-        detail::check_size(where, "key.rows()", config_.key_input_dim, key.rows(),
-                           "key_input_dim");
+        detail::check_size(where, "key.rows()", config_.key_input_dim, key.rows(), "key_input_dim");
         detail::check_size(where, "value.rows()", config_.value_input_dim, value.rows(),
                            "value_input_dim");
         detail::check_size(where, "value.cols()", key.cols(), value.cols(), "key.cols()");
@@ -302,36 +336,38 @@ private:
                            "the batch's total query count");
         detail::check_size(where, "key.cols()", batch.total_keys(), key.cols(),
                            "the batch's total key count");
-        out.resize(config_.embed_dim, query.cols());
+        detail::check_size(where, "out.rows()", config_.embed_dim, out.rows(), "embed_dim");
+        detail::check_size(where, "out.cols()", query.cols(), out.cols(), "query.cols()");
 
-        matrix<Scalar> heads(vw, query.cols());  // concatenated head outputs, (H·d_v) × Nq
+        // resize() keeps a buffer whose size is unchanged: repeated calls reuse the workspace.
+        ws.heads.resize(vw, query.cols());  // concatenated head outputs, (H·d_v) × Nq
         if (self && fused_) {
             // One GEMM over every token for Q, K and V together.
-            matrix<Scalar> qkv(2 * qk + vw, query.cols());
-            project_qkv(w_in_, b_in_, query, qkv);
-            auto views = split_qkv(qkv, qk, vw);
-            multi_head_attention_core(views.q, views.k, views.v, config_.num_heads, batch, heads,
+            ws.qkv.resize(2 * qk + vw, query.cols());
+            project_qkv(w_in_, b_in_, query, ws.qkv);
+            auto views = split_qkv(ws.qkv, qk, vw);
+            multi_head_attention_core(views.q, views.k, views.v, config_.num_heads, batch, ws.heads,
                                       mask, config_.attention, mode, weights);
         } else {
-            matrix<Scalar> q(qk, query.cols());
-            matrix<Scalar> k(qk, key.cols());
-            matrix<Scalar> v(vw, key.cols());
-            linear(w_in_.topRows(qk), bias_segment(0, qk), query, q);
+            ws.q.resize(qk, query.cols());
+            ws.k.resize(qk, key.cols());
+            ws.v.resize(vw, key.cols());
+            linear(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q);
             if (fused_) {
-                linear(w_in_.middleRows(qk, qk), bias_segment(qk, qk), key, k);
-                linear(w_in_.bottomRows(vw), bias_segment(2 * qk, vw), value, v);
+                linear(w_in_.middleRows(qk, qk), bias_segment(qk, qk), key, ws.k);
+                linear(w_in_.bottomRows(vw), bias_segment(2 * qk, vw), value, ws.v);
             } else {
-                linear(w_k_, bias_segment(qk, qk), key, k);
-                linear(w_v_, bias_segment(2 * qk, vw), value, v);
+                linear(w_k_, bias_segment(qk, qk), key, ws.k);
+                linear(w_v_, bias_segment(2 * qk, vw), value, ws.v);
             }
-            multi_head_attention_core(q, k, v, config_.num_heads, batch, heads, mask,
+            multi_head_attention_core(ws.q, ws.k, ws.v, config_.num_heads, batch, ws.heads, mask,
                                       config_.attention, mode, weights);
         }
-        output_projection(w_o_, b_o_, heads, out);
+        output_projection(w_o_, b_o_, ws.heads, out);
     }
 
     attention_config config_;
-    bool fused_ = true;  // key and value inputs have width E: W_q, W_k, W_v stacked in w_in_
+    bool fused_ = true;    // key and value inputs have width E: W_q, W_k, W_v stacked in w_in_
     matrix<Scalar> w_in_;  // fused: [W_q; W_k; W_v], (2·H·d_k + H·d_v) × E; else W_q only
     matrix<Scalar> w_k_;   // unfused only: (H·d_k) × key_input_dim
     matrix<Scalar> w_v_;   // unfused only: (H·d_v) × value_input_dim
