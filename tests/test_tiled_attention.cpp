@@ -21,7 +21,6 @@ using mha::Index;
 using mha_test::mat;
 using settings = mha::detail::tiled_settings;
 
-constexpr long double inf_ld = std::numeric_limits<long double>::infinity();
 
 /// A mask given both as the library's type and as the reference's predicates.
 template <class Scalar>
