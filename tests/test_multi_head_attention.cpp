@@ -1720,3 +1720,42 @@ TEST_CASE("masks that do not fit the inputs are rejected", "[layer][errors]") {
     REQUIRE_THROWS_AS(mask(mha::causal{}, mha::causal{mha::causal_alignment::top_left}),
                       mha::value_error);
 }
+
+TEST_CASE("forward_into with a workspace equals forward and reuses its buffers",
+          "[layer][workspace]") {
+    mha::attention_config config;
+    config.embed_dim = 12;
+    config.num_heads = 3;
+    const mha::multi_head_attention<double> layer(config, 11);
+    mha_test::value_source values(404);
+    const auto x = values.normal_matrix<double>(12, 3 + 5);
+    const mha::packed_batch batch({3, 5});
+    const mha::attention_mask<double> mask(mha::causal{});
+    const mha::matrix<double> expected = layer.forward(x, batch, mask);
+
+    mha::forward_workspace<double> workspace;
+    mha::matrix<double> out(12, 8);
+    layer.forward_into(x, batch, mask, out, workspace);
+    // The same kernels in the same order: the results are identical, not merely close.
+    CHECK(out == expected);
+    const double* qkv = workspace.qkv.data();
+    const double* heads = workspace.heads.data();
+    out.setZero();
+    layer.forward_into(x, batch, mask, out, workspace);
+    CHECK(out == expected);
+    CHECK(workspace.qkv.data() == qkv);  // same shapes: the buffers were kept, not reallocated
+    CHECK(workspace.heads.data() == heads);
+
+    // Cross-attention form, writing into a block of a bigger matrix.
+    const auto memory = values.normal_matrix<double>(12, 4 + 6);
+    const mha::packed_batch cross({3, 5}, {4, 6});
+    mha::matrix<double> big = mha::matrix<double>::Zero(20, 8);
+    layer.forward_into(x, memory, memory, cross, {}, big.topRows(12), workspace);
+    CHECK(big.topRows(12) == layer.forward(x, memory, memory, cross));
+    CHECK(big.bottomRows(8).isZero(0));
+
+    mha::matrix<double> wrong(12, 7);
+    REQUIRE_THROWS_WITH(layer.forward_into(x, batch, mask, wrong, workspace),
+                        Catch::Matchers::Equals("mha::multi_head_attention::forward: out.cols() "
+                                                "must be 8 (query.cols()), got 7"));
+}

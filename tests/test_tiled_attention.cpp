@@ -21,7 +21,6 @@ using mha::Index;
 using mha_test::mat;
 using settings = mha::detail::tiled_settings;
 
-
 /// A mask given both as the library's type and as the reference's predicates.
 template <class Scalar>
 struct mask_case {
