@@ -346,3 +346,17 @@ TEST_CASE("tiled attention: empty inputs and the single-head API", "[tiled]") {
     REQUIRE(w.rows() == 0);
     REQUIRE(w.cols() == 2);
 }
+
+TEST_CASE("tiled attention: query blocks wide enough for the register-tiled kernels", "[tiled]") {
+    // The small tiles above have fewer queries per block than a packet holds, which sends the
+    // scores to Eigen; here blocks of 4 packets of queries take the register tiles, with key
+    // blocks of 24 (not a multiple of the key tile) and lengths around packet multiples.
+    constexpr Index w = mha::detail::block_kernel_traits<float>::width;
+    constexpr Index wd = mha::detail::block_kernel_traits<double>::width;
+    std::uint64_t seed = 600;
+    for (Index lq : {w, 2 * w - 1, 2 * w + 1, 4 * w + 3})
+        for (Index lk : {Index(23), Index(25), Index(49)})
+            check_shape<float>(lq, lk, 17, 65, settings{4 * w, 24, 48, 0}, lq % 2 == 1, ++seed);
+    for (Index d : {1, 3, 64})
+        check_shape<double>(3 * wd + 1, 50, d, d + 1, settings{4 * wd, 24, 48, 0}, true, ++seed);
+}

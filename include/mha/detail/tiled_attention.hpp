@@ -75,6 +75,8 @@
 
 #include <mha/batch.hpp>
 #include <mha/config.hpp>
+#include <mha/detail/attention_block_kernels.hpp>
+#include <mha/detail/gemm.hpp>
 #include <mha/mask.hpp>
 #include <mha/softmax.hpp>
 
@@ -107,14 +109,16 @@ using matrix_ref = Eigen::Ref<matrix<Scalar>, 0, Eigen::OuterStride<>>;
 
 /// C (m×n, column-major, ldc) += alpha · A·B with A m×k (column-major, or row-major when
 /// AOrder = RowMajor, i.e. the transpose of a column-major k×m) and B k×n column-major.
-/// Always single-threaded: Eigen's GEMM kernel is called without parallel info.
+/// Always single-threaded: Eigen's GEMM kernel is called without parallel info. The GEMM packs
+/// into `buffers` when given (see detail/gemm.hpp), else where Eigen puts it.
 template <class Scalar, int AOrder>
 void serial_gemm_add(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
-                     Index ldb, Scalar* c, Index ldc, Scalar alpha) {
+                     Index ldb, Scalar* c, Index ldc, Scalar alpha,
+                     gemm_buffers<Scalar>* buffers) {
     if (m == 0 || n == 0 || k == 0) return;
     using a_type = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, AOrder>;
     if (n == 1 || m + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
-        // GEMV and tiny products: Eigen never parallelises these.
+        // GEMV and tiny products: Eigen never parallelises these, nor allocates for them.
         Eigen::Map<const a_type, 0, Eigen::OuterStride<>> am(a, m, k, Eigen::OuterStride<>(lda));
         Eigen::Map<const matrix<Scalar>, 0, Eigen::OuterStride<>> bm(b, k, n,
                                                                      Eigen::OuterStride<>(ldb));
@@ -122,53 +126,16 @@ void serial_gemm_add(Index m, Index n, Index k, const Scalar* a, Index lda, cons
         cm.noalias() += alpha * (am * bm);
         return;
     }
-    using blocking_type =
-        Eigen::internal::gemm_blocking_space<Eigen::ColMajor, Scalar, Scalar, Eigen::Dynamic,
-                                             Eigen::Dynamic, Eigen::Dynamic, 1, false>;
-    blocking_type blocking(m, n, k, 1, true);
-    Eigen::internal::general_matrix_matrix_product<Index, Scalar, AOrder, false, Scalar,
-                                                   Eigen::ColMajor, false, Eigen::ColMajor,
-                                                   1>::run(m, n, k, a, lda, b, ldb, c, 1, ldc,
-                                                           alpha, blocking, nullptr);
+    gemm_kernel_add<Scalar, AOrder>(m, n, k, a, lda, b, ldb, c, ldc, alpha, buffers);
 }
 
-/// p[j] = exp(s[j] − m) in place, with s[j] = −∞ giving exactly 0 (a vectorised exp(−∞) may
-/// return a denormal instead) and NaN staying NaN. Returns Σ p.
-template <class Scalar>
-Scalar exp_shifted_in_place(Scalar* s, Index n, Scalar m) {
-    using namespace Eigen::internal;
-    using packet = typename packet_traits<Scalar>::type;
-    constexpr Index width = packet_traits<Scalar>::size;
-    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-    Index j = 0;
-    Scalar sum(0);
-    if constexpr (packet_traits<Scalar>::Vectorizable && packet_traits<Scalar>::HasExp &&
-                  width > 1) {
-        const packet pm = pset1<packet>(m);
-        const packet pinf = pset1<packet>(minus_inf);
-        packet acc = pset1<packet>(Scalar(0));
-        for (; j + width <= n; j += width) {
-            const packet x = ploadu<packet>(s + j);
-            const packet p = pandnot(pexp(psub(x, pm)), pcmp_eq(x, pinf));
-            pstoreu(s + j, p);
-            acc = padd(acc, p);
-        }
-        sum = predux(acc);
-    }
-    for (; j < n; ++j) {
-        const Scalar p = s[j] == minus_inf ? Scalar(0) : std::exp(s[j] - m);
-        s[j] = p;
-        sum += p;
-    }
-    return sum;
-}
-
-/// Largest entry of s[0, n), NaN if any entry is NaN, −∞ if n = 0.
-template <class Scalar>
-Scalar nan_propagating_max_of(const Scalar* s, Index n) {
-    if (n == 0) return -std::numeric_limits<Scalar>::infinity();
-    return Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(s, n)
-        .template maxCoeff<Eigen::PropagateNaN>();
+/// As above, packing into the calling thread's GEMM buffers when the tiled driver has bound
+/// them (thread_gemm_buffers), so that block products inside the kernel allocate nothing.
+template <class Scalar, int AOrder>
+void serial_gemm_add(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
+                     Index ldb, Scalar* c, Index ldc, Scalar alpha) {
+    serial_gemm_add<Scalar, AOrder>(m, n, k, a, lda, b, ldb, c, ldc, alpha,
+                                    thread_gemm_buffers<Scalar>());
 }
 
 /// One (sequence, head): strided views of its Q, K, V and output, and its mask.
@@ -184,12 +151,15 @@ struct head_problem {
     const typename attention_mask<Scalar>::slice* mask;
 };
 
-/// Per-thread scratch, sized once per thread, independent of L.
+/// Per-thread scratch, sized once per thread, independent of L. "nqp" is the query block padded
+/// to the score kernel's packet multiple (padded_queries).
 template <class Scalar>
 struct tile_scratch {
-    matrix<Scalar> s;    // key_block × query_block scores / probabilities
+    matrix<Scalar> qt;   // nqp × dk: the block's queries, transposed and scaled
+    matrix<Scalar> s;    // nqp × key_block: transposed scores, then probabilities
     matrix<Scalar> acc;  // dv × query_block unnormalised output
-    vector<Scalar> m, l;
+    vector<Scalar> m, l;               // query_block: running max and sum
+    vector<Scalar> block_max, shift, block_sum;  // nqp: per-block softmax bookkeeping
     std::vector<Index> first, last;  // allowed key interval of each query of the block
 };
 
@@ -222,36 +192,101 @@ interval_summary key_intervals(const head_problem<Scalar>& p, Index i0, Index nq
     return r;
 }
 
-/// S(0:nk, 0:nq) = scale·K[:, j0:j0+nk]ᵀ·Q[:, i0:i0+nq], then masked by selection.
+/// Sᵀ(0:nqp, 0:nk) = qt · K[:, j0:j0+nk] into t.s (ld nqp), i.e. the scaled scores of queries
+/// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then masked by
+/// selection. Rows nq..nqp are padding and hold finite values.
 template <class Scalar>
-void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index j0, Index nk,
-                   const interval_summary& iv, tile_scratch<Scalar>& t) {
+void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp, Index j0,
+                   Index nk, const interval_summary& iv, tile_scratch<Scalar>& t) {
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     Scalar* s = t.s.data();
-    const Index lds = t.s.rows();
-    for (Index c = 0; c < nq; ++c)
-        std::fill(s + c * lds, s + c * lds + nk, Scalar(0));
-    serial_gemm_add<Scalar, Eigen::RowMajor>(nk, nq, p.dk, p.k + j0 * p.k_stride, p.k_stride,
-                                             p.q + i0 * p.q_stride, p.q_stride, s, lds, p.scale);
+    const Index lds = nqp;
+    const Scalar* k = p.k + j0 * p.k_stride;
+    if (nq >= block_kernel_traits<Scalar>::width) {
+        transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds);
+    } else {
+        // Fewer queries than a packet (decode steps, short tails): the register tiles would be
+        // mostly padding, so let Eigen's GEMV/GEMM compute the nq live rows.
+        std::fill(s, s + nk * lds, Scalar(0));
+        serial_gemm_add<Scalar, Eigen::ColMajor>(nq, nk, p.dk, t.qt.data(), nqp, k, p.k_stride, s,
+                                                 lds, Scalar(1));
+    }
     const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
     const auto& mask = *p.mask;
     const bool elementwise = mask.has_bias() || mask.has_keep();
     if (interior && !elementwise) return;
     for (Index c = 0; c < nq; ++c) {
-        Scalar* col = s + c * lds;
+        Scalar* row = s + c;  // key r of query c at row[r·lds]
         const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
         const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
-        std::fill(col, col + f, minus_inf);
-        std::fill(col + e, col + nk, minus_inf);
+        for (Index r = 0; r < f; ++r) row[r * lds] = minus_inf;
+        for (Index r = e; r < nk; ++r) row[r * lds] = minus_inf;
         if (!elementwise) continue;
         const Index i = i0 + c;
         for (Index r = f; r < e; ++r) {
             const Index j = j0 + r;
+            Scalar& x = row[r * lds];
             if (mask.has_bias()) {
                 const Scalar b = mask.bias(j, i);
-                col[r] = b == minus_inf ? minus_inf : col[r] + b;
+                x = b == minus_inf ? minus_inf : x + b;
             }
-            if (mask.has_keep() && !mask.keeps(j, i)) col[r] = minus_inf;
+            if (mask.has_keep() && !mask.keeps(j, i)) x = minus_inf;
+        }
+    }
+}
+
+/// mx[c] = max over keys j < nk of st[j·ld + c], for c < nqp (a multiple of the packet width);
+/// NaN when any of them is NaN, −∞ when nk = 0.
+template <class Scalar>
+void max_per_query(const Scalar* st, Index ld, Index nqp, Index nk, Scalar* mx) {
+    using namespace Eigen::internal;
+    using traits = block_kernel_traits<Scalar>;
+    using packet = typename traits::packet;
+    constexpr Index w = traits::width;
+    std::fill(mx, mx + nqp, -std::numeric_limits<Scalar>::infinity());
+    for (Index j = 0; j < nk; ++j) {
+        const Scalar* col = st + j * ld;
+        if constexpr (w > 1) {
+            for (Index c = 0; c < nqp; c += w)
+                pstoreu(mx + c,
+                        pmax<Eigen::PropagateNaN>(ploadu<packet>(mx + c), ploadu<packet>(col + c)));
+        } else {
+            for (Index c = 0; c < nqp; ++c) mx[c] = nan_propagating_max(mx[c], col[c]);
+        }
+    }
+}
+
+/// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
+/// (a vectorised exp(−∞) may return a denormal instead) and NaN staying NaN; sum[c] receives
+/// the sum over j.
+template <class Scalar>
+void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
+                           Scalar* sum) {
+    using namespace Eigen::internal;
+    using traits = block_kernel_traits<Scalar>;
+    using packet = typename traits::packet;
+    constexpr Index w = traits::width;
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    std::fill(sum, sum + nqp, Scalar(0));
+    if constexpr (w > 1 && packet_traits<Scalar>::HasExp) {
+        const packet pinf = pset1<packet>(minus_inf);
+        for (Index j = 0; j < nk; ++j) {
+            Scalar* col = st + j * ld;
+            for (Index c = 0; c < nqp; c += w) {
+                const packet x = ploadu<packet>(col + c);
+                const packet e = pandnot(pexp(psub(x, ploadu<packet>(shift + c))), pcmp_eq(x, pinf));
+                pstoreu(col + c, e);
+                pstoreu(sum + c, padd(ploadu<packet>(sum + c), e));
+            }
+        }
+    } else {
+        for (Index j = 0; j < nk; ++j) {
+            Scalar* col = st + j * ld;
+            for (Index c = 0; c < nqp; ++c) {
+                const Scalar e = col[c] == minus_inf ? Scalar(0) : std::exp(col[c] - shift[c]);
+                col[c] = e;
+                sum[c] += e;
+            }
         }
     }
 }
@@ -266,36 +301,42 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
     t.m.head(nq).setConstant(minus_inf);
     t.l.head(nq).setZero();
     const interval_summary iv = key_intervals(p, i0, nq, k_lo, k_hi, t);
-    const Index lds = t.s.rows();
+    if (iv.lo >= iv.hi) return;
+    const Index nqp = padded_queries<Scalar>(nq);
+    pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
+    Scalar* st = t.s.data();
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
-        masked_scores(p, i0, nq, j0, nk, iv, t);
+        masked_scores(p, i0, nq, nqp, j0, nk, iv, t);
+        max_per_query(st, nqp, nqp, nk, t.block_max.data());
+        for (Index c = 0; c < nqp; ++c) {
+            // The new running max; a query with nothing allowed yet (−∞) shifts by 0, so its
+            // −∞ scores still give exactly 0 and no −∞ − (−∞) = NaN appears.
+            const Scalar m_new = c < nq ? nan_propagating_max(t.m(c), t.block_max(c)) : Scalar(0);
+            t.block_max(c) = m_new;
+            t.shift(c) = m_new == minus_inf ? Scalar(0) : m_new;
+        }
+        exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
         for (Index c = 0; c < nq; ++c) {
-            Scalar* col = t.s.data() + c * lds;
             const Scalar m_old = t.m(c);
-            const Scalar m_new = nan_propagating_max(m_old, nan_propagating_max_of(col, nk));
-            if (m_new == minus_inf) {  // nothing allowed yet: contributes nothing
-                std::fill(col, col + nk, Scalar(0));
-                continue;
-            }
-            const Scalar block_sum = exp_shifted_in_place(col, nk, m_new);
+            const Scalar m_new = t.block_max(c);
+            if (m_new == minus_inf) continue;  // nothing allowed yet: contributes nothing
             if (m_old == minus_inf) {
                 // First allowed keys: start from a clean accumulator (earlier blocks may have
                 // added 0·NaN from poisoned excluded values).
                 t.acc.col(c).head(p.dv).setZero();
-                t.l(c) = block_sum;
+                t.l(c) = t.block_sum(c);
             } else if (m_new != m_old) {
                 const Scalar alpha = std::exp(m_old - m_new);
                 t.acc.col(c).head(p.dv) *= alpha;
-                t.l(c) = alpha * t.l(c) + block_sum;
+                t.l(c) = alpha * t.l(c) + t.block_sum(c);
             } else {
-                t.l(c) += block_sum;
+                t.l(c) += t.block_sum(c);
             }
             t.m(c) = m_new;
         }
-        serial_gemm_add<Scalar, Eigen::ColMajor>(p.dv, nq, nk, p.v + j0 * p.v_stride, p.v_stride,
-                                                 t.s.data(), lds, t.acc.data(), t.acc.rows(),
-                                                 Scalar(1));
+        accumulate_values(p.v + j0 * p.v_stride, p.v_stride, p.dv, nk, st, nqp, nq,
+                          t.acc.data(), t.acc.rows());
     }
 }
 
@@ -346,13 +387,15 @@ void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled
                   tile_scratch<Scalar>& t, matrix<Scalar>& w, Scalar divisor) {
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     const interval_summary iv = key_intervals(p, i0, nq, 0, p.lk, t);
-    const Index lds = t.s.rows();
+    if (iv.lo >= iv.hi) return;
+    const Index nqp = padded_queries<Scalar>(nq);
+    pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
-        masked_scores(p, i0, nq, j0, nk, iv, t);
+        masked_scores(p, i0, nq, nqp, j0, nk, iv, t);
         for (Index c = 0; c < nq; ++c) {
             if (t.m(c) == minus_inf) continue;  // no allowed key: weights stay 0
-            const Scalar* col = t.s.data() + c * lds;
+            const Scalar* row = t.s.data() + c;  // key r at row[r·nqp]
             const Scalar m = t.m(c), l = t.l(c);
             Scalar* dst = w.data() + (i0 + c) * w.rows() + j0;
             // Scalar std::exp and a true division, not the packet exp of the online pass:
@@ -360,7 +403,8 @@ void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled
             // materialised softmax evaluates std::exp too), and 1-ulp packet exp errors showed
             // up there. This pass is O(Lk·Lq) like the weights themselves.
             for (Index r = 0; r < nk; ++r) {
-                const Scalar x = col[r] == minus_inf ? Scalar(0) : std::exp(col[r] - m) / l;
+                const Scalar sr = row[r * nqp];
+                const Scalar x = sr == minus_inf ? Scalar(0) : std::exp(sr - m) / l;
                 if (divisor != Scalar(0))
                     dst[r] += x / divisor;
                 else
@@ -370,33 +414,84 @@ void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled
     }
 }
 
-/// Runs fn(task, scratch) for task in [0, count), in parallel when OpenMP is on; each thread gets
-/// its own scratch from make_scratch().
-template <class Scratch, class MakeScratch, class Fn>
-void parallel_tasks(Index count, int threads, MakeScratch make_scratch, Fn fn) {
+/// Runs fn(task, state) for task in [0, count), in parallel when OpenMP is on. `states` holds
+/// one state per thread, index omp_get_thread_num() (grown here to the thread count; a state
+/// outlives the call, so what it holds is reused by the next one). Each thread calls
+/// enter(state) once before its first task and keeps what it returns (a guard, or anything)
+/// until its last task is done.
+template <class State, class Enter, class Fn>
+void parallel_tasks(Index count, int threads, std::vector<State>& states, Enter enter, Fn fn) {
 #if defined(MHA_TILED_USE_OPENMP)
     const int nt = threads > 0 ? threads : omp_get_max_threads();
     if (nt > 1 && count > 1) {
+        if (states.size() < static_cast<std::size_t>(nt))
+            states.resize(static_cast<std::size_t>(nt));
 #pragma omp parallel num_threads(nt)
         {
-            Scratch scratch = make_scratch();
+            State& state = states[static_cast<std::size_t>(omp_get_thread_num())];
+            const auto session = enter(state);
 #pragma omp for schedule(dynamic, 1)
             for (Index task = 0; task < count; ++task)
-                fn(task, scratch);
+                fn(task, state);
         }
         return;
     }
 #else
     (void)threads;
 #endif
-    Scratch scratch = make_scratch();
+    if (states.empty()) states.resize(1);
+    const auto session = enter(states.front());
     for (Index task = 0; task < count; ++task)
-        fn(task, scratch);
+        fn(task, states.front());
 }
+
+/// A task of the tiled driver: queries [i0, i0 + nq) of sequence b, head h (-1: every head in
+/// order), over all keys or, for chunk >= 0, over split-KV chunk `chunk` only.
+struct tiled_task {
+    Index b, h, i0, nq, chunk;
+    double cost;
+    Index order;  // creation index: breaks cost ties, so the order does not depend on the sort
+};
+
+/// What a tile_scratch was made for: make_scratch's inputs. A thread's scratch is made again
+/// when they change.
+struct tile_scratch_key {
+    Index dk = -1, dv = -1, query_block = -1, key_block = -1, split_chunk = -1;
+    bool operator==(const tile_scratch_key& o) const {
+        return dk == o.dk && dv == o.dv && query_block == o.query_block &&
+               key_block == o.key_block && split_chunk == o.split_chunk;
+    }
+};
+
+/// One thread's state in the tiled driver.
+template <class Scalar>
+struct tiled_thread_state {
+    tile_scratch<Scalar> tile;
+    tile_scratch_key made_for;  // default: made for nothing yet
+    gemm_buffers<Scalar> gemm;  // packing for the block GEMMs (see serial_gemm_add)
+};
+
+/// The buffers of tiled_multi_head_attention, kept between calls: a call with the shapes and
+/// settings of an earlier call on the same workspace allocates nothing. Vectors are cleared,
+/// never shrunk; the split-KV partials only grow. One workspace per concurrent call.
+template <class Scalar>
+struct tiled_workspace {
+    // Refer to the mask of the current call; stale (never read) between calls.
+    std::vector<typename attention_mask<Scalar>::slice> slices;
+    std::vector<tiled_task> tasks;
+    std::vector<Index> chunks_of;       // split-KV chunks of each sequence, 0 when not split
+    std::vector<Index> partial_column;  // first partial column of each sequence
+    // Split partials: sequence b, head h, chunk c, query i at column
+    // partial_column[b] + (h·chunks_of[b] + c)·lq + i; acc is dv × columns, column-major.
+    vector<Scalar> partial_acc, partial_m, partial_l;
+    std::vector<std::pair<Index, Index>> merges;  // (b, h) of each split head to merge
+    std::vector<tiled_thread_state<Scalar>> threads;
+};
 
 /// The multi-head tiled attention over a packed batch (shapes as multi_head_attention_core; the
 /// caller has validated them). `weights`, when mode is not none, holds zero matrices of the right
-/// shapes (B·H for per_head, B for averaged).
+/// shapes (B·H for per_head, B for averaged). `workspace`, when given, keeps every buffer of the
+/// call for the next one (see tiled_workspace); null: a workspace local to the call.
 template <class Scalar>
 void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
                                 const const_matrix_ref<Scalar>& k,
@@ -404,14 +499,18 @@ void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
                                 const packed_batch& batch, matrix_ref<Scalar> out,
                                 const attention_mask<Scalar>& mask, Scalar scale,
                                 tiled_weights mode, std::vector<matrix<Scalar>>* weights,
-                                const tiled_settings& cfg = {}) {
+                                const tiled_settings& cfg = {},
+                                tiled_workspace<Scalar>* workspace = nullptr) {
     const Index dk = q.rows() / num_heads;
     const Index dv = v.rows() / num_heads;
     const Index nb = batch.size();
     const bool want_weights = mode != tiled_weights::none && weights != nullptr;
     const bool averaged = want_weights && mode == tiled_weights::averaged;
+    tiled_workspace<Scalar> local;
+    tiled_workspace<Scalar>& ws = workspace != nullptr ? *workspace : local;
 
-    std::vector<typename attention_mask<Scalar>::slice> slices;
+    auto& slices = ws.slices;
+    slices.clear();
     slices.reserve(static_cast<std::size_t>(nb * num_heads));
     for (Index b = 0; b < nb; ++b)
         for (Index h = 0; h < num_heads; ++h)
@@ -444,12 +543,13 @@ void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
     // Tasks. head = -1: every head in order (averaged weights add the heads into one matrix, so
     // one task owns all of them and the sum has the same order as in the materialised path).
     // chunk >= 0: split-KV partial over keys [chunk·split_chunk, (chunk+1)·split_chunk).
-    struct task {
-        Index b, h, i0, nq, chunk;
-        double cost;
+    auto& tasks = ws.tasks;
+    tasks.clear();
+    auto& chunks_of = ws.chunks_of;
+    chunks_of.assign(static_cast<std::size_t>(nb), 0);
+    auto add_task = [&tasks](Index b, Index h, Index i0, Index nq, Index chunk, double cost) {
+        tasks.push_back({b, h, i0, nq, chunk, cost, static_cast<Index>(tasks.size())});
     };
-    std::vector<task> tasks;
-    std::vector<Index> chunks_of(static_cast<std::size_t>(nb), 0);
     for (Index b = 0; b < nb; ++b) {
         const Index lq = batch.query_length(b), lk = batch.key_length(b);
         if (lq == 0) continue;
@@ -466,51 +566,76 @@ void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
                 static_cast<double>(std::max(r0.second, r1.second) - std::min(r0.first, r1.first));
             const double cost = static_cast<double>(nq) * (keys + 1);
             if (averaged) {
-                tasks.push_back({b, -1, i0, nq, -1, cost * static_cast<double>(num_heads)});
+                add_task(b, -1, i0, nq, -1, cost * static_cast<double>(num_heads));
                 continue;
             }
             for (Index h = 0; h < num_heads; ++h) {
                 if (!split) {
-                    tasks.push_back({b, h, i0, nq, -1, cost});
+                    add_task(b, h, i0, nq, -1, cost);
                     continue;
                 }
                 for (Index c = 0; c < nchunks; ++c)
-                    tasks.push_back(
-                        {b, h, i0, nq, c,
-                         static_cast<double>(nq) * static_cast<double>(cfg.split_chunk)});
+                    add_task(b, h, i0, nq, c,
+                             static_cast<double>(nq) * static_cast<double>(cfg.split_chunk));
             }
         }
     }
-    std::stable_sort(tasks.begin(), tasks.end(),
-                     [](const task& a, const task& b) { return a.cost > b.cost; });
+    // Most expensive first, ties in creation order: the order std::stable_sort would give,
+    // without the buffer it allocates.
+    std::sort(tasks.begin(), tasks.end(), [](const tiled_task& a, const tiled_task& b) {
+        return a.cost > b.cost || (a.cost == b.cost && a.order < b.order);
+    });
 
-    // Split partials, per (b, h): nchunks × (acc dv×lq, m lq, l lq).
-    struct partial {
-        std::vector<matrix<Scalar>> acc;
-        std::vector<vector<Scalar>> m, l;
-    };
-    std::vector<partial> partials(static_cast<std::size_t>(nb * num_heads));
+    // Split partials: (acc dv×lq, m lq, l lq) per sequence, head and chunk.
+    auto& partial_column = ws.partial_column;
+    partial_column.assign(static_cast<std::size_t>(nb), 0);
+    Index partial_columns = 0;
     for (Index b = 0; b < nb; ++b) {
-        const Index n = chunks_of[static_cast<std::size_t>(b)];
-        if (n == 0) continue;
-        for (Index h = 0; h < num_heads; ++h) {
-            auto& pt = partials[static_cast<std::size_t>(b * num_heads + h)];
-            pt.acc.assign(static_cast<std::size_t>(n), matrix<Scalar>(dv, batch.query_length(b)));
-            pt.m.assign(static_cast<std::size_t>(n), vector<Scalar>(batch.query_length(b)));
-            pt.l.assign(static_cast<std::size_t>(n), vector<Scalar>(batch.query_length(b)));
-        }
+        partial_column[static_cast<std::size_t>(b)] = partial_columns;
+        partial_columns +=
+            num_heads * chunks_of[static_cast<std::size_t>(b)] * batch.query_length(b);
     }
+    auto grow = [](vector<Scalar>& buffer, Index size) {
+        if (buffer.size() < size) buffer.resize(size);
+    };
+    grow(ws.partial_acc, dv * partial_columns);
+    grow(ws.partial_m, partial_columns);
+    grow(ws.partial_l, partial_columns);
+    // First column of the partial of (b, h, chunk).
+    auto partial_at = [&](Index b, Index h, Index chunk) {
+        const auto bi = static_cast<std::size_t>(b);
+        return partial_column[bi] + (h * chunks_of[bi] + chunk) * batch.query_length(b);
+    };
 
     auto make_scratch = [&] {
         tile_scratch<Scalar> t;
-        t.s.resize(cfg.key_block, cfg.query_block);
+        const Index nqp = padded_queries<Scalar>(cfg.query_block);
+        t.qt.resize(nqp, std::max<Index>(dk, 1));
+        t.s.resize(nqp, cfg.key_block);
         t.acc.resize(std::max<Index>(dv, 1), cfg.query_block);
         t.m.resize(cfg.query_block);
         t.l.resize(cfg.query_block);
+        t.block_max.resize(nqp);
+        t.shift.resize(nqp);
+        t.block_sum.resize(nqp);
+        // key_intervals sizes these to the block; reserved so that no later block grows them.
+        t.first.reserve(static_cast<std::size_t>(cfg.query_block));
+        t.last.reserve(static_cast<std::size_t>(cfg.query_block));
         return t;
     };
-    auto run = [&](Index index, tile_scratch<Scalar>& t) {
-        const task& tk = tasks[static_cast<std::size_t>(index)];
+    const tile_scratch_key key{dk, dv, cfg.query_block, cfg.key_block, cfg.split_chunk};
+    // Each thread readies its state once per call: the scratch is made only when the shapes it
+    // depends on changed, and the thread's block GEMMs pack into its own buffers.
+    auto enter = [&](tiled_thread_state<Scalar>& state) {
+        if (!(state.made_for == key)) {
+            state.tile = make_scratch();
+            state.made_for = key;
+        }
+        return scoped_gemm_buffers<Scalar>(&state.gemm);
+    };
+    auto run = [&](Index index, tiled_thread_state<Scalar>& state) {
+        tile_scratch<Scalar>& t = state.tile;
+        const tiled_task& tk = tasks[static_cast<std::size_t>(index)];
         const Index h_begin = tk.h < 0 ? 0 : tk.h;
         const Index h_end = tk.h < 0 ? num_heads : tk.h + 1;
         for (Index h = h_begin; h < h_end; ++h) {
@@ -519,11 +644,11 @@ void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
                 const Index lo = tk.chunk * cfg.split_chunk;
                 const Index hi = std::min(p.lk, lo + cfg.split_chunk);
                 online_pass(p, tk.i0, tk.nq, lo, hi, cfg, t);
-                auto& pt = partials[static_cast<std::size_t>(tk.b * num_heads + h)];
-                const auto c = static_cast<std::size_t>(tk.chunk);
-                pt.acc[c].middleCols(tk.i0, tk.nq) = t.acc.topLeftCorner(dv, tk.nq);
-                pt.m[c].segment(tk.i0, tk.nq) = t.m.head(tk.nq);
-                pt.l[c].segment(tk.i0, tk.nq) = t.l.head(tk.nq);
+                const Index at = partial_at(tk.b, h, tk.chunk) + tk.i0;
+                Eigen::Map<matrix<Scalar>>(ws.partial_acc.data() + at * dv, dv, tk.nq) =
+                    t.acc.topLeftCorner(dv, tk.nq);
+                ws.partial_m.segment(at, tk.nq) = t.m.head(tk.nq);
+                ws.partial_l.segment(at, tk.nq) = t.l.head(tk.nq);
                 continue;
             }
             online_pass(p, tk.i0, tk.nq, 0, p.lk, cfg, t);
@@ -537,47 +662,50 @@ void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
                              (*weights)[static_cast<std::size_t>(tk.b * num_heads + h)], Scalar(0));
         }
     };
-    parallel_tasks<tile_scratch<Scalar>>(static_cast<Index>(tasks.size()), cfg.threads,
-                                         make_scratch, run);
+    parallel_tasks(static_cast<Index>(tasks.size()), cfg.threads, ws.threads, enter, run);
 
     // Merge the split partials by log-sum-exp, chunk by chunk in order (deterministic).
-    std::vector<std::pair<Index, Index>> merges;
+    auto& merges = ws.merges;
+    merges.clear();
     for (Index b = 0; b < nb; ++b)
         if (chunks_of[static_cast<std::size_t>(b)] > 0)
             for (Index h = 0; h < num_heads; ++h)
                 merges.emplace_back(b, h);
     if (merges.empty()) return;
-    auto merge = [&](Index index, tile_scratch<Scalar>& t) {
+    auto merge = [&](Index index, tiled_thread_state<Scalar>& state) {
+        tile_scratch<Scalar>& t = state.tile;
         const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
         const auto [b, h] = merges[static_cast<std::size_t>(index)];
         const head_problem<Scalar> p = problem(b, h);
-        const auto& pt = partials[static_cast<std::size_t>(b * num_heads + h)];
+        const Index nchunks = chunks_of[static_cast<std::size_t>(b)];
+        const Index first = partial_at(b, h, 0);  // chunk ch of query i: column first + ch·lq + i
         for (Index i0 = 0; i0 < p.lq; i0 += cfg.query_block) {
             const Index nq = std::min(cfg.query_block, p.lq - i0);
             for (Index c = 0; c < nq; ++c) {
                 const Index i = i0 + c;
                 Scalar m = minus_inf;
-                for (const auto& mc : pt.m)
-                    m = nan_propagating_max(m, mc(i));
+                for (Index ch = 0; ch < nchunks; ++ch)
+                    m = nan_propagating_max(m, ws.partial_m(first + ch * p.lq + i));
                 t.m(c) = m;
                 t.l(c) = Scalar(0);
                 auto acc = t.acc.col(c).head(dv);
                 acc.setZero();
                 if (m == minus_inf) continue;
-                for (std::size_t ch = 0; ch < pt.m.size(); ++ch) {
+                for (Index ch = 0; ch < nchunks; ++ch) {
+                    const Index at = first + ch * p.lq + i;
                     // A chunk in which the query saw nothing is skipped, not multiplied by 0:
                     // its accumulator may hold 0·NaN from poisoned excluded values.
-                    if (pt.m[ch](i) == minus_inf) continue;
-                    const Scalar alpha = std::exp(pt.m[ch](i) - m);
-                    t.l(c) += alpha * pt.l[ch](i);
-                    acc += alpha * pt.acc[ch].col(i);
+                    if (ws.partial_m(at) == minus_inf) continue;
+                    const Scalar alpha = std::exp(ws.partial_m(at) - m);
+                    t.l(c) += alpha * ws.partial_l(at);
+                    acc += alpha *
+                           Eigen::Map<const vector<Scalar>>(ws.partial_acc.data() + at * dv, dv);
                 }
             }
             finalize_block(p, i0, nq, t);
         }
     };
-    parallel_tasks<tile_scratch<Scalar>>(static_cast<Index>(merges.size()), cfg.threads,
-                                         make_scratch, merge);
+    parallel_tasks(static_cast<Index>(merges.size()), cfg.threads, ws.threads, enter, merge);
 }
 
 }  // namespace detail

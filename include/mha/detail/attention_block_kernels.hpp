@@ -1,0 +1,186 @@
+// SPDX-License-Identifier: MIT
+// Register-tiled block kernels of the tiled attention (detail/tiled_attention.hpp): the two
+// products of one (query block, key block) step, written with Eigen's packet primitives so that
+// they compile to AVX-512, AVX2, SSE or NEON instructions, or to plain scalar code.
+//
+// Why not Eigen's GEMM per block: it packs both operands on every call (the query block once per
+// key block, the probabilities once per step) and writes C += αAB, which needs the score tile
+// zeroed first. The kernels below read K and V where they lie (strided head views), pack only
+// the query block (once per task, with the scale folded in), and write the scores directly.
+//
+// Layouts (all column-major):
+//   qt : nq_padded × d_k      qt(c, d) = scale·Q(d, c); zero rows pad nq up to a packet multiple
+//   st : nq_padded × nk       st(c, j) = score of query c against key j: a column holds one key's
+//                             scores for every query, so the online softmax's per-query max, exp
+//                             and sum run across packets of queries with no horizontal reduction
+//   acc: d_v × nq             the unnormalised output, as the output matrix lays out a head
+//
+// Scores: a micro tile is (score_query_packets · W queries) × score_keys keys kept in
+// registers; per step d it loads the packets of qt(:, d) and broadcasts K(d, j) for each key.
+// Values: a micro tile is (value_packets · W rows of d_v) × value_queries queries; per key j it
+// loads value_packets packets of V(:, j) and broadcasts P(j, c) for each query. Keys are taken
+// in chunks of value_key_chunk so that the V chunk stays in L1 while every query tile reads it.
+#pragma once
+
+#include <algorithm>
+
+#include <Eigen/Core>
+
+#include <mha/config.hpp>
+
+namespace mha {
+namespace detail {
+
+template <class Scalar>
+struct block_kernel_traits {
+    using packet = typename Eigen::internal::packet_traits<Scalar>::type;
+    static constexpr Index width = Eigen::internal::unpacket_traits<packet>::size;
+    // 32 vector registers (AVX-512, NEON on AArch64): 16 accumulators per tile; 16 registers
+    // (AVX2, SSE): 8 or 12. Two FMA pipes with 4 cycles of latency need 8 independent chains.
+    static constexpr bool many_registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
+    static constexpr Index score_query_packets = 2;
+    static constexpr Index score_keys = many_registers ? 8 : 4;
+    static constexpr Index value_packets = many_registers ? 4 : 2;
+    static constexpr Index value_queries = many_registers ? 4 : 6;
+    static constexpr Index value_key_chunk = 64;
+    /// Queries are padded to a multiple of this; blocks with fewer queries use Eigen instead.
+    static constexpr Index query_multiple = width;
+};
+
+/// Rounds nq up to the query padding of the score kernel.
+template <class Scalar>
+constexpr Index padded_queries(Index nq) {
+    constexpr Index m = block_kernel_traits<Scalar>::query_multiple;
+    return (nq + m - 1) / m * m;
+}
+
+/// qt(c, d) = scale·q(d, c) for c < nq, 0 for nq <= c < nq_padded (ld of qt: nq_padded).
+/// Column c of q starts at q + c·q_stride.
+template <class Scalar>
+void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, Index nq_padded,
+                         Scalar scale, Scalar* qt) {
+    for (Index c = 0; c < nq; ++c) {
+        const Scalar* qc = q + c * q_stride;
+        for (Index d = 0; d < dk; ++d) qt[d * nq_padded + c] = scale * qc[d];
+    }
+    for (Index d = 0; d < dk; ++d)
+        std::fill(qt + d * nq_padded + nq, qt + (d + 1) * nq_padded, Scalar(0));
+}
+
+/// One score micro tile: st(0 : QP·W, 0 : Keys) = qt(0 : QP·W, :) · K(:, 0 : Keys).
+template <class Scalar, int QP, int Keys>
+EIGEN_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, const Scalar* k,
+                                          Index k_stride, Scalar* st, Index ld) {
+    using namespace Eigen::internal;
+    using packet = typename block_kernel_traits<Scalar>::packet;
+    constexpr Index w = block_kernel_traits<Scalar>::width;
+    packet acc[QP][Keys];
+    for (int p = 0; p < QP; ++p)
+        for (int r = 0; r < Keys; ++r) acc[p][r] = pset1<packet>(Scalar(0));
+    for (Index d = 0; d < dk; ++d) {
+        packet x[QP];
+        for (int p = 0; p < QP; ++p) x[p] = ploadu<packet>(qt + d * ldq + p * w);
+        for (int r = 0; r < Keys; ++r) {
+            const packet b = pset1<packet>(k[r * k_stride + d]);
+            for (int p = 0; p < QP; ++p) acc[p][r] = pmadd(x[p], b, acc[p][r]);
+        }
+    }
+    for (int r = 0; r < Keys; ++r)
+        for (int p = 0; p < QP; ++p) pstoreu(st + r * ld + p * w, acc[p][r]);
+}
+
+/// st(0 : nq_padded, 0 : nk) = qt · K(:, 0 : nk), with qt packed by pack_scaled_queries and key j
+/// at k + j·k_stride. nq_padded must be a multiple of the packet width.
+template <class Scalar>
+void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k,
+                       Index k_stride, Index nk, Scalar* st, Index ld) {
+    using traits = block_kernel_traits<Scalar>;
+    constexpr Index w = traits::width;
+    constexpr int qp = static_cast<int>(traits::score_query_packets);
+    constexpr int keys = static_cast<int>(traits::score_keys);
+    Index i = 0;
+    // The query tile (QP·W queries × d_k) stays in L1 while the key block streams past it.
+    for (; i + qp * w <= nq_padded; i += qp * w) {
+        Index j = 0;
+        for (; j + keys <= nk; j += keys)
+            score_micro_tile<Scalar, qp, keys>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
+                                               st + j * ld + i, ld);
+        for (; j < nk; ++j)
+            score_micro_tile<Scalar, qp, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
+                                            st + j * ld + i, ld);
+    }
+    for (; i < nq_padded; i += w) {
+        Index j = 0;
+        for (; j + 2 * keys <= nk; j += 2 * keys)
+            score_micro_tile<Scalar, 1, 2 * keys>(qt + i, nq_padded, dk, k + j * k_stride,
+                                                  k_stride, st + j * ld + i, ld);
+        for (; j < nk; ++j)
+            score_micro_tile<Scalar, 1, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
+                                           st + j * ld + i, ld);
+    }
+}
+
+/// One value micro tile: acc(0 : VP·W, 0 : Queries) += V(0 : VP·W, 0 : nk) · P(0 : nk, 0 : Queries)
+/// with P(j, c) = pt[j·ld + c] and V(:, j) at v + j·v_stride.
+template <class Scalar, int VP, int Queries>
+EIGEN_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index nk,
+                                          const Scalar* pt, Index ld, Scalar* acc, Index ld_acc) {
+    using namespace Eigen::internal;
+    using packet = typename block_kernel_traits<Scalar>::packet;
+    constexpr Index w = block_kernel_traits<Scalar>::width;
+    packet o[VP][Queries];
+    for (int c = 0; c < Queries; ++c)
+        for (int p = 0; p < VP; ++p) o[p][c] = ploadu<packet>(acc + c * ld_acc + p * w);
+    for (Index j = 0; j < nk; ++j) {
+        packet x[VP];
+        for (int p = 0; p < VP; ++p) x[p] = ploadu<packet>(v + j * v_stride + p * w);
+        for (int c = 0; c < Queries; ++c) {
+            const packet b = pset1<packet>(pt[j * ld + c]);
+            for (int p = 0; p < VP; ++p) o[p][c] = pmadd(x[p], b, o[p][c]);
+        }
+    }
+    for (int c = 0; c < Queries; ++c)
+        for (int p = 0; p < VP; ++p) pstoreu(acc + c * ld_acc + p * w, o[p][c]);
+}
+
+/// Rows [0, dv) of `Queries` output columns: full tiles, then single packets, then scalar rows.
+template <class Scalar, int Queries>
+void value_rows(const Scalar* v, Index v_stride, Index dv, Index nk, const Scalar* pt, Index ld,
+                Scalar* acc, Index ld_acc) {
+    using traits = block_kernel_traits<Scalar>;
+    constexpr Index w = traits::width;
+    constexpr int vp = static_cast<int>(traits::value_packets);
+    Index e = 0;
+    for (; e + vp * w <= dv; e += vp * w)
+        value_micro_tile<Scalar, vp, Queries>(v + e, v_stride, nk, pt, ld, acc + e, ld_acc);
+    for (; e + w <= dv; e += w)
+        value_micro_tile<Scalar, 1, Queries>(v + e, v_stride, nk, pt, ld, acc + e, ld_acc);
+    for (; e < dv; ++e)
+        for (int c = 0; c < Queries; ++c) {
+            Scalar s = acc[c * ld_acc + e];
+            for (Index j = 0; j < nk; ++j) s += v[j * v_stride + e] * pt[j * ld + c];
+            acc[c * ld_acc + e] = s;
+        }
+}
+
+/// acc(0 : dv, 0 : nq) += V(:, 0 : nk) · P with P(j, c) = pt[j·ld + c] (the transposed
+/// probabilities left by the online softmax in the score tile) and V(:, j) at v + j·v_stride.
+template <class Scalar>
+void accumulate_values(const Scalar* v, Index v_stride, Index dv, Index nk, const Scalar* pt,
+                       Index ld, Index nq, Scalar* acc, Index ld_acc) {
+    using traits = block_kernel_traits<Scalar>;
+    constexpr int queries = static_cast<int>(traits::value_queries);
+    for (Index j0 = 0; j0 < nk; j0 += traits::value_key_chunk) {
+        const Index kc = std::min(traits::value_key_chunk, nk - j0);
+        const Scalar* vc = v + j0 * v_stride;
+        const Scalar* pc = pt + j0 * ld;
+        Index c = 0;
+        for (; c + queries <= nq; c += queries)
+            value_rows<Scalar, queries>(vc, v_stride, dv, kc, pc + c, ld, acc + c * ld_acc, ld_acc);
+        for (; c < nq; ++c)
+            value_rows<Scalar, 1>(vc, v_stride, dv, kc, pc + c, ld, acc + c * ld_acc, ld_acc);
+    }
+}
+
+}  // namespace detail
+}  // namespace mha

@@ -1,0 +1,158 @@
+// SPDX-License-Identifier: MIT
+// The register-tiled block kernels of the tiled attention (detail/attention_block_kernels.hpp)
+// on their own, against long-double loops: every remainder path (query tiles of two packets and
+// of one, key tiles and single keys, value tiles, single packets and scalar rows) at sizes around
+// the packet width of the machine the test runs on.
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <catch2/catch_template_test_macros.hpp>
+#include <catch2/catch_test_macros.hpp>
+
+#include <mha/detail/attention_block_kernels.hpp>
+
+#include "check.hpp"
+#include "reference.hpp"
+
+namespace {
+
+using mha::Index;
+using mha_test::mat;
+
+/// A matrix whose columns are `stride` apart (stride >= rows), filled with normal values, to
+/// pass the kernels strided head views as the layer does.
+template <class Scalar>
+struct strided {
+    std::vector<Scalar> data;
+    Index rows, cols, stride;
+    strided(Index r, Index c, Index s, mha_test::value_source& rnd)
+        : data(static_cast<std::size_t>(std::max<Index>(s * c, 1)), Scalar(7)),
+          rows(r),
+          cols(c),
+          stride(s) {
+        for (Index j = 0; j < c; ++j)
+            for (Index i = 0; i < r; ++i)
+                data[static_cast<std::size_t>(j * s + i)] = static_cast<Scalar>(rnd.normal(1.0));
+    }
+    Scalar operator()(Index i, Index j) const { return data[static_cast<std::size_t>(j * stride + i)]; }
+    mat<Scalar> dense() const {
+        mat<Scalar> m(rows, cols);
+        for (Index j = 0; j < cols; ++j)
+            for (Index i = 0; i < rows; ++i) m(i, j) = (*this)(i, j);
+        return m;
+    }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("block kernels: packed queries are scale·Qᵀ with zero padding", "[kernels]",
+                   float, double) {
+    using Scalar = TestType;
+    mha_test::value_source rnd(11);
+    for (Index nq : {Index(1), Index(5), Index(16), Index(17)}) {
+        const Index dk = 7;
+        const strided<Scalar> q(dk, nq, dk + 3, rnd);
+        const Index nqp = mha::detail::padded_queries<Scalar>(nq);
+        REQUIRE(nqp >= nq);
+        REQUIRE(nqp % mha::detail::block_kernel_traits<Scalar>::query_multiple == 0);
+        std::vector<Scalar> qt(static_cast<std::size_t>(nqp * dk), Scalar(-1));
+        const Scalar scale = Scalar(0.3);
+        mha::detail::pack_scaled_queries(q.data.data(), q.stride, dk, nq, nqp, scale, qt.data());
+        for (Index d = 0; d < dk; ++d)
+            for (Index c = 0; c < nqp; ++c) {
+                // The same single multiplication, so equality is exact.
+                const Scalar expected = c < nq ? scale * q(d, c) : Scalar(0);
+                REQUIRE(qt[static_cast<std::size_t>(d * nqp + c)] == expected);
+            }
+    }
+}
+
+TEMPLATE_TEST_CASE("block kernels: transposed scores at every tile remainder", "[kernels]", float,
+                   double) {
+    using Scalar = TestType;
+    using traits = mha::detail::block_kernel_traits<Scalar>;
+    const Index w = traits::width;
+    const Index qtile = traits::score_query_packets * w;
+    const Index ktile = traits::score_keys;
+    mha_test::value_source rnd(21);
+    // Query counts: one packet, a full two-packet tile, a tile plus one packet; key counts around
+    // the key tile and the two-key-tile used by single-packet query tiles.
+    for (Index nqp : {w, qtile, qtile + w, 3 * qtile})
+        for (Index nk : {Index(0), Index(1), ktile - 1, ktile, ktile + 1, 2 * ktile + 3})
+            for (Index dk : {Index(0), Index(1), Index(3), Index(17), Index(64)}) {
+                const mat<Scalar> qt = rnd.normal_matrix<Scalar>(nqp, dk);
+                const strided<Scalar> k(dk, nk, dk + 5, rnd);
+                const Index ld = nqp + 2 * w;  // a leading dimension larger than nqp
+                std::vector<Scalar> st(static_cast<std::size_t>(std::max<Index>(ld * nk, 1)),
+                                       Scalar(99));
+                mha::detail::transposed_scores(qt.data(), nqp, dk, k.data.data(), k.stride, nk,
+                                               st.data(), ld);
+                mat<Scalar> got(nqp, nk);
+                for (Index j = 0; j < nk; ++j)
+                    for (Index c = 0; c < nqp; ++c)
+                        got(c, j) = st[static_cast<std::size_t>(j * ld + c)];
+                // Rows beyond nqp of each column are not the kernel's to write.
+                for (Index j = 0; j < nk; ++j)
+                    for (Index c = nqp; c < ld; ++c)
+                        REQUIRE(st[static_cast<std::size_t>(j * ld + c)] == Scalar(99));
+                std::ostringstream what;
+                what << "scores nqp " << nqp << ", nk " << nk << ", dk " << dk;
+                // A dot product of length dk in any order: check G's proven bound, no bias.
+                mha_test::require_linear_within_bound<Scalar>(got, qt, mha_test::vec<Scalar>(),
+                                                              k.dense(), what.str());
+            }
+}
+
+TEMPLATE_TEST_CASE("block kernels: value accumulation at every tile remainder", "[kernels]", float,
+                   double) {
+    using Scalar = TestType;
+    using traits = mha::detail::block_kernel_traits<Scalar>;
+    const Index w = traits::width;
+    const Index vtile = traits::value_packets * w;
+    const Index qtile = traits::value_queries;
+    const Index chunk = traits::value_key_chunk;
+    mha_test::value_source rnd(31);
+    // d_v: scalar rows only, one packet plus a row, a full tile, a tile plus a packet and a row.
+    // nq: around the query tile. nk: around the key chunk.
+    for (Index dv : {Index(1), w + 1, vtile, vtile + w + 1})
+        for (Index nq : {Index(1), qtile - 1, qtile, qtile + 1, 2 * qtile + 1})
+            for (Index nk : {Index(0), Index(1), chunk - 1, chunk + 1}) {
+                const strided<Scalar> v(dv, nk, dv + 3, rnd);
+                const Index ld = nq + 4;
+                const strided<Scalar> pt(nq, nk, ld, rnd);  // P(j, c) = pt(c, j)
+                const mat<Scalar> acc0 = rnd.normal_matrix<Scalar>(dv, nq);
+                const Index ld_acc = dv + 2;
+                std::vector<Scalar> acc(static_cast<std::size_t>(ld_acc * nq), Scalar(55));
+                for (Index c = 0; c < nq; ++c)
+                    for (Index e = 0; e < dv; ++e)
+                        acc[static_cast<std::size_t>(c * ld_acc + e)] = acc0(e, c);
+                mha::detail::accumulate_values(v.data.data(), v.stride, dv, nk, pt.data.data(),
+                                               pt.stride, nq, acc.data(), ld_acc);
+                // acc + V·P: a sum of nk + 1 terms in any order errs by at most
+                // γ_(nk+1)·(|acc| + Σ|v·p|) (Higham §3.1, as check G).
+                const long double u = mha_test::unit_roundoff<Scalar>();
+                const long double n = static_cast<long double>(nk + 1);
+                const long double gamma = n * u / (1 - n * u);
+                for (Index c = 0; c < nq; ++c) {
+                    for (Index e = 0; e < dv; ++e) {
+                        long double exact = acc0(e, c);
+                        long double magnitude = std::fabs(exact);
+                        for (Index j = 0; j < nk; ++j) {
+                            const long double t = static_cast<long double>(v(e, j)) *
+                                                  static_cast<long double>(pt(c, j));
+                            exact += t;
+                            magnitude += std::fabs(t);
+                        }
+                        const long double got = acc[static_cast<std::size_t>(c * ld_acc + e)];
+                        INFO("values dv " << dv << ", nq " << nq << ", nk " << nk << " at (" << e
+                                          << ", " << c << ")");
+                        REQUIRE(std::fabs(got - exact) <= gamma * magnitude);
+                    }
+                    // The padding rows between columns are untouched.
+                    for (Index e = dv; e < ld_acc; ++e)
+                        REQUIRE(acc[static_cast<std::size_t>(c * ld_acc + e)] == Scalar(55));
+                }
+            }
+}
