@@ -1,0 +1,232 @@
+// SPDX-License-Identifier: MIT
+// Eigen's GEMM kernel with its packing buffers kept by the caller.
+//
+// `dst.noalias() = a * b` packs blocks of a and b into buffers that Eigen allocates per product:
+// on the stack below EIGEN_STACK_ALLOCATION_LIMIT (128 KiB), on the heap above it, so every
+// large product allocates and frees. The functions here run the same kernel with the same
+// blocking sizes, but pack into `gemm_buffers` that the caller keeps between calls and that only
+// grow: once they are large enough for a shape, products of that shape allocate nothing. The
+// results are those of Eigen's single-threaded product, bit for bit (same kernel, same blocks).
+//
+// Threads. Eigen's own OpenMP GEMM allocates (per-thread packing, its parallel-info array), so
+// the layer never uses it: `product_into` splits the columns of the result into one range per
+// thread, each computed by the single-threaded kernel with the blocking sizes of the whole
+// product and the thread's own buffers. Ranges start at multiples of the kernel's column tile
+// (nr), so every column goes through the same micro-kernel code with the same k-blocks as in one
+// serial product: the result does not depend on the thread count.
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#if defined(_OPENMP) && !defined(MHA_NO_OPENMP)
+#include <omp.h>
+#define MHA_GEMM_USE_OPENMP 1
+#endif
+
+#include <mha/config.hpp>
+
+namespace mha {
+namespace detail {
+
+/// Packing buffers for Eigen's GEMM kernel (its blockA and blockB). They only grow. A product
+/// writes into them, so one set serves one thread at a time.
+template <class Scalar>
+class gemm_buffers {
+public:
+    /// Room for packed blocks of `size_a` and `size_b` scalars; allocates only to grow.
+    void reserve(Index size_a, Index size_b) {
+        if (a_.size() < size_a) a_.resize(size_a);
+        if (b_.size() < size_b) b_.resize(size_b);
+    }
+    Scalar* a() { return a_.data(); }
+    Scalar* b() { return b_.data(); }
+
+private:
+    // Eigen vectors, not std::vector: the kernel reads packed blocks with aligned packet loads,
+    // and Eigen's allocator gives the alignment it expects.
+    vector<Scalar> a_, b_;
+};
+
+/// Eigen's blocking sizes for a single-threaded m×n×k product into a column-major result (what
+/// gemm_blocking_space computes), with the packed blocks in caller-owned buffers.
+template <class Scalar>
+class gemm_blocking : public Eigen::internal::level3_blocking<Scalar, Scalar> {
+public:
+    gemm_blocking(Index m, Index n, Index k) {
+        this->m_mc = m;
+        this->m_nc = n;
+        this->m_kc = k;
+        Eigen::internal::computeProductBlockingSizes<Scalar, Scalar, 1>(this->m_kc, this->m_mc,
+                                                                        this->m_nc, Index(1));
+    }
+    /// Packs into `buffers`, growing them if they are too small for these blocks.
+    void use(gemm_buffers<Scalar>& buffers) {
+        buffers.reserve(this->m_mc * this->m_kc, this->m_kc * this->m_nc);
+        this->m_blockA = buffers.a();
+        this->m_blockB = buffers.b();
+    }
+};
+
+/// C (m×n, column-major, ldc) += alpha·A·B by Eigen's GEMM kernel on the calling thread, with A
+/// m×k in AOrder and B k×n in BOrder (inner stride 1). With `buffers` the packing goes there;
+/// without, where Eigen puts it (the stack, or the heap above EIGEN_STACK_ALLOCATION_LIMIT).
+template <class Scalar, int AOrder, int BOrder = Eigen::ColMajor>
+void gemm_kernel_add(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
+                     Index ldb, Scalar* c, Index ldc, Scalar alpha, gemm_buffers<Scalar>* buffers) {
+    using product =
+        Eigen::internal::general_matrix_matrix_product<Index, Scalar, AOrder, false, Scalar, BOrder,
+                                                       false, Eigen::ColMajor, 1>;
+    if (buffers != nullptr) {
+        gemm_blocking<Scalar> blocking(m, n, k);
+        blocking.use(*buffers);
+        product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+        return;
+    }
+    Eigen::internal::gemm_blocking_space<Eigen::ColMajor, Scalar, Scalar, Eigen::Dynamic,
+                                         Eigen::Dynamic, Eigen::Dynamic, 1, false>
+        blocking(m, n, k, 1, true);
+    product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+}
+
+/// The GEMM buffers of the calling thread while a kernel that owns them runs, else null.
+/// Code that cannot take buffers as an argument (it runs under a fixed signature) finds them
+/// here; set them with scoped_gemm_buffers.
+template <class Scalar>
+gemm_buffers<Scalar>*& thread_gemm_buffers() {
+    static thread_local gemm_buffers<Scalar>* current = nullptr;
+    return current;
+}
+
+/// Makes `buffers` the calling thread's GEMM buffers for its lifetime.
+template <class Scalar>
+class scoped_gemm_buffers {
+public:
+    explicit scoped_gemm_buffers(gemm_buffers<Scalar>* buffers)
+        : previous_(thread_gemm_buffers<Scalar>()) {
+        thread_gemm_buffers<Scalar>() = buffers;
+    }
+    ~scoped_gemm_buffers() { thread_gemm_buffers<Scalar>() = previous_; }
+    scoped_gemm_buffers(const scoped_gemm_buffers&) = delete;
+    scoped_gemm_buffers& operator=(const scoped_gemm_buffers&) = delete;
+
+private:
+    gemm_buffers<Scalar>* previous_;
+};
+
+/// The general case of product_into (see there): dst = alpha·lhs·rhs by the GEMM kernel, split
+/// by columns over threads.
+template <class Scalar, class Dst, class Lhs, class Rhs>
+void gemm_kernel_product(Dst& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
+                         std::vector<gemm_buffers<Scalar>>& buffer_set, int threads) {
+    const Index m = dst.rows(), n = dst.cols(), k = lhs.cols();
+    dst.setZero();
+    if (m == 0 || n == 0 || k == 0) return;
+    using lhs_traits = Eigen::internal::blas_traits<Lhs>;
+    using rhs_traits = Eigen::internal::blas_traits<Rhs>;
+    // References: extract() returns a plain operand itself, which a copy would allocate.
+    const auto& a = lhs_traits::extract(lhs);
+    const auto& b = rhs_traits::extract(rhs);
+    using a_type = std::remove_cv_t<std::remove_reference_t<decltype(a)>>;
+    using b_type = std::remove_cv_t<std::remove_reference_t<decltype(b)>>;
+    constexpr int a_order =
+        (a_type::Flags & Eigen::RowMajorBit) ? Eigen::RowMajor : Eigen::ColMajor;
+    constexpr int b_order =
+        (b_type::Flags & Eigen::RowMajorBit) ? Eigen::RowMajor : Eigen::ColMajor;
+    using product =
+        Eigen::internal::general_matrix_matrix_product<Index, Scalar, a_order, false, Scalar,
+                                                       b_order, false, Eigen::ColMajor, 1>;
+    constexpr Index nr = Eigen::internal::gebp_traits<Scalar, Scalar>::nr;
+    const Scalar* a_data = a.data();
+    const Scalar* b_data = b.data();
+    const Index lda = a.outerStride(), ldb = b.outerStride();
+    Scalar* c_data = dst.data();
+    const Index ldc = dst.outerStride();
+    // Column j of B starts at b_data + j·ldb when column-major, b_data + j when row-major.
+    const Index b_column_step = b_order == Eigen::ColMajor ? ldb : 1;
+
+    // Blocking of the whole product, shared by every column range: the k-blocks, hence the
+    // order of the sums, are those of one serial product.
+    gemm_blocking<Scalar> blocking(m, n, k);
+    int nt = 1;
+#if defined(MHA_GEMM_USE_OPENMP)
+    nt = threads > 0 ? threads : omp_get_max_threads();
+    // Eigen's rule of thumb for when a thread pays off: at least nr columns and 50 000
+    // multiply-adds each.
+    const double work = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+    nt = static_cast<int>(
+        std::min<double>({static_cast<double>(nt), static_cast<double>(n / nr), work / 50000.0}));
+    nt = std::max(nt, 1);
+#else
+    (void)threads;
+#endif
+    if (buffer_set.size() < static_cast<std::size_t>(nt))
+        buffer_set.resize(static_cast<std::size_t>(nt));
+    auto columns = [&](Index part, gemm_buffers<Scalar>& own) {
+        // Ranges of whole nr-column tiles; the last range takes the remainder.
+        const Index tiles = (n + nr - 1) / nr;
+        const Index j0 = std::min(n, tiles * part / nt * nr);
+        const Index j1 = part + 1 == nt ? n : std::min(n, tiles * (part + 1) / nt * nr);
+        if (j0 >= j1) return;
+        gemm_blocking<Scalar> range_blocking = blocking;
+        range_blocking.use(own);
+        product::run(m, j1 - j0, k, a_data, lda, b_data + j0 * b_column_step, ldb,
+                     c_data + j0 * ldc, 1, ldc, alpha, range_blocking, nullptr);
+    };
+#if defined(MHA_GEMM_USE_OPENMP)
+    if (nt > 1) {
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+        for (int part = 0; part < nt; ++part)
+            columns(part, buffer_set[static_cast<std::size_t>(omp_get_thread_num())]);
+        return;
+    }
+#endif
+    columns(0, buffer_set.front());
+}
+
+/// Whether product_into can hand lhs·rhs → dst to the GEMM kernel directly: operands with
+/// inner stride 1 (or transposes of such), no scalar factor folded in, a column-major result
+/// with inner stride 1. Other expressions go to Eigen as they are.
+template <class Dst, class Lhs, class Rhs>
+inline constexpr bool gemm_kernel_operands = [] {
+    using lhs_traits = Eigen::internal::blas_traits<Lhs>;
+    using rhs_traits = Eigen::internal::blas_traits<Rhs>;
+    return lhs_traits::HasUsableDirectAccess && rhs_traits::HasUsableDirectAccess &&
+           !lhs_traits::HasScalarFactor && !rhs_traits::HasScalarFactor &&
+           Eigen::internal::inner_stride_at_compile_time<Lhs>::ret == 1 &&
+           Eigen::internal::inner_stride_at_compile_time<Rhs>::ret == 1 &&
+           !(Dst::Flags & Eigen::RowMajorBit) && Dst::InnerStrideAtCompileTime == 1;
+}();
+
+/// dst = alpha·lhs·rhs (dst must not alias lhs or rhs).
+///
+/// Without `buffers`: Eigen's `dst.noalias() = alpha * (lhs * rhs)`, as it is.
+/// With `buffers` (one per thread, index omp_get_thread_num(); grown here to the thread count):
+/// the same result as Eigen on one thread, with no allocation once the buffers have served this
+/// shape. Eigen's size rules are kept: the coefficient-based product below
+/// EIGEN_GEMM_TO_COEFFBASED_THRESHOLD and GEMV for one column allocate nothing anyway; the
+/// general case, including a single row, runs the GEMM kernel split over `threads` threads
+/// (0: OpenMP's default) as described at the top of this file.
+template <class Scalar, class Dst, class Lhs, class Rhs>
+void product_into(Dst&& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
+                  std::vector<gemm_buffers<Scalar>>* buffers, int threads = 0) {
+    if constexpr (!gemm_kernel_operands<std::decay_t<Dst>, Lhs, Rhs>) {
+        dst.noalias() = alpha * (lhs * rhs);
+        (void)buffers;
+        (void)threads;
+    } else {
+        const Index m = dst.rows(), n = dst.cols(), k = lhs.cols();
+        if (buffers == nullptr || (k + m + n < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD && k > 0) ||
+            n == 1) {
+            dst.noalias() = alpha * (lhs * rhs);
+            return;
+        }
+        gemm_kernel_product(dst, lhs, rhs, alpha, *buffers, threads);
+    }
+}
+
+}  // namespace detail
+}  // namespace mha
