@@ -158,6 +158,7 @@ struct tile_scratch {
     matrix<Scalar> qt;   // nqp × dk: the block's queries, transposed and scaled
     matrix<Scalar> s;    // nqp × key_block: transposed scores, then probabilities
     matrix<Scalar> acc;  // dv × query_block unnormalised output
+    matrix<Scalar> v;    // dv × key_block: the block's values, contiguous
     vector<Scalar> m, l;               // query_block: running max and sum
     vector<Scalar> block_max, shift, block_sum;  // nqp: per-block softmax bookkeeping
     std::vector<Index> first, last;  // allowed key interval of each query of the block
@@ -335,8 +336,13 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
             }
             t.m(c) = m_new;
         }
-        accumulate_values(p.v + j0 * p.v_stride, p.v_stride, p.dv, nk, st, nqp, nq,
-                          t.acc.data(), t.acc.rows());
+        // V's columns lie a whole QKV row apart (3·E floats, 6 KB for E = 512). Copied
+        // contiguous, the chunk the value kernel re-reads for every query tile stays in L1;
+        // measured a few per cent faster at L = 2048 (copying K as well was slower).
+        Scalar* vb = t.v.data();
+        for (Index r = 0; r < nk; ++r)
+            std::copy_n(p.v + (j0 + r) * p.v_stride, p.dv, vb + r * p.dv);
+        accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows());
     }
 }
 
@@ -613,6 +619,7 @@ void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
         t.qt.resize(nqp, std::max<Index>(dk, 1));
         t.s.resize(nqp, cfg.key_block);
         t.acc.resize(std::max<Index>(dv, 1), cfg.query_block);
+        t.v.resize(std::max<Index>(dv, 1), cfg.key_block);
         t.m.resize(cfg.query_block);
         t.l.resize(cfg.query_block);
         t.block_max.resize(nqp);
