@@ -40,7 +40,7 @@ struct block_kernel_traits {
     static constexpr bool many_registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
     static constexpr Index score_query_packets = 2;
     static constexpr Index score_keys = many_registers ? 8 : 4;
-    static constexpr Index value_packets = many_registers ? 2 : 2;
+    static constexpr Index value_packets = 2;
     static constexpr Index value_queries = many_registers ? 8 : 6;
     static constexpr Index value_key_chunk = 128;
     /// Queries are padded to a multiple of this; blocks with fewer queries use Eigen instead.

@@ -8,27 +8,32 @@
 // a task does not depend on which thread runs it or when. Tasks are handed out dynamically
 // (OpenMP `schedule(dynamic)`), the most expensive first (causal and sliding-window blocks differ).
 //
-// Loop of one task, over key blocks of `key_block` columns:
-//   S  = scale·K_blkᵀ·Q_blk          (key_block × query_block, one GEMM on strided head views)
-//   mask S by selection               (−∞, whatever K held: poisoned keys never leak)
-//   m' = max(m, colmax S)             per query (NaN wins, so NaN in allowed inputs propagates)
-//   P  = exp(S − m'), −∞ → exactly 0  (vectorised; Eigen's pexp, with the −∞ lanes cleared)
-//   l  = exp(m − m')·l + colsum P;  O = exp(m − m')·O + V_blk·P   (second GEMM)
-// At the end O /= l; a query that saw no allowed key (m = −∞) gets exactly 0.
+// Loop of one task. The query block is packed once, transposed and pre-scaled:
+// Qtᵀ = scale·Q_blkᵀ (nq × d_k, padded to a packet multiple). Then over key blocks of `key_block`:
+//   Sᵀ = Qtᵀ·K_blk                    (nq × key_block; register tiles reading K in place)
+//   mask Sᵀ by selection              (−∞, whatever K held: poisoned keys never leak)
+//   m' = max(m, rowmax Sᵀ)            per query (NaN wins, so NaN in allowed inputs propagates)
+//   Pᵀ = exp(Sᵀ − m'), −∞ → exactly 0 (Eigen's pexp, with the −∞ lanes cleared)
+//   l  = exp(m − m')·l + rowsum Pᵀ;  O = exp(m − m')·O + V_blk·P   (register tiles)
+// At the end O /= l; a query that saw no allowed key (m = −∞) gets exactly 0. The scores are
+// kept transposed, one key per column, so that the max, the exp and the sum run across packets
+// of queries: no horizontal reduction, no per-query loop in the hot path. The kernels live in
+// detail/attention_block_kernels.hpp; a block with fewer queries than a packet (a decode step)
+// computes its scores with Eigen's GEMV instead, as padding would waste most of the tile.
 //
-// Tile sizes. query_block = 128, key_block = 512: S is 512×128 floats = 256 KB and stays in the
-// 1 MB L2 of the target (Zen 5) together with the O accumulator (d_v×128) and the K/V blocks
-// (d×512). performance.md §7.3 measured this shape of the Eigen-GEMM-per-block design at
-// 136–159 GFLOP/s per core (64×512: 144, 256×512: 157); 128 keeps enough tasks for 2 threads at
-// L = 512 with 12 heads (48 tasks). Larger key blocks amortise the per-block softmax bookkeeping
-// and Eigen's packing of the Q block; smaller query blocks would re-pack K more often.
-//
+// Tile sizes. query_block = 128, key_block = 512: Sᵀ is 128×512 floats = 256 KB and stays in
+// the 1 MB L2 of the target (Zen 5) together with the O accumulator (d_v×128), the packed
+// queries (128×d_k) and the V block (d_v×512). 128 keeps enough tasks for 2 threads at
+// L = 512 with 8 heads (32 tasks); larger key blocks amortise the per-block bookkeeping.
+// An earlier design called Eigen's GEMM for both products of a block; it reached 0.75 of
+// BM_gemm_roofline at L = 2048, the register tiles about 1.0 (bench/bench_attention.cpp).
+
 // Masks. Positional masks (causal, sliding windows, key_lengths) give each query an allowed key
 // interval [first_i, last_i) (attention_mask::slice::key_range). A task only visits keys in the
 // union of its queries' intervals, so blocks above the causal diagonal, outside a window or past
 // a key length are never computed. Key blocks inside every query's interval are "interior" and
-// pay nothing for masking; only boundary blocks set the out-of-interval entries to −∞ column by
-// column. keep_mask and additive_bias are applied element-wise to each visited block (a −∞ bias
+// pay nothing for masking; only boundary blocks set the out-of-interval entries to −∞ query by
+// query. keep_mask and additive_bias are applied element-wise to each visited block (a −∞ bias
 // is a selection, like keep_mask, so NaN + (−∞) cannot resurrect an excluded key).
 //
 // Poisoned values. P·V by GEMM multiplies excluded value columns by 0, and 0·NaN = NaN (0·Inf as
@@ -47,8 +52,8 @@
 // are merged in chunk order by log-sum-exp. The decision depends only on the shapes, never on the
 // thread count, so results are identical for every thread count.
 //
-// Memory. Per thread: S (key_block × query_block), O (d_v × query_block), m, l and the query
-// intervals: independent of L. Split partials are d_v × Lq per chunk: linear in Lk. No L×L
+// Memory. Per thread: Sᵀ (query_block × key_block), the packed queries, the V block,
+// O (d_v × query_block), m, l and the query intervals: independent of L. Split partials are d_v × Lq per chunk: linear in Lk. No L×L
 // buffer exists unless weights are requested.
 //
 // Threads. OpenMP when the compiler has it enabled (CMake option MHA_OPENMP), otherwise serial.
