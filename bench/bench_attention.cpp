@@ -245,6 +245,31 @@ void BM_mha_forward(benchmark::State& state) {
     set_gflops(state, mha_bench::forward_flops(kBatch, length, d, causal));
 }
 
+// The whole layer through forward_into with a workspace kept across calls: after the first
+// call no buffer is allocated, so this is the layer's arithmetic without the allocator's cost
+// (large buffers are mmap-ed and unmapped by glibc on every call of BM_mha_forward).
+void BM_mha_forward_into(benchmark::State& state) {
+    const Index d = state.range(0);
+    const Index heads = state.range(1);
+    const Index length = state.range(2);
+    const bool causal = state.range(3) != 0;
+    mha::attention_config config;
+    config.embed_dim = d;
+    config.num_heads = heads;
+    const mha::multi_head_attention<float> layer(config, /*seed=*/1);
+    const Matrix x = Matrix::Random(d, kBatch * length);
+    const mha::packed_batch batch = batch_of(length);
+    const mha::attention_mask<float> mask = mask_for(causal);
+    Matrix y(d, kBatch * length);
+    mha::forward_workspace<float> workspace;
+    for (auto _ : state) {
+        layer.forward_into(x, batch, mask, y, workspace);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::forward_flops(kBatch, length, d, causal));
+}
+
 void projection_shapes(benchmark::internal::Benchmark* b) {
     b->ArgNames({"d_model", "L"});
     for (const shape& s : kShapes)
@@ -274,6 +299,10 @@ BENCHMARK(BM_gemm_roofline)->ArgName("n")->Arg(1024)->Unit(benchmark::kMilliseco
 BENCHMARK(BM_projections)->Apply(projection_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_attention_core)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_mha_forward)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_mha_forward_into)
+    ->Apply(attention_shapes)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_attention_core_algo)->Apply(algo_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_attention_decode)
     ->ArgNames({"d_model", "heads", "L"})

@@ -2,6 +2,9 @@
 # SPDX-License-Identifier: MIT
 """Side-by-side forward times: torch.nn.MultiheadAttention against this library's BM_mha_forward.
 
+The library is timed twice: `forward` (allocating its result and buffers on every call, as
+PyTorch does) and `forward_into` with a workspace kept across calls (BM_mha_forward_into).
+
     /usr/bin/python3 bench/compare_pytorch.py [--binary build/release/bench/bench_attention]
                                               [--threads 1] [--repetitions 5]
 
@@ -68,7 +71,7 @@ def run_library(binary, threads, repetitions):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     command = [
         binary,
-        "--benchmark_filter=^(BM_gemm_roofline|BM_mha_forward)/",
+        "--benchmark_filter=^(BM_gemm_roofline|BM_mha_forward|BM_mha_forward_into)/",
         "--benchmark_format=json",
         f"--benchmark_repetitions={repetitions}",
         "--benchmark_report_aggregates_only=true",
@@ -139,19 +142,22 @@ def main():
           f"{roofline_gflops:.1f} GFLOP/s")
     print()
     header = (f"{'shape (d_model/heads, L)':<26} {'causal':>6} {'torch ms':>10} {'mha ms':>10} "
-              f"{'speed-up':>9} {'torch GF/s':>11} {'mha GF/s':>9} {'mha/roofline':>13}")
+              f"{'speed-up':>9} {'into ms':>9} {'speed-up':>9} {'torch GF/s':>11} "
+              f"{'into GF/s':>10} {'into/roofline':>14}")
     print(header)
     print("-" * len(header))
     for d_model, heads, length in SHAPES:
         for causal in (0, 1):
             name = (f"BM_mha_forward/d_model:{d_model}/heads:{heads}/L:{length}/causal:{causal}"
                     "/real_time")
-            mha_ms, mha_gflops = medians[name]
+            mha_ms, _ = medians[name]
+            into_ms, into_gflops = medians[name.replace("BM_mha_forward/", "BM_mha_forward_into/")]
             t_ms = torch_ms[(d_model, heads, length, causal)]
             torch_gflops = forward_flops(length, d_model, causal) / (t_ms * 1e-3) / 1e9
             print(f"{f'{d_model}/{heads}, L={length}':<26} {('yes' if causal else 'no'):>6} "
                   f"{t_ms:>10.3f} {mha_ms:>10.3f} {t_ms / mha_ms:>8.2f}x "
-                  f"{torch_gflops:>11.1f} {mha_gflops:>9.1f} {mha_gflops / roofline_gflops:>13.2f}")
+                  f"{into_ms:>9.3f} {t_ms / into_ms:>8.2f}x {torch_gflops:>11.1f} "
+                  f"{into_gflops:>10.1f} {into_gflops / roofline_gflops:>14.2f}")
     print()
     print("speed-up = torch ms / mha ms (> 1: this library is faster). GFLOP/s use the same count "
           "for both (bench/flops.hpp: projections + core, the causal core counted at half), so "
