@@ -94,6 +94,14 @@ inline void check_size(const char* where, const std::string& argument, Index exp
     fail<shape_error>(where, argument, expectation, actual);
 }
 
+/// The same for an argument named by a literal: no std::string is built unless the check fails,
+/// so checks on a hot path allocate nothing.
+inline void check_size(const char* where, const char* argument, Index expected, Index actual,
+                       const char* expected_meaning = nullptr) {
+    if (actual == expected) return;
+    check_size(where, std::string(argument), expected, actual, expected_meaning);
+}
+
 template <class T>
 inline constexpr bool is_supported_scalar_v =
     std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, long double>;

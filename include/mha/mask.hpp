@@ -207,19 +207,23 @@ private:
             for (Index i = 0; i < count; ++i) {
                 const Index b = count == 1 ? 0 : (count == batch ? i : i / num_heads);
                 const auto& m = items[at + static_cast<std::size_t>(i)];
-                const std::string label = std::string(name) + "[" + std::to_string(i) + "]";
+                // The argument's name is built only for the message: a passing check allocates
+                // nothing.
+                auto check = [&](const char* member, Index expected, Index actual,
+                                 const char* meaning) {
+                    if (actual == expected) return;
+                    detail::check_size(where,
+                                       std::string(name) + "[" + std::to_string(i) + "]" + member,
+                                       expected, actual, meaning);
+                };
                 if (count == 1) {
                     for (Index s = 0; s < batch; ++s) {
-                        detail::check_size(where, label + ".rows()", lk[s], m.rows(),
-                                           "keys in sequence");
-                        detail::check_size(where, label + ".cols()", lq[s], m.cols(),
-                                           "queries in sequence");
+                        check(".rows()", lk[s], m.rows(), "keys in sequence");
+                        check(".cols()", lq[s], m.cols(), "queries in sequence");
                     }
                 } else {
-                    detail::check_size(where, label + ".rows()", lk[b], m.rows(),
-                                       "keys in sequence");
-                    detail::check_size(where, label + ".cols()", lq[b], m.cols(),
-                                       "queries in sequence");
+                    check(".rows()", lk[b], m.rows(), "keys in sequence");
+                    check(".cols()", lq[b], m.cols(), "queries in sequence");
                 }
             }
             at += n;
@@ -237,12 +241,17 @@ private:
     friend class slice;
 };
 
-/// The masks of one (sequence, head) pair, with the queries' allowed key ranges precomputed
-/// from the positional masks. Kernels ask it for `key_range(i)` and then for the element-wise
-/// masks inside that range.
+/// The masks of one (sequence, head) pair. Kernels ask it for `key_range(i)` and then for the
+/// element-wise masks inside that range.
+///
+/// A slice refers to the `attention_mask` it came from (it holds a pointer to it, not a copy of
+/// its masks): it must not outlive that mask, nor see it modified. In exchange it is a few words,
+/// cheap to copy, and making one allocates nothing, so a kernel can make one per (sequence, head)
+/// on every call.
 template <class Scalar>
 class attention_mask<Scalar>::slice {
 public:
+    /// A slice with no mask: every query may attend to all `lk` keys.
     slice(Index lq, Index lk) : lq_(lq), lk_(lk), key_limit_(lk) {}
 
     Index query_count() const { return lq_; }
@@ -252,14 +261,18 @@ public:
     std::pair<Index, Index> key_range(Index i) const {
         Index first = 0;
         Index last = key_limit_;
-        if (causal_) {
-            const Index c = i + (*causal_ == causal_alignment::bottom_right ? lk_ - lq_ : 0);
-            last = std::min(last, c + 1);
-        }
-        for (const auto& w : windows_) {
-            const Index c = i + (w.alignment == causal_alignment::bottom_right ? lk_ - lq_ : 0);
-            first = std::max(first, c - w.left);
-            last = std::min(last, c + w.right + 1);
+        if (mask_ != nullptr) {
+            if (mask_->causal_) {
+                const bool bottom_right =
+                    mask_->causal_->alignment == causal_alignment::bottom_right;
+                const Index c = i + (bottom_right ? lk_ - lq_ : 0);
+                last = std::min(last, c + 1);
+            }
+            for (const auto& w : mask_->windows_) {
+                const Index c = i + (w.alignment == causal_alignment::bottom_right ? lk_ - lq_ : 0);
+                first = std::max(first, c - w.left);
+                last = std::min(last, c + w.right + 1);
+            }
         }
         // Clamp into [0, key_limit]: a top-left window with Lq > Lk would otherwise start past
         // the last key, and callers index the scores with the range.
@@ -270,16 +283,25 @@ public:
 
     /// Whether the element-wise masks allow key j for query i (range masks not included).
     bool keeps(Index j, Index i) const {
-        for (const bool_matrix* m : keep_)
-            if (!(*m)(j, i)) return false;
+        if (!has_keep()) return true;
+        std::size_t at = 0;
+        for (std::size_t n : mask_->keep_groups_) {
+            if (!mask_->keep_[at + index_in_group(n)](j, i)) return false;
+            at += n;
+        }
         return true;
     }
-    bool has_keep() const { return !keep_.empty(); }
-    bool has_bias() const { return !bias_.empty(); }
+    bool has_keep() const { return mask_ != nullptr && !mask_->keep_.empty(); }
+    bool has_bias() const { return mask_ != nullptr && !mask_->bias_.empty(); }
     /// Sum of the additive biases at (j, i).
     Scalar bias(Index j, Index i) const {
         Scalar total(0);
-        for (const matrix<Scalar>* m : bias_) total += (*m)(j, i);
+        if (!has_bias()) return total;
+        std::size_t at = 0;
+        for (std::size_t n : mask_->bias_groups_) {
+            total += mask_->bias_[at + index_in_group(n)](j, i);
+            at += n;
+        }
         return total;
     }
 
@@ -291,45 +313,40 @@ public:
 
     /// True when no key of any query lies outside [0, key_limit) and nothing else masks.
     bool is_unmasked() const {
-        return !causal_ && windows_.empty() && key_limit_ == lk_ && keep_.empty() &&
-               bias_.empty();
+        return key_limit_ == lk_ &&
+               (mask_ == nullptr || (!mask_->causal_ && mask_->windows_.empty() &&
+                                     mask_->keep_.empty() && mask_->bias_.empty()));
     }
 
 private:
     friend class attention_mask<Scalar>;
+
+    // Which matrix of a group of `count` this (sequence, head) uses: a group of 1 is shared, a
+    // group of B is one per sequence, a group of B·H one per head (validate() allows no other).
+    std::size_t index_in_group(std::size_t count) const {
+        const auto n = static_cast<Index>(count);
+        if (n == 1) return 0;
+        if (n == num_sequences_) return static_cast<std::size_t>(b_);
+        return static_cast<std::size_t>(b_ * num_heads_ + h_);
+    }
+
+    const attention_mask* mask_ = nullptr;
+    Index b_ = 0, h_ = 0, num_sequences_ = 1, num_heads_ = 1;
     Index lq_;
     Index lk_;
     Index key_limit_;
-    std::optional<causal_alignment> causal_;
-    std::vector<sliding_window> windows_;
-    std::vector<const bool_matrix*> keep_;
-    std::vector<const matrix<Scalar>*> bias_;
 };
 
 template <class Scalar>
 typename attention_mask<Scalar>::slice attention_mask<Scalar>::for_head(
     Index b, Index h, Index num_sequences, Index num_heads, Index lq, Index lk) const {
     slice s(lq, lk);
-    if (causal_) s.causal_ = causal_->alignment;
-    s.windows_ = windows_;
+    s.mask_ = this;
+    s.b_ = b;
+    s.h_ = h;
+    s.num_sequences_ = num_sequences;
+    s.num_heads_ = num_heads;
     if (key_lengths_) s.key_limit_ = key_lengths_->lengths[static_cast<std::size_t>(b)];
-    // A group of 1 is shared, a group of B is one per sequence, a group of B·H one per head.
-    auto index_in_group = [&](std::size_t count) -> std::size_t {
-        const auto n = static_cast<Index>(count);
-        if (n == 1) return 0;
-        if (n == num_sequences) return static_cast<std::size_t>(b);
-        return static_cast<std::size_t>(b * num_heads + h);
-    };
-    std::size_t at = 0;
-    for (std::size_t n : keep_groups_) {
-        s.keep_.push_back(&keep_[at + index_in_group(n)]);
-        at += n;
-    }
-    at = 0;
-    for (std::size_t n : bias_groups_) {
-        s.bias_.push_back(&bias_[at + index_in_group(n)]);
-        at += n;
-    }
     return s;
 }
 
