@@ -12,6 +12,7 @@
 // A query with no key to attend to gets output 0 and weights 0.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -22,6 +23,7 @@
 
 #include <mha/batch.hpp>
 #include <mha/config.hpp>
+#include <mha/detail/gemm.hpp>
 #include <mha/detail/tiled_attention.hpp>
 #include <mha/mask.hpp>
 #include <mha/softmax.hpp>
@@ -154,27 +156,37 @@ void repair_excluded_values(const typename attention_mask<Scalar>::slice& mask,
     }
 }
 
-/// The materialised attention of one (sequence, head); `scores` is scratch, resized to Lk × Lq.
-template <class Scalar, class DQ, class DK, class DV, class DO>
+/// The materialised attention of one (sequence, head); `scores` (Lk × Lq) is scratch and ends
+/// holding the weights. The two products pack into `gemm` when given (see product_into).
+template <class Scalar, class DQ, class DK, class DV, class DO, class DS>
 void attend_one_head(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                      const Eigen::MatrixBase<DV>& v,
                      const typename attention_mask<Scalar>::slice& mask, Scalar scale,
-                     normalization normalize, Eigen::MatrixBase<DO>& out, matrix<Scalar>& scores) {
+                     normalization normalize, Eigen::MatrixBase<DO>& out,
+                     Eigen::MatrixBase<DS>& scores,
+                     std::vector<gemm_buffers<Scalar>>* gemm = nullptr) {
     const Index lq = q.cols();
     const Index lk = k.cols();
-    scores.resize(lk, lq);
     if (lq == 0) return;
     if (lk == 0) {
         out.setZero();
         return;
     }
-    scores.noalias() = scale * (k.transpose() * q);
+    product_into(scores.derived(), k.derived().transpose(), q.derived(), scale, gemm);
     const bool masked = !mask.is_unmasked();
     if (masked) apply_mask<Scalar>(mask, scores);
     normalize_columns(scores, normalize);
-    out.noalias() = v * scores;
+    product_into(out.derived(), v.derived(), scores.derived(), Scalar(1), gemm);
     if (masked) repair_excluded_values<Scalar>(mask, v, scores, out);
 }
+
+/// The buffers of a multi-head attention-core call, kept for the next call (see attention_core).
+template <class Scalar>
+struct attention_workspace {
+    tiled_workspace<Scalar> tiled;
+    vector<Scalar> scores;  // materialised path: one head's Lk × Lq, grown to the largest
+    std::vector<gemm_buffers<Scalar>> gemm;  // GEMM packing, one per thread (see product_into)
+};
 
 }  // namespace detail
 
@@ -212,6 +224,7 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
     const auto slice = mask.for_head(0, 0, 1, 1, q.cols(), k.cols());
     matrix<Scalar> scratch;
     matrix<Scalar>& scores = weights != nullptr ? *weights : scratch;
+    scores.resize(k.cols(), q.cols());
     detail::attend_one_head<Scalar>(q, k, v, slice, scale, options.normalize, out, scores);
 }
 
@@ -225,19 +238,20 @@ matrix<typename DQ::Scalar> scaled_dot_product_attention(
     return out;
 }
 
-/// The multi-head attention core over a packed batch, on already projected Q, K and V:
-///   q : (H·d_k) × Nq,  k : (H·d_k) × Nk,  v : (H·d_v) × Nk,  out : (H·d_v) × Nq
-/// with Nq and Nk the batch's total query and key counts. Head h of sequence b attends with
-/// rows [h·d_k, (h+1)·d_k) of the columns of sequence b only. If `weights` is given and `mode`
-/// is not `none`, it receives the weights (see `weights_mode`).
+namespace detail {
+
+/// multi_head_attention_core (below) with its buffers in `workspace`: with the shapes of an
+/// earlier call on the same workspace, and without weights, a call allocates nothing. Null: the
+/// buffers are the call's own, and the materialised path's products are Eigen's (which may run
+/// on Eigen's own OpenMP threads).
 template <class DQ, class DK, class DV, class DO>
-void multi_head_attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                               const Eigen::MatrixBase<DV>& v, Index num_heads,
-                               const packed_batch& batch, const Eigen::MatrixBase<DO>& out_,
-                               const attention_mask<typename DQ::Scalar>& mask = {},
-                               const attention_options& options = {},
-                               weights_mode mode = weights_mode::none,
-                               std::vector<matrix<typename DQ::Scalar>>* weights = nullptr) {
+void attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                    const Eigen::MatrixBase<DV>& v, Index num_heads, const packed_batch& batch,
+                    const Eigen::MatrixBase<DO>& out_,
+                    const attention_mask<typename DQ::Scalar>& mask,
+                    const attention_options& options, weights_mode mode,
+                    std::vector<matrix<typename DQ::Scalar>>* weights,
+                    attention_workspace<typename DQ::Scalar>* workspace) {
     using Scalar = typename DQ::Scalar;
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
     constexpr const char* where = "mha::multi_head_attention_core";
@@ -279,12 +293,20 @@ void multi_head_attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
                                 : mode == weights_mode::per_head ? detail::tiled_weights::per_head
                                                                  : detail::tiled_weights::averaged;
         detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
-            detail::tiled_multi_head_attention<Scalar>(q, k, v, num_heads, batch, o, mask, scale,
-                                                       tiled_mode, weights);
+            detail::tiled_multi_head_attention<Scalar>(
+                q, k, v, num_heads, batch, o, mask, scale, tiled_mode, weights, {},
+                workspace != nullptr ? &workspace->tiled : nullptr);
         });
         return;
     }
-    matrix<Scalar> scores;
+    // One head's scores at a time, in a buffer sized once for the largest sequence.
+    vector<Scalar> local_scores;
+    vector<Scalar>& scores_buffer = workspace != nullptr ? workspace->scores : local_scores;
+    Index largest = 0;
+    for (Index b = 0; b < batch.size(); ++b)
+        largest = std::max(largest, batch.key_length(b) * batch.query_length(b));
+    if (scores_buffer.size() < largest) scores_buffer.resize(largest);
+    auto* gemm = workspace != nullptr ? &workspace->gemm : nullptr;
     for (Index b = 0; b < batch.size(); ++b) {
         const Index lq = batch.query_length(b);
         const Index lk = batch.key_length(b);
@@ -296,13 +318,14 @@ void multi_head_attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
             out.derived().middleCols(q0, lq).setZero();
             continue;
         }
+        Eigen::Map<matrix<Scalar>> scores(scores_buffer.data(), lk, lq);
         for (Index h = 0; h < num_heads; ++h) {
             const auto slice = mask.for_head(b, h, batch.size(), num_heads, lq, lk);
             auto out_bh = out.derived().block(h * dv, q0, dv, lq);
             detail::attend_one_head<Scalar>(
                 q.derived().block(h * dk, q0, dk, lq), k.derived().block(h * dk, k0, dk, lk),
                 v.derived().block(h * dv, k0, dv, lk), slice, scale, options.normalize, out_bh,
-                scores);
+                scores, gemm);
             if (!want_weights) continue;
             if (mode == weights_mode::per_head)
                 (*weights)[static_cast<std::size_t>(b * num_heads + h)] = scores;
@@ -310,6 +333,25 @@ void multi_head_attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::Matr
                 (*weights)[static_cast<std::size_t>(b)] += scores / Scalar(num_heads);
         }
     }
+}
+
+}  // namespace detail
+
+/// The multi-head attention core over a packed batch, on already projected Q, K and V:
+///   q : (H·d_k) × Nq,  k : (H·d_k) × Nk,  v : (H·d_v) × Nk,  out : (H·d_v) × Nq
+/// with Nq and Nk the batch's total query and key counts. Head h of sequence b attends with
+/// rows [h·d_k, (h+1)·d_k) of the columns of sequence b only. If `weights` is given and `mode`
+/// is not `none`, it receives the weights (see `weights_mode`).
+template <class DQ, class DK, class DV, class DO>
+void multi_head_attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                               const Eigen::MatrixBase<DV>& v, Index num_heads,
+                               const packed_batch& batch, const Eigen::MatrixBase<DO>& out_,
+                               const attention_mask<typename DQ::Scalar>& mask = {},
+                               const attention_options& options = {},
+                               weights_mode mode = weights_mode::none,
+                               std::vector<matrix<typename DQ::Scalar>>* weights = nullptr) {
+    detail::attention_core(q, k, v, num_heads, batch, out_, mask, options, mode, weights,
+                           static_cast<detail::attention_workspace<typename DQ::Scalar>*>(nullptr));
 }
 
 }  // namespace mha

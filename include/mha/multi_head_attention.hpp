@@ -80,9 +80,10 @@ struct attention_result {
     std::vector<matrix<Scalar>> weights;  ///< see `weights_mode`; each Lk × Lq
 };
 
-/// The intermediate buffers of a forward call (projected Q/K/V and the concatenated heads). Pass
-/// the same workspace to repeated `forward_into` calls with the same shapes and the buffers are
-/// reused instead of allocated and freed each time. One workspace per thread.
+/// Every buffer a forward call needs: the projected Q/K/V, the concatenated heads, and the
+/// attention kernel's and the GEMMs' scratch. Pass the same workspace to repeated `forward_into`
+/// calls and, once a call has run with given shapes, later calls with those shapes allocate
+/// nothing (see `forward_into`). One workspace per thread.
 template <class Scalar>
 struct forward_workspace {
     matrix<Scalar> qkv;    ///< self-attention: stacked Q, K, V, (2·H·d_k + H·d_v) × N
@@ -90,6 +91,9 @@ struct forward_workspace {
     matrix<Scalar> k;      ///< cross-attention: H·d_k × Nk
     matrix<Scalar> v;      ///< cross-attention: H·d_v × Nk
     matrix<Scalar> heads;  ///< concatenated head outputs, H·d_v × Nq
+    /// The attention core's buffers (tiled kernel, materialised scores) and the GEMM packing
+    /// buffers of every product of the call, projections included. Internal; grows only.
+    detail::attention_workspace<Scalar> internal;
 };
 
 /// Multi-head attention layer. `const` member functions may be called from several threads.
@@ -259,13 +263,32 @@ public:
 
     /// Self-attention over a packed batch into `out` (E × N, not resized), reusing the buffers
     /// of `workspace` across calls.
+    ///
+    /// No heap allocation. Once a call has run on `workspace` with the same shapes (token
+    /// counts, number of sequences and their lengths) and the same OpenMP thread count, a call
+    /// allocates nothing: not through Eigen, not through operator new, not through malloc
+    /// (tests/test_allocation_free.cpp counts all three, for every mask kind and their
+    /// composition, packed batches, decode over long caches, the materialised algorithm, relu
+    /// and sigmoid, float and double, 1 and 2 threads). What still allocates:
+    /// - a call whose shapes differ from the previous call's: the Q/K/V and head matrices take
+    ///   the new token counts; the kernels' buffers grow to the largest shapes and thread
+    ///   count seen and never shrink;
+    /// - inputs that `Eigen::Ref<const matrix>` cannot view in place (row-major storage, an inner
+    ///   stride, an expression): Eigen copies them into a temporary. Matrices, column blocks and
+    ///   column-major Maps with inner stride 1 are viewed;
+    /// - building the `packed_batch` and the `attention_mask` (they own vectors): build them once
+    ///   and pass the same objects again (a default `{}` mask allocates nothing);
+    /// - an exception on bad input (its message).
+    /// Every product runs on this call's OpenMP threads (OMP_NUM_THREADS, omp_set_num_threads),
+    /// never through Eigen's own parallel GEMM, and the result is the same for every count.
     void forward_into(const input& x, const packed_batch& batch, const attention_mask<Scalar>& mask,
                       Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace) const {
         run(x, x, x, true, batch, mask, out, weights_mode::none, nullptr, workspace);
     }
 
     /// Cross-attention over a packed batch into `out` (E × Nq, not resized), reusing the
-    /// buffers of `workspace` across calls.
+    /// buffers of `workspace` across calls. Allocates nothing under the conditions of the
+    /// self-attention overload above.
     void forward_into(const input& query, const input& key, const input& value,
                       const packed_batch& batch, const attention_mask<Scalar>& mask,
                       Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace) const {
@@ -341,29 +364,34 @@ private:
 
         // resize() keeps a buffer whose size is unchanged: repeated calls reuse the workspace.
         ws.heads.resize(vw, query.cols());  // concatenated head outputs, (H·d_v) × Nq
+        // Every product packs into the workspace's GEMM buffers, on this call's OpenMP threads
+        // (never Eigen's own parallel GEMM, which allocates): see detail/gemm.hpp.
+        auto* gemm = &ws.internal.gemm;
         if (self && fused_) {
             // One GEMM over every token for Q, K and V together.
             ws.qkv.resize(2 * qk + vw, query.cols());
-            project_qkv(w_in_, b_in_, query, ws.qkv);
+            detail::linear_into(w_in_, b_in_, query, ws.qkv, gemm);
             auto views = split_qkv(ws.qkv, qk, vw);
-            multi_head_attention_core(views.q, views.k, views.v, config_.num_heads, batch, ws.heads,
-                                      mask, config_.attention, mode, weights);
+            detail::attention_core(views.q, views.k, views.v, config_.num_heads, batch, ws.heads,
+                                   mask, config_.attention, mode, weights, &ws.internal);
         } else {
             ws.q.resize(qk, query.cols());
             ws.k.resize(qk, key.cols());
             ws.v.resize(vw, key.cols());
-            linear(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q);
+            detail::linear_into(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q, gemm);
             if (fused_) {
-                linear(w_in_.middleRows(qk, qk), bias_segment(qk, qk), key, ws.k);
-                linear(w_in_.bottomRows(vw), bias_segment(2 * qk, vw), value, ws.v);
+                detail::linear_into(w_in_.middleRows(qk, qk), bias_segment(qk, qk), key, ws.k,
+                                    gemm);
+                detail::linear_into(w_in_.bottomRows(vw), bias_segment(2 * qk, vw), value, ws.v,
+                                    gemm);
             } else {
-                linear(w_k_, bias_segment(qk, qk), key, ws.k);
-                linear(w_v_, bias_segment(2 * qk, vw), value, ws.v);
+                detail::linear_into(w_k_, bias_segment(qk, qk), key, ws.k, gemm);
+                detail::linear_into(w_v_, bias_segment(2 * qk, vw), value, ws.v, gemm);
             }
-            multi_head_attention_core(ws.q, ws.k, ws.v, config_.num_heads, batch, ws.heads, mask,
-                                      config_.attention, mode, weights);
+            detail::attention_core(ws.q, ws.k, ws.v, config_.num_heads, batch, ws.heads, mask,
+                                   config_.attention, mode, weights, &ws.internal);
         }
-        output_projection(w_o_, b_o_, ws.heads, out);
+        detail::linear_into(w_o_, b_o_, ws.heads, out, gemm);
     }
 
     attention_config config_;

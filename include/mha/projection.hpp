@@ -2,9 +2,31 @@
 // Linear projections y = W·x + b applied to every token (column) at once: one GEMM.
 #pragma once
 
+#include <vector>
+
 #include <mha/config.hpp>
+#include <mha/detail/gemm.hpp>
 
 namespace mha {
+
+namespace detail {
+
+/// `linear` with the GEMM's packing buffers in `gemm` (see product_into); null: Eigen's product.
+template <class DW, class DB, class DX, class DO>
+void linear_into(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
+                 const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out_,
+                 std::vector<gemm_buffers<typename DX::Scalar>>* gemm) {
+    constexpr const char* where = "mha::linear";
+    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
+    check_size(where, "x.rows()", w.cols(), x.rows(), "w.cols()");
+    if (b.size() != 0) check_size(where, "b.size()", w.rows(), b.size(), "w.rows() or 0");
+    check_size(where, "out.rows()", w.rows(), out.rows(), "w.rows()");
+    check_size(where, "out.cols()", x.cols(), out.cols(), "x.cols()");
+    product_into(out.derived(), w.derived(), x.derived(), typename DX::Scalar(1), gemm);
+    if (b.size() != 0) out.colwise() += b.col(0);
+}
+
+}  // namespace detail
 
 /// out = w·x + b·1ᵀ.
 ///   w   : d_out × d_in      (PyTorch `Linear.weight`, same bytes)
@@ -14,14 +36,7 @@ namespace mha {
 template <class DW, class DB, class DX, class DO>
 void linear(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
             const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out_) {
-    constexpr const char* where = "mha::linear";
-    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
-    detail::check_size(where, "x.rows()", w.cols(), x.rows(), "w.cols()");
-    if (b.size() != 0) detail::check_size(where, "b.size()", w.rows(), b.size(), "w.rows() or 0");
-    detail::check_size(where, "out.rows()", w.rows(), out.rows(), "w.rows()");
-    detail::check_size(where, "out.cols()", x.cols(), out.cols(), "x.cols()");
-    out.noalias() = w * x;
-    if (b.size() != 0) out.colwise() += b.col(0);
+    detail::linear_into(w, b, x, out_, nullptr);
 }
 
 /// Returns w·x + b·1ᵀ (see the overload writing into `out`).

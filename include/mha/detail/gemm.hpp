@@ -44,6 +44,8 @@ public:
     }
     Scalar* a() { return a_.data(); }
     Scalar* b() { return b_.data(); }
+    Index size_a() const { return a_.size(); }
+    Index size_b() const { return b_.size(); }
 
 private:
     // Eigen vectors, not std::vector: the kernel reads packed blocks with aligned packet loads,
@@ -90,6 +92,21 @@ void gemm_kernel_add(Index m, Index n, Index k, const Scalar* a, Index lda, cons
                                          Eigen::Dynamic, Eigen::Dynamic, 1, false>
         blocking(m, n, k, 1, true);
     product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+}
+
+/// Grows every buffer set of `states` (each has a `gemm_buffers<Scalar> gemm`) to the largest
+/// of them. Buffers grow where a product runs; when tasks go to threads dynamically, a later
+/// call may run a product on a thread that has not needed that size yet. Equal buffers after a
+/// call leave room for every product of that call on every thread.
+template <class States>
+void equalize_gemm_buffers(States& states) {
+    Index size_a = 0, size_b = 0;
+    for (const auto& state : states) {
+        size_a = std::max(size_a, state.gemm.size_a());
+        size_b = std::max(size_b, state.gemm.size_b());
+    }
+    for (auto& state : states)
+        state.gemm.reserve(size_a, size_b);
 }
 
 /// The GEMM buffers of the calling thread while a kernel that owns them runs, else null.

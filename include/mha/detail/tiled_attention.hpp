@@ -675,6 +675,7 @@ void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
         }
     };
     parallel_tasks(static_cast<Index>(tasks.size()), cfg.threads, ws.threads, enter, run);
+    equalize_gemm_buffers(ws.threads);
 
     // Merge the split partials by log-sum-exp, chunk by chunk in order (deterministic).
     auto& merges = ws.merges;
