@@ -4,6 +4,7 @@
 // of one, key tiles and single keys, value tiles, single packets and scalar rows) at sizes around
 // the packet width of the machine the test runs on.
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -155,4 +156,81 @@ TEMPLATE_TEST_CASE("block kernels: value accumulation at every tile remainder", 
                         REQUIRE(acc[static_cast<std::size_t>(c * ld_acc + e)] == Scalar(55));
                 }
             }
+}
+
+TEMPLATE_TEST_CASE("block kernels: per-query key ranges cut tiles short and read nothing outside",
+                   "[kernels]", float, double) {
+    using Scalar = TestType;
+    using traits = mha::detail::block_kernel_traits<Scalar>;
+    const Index w = traits::width;
+    mha_test::value_source rnd(41);
+    // A causal-like staircase with an offset block, a window, and an empty query, over a query
+    // count with a single-packet remainder tile and a key count around the key tile.
+    const Index nq = 3 * w + 1, nqp = mha::detail::padded_queries<Scalar>(nq);
+    const Index nk = 4 * w + 5, offset = 100, dk = 9, dv = 2 * w + 3;
+    std::vector<Index> first(static_cast<std::size_t>(nq)), last(first.size());
+    for (Index c = 0; c < nq; ++c) {
+        const auto s = static_cast<std::size_t>(c);
+        first[s] = offset + (c % 3 == 0 ? c / 2 : 0);
+        last[s] = offset + std::min(nk + 3, c + 2);
+        if (c == 5) last[s] = first[s];  // no key at all
+    }
+    const mha::detail::query_key_ranges ranges{first.data(), last.data(), nq, offset};
+    auto sees = [&](Index c, Index j) {
+        const auto s = static_cast<std::size_t>(c);
+        return j >= first[s] - offset && j < last[s] - offset;
+    };
+
+    const mat<Scalar> qt = rnd.normal_matrix<Scalar>(nqp, dk);
+    const strided<Scalar> k(dk, nk, dk, rnd);
+    std::vector<Scalar> st(static_cast<std::size_t>(nqp * nk), Scalar(99));
+    mha::detail::transposed_scores(qt.data(), nqp, dk, k.data.data(), k.stride, nk, st.data(), nqp,
+                                   ranges);
+    std::vector<Scalar> full(st.size());
+    mha::detail::transposed_scores(qt.data(), nqp, dk, k.data.data(), k.stride, nk, full.data(),
+                                   nqp);
+    for (Index j = 0; j < nk; ++j)
+        for (Index c = 0; c < nq; ++c) {
+            const auto at = static_cast<std::size_t>(j * nqp + c);
+            // Every key a query sees is computed, by the same tile code, so bit-identical.
+            if (sees(c, j)) REQUIRE(st[at] == full[at]);
+        }
+    // Somewhere a tile was cut short (the first query tile sees keys up to its width + 1 only).
+    bool skipped = false;
+    for (Scalar x : st) skipped = skipped || x == Scalar(99);
+    REQUIRE(skipped);
+
+    // Values: P is 0 where a query sees nothing and V is NaN in the columns no query sees.
+    const Scalar nan = std::numeric_limits<Scalar>::quiet_NaN();
+    strided<Scalar> v(dv, nk, dv, rnd);
+    std::vector<Scalar> pt(static_cast<std::size_t>(nqp * nk));
+    for (Index j = 0; j < nk; ++j) {
+        bool seen = false;
+        for (Index c = 0; c < nq; ++c) {
+            const bool s = sees(c, j);
+            seen = seen || s;
+            pt[static_cast<std::size_t>(j * nqp + c)] = s ? static_cast<Scalar>(rnd.uniform(0, 1)) : 0;
+        }
+        if (!seen)
+            for (Index e = 0; e < dv; ++e) v.data[static_cast<std::size_t>(j * dv + e)] = nan;
+    }
+    mat<Scalar> acc = mat<Scalar>::Zero(dv, nq);
+    mha::detail::accumulate_values(v.data.data(), dv, dv, nk, pt.data(), nqp, nq, acc.data(), dv,
+                                   ranges);
+    REQUIRE(acc.allFinite());
+    for (Index c = 0; c < nq; ++c)
+        for (Index e = 0; e < dv; ++e) {
+            long double exact = 0, magnitude = 0;
+            for (Index j = 0; j < nk; ++j) {
+                if (!sees(c, j)) continue;
+                const long double t = static_cast<long double>(v(e, j)) *
+                                      pt[static_cast<std::size_t>(j * nqp + c)];
+                exact += t;
+                magnitude += std::fabs(t);
+            }
+            const long double u = mha_test::unit_roundoff<Scalar>();
+            const long double n = static_cast<long double>(nk);
+            INFO("query " << c << ", row " << e);
+            REQUIRE(std::fabs(acc(e, c) - exact) <= n * u / (1 - n * u) * magnitude);
+        }
 }

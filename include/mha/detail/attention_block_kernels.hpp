@@ -23,6 +23,8 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
+#include <utility>
 
 #include <Eigen/Core>
 
@@ -45,6 +47,31 @@ struct block_kernel_traits {
     static constexpr Index value_key_chunk = 128;
     /// Queries are padded to a multiple of this; blocks with fewer queries use Eigen instead.
     static constexpr Index query_multiple = width;
+};
+
+/// The keys each query of a block may see, so that tiles whose queries all stop early (the
+/// causal diagonal, a sliding window) are cut short: query c sees block keys
+/// [first[c] − offset, last[c] − offset), clamped to the block; first[c] >= last[c] means none.
+/// A default-constructed range (first = nullptr) lets every query see every key of the block.
+struct query_key_ranges {
+    const Index* first = nullptr;
+    const Index* last = nullptr;
+    Index count = 0;   ///< queries with a range; the others (padding) take the tile's range
+    Index offset = 0;  ///< the block's first key
+
+    /// The union of the ranges of queries [c0, c1), relative to the block of nk keys.
+    std::pair<Index, Index> of(Index c0, Index c1, Index nk) const {
+        if (first == nullptr) return {0, nk};
+        Index lo = nk, hi = 0;
+        for (Index c = c0; c < std::min(c1, count); ++c) {
+            const Index f = std::max(first[c] - offset, Index(0));
+            const Index e = std::min(last[c] - offset, nk);
+            if (f >= e) continue;
+            lo = std::min(lo, f);
+            hi = std::max(hi, e);
+        }
+        return {lo, std::max(lo, hi)};
+    }
 };
 
 /// Rounds nq up to the query padding of the score kernel.
@@ -90,10 +117,13 @@ EIGEN_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk,
 }
 
 /// st(0 : nq_padded, 0 : nk) = qt · K(:, 0 : nk), with qt packed by pack_scaled_queries and key j
-/// at k + j·k_stride. nq_padded must be a multiple of the packet width.
+/// at k + j·k_stride. nq_padded must be a multiple of the packet width. With `ranges`, a query
+/// tile computes only the keys in the union of its queries' ranges; the entries outside are left
+/// as they were, for the caller to mask.
 template <class Scalar>
 void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k,
-                       Index k_stride, Index nk, Scalar* st, Index ld) {
+                       Index k_stride, Index nk, Scalar* st, Index ld,
+                       const query_key_ranges& ranges = {}) {
     using traits = block_kernel_traits<Scalar>;
     constexpr Index w = traits::width;
     constexpr int qp = static_cast<int>(traits::score_query_packets);
@@ -101,20 +131,22 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
     Index i = 0;
     // The query tile (QP·W queries × d_k) stays in L1 while the key block streams past it.
     for (; i + qp * w <= nq_padded; i += qp * w) {
-        Index j = 0;
-        for (; j + keys <= nk; j += keys)
+        const auto [j_lo, j_hi] = ranges.of(i, i + qp * w, nk);
+        Index j = j_lo;
+        for (; j + keys <= j_hi; j += keys)
             score_micro_tile<Scalar, qp, keys>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
                                                st + j * ld + i, ld);
-        for (; j < nk; ++j)
+        for (; j < j_hi; ++j)
             score_micro_tile<Scalar, qp, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
                                             st + j * ld + i, ld);
     }
     for (; i < nq_padded; i += w) {
-        Index j = 0;
-        for (; j + 2 * keys <= nk; j += 2 * keys)
+        const auto [j_lo, j_hi] = ranges.of(i, i + w, nk);
+        Index j = j_lo;
+        for (; j + 2 * keys <= j_hi; j += 2 * keys)
             score_micro_tile<Scalar, 1, 2 * keys>(qt + i, nq_padded, dk, k + j * k_stride,
                                                   k_stride, st + j * ld + i, ld);
-        for (; j < nk; ++j)
+        for (; j < j_hi; ++j)
             score_micro_tile<Scalar, 1, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
                                            st + j * ld + i, ld);
     }
@@ -165,20 +197,29 @@ void value_rows(const Scalar* v, Index v_stride, Index dv, Index nk, const Scala
 
 /// acc(0 : dv, 0 : nq) += V(:, 0 : nk) · P with P(j, c) = pt[j·ld + c] (the transposed
 /// probabilities left by the online softmax in the score tile) and V(:, j) at v + j·v_stride.
+/// With `ranges`, a query tile reads only the keys in the union of its queries' ranges: P is
+/// exactly 0 outside them, so the sums are the same, and V columns no query of the tile may see
+/// (possibly NaN or Inf) are not read at all.
 template <class Scalar>
 void accumulate_values(const Scalar* v, Index v_stride, Index dv, Index nk, const Scalar* pt,
-                       Index ld, Index nq, Scalar* acc, Index ld_acc) {
+                       Index ld, Index nq, Scalar* acc, Index ld_acc,
+                       const query_key_ranges& ranges = {}) {
     using traits = block_kernel_traits<Scalar>;
     constexpr int queries = static_cast<int>(traits::value_queries);
     for (Index j0 = 0; j0 < nk; j0 += traits::value_key_chunk) {
         const Index kc = std::min(traits::value_key_chunk, nk - j0);
-        const Scalar* vc = v + j0 * v_stride;
-        const Scalar* pc = pt + j0 * ld;
+        auto rows = [&](auto tile, Index c) {
+            constexpr int n = decltype(tile)::value;
+            auto [lo, hi] = ranges.of(c, c + n, nk);
+            lo = std::max(lo, j0);
+            hi = std::min(hi, j0 + kc);
+            if (lo >= hi) return;
+            value_rows<Scalar, n>(v + lo * v_stride, v_stride, dv, hi - lo, pt + lo * ld + c, ld,
+                                  acc + c * ld_acc, ld_acc);
+        };
         Index c = 0;
-        for (; c + queries <= nq; c += queries)
-            value_rows<Scalar, queries>(vc, v_stride, dv, kc, pc + c, ld, acc + c * ld_acc, ld_acc);
-        for (; c < nq; ++c)
-            value_rows<Scalar, 1>(vc, v_stride, dv, kc, pc + c, ld, acc + c * ld_acc, ld_acc);
+        for (; c + queries <= nq; c += queries) rows(std::integral_constant<int, queries>{}, c);
+        for (; c < nq; ++c) rows(std::integral_constant<int, 1>{}, c);
     }
 }
 

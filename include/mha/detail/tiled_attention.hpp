@@ -198,6 +198,12 @@ interval_summary key_intervals(const head_problem<Scalar>& p, Index i0, Index nq
     return r;
 }
 
+/// The allowed key intervals of the block's queries (from key_intervals) for the block kernels.
+template <class Scalar>
+query_key_ranges block_ranges(const tile_scratch<Scalar>& t, Index nq, Index j0) {
+    return {t.first.data(), t.last.data(), nq, j0};
+}
+
 /// Sᵀ(0:nqp, 0:nk) = qt · K[:, j0:j0+nk] into t.s (ld nqp), i.e. the scaled scores of queries
 /// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then masked by
 /// selection. Rows nq..nqp are padding and hold finite values.
@@ -208,8 +214,12 @@ void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp,
     Scalar* s = t.s.data();
     const Index lds = nqp;
     const Scalar* k = p.k + j0 * p.k_stride;
+    const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
     if (nq >= block_kernel_traits<Scalar>::width) {
-        transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds);
+        // A boundary block's tiles compute only the keys their queries may see; masking below
+        // sets everything outside each query's interval to −∞, skipped entries included.
+        transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds,
+                          interior ? query_key_ranges{} : block_ranges(t, nq, j0));
     } else {
         // Fewer queries than a packet (decode steps, short tails): the register tiles would be
         // mostly padding, so let Eigen's GEMV/GEMM compute the nq live rows.
@@ -217,10 +227,11 @@ void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp,
         serial_gemm_add<Scalar, Eigen::ColMajor>(nq, nk, p.dk, t.qt.data(), nqp, k, p.k_stride, s,
                                                  lds, Scalar(1));
     }
-    const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
     const auto& mask = *p.mask;
     const bool elementwise = mask.has_bias() || mask.has_keep();
     if (interior && !elementwise) return;
+    if (!interior)  // the padding rows' skipped entries were not written: keep them finite
+        for (Index r = 0; r < nk; ++r) std::fill(s + r * lds + nq, s + (r + 1) * lds, Scalar(0));
     for (Index c = 0; c < nq; ++c) {
         Scalar* row = s + c;  // key r of query c at row[r·lds]
         const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
@@ -347,7 +358,9 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
         Scalar* vb = t.v.data();
         for (Index r = 0; r < nk; ++r)
             std::copy_n(p.v + (j0 + r) * p.v_stride, p.dv, vb + r * p.dv);
-        accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows());
+        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+        accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
+                          interior ? query_key_ranges{} : block_ranges(t, nq, j0));
     }
 }
 
