@@ -604,10 +604,15 @@ void tiled_multi_head_attention(const const_matrix_ref<Scalar>& q,
             }
         }
     }
-    // Most expensive first, ties in creation order: the order std::stable_sort would give,
-    // without the buffer it allocates.
+    // Most expensive first; equal costs head by head (a head's K and V, 4 MB at L = 8192, stay
+    // in cache for its next query block, where alternating heads would stream all of them: 10%
+    // at L = 8192), then in creation order. std::sort with a total order: no buffer, unlike
+    // std::stable_sort, and the same order every time.
     std::sort(tasks.begin(), tasks.end(), [](const tiled_task& a, const tiled_task& b) {
-        return a.cost > b.cost || (a.cost == b.cost && a.order < b.order);
+        if (a.cost != b.cost) return a.cost > b.cost;
+        if (a.b != b.b) return a.b < b.b;
+        if (a.h != b.h) return a.h < b.h;
+        return a.order < b.order;
     });
 
     // Split partials: (acc dv×lq, m lq, l lq) per sequence, head and chunk.
