@@ -195,9 +195,15 @@ void gemm_kernel_product(Dst& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
     };
 #if defined(MHA_GEMM_USE_OPENMP)
     if (nt > 1) {
-#pragma omp parallel for schedule(static, 1) num_threads(nt)
-        for (int part = 0; part < nt; ++part)
-            columns(part, buffer_set[static_cast<std::size_t>(omp_get_thread_num())]);
+        // A plain region with a fixed part-to-thread map, not `omp for`: LLVM's OpenMP runtime
+        // allocates for worksharing loops, and the map keeps each thread's buffers sized for
+        // the same parts on every call.
+#pragma omp parallel num_threads(nt)
+        {
+            const int team = omp_get_num_threads(), me = omp_get_thread_num();
+            for (int part = me; part < nt; part += team)
+                columns(part, buffer_set[static_cast<std::size_t>(me)]);
+        }
         return;
     }
 #endif

@@ -66,6 +66,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -443,6 +444,11 @@ void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled
 /// outlives the call, so what it holds is reused by the next one). Each thread calls
 /// enter(state) once before its first task and keeps what it returns (a guard, or anything)
 /// until its last task is done.
+///
+/// Tasks are handed out one at a time, most expensive first, by an atomic counter rather than
+/// `omp for schedule(dynamic)`: LLVM's OpenMP runtime allocates for every chunk a worksharing
+/// loop hands out (about 3 mallocs per chunk with libomp 14), while a plain parallel region
+/// allocates nothing once its team exists, in libgomp and libomp alike.
 template <class State, class Enter, class Fn>
 void parallel_tasks(Index count, int threads, std::vector<State>& states, Enter enter, Fn fn) {
 #if defined(MHA_TILED_USE_OPENMP)
@@ -450,12 +456,12 @@ void parallel_tasks(Index count, int threads, std::vector<State>& states, Enter 
     if (nt > 1 && count > 1) {
         if (states.size() < static_cast<std::size_t>(nt))
             states.resize(static_cast<std::size_t>(nt));
+        std::atomic<Index> next{0};
 #pragma omp parallel num_threads(nt)
         {
             State& state = states[static_cast<std::size_t>(omp_get_thread_num())];
             const auto session = enter(state);
-#pragma omp for schedule(dynamic, 1)
-            for (Index task = 0; task < count; ++task)
+            for (Index task; (task = next.fetch_add(1, std::memory_order_relaxed)) < count;)
                 fn(task, state);
         }
         return;
