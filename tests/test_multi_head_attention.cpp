@@ -1598,8 +1598,29 @@ TEST_CASE("from_packed rejects packed parameters of the wrong shape", "[layer][e
                         Equals(std::string(where) + "in_proj_bias.size() must be 24, got 23"));
     REQUIRE_THROWS_AS(layer::from_packed(config, in_proj, in_bias, out_proj.leftCols(7), out_bias),
                       mha::shape_error);
+    REQUIRE_THROWS_WITH(
+        layer::from_packed(config, in_proj, in_bias, out_proj.leftCols(7), out_bias),
+        Equals(std::string(where) + "out_proj.weight.cols() must be 8, got 7"));
     REQUIRE_THROWS_AS(layer::from_packed(config, in_proj, in_bias, out_proj, out_bias.head(7)),
                       mha::shape_error);
+    REQUIRE_THROWS_WITH(layer::from_packed(config, in_proj, in_bias, out_proj, out_bias.head(7)),
+                        Equals(std::string(where) + "out_proj.bias.size() must be 8, got 7"));
+
+    // Packed weights exist only when keys and values come from width E, as in PyTorch.
+    auto other_kdim = config;
+    other_kdim.key_input_dim = 5;
+    REQUIRE_THROWS_AS(layer::from_packed(other_kdim, in_proj, in_bias, out_proj, out_bias),
+                      mha::value_error);
+    REQUIRE_THROWS_WITH(
+        layer::from_packed(other_kdim, in_proj, in_bias, out_proj, out_bias),
+        Equals(std::string(where) +
+               "config.key_input_dim must be embed_dim = 8 for packed weights, got 5"));
+    auto other_vdim = config;
+    other_vdim.value_input_dim = 3;
+    REQUIRE_THROWS_WITH(
+        layer::from_packed(other_vdim, in_proj, in_bias, out_proj, out_bias),
+        Equals(std::string(where) +
+               "config.value_input_dim must be embed_dim = 8 for packed weights, got 3"));
 
     auto no_bias = config;
     no_bias.bias = false;

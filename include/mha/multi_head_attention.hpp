@@ -192,7 +192,19 @@ public:
         const Index e = c.embed_dim;
         const Index qk = c.num_heads * c.head_dim;
         const Index vw = c.num_heads * c.value_head_dim;
+        // PyTorch packs q, k and v only when they all project from width E; a layer with other
+        // key or value widths has separate weights (use the constructor taking them).
+        if (c.key_input_dim != e)
+            detail::fail<value_error>(where, "config.key_input_dim",
+                                      "embed_dim = " + std::to_string(e) + " for packed weights",
+                                      c.key_input_dim);
+        if (c.value_input_dim != e)
+            detail::fail<value_error>(where, "config.value_input_dim",
+                                      "embed_dim = " + std::to_string(e) + " for packed weights",
+                                      c.value_input_dim);
         check_matrix(where, "in_proj_weight", in_proj_weight, 2 * qk + vw, e);
+        // Checked here under PyTorch's names; the constructor would name parameters.w_o/b_o.
+        check_matrix(where, "out_proj.weight", out_weight, e, vw);
         attention_parameters<Scalar> p;
         p.w_q = in_proj_weight.topRows(qk);
         p.w_k = in_proj_weight.middleRows(qk, qk);
@@ -200,6 +212,7 @@ public:
         p.w_o = out_weight;
         if (c.bias) {
             check_bias(where, "in_proj_bias", in_proj_bias, 2 * qk + vw);
+            check_bias(where, "out_proj.bias", out_bias, e);
             p.b_q = in_proj_bias.head(qk);
             p.b_k = in_proj_bias.segment(qk, qk);
             p.b_v = in_proj_bias.tail(vw);
