@@ -86,8 +86,8 @@ void BM_projections(benchmark::State& state) {
     Matrix qkv(3 * d, n);
     Matrix out(d, n);
     for (auto _ : state) {
-        mha::project_qkv(w_qkv, b_qkv, x, qkv);
-        mha::output_projection(w_o, b_o, heads, out);
+        mha::linear(w_qkv, b_qkv, x, qkv);
+        mha::linear(w_o, b_o, heads, out);
         benchmark::DoNotOptimize(qkv.data());
         benchmark::DoNotOptimize(out.data());
         benchmark::ClobberMemory();

@@ -33,7 +33,7 @@ int main() {
     mat w_qkv(3 * 64, 64);
     w_qkv << p.w_q, p.w_k, p.w_v;
     mat qkv(3 * 64, 3);
-    mha::project_qkv(w_qkv, mha::vector<float>(), x.leftCols(3), qkv);
+    mha::linear(w_qkv, mha::vector<float>(), x.leftCols(3), qkv);
     auto views = mha::split_qkv(qkv, 64, 64);
     mat head0(16, 3);
     mha::scaled_dot_product_attention(mha::head_view(views.q, 0, 4), mha::head_view(views.k, 0, 4),

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include <mha/mha.hpp>
-#include <mha/safetensors.hpp>
+#include <mha/io/safetensors.hpp>
 
 namespace {
 

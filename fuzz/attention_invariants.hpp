@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -181,15 +182,23 @@ struct run_result {
 inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights) {
     const mha::packed_batch batch(p.lq, p.lk);
     run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
-    if (with_weights)
-        for (std::size_t b = 0; b < p.lq.size(); ++b)
-            for (Index h = 0; h < p.heads; ++h)
-                r.weights.push_back(mha::matrix<float>::Zero(p.lk[b], p.lq[b]));
     const float scale = 1.0f / std::sqrt(static_cast<float>(p.dk));
-    mha::detail::tiled_multi_head_attention<float>(
-        x.q, x.k, x.v, p.heads, batch, r.out, p.mask(), scale,
-        with_weights ? mha::detail::tiled_weights::per_head : mha::detail::tiled_weights::none,
-        &r.weights, p.tiles);
+    const mha::attention_mask<float> mask = p.mask();
+    const mha::detail::attention_problem<float> problem{
+        x.q,
+        x.k,
+        x.v,
+        r.out,
+        {p.heads, p.heads, p.dk, p.dv},
+        batch,
+        mask,
+        scale,
+        mha::normalization::softmax,
+        {with_weights ? mha::weights_mode::per_head : mha::weights_mode::none}};
+    mha::attention_outputs<float> outputs;
+    mha::detail::size_outputs(problem, outputs);
+    mha::detail::tiled_attention(problem, outputs, p.tiles);
+    r.weights = std::move(outputs.weights);
     return r;
 }
 
@@ -197,8 +206,10 @@ inline run_result run_materialized(const problem& p, const inputs& x) {
     run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
     mha::attention_options options;
     options.algorithm = mha::attention_algorithm::materialized;
-    mha::multi_head_attention_core(x.q, x.k, x.v, p.heads, mha::packed_batch(p.lq, p.lk), r.out,
-                                   p.mask(), options, mha::weights_mode::per_head, &r.weights);
+    r.weights = mha::multi_head_attention_core(x.q, x.k, x.v, p.heads,
+                                               mha::packed_batch(p.lq, p.lk), r.out, p.mask(),
+                                               options, {mha::weights_mode::per_head})
+                    .weights;
     return r;
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building, testing and benchmarking mha needs on Debian 12 or Ubuntu 24.04:
 # a C++17 compiler, CMake >= 3.25, Ninja, Eigen 3.4, Catch2 v3, Google Benchmark and
-# nlohmann-json (for the optional mha/safetensors.hpp, its tests and the PyTorch check example).
+# nlohmann-json (for the optional mha/io/safetensors.hpp, its tests and the PyTorch check example).
 # Debian 12 ships Catch2 v2 in main, so v3 comes from the distribution's own backports suite.
 set -euo pipefail
 

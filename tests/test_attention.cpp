@@ -173,7 +173,9 @@ attention_run<Scalar> run_attention(const mat<Scalar>& q, const mat<Scalar>& k,
                                     const mha::attention_options& options = {}) {
     attention_run<Scalar> r;
     r.out.resize(v.rows(), q.cols());
-    mha::scaled_dot_product_attention(q, k, v, r.out, mask, options, &r.weights);
+    r.weights = mha::scaled_dot_product_attention(q, k, v, r.out, mask, options,
+                                                  {mha::weights_mode::per_head})
+                    .weights.front();
     return r;
 }
 
@@ -548,11 +550,13 @@ TEMPLATE_TEST_CASE("multi_head_attention_core vs reference per sequence and head
 
     mat<Scalar> out(heads * dv, batch.total_queries());
     std::vector<mat<Scalar>> per_head, averaged;
-    mha::multi_head_attention_core(q, k, v, heads, batch, out, mask, options,
-                                   mha::weights_mode::per_head, &per_head);
+    per_head = mha::multi_head_attention_core(q, k, v, heads, batch, out, mask, options,
+                                              {mha::weights_mode::per_head})
+                   .weights;
     mat<Scalar> out_averaged(heads * dv, batch.total_queries());
-    mha::multi_head_attention_core(q, k, v, heads, batch, out_averaged, mask, options,
-                                   mha::weights_mode::averaged, &averaged);
+    averaged = mha::multi_head_attention_core(q, k, v, heads, batch, out_averaged, mask, options,
+                                              {mha::weights_mode::averaged})
+                   .weights;
     mat<Scalar> out_plain(heads * dv, batch.total_queries());
     mha::multi_head_attention_core(q, k, v, heads, batch, out_plain, mask, options);
     // Asking for weights does not change the computation: the same path, bitwise.
@@ -929,9 +933,10 @@ TEMPLATE_TEST_CASE("empty inputs: no keys gives zeros, no queries gives nothing"
         const mat<Scalar> k = source.normal_matrix<Scalar>(4, 3);
         const mat<Scalar> v = source.normal_matrix<Scalar>(6, 3);
         mat<Scalar> out = mat<Scalar>::Constant(6, 2, Scalar(9));
-        std::vector<mat<Scalar>> weights;
-        mha::multi_head_attention_core(q, k, v, 2, batch, out, {}, options,
-                                       mha::weights_mode::per_head, &weights);
+        const std::vector<mat<Scalar>> weights =
+            mha::multi_head_attention_core(q, k, v, 2, batch, out, {}, options,
+                                           {mha::weights_mode::per_head})
+                .weights;
         CHECK(out.isZero(0));  // sequence 1 has queries but no keys
         REQUIRE(weights.size() == 6);
         CHECK(weights[0].rows() == 3);
@@ -1140,10 +1145,12 @@ TEMPLATE_TEST_CASE("inputs as Maps and blocks give the plain-matrix result", "[a
         qkv.block(dk, 0, dk, lk) = k;
         qkv.block(2 * dk, 0, dv, lk) = v;
         mat<Scalar> big = mat<Scalar>::Constant(dv + 4, lq + 3, sentinel);
-        mat<Scalar> weights;
-        mha::scaled_dot_product_attention(qkv.block(0, 0, dk, lq), qkv.block(dk, 0, dk, lk),
-                                          qkv.block(2 * dk, 0, dv, lk), big.block(2, 1, dv, lq),
-                                          m.mask, options, &weights);
+        const mat<Scalar> weights =
+            mha::scaled_dot_product_attention(qkv.block(0, 0, dk, lq), qkv.block(dk, 0, dk, lk),
+                                              qkv.block(2 * dk, 0, dv, lk),
+                                              big.block(2, 1, dv, lq), m.mask, options,
+                                              {mha::weights_mode::per_head})
+                .weights.front();
         require_attention_close<Scalar>(big.block(2, 1, dv, lq), ref, wide(q), wide(k), wide(v),
                                         scale, m.allowed, m.bias, "blocks");
         require_attention_close(weights, ref_weights, wide(q), wide(k),

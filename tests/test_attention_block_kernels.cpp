@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// The register-tiled block kernels of the tiled attention (detail/attention_block_kernels.hpp)
+// The register-tiled block kernels of the tiled attention (detail/tiled/block_kernels.hpp)
 // on their own, against long-double loops: every remainder path (query tiles of two packets and
 // of one, key tiles and single keys, value tiles, single packets and scalar rows) at sizes around
 // the packet width of the machine the test runs on.
@@ -12,7 +12,7 @@
 #include <catch2/catch_template_test_macros.hpp>
 #include <catch2/catch_test_macros.hpp>
 
-#include <mha/detail/attention_block_kernels.hpp>
+#include <mha/detail/tiled/block_kernels.hpp>
 
 #include "check.hpp"
 #include "reference.hpp"

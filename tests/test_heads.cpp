@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Heads of heads.hpp: head_view is a writable view into the stacked matrix, concat_heads stacks
-// by rows, output_projection against the reference (check B), and error messages.
+// Heads (mha/projection.hpp): head_view is a writable view into the stacked matrix, concat_heads stacks
+// by rows, the output projection (linear) against the reference (check B), and error messages.
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -10,7 +10,7 @@
 #include <catch2/generators/catch_generators.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
-#include <mha/heads.hpp>
+#include <mha/projection.hpp>
 
 #include "check.hpp"
 #include "reference.hpp"
@@ -102,7 +102,7 @@ TEST_CASE("concat_heads: error messages", "[heads]") {
                                "got 4"));
 }
 
-TEMPLATE_TEST_CASE("output_projection: out = W_o·heads + b_o against the reference", "[heads]",
+TEMPLATE_TEST_CASE("output projection: linear(W_o, b_o, heads) = W_o·heads + b_o against the reference", "[heads]",
                    float, double) {
     using Scalar = TestType;
     const Index embed = 8, heads = 3, dv = 5, tokens = 7;
@@ -114,21 +114,21 @@ TEMPLATE_TEST_CASE("output_projection: out = W_o·heads + b_o against the refere
         with_bias ? vec<Scalar>(source.normal_matrix<Scalar>(embed, 1)) : vec<Scalar>();
     mat<Scalar> concatenated = source.normal_matrix<Scalar>(heads * dv, tokens);
     mat<Scalar> out(embed, tokens);
-    mha::output_projection(w_o, b_o, concatenated, out);
+    mha::linear(w_o, b_o, concatenated, out);
     // The a-priori dot-product bound of check.hpp (check G): holds for any summation order.
-    mha_test::require_linear_within_bound(out, w_o, b_o, concatenated, "output_projection");
+    mha_test::require_linear_within_bound(out, w_o, b_o, concatenated, "output projection");
 
     // It reads the heads' rows in order: swapping two heads' blocks changes the result.
     mat<Scalar> swapped = concatenated;
     swapped.topRows(dv).swap(swapped.middleRows(dv, dv));
     mat<Scalar> out_swapped(embed, tokens);
-    mha::output_projection(w_o, b_o, swapped, out_swapped);
+    mha::linear(w_o, b_o, swapped, out_swapped);
     CHECK(out_swapped != out);
 
     REQUIRE_THROWS_AS(
-        mha::output_projection(w_o, b_o, mat<Scalar>::Zero(heads * dv - 1, tokens), out),
+        mha::linear(w_o, b_o, mat<Scalar>::Zero(heads * dv - 1, tokens), out),
         mha::shape_error);
     REQUIRE_THROWS_WITH(
-        mha::output_projection(w_o, b_o, mat<Scalar>::Zero(heads * dv - 1, tokens), out),
+        mha::linear(w_o, b_o, mat<Scalar>::Zero(heads * dv - 1, tokens), out),
         Equals("mha::linear: x.rows() must be 15 (w.cols()), got 14"));
 }

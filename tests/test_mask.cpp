@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: MIT
-// Mask types of mask.hpp: the keys each positional mask allows (checked against explicit index
+// Mask types of mask.hpp, as kernels see them through detail/mask_view.hpp: the keys each
+// positional mask allows (checked against explicit index
 // formulas), composition, per-sequence / per-head broadcasting, and validation messages.
 #include <functional>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -9,6 +11,7 @@
 #include <catch2/generators/catch_generators.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
+#include <mha/detail/mask_view.hpp>
 #include <mha/mask.hpp>
 
 using Catch::Matchers::ContainsSubstring;
@@ -19,9 +22,40 @@ namespace {
 
 using predicate = std::function<bool(Index j, Index i)>;
 
+/// What a kernel sees of `mask` for sequence b, head h of a batch of num_sequences sequences
+/// of lq queries and lk keys (detail::mask_view), kept together with the views it refers to.
+template <class Scalar>
+class mask_slice {
+public:
+    mask_slice(const mha::attention_mask<Scalar>& mask, Index b, Index h, Index num_sequences,
+               Index num_heads, Index lq, Index lk)
+        : batch_(std::vector<Index>(static_cast<std::size_t>(num_sequences), lq),
+                 std::vector<Index>(static_cast<std::size_t>(num_sequences), lk)),
+          b_(b),
+          h_(h) {
+        views_.build(mask, num_heads, batch_);
+    }
+    mask_slice(const mask_slice&) = delete;
+    mask_slice& operator=(const mask_slice&) = delete;
+
+    std::pair<Index, Index> key_range(Index i) const { return view().key_range(i); }
+    bool allows(Index j, Index i) const { return view().allows(j, i); }
+    bool keeps(Index j, Index i) const { return view().keeps(j, i); }
+    Scalar bias(Index j, Index i) const { return view().bias(j, i); }
+    bool has_keep() const { return view().has_keep(); }
+    bool is_unmasked() const { return view().is_unmasked(); }
+
+private:
+    const mha::detail::mask_view<Scalar>& view() const { return views_(b_, h_); }
+    mha::packed_batch batch_;
+    Index b_, h_;
+    mha::detail::mask_views<Scalar> views_;
+};
+
+
 /// Requires that the slice allows exactly the (key j, query i) pairs of `expected`, and that
 /// its key_range(i) is a valid contiguous range inside [0, Lk) covering the allowed keys.
-void require_allows_exactly(const mha::attention_mask<double>::slice& slice, Index lq, Index lk,
+void require_allows_exactly(const mask_slice<double>& slice, Index lq, Index lk,
                             const predicate& expected) {
     for (Index i = 0; i < lq; ++i) {
         const auto range = slice.key_range(i);
@@ -38,9 +72,8 @@ void require_allows_exactly(const mha::attention_mask<double>::slice& slice, Ind
     }
 }
 
-mha::attention_mask<double>::slice slice_of(const mha::attention_mask<double>& mask, Index lq,
-                                            Index lk) {
-    return mask.for_head(0, 0, 1, 1, lq, lk);
+mask_slice<double> slice_of(const mha::attention_mask<double>& mask, Index lq, Index lk) {
+    return {mask, 0, 0, 1, 1, lq, lk};
 }
 
 // (Lq, Lk) pairs: equal, fewer queries than keys (decode / chunked prefill) and more queries than
@@ -101,12 +134,12 @@ TEST_CASE("key_lengths: sequence b sees its first lengths[b] keys", "[mask]") {
     const mha::attention_mask<double> mask(mha::key_lengths{{0, 3, 6}});
     const std::vector<Index> limit = {0, 3, 6};
     for (Index b = 0; b < 3; ++b) {
-        const auto slice = mask.for_head(b, 0, 3, 1, 4, 6);
+        const auto slice = mask_slice(mask, b, 0, 3, 1, 4, 6);
         require_allows_exactly(slice, 4, 6, [&](Index j, Index) { return j < limit[b]; });
     }
     // A length equal to the key count masks nothing.
-    CHECK(mask.for_head(2, 0, 3, 1, 4, 6).is_unmasked());
-    CHECK_FALSE(mask.for_head(1, 0, 3, 1, 4, 6).is_unmasked());
+    CHECK(mask_slice(mask, 2, 0, 3, 1, 4, 6).is_unmasked());
+    CHECK_FALSE(mask_slice(mask, 1, 0, 3, 1, 4, 6).is_unmasked());
 }
 
 TEST_CASE("masks compose by intersection", "[mask]") {
@@ -163,18 +196,18 @@ TEST_CASE("attention_mask reports what it holds", "[mask]") {
     const mha::attention_mask<float> none;
     CHECK(none.empty());
     CHECK_FALSE(none.has_elementwise());
-    CHECK(none.for_head(0, 0, 1, 1, 3, 4).is_unmasked());
+    CHECK(mask_slice(none, 0, 0, 1, 1, 3, 4).is_unmasked());
 
     const mha::attention_mask<float> window(mha::sliding_window{1, 1});
     CHECK_FALSE(window.empty());
     CHECK(window.windows().size() == 1);
     CHECK_FALSE(window.causal_mask().has_value());
-    CHECK_FALSE(window.for_head(0, 0, 1, 1, 3, 4).is_unmasked());
+    CHECK_FALSE(mask_slice(window, 0, 0, 1, 1, 3, 4).is_unmasked());
 
     const mha::attention_mask<float> bias(
         mha::additive_bias<float>(mha::matrix<float>::Zero(4, 3)));
     CHECK(bias.has_elementwise());
-    CHECK_FALSE(bias.for_head(0, 0, 1, 1, 3, 4).is_unmasked());
+    CHECK_FALSE(mask_slice(bias, 0, 0, 1, 1, 3, 4).is_unmasked());
 
     const mha::attention_mask<float> top_left(mha::causal{mha::causal_alignment::top_left});
     REQUIRE(top_left.causal_mask().has_value());
@@ -208,7 +241,7 @@ TEST_CASE("keep_mask and additive_bias broadcast 1, B or B*H matrices", "[mask]"
             for (Index h = 0; h < heads; ++h) {
                 const Index picked = count == 1 ? 0 : (count == batch ? b : b * heads + h);
                 CAPTURE(b, h, picked);
-                const auto slice = mask.for_head(b, h, batch, heads, lq, lk);
+                const auto slice = mask_slice(mask, b, h, batch, heads, lq, lk);
                 CHECK(slice.bias(0, 0) == static_cast<double>(picked));
                 for (Index j = 0; j < lk; ++j)
                     CHECK(slice.keeps(j, 1) == (j == picked % lk));
@@ -229,8 +262,8 @@ TEST_CASE("merging mask sets keeps each group's broadcasting", "[mask]") {
         mha::attention_mask<double>(mha::keep_mask(std::vector<mha::bool_matrix>{seq0, seq1})) &
         mha::attention_mask<double>(mha::keep_mask(shared));
     REQUIRE_NOTHROW(mask.validate("mha::test", heads, {lq, lq}, {lk, lk}));
-    const auto s0 = mask.for_head(0, 1, batch, heads, lq, lk);
-    const auto s1 = mask.for_head(1, 1, batch, heads, lq, lk);
+    const auto s0 = mask_slice(mask, 0, 1, batch, heads, lq, lk);
+    const auto s1 = mask_slice(mask, 1, 1, batch, heads, lq, lk);
     CHECK(s0.keeps(0, 0));
     CHECK_FALSE(s0.keeps(1, 0));
     CHECK_FALSE(s1.keeps(0, 0));

@@ -1697,7 +1697,7 @@ TEST_CASE("masks that do not fit the inputs are rejected", "[layer][errors]") {
     const mha::matrix<double> q = values.normal_matrix<double>(10, 3);
     const mha::matrix<double> k = values.normal_matrix<double>(7, 5);
     const mha::matrix<double> v = values.normal_matrix<double>(4, 5);
-    const std::string where = "mha::multi_head_attention_core: ";
+    const std::string where = "mha::multi_head_attention::forward: ";
     using mask = mha::attention_mask<double>;
 
     REQUIRE_THROWS_AS(layer.forward(q, k, v, mha::key_lengths{{2, 3}}), mha::shape_error);

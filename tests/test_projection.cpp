@@ -106,7 +106,7 @@ TEST_CASE("linear: error messages", "[projection]") {
                         Equals("mha::linear: out.cols() must be 13 (x.cols()), got 12"));
 }
 
-TEMPLATE_TEST_CASE("project_qkv + split_qkv: views equal separate projections", "[projection]",
+TEMPLATE_TEST_CASE("fused projection (linear) + split_qkv: views equal separate projections", "[projection]",
                    float, double) {
     using Scalar = TestType;
     const Index d_in = 10, qk = 6, vw = 4, tokens = 9;
@@ -130,7 +130,7 @@ TEMPLATE_TEST_CASE("project_qkv + split_qkv: views equal separate projections", 
     if (with_bias) b_qkv << b_q, b_k, b_v;
 
     mat<Scalar> qkv(2 * qk + vw, tokens);
-    mha::project_qkv(w_qkv, b_qkv, x, qkv);
+    mha::linear(w_qkv, b_qkv, x, qkv);
     auto views = mha::split_qkv(qkv, qk, vw);
 
     // Views, not copies: they point into qkv at rows 0, qk and 2·qk, with qkv's column stride.

@@ -16,7 +16,7 @@
 #include <catch2/catch_test_macros.hpp>
 
 #include <mha/mha.hpp>
-#include <mha/safetensors.hpp>
+#include <mha/io/safetensors.hpp>
 
 namespace {
 

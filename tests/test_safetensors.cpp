@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// mha/safetensors.hpp: the reader's view of tensors (columns, matrices, vectors), the writer, and
+// mha/io/safetensors.hpp: the reader's view of tensors (columns, matrices, vectors), the writer, and
 // every malformed file the reader must refuse with a format_error naming what is wrong, what was
 // expected and what was found. Bad files are built here byte by byte.
 #include <cstdint>
@@ -10,7 +10,7 @@
 #include <catch2/catch_test_macros.hpp>
 
 #include <mha/mha.hpp>
-#include <mha/safetensors.hpp>
+#include <mha/io/safetensors.hpp>
 
 namespace {
 

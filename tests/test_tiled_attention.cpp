@@ -87,12 +87,17 @@ mat<Scalar> run_tiled(const mat<Scalar>& q, const mat<Scalar>& k, const mat<Scal
                       const mha::attention_mask<Scalar>& mask, Scalar scale, const settings& cfg,
                       mat<Scalar>* weights = nullptr) {
     mat<Scalar> out(v.rows(), q.cols());
-    std::vector<mha::matrix<Scalar>> w;
-    if (weights) w.push_back(mha::matrix<Scalar>::Zero(k.cols(), q.cols()));
-    mha::detail::tiled_multi_head_attention<Scalar>(
-        q, k, v, 1, mha::packed_batch::single(q.cols(), k.cols()), out, mask, scale,
-        weights ? mha::detail::tiled_weights::per_head : mha::detail::tiled_weights::none, &w, cfg);
-    if (weights) *weights = w.front();
+    const mha::packed_batch batch = mha::packed_batch::single(q.cols(), k.cols());
+    const mha::detail::attention_problem<Scalar> problem{
+        q,     k,     v,
+        out,   {1, 1, q.rows(), v.rows()},
+        batch, mask,  scale,
+        mha::normalization::softmax,
+        {weights ? mha::weights_mode::per_head : mha::weights_mode::none}};
+    mha::attention_outputs<Scalar> outputs;
+    mha::detail::size_outputs(problem, outputs);
+    mha::detail::tiled_attention(problem, outputs, cfg);
+    if (weights) *weights = outputs.weights.front();
     return out;
 }
 
@@ -273,10 +278,13 @@ TEST_CASE("tiled attention: public API dispatch, packed batch, per-head and aver
         tiled.algorithm = mha::attention_algorithm::tiled;
         materialized.algorithm = mha::attention_algorithm::materialized;
         mat<double> out_t(heads * dv, batch.total_queries()), out_m = out_t;
-        std::vector<mha::matrix<double>> w_t, w_m;
-        mha::multi_head_attention_core(q, k, v, heads, batch, out_t, mask, tiled, mode, &w_t);
-        mha::multi_head_attention_core(q, k, v, heads, batch, out_m, mask, materialized, mode,
-                                       &w_m);
+        const std::vector<mha::matrix<double>> w_t =
+            mha::multi_head_attention_core(q, k, v, heads, batch, out_t, mask, tiled, {mode})
+                .weights;
+        const std::vector<mha::matrix<double>> w_m =
+            mha::multi_head_attention_core(q, k, v, heads, batch, out_m, mask, materialized,
+                                           {mode})
+                .weights;
         REQUIRE(w_t.size() == w_m.size());
         const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
         for (Index b = 0; b < batch.size(); ++b) {
@@ -337,11 +345,15 @@ TEST_CASE("tiled attention: empty inputs and the single-head API", "[tiled]") {
     const mat<float> q0(4, 0), k0(4, 0), v0(3, 0), q1 = mat<float>::Ones(4, 2);
     mat<float> w;
     mat<float> out(3, 0);
-    mha::scaled_dot_product_attention(q0, k0, v0, out, {}, tiled, &w);
+    w = mha::scaled_dot_product_attention(q0, k0, v0, out, {}, tiled,
+                                          {mha::weights_mode::per_head})
+            .weights.front();
     REQUIRE(w.rows() == 0);
     REQUIRE(w.cols() == 0);
     mat<float> out1(3, 2);
-    mha::scaled_dot_product_attention(q1, k0, v0, out1, {}, tiled, &w);
+    w = mha::scaled_dot_product_attention(q1, k0, v0, out1, {}, tiled,
+                                          {mha::weights_mode::per_head})
+            .weights.front();
     REQUIRE(out1 == mat<float>::Zero(3, 2));  // no key at all: exactly 0
     REQUIRE(w.rows() == 0);
     REQUIRE(w.cols() == 2);

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Scaled dot-product attention: the score and weighted-sum kernels, single-head attention on any
-// Q/K/V views, and the multi-head core over a packed batch.
+// Q/K/V views, and the multi-head core over a packed batch. These entry points check their
+// arguments, then hand a validated problem to a kernel: detail/materialized.hpp (the reference)
+// or detail/tiled/ (the fast path for softmax).
 //
 // Shapes (one column per token):
 //   q : d_k × Lq      k : d_k × Lk      v : d_v × Lk
@@ -22,41 +24,16 @@
 #include <vector>
 
 #include <mha/batch.hpp>
-#include <mha/config.hpp>
+#include <mha/core.hpp>
 #include <mha/detail/gemm.hpp>
-#include <mha/detail/tiled_attention.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/detail/materialized.hpp>
+#include <mha/detail/tiled/forward.hpp>
 #include <mha/mask.hpp>
-#include <mha/softmax.hpp>
+#include <mha/normalization.hpp>
+#include <mha/options.hpp>
 
 namespace mha {
-
-/// Which kernel computes the attention core.
-enum class attention_algorithm {
-    /// tiled for softmax, materialized for the other normalisations.
-    automatic,
-    /// Scores Lk × Lq in full, then normalise, then V·P: the simple reference path.
-    materialized,
-    /// Online-softmax tiles (detail/tiled_attention.hpp): memory linear in L, multi-threaded with
-    /// OpenMP. Softmax only: relu and sigmoid have no online form here and use materialized.
-    tiled,
-};
-
-/// Settings of the attention core.
-struct attention_options {
-    /// Multiplies Kᵀ·Q; 1/√d_k when not set. Must be finite.
-    std::optional<double> scale;
-    /// How scores become weights.
-    normalization normalize = normalization::softmax;
-    /// Which kernel runs (the results agree to rounding; see attention_algorithm).
-    attention_algorithm algorithm = attention_algorithm::automatic;
-};
-
-/// Which attention weights a multi-head call returns.
-enum class weights_mode {
-    none,      ///< do not return weights
-    per_head,  ///< one `Lk × Lq` matrix per sequence and head, index b·H + h
-    averaged,  ///< one `Lk × Lq` matrix per sequence: the mean over heads (PyTorch's default)
-};
 
 /// scores = scale · kᵀ·q   (Lk × Lq).
 template <class DK, class DQ, class DS>
@@ -84,10 +61,9 @@ void weighted_sum_of_values(const Eigen::MatrixBase<DV>& v, const Eigen::MatrixB
 
 namespace detail {
 
-/// Whether the options select the tiled kernel.
-inline bool use_tiled(const attention_options& options) {
-    return options.normalize == normalization::softmax &&
-           options.algorithm != attention_algorithm::materialized;
+/// Whether a call runs the tiled kernel: softmax, unless the materialised one is asked for.
+inline bool uses_tiled_kernel(normalization normalize, attention_algorithm algorithm) {
+    return normalize == normalization::softmax && algorithm != attention_algorithm::materialized;
 }
 
 /// Runs fn on a writable, inner-stride-1 view of `out`, through a temporary if `out` cannot be
@@ -115,90 +91,75 @@ Scalar resolve_scale(const char* where, const attention_options& options, Index 
     return static_cast<Scalar>(1.0L / std::sqrt(static_cast<long double>(key_width)));
 }
 
-/// Sets excluded scores to −∞ and adds biases, for one (sequence, head).
-template <class Scalar, class DS>
-void apply_mask(const typename attention_mask<Scalar>::slice& mask, Eigen::MatrixBase<DS>& s) {
-    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-    const Index lk = s.rows();
-    for (Index i = 0; i < s.cols(); ++i) {
-        const auto range = mask.key_range(i);
-        s.col(i).head(range.first).setConstant(minus_inf);
-        s.col(i).tail(lk - range.second).setConstant(minus_inf);
-        // A −∞ bias excludes the key by selection: adding it would turn a NaN or ±∞ score
-        // (poisoned K at that key) into NaN and leak it into the whole column.
-        if (mask.has_bias())
-            for (Index j = range.first; j < range.second; ++j) {
-                const Scalar b = mask.bias(j, i);
-                s(j, i) = b == minus_inf ? minus_inf : s(j, i) + b;
-            }
-        if (mask.has_keep())
-            for (Index j = range.first; j < range.second; ++j)
-                if (!mask.keeps(j, i)) s(j, i) = minus_inf;
-    }
+/// Refuses requests the options cannot serve.
+inline void check_request(const char* where, const attention_options& options,
+                          const attention_request& request) {
+    if (request.log_sum_exp && options.normalize != normalization::softmax)
+        fail<value_error>(where, "request.log_sum_exp",
+                          "false unless options.normalize is softmax (it has no log-sum-exp)",
+                          std::string("true with ") + to_string(options.normalize));
 }
 
-/// P·V by GEMM lets 0·NaN from an excluded value column into a query's output. Such outputs are
-/// the only non-finite ones that can be wrong; recompute them from the allowed keys alone.
-template <class Scalar, class DV, class DW, class DO>
-void repair_excluded_values(const typename attention_mask<Scalar>::slice& mask,
-                            const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DW>& weights,
-                            Eigen::MatrixBase<DO>& out) {
-    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-    for (Index i = 0; i < out.cols(); ++i) {
-        if (out.col(i).allFinite()) continue;
-        out.col(i).setZero();
-        const auto range = mask.key_range(i);
-        for (Index j = range.first; j < range.second; ++j) {
-            if (!mask.keeps(j, i)) continue;
-            if (mask.has_bias() && mask.bias(j, i) == minus_inf) continue;
-            out.col(i) += weights(j, i) * v.col(j);
-        }
-    }
-}
-
-/// The materialised attention of one (sequence, head); `scores` (Lk × Lq) is scratch and ends
-/// holding the weights. The two products pack into `gemm` when given (see product_into).
-template <class Scalar, class DQ, class DK, class DV, class DO, class DS>
-void attend_one_head(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                     const Eigen::MatrixBase<DV>& v,
-                     const typename attention_mask<Scalar>::slice& mask, Scalar scale,
-                     normalization normalize, Eigen::MatrixBase<DO>& out,
-                     Eigen::MatrixBase<DS>& scores,
-                     std::vector<gemm_buffers<Scalar>>* gemm = nullptr) {
-    const Index lq = q.cols();
-    const Index lk = k.cols();
-    if (lq == 0) return;
-    if (lk == 0) {
-        out.setZero();
-        return;
-    }
-    product_into(scores.derived(), k.derived().transpose(), q.derived(), scale, gemm);
-    const bool masked = !mask.is_unmasked();
-    if (masked) apply_mask<Scalar>(mask, scores);
-    normalize_columns(scores, normalize);
-    product_into(out.derived(), v.derived(), scores.derived(), Scalar(1), gemm);
-    if (masked) repair_excluded_values<Scalar>(mask, v, scores, out);
-}
-
-/// The buffers of a multi-head attention-core call, kept for the next call (see attention_core).
+/// The buffers of an attention call, kept for the next call: with the shapes of an earlier call
+/// on the same workspace, and without weights, a call allocates nothing.
 template <class Scalar>
 struct attention_workspace {
     tiled_workspace<Scalar> tiled;
-    vector<Scalar> scores;  // materialised path: one head's Lk × Lq, grown to the largest
+    materialized_workspace<Scalar> materialized;
     std::vector<gemm_buffers<Scalar>> gemm;  // GEMM packing, one per thread (see product_into)
 };
 
+/// Sizes what `p.request` asks for in `outputs`: zero weights (the kernels write or add only
+/// the blocks they visit) and a log-sum-exp matrix that every kernel fills.
+template <class Scalar>
+void size_outputs(const attention_problem<Scalar>& p, attention_outputs<Scalar>& outputs) {
+    const packed_batch& batch = p.batch;
+    outputs.weights.clear();
+    if (p.request.weights != weights_mode::none)
+        for (Index b = 0; b < batch.size(); ++b) {
+            const Index copies =
+                p.request.weights == weights_mode::per_head ? p.heads.num_heads : 1;
+            for (Index h = 0; h < copies; ++h)
+                outputs.weights.push_back(
+                    matrix<Scalar>::Zero(batch.key_length(b), batch.query_length(b)));
+        }
+    if (p.request.log_sum_exp)
+        outputs.log_sum_exp.setConstant(p.heads.num_heads, p.q.cols(),
+                                        std::numeric_limits<Scalar>::quiet_NaN());
+    else
+        outputs.log_sum_exp.resize(0, 0);
+}
+
+/// Runs the kernel the options select on a validated problem. `workspace`: the buffers of the
+/// call, kept for the next one; null: the call's own, and the materialised path's products are
+/// Eigen's (which may run on Eigen's own OpenMP threads).
+template <class Scalar>
+attention_outputs<Scalar> attend(const attention_problem<Scalar>& p,
+                                 attention_algorithm algorithm,
+                                 attention_workspace<Scalar>* workspace) {
+    attention_outputs<Scalar> outputs;
+    size_outputs(p, outputs);
+    if (uses_tiled_kernel(p.normalize, algorithm)) {
+        tiled_attention(p, outputs, tiled_settings{},
+                        workspace != nullptr ? &workspace->tiled : nullptr);
+        return outputs;
+    }
+    materialized_workspace<Scalar> local;
+    materialized_attention(p, outputs, workspace != nullptr ? workspace->materialized : local,
+                           workspace != nullptr ? &workspace->gemm : nullptr);
+    return outputs;
+}
+
 }  // namespace detail
 
-/// Single-head attention on any Q/K/V views (see the shapes at the top of this header).
-/// Writes `out` (d_v × Lq); if `weights` is given it is resized to Lk × Lq and receives the
-/// normalised attention weights.
+/// Single-head attention on any Q/K/V views (see the shapes at the top of this header), into
+/// `out` (d_v × Lq). Returns what `request` asks for besides: the weights (one Lk × Lq matrix
+/// for either weights mode) and each query's log-sum-exp (1 × Lq).
 template <class DQ, class DK, class DV, class DO>
-void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                                  const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DO>& out_,
-                                  const attention_mask<typename DQ::Scalar>& mask = {},
-                                  const attention_options& options = {},
-                                  matrix<typename DQ::Scalar>* weights = nullptr) {
+attention_outputs<typename DQ::Scalar> scaled_dot_product_attention(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    const Eigen::MatrixBase<DO>& out_, const attention_mask<typename DQ::Scalar>& mask = {},
+    const attention_options& options = {}, const attention_request& request = {}) {
     using Scalar = typename DQ::Scalar;
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
     constexpr const char* where = "mha::scaled_dot_product_attention";
@@ -208,24 +169,17 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
     detail::check_size(where, "out.rows()", v.rows(), out.rows(), "v.rows(), the value width");
     detail::check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols(), the number of queries");
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, q.rows());
+    detail::check_request(where, options, request);
     mask.validate(where, 1, {q.cols()}, {k.cols()});
-    if (detail::use_tiled(options)) {
-        std::vector<matrix<Scalar>> w;
-        if (weights != nullptr) w.push_back(matrix<Scalar>::Zero(k.cols(), q.cols()));
-        detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
-            detail::tiled_multi_head_attention<Scalar>(
-                q, k, v, 1, packed_batch::single(q.cols(), k.cols()), o, mask, scale,
-                weights != nullptr ? detail::tiled_weights::per_head : detail::tiled_weights::none,
-                &w);
-        });
-        if (weights != nullptr) *weights = std::move(w.front());
-        return;
-    }
-    const auto slice = mask.for_head(0, 0, 1, 1, q.cols(), k.cols());
-    matrix<Scalar> scratch;
-    matrix<Scalar>& scores = weights != nullptr ? *weights : scratch;
-    scores.resize(k.cols(), q.cols());
-    detail::attend_one_head<Scalar>(q, k, v, slice, scale, options.normalize, out, scores);
+    const packed_batch batch = packed_batch::single(q.cols(), k.cols());
+    attention_outputs<Scalar> outputs;
+    detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
+        const detail::attention_problem<Scalar> problem{
+            q, k, v, o, {1, 1, q.rows(), v.rows()}, batch, mask, scale, options.normalize, request};
+        outputs = detail::attend(problem, options.algorithm,
+                                 static_cast<detail::attention_workspace<Scalar>*>(nullptr));
+    });
+    return outputs;
 }
 
 /// Returns the single-head attention output (d_v × Lq).
@@ -238,20 +192,17 @@ matrix<typename DQ::Scalar> scaled_dot_product_attention(
     return out;
 }
 
-namespace detail {
-
-/// multi_head_attention_core (below) with its buffers in `workspace`: with the shapes of an
-/// earlier call on the same workspace, and without weights, a call allocates nothing. Null: the
-/// buffers are the call's own, and the materialised path's products are Eigen's (which may run
-/// on Eigen's own OpenMP threads).
+/// The multi-head attention core over a packed batch, on already projected Q, K and V:
+///   q : (H·d_k) × Nq,  k : (H·d_k) × Nk,  v : (H·d_v) × Nk,  out : (H·d_v) × Nq
+/// with Nq and Nk the batch's total query and key counts. Head h of sequence b attends with
+/// rows [h·d_k, (h+1)·d_k) of the columns of sequence b only. Returns what `request` asks for
+/// besides the output (see attention_outputs).
 template <class DQ, class DK, class DV, class DO>
-void attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                    const Eigen::MatrixBase<DV>& v, Index num_heads, const packed_batch& batch,
-                    const Eigen::MatrixBase<DO>& out_,
-                    const attention_mask<typename DQ::Scalar>& mask,
-                    const attention_options& options, weights_mode mode,
-                    std::vector<matrix<typename DQ::Scalar>>* weights,
-                    attention_workspace<typename DQ::Scalar>* workspace) {
+attention_outputs<typename DQ::Scalar> multi_head_attention_core(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, const packed_batch& batch, const Eigen::MatrixBase<DO>& out_,
+    const attention_mask<typename DQ::Scalar>& mask = {}, const attention_options& options = {},
+    const attention_request& request = {}) {
     using Scalar = typename DQ::Scalar;
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
     constexpr const char* where = "mha::multi_head_attention_core";
@@ -273,85 +224,19 @@ void attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>&
     detail::check_size(where, "v.cols()", k.cols(), v.cols(), "k.cols()");
     detail::check_size(where, "out.rows()", v.rows(), out.rows(), "v.rows()");
     detail::check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols()");
-    const Index dk = q.rows() / num_heads;
-    const Index dv = v.rows() / num_heads;
-    const Scalar scale = detail::resolve_scale<Scalar>(where, options, dk);
+    const detail::head_layout heads{num_heads, num_heads, q.rows() / num_heads,
+                                    v.rows() / num_heads};
+    const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
+    detail::check_request(where, options, request);
     mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
-
-    const bool want_weights = weights != nullptr && mode != weights_mode::none;
-    if (want_weights) {
-        weights->clear();
-        for (Index b = 0; b < batch.size(); ++b) {
-            const Index copies = mode == weights_mode::per_head ? num_heads : 1;
-            for (Index h = 0; h < copies; ++h)
-                weights->push_back(
-                    matrix<Scalar>::Zero(batch.key_length(b), batch.query_length(b)));
-        }
-    }
-    if (detail::use_tiled(options)) {
-        const auto tiled_mode = !want_weights ? detail::tiled_weights::none
-                                : mode == weights_mode::per_head ? detail::tiled_weights::per_head
-                                                                 : detail::tiled_weights::averaged;
-        detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
-            detail::tiled_multi_head_attention<Scalar>(
-                q, k, v, num_heads, batch, o, mask, scale, tiled_mode, weights, {},
-                workspace != nullptr ? &workspace->tiled : nullptr);
-        });
-        return;
-    }
-    // One head's scores at a time, in a buffer sized once for the largest sequence.
-    vector<Scalar> local_scores;
-    vector<Scalar>& scores_buffer = workspace != nullptr ? workspace->scores : local_scores;
-    Index largest = 0;
-    for (Index b = 0; b < batch.size(); ++b)
-        largest = std::max(largest, batch.key_length(b) * batch.query_length(b));
-    if (scores_buffer.size() < largest) scores_buffer.resize(largest);
-    auto* gemm = workspace != nullptr ? &workspace->gemm : nullptr;
-    for (Index b = 0; b < batch.size(); ++b) {
-        const Index lq = batch.query_length(b);
-        const Index lk = batch.key_length(b);
-        const Index q0 = batch.query_offset(b);
-        const Index k0 = batch.key_offset(b);
-        // Empty sequences create no blocks: a block of an empty matrix offsets a null pointer.
-        if (lq == 0) continue;
-        if (lk == 0) {  // no key: the output is 0 and the weights (0 × Lq) are already set
-            out.derived().middleCols(q0, lq).setZero();
-            continue;
-        }
-        Eigen::Map<matrix<Scalar>> scores(scores_buffer.data(), lk, lq);
-        for (Index h = 0; h < num_heads; ++h) {
-            const auto slice = mask.for_head(b, h, batch.size(), num_heads, lq, lk);
-            auto out_bh = out.derived().block(h * dv, q0, dv, lq);
-            detail::attend_one_head<Scalar>(
-                q.derived().block(h * dk, q0, dk, lq), k.derived().block(h * dk, k0, dk, lk),
-                v.derived().block(h * dv, k0, dv, lk), slice, scale, options.normalize, out_bh,
-                scores, gemm);
-            if (!want_weights) continue;
-            if (mode == weights_mode::per_head)
-                (*weights)[static_cast<std::size_t>(b * num_heads + h)] = scores;
-            else
-                (*weights)[static_cast<std::size_t>(b)] += scores / Scalar(num_heads);
-        }
-    }
-}
-
-}  // namespace detail
-
-/// The multi-head attention core over a packed batch, on already projected Q, K and V:
-///   q : (H·d_k) × Nq,  k : (H·d_k) × Nk,  v : (H·d_v) × Nk,  out : (H·d_v) × Nq
-/// with Nq and Nk the batch's total query and key counts. Head h of sequence b attends with
-/// rows [h·d_k, (h+1)·d_k) of the columns of sequence b only. If `weights` is given and `mode`
-/// is not `none`, it receives the weights (see `weights_mode`).
-template <class DQ, class DK, class DV, class DO>
-void multi_head_attention_core(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                               const Eigen::MatrixBase<DV>& v, Index num_heads,
-                               const packed_batch& batch, const Eigen::MatrixBase<DO>& out_,
-                               const attention_mask<typename DQ::Scalar>& mask = {},
-                               const attention_options& options = {},
-                               weights_mode mode = weights_mode::none,
-                               std::vector<matrix<typename DQ::Scalar>>* weights = nullptr) {
-    detail::attention_core(q, k, v, num_heads, batch, out_, mask, options, mode, weights,
-                           static_cast<detail::attention_workspace<typename DQ::Scalar>*>(nullptr));
+    attention_outputs<Scalar> outputs;
+    detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
+        const detail::attention_problem<Scalar> problem{
+            q, k, v, o, heads, batch, mask, scale, options.normalize, request};
+        outputs = detail::attend(problem, options.algorithm,
+                                 static_cast<detail::attention_workspace<Scalar>*>(nullptr));
+    });
+    return outputs;
 }
 
 }  // namespace mha

@@ -7,7 +7,7 @@
 #include <utility>
 #include <vector>
 
-#include <mha/config.hpp>
+#include <mha/core.hpp>
 
 namespace mha {
 

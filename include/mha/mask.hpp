@@ -2,7 +2,8 @@
 // Mask types. Each says in its name what it means, so no boolean convention can be misread:
 // `keep_mask` true = may attend; `additive_bias` is added to the scaled scores; `causal`,
 // `sliding_window` and `key_lengths` exclude keys by position. They compose by intersection
-// (a key is attended only if every mask allows it) into an `attention_mask<Scalar>`.
+// (a key is attended only if every mask allows it) into an `attention_mask<Scalar>`. Kernels
+// read them through detail/mask_view.hpp, the one place that says how a mask excludes a key.
 #pragma once
 
 #include <algorithm>
@@ -12,9 +13,16 @@
 #include <utility>
 #include <vector>
 
-#include <mha/config.hpp>
+#include <mha/core.hpp>
 
 namespace mha {
+
+namespace detail {
+template <class Scalar>
+class mask_view;
+template <class Scalar>
+class mask_views;
+}  // namespace detail
 
 /// Where the causal diagonal sits when the query and key lengths differ.
 enum class causal_alignment {
@@ -183,11 +191,6 @@ public:
                      key_lengths_of_batch);
     }
 
-    /// The masks as they apply to sequence `b`, head `h` (see `mask_slice`).
-    class slice;
-    slice for_head(Index b, Index h, Index num_sequences, Index num_heads, Index lq,
-                   Index lk) const;
-
 private:
     template <class M>
     static void check_groups(const char* where, const char* name,
@@ -238,116 +241,9 @@ private:
     std::vector<matrix<Scalar>> bias_;
     std::vector<std::size_t> bias_groups_;
 
-    friend class slice;
+    // What a kernel sees of the masks for one (sequence, head): detail/mask_view.hpp.
+    friend class detail::mask_view<Scalar>;
+    friend class detail::mask_views<Scalar>;
 };
-
-/// The masks of one (sequence, head) pair. Kernels ask it for `key_range(i)` and then for the
-/// element-wise masks inside that range.
-///
-/// A slice refers to the `attention_mask` it came from (it holds a pointer to it, not a copy of
-/// its masks): it must not outlive that mask, nor see it modified. In exchange it is a few words,
-/// cheap to copy, and making one allocates nothing, so a kernel can make one per (sequence, head)
-/// on every call.
-template <class Scalar>
-class attention_mask<Scalar>::slice {
-public:
-    /// A slice with no mask: every query may attend to all `lk` keys.
-    slice(Index lq, Index lk) : lq_(lq), lk_(lk), key_limit_(lk) {}
-
-    Index query_count() const { return lq_; }
-    Index key_count() const { return lk_; }
-
-    /// Keys [first, last) of query i allowed by causal, window and key-length masks.
-    std::pair<Index, Index> key_range(Index i) const {
-        Index first = 0;
-        Index last = key_limit_;
-        if (mask_ != nullptr) {
-            if (mask_->causal_) {
-                const bool bottom_right =
-                    mask_->causal_->alignment == causal_alignment::bottom_right;
-                const Index c = i + (bottom_right ? lk_ - lq_ : 0);
-                last = std::min(last, c + 1);
-            }
-            for (const auto& w : mask_->windows_) {
-                const Index c = i + (w.alignment == causal_alignment::bottom_right ? lk_ - lq_ : 0);
-                first = std::max(first, c - w.left);
-                last = std::min(last, c + w.right + 1);
-            }
-        }
-        // Clamp into [0, key_limit]: a top-left window with Lq > Lk would otherwise start past
-        // the last key, and callers index the scores with the range.
-        first = std::min(std::max<Index>(first, 0), key_limit_);
-        if (last < first) last = first;
-        return {first, last};
-    }
-
-    /// Whether the element-wise masks allow key j for query i (range masks not included).
-    bool keeps(Index j, Index i) const {
-        if (!has_keep()) return true;
-        std::size_t at = 0;
-        for (std::size_t n : mask_->keep_groups_) {
-            if (!mask_->keep_[at + index_in_group(n)](j, i)) return false;
-            at += n;
-        }
-        return true;
-    }
-    bool has_keep() const { return mask_ != nullptr && !mask_->keep_.empty(); }
-    bool has_bias() const { return mask_ != nullptr && !mask_->bias_.empty(); }
-    /// Sum of the additive biases at (j, i).
-    Scalar bias(Index j, Index i) const {
-        Scalar total(0);
-        if (!has_bias()) return total;
-        std::size_t at = 0;
-        for (std::size_t n : mask_->bias_groups_) {
-            total += mask_->bias_[at + index_in_group(n)](j, i);
-            at += n;
-        }
-        return total;
-    }
-
-    /// Key j is allowed for query i by every mask (a −∞ bias counts as excluded elsewhere).
-    bool allows(Index j, Index i) const {
-        const auto range = key_range(i);
-        return j >= range.first && j < range.second && keeps(j, i);
-    }
-
-    /// True when no key of any query lies outside [0, key_limit) and nothing else masks.
-    bool is_unmasked() const {
-        return key_limit_ == lk_ &&
-               (mask_ == nullptr || (!mask_->causal_ && mask_->windows_.empty() &&
-                                     mask_->keep_.empty() && mask_->bias_.empty()));
-    }
-
-private:
-    friend class attention_mask<Scalar>;
-
-    // Which matrix of a group of `count` this (sequence, head) uses: a group of 1 is shared, a
-    // group of B is one per sequence, a group of B·H one per head (validate() allows no other).
-    std::size_t index_in_group(std::size_t count) const {
-        const auto n = static_cast<Index>(count);
-        if (n == 1) return 0;
-        if (n == num_sequences_) return static_cast<std::size_t>(b_);
-        return static_cast<std::size_t>(b_ * num_heads_ + h_);
-    }
-
-    const attention_mask* mask_ = nullptr;
-    Index b_ = 0, h_ = 0, num_sequences_ = 1, num_heads_ = 1;
-    Index lq_;
-    Index lk_;
-    Index key_limit_;
-};
-
-template <class Scalar>
-typename attention_mask<Scalar>::slice attention_mask<Scalar>::for_head(
-    Index b, Index h, Index num_sequences, Index num_heads, Index lq, Index lk) const {
-    slice s(lq, lk);
-    s.mask_ = this;
-    s.b_ = b;
-    s.h_ = h;
-    s.num_sequences_ = num_sequences;
-    s.num_heads_ = num_heads;
-    if (key_lengths_) s.key_limit_ = key_lengths_->lengths[static_cast<std::size_t>(b)];
-    return s;
-}
 
 }  // namespace mha

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
-// The multi-head attention layer: Q/K/V projections, per-head attention, concatenation and the
-// output projection, for one sequence or a packed batch, self- or cross-attention.
+// The multi-head attention layer, for one sequence or a packed batch, self- or cross-attention.
+// A call runs named stages: validate (every check, once) -> project_inputs (Q, K, V of every
+// token) -> attend (every head, written into its rows of the concatenated heads) ->
+// project_output.
 #pragma once
 
 #include <cmath>
@@ -12,9 +14,9 @@
 
 #include <mha/attention.hpp>
 #include <mha/batch.hpp>
-#include <mha/config.hpp>
-#include <mha/heads.hpp>
+#include <mha/core.hpp>
 #include <mha/mask.hpp>
+#include <mha/options.hpp>
 #include <mha/projection.hpp>
 
 namespace mha {
@@ -232,9 +234,7 @@ public:
     /// Self-attention over a packed batch: x is E × (Σ lengths).
     matrix<Scalar> forward(const input& x, const packed_batch& batch,
                            const attention_mask<Scalar>& mask = {}) const {
-        matrix<Scalar> out(config_.embed_dim, x.cols());
-        run(x, x, x, true, batch, mask, out, weights_mode::none, nullptr);
-        return out;
+        return run_allocating(self_inputs(x), batch, mask, {}).output;
     }
 
     /// Cross-attention over one sequence: query E × Lq, key kdim × Lk, value vdim × Lk.
@@ -247,31 +247,31 @@ public:
     matrix<Scalar> forward(const input& query, const input& key, const input& value,
                            const packed_batch& batch,
                            const attention_mask<Scalar>& mask = {}) const {
-        matrix<Scalar> out(config_.embed_dim, query.cols());
-        run(query, key, value, false, batch, mask, out, weights_mode::none, nullptr);
-        return out;
+        return run_allocating({query, key, value, false}, batch, mask, {}).output;
     }
 
     /// Self-attention over one sequence, also returning the attention weights.
     attention_result<Scalar> forward_with_weights(const input& x, weights_mode mode,
                                                   const attention_mask<Scalar>& mask = {}) const {
-        attention_result<Scalar> r;
-        r.output.resize(config_.embed_dim, x.cols());
-        run(x, x, x, true, packed_batch::single(x.cols(), x.cols()), mask, r.output, mode,
-            &r.weights);
-        return r;
+        return forward_with_weights(x, packed_batch::single(x.cols(), x.cols()), mode, mask);
     }
 
-    /// The general form: cross- or self-attention over a packed batch, writing `out`
-    /// (E × Nq, resized if needed) and, unless `mode` is none, `weights`.
+    /// Self-attention over a packed batch, also returning the attention weights (x projected by
+    /// one GEMM, as in `forward`).
+    attention_result<Scalar> forward_with_weights(const input& x, const packed_batch& batch,
+                                                  weights_mode mode,
+                                                  const attention_mask<Scalar>& mask = {}) const {
+        return run_allocating(self_inputs(x), batch, mask, attention_request{mode, false});
+    }
+
+    /// The general form: cross- or self-attention over a packed batch, returning the output
+    /// (E × Nq) and, unless `mode` is none, the weights.
     attention_result<Scalar> forward_with_weights(const input& query, const input& key,
                                                   const input& value, const packed_batch& batch,
                                                   weights_mode mode,
                                                   const attention_mask<Scalar>& mask = {}) const {
-        attention_result<Scalar> r;
-        r.output.resize(config_.embed_dim, query.cols());
-        run(query, key, value, false, batch, mask, r.output, mode, &r.weights);
-        return r;
+        return run_allocating({query, key, value, false}, batch, mask,
+                              attention_request{mode, false});
     }
 
     /// Self-attention over a packed batch into `out` (E × N, not resized), reusing the buffers
@@ -296,7 +296,7 @@ public:
     /// never through Eigen's own parallel GEMM, and the result is the same for every count.
     void forward_into(const input& x, const packed_batch& batch, const attention_mask<Scalar>& mask,
                       Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace) const {
-        run(x, x, x, true, batch, mask, out, weights_mode::none, nullptr, workspace);
+        run(self_inputs(x), batch, mask, out, {}, workspace);
     }
 
     /// Cross-attention over a packed batch into `out` (E × Nq, not resized), reusing the
@@ -305,7 +305,7 @@ public:
     void forward_into(const input& query, const input& key, const input& value,
                       const packed_batch& batch, const attention_mask<Scalar>& mask,
                       Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace) const {
-        run(query, key, value, false, batch, mask, out, weights_mode::none, nullptr, workspace);
+        run({query, key, value, false}, batch, mask, out, {}, workspace);
     }
 
     const attention_config& config() const { return config_; }
@@ -348,63 +348,119 @@ private:
         return b_in_.segment(config_.bias ? start : 0, config_.bias ? size : 0);
     }
 
-    void run(const input& query, const input& key, const input& value, bool self,
-             const packed_batch& batch, const attention_mask<Scalar>& mask, matrix<Scalar>& out,
-             weights_mode mode, std::vector<matrix<Scalar>>* weights) const {
-        out.resize(config_.embed_dim, query.cols());
+    // The token sources of a call. Self-attention reads one x for all three, which lets
+    // project_inputs compute Q, K and V with one GEMM.
+    struct layer_inputs {
+        const input& query;  // E × Nq
+        const input& key;    // key_input_dim × Nk
+        const input& value;  // value_input_dim × Nk
+        bool self;
+    };
+    static layer_inputs self_inputs(const input& x) { return {x, x, x, true}; }
+
+    // Projected Q, K and V, viewed in the workspace.
+    struct projected {
+        detail::const_matrix_ref<Scalar> q;  // (H·d_k) × Nq
+        detail::const_matrix_ref<Scalar> k;  // (H·d_k) × Nk
+        detail::const_matrix_ref<Scalar> v;  // (H·d_v) × Nk
+    };
+
+    // A forward call that allocates its result and its buffers.
+    attention_result<Scalar> run_allocating(const layer_inputs& in, const packed_batch& batch,
+                                            const attention_mask<Scalar>& mask,
+                                            const attention_request& request) const {
+        attention_result<Scalar> r;
+        r.output.resize(config_.embed_dim, in.query.cols());
         forward_workspace<Scalar> workspace;
-        run(query, key, value, self, batch, mask, out, mode, weights, workspace);
+        r.weights = run(in, batch, mask, r.output, request, workspace).weights;
+        return r;
     }
 
-    void run(const input& query, const input& key, const input& value, bool self,
-             const packed_batch& batch, const attention_mask<Scalar>& mask,
-             Eigen::Ref<matrix<Scalar>> out, weights_mode mode,
-             std::vector<matrix<Scalar>>* weights, forward_workspace<Scalar>& ws) const {
+    attention_outputs<Scalar> run(const layer_inputs& in, const packed_batch& batch,
+                                  const attention_mask<Scalar>& mask,
+                                  Eigen::Ref<matrix<Scalar>> out, const attention_request& request,
+                                  forward_workspace<Scalar>& ws) const {
+        validate(in, batch, mask, out);
+        const projected qkv = project_inputs(in, ws);
+        attention_outputs<Scalar> outputs = attend(qkv, batch, mask, request, ws);
+        project_output(ws, out);
+        return outputs;
+    }
+
+    // Every check of a call, before any work: the kernels below trust what passes here.
+    void validate(const layer_inputs& in, const packed_batch& batch,
+                  const attention_mask<Scalar>& mask, const Eigen::Ref<matrix<Scalar>>& out) const {
         constexpr const char* where = "mha::multi_head_attention::forward";
-        const Index qk = qk_width();
-        const Index vw = v_width();
-        detail::check_size(where, "query.rows()", config_.embed_dim, query.rows(), "embed_dim");
-        detail::check_size(where, "key.rows()", config_.key_input_dim, key.rows(), "key_input_dim");
-        detail::check_size(where, "value.rows()", config_.value_input_dim, value.rows(),
+        detail::check_size(where, "query.rows()", config_.embed_dim, in.query.rows(), "embed_dim");
+        detail::check_size(where, "key.rows()", config_.key_input_dim, in.key.rows(),
+                           "key_input_dim");
+        detail::check_size(where, "value.rows()", config_.value_input_dim, in.value.rows(),
                            "value_input_dim");
-        detail::check_size(where, "value.cols()", key.cols(), value.cols(), "key.cols()");
-        detail::check_size(where, "query.cols()", batch.total_queries(), query.cols(),
+        detail::check_size(where, "value.cols()", in.key.cols(), in.value.cols(), "key.cols()");
+        detail::check_size(where, "query.cols()", batch.total_queries(), in.query.cols(),
                            "the batch's total query count");
-        detail::check_size(where, "key.cols()", batch.total_keys(), key.cols(),
+        detail::check_size(where, "key.cols()", batch.total_keys(), in.key.cols(),
                            "the batch's total key count");
         detail::check_size(where, "out.rows()", config_.embed_dim, out.rows(), "embed_dim");
-        detail::check_size(where, "out.cols()", query.cols(), out.cols(), "query.cols()");
+        detail::check_size(where, "out.cols()", in.query.cols(), out.cols(), "query.cols()");
+        mask.validate(where, config_.num_heads, batch.query_lengths(), batch.key_lengths());
+    }
 
-        // resize() keeps a buffer whose size is unchanged: repeated calls reuse the workspace.
-        ws.heads.resize(vw, query.cols());  // concatenated head outputs, (H·d_v) × Nq
-        // Every product packs into the workspace's GEMM buffers, on this call's OpenMP threads
-        // (never Eigen's own parallel GEMM, which allocates): see detail/gemm.hpp.
+    // Q, K and V of every token, into the workspace. Every product packs into the workspace's
+    // GEMM buffers, on this call's OpenMP threads (never Eigen's own parallel GEMM, which
+    // allocates): see detail/gemm.hpp. resize() keeps a buffer whose size is unchanged, so
+    // repeated calls reuse the workspace.
+    projected project_inputs(const layer_inputs& in, forward_workspace<Scalar>& ws) const {
+        const Index qk = qk_width();
+        const Index vw = v_width();
         auto* gemm = &ws.internal.gemm;
-        if (self && fused_) {
+        if (in.self && fused_) {
             // One GEMM over every token for Q, K and V together.
-            ws.qkv.resize(2 * qk + vw, query.cols());
-            detail::linear_into(w_in_, b_in_, query, ws.qkv, gemm);
+            ws.qkv.resize(2 * qk + vw, in.query.cols());
+            detail::linear_into(w_in_, b_in_, in.query, ws.qkv, gemm);
             auto views = split_qkv(ws.qkv, qk, vw);
-            detail::attention_core(views.q, views.k, views.v, config_.num_heads, batch, ws.heads,
-                                   mask, config_.attention, mode, weights, &ws.internal);
-        } else {
-            ws.q.resize(qk, query.cols());
-            ws.k.resize(qk, key.cols());
-            ws.v.resize(vw, key.cols());
-            detail::linear_into(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q, gemm);
-            if (fused_) {
-                detail::linear_into(w_in_.middleRows(qk, qk), bias_segment(qk, qk), key, ws.k,
-                                    gemm);
-                detail::linear_into(w_in_.bottomRows(vw), bias_segment(2 * qk, vw), value, ws.v,
-                                    gemm);
-            } else {
-                detail::linear_into(w_k_, bias_segment(qk, qk), key, ws.k, gemm);
-                detail::linear_into(w_v_, bias_segment(2 * qk, vw), value, ws.v, gemm);
-            }
-            detail::attention_core(ws.q, ws.k, ws.v, config_.num_heads, batch, ws.heads, mask,
-                                   config_.attention, mode, weights, &ws.internal);
+            return {views.q, views.k, views.v};
         }
-        detail::linear_into(w_o_, b_o_, ws.heads, out, gemm);
+        ws.q.resize(qk, in.query.cols());
+        ws.k.resize(qk, in.key.cols());
+        ws.v.resize(vw, in.key.cols());
+        detail::linear_into(w_in_.topRows(qk), bias_segment(0, qk), in.query, ws.q, gemm);
+        if (fused_) {
+            detail::linear_into(w_in_.middleRows(qk, qk), bias_segment(qk, qk), in.key, ws.k, gemm);
+            detail::linear_into(w_in_.bottomRows(vw), bias_segment(2 * qk, vw), in.value, ws.v,
+                                gemm);
+        } else {
+            detail::linear_into(w_k_, bias_segment(qk, qk), in.key, ws.k, gemm);
+            detail::linear_into(w_v_, bias_segment(2 * qk, vw), in.value, ws.v, gemm);
+        }
+        return {ws.q, ws.k, ws.v};
+    }
+
+    // Every head's attention, each written into its rows of ws.heads ((H·d_v) × Nq).
+    attention_outputs<Scalar> attend(const projected& qkv, const packed_batch& batch,
+                                     const attention_mask<Scalar>& mask,
+                                     const attention_request& request,
+                                     forward_workspace<Scalar>& ws) const {
+        const Index h = config_.num_heads;
+        ws.heads.resize(v_width(), qkv.q.cols());
+        const detail::attention_problem<Scalar> problem{
+            qkv.q,
+            qkv.k,
+            qkv.v,
+            ws.heads,
+            {h, h, config_.head_dim, config_.value_head_dim},
+            batch,
+            mask,
+            detail::resolve_scale<Scalar>("mha::multi_head_attention::forward", config_.attention,
+                                          config_.head_dim),
+            config_.attention.normalize,
+            request};
+        return detail::attend(problem, config_.attention.algorithm, &ws.internal);
+    }
+
+    // out = W_o·heads + b_o.
+    void project_output(forward_workspace<Scalar>& ws, Eigen::Ref<matrix<Scalar>> out) const {
+        detail::linear_into(w_o_, b_o_, ws.heads, out, &ws.internal.gemm);
     }
 
     attention_config config_;

@@ -1,10 +1,14 @@
 // SPDX-License-Identifier: MIT
-// Linear projections y = W·x + b applied to every token (column) at once: one GEMM.
+// Linear projections y = W·x + b applied to every token (column) at once (one GEMM), and the
+// views that split a projection into Q, K, V and heads. Head h of a projected matrix is the row
+// block [h·d, (h+1)·d): with one column per token in column-major storage, splitting heads is a
+// view and concatenating them is a no-op.
 #pragma once
 
+#include <string>
 #include <vector>
 
-#include <mha/config.hpp>
+#include <mha/core.hpp>
 #include <mha/detail/gemm.hpp>
 
 namespace mha {
@@ -48,23 +52,16 @@ matrix<typename DX::Scalar> linear(const Eigen::MatrixBase<DW>& w, const Eigen::
     return out;
 }
 
-/// Fused Q/K/V projection: one GEMM with the stacked weight
-///   w_qkv = [W_q; W_k; W_v] : (2·qk_width + v_width) × d_in,   b_qkv likewise (or size 0).
-/// The result `qkv` holds Q in rows [0, qk), K in [qk, 2qk), V in [2qk, 2qk + v); use
-/// `split_qkv` to view them without copying.
-template <class DW, class DB, class DX, class DO>
-void project_qkv(const Eigen::MatrixBase<DW>& w_qkv, const Eigen::MatrixBase<DB>& b_qkv,
-                 const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& qkv) {
-    linear(w_qkv, b_qkv, x, qkv);
-}
-
 /// Views of Q, K and V inside a fused projection result (no copies).
 template <class Derived>
 struct qkv_views {
     Eigen::Block<Derived> q, k, v;
 };
 
-/// Splits `qkv` (as produced by `project_qkv`) into row blocks of widths qk_width, qk_width and
+/// Fused Q/K/V projection: `linear` with the stacked weight
+///   w_qkv = [W_q; W_k; W_v] : (2·qk_width + v_width) × d_in,   b_qkv likewise (or size 0),
+/// is one GEMM whose result holds Q in rows [0, qk), K in [qk, 2qk), V in [2qk, 2qk + v).
+/// Splits such a result into row blocks of widths qk_width, qk_width and
 /// v_width. Throws shape_error if the widths do not add up to `qkv.rows()`.
 template <class Derived>
 qkv_views<Derived> split_qkv(Eigen::MatrixBase<Derived>& qkv, Index qk_width, Index v_width) {
@@ -75,6 +72,54 @@ qkv_views<Derived> split_qkv(Eigen::MatrixBase<Derived>& qkv, Index qk_width, In
     auto& m = qkv.derived();
     return {m.middleRows(0, qk_width), m.middleRows(qk_width, qk_width),
             m.middleRows(2 * qk_width, v_width)};
+}
+
+namespace detail {
+// Checks a head index against a stacked matrix and returns the head's width.
+inline Index head_width(Index rows, Index h, Index num_heads) {
+    constexpr const char* where = "mha::head_view";
+    if (num_heads <= 0) fail<value_error>(where, "num_heads", ">= 1", num_heads);
+    if (rows % num_heads != 0)
+        fail<shape_error>(where, "rows()", "a multiple of num_heads = " + std::to_string(num_heads),
+                          rows);
+    if (h < 0 || h >= num_heads)
+        fail<value_error>(where, "h", "in [0, " + std::to_string(num_heads) + ")", h);
+    return rows / num_heads;
+}
+}  // namespace detail
+
+/// Rows of head `h` in a matrix holding `num_heads` heads stacked by rows (`(H·d) × N`):
+/// a `d × N` block, writable if `stacked` is. No copy.
+template <class Derived>
+auto head_view(Eigen::MatrixBase<Derived>& stacked, Index h, Index num_heads) {
+    const Index d = detail::head_width(stacked.rows(), h, num_heads);
+    return stacked.derived().middleRows(h * d, d);
+}
+
+template <class Derived>
+auto head_view(const Eigen::MatrixBase<Derived>& stacked, Index h, Index num_heads) {
+    const Index d = detail::head_width(stacked.rows(), h, num_heads);
+    return stacked.derived().middleRows(h * d, d);
+}
+
+/// Stacks per-head outputs (each `d_h × N`) by rows into `(Σ d_h) × N`. Only needed for heads
+/// computed separately; the layer writes each head into its rows of one buffer directly.
+template <class Scalar>
+matrix<Scalar> concat_heads(const std::vector<matrix<Scalar>>& heads) {
+    Index rows = 0;
+    const Index cols = heads.empty() ? 0 : heads.front().cols();
+    for (std::size_t h = 0; h < heads.size(); ++h) {
+        detail::check_size("mha::concat_heads", "heads[" + std::to_string(h) + "].cols()", cols,
+                           heads[h].cols(), "heads[0].cols()");
+        rows += heads[h].rows();
+    }
+    matrix<Scalar> out(rows, cols);
+    Index at = 0;
+    for (const auto& head : heads) {
+        out.middleRows(at, head.rows()) = head;
+        at += head.rows();
+    }
+    return out;
 }
 
 }  // namespace mha

@@ -22,12 +22,8 @@
 
 #include <Eigen/Core>
 
-#if defined(_OPENMP) && !defined(MHA_NO_OPENMP)
-#include <omp.h>
-#define MHA_GEMM_USE_OPENMP 1
-#endif
-
-#include <mha/config.hpp>
+#include <mha/core.hpp>
+#include <mha/detail/parallel.hpp>
 
 namespace mha {
 namespace detail {
@@ -134,6 +130,37 @@ private:
     gemm_buffers<Scalar>* previous_;
 };
 
+/// C (m×n, column-major, ldc) += alpha · A·B with A m×k (column-major, or row-major when
+/// AOrder = RowMajor, i.e. the transpose of a column-major k×m) and B k×n column-major.
+/// Always single-threaded: Eigen's GEMM kernel is called without parallel info. The GEMM packs
+/// into `buffers` when given (see detail/gemm.hpp), else where Eigen puts it.
+template <class Scalar, int AOrder>
+void serial_gemm_add(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
+                     Index ldb, Scalar* c, Index ldc, Scalar alpha,
+                     gemm_buffers<Scalar>* buffers) {
+    if (m == 0 || n == 0 || k == 0) return;
+    using a_type = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, AOrder>;
+    if (n == 1 || m + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
+        // GEMV and tiny products: Eigen never parallelises these, nor allocates for them.
+        Eigen::Map<const a_type, 0, Eigen::OuterStride<>> am(a, m, k, Eigen::OuterStride<>(lda));
+        Eigen::Map<const matrix<Scalar>, 0, Eigen::OuterStride<>> bm(b, k, n,
+                                                                     Eigen::OuterStride<>(ldb));
+        Eigen::Map<matrix<Scalar>, 0, Eigen::OuterStride<>> cm(c, m, n, Eigen::OuterStride<>(ldc));
+        cm.noalias() += alpha * (am * bm);
+        return;
+    }
+    gemm_kernel_add<Scalar, AOrder>(m, n, k, a, lda, b, ldb, c, ldc, alpha, buffers);
+}
+
+/// As above, packing into the calling thread's GEMM buffers when the tiled driver has bound
+/// them (thread_gemm_buffers), so that block products inside the kernel allocate nothing.
+template <class Scalar, int AOrder>
+void serial_gemm_add(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
+                     Index ldb, Scalar* c, Index ldc, Scalar alpha) {
+    serial_gemm_add<Scalar, AOrder>(m, n, k, a, lda, b, ldb, c, ldc, alpha,
+                                    thread_gemm_buffers<Scalar>());
+}
+
 /// The general case of product_into (see there): dst = alpha·lhs·rhs by the GEMM kernel, split
 /// by columns over threads.
 template <class Scalar, class Dst, class Lhs, class Rhs>
@@ -168,18 +195,12 @@ void gemm_kernel_product(Dst& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
     // Blocking of the whole product, shared by every column range: the k-blocks, hence the
     // order of the sums, are those of one serial product.
     gemm_blocking<Scalar> blocking(m, n, k);
-    int nt = 1;
-#if defined(MHA_GEMM_USE_OPENMP)
-    nt = threads > 0 ? threads : omp_get_max_threads();
     // Eigen's rule of thumb for when a thread pays off: at least nr columns and 50 000
     // multiply-adds each.
     const double work = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-    nt = static_cast<int>(
-        std::min<double>({static_cast<double>(nt), static_cast<double>(n / nr), work / 50000.0}));
+    int nt = static_cast<int>(std::min<double>(
+        {static_cast<double>(thread_count(threads)), static_cast<double>(n / nr), work / 50000.0}));
     nt = std::max(nt, 1);
-#else
-    (void)threads;
-#endif
     if (buffer_set.size() < static_cast<std::size_t>(nt))
         buffer_set.resize(static_cast<std::size_t>(nt));
     auto columns = [&](Index part, gemm_buffers<Scalar>& own) {
@@ -193,21 +214,9 @@ void gemm_kernel_product(Dst& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
         product::run(m, j1 - j0, k, a_data, lda, b_data + j0 * b_column_step, ldb,
                      c_data + j0 * ldc, 1, ldc, alpha, range_blocking, nullptr);
     };
-#if defined(MHA_GEMM_USE_OPENMP)
-    if (nt > 1) {
-        // A plain region with a fixed part-to-thread map, not `omp for`: LLVM's OpenMP runtime
-        // allocates for worksharing loops, and the map keeps each thread's buffers sized for
-        // the same parts on every call.
-#pragma omp parallel num_threads(nt)
-        {
-            const int team = omp_get_num_threads(), me = omp_get_thread_num();
-            for (int part = me; part < nt; part += team)
-                columns(part, buffer_set[static_cast<std::size_t>(me)]);
-        }
-        return;
-    }
-#endif
-    columns(0, buffer_set.front());
+    parallel_parts(nt, [&](int part, int thread) {
+        columns(part, buffer_set[static_cast<std::size_t>(thread)]);
+    });
 }
 
 /// Whether product_into can hand lhs·rhs → dst to the GEMM kernel directly: operands with

@@ -10,7 +10,7 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
-#include <mha/softmax.hpp>
+#include <mha/normalization.hpp>
 
 #include "check.hpp"
 #include "reference.hpp"

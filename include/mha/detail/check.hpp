@@ -1,61 +1,18 @@
 // SPDX-License-Identifier: MIT
-// Version, error types, matrix aliases and argument checks shared by every public header.
+// Argument checks: every message has the form "<where>: <argument> must be <expected>, got
+// <actual>", and the strings are built only when a check fails, so checks on a hot path allocate
+// nothing.
 #pragma once
 
-#include <Eigen/Core>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
-#include <stdexcept>
 #include <string>
 #include <type_traits>
 
-#define MHA_VERSION_MAJOR 0
-#define MHA_VERSION_MINOR 1
-#define MHA_VERSION_PATCH 0
-
-// The masked-row and NaN guarantees rest on IEEE comparisons with infinities and NaN, which
-// -ffast-math (-ffinite-math-only) lets the compiler fold away. Refuse such builds loudly rather
-// than return NaN rows silently; define MHA_ALLOW_FINITE_MATH_ONLY to build anyway at your risk.
-#if defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__ && !defined(MHA_ALLOW_FINITE_MATH_ONLY)
-#error "mha: -ffinite-math-only (part of -ffast-math) breaks masked-row handling; see README"
-#endif
+#include <mha/core.hpp>
 
 namespace mha {
-
-using Eigen::Index;
-
-/// Column-major dynamic matrix: one column per token, `d × L`. Storage order is stated so that
-/// `EIGEN_DEFAULT_TO_ROW_MAJOR` in a user's build cannot change the meaning of our buffers.
-template <class Scalar>
-using matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
-
-/// Column vector (biases).
-template <class Scalar>
-using vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
-
-/// Boolean matrix used by `keep_mask` (rows: keys, columns: queries).
-using bool_matrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
-
-/// Base of every exception the library throws on bad input. Derives from
-/// `std::invalid_argument`, so callers may catch either.
-class invalid_argument : public std::invalid_argument {
-public:
-    using std::invalid_argument::invalid_argument;
-};
-
-/// A matrix, vector or length list has the wrong size.
-class shape_error : public invalid_argument {
-public:
-    using invalid_argument::invalid_argument;
-};
-
-/// A setting has a value outside its domain (a negative window, zero heads, a NaN scale...).
-class value_error : public invalid_argument {
-public:
-    using invalid_argument::invalid_argument;
-};
-
 namespace detail {
 
 template <class Exception>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// Register-tiled block kernels of the tiled attention (detail/tiled_attention.hpp): the two
+// Register-tiled block kernels of the tiled attention (detail/tiled/forward.hpp): the two
 // products of one (query block, key block) step, written with Eigen's packet primitives so that
 // they compile to AVX-512, AVX2, SSE or NEON instructions, or to plain scalar code.
 //
@@ -28,7 +28,7 @@
 
 #include <Eigen/Core>
 
-#include <mha/config.hpp>
+#include <mha/core.hpp>
 
 namespace mha {
 namespace detail {

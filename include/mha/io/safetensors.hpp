@@ -34,7 +34,7 @@
 
 #include <Eigen/Core>
 
-#include <mha/config.hpp>
+#include <mha/core.hpp>
 #include <mha/multi_head_attention.hpp>
 
 #include <nlohmann/json.hpp>

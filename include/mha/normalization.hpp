@@ -1,35 +1,16 @@
 // SPDX-License-Identifier: MIT
-// Normalisation of attention scores, one column per query. Entries equal to −∞ are excluded keys:
-// they get weight exactly 0, and a column with no other entry becomes all 0 (never NaN).
+// The normalisations of attention scores (softmax, ReLU, sigmoid), one column per query.
+// Entries equal to −∞ are excluded keys: they get weight exactly 0, and a column with no other
+// entry becomes all 0 (never NaN).
 #pragma once
 
 #include <cmath>
 #include <limits>
 
-#include <mha/config.hpp>
+#include <mha/core.hpp>
+#include <mha/options.hpp>
 
 namespace mha {
-
-/// How each query's scores become weights.
-enum class normalization {
-    /// exp(s − max) / Σ exp(s − max): weights are positive and sum to 1. The default.
-    softmax,
-    /// max(s, 0) / Σ max(s, 0) over the query's keys (ReLU followed by normalisation, the
-    /// alternative the textbook names). A query whose scores are all ≤ 0 gets weights 0.
-    relu,
-    /// 1 / (1 + exp(−s)) per key, not normalised across keys (sigmoid attention; pair it with an
-    /// `additive_bias` of −log(Lk) to keep outputs at softmax scale).
-    sigmoid,
-};
-
-inline const char* to_string(normalization n) {
-    switch (n) {
-        case normalization::softmax: return "softmax";
-        case normalization::relu: return "relu";
-        case normalization::sigmoid: return "sigmoid";
-    }
-    return "unknown";
-}
 
 namespace detail {
 

@@ -5,7 +5,7 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
 
-#include <mha/config.hpp>
+#include <mha/core.hpp>
 
 using Catch::Matchers::Equals;
 

@@ -1,0 +1,103 @@
+// SPDX-License-Identifier: MIT
+// How a multi-head call over a packed batch splits into (sequence, head) problems: which rows
+// and columns of Q, K, V and the output one problem reads and writes, and which key/value head a
+// query head reads. Every kernel takes its views from here, so the mapping is written once.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <mha/batch.hpp>
+#include <mha/core.hpp>
+#include <mha/detail/mask_view.hpp>
+#include <mha/mask.hpp>
+#include <mha/options.hpp>
+
+namespace mha {
+namespace detail {
+
+template <class Scalar>
+using const_matrix_ref = Eigen::Ref<const matrix<Scalar>, 0, Eigen::OuterStride<>>;
+template <class Scalar>
+using matrix_ref = Eigen::Ref<matrix<Scalar>, 0, Eigen::OuterStride<>>;
+
+/// Heads stacked by rows: query head h owns rows [h·d_k, (h+1)·d_k) of Q and [h·d_v, (h+1)·d_v)
+/// of the output; it reads key/value head kv_head(h), rows [g·d_k, (g+1)·d_k) of K and
+/// [g·d_v, (g+1)·d_v) of V. Query heads h of one group (num_heads / num_kv_heads consecutive
+/// heads) share their K and V by index, never by copy.
+struct head_layout {
+    Index num_heads = 1;
+    Index num_kv_heads = 1;  ///< divides num_heads; equal to it without grouping
+    Index dk = 0;            ///< per-head query/key width
+    Index dv = 0;            ///< per-head value width
+
+    Index kv_head(Index h) const { return h / (num_heads / num_kv_heads); }
+    Index q_row(Index h) const { return h * dk; }
+    Index k_row(Index h) const { return kv_head(h) * dk; }
+    Index v_row(Index h) const { return kv_head(h) * dv; }
+    Index out_row(Index h) const { return h * dv; }
+};
+
+/// A validated multi-head call over a packed batch, as the kernels receive it:
+///   q : (H·d_k) × Nq,  k : (H_kv·d_k) × Nk,  v : (H_kv·d_v) × Nk,  out : (H·d_v) × Nq
+/// with Nq and Nk the batch's total query and key counts.
+template <class Scalar>
+struct attention_problem {
+    const_matrix_ref<Scalar> q, k, v;
+    mutable matrix_ref<Scalar> out;  // a view: a const problem still writes its output
+    head_layout heads;
+    const packed_batch& batch;
+    const attention_mask<Scalar>& mask;  ///< validated against batch and heads
+    Scalar scale;
+    normalization normalize;
+    attention_request request;
+};
+
+/// One (sequence, head): strided views of its Q, K, V, output and log-sum-exp, and its mask.
+template <class Scalar>
+struct head_problem {
+    const Scalar* q;  // query i at q + i·q_stride, dk entries
+    const Scalar* k;  // key j at k + j·k_stride, dk entries
+    const Scalar* v;  // value j at v + j·v_stride, dv entries
+    Scalar* out;      // output of query i at out + i·out_stride, dv entries
+    Scalar* lse;      // log-sum-exp of query i at lse[i·lse_stride]; null when not asked
+    Index q_stride, k_stride, v_stride, out_stride, lse_stride;
+    Index dk, dv, lq, lk;
+    Scalar scale;
+    const mask_view<Scalar>* mask;
+};
+
+/// The problem of sequence b, head h. `lse`, when given, is the H × Nq log-sum-exp matrix.
+template <class Scalar>
+head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index b, Index h,
+                                       const mask_view<Scalar>& mask, matrix<Scalar>* lse) {
+    const head_layout& heads = p.heads;
+    const Index q0 = p.batch.query_offset(b), k0 = p.batch.key_offset(b);
+    const Index lq = p.batch.query_length(b), lk = p.batch.key_length(b);
+    // An empty sequence's columns do not exist (the matrix may even be empty, with a null data
+    // pointer): offsetting into them would be undefined, and they are never read.
+    auto at = [](auto* base, Index length, Index offset) {
+        return length == 0 ? base : base + offset;
+    };
+    Scalar* lse_at = lse == nullptr || lse->size() == 0
+                         ? nullptr
+                         : at(lse->data(), lq, q0 * lse->rows() + h);
+    return {at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h)),
+            at(p.k.data(), lk, k0 * p.k.outerStride() + heads.k_row(h)),
+            at(p.v.data(), lk, k0 * p.v.outerStride() + heads.v_row(h)),
+            at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
+            lse_at,
+            p.q.outerStride(),
+            p.k.outerStride(),
+            p.v.outerStride(),
+            p.out.outerStride(),
+            lse == nullptr ? 0 : lse->rows(),
+            heads.dk,
+            heads.dv,
+            lq,
+            lk,
+            p.scale,
+            &mask};
+}
+
+}  // namespace detail
+}  // namespace mha

@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: MIT
+// The materialised attention kernel: each (sequence, head) computes its Lk × Lq scores in full,
+// masks them, normalises each column, then multiplies by V. The simple reference path against
+// which the tiled kernel is tested, and the path of the normalisations without an online form
+// (relu, sigmoid). Memory: one head's Lk × Lq scores at a time.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <mha/core.hpp>
+#include <mha/detail/gemm.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/detail/mask_view.hpp>
+#include <mha/normalization.hpp>
+#include <mha/options.hpp>
+
+namespace mha {
+namespace detail {
+
+/// Masks the scores s (Lk × Lq) of one (sequence, head) in place (see mask_view::apply).
+template <class Scalar, class DS>
+void apply_mask(const mask_view<Scalar>& mask, Eigen::MatrixBase<DS>& s) {
+    const Index lk = s.rows();
+    for (Index i = 0; i < s.cols(); ++i) {
+        const auto range = mask.key_range(i);
+        mask.apply(&s.derived().coeffRef(0, i), 1, i, 0, lk, range.first, range.second);
+    }
+}
+
+/// P·V by GEMM lets 0·NaN from an excluded value column into a query's output. Such outputs are
+/// the only non-finite ones that can be wrong; recompute them from the allowed keys alone.
+template <class Scalar, class DV, class DW, class DO>
+void repair_excluded_values(const mask_view<Scalar>& mask, const Eigen::MatrixBase<DV>& v,
+                            const Eigen::MatrixBase<DW>& weights, Eigen::MatrixBase<DO>& out) {
+    for (Index i = 0; i < out.cols(); ++i) {
+        if (out.col(i).allFinite()) continue;
+        out.col(i).setZero();
+        const auto range = mask.key_range(i);
+        for (Index j = range.first; j < range.second; ++j)
+            if (!mask.excludes(j, i)) out.col(i) += weights(j, i) * v.col(j);
+    }
+}
+
+/// lse[i·stride] = log Σ_j exp(s(j, i)) of each column of the masked scores (−∞ for a column
+/// with no allowed key; NaN when a NaN score takes part).
+template <class Scalar, class DS>
+void log_sum_exp_columns(const Eigen::MatrixBase<DS>& s, Scalar* lse, Index stride) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    for (Index i = 0; i < s.cols(); ++i) {
+        Scalar m = minus_inf;
+        for (Index j = 0; j < s.rows(); ++j) m = nan_propagating_max(m, s(j, i));
+        if (m == minus_inf) {
+            lse[i * stride] = minus_inf;
+            continue;
+        }
+        Scalar sum(0);
+        for (Index j = 0; j < s.rows(); ++j)
+            if (s(j, i) != minus_inf) sum += std::exp(s(j, i) - m);
+        lse[i * stride] = m + std::log(sum);
+    }
+}
+
+/// The materialised attention of one (sequence, head) with at least one query and one key;
+/// `scores` (Lk × Lq) is scratch and ends holding the weights. The two products pack into `gemm` when given (see product_into).
+template <class Scalar, class DQ, class DK, class DV, class DO, class DS>
+void attend_one_head(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                     const Eigen::MatrixBase<DV>& v, const mask_view<Scalar>& mask, Scalar scale,
+                     normalization normalize, Eigen::MatrixBase<DO>& out,
+                     Eigen::MatrixBase<DS>& scores, std::vector<gemm_buffers<Scalar>>* gemm,
+                     Scalar* lse, Index lse_stride) {
+    product_into(scores.derived(), k.derived().transpose(), q.derived(), scale, gemm);
+    const bool masked = !mask.is_unmasked();
+    if (masked) apply_mask<Scalar>(mask, scores);
+    if (lse != nullptr) log_sum_exp_columns(scores, lse, lse_stride);
+    normalize_columns(scores, normalize);
+    product_into(out.derived(), v.derived(), scores.derived(), Scalar(1), gemm);
+    if (masked) repair_excluded_values<Scalar>(mask, v, scores, out);
+}
+
+/// The buffers of materialized_attention, kept between calls (see attention_workspace).
+template <class Scalar>
+struct materialized_workspace {
+    vector<Scalar> scores;  // one head's Lk × Lq, grown to the largest
+    mask_views<Scalar> masks;
+};
+
+/// The multi-head materialised attention over a packed batch. `outputs` holds what the request
+/// asks for, sized and zeroed (see size_outputs). `gemm`: packing buffers for the products, one
+/// per thread; null: Eigen's own products (which may run on Eigen's own OpenMP threads).
+template <class Scalar>
+void materialized_attention(const attention_problem<Scalar>& p, attention_outputs<Scalar>& outputs,
+                            materialized_workspace<Scalar>& ws,
+                            std::vector<gemm_buffers<Scalar>>* gemm) {
+    const packed_batch& batch = p.batch;
+    const head_layout& heads = p.heads;
+    const Index num_heads = heads.num_heads;
+    const weights_mode mode = p.request.weights;
+    ws.masks.build(p.mask, num_heads, batch);
+    // One head's scores at a time, in a buffer sized once for the largest sequence.
+    Index largest = 0;
+    for (Index b = 0; b < batch.size(); ++b)
+        largest = std::max(largest, batch.key_length(b) * batch.query_length(b));
+    if (ws.scores.size() < largest) ws.scores.resize(largest);
+    matrix<Scalar>* lse = p.request.log_sum_exp ? &outputs.log_sum_exp : nullptr;
+    for (Index b = 0; b < batch.size(); ++b) {
+        const Index lq = batch.query_length(b);
+        const Index lk = batch.key_length(b);
+        const Index q0 = batch.query_offset(b);
+        const Index k0 = batch.key_offset(b);
+        // Empty sequences create no blocks: a block of an empty matrix offsets a null pointer.
+        if (lq == 0) continue;
+        Eigen::Map<matrix<Scalar>> scores(ws.scores.data(), lk, lq);
+        for (Index h = 0; h < num_heads; ++h) {
+            auto out_bh = p.out.block(heads.out_row(h), q0, heads.dv, lq);
+            Scalar* lse_bh = lse != nullptr ? lse->data() + q0 * num_heads + h : nullptr;
+            if (lk == 0) {  // no key: output 0, log-sum-exp −∞, the weights (0 × Lq) are set
+                out_bh.setZero();
+                if (lse_bh != nullptr)
+                    for (Index i = 0; i < lq; ++i)
+                        lse_bh[i * num_heads] = -std::numeric_limits<Scalar>::infinity();
+                continue;
+            }
+            attend_one_head<Scalar>(p.q.block(heads.q_row(h), q0, heads.dk, lq),
+                                    p.k.block(heads.k_row(h), k0, heads.dk, lk),
+                                    p.v.block(heads.v_row(h), k0, heads.dv, lk), ws.masks(b, h),
+                                    p.scale, p.normalize, out_bh, scores, gemm, lse_bh, num_heads);
+            if (mode == weights_mode::per_head)
+                outputs.weights[static_cast<std::size_t>(b * num_heads + h)] = scores;
+            else if (mode == weights_mode::averaged)
+                outputs.weights[static_cast<std::size_t>(b)] += scores / Scalar(num_heads);
+        }
+    }
+}
+
+}  // namespace detail
+}  // namespace mha

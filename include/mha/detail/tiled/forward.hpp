@@ -1,0 +1,181 @@
+// SPDX-License-Identifier: MIT
+// The tiled (online-softmax, "flash") attention kernel: the fast path for softmax attention.
+//
+// Design
+// ------
+// Work units. Tasks are (sequence b, head h, query block of `query_block` columns). A task owns
+// its output columns, so tasks never write the same memory and need no reduction: the result of
+// a task does not depend on which thread runs it or when. Tasks are handed out dynamically
+// (OpenMP `schedule(dynamic)`), the most expensive first (causal and sliding-window blocks differ).
+//
+// Loop of one task. The query block is packed once, transposed and pre-scaled:
+// Qtᵀ = scale·Q_blkᵀ (nq × d_k, padded to a packet multiple). Then over key blocks of `key_block`:
+//   Sᵀ = Qtᵀ·K_blk                    (nq × key_block; register tiles reading K in place)
+//   mask Sᵀ by selection              (−∞, whatever K held: poisoned keys never leak)
+//   m' = max(m, rowmax Sᵀ)            per query (NaN wins, so NaN in allowed inputs propagates)
+//   Pᵀ = exp(Sᵀ − m'), −∞ → exactly 0 (Eigen's pexp, with the −∞ lanes cleared)
+//   l  = exp(m − m')·l + rowsum Pᵀ;  O = exp(m − m')·O + V_blk·P   (register tiles)
+// At the end O /= l, and the query's log-sum-exp is m + log l (returned when asked for, at no
+// extra pass); a query that saw no allowed key (m = −∞) gets exactly 0 and a log-sum-exp of −∞. The scores are
+// kept transposed, one key per column, so that the max, the exp and the sum run across packets
+// of queries: no horizontal reduction, no per-query loop in the hot path. The kernels live in
+// detail/tiled/block_kernels.hpp; a block with fewer queries than a packet (a decode step)
+// computes its scores with Eigen's GEMV instead, as padding would waste most of the tile.
+//
+// Tile sizes. query_block = 128, key_block = 512: Sᵀ is 128×512 floats = 256 KB and stays in
+// the 1 MB L2 of the target (Zen 5) together with the O accumulator (d_v×128), the packed
+// queries (128×d_k) and the V block (d_v×512). 128 keeps enough tasks for 2 threads at
+// L = 512 with 8 heads (32 tasks); larger key blocks amortise the per-block bookkeeping.
+// An earlier design called Eigen's GEMM for both products of a block; it reached 0.75 of
+// BM_gemm_roofline at L = 2048, the register tiles about 1.0 (bench/bench_attention.cpp).
+
+// Masks. Positional masks (causal, sliding windows, key_lengths) give each query an allowed key
+// interval [first_i, last_i) (mask_view::key_range, detail/mask_view.hpp). A task only visits keys in the
+// union of its queries' intervals, so blocks above the causal diagonal, outside a window or past
+// a key length are never computed. Key blocks inside every query's interval are "interior" and
+// pay nothing for masking; only boundary blocks set the out-of-interval entries to −∞ query by
+// query. keep_mask and additive_bias are applied element-wise to each visited block (a −∞ bias
+// is a selection, like keep_mask, so NaN + (−∞) cannot resurrect an excluded key).
+//
+// Poisoned values. P·V by GEMM multiplies excluded value columns by 0, and 0·NaN = NaN (0·Inf as
+// well). As in the materialised path, such an output column is the only non-finite one that can
+// be wrong, so after the last block every non-finite output column is recomputed from its
+// allowed keys alone with the final (m, l), skipping excluded keys. NaN from allowed inputs comes
+// out again from that recomputation, so it still propagates.
+//
+// Weights. When asked for, they come from the same kernel: after (m, l) are final, the block
+// scores are recomputed (one more score GEMM per block) and exp(S − m)/l is written straight into
+// the caller's Lk×Lq matrix. Only that requested output grows with L².
+//
+// Decode (few queries, many keys). A single (b, h, query block) task would leave the other core
+// idle, so when a sequence has at most one query block and at least 2·split_chunk keys, its keys
+// are split into chunks of `split_chunk`; each chunk yields a partial (m, l, O) and the partials
+// are merged in chunk order by log-sum-exp. The decision depends only on the shapes, never on the
+// thread count, so results are identical for every thread count.
+//
+// Memory. Per thread: Sᵀ (query_block × key_block), the packed queries, the V block,
+// O (d_v × query_block), m, l and the query intervals: independent of L. Split partials are d_v × Lq per chunk: linear in Lk. No L×L
+// buffer exists unless weights are requested.
+//
+// Files. online_softmax.hpp: one task's passes (the loop above, the final division, the
+// weights); plan.hpp: the tasks and the split-KV merge; block_kernels.hpp: the register tiles;
+// this file: the driver. Views of one (sequence, head) come from detail/head_problem.hpp, masks
+// from detail/mask_view.hpp, threads from detail/parallel.hpp.
+//
+// Threads. OpenMP when the compiler has it enabled (CMake option MHA_OPENMP), otherwise serial.
+// The block GEMMs call Eigen's GEMM kernel directly with no parallel info, i.e. always
+// single-threaded: Eigen's own OpenMP GEMM never nests inside our parallel region, and a 1-thread
+// call is really 1 thread.
+//
+// Normalisations other than softmax (relu, sigmoid) have no online form worth having here; the
+// dispatcher in attention.hpp sends them to the materialised path.
+#pragma once
+
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <mha/core.hpp>
+#include <mha/detail/gemm.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/detail/mask_view.hpp>
+#include <mha/detail/parallel.hpp>
+#include <mha/detail/tiled/online_softmax.hpp>
+#include <mha/detail/tiled/plan.hpp>
+#include <mha/options.hpp>
+
+namespace mha {
+namespace detail {
+
+/// What a tile_scratch was made for: make_tile_scratch's inputs. A thread's scratch is made
+/// again when they change.
+struct tile_scratch_key {
+    Index dk = -1, dv = -1, query_block = -1, key_block = -1;
+    bool operator==(const tile_scratch_key& o) const {
+        return dk == o.dk && dv == o.dv && query_block == o.query_block &&
+               key_block == o.key_block;
+    }
+};
+
+/// One thread's state in the tiled driver.
+template <class Scalar>
+struct tiled_thread_state {
+    tile_scratch<Scalar> tile;
+    tile_scratch_key made_for;  // default: made for nothing yet
+    gemm_buffers<Scalar> gemm;  // packing for the block GEMMs (see serial_gemm_add)
+};
+
+/// The buffers of tiled_attention, kept between calls: a call with the shapes and settings of
+/// an earlier call on the same workspace allocates nothing. One workspace per concurrent call.
+template <class Scalar>
+struct tiled_workspace {
+    mask_views<Scalar> masks;  // refer to the mask of the current call; stale between calls
+    tiled_plan<Scalar> plan;
+    std::vector<tiled_thread_state<Scalar>> threads;
+};
+
+/// The multi-head tiled attention over a packed batch (softmax; `p` validated). `outputs`
+/// holds what p.request asks for, sized and zeroed (see size_outputs). `workspace`, when given,
+/// keeps every buffer of the call for the next one; null: a workspace local to the call.
+template <class Scalar>
+void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scalar>& outputs,
+                     const tiled_settings& cfg = {}, tiled_workspace<Scalar>* workspace = nullptr) {
+    tiled_workspace<Scalar> local;
+    tiled_workspace<Scalar>& ws = workspace != nullptr ? *workspace : local;
+    const Index num_heads = p.heads.num_heads;
+    const weights_mode mode = p.request.weights;
+    matrix<Scalar>* lse = p.request.log_sum_exp ? &outputs.log_sum_exp : nullptr;
+    ws.masks.build(p.mask, num_heads, p.batch);
+    ws.plan.build(p, ws.masks, cfg);
+    auto problem = [&](Index b, Index h) {
+        return make_head_problem(p, b, h, ws.masks(b, h), lse);
+    };
+
+    const tile_scratch_key key{p.heads.dk, p.heads.dv, cfg.query_block, cfg.key_block};
+    // Each thread readies its state once per call: the scratch is made only when the shapes it
+    // depends on changed, and the thread's block GEMMs pack into its own buffers.
+    auto enter = [&](tiled_thread_state<Scalar>& state) {
+        if (!(state.made_for == key)) {
+            state.tile = make_tile_scratch<Scalar>(p.heads.dk, p.heads.dv, cfg);
+            state.made_for = key;
+        }
+        return scoped_gemm_buffers<Scalar>(&state.gemm);
+    };
+    auto run = [&](Index index, tiled_thread_state<Scalar>& state) {
+        tile_scratch<Scalar>& t = state.tile;
+        const tiled_task& task = ws.plan.tasks[static_cast<std::size_t>(index)];
+        const Index h_begin = task.h < 0 ? 0 : task.h;
+        const Index h_end = task.h < 0 ? num_heads : task.h + 1;
+        for (Index h = h_begin; h < h_end; ++h) {
+            const head_problem<Scalar> hp = problem(task.b, h);
+            if (task.chunk >= 0) {
+                const auto keys = ws.plan.chunk_keys(task.chunk, hp.lk);
+                online_pass(hp, task.i0, task.nq, keys.first, keys.second, cfg, t);
+                ws.plan.store_partial(task.b, h, task.chunk, task.i0, task.nq, t);
+                continue;
+            }
+            online_pass(hp, task.i0, task.nq, 0, hp.lk, cfg, t);
+            finalize_block(hp, task.i0, task.nq, t);
+            if (mode == weights_mode::averaged)
+                weights_pass(hp, task.i0, task.nq, cfg, t,
+                             outputs.weights[static_cast<std::size_t>(task.b)], Scalar(num_heads));
+            else if (mode == weights_mode::per_head)
+                weights_pass(hp, task.i0, task.nq, cfg, t,
+                             outputs.weights[static_cast<std::size_t>(task.b * num_heads + h)],
+                             Scalar(0));
+        }
+    };
+    parallel_tasks(static_cast<Index>(ws.plan.tasks.size()), cfg.threads, ws.threads, enter, run);
+    equalize_gemm_buffers(ws.threads);
+
+    const auto& merges = ws.plan.merges;
+    if (merges.empty()) return;
+    auto merge = [&](Index index, tiled_thread_state<Scalar>& state) {
+        const auto [b, h] = merges[static_cast<std::size_t>(index)];
+        ws.plan.merge(problem(b, h), b, h, cfg.query_block, state.tile);
+    };
+    parallel_tasks(static_cast<Index>(merges.size()), cfg.threads, ws.threads, enter, merge);
+}
+
+}  // namespace detail
+}  // namespace mha

@@ -1,0 +1,328 @@
+// SPDX-License-Identifier: MIT
+// The online softmax of one task of the tiled kernel (design: detail/tiled/forward.hpp): for a
+// block of queries of one (sequence, head), the pass over key blocks that keeps each query's
+// running max m and sum l and rescales the output accumulator, the final division with the
+// repair of poisoned columns and the log-sum-exp, and the pass that recomputes the weights.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <mha/core.hpp>
+#include <mha/detail/gemm.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/detail/mask_view.hpp>
+#include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/normalization.hpp>
+
+namespace mha {
+namespace detail {
+
+/// Queries per task (columns of a score tile). See "Tile sizes" in detail/tiled/forward.hpp.
+inline constexpr Index tiled_query_block = 128;
+/// Keys per block (rows of a score tile).
+inline constexpr Index tiled_key_block = 512;
+/// Keys per split-KV chunk for decode-like shapes (a multiple of tiled_key_block).
+inline constexpr Index tiled_split_chunk = 1024;
+
+/// Tunables of the tiled kernel; the defaults are the constants above. Tests shrink the blocks to
+/// reach many tile boundaries with small inputs.
+struct tiled_settings {
+    Index query_block = tiled_query_block;
+    Index key_block = tiled_key_block;
+    Index split_chunk = tiled_split_chunk;
+    int threads = 0;  ///< 0: OpenMP's default (omp_get_max_threads()); ignored without OpenMP
+};
+
+/// Per-thread scratch, sized once per thread, independent of L. "nqp" is the query block padded
+/// to the score kernel's packet multiple (padded_queries).
+template <class Scalar>
+struct tile_scratch {
+    matrix<Scalar> qt;   // nqp × dk: the block's queries, transposed and scaled
+    matrix<Scalar> s;    // nqp × key_block: transposed scores, then probabilities
+    matrix<Scalar> acc;  // dv × query_block unnormalised output
+    matrix<Scalar> v;    // dv × key_block: the block's values, contiguous
+    vector<Scalar> m, l;               // query_block: running max and sum
+    vector<Scalar> block_max, shift, block_sum;  // nqp: per-block softmax bookkeeping
+    std::vector<Index> first, last;  // allowed key interval of each query of the block
+};
+
+/// A thread's scratch for heads of widths dk, dv and the tile sizes of `cfg`.
+template <class Scalar>
+tile_scratch<Scalar> make_tile_scratch(Index dk, Index dv, const tiled_settings& cfg) {
+    tile_scratch<Scalar> t;
+    const Index nqp = padded_queries<Scalar>(cfg.query_block);
+    t.qt.resize(nqp, std::max<Index>(dk, 1));
+    t.s.resize(nqp, cfg.key_block);
+    t.acc.resize(std::max<Index>(dv, 1), cfg.query_block);
+    t.v.resize(std::max<Index>(dv, 1), cfg.key_block);
+    t.m.resize(cfg.query_block);
+    t.l.resize(cfg.query_block);
+    t.block_max.resize(nqp);
+    t.shift.resize(nqp);
+    t.block_sum.resize(nqp);
+    // key_intervals sizes these to the block; reserved so that no later block grows them.
+    t.first.reserve(static_cast<std::size_t>(cfg.query_block));
+    t.last.reserve(static_cast<std::size_t>(cfg.query_block));
+    return t;
+}
+
+/// The allowed key intervals of queries [i0, i0 + nq), clipped to [k_lo, k_hi); returns the
+/// union [lo, hi) and the intersection bounds (max first, min last) of the non-empty ones.
+struct interval_summary {
+    Index lo, hi;  // union of the intervals (lo >= hi: nothing to visit)
+    Index max_first, min_last;
+};
+
+template <class Scalar>
+interval_summary key_intervals(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo,
+                               Index k_hi, tile_scratch<Scalar>& t) {
+    t.first.resize(static_cast<std::size_t>(nq));
+    t.last.resize(static_cast<std::size_t>(nq));
+    interval_summary r{k_hi, k_lo, k_lo, k_hi};
+    for (Index c = 0; c < nq; ++c) {
+        auto range = p.mask->key_range(i0 + c);
+        const Index f = std::max(range.first, k_lo);
+        const Index e = std::max(f, std::min(range.second, k_hi));
+        t.first[static_cast<std::size_t>(c)] = f;
+        t.last[static_cast<std::size_t>(c)] = e;
+        r.max_first = std::max(r.max_first, f);
+        r.min_last = std::min(r.min_last, e);
+        if (f < e) {
+            r.lo = std::min(r.lo, f);
+            r.hi = std::max(r.hi, e);
+        }
+    }
+    return r;
+}
+
+/// The allowed key intervals of the block's queries (from key_intervals) for the block kernels.
+template <class Scalar>
+query_key_ranges block_ranges(const tile_scratch<Scalar>& t, Index nq, Index j0) {
+    return {t.first.data(), t.last.data(), nq, j0};
+}
+
+/// Sᵀ(0:nqp, 0:nk) = qt · K[:, j0:j0+nk] into t.s (ld nqp), i.e. the scaled scores of queries
+/// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then masked by
+/// selection. Rows nq..nqp are padding and hold finite values.
+template <class Scalar>
+void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp, Index j0,
+                   Index nk, const interval_summary& iv, tile_scratch<Scalar>& t) {
+    Scalar* s = t.s.data();
+    const Index lds = nqp;
+    const Scalar* k = p.k + j0 * p.k_stride;
+    const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+    if (nq >= block_kernel_traits<Scalar>::width) {
+        // A boundary block's tiles compute only the keys their queries may see; masking below
+        // sets everything outside each query's interval to −∞, skipped entries included.
+        transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds,
+                          interior ? query_key_ranges{} : block_ranges(t, nq, j0));
+    } else {
+        // Fewer queries than a packet (decode steps, short tails): the register tiles would be
+        // mostly padding, so let Eigen's GEMV/GEMM compute the nq live rows.
+        std::fill(s, s + nk * lds, Scalar(0));
+        serial_gemm_add<Scalar, Eigen::ColMajor>(nq, nk, p.dk, t.qt.data(), nqp, k, p.k_stride, s,
+                                                 lds, Scalar(1));
+    }
+    const auto& mask = *p.mask;
+    if (interior && !mask.has_elementwise()) return;
+    if (!interior)  // the padding rows' skipped entries were not written: keep them finite
+        for (Index r = 0; r < nk; ++r) std::fill(s + r * lds + nq, s + (r + 1) * lds, Scalar(0));
+    for (Index c = 0; c < nq; ++c) {
+        const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
+        const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
+        mask.apply(s + c, lds, i0 + c, j0, nk, f, e);  // key r of query c at s[c + r·lds]
+    }
+}
+
+/// mx[c] = max over keys j < nk of st[j·ld + c], for c < nqp (a multiple of the packet width);
+/// NaN when any of them is NaN, −∞ when nk = 0.
+template <class Scalar>
+void max_per_query(const Scalar* st, Index ld, Index nqp, Index nk, Scalar* mx) {
+    using namespace Eigen::internal;
+    using traits = block_kernel_traits<Scalar>;
+    using packet = typename traits::packet;
+    constexpr Index w = traits::width;
+    std::fill(mx, mx + nqp, -std::numeric_limits<Scalar>::infinity());
+    for (Index j = 0; j < nk; ++j) {
+        const Scalar* col = st + j * ld;
+        if constexpr (w > 1) {
+            for (Index c = 0; c < nqp; c += w)
+                pstoreu(mx + c,
+                        pmax<Eigen::PropagateNaN>(ploadu<packet>(mx + c), ploadu<packet>(col + c)));
+        } else {
+            for (Index c = 0; c < nqp; ++c) mx[c] = nan_propagating_max(mx[c], col[c]);
+        }
+    }
+}
+
+/// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
+/// (a vectorised exp(−∞) may return a denormal instead) and NaN staying NaN; sum[c] receives
+/// the sum over j.
+template <class Scalar>
+void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
+                           Scalar* sum) {
+    using namespace Eigen::internal;
+    using traits = block_kernel_traits<Scalar>;
+    using packet = typename traits::packet;
+    constexpr Index w = traits::width;
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    std::fill(sum, sum + nqp, Scalar(0));
+    if constexpr (w > 1 && packet_traits<Scalar>::HasExp) {
+        const packet pinf = pset1<packet>(minus_inf);
+        for (Index j = 0; j < nk; ++j) {
+            Scalar* col = st + j * ld;
+            for (Index c = 0; c < nqp; c += w) {
+                const packet x = ploadu<packet>(col + c);
+                const packet e = pandnot(pexp(psub(x, ploadu<packet>(shift + c))), pcmp_eq(x, pinf));
+                pstoreu(col + c, e);
+                pstoreu(sum + c, padd(ploadu<packet>(sum + c), e));
+            }
+        }
+    } else {
+        for (Index j = 0; j < nk; ++j) {
+            Scalar* col = st + j * ld;
+            for (Index c = 0; c < nqp; ++c) {
+                const Scalar e = col[c] == minus_inf ? Scalar(0) : std::exp(col[c] - shift[c]);
+                col[c] = e;
+                sum[c] += e;
+            }
+        }
+    }
+}
+
+/// The online pass of queries [i0, i0+nq) over keys [k_lo, k_hi): leaves the unnormalised output
+/// in t.acc (dv × nq) and the running max and sum in t.m, t.l.
+template <class Scalar>
+void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, Index k_hi,
+                 const tiled_settings& cfg, tile_scratch<Scalar>& t) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    t.acc.topLeftCorner(p.dv, nq).setZero();
+    t.m.head(nq).setConstant(minus_inf);
+    t.l.head(nq).setZero();
+    const interval_summary iv = key_intervals(p, i0, nq, k_lo, k_hi, t);
+    if (iv.lo >= iv.hi) return;
+    const Index nqp = padded_queries<Scalar>(nq);
+    pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
+    Scalar* st = t.s.data();
+    for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
+        const Index nk = std::min(cfg.key_block, iv.hi - j0);
+        masked_scores(p, i0, nq, nqp, j0, nk, iv, t);
+        max_per_query(st, nqp, nqp, nk, t.block_max.data());
+        for (Index c = 0; c < nqp; ++c) {
+            // The new running max; a query with nothing allowed yet (−∞) shifts by 0, so its
+            // −∞ scores still give exactly 0 and no −∞ − (−∞) = NaN appears.
+            const Scalar m_new = c < nq ? nan_propagating_max(t.m(c), t.block_max(c)) : Scalar(0);
+            t.block_max(c) = m_new;
+            t.shift(c) = m_new == minus_inf ? Scalar(0) : m_new;
+        }
+        exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
+        for (Index c = 0; c < nq; ++c) {
+            const Scalar m_old = t.m(c);
+            const Scalar m_new = t.block_max(c);
+            if (m_new == minus_inf) continue;  // nothing allowed yet: contributes nothing
+            if (m_old == minus_inf) {
+                // First allowed keys: start from a clean accumulator (earlier blocks may have
+                // added 0·NaN from poisoned excluded values).
+                t.acc.col(c).head(p.dv).setZero();
+                t.l(c) = t.block_sum(c);
+            } else if (m_new != m_old) {
+                const Scalar alpha = std::exp(m_old - m_new);
+                t.acc.col(c).head(p.dv) *= alpha;
+                t.l(c) = alpha * t.l(c) + t.block_sum(c);
+            } else {
+                t.l(c) += t.block_sum(c);
+            }
+            t.m(c) = m_new;
+        }
+        // V's columns lie a whole QKV row apart (3·E floats, 6 KB for E = 512). Copied
+        // contiguous, the chunk the value kernel re-reads for every query tile stays in L1;
+        // measured a few per cent faster at L = 2048 (copying K as well was slower).
+        Scalar* vb = t.v.data();
+        for (Index r = 0; r < nk; ++r)
+            std::copy_n(p.v + (j0 + r) * p.v_stride, p.dv, vb + r * p.dv);
+        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+        accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
+                          interior ? query_key_ranges{} : block_ranges(t, nq, j0));
+    }
+}
+
+/// Recomputes output column i from its allowed keys alone (see "Poisoned values" in detail/tiled/forward.hpp).
+template <class Scalar>
+void repair_column(const head_problem<Scalar>& p, Index i, Scalar m, Scalar inv_l) {
+    using cvec = Eigen::Map<const vector<Scalar>>;
+    Eigen::Map<vector<Scalar>> out(p.out + i * p.out_stride, p.dv);
+    out.setZero();
+    const cvec qi(p.q + i * p.q_stride, p.dk);
+    const auto& mask = *p.mask;
+    const auto range = mask.key_range(i);
+    for (Index j = range.first; j < range.second; ++j) {
+        if (mask.excludes(j, i)) continue;
+        Scalar s = p.scale * cvec(p.k + j * p.k_stride, p.dk).dot(qi);
+        if (mask.has_bias()) s += mask.bias(j, i);
+        out += (std::exp(s - m) * inv_l) * cvec(p.v + j * p.v_stride, p.dv);
+    }
+}
+
+/// Writes out = acc / l for queries [i0, i0+nq) (0 for a query with no allowed key), repairs
+/// non-finite columns, and writes each query's log-sum-exp m + log l (−∞ with no allowed key)
+/// when the problem asks for it.
+template <class Scalar>
+void finalize_block(const head_problem<Scalar>& p, Index i0, Index nq, tile_scratch<Scalar>& t) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    for (Index c = 0; c < nq; ++c) {
+        Eigen::Map<vector<Scalar>> out(p.out + (i0 + c) * p.out_stride, p.dv);
+        if (p.lse != nullptr)
+            p.lse[(i0 + c) * p.lse_stride] =
+                t.m(c) == minus_inf ? minus_inf : t.m(c) + std::log(t.l(c));
+        if (t.m(c) == minus_inf) {
+            out.setZero();
+            continue;
+        }
+        const Scalar inv_l = Scalar(1) / t.l(c);
+        out = t.acc.col(c).head(p.dv) * inv_l;
+        if (!out.allFinite()) repair_column(p, i0 + c, t.m(c), inv_l);
+    }
+}
+
+/// Weights of queries [i0, i0+nq): w = exp(S − m)/l over every visited block, written
+/// (divisor 0) or added divided by `divisor` (the head count, averaged mode) into `w`, an
+/// lk × lq matrix that is zero outside the visited blocks.
+template <class Scalar>
+void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled_settings& cfg,
+                  tile_scratch<Scalar>& t, matrix<Scalar>& w, Scalar divisor) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    const interval_summary iv = key_intervals(p, i0, nq, 0, p.lk, t);
+    if (iv.lo >= iv.hi) return;
+    const Index nqp = padded_queries<Scalar>(nq);
+    pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
+    for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
+        const Index nk = std::min(cfg.key_block, iv.hi - j0);
+        masked_scores(p, i0, nq, nqp, j0, nk, iv, t);
+        for (Index c = 0; c < nq; ++c) {
+            if (t.m(c) == minus_inf) continue;  // no allowed key: weights stay 0
+            const Scalar* row = t.s.data() + c;  // key r at row[r·nqp]
+            const Scalar m = t.m(c), l = t.l(c);
+            Scalar* dst = w.data() + (i0 + c) * w.rows() + j0;
+            // Scalar std::exp and a true division, not the packet exp of the online pass:
+            // returned weights are compared element by element with other paths (the
+            // materialised softmax evaluates std::exp too), and 1-ulp packet exp errors showed
+            // up there. This pass is O(Lk·Lq) like the weights themselves.
+            for (Index r = 0; r < nk; ++r) {
+                const Scalar sr = row[r * nqp];
+                const Scalar x = sr == minus_inf ? Scalar(0) : std::exp(sr - m) / l;
+                if (divisor != Scalar(0))
+                    dst[r] += x / divisor;
+                else
+                    dst[r] = x;
+            }
+        }
+    }
+}
+
+}  // namespace detail
+}  // namespace mha
