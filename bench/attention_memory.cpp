@@ -15,13 +15,13 @@
 #include <cstdlib>
 #include <string>
 
-#include <sys/resource.h>
-
 #include <Eigen/Core>
 
 #include <mha/mha.hpp>
 
 #include "flops.hpp"
+
+#include <sys/resource.h>
 
 namespace {
 

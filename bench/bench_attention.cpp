@@ -214,9 +214,9 @@ void BM_fma_peak(benchmark::State& state) {
         // Only the result is escaped, once the loop is done; the sum is outside the timing-
         // relevant part (16 reductions against 2^22 FMAs).
         using Eigen::internal::padd;
-        const packet s = padd(padd(padd(padd(c0, c1), padd(c2, c3)), padd(padd(c4, c5), padd(c6, c7))),
-                              padd(padd(padd(c8, c9), padd(c10, c11)),
-                                   padd(padd(c12, c13), padd(c14, c15))));
+        const packet s =
+            padd(padd(padd(padd(c0, c1), padd(c2, c3)), padd(padd(c4, c5), padd(c6, c7))),
+                 padd(padd(padd(c8, c9), padd(c10, c11)), padd(padd(c12, c13), padd(c14, c15))));
         float sum = Eigen::internal::predux(s);
         benchmark::DoNotOptimize(sum);
     }

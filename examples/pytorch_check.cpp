@@ -18,8 +18,8 @@
 #include <string>
 #include <vector>
 
-#include <mha/mha.hpp>
 #include <mha/io/safetensors.hpp>
+#include <mha/mha.hpp>
 
 namespace {
 

@@ -11,9 +11,9 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
-#include <utility>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <mha/mha.hpp>
@@ -206,10 +206,10 @@ inline run_result run_materialized(const problem& p, const inputs& x) {
     run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
     mha::attention_options options;
     options.algorithm = mha::attention_algorithm::materialized;
-    r.weights = mha::multi_head_attention_core(x.q, x.k, x.v, p.heads,
-                                               mha::packed_batch(p.lq, p.lk), r.out, p.mask(),
-                                               options, {mha::weights_mode::per_head})
-                    .weights;
+    r.weights =
+        mha::multi_head_attention_core(x.q, x.k, x.v, p.heads, mha::packed_batch(p.lq, p.lk), r.out,
+                                       p.mask(), options, {mha::weights_mode::per_head})
+            .weights;
     return r;
 }
 

@@ -1147,9 +1147,8 @@ TEMPLATE_TEST_CASE("inputs as Maps and blocks give the plain-matrix result", "[a
         mat<Scalar> big = mat<Scalar>::Constant(dv + 4, lq + 3, sentinel);
         const mat<Scalar> weights =
             mha::scaled_dot_product_attention(qkv.block(0, 0, dk, lq), qkv.block(dk, 0, dk, lk),
-                                              qkv.block(2 * dk, 0, dv, lk),
-                                              big.block(2, 1, dv, lq), m.mask, options,
-                                              {mha::weights_mode::per_head})
+                                              qkv.block(2 * dk, 0, dv, lk), big.block(2, 1, dv, lq),
+                                              m.mask, options, {mha::weights_mode::per_head})
                 .weights.front();
         require_attention_close<Scalar>(big.block(2, 1, dv, lq), ref, wide(q), wide(k), wide(v),
                                         scale, m.allowed, m.bias, "blocks");

@@ -37,11 +37,14 @@ struct strided {
             for (Index i = 0; i < r; ++i)
                 data[static_cast<std::size_t>(j * s + i)] = static_cast<Scalar>(rnd.normal(1.0));
     }
-    Scalar operator()(Index i, Index j) const { return data[static_cast<std::size_t>(j * stride + i)]; }
+    Scalar operator()(Index i, Index j) const {
+        return data[static_cast<std::size_t>(j * stride + i)];
+    }
     mat<Scalar> dense() const {
         mat<Scalar> m(rows, cols);
         for (Index j = 0; j < cols; ++j)
-            for (Index i = 0; i < rows; ++i) m(i, j) = (*this)(i, j);
+            for (Index i = 0; i < rows; ++i)
+                m(i, j) = (*this)(i, j);
         return m;
     }
 };
@@ -197,7 +200,8 @@ TEMPLATE_TEST_CASE("block kernels: per-query key ranges cut tiles short and read
         }
     // Somewhere a tile was cut short (the first query tile sees keys up to its width + 1 only).
     bool skipped = false;
-    for (Scalar x : st) skipped = skipped || x == Scalar(99);
+    for (Scalar x : st)
+        skipped = skipped || x == Scalar(99);
     REQUIRE(skipped);
 
     // Values: P is 0 where a query sees nothing and V is NaN in the columns no query sees.
@@ -209,10 +213,12 @@ TEMPLATE_TEST_CASE("block kernels: per-query key ranges cut tiles short and read
         for (Index c = 0; c < nq; ++c) {
             const bool s = sees(c, j);
             seen = seen || s;
-            pt[static_cast<std::size_t>(j * nqp + c)] = s ? static_cast<Scalar>(rnd.uniform(0, 1)) : 0;
+            pt[static_cast<std::size_t>(j * nqp + c)] =
+                s ? static_cast<Scalar>(rnd.uniform(0, 1)) : 0;
         }
         if (!seen)
-            for (Index e = 0; e < dv; ++e) v.data[static_cast<std::size_t>(j * dv + e)] = nan;
+            for (Index e = 0; e < dv; ++e)
+                v.data[static_cast<std::size_t>(j * dv + e)] = nan;
     }
     mat<Scalar> acc = mat<Scalar>::Zero(dv, nq);
     mha::detail::accumulate_values(v.data.data(), dv, dv, nk, pt.data(), nqp, nq, acc.data(), dv,
@@ -223,8 +229,8 @@ TEMPLATE_TEST_CASE("block kernels: per-query key ranges cut tiles short and read
             long double exact = 0, magnitude = 0;
             for (Index j = 0; j < nk; ++j) {
                 if (!sees(c, j)) continue;
-                const long double t = static_cast<long double>(v(e, j)) *
-                                      pt[static_cast<std::size_t>(j * nqp + c)];
+                const long double t =
+                    static_cast<long double>(v(e, j)) * pt[static_cast<std::size_t>(j * nqp + c)];
                 exact += t;
                 magnitude += std::fabs(t);
             }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
-// Heads (mha/projection.hpp): head_view is a writable view into the stacked matrix, concat_heads stacks
-// by rows, the output projection (linear) against the reference (check B), and error messages.
+// Heads (mha/projection.hpp): head_view is a writable view into the stacked matrix, concat_heads
+// stacks by rows, the output projection (linear) against the reference (check B), and error
+// messages.
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -102,8 +103,9 @@ TEST_CASE("concat_heads: error messages", "[heads]") {
                                "got 4"));
 }
 
-TEMPLATE_TEST_CASE("output projection: linear(W_o, b_o, heads) = W_o·heads + b_o against the reference", "[heads]",
-                   float, double) {
+TEMPLATE_TEST_CASE(
+    "output projection: linear(W_o, b_o, heads) = W_o·heads + b_o against the reference", "[heads]",
+    float, double) {
     using Scalar = TestType;
     const Index embed = 8, heads = 3, dv = 5, tokens = 7;
     const bool with_bias = GENERATE(true, false);
@@ -125,10 +127,8 @@ TEMPLATE_TEST_CASE("output projection: linear(W_o, b_o, heads) = W_o·heads + b_
     mha::linear(w_o, b_o, swapped, out_swapped);
     CHECK(out_swapped != out);
 
-    REQUIRE_THROWS_AS(
-        mha::linear(w_o, b_o, mat<Scalar>::Zero(heads * dv - 1, tokens), out),
-        mha::shape_error);
-    REQUIRE_THROWS_WITH(
-        mha::linear(w_o, b_o, mat<Scalar>::Zero(heads * dv - 1, tokens), out),
-        Equals("mha::linear: x.rows() must be 15 (w.cols()), got 14"));
+    REQUIRE_THROWS_AS(mha::linear(w_o, b_o, mat<Scalar>::Zero(heads * dv - 1, tokens), out),
+                      mha::shape_error);
+    REQUIRE_THROWS_WITH(mha::linear(w_o, b_o, mat<Scalar>::Zero(heads * dv - 1, tokens), out),
+                        Equals("mha::linear: x.rows() must be 15 (w.cols()), got 14"));
 }

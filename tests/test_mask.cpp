@@ -3,8 +3,8 @@
 // positional mask allows (checked against explicit index
 // formulas), composition, per-sequence / per-head broadcasting, and validation messages.
 #include <functional>
-#include <utility>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch_test_macros.hpp>
@@ -51,7 +51,6 @@ private:
     Index b_, h_;
     mha::detail::mask_views<Scalar> views_;
 };
-
 
 /// Requires that the slice allows exactly the (key j, query i) pairs of `expected`, and that
 /// its key_range(i) is a valid contiguous range inside [0, Lk) covering the allowed keys.

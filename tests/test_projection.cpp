@@ -106,8 +106,8 @@ TEST_CASE("linear: error messages", "[projection]") {
                         Equals("mha::linear: out.cols() must be 13 (x.cols()), got 12"));
 }
 
-TEMPLATE_TEST_CASE("fused projection (linear) + split_qkv: views equal separate projections", "[projection]",
-                   float, double) {
+TEMPLATE_TEST_CASE("fused projection (linear) + split_qkv: views equal separate projections",
+                   "[projection]", float, double) {
     using Scalar = TestType;
     const Index d_in = 10, qk = 6, vw = 4, tokens = 9;
     const bool with_bias = GENERATE(true, false);

@@ -15,8 +15,8 @@
 
 #include <catch2/catch_test_macros.hpp>
 
-#include <mha/mha.hpp>
 #include <mha/io/safetensors.hpp>
+#include <mha/mha.hpp>
 
 namespace {
 

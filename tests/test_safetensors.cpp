@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
-// mha/io/safetensors.hpp: the reader's view of tensors (columns, matrices, vectors), the writer, and
-// every malformed file the reader must refuse with a format_error naming what is wrong, what was
-// expected and what was found. Bad files are built here byte by byte.
+// mha/io/safetensors.hpp: the reader's view of tensors (columns, matrices, vectors), the writer,
+// and every malformed file the reader must refuse with a format_error naming what is wrong, what
+// was expected and what was found. Bad files are built here byte by byte.
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -9,8 +9,8 @@
 
 #include <catch2/catch_test_macros.hpp>
 
-#include <mha/mha.hpp>
 #include <mha/io/safetensors.hpp>
+#include <mha/mha.hpp>
 
 namespace {
 
@@ -257,8 +257,7 @@ TEST_CASE("a state_dict of the wrong shape, dtype or form is refused", "[safeten
     mha::safetensors_writer w;
     w.add_matrix("in_proj_weight", mha::matrix<float>::Ones(24, 9));
     w.add_matrix("out_proj.weight", mha::matrix<float>::Ones(8, 8));
-    require_format_error(load(w), {
-                                   "shape of tensor 'in_proj_weight' must be [24, 8] "
+    require_format_error(load(w), {"shape of tensor 'in_proj_weight' must be [24, 8] "
                                    "(3·embed_dim, embed_dim)",
                                    "got [24, 9]"});
     require_format_error(

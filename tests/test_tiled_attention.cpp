@@ -89,9 +89,14 @@ mat<Scalar> run_tiled(const mat<Scalar>& q, const mat<Scalar>& k, const mat<Scal
     mat<Scalar> out(v.rows(), q.cols());
     const mha::packed_batch batch = mha::packed_batch::single(q.cols(), k.cols());
     const mha::detail::attention_problem<Scalar> problem{
-        q,     k,     v,
-        out,   {1, 1, q.rows(), v.rows()},
-        batch, mask,  scale,
+        q,
+        k,
+        v,
+        out,
+        {1, 1, q.rows(), v.rows()},
+        batch,
+        mask,
+        scale,
         mha::normalization::softmax,
         {weights ? mha::weights_mode::per_head : mha::weights_mode::none}};
     mha::attention_outputs<Scalar> outputs;
@@ -282,8 +287,7 @@ TEST_CASE("tiled attention: public API dispatch, packed batch, per-head and aver
             mha::multi_head_attention_core(q, k, v, heads, batch, out_t, mask, tiled, {mode})
                 .weights;
         const std::vector<mha::matrix<double>> w_m =
-            mha::multi_head_attention_core(q, k, v, heads, batch, out_m, mask, materialized,
-                                           {mode})
+            mha::multi_head_attention_core(q, k, v, heads, batch, out_m, mask, materialized, {mode})
                 .weights;
         REQUIRE(w_t.size() == w_m.size());
         const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
@@ -345,8 +349,7 @@ TEST_CASE("tiled attention: empty inputs and the single-head API", "[tiled]") {
     const mat<float> q0(4, 0), k0(4, 0), v0(3, 0), q1 = mat<float>::Ones(4, 2);
     mat<float> w;
     mat<float> out(3, 0);
-    w = mha::scaled_dot_product_attention(q0, k0, v0, out, {}, tiled,
-                                          {mha::weights_mode::per_head})
+    w = mha::scaled_dot_product_attention(q0, k0, v0, out, {}, tiled, {mha::weights_mode::per_head})
             .weights.front();
     REQUIRE(w.rows() == 0);
     REQUIRE(w.cols() == 0);

@@ -134,8 +134,7 @@ void size_outputs(const attention_problem<Scalar>& p, attention_outputs<Scalar>&
 /// call, kept for the next one; null: the call's own, and the materialised path's products are
 /// Eigen's (which may run on Eigen's own OpenMP threads).
 template <class Scalar>
-attention_outputs<Scalar> attend(const attention_problem<Scalar>& p,
-                                 attention_algorithm algorithm,
+attention_outputs<Scalar> attend(const attention_problem<Scalar>& p, attention_algorithm algorithm,
                                  attention_workspace<Scalar>* workspace) {
     attention_outputs<Scalar> outputs;
     size_outputs(p, outputs);
@@ -167,7 +166,8 @@ attention_outputs<typename DQ::Scalar> scaled_dot_product_attention(
     detail::check_size(where, "k.rows()", q.rows(), k.rows(), "q.rows(), the key width d_k");
     detail::check_size(where, "v.cols()", k.cols(), v.cols(), "k.cols(), the number of keys");
     detail::check_size(where, "out.rows()", v.rows(), out.rows(), "v.rows(), the value width");
-    detail::check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols(), the number of queries");
+    detail::check_size(where, "out.cols()", q.cols(), out.cols(),
+                       "q.cols(), the number of queries");
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, q.rows());
     detail::check_request(where, options, request);
     mask.validate(where, 1, {q.cols()}, {k.cols()});
@@ -209,13 +209,11 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
     if (num_heads <= 0) detail::fail<value_error>(where, "num_heads", ">= 1", num_heads);
     if (q.rows() % num_heads != 0)
-        detail::fail<shape_error>(where, "q.rows()",
-                                  "a multiple of num_heads = " + std::to_string(num_heads),
-                                  q.rows());
+        detail::fail<shape_error>(
+            where, "q.rows()", "a multiple of num_heads = " + std::to_string(num_heads), q.rows());
     if (v.rows() % num_heads != 0)
-        detail::fail<shape_error>(where, "v.rows()",
-                                  "a multiple of num_heads = " + std::to_string(num_heads),
-                                  v.rows());
+        detail::fail<shape_error>(
+            where, "v.rows()", "a multiple of num_heads = " + std::to_string(num_heads), v.rows());
     detail::check_size(where, "k.rows()", q.rows(), k.rows(), "q.rows()");
     detail::check_size(where, "q.cols()", batch.total_queries(), q.cols(),
                        "the batch's total query count");

@@ -3,8 +3,9 @@
 // error types (with the argument checks that raise them, in detail/check.hpp).
 #pragma once
 
-#include <Eigen/Core>
 #include <stdexcept>
+
+#include <Eigen/Core>
 
 #define MHA_VERSION_MAJOR 0
 #define MHA_VERSION_MINOR 1
@@ -14,7 +15,8 @@
 // -ffast-math (-ffinite-math-only) lets the compiler fold away. Refuse such builds loudly rather
 // than return NaN rows silently; define MHA_ALLOW_FINITE_MATH_ONLY to build anyway at your risk.
 #if defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__ && !defined(MHA_ALLOW_FINITE_MATH_ONLY)
-#error "mha: -ffinite-math-only (part of -ffast-math) breaks masked-row handling; see docs/semantics.md"
+#error \
+    "mha: -ffinite-math-only (part of -ffast-math) breaks masked-row handling; see docs/semantics.md"
 #endif
 
 namespace mha {

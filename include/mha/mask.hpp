@@ -119,30 +119,32 @@ public:
                                       "a second one");
         for (std::size_t b = 0; b < k.lengths.size(); ++b)
             if (k.lengths[b] < 0)
-                detail::fail<value_error>("mha::key_lengths",
-                                          "lengths[" + std::to_string(b) + "]", ">= 0",
-                                          k.lengths[b]);
+                detail::fail<value_error>("mha::key_lengths", "lengths[" + std::to_string(b) + "]",
+                                          ">= 0", k.lengths[b]);
         key_lengths_ = std::move(k);
         return *this;
     }
     attention_mask& add(keep_mask k) {
-        for (auto& m : k.masks) keep_.push_back(std::move(m));
+        for (auto& m : k.masks)
+            keep_.push_back(std::move(m));
         keep_groups_.push_back(k.masks.size());
         return *this;
     }
     attention_mask& add(additive_bias<Scalar> b) {
-        for (auto& m : b.biases) bias_.push_back(std::move(m));
+        for (auto& m : b.biases)
+            bias_.push_back(std::move(m));
         bias_groups_.push_back(b.biases.size());
         return *this;
     }
     attention_mask& add(const attention_mask& other) {
         if (other.causal_) add(*other.causal_);
-        for (const auto& w : other.windows_) add(w);
+        for (const auto& w : other.windows_)
+            add(w);
         if (other.key_lengths_) add(*other.key_lengths_);
         std::size_t at = 0;
         for (std::size_t n : other.keep_groups_) {
-            add(keep_mask(std::vector<bool_matrix>(other.keep_.begin() + at,
-                                                   other.keep_.begin() + at + n)));
+            add(keep_mask(
+                std::vector<bool_matrix>(other.keep_.begin() + at, other.keep_.begin() + at + n)));
             at += n;
         }
         at = 0;
@@ -202,11 +204,11 @@ private:
         for (std::size_t n : groups) {
             const auto count = static_cast<Index>(n);
             if (count != 1 && count != batch && count != batch * num_heads)
-                detail::fail<shape_error>(
-                    where, std::string(name) + " count",
-                    "1, " + std::to_string(batch) + " (sequences) or " +
-                        std::to_string(batch * num_heads) + " (sequences x heads)",
-                    count);
+                detail::fail<shape_error>(where, std::string(name) + " count",
+                                          "1, " + std::to_string(batch) + " (sequences) or " +
+                                              std::to_string(batch * num_heads) +
+                                              " (sequences x heads)",
+                                          count);
             for (Index i = 0; i < count; ++i) {
                 const Index b = count == 1 ? 0 : (count == batch ? i : i / num_heads);
                 const auto& m = items[at + static_cast<std::size_t>(i)];

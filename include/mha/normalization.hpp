@@ -33,16 +33,16 @@ void softmax_columns(const Eigen::MatrixBase<Derived>& scores_) {
     for (Index i = 0; i < scores.cols(); ++i) {
         auto column = scores.col(i);
         Scalar m = minus_inf;
-        for (Index j = 0; j < column.size(); ++j) m = detail::nan_propagating_max(m, column(j));
+        for (Index j = 0; j < column.size(); ++j)
+            m = detail::nan_propagating_max(m, column(j));
         if (m == minus_inf) {  // no key to attend to (or no key at all)
             column.setZero();
             continue;
         }
         // exp of an excluded key is forced to exactly 0: a vectorised exp(−∞) may return the
         // smallest normal instead, which would let poisoned values leak.
-        column = (column.array() == minus_inf)
-                     .select(Scalar(0), (column.array() - m).exp())
-                     .matrix();
+        column =
+            (column.array() == minus_inf).select(Scalar(0), (column.array() - m).exp()).matrix();
         const Scalar sum = column.sum();
         column *= Scalar(1) / sum;
     }
@@ -86,9 +86,15 @@ void sigmoid_columns(const Eigen::MatrixBase<Derived>& scores_) {
 template <class Derived>
 void normalize_columns(const Eigen::MatrixBase<Derived>& scores_, normalization kind) {
     switch (kind) {
-        case normalization::softmax: softmax_columns(scores_); return;
-        case normalization::relu: relu_normalize_columns(scores_); return;
-        case normalization::sigmoid: sigmoid_columns(scores_); return;
+        case normalization::softmax:
+            softmax_columns(scores_);
+            return;
+        case normalization::relu:
+            relu_normalize_columns(scores_);
+            return;
+        case normalization::sigmoid:
+            sigmoid_columns(scores_);
+            return;
     }
     detail::fail<value_error>("mha::normalize_columns", "kind", "softmax, relu or sigmoid",
                               static_cast<int>(kind));

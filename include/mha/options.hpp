@@ -24,9 +24,12 @@ enum class normalization {
 
 inline const char* to_string(normalization n) {
     switch (n) {
-        case normalization::softmax: return "softmax";
-        case normalization::relu: return "relu";
-        case normalization::sigmoid: return "sigmoid";
+        case normalization::softmax:
+            return "softmax";
+        case normalization::relu:
+            return "relu";
+        case normalization::sigmoid:
+            return "sigmoid";
     }
     return "unknown";
 }

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Builds against the installed mha::safetensors: a layer's weights written and read back.
-#include <mha/mha.hpp>
 #include <mha/io/safetensors.hpp>
+#include <mha/mha.hpp>
 
 int main() {
     const mha::multi_head_attention<float> layer({8, 2}, 1);

@@ -47,9 +47,11 @@ template <class T>
 void reference_normalize(std::vector<T>& s, const std::vector<bool>& ok, norm_kind kind) {
     const std::size_t n = s.size();
     bool any = false;
-    for (std::size_t j = 0; j < n; ++j) any = any || ok[j];
+    for (std::size_t j = 0; j < n; ++j)
+        any = any || ok[j];
     if (!any) {
-        for (auto& x : s) x = T(0);
+        for (auto& x : s)
+            x = T(0);
         return;
     }
     if (kind == norm_kind::softmax) {
@@ -61,7 +63,8 @@ void reference_normalize(std::vector<T>& s, const std::vector<bool>& ok, norm_ki
             s[j] = ok[j] ? std::exp(s[j] - m) : T(0);
             sum += s[j];
         }
-        for (auto& x : s) x /= sum;
+        for (auto& x : s)
+            x /= sum;
     } else if (kind == norm_kind::relu) {
         T sum = 0;
         for (std::size_t j = 0; j < n; ++j) {
@@ -69,11 +72,14 @@ void reference_normalize(std::vector<T>& s, const std::vector<bool>& ok, norm_ki
             sum += s[j];
         }
         if (sum > T(0) || std::isnan(sum))
-            for (auto& x : s) x /= sum;
+            for (auto& x : s)
+                x /= sum;
         else
-            for (auto& x : s) x = T(0);
+            for (auto& x : s)
+                x = T(0);
     } else {
-        for (std::size_t j = 0; j < n; ++j) s[j] = ok[j] ? T(1) / (T(1) + std::exp(-s[j])) : T(0);
+        for (std::size_t j = 0; j < n; ++j)
+            s[j] = ok[j] ? T(1) / (T(1) + std::exp(-s[j])) : T(0);
     }
 }
 
@@ -94,7 +100,8 @@ mat<T> reference_attention(const mat<T>& q, const mat<T>& k, const mat<T>& v, T 
             ok[jj] = allowed(j, i);
             if (!ok[jj]) continue;
             T dot = 0;
-            for (Index c = 0; c < dk; ++c) dot += q(c, i) * k(c, j);
+            for (Index c = 0; c < dk; ++c)
+                dot += q(c, i) * k(c, j);
             s[jj] = dot * scale;
             if (bias) {
                 const long double b = bias(j, i);
@@ -109,7 +116,8 @@ mat<T> reference_attention(const mat<T>& q, const mat<T>& k, const mat<T>& v, T 
             const auto jj = static_cast<std::size_t>(j);
             if (weights) (*weights)(j, i) = s[jj];
             if (!ok[jj]) continue;  // excluded values are never read
-            for (Index c = 0; c < dv; ++c) out(c, i) += s[jj] * v(c, j);
+            for (Index c = 0; c < dv; ++c)
+                out(c, i) += s[jj] * v(c, j);
         }
     }
     return out;
@@ -122,7 +130,8 @@ mat<T> reference_linear(const mat<T>& w, const vec<T>& b, const mat<T>& x) {
     for (Index n = 0; n < x.cols(); ++n)
         for (Index r = 0; r < w.rows(); ++r) {
             T acc = b.size() ? b(r) : T(0);
-            for (Index c = 0; c < w.cols(); ++c) acc += w(r, c) * x(c, n);
+            for (Index c = 0; c < w.cols(); ++c)
+                acc += w(r, c) * x(c, n);
             y(r, n) = acc;
         }
     return y;
@@ -189,14 +198,16 @@ public:
     mat<Scalar> normal_matrix(Index rows, Index cols, double sigma = 1.0) {
         mat<Scalar> m(rows, cols);
         for (Index c = 0; c < cols; ++c)
-            for (Index r = 0; r < rows; ++r) m(r, c) = static_cast<Scalar>(normal(sigma));
+            for (Index r = 0; r < rows; ++r)
+                m(r, c) = static_cast<Scalar>(normal(sigma));
         return m;
     }
     template <class Scalar>
     mat<Scalar> uniform_matrix(Index rows, Index cols, double lo, double hi) {
         mat<Scalar> m(rows, cols);
         for (Index c = 0; c < cols; ++c)
-            for (Index r = 0; r < rows; ++r) m(r, c) = static_cast<Scalar>(uniform(lo, hi));
+            for (Index r = 0; r < rows; ++r)
+                m(r, c) = static_cast<Scalar>(uniform(lo, hi));
         return m;
     }
     std::uint64_t next() { return engine_(); }

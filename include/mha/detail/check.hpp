@@ -43,8 +43,8 @@ template <class Exception = shape_error, class Expected, class Actual>
 }
 
 /// Throws shape_error unless `actual == expected`.
-inline void check_size(const char* where, const std::string& argument, Index expected,
-                       Index actual, const char* expected_meaning = nullptr) {
+inline void check_size(const char* where, const std::string& argument, Index expected, Index actual,
+                       const char* expected_meaning = nullptr) {
     if (actual == expected) return;
     std::string expectation = to_text(expected);
     if (expected_meaning != nullptr) expectation += std::string(" (") + expected_meaning + ")";

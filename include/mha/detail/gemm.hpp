@@ -136,8 +136,7 @@ private:
 /// into `buffers` when given (see detail/gemm.hpp), else where Eigen puts it.
 template <class Scalar, int AOrder>
 void serial_gemm_add(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
-                     Index ldb, Scalar* c, Index ldc, Scalar alpha,
-                     gemm_buffers<Scalar>* buffers) {
+                     Index ldb, Scalar* c, Index ldc, Scalar alpha, gemm_buffers<Scalar>* buffers) {
     if (m == 0 || n == 0 || k == 0) return;
     using a_type = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, AOrder>;
     if (n == 1 || m + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {

@@ -78,9 +78,8 @@ head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index
     auto at = [](auto* base, Index length, Index offset) {
         return length == 0 ? base : base + offset;
     };
-    Scalar* lse_at = lse == nullptr || lse->size() == 0
-                         ? nullptr
-                         : at(lse->data(), lq, q0 * lse->rows() + h);
+    Scalar* lse_at =
+        lse == nullptr || lse->size() == 0 ? nullptr : at(lse->data(), lq, q0 * lse->rows() + h);
     return {at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h)),
             at(p.k.data(), lk, k0 * p.k.outerStride() + heads.k_row(h)),
             at(p.v.data(), lk, k0 * p.v.outerStride() + heads.v_row(h)),

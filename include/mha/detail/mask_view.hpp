@@ -72,7 +72,8 @@ public:
     /// The sum of the additive biases at (key j, query i).
     Scalar bias(Index j, Index i) const {
         Scalar total(0);
-        for (Index g = 0; g < bias_count_; ++g) total += (*bias_[g])(j, i);
+        for (Index g = 0; g < bias_count_; ++g)
+            total += (*bias_[g])(j, i);
         return total;
     }
 
@@ -113,8 +114,10 @@ public:
     void apply(Scalar* s, Index key_stride, Index i, Index j0, Index nk, Index first,
                Index last) const {
         const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-        for (Index r = 0; r < first; ++r) s[r * key_stride] = minus_inf;
-        for (Index r = last; r < nk; ++r) s[r * key_stride] = minus_inf;
+        for (Index r = 0; r < first; ++r)
+            s[r * key_stride] = minus_inf;
+        for (Index r = last; r < nk; ++r)
+            s[r * key_stride] = minus_inf;
         if (!has_elementwise()) return;
         for (Index r = first; r < last; ++r) {
             Scalar& x = s[r * key_stride];
@@ -131,7 +134,7 @@ private:
     }
 
     const attention_mask<Scalar>* mask_ = nullptr;
-    const bool_matrix* const* keep_ = nullptr;  // the keep_mask matrices of this problem
+    const bool_matrix* const* keep_ = nullptr;     // the keep_mask matrices of this problem
     const matrix<Scalar>* const* bias_ = nullptr;  // the additive_bias matrices of this problem
     Index keep_count_ = 0, bias_count_ = 0;
     Index lq_;

@@ -51,7 +51,8 @@ void log_sum_exp_columns(const Eigen::MatrixBase<DS>& s, Scalar* lse, Index stri
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     for (Index i = 0; i < s.cols(); ++i) {
         Scalar m = minus_inf;
-        for (Index j = 0; j < s.rows(); ++j) m = nan_propagating_max(m, s(j, i));
+        for (Index j = 0; j < s.rows(); ++j)
+            m = nan_propagating_max(m, s(j, i));
         if (m == minus_inf) {
             lse[i * stride] = minus_inf;
             continue;
@@ -64,7 +65,8 @@ void log_sum_exp_columns(const Eigen::MatrixBase<DS>& s, Scalar* lse, Index stri
 }
 
 /// The materialised attention of one (sequence, head) with at least one query and one key;
-/// `scores` (Lk × Lq) is scratch and ends holding the weights. The two products pack into `gemm` when given (see product_into).
+/// `scores` (Lk × Lq) is scratch and ends holding the weights. The two products pack into `gemm`
+/// when given (see product_into).
 template <class Scalar, class DQ, class DK, class DV, class DO, class DS>
 void attend_one_head(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                      const Eigen::MatrixBase<DV>& v, const mask_view<Scalar>& mask, Scalar scale,

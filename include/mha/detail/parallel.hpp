@@ -43,12 +43,14 @@ void parallel_parts(int parts, Fn fn) {
 #pragma omp parallel num_threads(parts)
         {
             const int team = omp_get_num_threads(), me = omp_get_thread_num();
-            for (int part = me; part < parts; part += team) fn(part, me);
+            for (int part = me; part < parts; part += team)
+                fn(part, me);
         }
         return;
     }
 #endif
-    for (int part = 0; part < parts; ++part) fn(part, 0);
+    for (int part = 0; part < parts; ++part)
+        fn(part, 0);
 }
 
 /// Runs fn(task, state) for task in [0, count), in parallel when OpenMP is on, handing tasks out
@@ -79,7 +81,8 @@ void parallel_tasks(Index count, int threads, std::vector<State>& states, Enter 
 #endif
     if (states.empty()) states.resize(1);
     const auto session = enter(states.front());
-    for (Index task = 0; task < count; ++task) fn(task, states.front());
+    for (Index task = 0; task < count; ++task)
+        fn(task, states.front());
 }
 
 }  // namespace detail

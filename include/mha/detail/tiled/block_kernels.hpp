@@ -88,7 +88,8 @@ void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, In
                          Scalar scale, Scalar* qt) {
     for (Index c = 0; c < nq; ++c) {
         const Scalar* qc = q + c * q_stride;
-        for (Index d = 0; d < dk; ++d) qt[d * nq_padded + c] = scale * qc[d];
+        for (Index d = 0; d < dk; ++d)
+            qt[d * nq_padded + c] = scale * qc[d];
     }
     for (Index d = 0; d < dk; ++d)
         std::fill(qt + d * nq_padded + nq, qt + (d + 1) * nq_padded, Scalar(0));
@@ -103,17 +104,21 @@ EIGEN_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk,
     constexpr Index w = block_kernel_traits<Scalar>::width;
     packet acc[QP][Keys];
     for (int p = 0; p < QP; ++p)
-        for (int r = 0; r < Keys; ++r) acc[p][r] = pset1<packet>(Scalar(0));
+        for (int r = 0; r < Keys; ++r)
+            acc[p][r] = pset1<packet>(Scalar(0));
     for (Index d = 0; d < dk; ++d) {
         packet x[QP];
-        for (int p = 0; p < QP; ++p) x[p] = ploadu<packet>(qt + d * ldq + p * w);
+        for (int p = 0; p < QP; ++p)
+            x[p] = ploadu<packet>(qt + d * ldq + p * w);
         for (int r = 0; r < Keys; ++r) {
             const packet b = pset1<packet>(k[r * k_stride + d]);
-            for (int p = 0; p < QP; ++p) acc[p][r] = pmadd(x[p], b, acc[p][r]);
+            for (int p = 0; p < QP; ++p)
+                acc[p][r] = pmadd(x[p], b, acc[p][r]);
         }
     }
     for (int r = 0; r < Keys; ++r)
-        for (int p = 0; p < QP; ++p) pstoreu(st + r * ld + p * w, acc[p][r]);
+        for (int p = 0; p < QP; ++p)
+            pstoreu(st + r * ld + p * w, acc[p][r]);
 }
 
 /// st(0 : nq_padded, 0 : nk) = qt · K(:, 0 : nk), with qt packed by pack_scaled_queries and key j
@@ -121,9 +126,8 @@ EIGEN_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk,
 /// tile computes only the keys in the union of its queries' ranges; the entries outside are left
 /// as they were, for the caller to mask.
 template <class Scalar>
-void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k,
-                       Index k_stride, Index nk, Scalar* st, Index ld,
-                       const query_key_ranges& ranges = {}) {
+void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k, Index k_stride,
+                       Index nk, Scalar* st, Index ld, const query_key_ranges& ranges = {}) {
     using traits = block_kernel_traits<Scalar>;
     constexpr Index w = traits::width;
     constexpr int qp = static_cast<int>(traits::score_query_packets);
@@ -144,8 +148,8 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
         const auto [j_lo, j_hi] = ranges.of(i, i + w, nk);
         Index j = j_lo;
         for (; j + 2 * keys <= j_hi; j += 2 * keys)
-            score_micro_tile<Scalar, 1, 2 * keys>(qt + i, nq_padded, dk, k + j * k_stride,
-                                                  k_stride, st + j * ld + i, ld);
+            score_micro_tile<Scalar, 1, 2 * keys>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
+                                                  st + j * ld + i, ld);
         for (; j < j_hi; ++j)
             score_micro_tile<Scalar, 1, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
                                            st + j * ld + i, ld);
@@ -162,17 +166,21 @@ EIGEN_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index
     constexpr Index w = block_kernel_traits<Scalar>::width;
     packet o[VP][Queries];
     for (int c = 0; c < Queries; ++c)
-        for (int p = 0; p < VP; ++p) o[p][c] = ploadu<packet>(acc + c * ld_acc + p * w);
+        for (int p = 0; p < VP; ++p)
+            o[p][c] = ploadu<packet>(acc + c * ld_acc + p * w);
     for (Index j = 0; j < nk; ++j) {
         packet x[VP];
-        for (int p = 0; p < VP; ++p) x[p] = ploadu<packet>(v + j * v_stride + p * w);
+        for (int p = 0; p < VP; ++p)
+            x[p] = ploadu<packet>(v + j * v_stride + p * w);
         for (int c = 0; c < Queries; ++c) {
             const packet b = pset1<packet>(pt[j * ld + c]);
-            for (int p = 0; p < VP; ++p) o[p][c] = pmadd(x[p], b, o[p][c]);
+            for (int p = 0; p < VP; ++p)
+                o[p][c] = pmadd(x[p], b, o[p][c]);
         }
     }
     for (int c = 0; c < Queries; ++c)
-        for (int p = 0; p < VP; ++p) pstoreu(acc + c * ld_acc + p * w, o[p][c]);
+        for (int p = 0; p < VP; ++p)
+            pstoreu(acc + c * ld_acc + p * w, o[p][c]);
 }
 
 /// Rows [0, dv) of `Queries` output columns: full tiles, then single packets, then scalar rows.
@@ -190,7 +198,8 @@ void value_rows(const Scalar* v, Index v_stride, Index dv, Index nk, const Scala
     for (; e < dv; ++e)
         for (int c = 0; c < Queries; ++c) {
             Scalar s = acc[c * ld_acc + e];
-            for (Index j = 0; j < nk; ++j) s += v[j * v_stride + e] * pt[j * ld + c];
+            for (Index j = 0; j < nk; ++j)
+                s += v[j * v_stride + e] * pt[j * ld + c];
             acc[c * ld_acc + e] = s;
         }
 }
@@ -218,8 +227,10 @@ void accumulate_values(const Scalar* v, Index v_stride, Index dv, Index nk, cons
                                   acc + c * ld_acc, ld_acc);
         };
         Index c = 0;
-        for (; c + queries <= nq; c += queries) rows(std::integral_constant<int, queries>{}, c);
-        for (; c < nq; ++c) rows(std::integral_constant<int, 1>{}, c);
+        for (; c + queries <= nq; c += queries)
+            rows(std::integral_constant<int, queries>{}, c);
+        for (; c < nq; ++c)
+            rows(std::integral_constant<int, 1>{}, c);
     }
 }
 

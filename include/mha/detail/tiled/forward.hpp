@@ -16,10 +16,10 @@
 //   Pᵀ = exp(Sᵀ − m'), −∞ → exactly 0 (Eigen's pexp, with the −∞ lanes cleared)
 //   l  = exp(m − m')·l + rowsum Pᵀ;  O = exp(m − m')·O + V_blk·P   (register tiles)
 // At the end O /= l, and the query's log-sum-exp is m + log l (returned when asked for, at no
-// extra pass); a query that saw no allowed key (m = −∞) gets exactly 0 and a log-sum-exp of −∞. The scores are
-// kept transposed, one key per column, so that the max, the exp and the sum run across packets
-// of queries: no horizontal reduction, no per-query loop in the hot path. The kernels live in
-// detail/tiled/block_kernels.hpp; a block with fewer queries than a packet (a decode step)
+// extra pass); a query that saw no allowed key (m = −∞) gets exactly 0 and a log-sum-exp of −∞. The
+// scores are kept transposed, one key per column, so that the max, the exp and the sum run across
+// packets of queries: no horizontal reduction, no per-query loop in the hot path. The kernels live
+// in detail/tiled/block_kernels.hpp; a block with fewer queries than a packet (a decode step)
 // computes its scores with Eigen's GEMV instead, as padding would waste most of the tile.
 //
 // Tile sizes. query_block = 128, key_block = 512: Sᵀ is 128×512 floats = 256 KB and stays in
@@ -30,9 +30,9 @@
 // BM_gemm_roofline at L = 2048, the register tiles about 1.0 (bench/bench_attention.cpp).
 
 // Masks. Positional masks (causal, sliding windows, key_lengths) give each query an allowed key
-// interval [first_i, last_i) (mask_view::key_range, detail/mask_view.hpp). A task only visits keys in the
-// union of its queries' intervals, so blocks above the causal diagonal, outside a window or past
-// a key length are never computed. Key blocks inside every query's interval are "interior" and
+// interval [first_i, last_i) (mask_view::key_range, detail/mask_view.hpp). A task only visits keys
+// in the union of its queries' intervals, so blocks above the causal diagonal, outside a window or
+// past a key length are never computed. Key blocks inside every query's interval are "interior" and
 // pay nothing for masking; only boundary blocks set the out-of-interval entries to −∞ query by
 // query. keep_mask and additive_bias are applied element-wise to each visited block (a −∞ bias
 // is a selection, like keep_mask, so NaN + (−∞) cannot resurrect an excluded key).
@@ -54,8 +54,8 @@
 // thread count, so results are identical for every thread count.
 //
 // Memory. Per thread: Sᵀ (query_block × key_block), the packed queries, the V block,
-// O (d_v × query_block), m, l and the query intervals: independent of L. Split partials are d_v × Lq per chunk: linear in Lk. No L×L
-// buffer exists unless weights are requested.
+// O (d_v × query_block), m, l and the query intervals: independent of L. Split partials are d_v ×
+// Lq per chunk: linear in Lk. No L×L buffer exists unless weights are requested.
 //
 // Files. online_softmax.hpp: one task's passes (the loop above, the final division, the
 // weights); plan.hpp: the tasks and the split-KV merge; block_kernels.hpp: the register tiles;
@@ -92,8 +92,7 @@ namespace detail {
 struct tile_scratch_key {
     Index dk = -1, dv = -1, query_block = -1, key_block = -1;
     bool operator==(const tile_scratch_key& o) const {
-        return dk == o.dk && dv == o.dv && query_block == o.query_block &&
-               key_block == o.key_block;
+        return dk == o.dk && dv == o.dv && query_block == o.query_block && key_block == o.key_block;
     }
 };
 

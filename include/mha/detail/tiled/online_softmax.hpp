@@ -42,13 +42,13 @@ struct tiled_settings {
 /// to the score kernel's packet multiple (padded_queries).
 template <class Scalar>
 struct tile_scratch {
-    matrix<Scalar> qt;   // nqp × dk: the block's queries, transposed and scaled
-    matrix<Scalar> s;    // nqp × key_block: transposed scores, then probabilities
-    matrix<Scalar> acc;  // dv × query_block unnormalised output
-    matrix<Scalar> v;    // dv × key_block: the block's values, contiguous
-    vector<Scalar> m, l;               // query_block: running max and sum
+    matrix<Scalar> qt;    // nqp × dk: the block's queries, transposed and scaled
+    matrix<Scalar> s;     // nqp × key_block: transposed scores, then probabilities
+    matrix<Scalar> acc;   // dv × query_block unnormalised output
+    matrix<Scalar> v;     // dv × key_block: the block's values, contiguous
+    vector<Scalar> m, l;  // query_block: running max and sum
     vector<Scalar> block_max, shift, block_sum;  // nqp: per-block softmax bookkeeping
-    std::vector<Index> first, last;  // allowed key interval of each query of the block
+    std::vector<Index> first, last;              // allowed key interval of each query of the block
 };
 
 /// A thread's scratch for heads of widths dk, dv and the tile sizes of `cfg`.
@@ -110,8 +110,8 @@ query_key_ranges block_ranges(const tile_scratch<Scalar>& t, Index nq, Index j0)
 /// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then masked by
 /// selection. Rows nq..nqp are padding and hold finite values.
 template <class Scalar>
-void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp, Index j0,
-                   Index nk, const interval_summary& iv, tile_scratch<Scalar>& t) {
+void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp, Index j0, Index nk,
+                   const interval_summary& iv, tile_scratch<Scalar>& t) {
     Scalar* s = t.s.data();
     const Index lds = nqp;
     const Scalar* k = p.k + j0 * p.k_stride;
@@ -131,7 +131,8 @@ void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp,
     const auto& mask = *p.mask;
     if (interior && !mask.has_elementwise()) return;
     if (!interior)  // the padding rows' skipped entries were not written: keep them finite
-        for (Index r = 0; r < nk; ++r) std::fill(s + r * lds + nq, s + (r + 1) * lds, Scalar(0));
+        for (Index r = 0; r < nk; ++r)
+            std::fill(s + r * lds + nq, s + (r + 1) * lds, Scalar(0));
     for (Index c = 0; c < nq; ++c) {
         const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
         const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
@@ -155,7 +156,8 @@ void max_per_query(const Scalar* st, Index ld, Index nqp, Index nk, Scalar* mx) 
                 pstoreu(mx + c,
                         pmax<Eigen::PropagateNaN>(ploadu<packet>(mx + c), ploadu<packet>(col + c)));
         } else {
-            for (Index c = 0; c < nqp; ++c) mx[c] = nan_propagating_max(mx[c], col[c]);
+            for (Index c = 0; c < nqp; ++c)
+                mx[c] = nan_propagating_max(mx[c], col[c]);
         }
     }
 }
@@ -178,7 +180,8 @@ void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scal
             Scalar* col = st + j * ld;
             for (Index c = 0; c < nqp; c += w) {
                 const packet x = ploadu<packet>(col + c);
-                const packet e = pandnot(pexp(psub(x, ploadu<packet>(shift + c))), pcmp_eq(x, pinf));
+                const packet e =
+                    pandnot(pexp(psub(x, ploadu<packet>(shift + c))), pcmp_eq(x, pinf));
                 pstoreu(col + c, e);
                 pstoreu(sum + c, padd(ploadu<packet>(sum + c), e));
             }
@@ -251,7 +254,8 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
     }
 }
 
-/// Recomputes output column i from its allowed keys alone (see "Poisoned values" in detail/tiled/forward.hpp).
+/// Recomputes output column i from its allowed keys alone (see "Poisoned values" in
+/// detail/tiled/forward.hpp).
 template <class Scalar>
 void repair_column(const head_problem<Scalar>& p, Index i, Scalar m, Scalar inv_l) {
     using cvec = Eigen::Map<const vector<Scalar>>;
@@ -304,7 +308,7 @@ void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
         masked_scores(p, i0, nq, nqp, j0, nk, iv, t);
         for (Index c = 0; c < nq; ++c) {
-            if (t.m(c) == minus_inf) continue;  // no allowed key: weights stay 0
+            if (t.m(c) == minus_inf) continue;   // no allowed key: weights stay 0
             const Scalar* row = t.s.data() + c;  // key r at row[r·nqp]
             const Scalar m = t.m(c), l = t.l(c);
             Scalar* dst = w.data() + (i0 + c) * w.rows() + j0;

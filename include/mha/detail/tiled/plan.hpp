@@ -60,8 +60,7 @@ public:
             if (lq == 0) continue;
             // Decode (few queries, many keys): one (b, h, query block) task per head would leave
             // threads idle, so the keys are split into chunks.
-            const bool split =
-                !want_weights && lq <= cfg.query_block && lk >= 2 * cfg.split_chunk;
+            const bool split = !want_weights && lq <= cfg.query_block && lk >= 2 * cfg.split_chunk;
             const Index nchunks = split ? (lk + cfg.split_chunk - 1) / cfg.split_chunk : 0;
             chunks_of_[static_cast<std::size_t>(b)] = nchunks;
             for (Index i0 = 0; i0 < lq; i0 += cfg.query_block) {
@@ -112,7 +111,8 @@ public:
             query_length_[bi] = batch.query_length(b);
             columns += num_heads * chunks_of_[bi] * batch.query_length(b);
             if (chunks_of_[bi] > 0)
-                for (Index h = 0; h < num_heads; ++h) merges.emplace_back(b, h);
+                for (Index h = 0; h < num_heads; ++h)
+                    merges.emplace_back(b, h);
         }
         grow(acc_, dv_ * columns);
         grow(m_, columns);
@@ -123,8 +123,7 @@ public:
     void store_partial(Index b, Index h, Index chunk, Index i0, Index nq,
                        const tile_scratch<Scalar>& t) {
         const Index at = partial_at(b, h, chunk) + i0;
-        Eigen::Map<matrix<Scalar>>(acc_.data() + at * dv_, dv_, nq) =
-            t.acc.topLeftCorner(dv_, nq);
+        Eigen::Map<matrix<Scalar>>(acc_.data() + at * dv_, dv_, nq) = t.acc.topLeftCorner(dv_, nq);
         m_.segment(at, nq) = t.m.head(nq);
         l_.segment(at, nq) = t.l.head(nq);
     }
