@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <catch2/catch_template_test_macros.hpp>
@@ -1782,4 +1783,85 @@ TEST_CASE("forward_into with a workspace equals forward and reuses its buffers",
     REQUIRE_THROWS_WITH(layer.forward_into(x, batch, mask, wrong, workspace),
                         Catch::Matchers::Equals("mha::multi_head_attention::forward: out.cols() "
                                                 "must be 8 (query.cols()), got 7"));
+}
+
+TEMPLATE_TEST_CASE(
+    "self-attention with weights over a packed batch matches the reference per "
+    "sequence",
+    "[layer][batch][reference]", float, double) {
+    using Scalar = TestType;
+    // forward_with_weights(x, batch, mode, mask): x projected by the fused GEMM as in forward,
+    // each sequence attending only to itself. Sequence 1 is empty; sequence 3 has one token.
+    mha::attention_config config;
+    config.embed_dim = 12;
+    config.num_heads = 3;
+    const std::vector<Index> lengths = {5, 0, 9, 1};
+    const std::vector<Index> kept = {3, 0, 7, 1};
+    const mha::packed_batch batch(lengths);
+    const Scalar scale = static_cast<Scalar>(0.5L);  // 1/√d_k, d_k = 4
+    mha_test::value_source values(9090);
+    // Weights of sequences of different lengths are pooled as rows (n·n entries each).
+    auto as_row = [](const auto& m) {
+        using M = std::decay_t<decltype(m)>;
+        return M(Eigen::Map<const M>(m.data(), 1, m.size()));
+    };
+    for (const bool masked : {false, true}) {
+        const mha::attention_mask<Scalar> mask =
+            masked ? mha::attention_mask<Scalar>(mha::causal{}, mha::key_lengths{kept})
+                   : mha::attention_mask<Scalar>();
+        pooled_results<Scalar> pooled;
+        for (int draw = 0; draw < 16; ++draw) {
+            const auto params = random_parameters<Scalar>(config, values);
+            const mha::multi_head_attention<Scalar> layer(config, params);
+            const mha::matrix<Scalar> x = values.normal_matrix<Scalar>(12, batch.total_queries());
+            const auto per_head =
+                layer.forward_with_weights(x, batch, mha::weights_mode::per_head, mask);
+            const auto averaged =
+                layer.forward_with_weights(x, batch, mha::weights_mode::averaged, mask);
+            // The same computation as forward: the same bits.
+            require_identical(per_head.output, layer.forward(x, batch, mask), "output");
+            require_identical(averaged.output, per_head.output, "output with averaged weights");
+            REQUIRE(per_head.weights.size() == 12);
+            REQUIRE(averaged.weights.size() == 4);
+            for (Index b = 0; b < batch.size(); ++b) {
+                const Index n = batch.query_length(b), at = batch.query_offset(b);
+                const Index len = kept[static_cast<std::size_t>(b)];
+                const head_allowed_fn allowed = [=](Index, Index j, Index i) {
+                    return !masked || (j <= i && j < len);
+                };
+                const mha::matrix<Scalar> xb = x.middleCols(at, n);
+                std::vector<mat<long double>> ref_weights;
+                const mat<long double> ref = mha_test::reference_layer<long double>(
+                    to_reference<long double>(params), 3, xb.template cast<long double>(),
+                    xb.template cast<long double>(), xb.template cast<long double>(),
+                    static_cast<long double>(scale), allowed, nullptr, mha_test::norm_kind::softmax,
+                    &ref_weights);
+                std::vector<mat<Scalar>> base_weights;
+                const mat<Scalar> base = mha_test::reference_layer<Scalar>(
+                    to_reference<Scalar>(params), 3, xb, xb, xb, scale, allowed, nullptr,
+                    mha_test::norm_kind::softmax, &base_weights);
+                append_columns(pooled.out, mha::matrix<Scalar>(per_head.output.middleCols(at, n)));
+                append_columns(pooled.out_ref, ref);
+                append_columns(pooled.out_base, base);
+                mat<long double> ref_mean = mat<long double>::Zero(n, n);
+                mat<Scalar> base_mean = mat<Scalar>::Zero(n, n);
+                for (Index h = 0; h < 3; ++h) {
+                    const auto hi = static_cast<std::size_t>(h);
+                    const auto& w = per_head.weights[static_cast<std::size_t>(b * 3 + h)];
+                    REQUIRE(w.rows() == n);
+                    REQUIRE(w.cols() == n);
+                    append_columns(pooled.heads, as_row(w));
+                    append_columns(pooled.heads_ref, as_row(ref_weights[hi]));
+                    append_columns(pooled.heads_base, as_row(base_weights[hi]));
+                    ref_mean += ref_weights[hi] / 3.0L;
+                    base_mean += base_weights[hi] / Scalar(3);
+                }
+                append_columns(pooled.mean, as_row(averaged.weights[static_cast<std::size_t>(b)]));
+                append_columns(pooled.mean_ref, as_row(ref_mean));
+                append_columns(pooled.mean_base, as_row(base_mean));
+            }
+        }
+        INFO((masked ? "causal + key_lengths" : "no mask"));
+        require_case_within_baseline(pooled);
+    }
 }
