@@ -114,10 +114,15 @@ public:
     void apply(Scalar* s, Index key_stride, Index i, Index j0, Index nk, Index first,
                Index last) const {
         const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-        for (Index r = 0; r < first; ++r)
-            s[r * key_stride] = minus_inf;
-        for (Index r = last; r < nk; ++r)
-            s[r * key_stride] = minus_inf;
+        if (key_stride == 1) {  // a column of Lk × Lq scores: contiguous, filled by packets
+            std::fill(s, s + first, minus_inf);
+            std::fill(s + last, s + nk, minus_inf);
+        } else {
+            for (Index r = 0; r < first; ++r)
+                s[r * key_stride] = minus_inf;
+            for (Index r = last; r < nk; ++r)
+                s[r * key_stride] = minus_inf;
+        }
         if (!has_elementwise()) return;
         for (Index r = first; r < last; ++r) {
             Scalar& x = s[r * key_stride];
