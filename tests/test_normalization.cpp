@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Column normalisations of softmax.hpp: softmax, ReLU-normalised and sigmoid, on whole matrices,
-// blocks and Maps, including −∞ (excluded keys), NaN, huge logits and empty inputs.
+// Column normalisations of normalization.hpp: softmax, ReLU-normalised and sigmoid, on whole
+// matrices, blocks and Maps, including −∞ (excluded keys), NaN, huge logits and empty inputs.
 #include <cmath>
 #include <limits>
 #include <string>
