@@ -4,6 +4,7 @@
 #pragma once
 
 #include <mha/attention.hpp>
+#include <mha/attention_config.hpp>
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
 #include <mha/mask.hpp>

@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: MIT
+// What describes a multi-head attention layer apart from its code: its shape and settings
+// (`attention_config`) and its learned parameters (`attention_parameters`).
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include <mha/core.hpp>
+#include <mha/options.hpp>
+
+namespace mha {
+
+/// Shape and settings of a layer. Zero in a width means "the usual default".
+struct attention_config {
+    Index embed_dim = 0;            ///< E: width of the queries and of the output
+    Index num_heads = 1;            ///< H
+    Index head_dim = 0;             ///< d_k, per-head query/key width (0: E / H)
+    Index value_head_dim = 0;       ///< d_v, per-head value width (0: d_k)
+    Index key_input_dim = 0;        ///< width of the key source, PyTorch `kdim` (0: E)
+    Index value_input_dim = 0;      ///< width of the value source, PyTorch `vdim` (0: E)
+    bool bias = true;               ///< biases on the input and output projections
+    attention_options attention{};  ///< scale and normalisation
+
+    /// The same config with every default made explicit; throws on invalid values.
+    attention_config resolved() const {
+        constexpr const char* where = "mha::attention_config";
+        attention_config c = *this;
+        if (c.embed_dim <= 0) detail::fail<value_error>(where, "embed_dim", ">= 1", c.embed_dim);
+        if (c.num_heads <= 0) detail::fail<value_error>(where, "num_heads", ">= 1", c.num_heads);
+        if (c.head_dim < 0) detail::fail<value_error>(where, "head_dim", ">= 0", c.head_dim);
+        if (c.value_head_dim < 0)
+            detail::fail<value_error>(where, "value_head_dim", ">= 0", c.value_head_dim);
+        if (c.key_input_dim < 0)
+            detail::fail<value_error>(where, "key_input_dim", ">= 0", c.key_input_dim);
+        if (c.value_input_dim < 0)
+            detail::fail<value_error>(where, "value_input_dim", ">= 0", c.value_input_dim);
+        if (c.head_dim == 0) {
+            if (c.embed_dim % c.num_heads != 0)
+                detail::fail<shape_error>(where, "embed_dim",
+                                          "a multiple of num_heads = " +
+                                              std::to_string(c.num_heads) + " (or set head_dim)",
+                                          c.embed_dim);
+            c.head_dim = c.embed_dim / c.num_heads;
+        }
+        if (c.value_head_dim == 0) c.value_head_dim = c.head_dim;
+        if (c.key_input_dim == 0) c.key_input_dim = c.embed_dim;
+        if (c.value_input_dim == 0) c.value_input_dim = c.embed_dim;
+        if (c.attention.scale && !std::isfinite(*c.attention.scale))
+            detail::fail<value_error>(where, "attention.scale", "finite", *c.attention.scale);
+        return c;
+    }
+};
+
+/// The learned parameters, in PyTorch's `Linear.weight` layout (out × in, y = W·x + b).
+template <class Scalar>
+struct attention_parameters {
+    matrix<Scalar> w_q;  ///< (H·d_k) × E
+    matrix<Scalar> w_k;  ///< (H·d_k) × key_input_dim
+    matrix<Scalar> w_v;  ///< (H·d_v) × value_input_dim
+    matrix<Scalar> w_o;  ///< E × (H·d_v)
+    vector<Scalar> b_q;  ///< H·d_k, or size 0 without bias
+    vector<Scalar> b_k;  ///< H·d_k, or size 0
+    vector<Scalar> b_v;  ///< H·d_v, or size 0
+    vector<Scalar> b_o;  ///< E, or size 0
+};
+
+}  // namespace mha
