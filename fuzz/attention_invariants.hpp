@@ -194,7 +194,8 @@ inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights
         mask,
         scale,
         mha::normalization::softmax,
-        {with_weights ? mha::weights_mode::per_head : mha::weights_mode::none}};
+        {with_weights ? mha::weights_mode::per_head : mha::weights_mode::none},
+        nullptr};
     mha::attention_outputs<float> outputs;
     mha::detail::size_outputs(problem, outputs);
     mha::detail::tiled_attention(problem, outputs, p.tiles);

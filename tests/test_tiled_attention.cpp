@@ -98,7 +98,8 @@ mat<Scalar> run_tiled(const mat<Scalar>& q, const mat<Scalar>& k, const mat<Scal
         mask,
         scale,
         mha::normalization::softmax,
-        {weights ? mha::weights_mode::per_head : mha::weights_mode::none}};
+        {weights ? mha::weights_mode::per_head : mha::weights_mode::none},
+        nullptr};
     mha::attention_outputs<Scalar> outputs;
     mha::detail::size_outputs(problem, outputs);
     mha::detail::tiled_attention(problem, outputs, cfg);

@@ -175,7 +175,8 @@ attention_outputs<typename DQ::Scalar> scaled_dot_product_attention(
     attention_outputs<Scalar> outputs;
     detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
         const detail::attention_problem<Scalar> problem{
-            q, k, v, o, {1, 1, q.rows(), v.rows()}, batch, mask, scale, options.normalize, request};
+            q,       k,     v,     o, {1, 1, q.rows(), v.rows()}, batch, mask, scale, options.normalize,
+            request, nullptr};
         outputs = detail::attend(problem, options.algorithm,
                                  static_cast<detail::attention_workspace<Scalar>*>(nullptr));
     });
@@ -192,49 +193,62 @@ matrix<typename DQ::Scalar> scaled_dot_product_attention(
     return out;
 }
 
-/// The multi-head attention core over a packed batch, on already projected Q, K and V:
-///   q : (H·d_k) × Nq,  k : (H·d_k) × Nk,  v : (H·d_v) × Nk,  out : (H·d_v) × Nq
-/// with Nq and Nk the batch's total query and key counts. Head h of sequence b attends with
-/// rows [h·d_k, (h+1)·d_k) of the columns of sequence b only. Returns what `request` asks for
-/// besides the output (see attention_outputs).
+/// The multi-head attention core over a packed batch, on already projected Q, K and V, with
+/// `num_kv_heads` key/value heads shared by groups of num_heads / num_kv_heads query heads
+/// (grouped-query attention; multi-query with one key/value head):
+///   q : (H·d_k) × Nq,  k : (H_kv·d_k) × Nk,  v : (H_kv·d_v) × Nk,  out : (H·d_v) × Nq
+/// with Nq and Nk the batch's total query and key counts. Query head h of sequence b attends
+/// with rows [h·d_k, (h+1)·d_k) of Q and rows [g·d_k, (g+1)·d_k) of K, [g·d_v, (g+1)·d_v) of V,
+/// g = h / (H / H_kv), in the columns of sequence b only: K and V are read in place, never
+/// repeated. Masks and weights are per query head. Returns what `request` asks for besides the
+/// output (see attention_outputs).
 template <class DQ, class DK, class DV, class DO>
 attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-    Index num_heads, const packed_batch& batch, const Eigen::MatrixBase<DO>& out_,
-    const attention_mask<typename DQ::Scalar>& mask = {}, const attention_options& options = {},
-    const attention_request& request = {}) {
+    Index num_heads, Index num_kv_heads, const packed_batch& batch,
+    const Eigen::MatrixBase<DO>& out_, const attention_mask<typename DQ::Scalar>& mask = {},
+    const attention_options& options = {}, const attention_request& request = {}) {
     using Scalar = typename DQ::Scalar;
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
     constexpr const char* where = "mha::multi_head_attention_core";
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
-    if (num_heads <= 0) detail::fail<value_error>(where, "num_heads", ">= 1", num_heads);
-    if (q.rows() % num_heads != 0)
-        detail::fail<shape_error>(
-            where, "q.rows()", "a multiple of num_heads = " + std::to_string(num_heads), q.rows());
-    if (v.rows() % num_heads != 0)
-        detail::fail<shape_error>(
-            where, "v.rows()", "a multiple of num_heads = " + std::to_string(num_heads), v.rows());
-    detail::check_size(where, "k.rows()", q.rows(), k.rows(), "q.rows()");
+    const detail::head_layout heads =
+        detail::make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
+    const bool grouped = num_kv_heads != num_heads;
+    detail::check_size(where, "k.rows()", num_kv_heads * heads.dk, k.rows(),
+                       grouped ? "num_kv_heads · q.rows() / num_heads" : "q.rows()");
     detail::check_size(where, "q.cols()", batch.total_queries(), q.cols(),
                        "the batch's total query count");
     detail::check_size(where, "k.cols()", batch.total_keys(), k.cols(),
                        "the batch's total key count");
     detail::check_size(where, "v.cols()", k.cols(), v.cols(), "k.cols()");
-    detail::check_size(where, "out.rows()", v.rows(), out.rows(), "v.rows()");
+    detail::check_size(where, "out.rows()", num_heads * heads.dv, out.rows(),
+                       grouped ? "num_heads · v.rows() / num_kv_heads" : "v.rows()");
     detail::check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols()");
-    const detail::head_layout heads{num_heads, num_heads, q.rows() / num_heads,
-                                    v.rows() / num_heads};
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
     detail::check_request(where, options, request);
     mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
     attention_outputs<Scalar> outputs;
     detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
         const detail::attention_problem<Scalar> problem{
-            q, k, v, o, heads, batch, mask, scale, options.normalize, request};
+            q, k, v, o, heads, batch, mask, scale, options.normalize, request, nullptr};
         outputs = detail::attend(problem, options.algorithm,
                                  static_cast<detail::attention_workspace<Scalar>*>(nullptr));
     });
     return outputs;
+}
+
+/// The multi-head attention core with as many key/value heads as query heads:
+///   q : (H·d_k) × Nq,  k : (H·d_k) × Nk,  v : (H·d_v) × Nk,  out : (H·d_v) × Nq
+/// Head h of sequence b attends with rows [h·d_k, (h+1)·d_k) of the columns of sequence b only.
+template <class DQ, class DK, class DV, class DO>
+attention_outputs<typename DQ::Scalar> multi_head_attention_core(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, const packed_batch& batch, const Eigen::MatrixBase<DO>& out_,
+    const attention_mask<typename DQ::Scalar>& mask = {}, const attention_options& options = {},
+    const attention_request& request = {}) {
+    return multi_head_attention_core(q, k, v, num_heads, num_heads, batch, out_, mask, options,
+                                     request);
 }
 
 }  // namespace mha

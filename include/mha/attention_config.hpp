@@ -21,6 +21,10 @@ struct attention_config {
     Index value_input_dim = 0;      ///< width of the value source, PyTorch `vdim` (0: E)
     bool bias = true;               ///< biases on the input and output projections
     attention_options attention{};  ///< scale and normalisation
+    /// H_kv: key/value heads, each shared by H / H_kv consecutive query heads (grouped-query
+    /// attention; 1 is multi-query). 0: H, one key/value head per query head. Last, so that
+    /// configs written in order before it keep their meaning.
+    Index num_kv_heads = 0;
 
     /// The same config with every default made explicit; throws on invalid values.
     attention_config resolved() const {
@@ -28,6 +32,14 @@ struct attention_config {
         attention_config c = *this;
         if (c.embed_dim <= 0) detail::fail<value_error>(where, "embed_dim", ">= 1", c.embed_dim);
         if (c.num_heads <= 0) detail::fail<value_error>(where, "num_heads", ">= 1", c.num_heads);
+        if (c.num_kv_heads < 0)
+            detail::fail<value_error>(where, "num_kv_heads", ">= 0", c.num_kv_heads);
+        if (c.num_kv_heads == 0) c.num_kv_heads = c.num_heads;
+        if (c.num_heads % c.num_kv_heads != 0)
+            detail::fail<shape_error>(where, "num_heads",
+                                      "a multiple of num_kv_heads = " +
+                                          std::to_string(c.num_kv_heads),
+                                      c.num_heads);
         if (c.head_dim < 0) detail::fail<value_error>(where, "head_dim", ">= 0", c.head_dim);
         if (c.value_head_dim < 0)
             detail::fail<value_error>(where, "value_head_dim", ">= 0", c.value_head_dim);
@@ -56,12 +68,12 @@ struct attention_config {
 template <class Scalar>
 struct attention_parameters {
     matrix<Scalar> w_q;  ///< (H·d_k) × E
-    matrix<Scalar> w_k;  ///< (H·d_k) × key_input_dim
-    matrix<Scalar> w_v;  ///< (H·d_v) × value_input_dim
+    matrix<Scalar> w_k;  ///< (H_kv·d_k) × key_input_dim
+    matrix<Scalar> w_v;  ///< (H_kv·d_v) × value_input_dim
     matrix<Scalar> w_o;  ///< E × (H·d_v)
     vector<Scalar> b_q;  ///< H·d_k, or size 0 without bias
-    vector<Scalar> b_k;  ///< H·d_k, or size 0
-    vector<Scalar> b_v;  ///< H·d_v, or size 0
+    vector<Scalar> b_k;  ///< H_kv·d_k, or size 0
+    vector<Scalar> b_v;  ///< H_kv·d_v, or size 0
     vector<Scalar> b_o;  ///< E, or size 0
 };
 

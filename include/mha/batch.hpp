@@ -27,20 +27,23 @@ public:
     /// Cross-attention: sequence b has query_lengths[b] queries and key_lengths[b] keys.
     packed_batch(std::vector<Index> query_lengths, std::vector<Index> key_lengths)
         : query_lengths_(std::move(query_lengths)), key_lengths_(std::move(key_lengths)) {
-        detail::check_size("mha::packed_batch", "key_lengths.size()", size(),
-                           static_cast<Index>(key_lengths_.size()), "query_lengths.size()");
-        for (std::size_t b = 0; b < query_lengths_.size(); ++b) {
-            if (query_lengths_[b] < 0)
-                detail::fail<value_error>("mha::packed_batch",
-                                          "query_lengths[" + std::to_string(b) + "]", ">= 0",
-                                          query_lengths_[b]);
-            if (key_lengths_[b] < 0)
-                detail::fail<value_error>("mha::packed_batch",
-                                          "key_lengths[" + std::to_string(b) + "]", ">= 0",
-                                          key_lengths_[b]);
-        }
-        query_offsets_ = offsets(query_lengths_);
-        key_offsets_ = offsets(key_lengths_);
+        check_lengths(query_lengths_, key_lengths_);
+        offsets(query_lengths_, query_offsets_);
+        offsets(key_lengths_, key_offsets_);
+    }
+
+    /// No sequence (fill it with `assign`).
+    packed_batch() : query_offsets_(1, 0), key_offsets_(1, 0) {}
+
+    /// Makes this the batch of the given lengths, reusing its storage: with as many sequences
+    /// as an earlier batch held, no allocation (a decoding loop reassigns one batch per step).
+    /// Checked first: on error the batch is unchanged.
+    void assign(const std::vector<Index>& query_lengths, const std::vector<Index>& key_lengths) {
+        check_lengths(query_lengths, key_lengths);
+        query_lengths_.assign(query_lengths.begin(), query_lengths.end());
+        key_lengths_.assign(key_lengths.begin(), key_lengths.end());
+        offsets(query_lengths_, query_offsets_);
+        offsets(key_lengths_, key_offsets_);
     }
 
     Index size() const { return static_cast<Index>(query_lengths_.size()); }
@@ -54,10 +57,27 @@ public:
     const std::vector<Index>& key_lengths() const { return key_lengths_; }
 
 private:
-    static std::vector<Index> offsets(const std::vector<Index>& lengths) {
-        std::vector<Index> result(lengths.size() + 1, 0);
+    static void check_lengths(const std::vector<Index>& query_lengths,
+                              const std::vector<Index>& key_lengths) {
+        detail::check_size("mha::packed_batch", "key_lengths.size()",
+                           static_cast<Index>(query_lengths.size()),
+                           static_cast<Index>(key_lengths.size()), "query_lengths.size()");
+        for (std::size_t b = 0; b < query_lengths.size(); ++b) {
+            if (query_lengths[b] < 0)
+                detail::fail<value_error>("mha::packed_batch",
+                                          "query_lengths[" + std::to_string(b) + "]", ">= 0",
+                                          query_lengths[b]);
+            if (key_lengths[b] < 0)
+                detail::fail<value_error>("mha::packed_batch",
+                                          "key_lengths[" + std::to_string(b) + "]", ">= 0",
+                                          key_lengths[b]);
+        }
+    }
+
+    static void offsets(const std::vector<Index>& lengths, std::vector<Index>& result) {
+        result.resize(lengths.size() + 1);
+        result[0] = 0;
         std::partial_sum(lengths.begin(), lengths.end(), result.begin() + 1);
-        return result;
     }
 
     std::vector<Index> query_lengths_;

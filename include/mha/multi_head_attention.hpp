@@ -35,10 +35,10 @@ struct attention_result {
 /// nothing (see `forward_into`). One workspace per thread.
 template <class Scalar>
 struct forward_workspace {
-    matrix<Scalar> qkv;    ///< self-attention: stacked Q, K, V, (2·H·d_k + H·d_v) × N
+    matrix<Scalar> qkv;    ///< self-attention: stacked Q, K, V, (H·d_k + H_kv·(d_k + d_v)) × N
     matrix<Scalar> q;      ///< cross-attention: H·d_k × Nq
-    matrix<Scalar> k;      ///< cross-attention: H·d_k × Nk
-    matrix<Scalar> v;      ///< cross-attention: H·d_v × Nk
+    matrix<Scalar> k;      ///< cross-attention: H_kv·d_k × Nk
+    matrix<Scalar> v;      ///< cross-attention: H_kv·d_v × Nk
     matrix<Scalar> heads;  ///< concatenated head outputs, H·d_v × Nq
     /// The attention core's buffers (tiled kernel, materialised scores) and the GEMM packing
     /// buffers of every product of the call, projections included. Internal; grows only.
@@ -72,16 +72,18 @@ public:
             return std::sqrt(6.0 / static_cast<double>(fan_in + fan_out));
         };
         const Index qk = qk_width();
+        const Index kw = key_width();
+        const Index kvw = value_width();
         const Index vw = v_width();
         fused_ = config_.key_input_dim == config_.embed_dim &&
                  config_.value_input_dim == config_.embed_dim;
         if (fused_) {
-            w_in_.resize(2 * qk + vw, config_.embed_dim);
+            w_in_.resize(qk + kw + kvw, config_.embed_dim);
             uniform(w_in_, xavier(w_in_.rows(), w_in_.cols()));
         } else {
             w_in_.resize(qk, config_.embed_dim);
-            w_k_.resize(qk, config_.key_input_dim);
-            w_v_.resize(vw, config_.value_input_dim);
+            w_k_.resize(kw, config_.key_input_dim);
+            w_v_.resize(kvw, config_.value_input_dim);
             uniform(w_in_, xavier(w_in_.rows(), w_in_.cols()));
             uniform(w_k_, xavier(w_k_.rows(), w_k_.cols()));
             uniform(w_v_, xavier(w_v_.rows(), w_v_.cols()));
@@ -89,7 +91,7 @@ public:
         w_o_.resize(config_.embed_dim, vw);
         uniform(w_o_, 1.0 / std::sqrt(static_cast<double>(vw)));
         if (config_.bias) {
-            b_in_ = vector<Scalar>::Zero(2 * qk + vw);
+            b_in_ = vector<Scalar>::Zero(qk + kw + kvw);
             b_o_ = vector<Scalar>::Zero(config_.embed_dim);
         }
     }
@@ -99,20 +101,22 @@ public:
         : config_(config.resolved()) {
         constexpr const char* where = "mha::multi_head_attention";
         const Index qk = qk_width();
+        const Index kw = key_width();
+        const Index kvw = value_width();
         const Index vw = v_width();
         const Index e = config_.embed_dim;
         check_matrix(where, "parameters.w_q", p.w_q, qk, e);
-        check_matrix(where, "parameters.w_k", p.w_k, qk, config_.key_input_dim);
-        check_matrix(where, "parameters.w_v", p.w_v, vw, config_.value_input_dim);
+        check_matrix(where, "parameters.w_k", p.w_k, kw, config_.key_input_dim);
+        check_matrix(where, "parameters.w_v", p.w_v, kvw, config_.value_input_dim);
         check_matrix(where, "parameters.w_o", p.w_o, e, vw);
         const bool bias = config_.bias;
         check_bias(where, "parameters.b_q", p.b_q, bias ? qk : 0);
-        check_bias(where, "parameters.b_k", p.b_k, bias ? qk : 0);
-        check_bias(where, "parameters.b_v", p.b_v, bias ? vw : 0);
+        check_bias(where, "parameters.b_k", p.b_k, bias ? kw : 0);
+        check_bias(where, "parameters.b_v", p.b_v, bias ? kvw : 0);
         check_bias(where, "parameters.b_o", p.b_o, bias ? e : 0);
         fused_ = config_.key_input_dim == e && config_.value_input_dim == e;
         if (fused_) {
-            w_in_.resize(2 * qk + vw, e);
+            w_in_.resize(qk + kw + kvw, e);
             w_in_ << p.w_q, p.w_k, p.w_v;
         } else {
             w_in_ = p.w_q;
@@ -121,7 +125,7 @@ public:
         }
         w_o_ = p.w_o;
         if (bias) {
-            b_in_.resize(2 * qk + vw);
+            b_in_.resize(qk + kw + kvw);
             b_in_ << p.b_q, p.b_k, p.b_v;
             b_o_ = p.b_o;
         }
@@ -129,8 +133,9 @@ public:
 
     /// From PyTorch's packed parameters: `in_proj_weight` (3E × E, rows q, k, v),
     /// `in_proj_bias` (3E, or size 0 without bias), `out_proj.weight` (E × E) and
-    /// `out_proj.bias` (E, or size 0). Needs head_dim = value_head_dim = E / H and
-    /// kdim = vdim = E, which is when PyTorch packs them.
+    /// `out_proj.bias` (E, or size 0). Needs kdim = vdim = E, which is when PyTorch packs them.
+    /// Other head widths and grouped heads take the same stacked form, rows
+    /// [W_q; W_k; W_v] of heights H·d_k, H_kv·d_k and H_kv·d_v (a fused QKV checkpoint).
     static multi_head_attention from_packed(const attention_config& config,
                                             const Eigen::Ref<const matrix<Scalar>>& in_proj_weight,
                                             const Eigen::Ref<const vector<Scalar>>& in_proj_bias,
@@ -140,6 +145,8 @@ public:
         const attention_config c = config.resolved();
         const Index e = c.embed_dim;
         const Index qk = c.num_heads * c.head_dim;
+        const Index kw = c.num_kv_heads * c.head_dim;
+        const Index kvw = c.num_kv_heads * c.value_head_dim;
         const Index vw = c.num_heads * c.value_head_dim;
         // PyTorch packs q, k and v only when they all project from width E; a layer with other
         // key or value widths has separate weights (use the constructor taking them).
@@ -151,20 +158,20 @@ public:
             detail::fail<value_error>(where, "config.value_input_dim",
                                       "embed_dim = " + std::to_string(e) + " for packed weights",
                                       c.value_input_dim);
-        check_matrix(where, "in_proj_weight", in_proj_weight, 2 * qk + vw, e);
+        check_matrix(where, "in_proj_weight", in_proj_weight, qk + kw + kvw, e);
         // Checked here under PyTorch's names; the constructor would name parameters.w_o/b_o.
         check_matrix(where, "out_proj.weight", out_weight, e, vw);
         attention_parameters<Scalar> p;
         p.w_q = in_proj_weight.topRows(qk);
-        p.w_k = in_proj_weight.middleRows(qk, qk);
-        p.w_v = in_proj_weight.bottomRows(vw);
+        p.w_k = in_proj_weight.middleRows(qk, kw);
+        p.w_v = in_proj_weight.bottomRows(kvw);
         p.w_o = out_weight;
         if (c.bias) {
-            check_bias(where, "in_proj_bias", in_proj_bias, 2 * qk + vw);
+            check_bias(where, "in_proj_bias", in_proj_bias, qk + kw + kvw);
             check_bias(where, "out_proj.bias", out_bias, e);
             p.b_q = in_proj_bias.head(qk);
-            p.b_k = in_proj_bias.segment(qk, qk);
-            p.b_v = in_proj_bias.tail(vw);
+            p.b_k = in_proj_bias.segment(qk, kw);
+            p.b_v = in_proj_bias.tail(kvw);
             p.b_o = out_bias;
         } else {
             check_bias(where, "in_proj_bias", in_proj_bias, 0);
@@ -256,22 +263,29 @@ public:
     }
 
     const attention_config& config() const { return config_; }
+    /// Rows of the projected queries, H·d_k.
     Index qk_width() const { return config_.num_heads * config_.head_dim; }
+    /// Rows of the concatenated head outputs, H·d_v.
     Index v_width() const { return config_.num_heads * config_.value_head_dim; }
+    /// Rows of the projected keys, H_kv·d_k (what a kv_cache of this layer holds per token).
+    Index key_width() const { return config_.num_kv_heads * config_.head_dim; }
+    /// Rows of the projected values, H_kv·d_v.
+    Index value_width() const { return config_.num_kv_heads * config_.value_head_dim; }
 
     /// A copy of the parameters in the separate-matrix form.
     attention_parameters<Scalar> parameters() const {
         attention_parameters<Scalar> p;
         const Index qk = qk_width();
-        const Index vw = v_width();
+        const Index kw = key_width();
+        const Index kvw = value_width();
         p.w_q = w_in_.topRows(qk);
-        p.w_k = fused_ ? matrix<Scalar>(w_in_.middleRows(qk, qk)) : w_k_;
-        p.w_v = fused_ ? matrix<Scalar>(w_in_.bottomRows(vw)) : w_v_;
+        p.w_k = fused_ ? matrix<Scalar>(w_in_.middleRows(qk, kw)) : w_k_;
+        p.w_v = fused_ ? matrix<Scalar>(w_in_.bottomRows(kvw)) : w_v_;
         p.w_o = w_o_;
         if (config_.bias) {
             p.b_q = b_in_.head(qk);
-            p.b_k = b_in_.segment(qk, qk);
-            p.b_v = b_in_.tail(vw);
+            p.b_k = b_in_.segment(qk, kw);
+            p.b_v = b_in_.tail(kvw);
             p.b_o = b_o_;
         }
         return p;
@@ -308,8 +322,8 @@ private:
     // Projected Q, K and V, viewed in the workspace.
     struct projected {
         detail::const_matrix_ref<Scalar> q;  // (H·d_k) × Nq
-        detail::const_matrix_ref<Scalar> k;  // (H·d_k) × Nk
-        detail::const_matrix_ref<Scalar> v;  // (H·d_v) × Nk
+        detail::const_matrix_ref<Scalar> k;  // (H_kv·d_k) × Nk
+        detail::const_matrix_ref<Scalar> v;  // (H_kv·d_v) × Nk
     };
 
     // A forward call that allocates its result and its buffers.
@@ -359,26 +373,27 @@ private:
     // repeated calls reuse the workspace.
     projected project_inputs(const layer_inputs& in, forward_workspace<Scalar>& ws) const {
         const Index qk = qk_width();
-        const Index vw = v_width();
+        const Index kw = key_width();
+        const Index kvw = value_width();
         auto* gemm = &ws.internal.gemm;
         if (in.self && fused_) {
             // One GEMM over every token for Q, K and V together.
-            ws.qkv.resize(2 * qk + vw, in.query.cols());
+            ws.qkv.resize(qk + kw + kvw, in.query.cols());
             detail::linear_into(w_in_, b_in_, in.query, ws.qkv, gemm);
-            auto views = split_qkv(ws.qkv, qk, vw);
+            auto views = split_qkv(ws.qkv, qk, kw, kvw);
             return {views.q, views.k, views.v};
         }
         ws.q.resize(qk, in.query.cols());
-        ws.k.resize(qk, in.key.cols());
-        ws.v.resize(vw, in.key.cols());
+        ws.k.resize(kw, in.key.cols());
+        ws.v.resize(kvw, in.key.cols());
         detail::linear_into(w_in_.topRows(qk), bias_segment(0, qk), in.query, ws.q, gemm);
         if (fused_) {
-            detail::linear_into(w_in_.middleRows(qk, qk), bias_segment(qk, qk), in.key, ws.k, gemm);
-            detail::linear_into(w_in_.bottomRows(vw), bias_segment(2 * qk, vw), in.value, ws.v,
+            detail::linear_into(w_in_.middleRows(qk, kw), bias_segment(qk, kw), in.key, ws.k, gemm);
+            detail::linear_into(w_in_.bottomRows(kvw), bias_segment(qk + kw, kvw), in.value, ws.v,
                                 gemm);
         } else {
-            detail::linear_into(w_k_, bias_segment(qk, qk), in.key, ws.k, gemm);
-            detail::linear_into(w_v_, bias_segment(2 * qk, vw), in.value, ws.v, gemm);
+            detail::linear_into(w_k_, bias_segment(qk, kw), in.key, ws.k, gemm);
+            detail::linear_into(w_v_, bias_segment(qk + kw, kvw), in.value, ws.v, gemm);
         }
         return {ws.q, ws.k, ws.v};
     }
@@ -395,13 +410,14 @@ private:
             qkv.k,
             qkv.v,
             ws.heads,
-            {h, h, config_.head_dim, config_.value_head_dim},
+            {h, config_.num_kv_heads, config_.head_dim, config_.value_head_dim},
             batch,
             mask,
             detail::resolve_scale<Scalar>("mha::multi_head_attention::forward", config_.attention,
                                           config_.head_dim),
             config_.attention.normalize,
-            request};
+            request,
+            nullptr};
         return detail::attend(problem, config_.attention.algorithm, &ws.internal);
     }
 
@@ -412,9 +428,9 @@ private:
 
     attention_config config_;
     bool fused_ = true;    // key and value inputs have width E: W_q, W_k, W_v stacked in w_in_
-    matrix<Scalar> w_in_;  // fused: [W_q; W_k; W_v], (2·H·d_k + H·d_v) × E; else W_q only
-    matrix<Scalar> w_k_;   // unfused only: (H·d_k) × key_input_dim
-    matrix<Scalar> w_v_;   // unfused only: (H·d_v) × value_input_dim
+    matrix<Scalar> w_in_;  // fused: [W_q; W_k; W_v], (H·d_k + H_kv·d_k + H_kv·d_v) × E; else W_q
+    matrix<Scalar> w_k_;   // unfused only: (H_kv·d_k) × key_input_dim
+    matrix<Scalar> w_v_;   // unfused only: (H_kv·d_v) × value_input_dim
     vector<Scalar> b_in_;  // [b_q; b_k; b_v], or size 0 without bias
     matrix<Scalar> w_o_;   // E × (H·d_v)
     vector<Scalar> b_o_;   // E, or size 0

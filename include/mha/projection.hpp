@@ -59,19 +59,33 @@ struct qkv_views {
 };
 
 /// Fused Q/K/V projection: `linear` with the stacked weight
-///   w_qkv = [W_q; W_k; W_v] : (2·qk_width + v_width) × d_in,   b_qkv likewise (or size 0),
-/// is one GEMM whose result holds Q in rows [0, qk), K in [qk, 2qk), V in [2qk, 2qk + v).
-/// Splits such a result into row blocks of widths qk_width, qk_width and
-/// v_width. Throws shape_error if the widths do not add up to `qkv.rows()`.
+///   w_qkv = [W_q; W_k; W_v] : (q_width + k_width + v_width) × d_in,   b_qkv likewise (or size 0),
+/// is one GEMM whose result holds Q in rows [0, q_width), K in the next k_width rows and V in the
+/// last v_width. Splits such a result into those row blocks (with grouped heads K and V are
+/// narrower than Q). Throws shape_error if the widths do not add up to `qkv.rows()`.
+template <class Derived>
+qkv_views<Derived> split_qkv(Eigen::MatrixBase<Derived>& qkv, Index q_width, Index k_width,
+                             Index v_width) {
+    constexpr const char* where = "mha::split_qkv";
+    if (q_width < 0) detail::fail<value_error>(where, "q_width", ">= 0", q_width);
+    if (k_width < 0) detail::fail<value_error>(where, "k_width", ">= 0", k_width);
+    if (v_width < 0) detail::fail<value_error>(where, "v_width", ">= 0", v_width);
+    detail::check_size(where, "qkv.rows()", q_width + k_width + v_width, qkv.rows(),
+                       "q_width + k_width + v_width");
+    auto& m = qkv.derived();
+    return {m.middleRows(0, q_width), m.middleRows(q_width, k_width),
+            m.middleRows(q_width + k_width, v_width)};
+}
+
+/// The split of a fused projection with as many key/value heads as query heads: Q and K of
+/// width qk_width, V of width v_width.
 template <class Derived>
 qkv_views<Derived> split_qkv(Eigen::MatrixBase<Derived>& qkv, Index qk_width, Index v_width) {
     if (qk_width < 0) detail::fail<value_error>("mha::split_qkv", "qk_width", ">= 0", qk_width);
     if (v_width < 0) detail::fail<value_error>("mha::split_qkv", "v_width", ">= 0", v_width);
     detail::check_size("mha::split_qkv", "qkv.rows()", 2 * qk_width + v_width, qkv.rows(),
                        "2*qk_width + v_width");
-    auto& m = qkv.derived();
-    return {m.middleRows(0, qk_width), m.middleRows(qk_width, qk_width),
-            m.middleRows(2 * qk_width, v_width)};
+    return split_qkv(qkv, qk_width, qk_width, v_width);
 }
 
 namespace detail {

@@ -4,6 +4,8 @@
 // query head reads. Every kernel takes its views from here, so the mapping is written once.
 #pragma once
 
+#include <string>
+
 #include <Eigen/Core>
 
 #include <mha/batch.hpp>
@@ -37,9 +39,43 @@ struct head_layout {
     Index out_row(Index h) const { return h * dv; }
 };
 
+/// The layout of `num_heads` query heads over Q rows `q_rows` and output rows, sharing
+/// `num_kv_heads` key/value heads with V rows `v_rows`; throws naming the argument that does not
+/// divide.
+inline head_layout make_head_layout(const char* where, Index num_heads, Index num_kv_heads,
+                                    Index q_rows, Index v_rows) {
+    if (num_heads <= 0) fail<value_error>(where, "num_heads", ">= 1", num_heads);
+    if (num_kv_heads <= 0) fail<value_error>(where, "num_kv_heads", ">= 1", num_kv_heads);
+    if (num_heads % num_kv_heads != 0)
+        fail<shape_error>(where, "num_heads",
+                          "a multiple of num_kv_heads = " + std::to_string(num_kv_heads),
+                          num_heads);
+    if (q_rows % num_heads != 0)
+        fail<shape_error>(where, "q.rows()",
+                          "a multiple of num_heads = " + std::to_string(num_heads), q_rows);
+    // Without grouping the key/value head count is the query head count, named as the caller
+    // knows it.
+    const char* kv_name = num_kv_heads == num_heads ? "num_heads = " : "num_kv_heads = ";
+    if (v_rows % num_kv_heads != 0)
+        fail<shape_error>(where, "v.rows()", "a multiple of " + (kv_name + std::to_string(num_kv_heads)),
+                          v_rows);
+    return {num_heads, num_kv_heads, q_rows / num_heads, v_rows / num_kv_heads};
+}
+
+/// Where one sequence's keys and values live when they are not columns of the problem's packed K
+/// and V (a decode step reads each sequence's own cache): key j of the sequence starts at
+/// k + j·k_stride and value j at v + j·v_stride, each holding every key/value head stacked.
+template <class Scalar>
+struct sequence_keys_values {
+    const Scalar* k;
+    const Scalar* v;
+    Index k_stride, v_stride;
+};
+
 /// A validated multi-head call over a packed batch, as the kernels receive it:
 ///   q : (H·d_k) × Nq,  k : (H_kv·d_k) × Nk,  v : (H_kv·d_v) × Nk,  out : (H·d_v) × Nq
-/// with Nq and Nk the batch's total query and key counts.
+/// with Nq and Nk the batch's total query and key counts. With `per_sequence` (one entry per
+/// sequence) the keys and values are read there instead, and k and v are not read.
 template <class Scalar>
 struct attention_problem {
     const_matrix_ref<Scalar> q, k, v;
@@ -50,6 +86,7 @@ struct attention_problem {
     Scalar scale;
     normalization normalize;
     attention_request request;
+    const sequence_keys_values<Scalar>* per_sequence;  ///< null: keys and values in k and v
 };
 
 /// One (sequence, head): strided views of its Q, K, V, output and log-sum-exp, and its mask.
@@ -80,14 +117,20 @@ head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index
     };
     Scalar* lse_at =
         lse == nullptr || lse->size() == 0 ? nullptr : at(lse->data(), lq, q0 * lse->rows() + h);
+    sequence_keys_values<Scalar> kv{p.k.data(), p.v.data(), p.k.outerStride(), p.v.outerStride()};
+    Index kv_column = k0;
+    if (p.per_sequence != nullptr) {
+        kv = p.per_sequence[b];
+        kv_column = 0;
+    }
     return {at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h)),
-            at(p.k.data(), lk, k0 * p.k.outerStride() + heads.k_row(h)),
-            at(p.v.data(), lk, k0 * p.v.outerStride() + heads.v_row(h)),
+            at(kv.k, lk, kv_column * kv.k_stride + heads.k_row(h)),
+            at(kv.v, lk, kv_column * kv.v_stride + heads.v_row(h)),
             at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
             lse_at,
             p.q.outerStride(),
-            p.k.outerStride(),
-            p.v.outerStride(),
+            kv.k_stride,
+            kv.v_stride,
             p.out.outerStride(),
             lse == nullptr ? 0 : lse->rows(),
             heads.dk,

@@ -107,28 +107,29 @@ void materialized_attention(const attention_problem<Scalar>& p, attention_output
         largest = std::max(largest, batch.key_length(b) * batch.query_length(b));
     if (ws.scores.size() < largest) ws.scores.resize(largest);
     matrix<Scalar>* lse = p.request.log_sum_exp ? &outputs.log_sum_exp : nullptr;
+    using const_view = Eigen::Map<const matrix<Scalar>, 0, Eigen::OuterStride<>>;
     for (Index b = 0; b < batch.size(); ++b) {
         const Index lq = batch.query_length(b);
         const Index lk = batch.key_length(b);
-        const Index q0 = batch.query_offset(b);
-        const Index k0 = batch.key_offset(b);
         // Empty sequences create no blocks: a block of an empty matrix offsets a null pointer.
         if (lq == 0) continue;
         Eigen::Map<matrix<Scalar>> scores(ws.scores.data(), lk, lq);
         for (Index h = 0; h < num_heads; ++h) {
-            auto out_bh = p.out.block(heads.out_row(h), q0, heads.dv, lq);
-            Scalar* lse_bh = lse != nullptr ? lse->data() + q0 * num_heads + h : nullptr;
+            const head_problem<Scalar> hp = make_head_problem(p, b, h, ws.masks(b, h), lse);
+            Eigen::Map<matrix<Scalar>, 0, Eigen::OuterStride<>> out_bh(
+                hp.out, heads.dv, lq, Eigen::OuterStride<>(hp.out_stride));
             if (lk == 0) {  // no key: output 0, log-sum-exp −∞, the weights (0 × Lq) are set
                 out_bh.setZero();
-                if (lse_bh != nullptr)
+                if (hp.lse != nullptr)
                     for (Index i = 0; i < lq; ++i)
-                        lse_bh[i * num_heads] = -std::numeric_limits<Scalar>::infinity();
+                        hp.lse[i * hp.lse_stride] = -std::numeric_limits<Scalar>::infinity();
                 continue;
             }
-            attend_one_head<Scalar>(p.q.block(heads.q_row(h), q0, heads.dk, lq),
-                                    p.k.block(heads.k_row(h), k0, heads.dk, lk),
-                                    p.v.block(heads.v_row(h), k0, heads.dv, lk), ws.masks(b, h),
-                                    p.scale, p.normalize, out_bh, scores, gemm, lse_bh, num_heads);
+            attend_one_head<Scalar>(
+                const_view(hp.q, heads.dk, lq, Eigen::OuterStride<>(hp.q_stride)),
+                const_view(hp.k, heads.dk, lk, Eigen::OuterStride<>(hp.k_stride)),
+                const_view(hp.v, heads.dv, lk, Eigen::OuterStride<>(hp.v_stride)), *hp.mask,
+                p.scale, p.normalize, out_bh, scores, gemm, hp.lse, hp.lse_stride);
             if (mode == weights_mode::per_head)
                 outputs.weights[static_cast<std::size_t>(b * num_heads + h)] = scores;
             else if (mode == weights_mode::averaged)
