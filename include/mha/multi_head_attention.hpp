@@ -16,6 +16,8 @@
 #include <mha/attention_config.hpp>
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/kv_cache.hpp>
 #include <mha/mask.hpp>
 #include <mha/options.hpp>
 #include <mha/projection.hpp>
@@ -28,6 +30,21 @@ struct attention_result {
     matrix<Scalar> output;                ///< E × Nq
     std::vector<matrix<Scalar>> weights;  ///< see `weights_mode`; each Lk × Lq
 };
+
+namespace detail {
+/// What a decoding step keeps between calls besides the forward buffers: its batch (new tokens
+/// as queries, cached tokens as keys), where each sequence's cache is, and its mask.
+template <class Scalar>
+struct decode_buffers {
+    packed_batch batch;
+    std::vector<Index> cached_tokens;                  // key length of each sequence
+    std::vector<sequence_keys_values<Scalar>> caches;  // where each sequence's keys are
+    attention_mask<Scalar> mask;                       // causal, or the caches' window
+    Index mask_window = -1;                            // the window `mask` was built for
+    std::vector<Index> one_length;                     // a single sequence's step
+    std::vector<kv_cache<Scalar>*> one_cache;
+};
+}  // namespace detail
 
 /// Every buffer a forward call needs: the projected Q/K/V, the concatenated heads, and the
 /// attention kernel's and the GEMMs' scratch. Pass the same workspace to repeated `forward_into`
@@ -43,6 +60,7 @@ struct forward_workspace {
     /// The attention core's buffers (tiled kernel, materialised scores) and the GEMM packing
     /// buffers of every product of the call, projections included. Internal; grows only.
     detail::attention_workspace<Scalar> internal;
+    detail::decode_buffers<Scalar> decoding;  ///< decode_into's; internal
 };
 
 /// Multi-head attention layer. `const` member functions may be called from several threads.
@@ -262,6 +280,97 @@ public:
         run({query, key, value, false}, batch, mask, out, {}, workspace);
     }
 
+    /// An empty cache for this layer's keys and values (key_width() × tokens and
+    /// value_width() × tokens).
+    kv_cache<Scalar> make_cache(const kv_cache_options& options = {}) const {
+        return kv_cache<Scalar>(key_width(), value_width(), options);
+    }
+
+    /// One decoding step of one sequence: x (E × n) holds its n new tokens (one token, or a
+    /// prompt, or a draft to verify). Projects only them, appends their keys and values to
+    /// `cache`, and attends causally with bottom-right alignment: new token i sees every cached
+    /// token and the new tokens up to itself (within the cache's window, if it has one).
+    /// Returns E × n: the outputs `forward` with a causal mask gives for the last n tokens of
+    /// the whole sequence.
+    matrix<Scalar> decode(const input& x, kv_cache<Scalar>& cache) const {
+        matrix<Scalar> out(config_.embed_dim, x.cols());
+        forward_workspace<Scalar> workspace;
+        decode_into(x, cache, out, workspace);
+        return out;
+    }
+
+    /// `decode` into `out` (E × n), reusing `workspace`. With the cache's room reserved
+    /// (`cache.fits(n)`) and a workspace that has served a step of the same shapes, a step
+    /// allocates nothing (tests/test_allocation_free.cpp).
+    void decode_into(const input& x, kv_cache<Scalar>& cache, Eigen::Ref<matrix<Scalar>> out,
+                     forward_workspace<Scalar>& workspace) const {
+        auto& d = workspace.decoding;
+        d.one_length.assign(1, x.cols());
+        d.one_cache.assign(1, &cache);
+        decode_into(x, d.one_length, d.one_cache, out, workspace);
+    }
+
+    /// One decoding step for a batch of sequences at once (continuous batching): sequence b
+    /// adds new_tokens[b] ≥ 0 tokens, consecutive columns of x (E × Σ new_tokens), to its own
+    /// cache *caches[b], each cache with its own length. Returns E × Σ new_tokens.
+    matrix<Scalar> decode(const input& x, const std::vector<Index>& new_tokens,
+                          const std::vector<kv_cache<Scalar>*>& caches) const {
+        matrix<Scalar> out(config_.embed_dim, x.cols());
+        forward_workspace<Scalar> workspace;
+        decode_into(x, new_tokens, caches, out, workspace);
+        return out;
+    }
+
+    /// The batched step into `out` (E × Σ new_tokens), reusing `workspace`. Every argument and
+    /// every cache's room are checked before any cache changes. Allocates nothing under the
+    /// conditions of the single-sequence overload, for every cache.
+    void decode_into(const input& x, const std::vector<Index>& new_tokens,
+                     const std::vector<kv_cache<Scalar>*>& caches, Eigen::Ref<matrix<Scalar>> out,
+                     forward_workspace<Scalar>& workspace) const {
+        validate_decode(x, new_tokens, caches, out);
+        auto& d = workspace.decoding;
+        // Q, K and V of the new tokens only, by one GEMM (decoding needs self-attention
+        // weights, checked above, so the fused projection exists).
+        workspace.qkv.resize(qk_width() + key_width() + value_width(), x.cols());
+        detail::linear_into(w_in_, b_in_, x, workspace.qkv, &workspace.internal.gemm);
+        const auto qkv = split_qkv(workspace.qkv, qk_width(), key_width(), value_width());
+        d.cached_tokens.resize(caches.size());
+        d.caches.resize(caches.size());
+        Index column = 0;
+        for (std::size_t b = 0; b < caches.size(); ++b) {
+            kv_cache<Scalar>& cache = *caches[b];
+            const Index n = new_tokens[b];
+            if (n > 0)
+                cache.append(qkv.k.middleCols(column, n), qkv.v.middleCols(column, n));
+            column += n;
+            d.cached_tokens[b] = cache.size();
+            d.caches[b] = {cache.keys().data(), cache.values().data(), cache.key_rows(),
+                           cache.value_rows()};
+        }
+        d.batch.assign(new_tokens, d.cached_tokens);
+        const Index window = caches.empty() ? 0 : caches.front()->window();
+        if (d.mask_window != window) {
+            d.mask = window > 0 ? attention_mask<Scalar>(sliding_window{window - 1, 0})
+                                : attention_mask<Scalar>(causal{});
+            d.mask_window = window;
+        }
+        workspace.heads.resize(v_width(), x.cols());
+        const detail::attention_problem<Scalar> problem{
+            qkv.q,
+            qkv.k,
+            qkv.v,
+            workspace.heads,
+            heads(),
+            d.batch,
+            d.mask,
+            detail::resolve_scale<Scalar>(decode_where, config_.attention, config_.head_dim),
+            config_.attention.normalize,
+            {},
+            d.caches.data()};
+        detail::attend(problem, config_.attention.algorithm, &workspace.internal);
+        project_output(workspace, out);
+    }
+
     const attention_config& config() const { return config_; }
     /// Rows of the projected queries, H·d_k.
     Index qk_width() const { return config_.num_heads * config_.head_dim; }
@@ -302,6 +411,64 @@ private:
     static void check_bias(const char* where, const char* name, const V& b, Index size) {
         detail::check_size(where, std::string(name) + ".size()", size, b.size(),
                            size == 0 ? "no bias configured" : nullptr);
+    }
+
+    static constexpr const char* decode_where = "mha::multi_head_attention::decode";
+
+    detail::head_layout heads() const {
+        return {config_.num_heads, config_.num_kv_heads, config_.head_dim,
+                config_.value_head_dim};
+    }
+
+    // Every check of a decoding step, before any cache changes.
+    void validate_decode(const input& x, const std::vector<Index>& new_tokens,
+                         const std::vector<kv_cache<Scalar>*>& caches,
+                         const Eigen::Ref<matrix<Scalar>>& out) const {
+        constexpr const char* where = decode_where;
+        if (!fused_)
+            detail::fail<value_error>(where, "the layer's key_input_dim and value_input_dim",
+                                      "embed_dim = " + std::to_string(config_.embed_dim) +
+                                          " (decoding is self-attention)",
+                                      std::to_string(config_.key_input_dim) + " and " +
+                                          std::to_string(config_.value_input_dim));
+        detail::check_size(where, "x.rows()", config_.embed_dim, x.rows(), "embed_dim");
+        detail::check_size(where, "caches.size()", static_cast<Index>(new_tokens.size()),
+                           static_cast<Index>(caches.size()), "new_tokens.size()");
+        // Names are built only on failure: a valid step allocates nothing.
+        auto name = [](const char* vector, std::size_t b, const char* member = "") {
+            return std::string(vector) + "[" + std::to_string(b) + "]" + member;
+        };
+        Index total = 0;
+        for (std::size_t b = 0; b < caches.size(); ++b) {
+            if (new_tokens[b] < 0)
+                detail::fail<value_error>(where, name("new_tokens", b), ">= 0", new_tokens[b]);
+            total += new_tokens[b];
+            if (caches[b] == nullptr)
+                detail::fail<value_error>(where, name("caches", b), "a cache", "null");
+            const kv_cache<Scalar>& cache = *caches[b];
+            if (cache.key_rows() != key_width())
+                detail::check_size(where, name("caches", b, "->key_rows()"), key_width(),
+                                   cache.key_rows(), "the layer's key_width(), H_kv·d_k");
+            if (cache.value_rows() != value_width())
+                detail::check_size(where, name("caches", b, "->value_rows()"), value_width(),
+                                   cache.value_rows(), "the layer's value_width(), H_kv·d_v");
+            if (cache.window() != caches.front()->window())
+                detail::check_size(where, name("caches", b, "->window()"),
+                                   caches.front()->window(), cache.window(),
+                                   "caches[0]->window(): one step has one mask");
+            for (std::size_t c = 0; c < b; ++c)
+                if (caches[c] == caches[b])
+                    detail::fail<value_error>(where, name("caches", b),
+                                              "a cache no other sequence of the step uses",
+                                              "the cache of sequence " + std::to_string(c));
+            cache.check_append(new_tokens[b]);
+        }
+        detail::check_size(where, "x.cols()", total, x.cols(), "the sum of new_tokens");
+        detail::check_size(where, "out.rows()", config_.embed_dim, out.rows(), "embed_dim");
+        detail::check_size(where, "out.cols()", x.cols(), out.cols(), "x.cols()");
+        if (config_.attention.scale && !std::isfinite(*config_.attention.scale))
+            detail::fail<value_error>(where, "attention.scale", "finite",
+                                      *config_.attention.scale);
     }
 
     // Biases of the stacked input projection, as segments (size 0 without bias).
@@ -403,14 +570,13 @@ private:
                                      const attention_mask<Scalar>& mask,
                                      const attention_request& request,
                                      forward_workspace<Scalar>& ws) const {
-        const Index h = config_.num_heads;
         ws.heads.resize(v_width(), qkv.q.cols());
         const detail::attention_problem<Scalar> problem{
             qkv.q,
             qkv.k,
             qkv.v,
             ws.heads,
-            {h, config_.num_kv_heads, config_.head_dim, config_.value_head_dim},
+            heads(),
             batch,
             mask,
             detail::resolve_scale<Scalar>("mha::multi_head_attention::forward", config_.attention,
