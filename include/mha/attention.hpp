@@ -174,9 +174,17 @@ attention_outputs<typename DQ::Scalar> scaled_dot_product_attention(
     const packed_batch batch = packed_batch::single(q.cols(), k.cols());
     attention_outputs<Scalar> outputs;
     detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
-        const detail::attention_problem<Scalar> problem{
-            q,       k,     v,     o, {1, 1, q.rows(), v.rows()}, batch, mask, scale, options.normalize,
-            request, nullptr};
+        const detail::attention_problem<Scalar> problem{q,
+                                                        k,
+                                                        v,
+                                                        o,
+                                                        {1, 1, q.rows(), v.rows()},
+                                                        batch,
+                                                        mask,
+                                                        scale,
+                                                        options.normalize,
+                                                        request,
+                                                        nullptr};
         outputs = detail::attend(problem, options.algorithm,
                                  static_cast<detail::attention_workspace<Scalar>*>(nullptr));
     });

@@ -36,10 +36,9 @@ struct attention_config {
             detail::fail<value_error>(where, "num_kv_heads", ">= 0", c.num_kv_heads);
         if (c.num_kv_heads == 0) c.num_kv_heads = c.num_heads;
         if (c.num_heads % c.num_kv_heads != 0)
-            detail::fail<shape_error>(where, "num_heads",
-                                      "a multiple of num_kv_heads = " +
-                                          std::to_string(c.num_kv_heads),
-                                      c.num_heads);
+            detail::fail<shape_error>(
+                where, "num_heads",
+                "a multiple of num_kv_heads = " + std::to_string(c.num_kv_heads), c.num_heads);
         if (c.head_dim < 0) detail::fail<value_error>(where, "head_dim", ">= 0", c.head_dim);
         if (c.value_head_dim < 0)
             detail::fail<value_error>(where, "value_head_dim", ">= 0", c.value_head_dim);

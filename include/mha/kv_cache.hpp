@@ -80,7 +80,8 @@ public:
     /// moves back to the front at most once every W + 1 single-token steps). Keeps the stored
     /// tokens; never shrinks.
     void reserve(Index tokens) {
-        if (tokens < 0) detail::fail<value_error>("mha::kv_cache::reserve", "tokens", ">= 0", tokens);
+        if (tokens < 0)
+            detail::fail<value_error>("mha::kv_cache::reserve", "tokens", ">= 0", tokens);
         grow_to(options_.window > 0 ? std::max(tokens, 2 * options_.window) : tokens);
     }
 

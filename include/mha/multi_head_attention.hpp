@@ -340,8 +340,7 @@ public:
         for (std::size_t b = 0; b < caches.size(); ++b) {
             kv_cache<Scalar>& cache = *caches[b];
             const Index n = new_tokens[b];
-            if (n > 0)
-                cache.append(qkv.k.middleCols(column, n), qkv.v.middleCols(column, n));
+            if (n > 0) cache.append(qkv.k.middleCols(column, n), qkv.v.middleCols(column, n));
             column += n;
             d.cached_tokens[b] = cache.size();
             d.caches[b] = {cache.keys().data(), cache.values().data(), cache.key_rows(),
@@ -416,8 +415,7 @@ private:
     static constexpr const char* decode_where = "mha::multi_head_attention::decode";
 
     detail::head_layout heads() const {
-        return {config_.num_heads, config_.num_kv_heads, config_.head_dim,
-                config_.value_head_dim};
+        return {config_.num_heads, config_.num_kv_heads, config_.head_dim, config_.value_head_dim};
     }
 
     // Every check of a decoding step, before any cache changes.
@@ -453,9 +451,8 @@ private:
                 detail::check_size(where, name("caches", b, "->value_rows()"), value_width(),
                                    cache.value_rows(), "the layer's value_width(), H_kv·d_v");
             if (cache.window() != caches.front()->window())
-                detail::check_size(where, name("caches", b, "->window()"),
-                                   caches.front()->window(), cache.window(),
-                                   "caches[0]->window(): one step has one mask");
+                detail::check_size(where, name("caches", b, "->window()"), caches.front()->window(),
+                                   cache.window(), "caches[0]->window(): one step has one mask");
             for (std::size_t c = 0; c < b; ++c)
                 if (caches[c] == caches[b])
                     detail::fail<value_error>(where, name("caches", b),
@@ -467,8 +464,7 @@ private:
         detail::check_size(where, "out.rows()", config_.embed_dim, out.rows(), "embed_dim");
         detail::check_size(where, "out.cols()", x.cols(), out.cols(), "x.cols()");
         if (config_.attention.scale && !std::isfinite(*config_.attention.scale))
-            detail::fail<value_error>(where, "attention.scale", "finite",
-                                      *config_.attention.scale);
+            detail::fail<value_error>(where, "attention.scale", "finite", *config_.attention.scale);
     }
 
     // Biases of the stacked input projection, as segments (size 0 without bias).

@@ -57,8 +57,8 @@ inline head_layout make_head_layout(const char* where, Index num_heads, Index nu
     // knows it.
     const char* kv_name = num_kv_heads == num_heads ? "num_heads = " : "num_kv_heads = ";
     if (v_rows % num_kv_heads != 0)
-        fail<shape_error>(where, "v.rows()", "a multiple of " + (kv_name + std::to_string(num_kv_heads)),
-                          v_rows);
+        fail<shape_error>(where, "v.rows()",
+                          "a multiple of " + (kv_name + std::to_string(num_kv_heads)), v_rows);
     return {num_heads, num_kv_heads, q_rows / num_heads, v_rows / num_kv_heads};
 }
 

@@ -93,9 +93,18 @@ public:
         // stay in cache for its next query block, where alternating heads would stream all of
         // them: 10% at L = 8192), then in creation order. std::sort with a total order: no
         // buffer, unlike std::stable_sort, and the same order every time.
-        std::sort(tasks.begin(), tasks.end(), [](const tiled_task& a, const tiled_task& b) {
+        // Split-KV chunks of grouped heads go key/value head by key/value head, then chunk by
+        // chunk, then over the query heads of the group: the query heads sharing a chunk of K
+        // and V read it while it is in cache, so a decode step streams each cached key once,
+        // not once per query head.
+        const Index group = p.heads.num_heads / p.heads.num_kv_heads;
+        std::sort(tasks.begin(), tasks.end(), [group](const tiled_task& a, const tiled_task& b) {
             if (a.cost != b.cost) return a.cost > b.cost;
             if (a.b != b.b) return a.b < b.b;
+            if (a.chunk >= 0 && b.chunk >= 0 && a.i0 == b.i0) {
+                if (a.h / group != b.h / group) return a.h / group < b.h / group;
+                if (a.chunk != b.chunk) return a.chunk < b.chunk;
+            }
             if (a.h != b.h) return a.h < b.h;
             return a.order < b.order;
         });
