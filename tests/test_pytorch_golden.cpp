@@ -134,7 +134,9 @@ struct run_result {
 template <class Scalar>
 run_result run_case(const mha::safetensors_file& in, bool apply_masks) {
     const mha::Index heads = std::stoll(in.metadata("num_heads", ""));
-    const auto layer = mha::load_multi_head_attention<Scalar>(in, heads);
+    // Grouped-query cases name their key/value head count; the others have one per query head.
+    const mha::Index kv_heads = std::stoll(in.metadata("num_kv_heads", std::to_string(heads)));
+    const auto layer = mha::load_multi_head_attention<Scalar>(in, heads, kv_heads);
     const bool self = in.metadata("self_attention", "") == "1";
     const shape_t q_shape = in.info("query").shape;
     const shape_t k_shape = in.info(self ? "query" : "key").shape;
@@ -233,7 +235,7 @@ std::vector<std::filesystem::path> golden_files() {
 TEST_CASE("the golden cases cover what the generator promises", "[pytorch]") {
     const auto files = golden_files();
     REQUIRE(files.size() >= 30);
-    int sources_module = 0, sources_math = 0, f32 = 0, f64 = 0;
+    int sources_module = 0, sources_math = 0, f32 = 0, f64 = 0, grouped = 0;
     for (const auto& path : files) {
         const auto in = mha::safetensors_file::read(path.string());
         CHECK(in.metadata("format", "") == "mha-pytorch-case/1");
@@ -241,12 +243,14 @@ TEST_CASE("the golden cases cover what the generator promises", "[pytorch]") {
         const std::string source = in.metadata("source", "");
         sources_module += source == "torch.nn.MultiheadAttention";
         sources_math += source == "torch math";
+        grouped += !in.metadata("num_kv_heads", "").empty();
         const std::string dtype = in.info("query").dtype;
         f32 += dtype == "F32";
         f64 += dtype == "F64";
     }
     CHECK(sources_module >= 30);
     CHECK(sources_math >= 3);
+    CHECK(grouped >= 3);
     CHECK(f32 >= 10);
     CHECK(f64 >= 10);
 }

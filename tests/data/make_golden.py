@@ -42,19 +42,25 @@ def allowed_rows(shape, generator, p_masked=0.35):
     return masked
 
 
-def plain_math(query, key, value, p, num_heads, mask_bias):
+def plain_math(query, key, value, p, num_heads, mask_bias, num_kv_heads=None):
     """Reference multi-head attention on unbatched (L, E) inputs. `mask_bias` is (H, L, S) with
-    0 for allowed, -inf for excluded, or finite additive values. Returns output and per-head
+    0 for allowed, -inf for excluded, or finite additive values. With `num_kv_heads` < H, K and V
+    have that many heads, each repeated for H / num_kv_heads consecutive query heads (what
+    torch's enable_gqa=True and an explicit repeat_interleave do). Returns output and per-head
     weights (H, L, S)."""
+    num_kv_heads = num_kv_heads or num_heads
     def linear(x, w, b):
         return x @ w.T + (b if b is not None else 0)
 
     qk = p["w_q"].shape[0]
-    vw = p["w_v"].shape[0]
+    vw = p["w_o"].shape[1]  # H·d_v, the concatenated heads (W_v has H_kv·d_v rows)
     dk, dv = qk // num_heads, vw // num_heads
     q = linear(query, p["w_q"], p["b_q"]).reshape(-1, num_heads, dk).transpose(0, 1)
-    k = linear(key, p["w_k"], p["b_k"]).reshape(-1, num_heads, dk).transpose(0, 1)
-    v = linear(value, p["w_v"], p["b_v"]).reshape(-1, num_heads, dv).transpose(0, 1)
+    k = linear(key, p["w_k"], p["b_k"]).reshape(-1, num_kv_heads, dk).transpose(0, 1)
+    v = linear(value, p["w_v"], p["b_v"]).reshape(-1, num_kv_heads, dv).transpose(0, 1)
+    group = num_heads // num_kv_heads
+    k = k.repeat_interleave(group, dim=0)
+    v = v.repeat_interleave(group, dim=0)
     scores = q @ k.transpose(1, 2) / math.sqrt(dk) + mask_bias
     weights = torch.softmax(scores, dim=-1)
     heads = (weights @ v).transpose(0, 1).reshape(-1, vw)
@@ -190,7 +196,7 @@ def mha_case(name, *, embed, heads, length, source=None, batch=None, batch_first
 
 
 def math_case(name, *, embed, heads, head_dim, value_head_dim, length, source, causal,
-              dtype=torch.float64, bias=True, description=""):
+              dtype=torch.float64, bias=True, description="", kv_heads=None):
     """Unbatched cross-attention computed with plain_math; weights per head."""
     g = torch.Generator().manual_seed(len(CASES_WRITTEN) * 7919 + 17)
 
@@ -198,9 +204,10 @@ def math_case(name, *, embed, heads, head_dim, value_head_dim, length, source, c
         return torch.randn(shape, generator=g, dtype=dtype) * scale
 
     qk, vw = heads * head_dim, heads * value_head_dim
-    p = dict(w_q=rnd(qk, embed, scale=0.4), w_k=rnd(qk, embed, scale=0.4),
-             w_v=rnd(vw, embed, scale=0.4), w_o=rnd(embed, vw, scale=0.4))
-    for k, n in (("b_q", qk), ("b_k", qk), ("b_v", vw), ("b_o", embed)):
+    kw, kvw = (kv_heads or heads) * head_dim, (kv_heads or heads) * value_head_dim
+    p = dict(w_q=rnd(qk, embed, scale=0.4), w_k=rnd(kw, embed, scale=0.4),
+             w_v=rnd(kvw, embed, scale=0.4), w_o=rnd(embed, vw, scale=0.4))
+    for k, n in (("b_q", qk), ("b_k", kw), ("b_v", kvw), ("b_o", embed)):
         p[k] = rnd(n, scale=0.4) if bias else None
     query, key, value = rnd(length, embed), rnd(source, embed), rnd(source, embed)
     offset = source - length if causal == "bottom_right" else 0
@@ -209,7 +216,8 @@ def math_case(name, *, embed, heads, head_dim, value_head_dim, length, source, c
     not_allowed = j > i + offset  # PyTorch polarity
     assert not not_allowed.all(-1).any(), "a fully masked query in a math case"
     bias_mask = torch.zeros(length, source, dtype=dtype).masked_fill(not_allowed, -math.inf)
-    output, weights = plain_math(query, key, value, p, heads, bias_mask.expand(heads, -1, -1))
+    output, weights = plain_math(query, key, value, p, heads, bias_mask.expand(heads, -1, -1),
+                                 kv_heads)
     tensors = {"q_proj_weight": p["w_q"], "k_proj_weight": p["w_k"], "v_proj_weight": p["w_v"]}
     if bias:
         tensors["in_proj_bias"] = torch.cat([p["b_q"], p["b_k"], p["b_v"]])
@@ -222,6 +230,8 @@ def math_case(name, *, embed, heads, head_dim, value_head_dim, length, source, c
                 "source": "torch math", "description": description, "num_heads": heads,
                 "batch_first": 1, "need_weights": 1, "average_attn_weights": 0,
                 "self_attention": 0, "causal": causal}
+    if kv_heads:
+        metadata["num_kv_heads"] = kv_heads
     export_pytorch.write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, metadata)
     CASES_WRITTEN.append(name)
 
@@ -324,6 +334,17 @@ def main():
     math_case("math_head_dims_f32_nobias", embed=6, heads=3, head_dim=4, value_head_dim=2,
               length=5, source=5, causal="top_left", dtype=torch.float32, bias=False,
               description="float, d_k=4, d_v=2, bias=False")
+    # Grouped-query attention (nn.MultiheadAttention has none; torch 2.5+'s
+    # scaled_dot_product_attention(enable_gqa=True) is the same math).
+    math_case("math_gqa_h4_kv2", embed=8, heads=4, head_dim=2, value_head_dim=2, length=5,
+              source=5, causal="bottom_right", kv_heads=2,
+              description="grouped-query: 4 query heads share 2 key/value heads")
+    math_case("math_mqa_h4_kv1_f32", embed=12, heads=4, head_dim=3, value_head_dim=5, length=3,
+              source=6, causal="top_left", kv_heads=1, dtype=torch.float32,
+              description="multi-query: one key/value head, d_k=3, d_v=5, float")
+    math_case("math_gqa_h6_kv3_nobias", embed=12, heads=6, head_dim=2, value_head_dim=2,
+              length=4, source=7, causal="bottom_right", kv_heads=3, bias=False,
+              description="grouped-query: 6 query heads, 3 key/value heads, bias=False")
     print(f"wrote {len(CASES_WRITTEN)} cases to {OUT} with torch {torch.__version__}")
 
 

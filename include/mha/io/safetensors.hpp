@@ -540,14 +540,30 @@ private:
 /// (add_bias_kv=True) have no equivalent here and are refused.
 ///
 /// The separate form also accepts what the library allows beyond PyTorch: H·d_k rows in
-/// `q_proj_weight`/`k_proj_weight` and H·d_v in `v_proj_weight` and columns of `out_proj.weight`.
+/// `q_proj_weight`, H_kv·d_k in `k_proj_weight` and H_kv·d_v in `v_proj_weight`, H·d_v columns
+/// in `out_proj.weight` (grouped heads: `num_kv_heads` key/value heads, see the overload below).
 template <class Scalar>
 multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& file,
                                                        Index num_heads,
                                                        const std::string& prefix = "") {
+    return load_multi_head_attention<Scalar>(file, num_heads, num_heads, prefix);
+}
+
+/// The layer with `num_kv_heads` key/value heads shared by groups of query heads (grouped-query
+/// attention), from the separate form: `k_proj_weight` and `v_proj_weight` have H_kv·d_k and
+/// H_kv·d_v rows, `in_proj_bias` has H·d_k + H_kv·(d_k + d_v) entries.
+template <class Scalar>
+multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& file,
+                                                       Index num_heads, Index num_kv_heads,
+                                                       const std::string& prefix = "") {
     constexpr const char* where = "mha::load_multi_head_attention";
     const auto n = [&prefix](const char* name) { return prefix + name; };
     if (num_heads <= 0) detail::fail<value_error>(where, "num_heads", ">= 1", num_heads);
+    if (num_kv_heads <= 0) detail::fail<value_error>(where, "num_kv_heads", ">= 1", num_kv_heads);
+    if (num_heads % num_kv_heads != 0)
+        detail::fail<shape_error>(where, "num_heads",
+                                  "a multiple of num_kv_heads = " + std::to_string(num_kv_heads),
+                                  num_heads);
     for (const char* unsupported : {"bias_k", "bias_v"})
         if (file.contains(n(unsupported)))
             detail::fail<format_error>(where, "tensor '" + n(unsupported) + "'",
@@ -567,6 +583,7 @@ multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& f
     attention_config config;
     config.embed_dim = e;
     config.num_heads = num_heads;
+    config.num_kv_heads = num_kv_heads;
     config.bias = file.contains(n("in_proj_bias"));
     if (file.contains(n("out_proj.bias")) != config.bias)
         detail::fail<format_error>(
@@ -575,14 +592,19 @@ multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& f
             config.bias ? "absent" : "present");
 
     attention_parameters<Scalar> p;
-    std::int64_t qk = 0;
+    std::int64_t qk = 0, kw = 0, kvw = 0;
     if (file.contains(n("in_proj_weight"))) {
+        if (num_kv_heads != num_heads)
+            detail::fail<format_error>(where, "tensor '" + n("in_proj_weight") + "'",
+                                       "absent with grouped heads (PyTorch packs only equal "
+                                       "Q, K and V widths; give q_, k_, v_proj_weight)",
+                                       "present");
         // PyTorch packs only when kdim = vdim = E, and then every block is E × E.
         if (e % num_heads != 0) fail_heads(n("out_proj.weight"), e);
         file.expect<Scalar>(n("in_proj_weight"), {3 * e, e}, "(3·embed_dim, embed_dim)");
         file.expect<Scalar>(n("out_proj.weight"), {e, e}, "(embed_dim, embed_dim)");
         const matrix<Scalar> w = file.as_matrix<Scalar>(n("in_proj_weight"));
-        qk = e;
+        qk = kw = kvw = e;
         p.w_q = w.topRows(e);
         p.w_k = w.middleRows(e, e);
         p.w_v = w.bottomRows(e);
@@ -601,14 +623,21 @@ multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& f
         if (vw % num_heads != 0) fail_heads(n("v_proj_weight"), vw);
         const tensor_info& k = file.expect<Scalar>(n("k_proj_weight"));
         const tensor_info& v = file.expect<Scalar>(n("v_proj_weight"));
-        if (k.shape.size() != 2 || k.shape[0] != qk)
-            detail::fail<format_error>(where, "shape of tensor '" + n("k_proj_weight") + "'",
-                                       "(" + std::to_string(qk) + " (rows of q_proj_weight), kdim)",
-                                       detail::shape_text(k.shape));
-        if (v.shape.size() != 2 || v.shape[0] != vw)
+        const bool grouped = num_kv_heads != num_heads;
+        kw = qk / num_heads * num_kv_heads;
+        kvw = vw / num_heads * num_kv_heads;
+        if (k.shape.size() != 2 || k.shape[0] != kw)
+            detail::fail<format_error>(
+                where, "shape of tensor '" + n("k_proj_weight") + "'",
+                "(" + std::to_string(kw) +
+                    (grouped ? " (num_kv_heads · d_k)" : " (rows of q_proj_weight)") + ", kdim)",
+                detail::shape_text(k.shape));
+        if (v.shape.size() != 2 || v.shape[0] != kvw)
             detail::fail<format_error>(
                 where, "shape of tensor '" + n("v_proj_weight") + "'",
-                "(" + std::to_string(vw) + " (columns of out_proj.weight), vdim)",
+                "(" + std::to_string(kvw) +
+                    (grouped ? " (num_kv_heads · d_v)" : " (columns of out_proj.weight)") +
+                    ", vdim)",
                 detail::shape_text(v.shape));
         config.head_dim = qk / num_heads;
         config.value_head_dim = vw / num_heads;
@@ -620,27 +649,31 @@ multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& f
     }
     p.w_o = file.as_matrix<Scalar>(n("out_proj.weight"));
     if (config.bias) {
-        file.expect<Scalar>(n("in_proj_bias"), {2 * qk + vw}, "(2·H·d_k + H·d_v)");
+        file.expect<Scalar>(
+            n("in_proj_bias"), {qk + kw + kvw},
+            num_kv_heads == num_heads ? "(2·H·d_k + H·d_v)" : "(H·d_k + H_kv·d_k + H_kv·d_v)");
         file.expect<Scalar>(n("out_proj.bias"), {e}, "(embed_dim)");
         const vector<Scalar> b = file.as_vector<Scalar>(n("in_proj_bias"));
         p.b_q = b.head(qk);
-        p.b_k = b.segment(qk, qk);
-        p.b_v = b.tail(vw);
+        p.b_k = b.segment(qk, kw);
+        p.b_v = b.tail(kvw);
         p.b_o = file.as_vector<Scalar>(n("out_proj.bias"));
     }
     return multi_head_attention<Scalar>(config, p);
 }
 
 /// Adds `layer`'s weights to `out` under PyTorch's state_dict names (prefixed by `prefix`):
-/// `in_proj_weight` when PyTorch would pack them (kdim = vdim = E and d_k = d_v = E/H), else the
-/// three separate projections; biases only when the layer has them.
+/// `in_proj_weight` when PyTorch would pack them (kdim = vdim = E, d_k = d_v = E/H, no grouped
+/// heads), else the three separate projections; biases only when the layer has them. The head
+/// counts are not stored: load with the same num_heads and num_kv_heads.
 template <class Scalar>
 void save_multi_head_attention(safetensors_writer& out, const multi_head_attention<Scalar>& layer,
                                const std::string& prefix = "") {
     const attention_config& c = layer.config();
     const attention_parameters<Scalar> p = layer.parameters();
     const bool packed = c.key_input_dim == c.embed_dim && c.value_input_dim == c.embed_dim &&
-                        layer.qk_width() == c.embed_dim && layer.v_width() == c.embed_dim;
+                        layer.qk_width() == c.embed_dim && layer.v_width() == c.embed_dim &&
+                        c.num_kv_heads == c.num_heads;
     if (packed) {
         matrix<Scalar> w(3 * c.embed_dim, c.embed_dim);
         w << p.w_q, p.w_k, p.w_v;
