@@ -141,5 +141,23 @@ head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index
             &mask};
 }
 
+/// Sequence b's single query seen by the `group` query heads of key/value head g, stacked as the
+/// `group` queries of one problem: their query vectors lie d_k apart in the query's column, their
+/// outputs d_v apart, their log-sum-exps 1 apart, and they share K and V. One problem instead of
+/// `group` lets a decode step read each cached key once for the whole group, as a small matrix
+/// product instead of `group` vector products. `mask` must be a stacked() view of the heads'
+/// (equal) masks.
+template <class Scalar>
+head_problem<Scalar> make_stacked_problem(const attention_problem<Scalar>& p, Index b, Index g,
+                                          Index group, const mask_view<Scalar>& mask,
+                                          matrix<Scalar>* lse) {
+    head_problem<Scalar> hp = make_head_problem(p, b, g * group, mask, lse);
+    hp.q_stride = p.heads.dk;
+    hp.out_stride = p.heads.dv;
+    hp.lse_stride = 1;
+    hp.lq = group;
+    return hp;
+}
+
 }  // namespace detail
 }  // namespace mha

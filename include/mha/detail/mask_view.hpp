@@ -35,9 +35,19 @@ public:
     Index query_count() const { return lq_; }
     Index key_count() const { return lk_; }
 
+    /// The view of a one-query problem in which every query index means that one query: the
+    /// query heads of a key/value group stacked as the queries of one problem (see
+    /// make_stacked_problem) all see what query 0 sees.
+    mask_view stacked() const {
+        mask_view v = *this;
+        v.query_step_ = 0;
+        return v;
+    }
+
     /// Keys [first, last) of query i allowed by the positional masks (causal, windows,
     /// key_lengths); first == last when none is.
     std::pair<Index, Index> key_range(Index i) const {
+        i *= query_step_;
         Index first = 0;
         Index last = key_limit_;
         if (mask_ != nullptr) {
@@ -65,12 +75,14 @@ public:
 
     /// Whether every keep_mask allows key j for query i.
     bool keeps(Index j, Index i) const {
+        i *= query_step_;
         for (Index g = 0; g < keep_count_; ++g)
             if (!(*keep_[g])(j, i)) return false;
         return true;
     }
     /// The sum of the additive biases at (key j, query i).
     Scalar bias(Index j, Index i) const {
+        i *= query_step_;
         Scalar total(0);
         for (Index g = 0; g < bias_count_; ++g)
             total += (*bias_[g])(j, i);
@@ -144,7 +156,8 @@ private:
     Index keep_count_ = 0, bias_count_ = 0;
     Index lq_;
     Index lk_;
-    Index key_limit_;  // key_lengths: keys at or past it do not exist for this sequence
+    Index key_limit_;       // key_lengths: keys at or past it do not exist for this sequence
+    Index query_step_ = 1;  // query index i reads the masks at query i·query_step_ (0: stacked)
 };
 
 /// The mask views of every (sequence, head) problem of a call. Which matrix of a group applies
@@ -193,7 +206,16 @@ public:
                 views_.push_back(v);
             }
         num_heads_ = num_heads;
+        // A group of B·H matrices differs from head to head (with H > 1); 1 or B do not.
+        same_for_every_head_ = true;
+        for (std::size_t n : mask.keep_groups_)
+            same_for_every_head_ &= num_heads == 1 || static_cast<Index>(n) != nb * num_heads;
+        for (std::size_t n : mask.bias_groups_)
+            same_for_every_head_ &= num_heads == 1 || static_cast<Index>(n) != nb * num_heads;
     }
+
+    /// Whether every head of a sequence has the same masks (no per-head keep_mask or bias).
+    bool same_for_every_head() const { return same_for_every_head_; }
 
     /// The view of sequence b, head h.
     const mask_view<Scalar>& operator()(Index b, Index h) const {
@@ -213,6 +235,7 @@ private:
     std::vector<const matrix<Scalar>*> bias_;
     std::vector<mask_view<Scalar>> views_;
     Index num_heads_ = 1;
+    bool same_for_every_head_ = true;
 };
 
 }  // namespace detail

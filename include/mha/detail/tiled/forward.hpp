@@ -126,8 +126,13 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
     matrix<Scalar>* lse = p.request.log_sum_exp ? &outputs.log_sum_exp : nullptr;
     ws.masks.build(p.mask, num_heads, p.batch);
     ws.plan.build(p, ws.masks, cfg);
-    auto problem = [&](Index b, Index h) {
-        return make_head_problem(p, b, h, ws.masks(b, h), lse);
+    // The problem of sequence b, head h; for a stacked sequence h is a key/value head and the
+    // problem reads `view`, which the caller keeps alive while it uses the problem.
+    auto problem = [&](Index b, Index h, mask_view<Scalar>& view) {
+        const Index group = ws.plan.stacked(b);
+        if (group == 1) return make_head_problem(p, b, h, ws.masks(b, h), lse);
+        view = ws.masks(b, h * group).stacked();
+        return make_stacked_problem(p, b, h, group, view, lse);
     };
 
     const tile_scratch_key key{p.heads.dk, p.heads.dv, cfg.query_block, cfg.key_block};
@@ -145,8 +150,9 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
         const tiled_task& task = ws.plan.tasks[static_cast<std::size_t>(index)];
         const Index h_begin = task.h < 0 ? 0 : task.h;
         const Index h_end = task.h < 0 ? num_heads : task.h + 1;
+        mask_view<Scalar> view(0, 0);
         for (Index h = h_begin; h < h_end; ++h) {
-            const head_problem<Scalar> hp = problem(task.b, h);
+            const head_problem<Scalar> hp = problem(task.b, h, view);
             if (task.chunk >= 0) {
                 const auto keys = ws.plan.chunk_keys(task.chunk, hp.lk);
                 online_pass(hp, task.i0, task.nq, keys.first, keys.second, cfg, t);
@@ -171,7 +177,8 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
     if (merges.empty()) return;
     auto merge = [&](Index index, tiled_thread_state<Scalar>& state) {
         const auto [b, h] = merges[static_cast<std::size_t>(index)];
-        ws.plan.merge(problem(b, h), b, h, cfg.query_block, state.tile);
+        mask_view<Scalar> view(0, 0);
+        ws.plan.merge(problem(b, h, view), b, h, cfg.query_block, state.tile);
     };
     parallel_tasks(static_cast<Index>(merges.size()), cfg.threads, ws.threads, enter, merge);
 }

@@ -52,12 +52,26 @@ public:
         dv_ = p.heads.dv;
         tasks.clear();
         chunks_of_.assign(static_cast<std::size_t>(nb), 0);
+        // One query per sequence with grouped heads (a decode step): the query heads of each
+        // key/value head become the queries of one problem (make_stacked_problem) when they
+        // share their masks and no weights are asked (weights are per query head).
+        const Index group = p.heads.num_heads / p.heads.num_kv_heads;
+        const bool can_stack =
+            group > 1 && group <= cfg.query_block && !want_weights && masks.same_for_every_head();
+        stack_.assign(static_cast<std::size_t>(nb), 1);
         auto add_task = [this](Index b, Index h, Index i0, Index nq, Index chunk, double cost) {
             tasks.push_back({b, h, i0, nq, chunk, cost, static_cast<Index>(tasks.size())});
         };
         for (Index b = 0; b < nb; ++b) {
-            const Index lq = batch.query_length(b), lk = batch.key_length(b);
+            Index lq = batch.query_length(b);
+            const Index lk = batch.key_length(b);
             if (lq == 0) continue;
+            Index problem_heads = num_heads;
+            if (can_stack && lq == 1) {
+                stack_[static_cast<std::size_t>(b)] = group;
+                problem_heads = p.heads.num_kv_heads;
+                lq = group;
+            }
             // Decode (few queries, many keys): one (b, h, query block) task per head would leave
             // threads idle, so the keys are split into chunks.
             const bool split = !want_weights && lq <= cfg.query_block && lk >= 2 * cfg.split_chunk;
@@ -68,7 +82,8 @@ public:
                 // Cost estimate: the keys the block's first and last queries may see (exact
                 // enough to hand out the long causal blocks first).
                 const auto& mask = masks(b, 0);
-                const auto r0 = mask.key_range(i0), r1 = mask.key_range(i0 + nq - 1);
+                const Index last_query = stack_[static_cast<std::size_t>(b)] > 1 ? 0 : i0 + nq - 1;
+                const auto r0 = mask.key_range(i0), r1 = mask.key_range(last_query);
                 const double keys = static_cast<double>(std::max(r0.second, r1.second) -
                                                         std::min(r0.first, r1.first));
                 const double cost = static_cast<double>(nq) * (keys + 1);
@@ -78,7 +93,7 @@ public:
                     add_task(b, -1, i0, nq, -1, cost * static_cast<double>(num_heads));
                     continue;
                 }
-                for (Index h = 0; h < num_heads; ++h) {
+                for (Index h = 0; h < problem_heads; ++h) {
                     if (!split) {
                         add_task(b, h, i0, nq, -1, cost);
                         continue;
@@ -97,17 +112,19 @@ public:
         // chunk, then over the query heads of the group: the query heads sharing a chunk of K
         // and V read it while it is in cache, so a decode step streams each cached key once,
         // not once per query head.
-        const Index group = p.heads.num_heads / p.heads.num_kv_heads;
-        std::sort(tasks.begin(), tasks.end(), [group](const tiled_task& a, const tiled_task& b) {
-            if (a.cost != b.cost) return a.cost > b.cost;
-            if (a.b != b.b) return a.b < b.b;
-            if (a.chunk >= 0 && b.chunk >= 0 && a.i0 == b.i0) {
-                if (a.h / group != b.h / group) return a.h / group < b.h / group;
-                if (a.chunk != b.chunk) return a.chunk < b.chunk;
-            }
-            if (a.h != b.h) return a.h < b.h;
-            return a.order < b.order;
-        });
+        // (A stacked sequence's task already covers a whole group: its h is the key/value head.)
+        std::sort(
+            tasks.begin(), tasks.end(), [this, group](const tiled_task& a, const tiled_task& b) {
+                if (a.cost != b.cost) return a.cost > b.cost;
+                if (a.b != b.b) return a.b < b.b;
+                if (a.chunk >= 0 && b.chunk >= 0 && a.i0 == b.i0) {
+                    const Index kv_group = stack_[static_cast<std::size_t>(a.b)] > 1 ? 1 : group;
+                    if (a.h / kv_group != b.h / kv_group) return a.h / kv_group < b.h / kv_group;
+                    if (a.chunk != b.chunk) return a.chunk < b.chunk;
+                }
+                if (a.h != b.h) return a.h < b.h;
+                return a.order < b.order;
+            });
 
         // Split partials: (acc dv × lq, m lq, l lq) per sequence, head and chunk.
         partial_column_.assign(static_cast<std::size_t>(nb), 0);
@@ -116,11 +133,13 @@ public:
         merges.clear();
         for (Index b = 0; b < nb; ++b) {
             const auto bi = static_cast<std::size_t>(b);
+            // A stacked sequence has H_kv problems of `group` queries: the same H columns.
+            const Index problem_heads = stack_[bi] > 1 ? p.heads.num_kv_heads : num_heads;
             partial_column_[bi] = columns;
-            query_length_[bi] = batch.query_length(b);
-            columns += num_heads * chunks_of_[bi] * batch.query_length(b);
+            query_length_[bi] = batch.query_length(b) * stack_[bi];
+            columns += problem_heads * chunks_of_[bi] * query_length_[bi];
             if (chunks_of_[bi] > 0)
-                for (Index h = 0; h < num_heads; ++h)
+                for (Index h = 0; h < problem_heads; ++h)
                     merges.emplace_back(b, h);
         }
         grow(acc_, dv_ * columns);
@@ -136,6 +155,10 @@ public:
         m_.segment(at, nq) = t.m.head(nq);
         l_.segment(at, nq) = t.l.head(nq);
     }
+
+    /// 1, or the number of query heads stacked into each problem of sequence b (its tasks and
+    /// merges then index key/value heads; see make_stacked_problem).
+    Index stacked(Index b) const { return stack_[static_cast<std::size_t>(b)]; }
 
     /// Keys [lo, hi) of chunk `chunk` of a sequence with lk keys.
     std::pair<Index, Index> chunk_keys(Index chunk, Index lk) const {
@@ -188,6 +211,7 @@ private:
     }
 
     std::vector<Index> chunks_of_;       // split-KV chunks of each sequence, 0 when not split
+    std::vector<Index> stack_;           // query heads stacked per problem of each sequence
     std::vector<Index> partial_column_;  // first partial column of each sequence
     std::vector<Index> query_length_;    // of each sequence
     vector<Scalar> acc_, m_, l_;
