@@ -637,7 +637,11 @@ TEST_CASE("rotary: the constructor rejects bad settings, naming them", "[rotary]
     o = {};
     o.rotary_dim = 2;
     o.scaling = rotary_scaling::ntk_aware(2);
-    rejects(o, 16, at + "rotary width must be >= 4 with ntk_aware scaling");
+    rejects(o, 16,
+            at + "options.rotary_dim (or head_dim when it is 0) must be >= 4 with ntk_aware "
+                 "scaling (base·s^(r/(r-2))), got 2");
+    rejects(rotary_options{0, 10000, rotary_layout::half_split, rotary_scaling::ntk_aware(2)}, 2,
+            at + "options.rotary_dim (or head_dim when it is 0) must be >= 4");
     o = {};
     o.scaling = rotary_scaling::yarn(4, 0);
     rejects(o, 16, at + "options.scaling.original_max_positions must be >= 1, got 0");

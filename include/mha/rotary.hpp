@@ -199,8 +199,8 @@ inline Index rotary_width(const rotary_options& o, Index head_dim) {
     if (!(s.factor >= 1) || !std::isfinite(s.factor))
         fail<value_error>(where, "options.scaling.factor", "finite and >= 1", s.factor);
     if (s.kind == rotary_scaling_kind::ntk_aware && r < 4)
-        fail<value_error>(where, "rotary width", ">= 4 with ntk_aware scaling (base·s^(r/(r-2)))",
-                          r);
+        fail<value_error>(where, "options.rotary_dim (or head_dim when it is 0)",
+                          ">= 4 with ntk_aware scaling (base·s^(r/(r-2)))", r);
     if (s.kind == rotary_scaling_kind::yarn || s.kind == rotary_scaling_kind::llama3) {
         if (s.original_max_positions < 1)
             fail<value_error>(where, "options.scaling.original_max_positions", ">= 1",
