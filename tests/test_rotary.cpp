@@ -93,8 +93,12 @@ std::vector<long double> reference_frequencies(const rotary_options& o, Index r)
             const auto index_for_turns = [&](long double n) {
                 return dim * std::log(context / (2 * pi_ld * n)) / (2 * std::log(base));
             };
-            long double first = std::floor(index_for_turns(s.beta_fast));
-            long double last = std::ceil(index_for_turns(s.beta_slow));
+            long double first = index_for_turns(s.beta_fast);
+            long double last = index_for_turns(s.beta_slow);
+            if (s.truncate) {  // outward to whole indices
+                first = std::floor(first);
+                last = std::ceil(last);
+            }
             if (first < 0) first = 0;
             if (last > dim - 1) last = dim - 1;
             if (first == last) last = last + 0.001L;
@@ -230,8 +234,12 @@ rotary_options with(Index rotary_dim, rotary_layout layout, rotary_scaling scali
 }
 
 std::vector<rotary_scaling> every_scaling() {
-    return {rotary_scaling::none(), rotary_scaling::linear(4), rotary_scaling::ntk_aware(4),
-            rotary_scaling::yarn(16, 64), rotary_scaling::llama3(8, 1, 4, 256)};
+    return {rotary_scaling::none(),
+            rotary_scaling::linear(4),
+            rotary_scaling::ntk_aware(4),
+            rotary_scaling::yarn(16, 64),
+            rotary_scaling::yarn(16, 512, 32, 1, false),
+            rotary_scaling::llama3(8, 1, 4, 256)};
 }
 
 std::string describe(const rotary_options& o, Index d, Index heads) {
@@ -287,6 +295,11 @@ TEST_CASE("rotary: frequencies of each scaling against hand-computed values", "[
         // are kept, θ_2 = 0.01·(0.5 + 0.5/4) = 0.00625, θ_3 = 0.001/4; μ = 1 + 0.1·ln 4.
         {rotary_scaling::yarn(4, 4096),
          {1.0L, 0.1L, 0.00625L, 0.00025L},
+         1.13862943611198906188344642429L},
+        // The same without truncation: ramp (i − 1.309)/(2.814 − 1.309), i.e. 0, 0, 0.45907,
+        // 1.12 → 1, so θ_2 = 0.01·(1 − 0.45907 + 0.45907/4) = 0.01·(1 − 0.75·0.45907).
+        {rotary_scaling::yarn(4, 4096, 32, 1, false),
+         {1.0L, 0.1L, 0.00655697152112943475932412276887L, 0.00025L},
          1.13862943611198906188344642429L},
         // L = 2000, bands L/4 = 500 and L/1 = 2000, wavelengths 2π·10^i = 6.28, 62.8, 628, 6283:
         // θ_0, θ_1 kept (high frequency), θ_3 / 8 (low frequency), θ_2 blended with

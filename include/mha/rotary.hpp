@@ -27,13 +27,14 @@
 //              index: with L the original context length and
 //                  c(n) = r·ln(L / (2π·n)) / (2·ln base)
 //              (the pair index whose wavelength fits n turns into L), low = max(⌊c(β_fast)⌋, 0),
-//              high = min(⌈c(β_slow)⌉, r − 1), ramp_i = clamp((i − low)/(high − low), 0, 1)
-//              (high − low = 0.001 if they are equal),
+//              high = min(⌈c(β_slow)⌉, r − 1) (without ⌊⌋ and ⌈⌉ when truncate is false, as
+//              gpt-oss sets), ramp_i = clamp((i − low)/(high − low), 0, 1) (high − low = 0.001
+//              if they are equal),
 //                  θ'_i = θ_i·(1 − ramp_i) + (θ_i / s)·ramp_i,
 //              and μ = 0.1·ln s + 1 multiplies cos and sin (so each score gains μ²), as HF
 //              transformers does. Defaults β_fast = 32, β_slow = 1.
 //   llama3     by wavelength λ_i = 2π/θ_i against L (original_max_positions) and the factors
-//              low ≤ high: λ_i < L/high keeps θ_i; λ_i > L/low gives θ_i / s; in between
+//              low < high: λ_i < L/high keeps θ_i; λ_i > L/low gives θ_i / s; in between
 //              g = (L/λ_i − low)/(high − low) and θ'_i = (1 − g)·θ_i / s + g·θ_i.
 //              Defaults (Llama 3.1): s = 8, low = 1, high = 4, L = 8192.
 //
@@ -103,6 +104,9 @@ struct rotary_scaling {
     /// frequency, pairs turning fewer than β_slow times are interpolated. β_fast > β_slow > 0.
     double beta_fast = 32;
     double beta_slow = 1;
+    /// YaRN: round the ramp ends outward to whole pair indices (HF transformers' default; gpt-oss
+    /// turns it off).
+    bool truncate = true;
     /// Llama 3's wavelength bands: 0 < low_freq_factor < high_freq_factor.
     double low_freq_factor = 1;
     double high_freq_factor = 4;
@@ -121,13 +125,14 @@ struct rotary_scaling {
         return s;
     }
     static rotary_scaling yarn(double factor, Index original_max_positions, double beta_fast = 32,
-                               double beta_slow = 1) {
+                               double beta_slow = 1, bool truncate = true) {
         rotary_scaling s;
         s.kind = rotary_scaling_kind::yarn;
         s.factor = factor;
         s.original_max_positions = original_max_positions;
         s.beta_fast = beta_fast;
         s.beta_slow = beta_slow;
+        s.truncate = truncate;
         return s;
     }
     static rotary_scaling llama3(double factor = 8, double low_freq_factor = 1,
@@ -246,8 +251,14 @@ inline std::vector<double> rotary_inverse_frequencies(const rotary_options& o, I
         const auto correction = [&](real rotations) {
             return d * std::log(context / (rotations * 2 * pi)) / (2 * std::log(base));
         };
-        low = std::max(std::floor(correction(s.beta_fast)), real(0));
-        high = std::min(std::ceil(correction(s.beta_slow)), d - 1);
+        low = correction(s.beta_fast);
+        high = correction(s.beta_slow);
+        if (s.truncate) {
+            low = std::floor(low);
+            high = std::ceil(high);
+        }
+        low = std::max(low, real(0));
+        high = std::min(high, d - 1);
         if (high == low) high += real(0.001);
     }
 
