@@ -12,3 +12,4 @@
 #include <mha/normalization.hpp>
 #include <mha/options.hpp>
 #include <mha/projection.hpp>
+#include <mha/rotary.hpp>
