@@ -4,10 +4,12 @@
 #pragma once
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include <mha/core.hpp>
 #include <mha/options.hpp>
+#include <mha/rotary.hpp>
 
 namespace mha {
 
@@ -25,6 +27,10 @@ struct attention_config {
     /// attention; 1 is multi-query). 0: H, one key/value head per query head. Last, so that
     /// configs written in order before it keep their meaning.
     Index num_kv_heads = 0;
+    /// Rotary position embedding of Q and K after their projection (none when empty); see
+    /// docs/positions.md. A token's position is its index in its sequence, or for decoding its
+    /// cache position (kv_cache::position()).
+    std::optional<rotary_options> rotary;
 
     /// The same config with every default made explicit; throws on invalid values.
     attention_config resolved() const {
@@ -59,6 +65,11 @@ struct attention_config {
         if (c.value_input_dim == 0) c.value_input_dim = c.embed_dim;
         if (c.attention.scale && !std::isfinite(*c.attention.scale))
             detail::fail<value_error>(where, "attention.scale", "finite", *c.attention.scale);
+        if (c.rotary) {
+            // Checks the rotary settings against d_k now, with their own messages.
+            (void)rotary_embedding<double>(*c.rotary, c.head_dim);
+            if (c.rotary->rotary_dim == 0) c.rotary->rotary_dim = c.head_dim;
+        }
         return c;
     }
 };

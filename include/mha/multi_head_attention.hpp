@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <string>
 #include <utility>
@@ -21,6 +22,7 @@
 #include <mha/mask.hpp>
 #include <mha/options.hpp>
 #include <mha/projection.hpp>
+#include <mha/rotary.hpp>
 
 namespace mha {
 
@@ -75,7 +77,7 @@ public:
     /// input projections (over the stacked [W_q; W_k; W_v] when all inputs have width E, as
     /// PyTorch's `in_proj_weight`), U(±1/√(H·d_v)) for W_o, zero biases.
     explicit multi_head_attention(const attention_config& config, std::uint64_t seed = 0)
-        : config_(config.resolved()) {
+        : config_(config.resolved()), rotary_(make_rotary(config_)) {
         std::mt19937_64 engine(seed);
         // The standard fixes mt19937_64's output but not uniform_real_distribution's, so map
         // the bits to [−bound, bound) here to get the same numbers on every platform.
@@ -116,7 +118,7 @@ public:
 
     /// A layer with the given parameters; their shapes are checked against `config`.
     multi_head_attention(const attention_config& config, const attention_parameters<Scalar>& p)
-        : config_(config.resolved()) {
+        : config_(config.resolved()), rotary_(make_rotary(config_)) {
         constexpr const char* where = "mha::multi_head_attention";
         const Index qk = qk_width();
         const Index kw = key_width();
@@ -333,13 +335,18 @@ public:
         // weights, checked above, so the fused projection exists).
         workspace.qkv.resize(qk_width() + key_width() + value_width(), x.cols());
         detail::linear_into(w_in_, b_in_, x, workspace.qkv, &workspace.internal.gemm);
-        const auto qkv = split_qkv(workspace.qkv, qk_width(), key_width(), value_width());
+        auto qkv = split_qkv(workspace.qkv, qk_width(), key_width(), value_width());
         d.cached_tokens.resize(caches.size());
         d.caches.resize(caches.size());
         Index column = 0;
         for (std::size_t b = 0; b < caches.size(); ++b) {
             kv_cache<Scalar>& cache = *caches[b];
             const Index n = new_tokens[b];
+            if (n > 0 && rotary_) {
+                // The new tokens' positions continue the cache's.
+                rotary_->apply(qkv.q.middleCols(column, n), config_.num_heads, cache.position());
+                rotary_->apply(qkv.k.middleCols(column, n), config_.num_kv_heads, cache.position());
+            }
             if (n > 0) cache.append(qkv.k.middleCols(column, n), qkv.v.middleCols(column, n));
             column += n;
             d.cached_tokens[b] = cache.size();
@@ -413,6 +420,11 @@ private:
     }
 
     static constexpr const char* decode_where = "mha::multi_head_attention::decode";
+
+    static std::optional<rotary_embedding<Scalar>> make_rotary(const attention_config& c) {
+        if (!c.rotary) return std::nullopt;
+        return rotary_embedding<Scalar>(*c.rotary, c.head_dim);
+    }
 
     detail::head_layout heads() const {
         return {config_.num_heads, config_.num_kv_heads, config_.head_dim, config_.value_head_dim};
@@ -505,7 +517,7 @@ private:
                                   Eigen::Ref<matrix<Scalar>> out, const attention_request& request,
                                   forward_workspace<Scalar>& ws) const {
         validate(in, batch, mask, out);
-        const projected qkv = project_inputs(in, ws);
+        const projected qkv = project_inputs(in, batch, ws);
         attention_outputs<Scalar> outputs = attend(qkv, batch, mask, request, ws);
         project_output(ws, out);
         return outputs;
@@ -534,7 +546,8 @@ private:
     // GEMM buffers, on this call's OpenMP threads (never Eigen's own parallel GEMM, which
     // allocates): see detail/gemm.hpp. resize() keeps a buffer whose size is unchanged, so
     // repeated calls reuse the workspace.
-    projected project_inputs(const layer_inputs& in, forward_workspace<Scalar>& ws) const {
+    projected project_inputs(const layer_inputs& in, const packed_batch& batch,
+                             forward_workspace<Scalar>& ws) const {
         const Index qk = qk_width();
         const Index kw = key_width();
         const Index kvw = value_width();
@@ -544,6 +557,7 @@ private:
             ws.qkv.resize(qk + kw + kvw, in.query.cols());
             detail::linear_into(w_in_, b_in_, in.query, ws.qkv, gemm);
             auto views = split_qkv(ws.qkv, qk, kw, kvw);
+            rotate_positions(views.q, views.k, batch);
             return {views.q, views.k, views.v};
         }
         ws.q.resize(qk, in.query.cols());
@@ -558,7 +572,24 @@ private:
             detail::linear_into(w_k_, bias_segment(qk, kw), in.key, ws.k, gemm);
             detail::linear_into(w_v_, bias_segment(qk + kw, kvw), in.value, ws.v, gemm);
         }
+        rotate_positions(ws.q, ws.k, batch);
         return {ws.q, ws.k, ws.v};
+    }
+
+    // Rotary positions, when configured: in each sequence, key j is at position j and query i
+    // at Lk − Lq + i (the queries are the last tokens, as with bottom-right causal alignment;
+    // for self-attention simply i).
+    template <class DQ, class DK>
+    void rotate_positions(DQ&& q, DK&& k, const packed_batch& batch) const {
+        if (!rotary_) return;
+        for (Index b = 0; b < batch.size(); ++b) {
+            const Index lq = batch.query_length(b), lk = batch.key_length(b);
+            if (lq > 0)
+                rotary_->apply(q.middleCols(batch.query_offset(b), lq), config_.num_heads,
+                               std::max<Index>(lk - lq, 0));
+            if (lk > 0)
+                rotary_->apply(k.middleCols(batch.key_offset(b), lk), config_.num_kv_heads, 0);
+        }
     }
 
     // Every head's attention, each written into its rows of ws.heads ((H·d_v) × Nq).
@@ -593,9 +624,10 @@ private:
     matrix<Scalar> w_in_;  // fused: [W_q; W_k; W_v], (H·d_k + H_kv·d_k + H_kv·d_v) × E; else W_q
     matrix<Scalar> w_k_;   // unfused only: (H_kv·d_k) × key_input_dim
     matrix<Scalar> w_v_;   // unfused only: (H_kv·d_v) × value_input_dim
-    vector<Scalar> b_in_;  // [b_q; b_k; b_v], or size 0 without bias
-    matrix<Scalar> w_o_;   // E × (H·d_v)
-    vector<Scalar> b_o_;   // E, or size 0
+    vector<Scalar> b_in_;                             // [b_q; b_k; b_v], or size 0 without bias
+    matrix<Scalar> w_o_;                              // E × (H·d_v)
+    vector<Scalar> b_o_;                              // E, or size 0
+    std::optional<rotary_embedding<Scalar>> rotary_;  // config_.rotary for d_k, when set
 };
 
 }  // namespace mha
