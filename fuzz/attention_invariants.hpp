@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The fuzzing oracle: decodes a problem (shapes ≤ 64, grouped key/value heads, masks, values,
 // tile sizes) from raw bytes, runs the attention core through the tiled and the materialised
-// kernels, and checks invariants that hold for every input. Shared by the libFuzzer harness and the corpus replay test, so every
-// corpus file is also checked in the ordinary test run.
+// kernels, and checks invariants that hold for every input. Shared by the libFuzzer harness and
+// the corpus replay test, so every corpus file is also checked in the ordinary test run.
 #pragma once
 
 #include <algorithm>
@@ -67,7 +67,8 @@ private:
 /// which `allowed` recomputes permissions by explicit formulas.
 struct problem {
     Index heads = 1, dk = 1, dv = 1;
-    Index kv_heads = 1;  ///< divides heads; query head h reads key/value head h / (heads / kv_heads)
+    /// Divides heads; query head h reads key/value head h / (heads / kv_heads).
+    Index kv_heads = 1;
     std::vector<Index> lq, lk;
     bool causal = false, top_left = false;
     std::optional<std::pair<Index, Index>> window;
@@ -220,11 +221,10 @@ inline run_result run_materialized(const problem& p, const inputs& x) {
     run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
     mha::attention_options options;
     options.algorithm = mha::attention_algorithm::materialized;
-    r.weights =
-        mha::multi_head_attention_core(x.q, x.k, x.v, p.heads, p.kv_heads,
-                                       mha::packed_batch(p.lq, p.lk), r.out, p.mask(), options,
-                                       {mha::weights_mode::per_head})
-            .weights;
+    r.weights = mha::multi_head_attention_core(x.q, x.k, x.v, p.heads, p.kv_heads,
+                                               mha::packed_batch(p.lq, p.lk), r.out, p.mask(),
+                                               options, {mha::weights_mode::per_head})
+                    .weights;
     return r;
 }
 
@@ -235,9 +235,8 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
     std::ostringstream why;
     auto violation = [&](const std::string& what) {
         why << what << " (batch " << p.lq.size() << ", heads " << p.heads << ", kv heads "
-            << p.kv_heads << ", dk " << p.dk
-            << ", dv " << p.dv << ", tiles " << p.tiles.query_block << "x" << p.tiles.key_block
-            << ")";
+            << p.kv_heads << ", dk " << p.dk << ", dv " << p.dv << ", tiles " << p.tiles.query_block
+            << "x" << p.tiles.key_block << ")";
         return std::optional<std::string>(why.str());
     };
 

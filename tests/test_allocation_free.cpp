@@ -579,8 +579,7 @@ void check_decode_steps(const mha::multi_head_attention<Scalar>& layer,
         caches.push_back(layer.make_cache({window, false}));
         // Room for the prefill; with a window, the least storage beyond that, so that the
         // window moves back to the front within the measured steps.
-        caches.back().reserve(window > 0 ? std::max(2 * window, prefill[b] + new_tokens[b])
-                                         : most);
+        caches.back().reserve(window > 0 ? std::max(2 * window, prefill[b] + new_tokens[b]) : most);
     }
     std::vector<mha::kv_cache<Scalar>*> pointers;
     for (auto& c : caches)
@@ -634,7 +633,8 @@ TEMPLATE_TEST_CASE("decode_into allocates nothing: one sequence, grouped heads",
         DYNAMIC_SECTION(threads << " thread(s), window 8") {
             check_decode_steps<Scalar>(layer, {20}, {1}, 8, 12, values);
         }
-        DYNAMIC_SECTION(threads << " thread(s), multi-query (one key/value head), 3 tokens a step") {
+        DYNAMIC_SECTION(
+            threads << " thread(s), multi-query (one key/value head), 3 tokens a step") {
             const mha::multi_head_attention<Scalar> mqa(grouped_config(64, 4, 1), 22);
             check_decode_steps<Scalar>(mqa, {9}, {3}, 0, 6, values);
         }

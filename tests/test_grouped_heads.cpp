@@ -238,9 +238,9 @@ void require_matches_reference(const grouped_inputs<Scalar>& in, const mha::pack
                 return mc.allowed(b, h, j, i);
             };
             const mha_test::bias_fn bf =
-                mc.bias ? mha_test::bias_fn(
-                              [&, b, h](Index j, Index i) { return mc.bias(b, h, j, i); })
-                        : nullptr;
+                mc.bias
+                    ? mha_test::bias_fn([&, b, h](Index j, Index i) { return mc.bias(b, h, j, i); })
+                    : nullptr;
             mat<long double> ref_w;
             const mat<long double> ref = mha_test::reference_attention<long double>(
                 Q, K, V, scale, a, bf, reference_kind(normalize), &ref_w);
@@ -250,8 +250,8 @@ void require_matches_reference(const grouped_inputs<Scalar>& in, const mha::pack
                                                       scale, a, bf, label);
             if (per_head == nullptr) continue;
             const mat<Scalar>& w = (*per_head)[static_cast<std::size_t>(b * heads + h)];
-            mha_test::require_attention_close<Scalar>(
-                w, ref_w, Q, K, mat<long double>::Ones(1, lk), scale, a, bf, label + " (weights)");
+            mha_test::require_attention_close<Scalar>(w, ref_w, Q, K, mat<long double>::Ones(1, lk),
+                                                      scale, a, bf, label + " (weights)");
             mean += wide(w) / static_cast<long double>(heads);
         }
         if (averaged == nullptr) continue;
@@ -275,8 +275,8 @@ std::vector<mat<Scalar>> run_core(const grouped_inputs<Scalar>& in, const mha::p
                                   const mha::attention_options& options, mha::weights_mode mode,
                                   mat<Scalar>& out) {
     out.resize(in.heads * in.dv, batch.total_queries());
-    return mha::multi_head_attention_core(in.q, in.k, in.v, in.heads, in.kv_heads, batch, out,
-                                          mask, options, {mode})
+    return mha::multi_head_attention_core(in.q, in.k, in.v, in.heads, in.kv_heads, batch, out, mask,
+                                          options, {mode})
         .weights;
 }
 
@@ -326,11 +326,10 @@ void check_tiled(Index heads, Index kv_heads, Index dk, Index dv, const mha::pac
     const auto in = make_inputs<Scalar>(heads, kv_heads, dk, dv, batch, seed);
     const Scalar scale = static_cast<Scalar>(library_scale<Scalar>(dk));
     for (const auto& mc : all_masks<Scalar>(batch, heads, seed + 1)) {
-        const std::string what = mc.name + ", H " + std::to_string(heads) + ", H_kv " +
-                                 std::to_string(kv_heads) + ", tiles " +
-                                 std::to_string(cfg.query_block) + "/" +
-                                 std::to_string(cfg.key_block) + "/" +
-                                 std::to_string(cfg.split_chunk);
+        const std::string what =
+            mc.name + ", H " + std::to_string(heads) + ", H_kv " + std::to_string(kv_heads) +
+            ", tiles " + std::to_string(cfg.query_block) + "/" + std::to_string(cfg.key_block) +
+            "/" + std::to_string(cfg.split_chunk);
         settings one = cfg, two = cfg;
         one.threads = 1;
         two.threads = 2;
@@ -394,8 +393,8 @@ TEMPLATE_TEST_CASE("grouped core vs reference: H = 6 with 1, 2, 3, 6 key/value h
     }
 }
 
-TEMPLATE_TEST_CASE("grouped core vs reference: H = 4, H_kv = 2, d_k != d_v",
-                   "[grouped][reference]", float, double) {
+TEMPLATE_TEST_CASE("grouped core vs reference: H = 4, H_kv = 2, d_k != d_v", "[grouped][reference]",
+                   float, double) {
     using Scalar = TestType;
     const auto algorithm =
         GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
@@ -486,8 +485,8 @@ TEMPLATE_TEST_CASE("grouped attention equals multi-head attention on repeated K/
     }
 }
 
-TEMPLATE_TEST_CASE("grouped core: 1 and 2 OpenMP threads give identical bits",
-                   "[grouped][threads]", float, double) {
+TEMPLATE_TEST_CASE("grouped core: 1 and 2 OpenMP threads give identical bits", "[grouped][threads]",
+                   float, double) {
     using Scalar = TestType;
     const auto algorithm =
         GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
@@ -525,10 +524,9 @@ TEMPLATE_TEST_CASE("grouped core: NaN and 1e30 in excluded keys and values never
     const auto clean = make_inputs<Scalar>(heads, kv_heads, dk, dv, batch, 990);
     const mha::attention_mask<Scalar> mask(mha::causal{mha::causal_alignment::top_left},
                                            mha::key_lengths{{7, 4}});
-    mask_case<Scalar> mc{"causal top-left + key_lengths", mask,
-                         [](Index b, Index, Index j, Index i) {
-                             return j <= i && j < (b == 0 ? 7 : 4);
-                         }};
+    mask_case<Scalar> mc{
+        "causal top-left + key_lengths", mask,
+        [](Index b, Index, Index j, Index i) { return j <= i && j < (b == 0 ? 7 : 4); }};
     mha::attention_options options;
     options.normalize = normalize;
     options.algorithm = algorithm;
@@ -574,16 +572,16 @@ TEMPLATE_TEST_CASE("grouped core: fully masked queries get exactly 0 output and 
     std::vector<mha::bool_matrix> keep;
     for (Index b = 0; b < 2; ++b)
         for (Index h = 0; h < heads; ++h) {
-            mha::bool_matrix m = mha::bool_matrix::Constant(batch.key_length(b),
-                                                            batch.query_length(b), true);
+            mha::bool_matrix m =
+                mha::bool_matrix::Constant(batch.key_length(b), batch.query_length(b), true);
             if (b == 0 && h == 2) m.col(1).setConstant(false);
             keep.push_back(m);
         }
     mha::attention_options options;
     options.algorithm = algorithm;
     mat<Scalar> out;
-    const auto w =
-        run_core<Scalar>(in, batch, mha::keep_mask(keep), options, mha::weights_mode::per_head, out);
+    const auto w = run_core<Scalar>(in, batch, mha::keep_mask(keep), options,
+                                    mha::weights_mode::per_head, out);
     CAPTURE(algorithm_name(algorithm));
     REQUIRE((out.block(2 * dv, 1, dv, 1).array() == Scalar(0)).all());
     REQUIRE((w[2].col(1).array() == Scalar(0)).all());
@@ -630,12 +628,14 @@ TEST_CASE("grouped heads: error messages", "[grouped][errors]") {
                             Equals(where + "num_heads must be a multiple of num_kv_heads = 4, "
                                            "got 6"));
         REQUIRE_THROWS_AS(call(k, v, 6, 0, out), mha::value_error);
-        REQUIRE_THROWS_WITH(call(k, v, 6, 0, out), Equals(where + "num_kv_heads must be >= 1, got 0"));
+        REQUIRE_THROWS_WITH(call(k, v, 6, 0, out),
+                            Equals(where + "num_kv_heads must be >= 1, got 0"));
         REQUIRE_THROWS_WITH(
             call(M::Zero(18, 5), v, 6, 2, out),
             Equals(where + "k.rows() must be 6 (num_kv_heads · q.rows() / num_heads), got 18"));
-        REQUIRE_THROWS_WITH(call(k, M::Zero(5, 5), 6, 2, out),
-                            Equals(where + "v.rows() must be a multiple of num_kv_heads = 2, got 5"));
+        REQUIRE_THROWS_WITH(
+            call(k, M::Zero(5, 5), 6, 2, out),
+            Equals(where + "v.rows() must be a multiple of num_kv_heads = 2, got 5"));
         REQUIRE_THROWS_WITH(call(k, M::Zero(4, 6), 6, 2, out),
                             Equals(where + "v.cols() must be 5 (k.cols()), got 6"));
         M wrong(4, 4);
@@ -724,9 +724,9 @@ TEMPLATE_TEST_CASE("grouped layer matches reference_layer with key/value heads (
         static_cast<long double>(scale), causal, nullptr, mha_test::norm_kind::softmax, &ref_w,
         kv_heads);
     std::vector<mat<Scalar>> base_w;
-    const mat<Scalar> base = mha_test::reference_layer<Scalar>(
-        to_reference<Scalar>(params), 6, x, x, x, scale, causal, nullptr,
-        mha_test::norm_kind::softmax, &base_w, kv_heads);
+    const mat<Scalar> base =
+        mha_test::reference_layer<Scalar>(to_reference<Scalar>(params), 6, x, x, x, scale, causal,
+                                          nullptr, mha_test::norm_kind::softmax, &base_w, kv_heads);
     CAPTURE(kv_heads, bias, algorithm_name(algorithm));
     mha_test::require_within_baseline<Scalar>(r.output, ref, base, 4, "output");
     REQUIRE(r.weights.size() == 6);
@@ -808,8 +808,8 @@ TEST_CASE("grouped layer: resolved config, widths, parameters and from_packed",
         stacked << p.w_q, p.w_k, p.w_v;
         mha::vector<float> stacked_bias(18 + 9 + 15);
         stacked_bias << p.b_q, p.b_k, p.b_v;
-        const auto packed =
-            mha::multi_head_attention<float>::from_packed(config, stacked, stacked_bias, p.w_o, p.b_o);
+        const auto packed = mha::multi_head_attention<float>::from_packed(
+            config, stacked, stacked_bias, p.w_o, p.b_o);
         const mha::multi_head_attention<float> separate(config, p);
         const auto back = packed.parameters();
         CHECK(back.w_q == p.w_q);

@@ -314,9 +314,7 @@ struct decode_setup {
     mha::multi_head_attention<Scalar> layer;
 
     decode_setup(const mha::attention_config& c, mha_test::value_source& values)
-        : config(c.resolved()),
-          params(random_parameters<Scalar>(c, values)),
-          layer(c, params) {}
+        : config(c.resolved()), params(random_parameters<Scalar>(c, values)), layer(c, params) {}
 
     Scalar scale() const {
         return static_cast<Scalar>(1.0L / std::sqrt(static_cast<long double>(config.head_dim)));
@@ -341,10 +339,9 @@ struct decode_setup {
             xk.template cast<long double>(), xk.template cast<long double>(),
             static_cast<long double>(scale()), allowed, nullptr, mha_test::norm_kind::softmax,
             nullptr, config.num_kv_heads);
-        r.base = mha_test::reference_layer<Scalar>(to_reference<Scalar>(params), config.num_heads,
-                                                   xq, xk, xk, scale(), allowed, nullptr,
-                                                   mha_test::norm_kind::softmax, nullptr,
-                                                   config.num_kv_heads);
+        r.base = mha_test::reference_layer<Scalar>(
+            to_reference<Scalar>(params), config.num_heads, xq, xk, xk, scale(), allowed, nullptr,
+            mha_test::norm_kind::softmax, nullptr, config.num_kv_heads);
         return r;
     }
     reference of(const mat<Scalar>& x, Index window = 0) const { return of(x, x, window); }
@@ -537,8 +534,7 @@ TEMPLATE_TEST_CASE("decode: NaN and 1e30 in unused cache slots never reach the o
     const Index length = 30;
     const mat<Scalar> x = values.normal_matrix<Scalar>(16, length);
     const mha::kv_cache_options options{window, false};
-    mha::kv_cache<Scalar> clean = s.layer.make_cache(options),
-                          dirty = s.layer.make_cache(options);
+    mha::kv_cache<Scalar> clean = s.layer.make_cache(options), dirty = s.layer.make_cache(options);
     // Without a window, room for every token; with one, the least storage (2·W), so that the
     // window moves back to the front every W + 1 steps and its old columns get poisoned.
     clean.reserve(window > 0 ? 2 * window : length);

@@ -140,8 +140,10 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
             // a whole key block). Sized by each product instead, the buffers grew by one key
             // column on every decode step over a cache shorter than a key block: an
             // allocation per step.
+            // (None with one-lane packets, nor for empty heads, whose products never run.)
             constexpr Index narrow = block_kernel_traits<Scalar>::width - 1;
-            if (narrow > 0) gemm_blocking<Scalar>(narrow, cfg.key_block, p.heads.dk).use(state.gemm);
+            if (narrow > 0 && p.heads.dk > 0)
+                gemm_blocking<Scalar>(narrow, cfg.key_block, p.heads.dk).use(state.gemm);
             state.made_for = key;
         }
         return scoped_gemm_buffers<Scalar>(&state.gemm);
