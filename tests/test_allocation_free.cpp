@@ -27,7 +27,9 @@
 // merge), the materialised algorithm and relu / sigmoid normalisation, float and double (the
 // tiled kernel's block products pack more than the stack limit in double), and 1 and 2 threads.
 // With 2 threads, task-to-thread assignment changes between calls; the workspace must have room
-// wherever a block product lands.
+// wherever a block product lands. Decoding steps (decode_into) are measured over caches that grow
+// by a token each step, shorter and longer than a key block: a step's shapes are never those of
+// the step before, yet after reserve and one warm-up step none may allocate.
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
