@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT
-// The fuzzing oracle: decodes a problem (shapes ≤ 64, masks, values, tile sizes) from raw bytes,
-// runs the attention core through the tiled and the materialised kernels, and checks invariants
-// that hold for every input. Shared by the libFuzzer harness and the corpus replay test, so every
-// corpus file is also checked in the ordinary test run.
+// The fuzzing oracle: decodes a problem (shapes ≤ 64, grouped key/value heads, masks, values,
+// tile sizes) from raw bytes, runs the attention core through the tiled and the materialised
+// kernels, and checks invariants that hold for every input. Shared by the libFuzzer harness and
+// the corpus replay test, so every corpus file is also checked in the ordinary test run.
 #pragma once
 
 #include <algorithm>
@@ -67,6 +67,8 @@ private:
 /// which `allowed` recomputes permissions by explicit formulas.
 struct problem {
     Index heads = 1, dk = 1, dv = 1;
+    /// Divides heads; query head h reads key/value head h / (heads / kv_heads).
+    Index kv_heads = 1;
     std::vector<Index> lq, lk;
     bool causal = false, top_left = false;
     std::optional<std::pair<Index, Index>> window;
@@ -76,6 +78,8 @@ struct problem {
     float amplitude = 1;
     std::uint64_t seed = 0;
     mha::detail::tiled_settings tiles;
+
+    Index kv_head(Index h) const { return h / (heads / kv_heads); }
 
     bool allowed(std::size_t b, Index j, Index i) const {
         const Index offset = top_left ? 0 : lk[b] - lq[b];
@@ -149,6 +153,16 @@ inline problem decode(const std::uint8_t* data, std::size_t size) {
     p.tiles.key_block = in.in_range(1, 17);
     p.tiles.split_chunk = p.tiles.key_block * in.in_range(1, 3);
     p.seed = in.seed();
+    // Grouped heads came after the corpus: the trailer "GQ" and a byte choosing num_kv_heads among
+    // the divisors of heads. Without it (as in every earlier corpus file, checked when this was
+    // added) an input decodes as before, one key/value head per query head.
+    p.kv_heads = p.heads;
+    if (in.byte() == 'G' && in.byte() == 'Q') {
+        std::vector<Index> divisors;
+        for (Index d = 1; d <= p.heads; ++d)
+            if (p.heads % d == 0) divisors.push_back(d);
+        p.kv_heads = divisors[static_cast<std::size_t>(in.byte()) % divisors.size()];
+    }
     return p;
 }
 
@@ -163,8 +177,8 @@ inline inputs make_inputs(const problem& p) {
         nq += p.lq[b];
         nk += p.lk[b];
     }
-    inputs x{mha::matrix<float>(p.heads * p.dk, nq), mha::matrix<float>(p.heads * p.dk, nk),
-             mha::matrix<float>(p.heads * p.dv, nk)};
+    inputs x{mha::matrix<float>(p.heads * p.dk, nq), mha::matrix<float>(p.kv_heads * p.dk, nk),
+             mha::matrix<float>(p.kv_heads * p.dv, nk)};
     for (Index i = 0; i < x.q.size(); ++i)
         x.q(i) = values.uniform(p.amplitude);
     for (Index i = 0; i < x.k.size(); ++i)
@@ -189,7 +203,7 @@ inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights
         x.k,
         x.v,
         r.out,
-        {p.heads, p.heads, p.dk, p.dv},
+        {p.heads, p.kv_heads, p.dk, p.dv},
         batch,
         mask,
         scale,
@@ -207,10 +221,10 @@ inline run_result run_materialized(const problem& p, const inputs& x) {
     run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
     mha::attention_options options;
     options.algorithm = mha::attention_algorithm::materialized;
-    r.weights =
-        mha::multi_head_attention_core(x.q, x.k, x.v, p.heads, mha::packed_batch(p.lq, p.lk), r.out,
-                                       p.mask(), options, {mha::weights_mode::per_head})
-            .weights;
+    r.weights = mha::multi_head_attention_core(x.q, x.k, x.v, p.heads, p.kv_heads,
+                                               mha::packed_batch(p.lq, p.lk), r.out, p.mask(),
+                                               options, {mha::weights_mode::per_head})
+                    .weights;
     return r;
 }
 
@@ -220,9 +234,9 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
     const inputs x = make_inputs(p);
     std::ostringstream why;
     auto violation = [&](const std::string& what) {
-        why << what << " (batch " << p.lq.size() << ", heads " << p.heads << ", dk " << p.dk
-            << ", dv " << p.dv << ", tiles " << p.tiles.query_block << "x" << p.tiles.key_block
-            << ")";
+        why << what << " (batch " << p.lq.size() << ", heads " << p.heads << ", kv heads "
+            << p.kv_heads << ", dk " << p.dk << ", dv " << p.dv << ", tiles " << p.tiles.query_block
+            << "x" << p.tiles.key_block << ")";
         return std::optional<std::string>(why.str());
     };
 
@@ -246,6 +260,7 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
     for (std::size_t b = 0; b < p.lq.size(); ++b) {
         const std::size_t head0 = b * static_cast<std::size_t>(p.heads);
         for (Index h = 0; h < p.heads; ++h) {
+            const Index g = p.kv_head(h);
             const auto& wt = tiled_w.weights[head0 + static_cast<std::size_t>(h)];
             const auto& wr = reference.weights[head0 + static_cast<std::size_t>(h)];
             for (Index i = 0; i < p.lq[b]; ++i) {
@@ -255,7 +270,7 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
                     if (!p.allowed(b, j, i)) continue;
                     any = true;
                     // Score magnitude as in check.hpp: Σ|q·k| bounds the dot product's rounding.
-                    const float magnitude = x.k.block(h * p.dk, k0 + j, p.dk, 1)
+                    const float magnitude = x.k.block(g * p.dk, k0 + j, p.dk, 1)
                                                 .cwiseProduct(x.q.block(h * p.dk, q0 + i, p.dk, 1))
                                                 .cwiseAbs()
                                                 .sum();
@@ -263,7 +278,7 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
                         scale * magnitude + (p.bias.empty() ? 0.f : std::fabs(p.bias[b](j, i)));
                     smax = std::max(smax, std::fabs(s));
                     vmax =
-                        std::max(vmax, x.v.block(h * p.dv, k0 + j, p.dv, 1).cwiseAbs().maxCoeff());
+                        std::max(vmax, x.v.block(g * p.dv, k0 + j, p.dv, 1).cwiseAbs().maxCoeff());
                 }
                 const float bound = 2 * 8 * u * vmax * (1 + smax);
                 out_bound.block(h * p.dv, q0 + i, p.dv, 1).setConstant(bound);
@@ -320,6 +335,24 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
                 return violation("a poisoned excluded key changed an output");
     }
 
+    // Grouped heads read K/V by index: the same as ordinary heads on K and V with each key/value
+    // head repeated heads / kv_heads times, bit for bit (the same kernel sees the same numbers in
+    // the same order; only the distance between key columns differs).
+    if (p.kv_heads != p.heads) {
+        const Index group = p.heads / p.kv_heads;
+        inputs repeated{x.q, mha::matrix<float>(p.heads * p.dk, x.k.cols()),
+                        mha::matrix<float>(p.heads * p.dv, x.v.cols())};
+        for (Index h = 0; h < p.heads; ++h) {
+            repeated.k.middleRows(h * p.dk, p.dk) = x.k.middleRows((h / group) * p.dk, p.dk);
+            repeated.v.middleRows(h * p.dv, p.dv) = x.v.middleRows((h / group) * p.dv, p.dv);
+        }
+        problem ungrouped = p;
+        ungrouped.kv_heads = p.heads;
+        const run_result r = run_tiled(ungrouped, repeated, false);
+        if (!(r.out.array() == tiled.out.array()).all())
+            return violation("grouped heads differ from ordinary heads on repeated K/V");
+    }
+
     // Determinism: the same input gives the same bits.
     const run_result again = run_tiled(p, x, false);
     // (Outputs are finite here, checked above, so == compares every bit that matters.)
@@ -331,7 +364,8 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
         mha::matrix<float> out(p.heads * p.dv, x.q.cols());
         try {
             mha::multi_head_attention_core(x.q, x.k.topRows(x.k.rows() - 1), x.v, p.heads,
-                                           mha::packed_batch(p.lq, p.lk), out, p.mask());
+                                           p.kv_heads, mha::packed_batch(p.lq, p.lk), out,
+                                           p.mask());
             return violation("mismatched key width was accepted");
         } catch (const mha::shape_error&) {
         } catch (...) {

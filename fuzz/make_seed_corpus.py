@@ -2,7 +2,8 @@
 # Writes the seed corpus: inputs aimed at the edges (empty and one-token sequences, fully masked
 # queries, causal with Lq != Lk, huge logits, tiny and odd tile sizes) plus seeded random ones.
 # Byte layout (see decode() in attention_invariants.hpp): batch, heads, dk, dv, self flag,
-# lengths, mask bits, window, key lengths, 8 mask-seed bytes, amplitude, tiles, 8 value-seed bytes.
+# lengths, mask bits, window, key lengths, 8 mask-seed bytes, amplitude, tiles, 8 value-seed bytes,
+# and for grouped heads the trailer "GQ" and the index of num_kv_heads among the divisors of heads.
 import os
 import random
 
@@ -10,7 +11,7 @@ here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
 os.makedirs(here, exist_ok=True)
 
 def case(batch, heads, dk, dv, lengths, masks, window=(0, 0), key_lengths=(), amplitude=1,
-         tiles=(3, 5, 1), seed=1, self_attention=False):
+         tiles=(3, 5, 1), seed=1, self_attention=False, kv_heads=None):
     b = [batch, heads - 1, dk - 1, dv - 1, 1 if self_attention else 0]
     for lq, lk in lengths:
         b += [lq] if self_attention else [lq, lk]
@@ -22,6 +23,9 @@ def case(batch, heads, dk, dv, lengths, masks, window=(0, 0), key_lengths=(), am
     b += list(seed.to_bytes(8, "big"))
     b += [amplitude, tiles[0] - 1, tiles[1] - 1, tiles[2] - 1]
     b += list((seed * 7919).to_bytes(8, "big"))
+    if kv_heads is not None:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        b += list(b"GQ") + [divisors.index(kv_heads)]
     return bytes(b)
 
 CAUSAL, TOP_LEFT, WINDOW, KEY_LENGTHS, KEEP, BIAS = 1, 2, 4, 8, 16, 32
@@ -41,6 +45,13 @@ seeds = {
                        key_lengths=(30, 64, 9)),
     "huge_logits": case(1, 1, 16, 4, [(16, 16)], CAUSAL, amplitude=5, tiles=(4, 4, 1)),
     "tile_boundaries": case(1, 2, 9, 2, [(17, 33)], CAUSAL, tiles=(8, 16, 2)),
+    "grouped_everything": case(3, 4, 16, 16, [(33, 40), (8, 64), (17, 17)],
+                               CAUSAL | WINDOW | KEY_LENGTHS | KEEP | BIAS, window=(5, 3),
+                               key_lengths=(30, 64, 9), kv_heads=2),
+    "grouped_multi_query_decode": case(2, 4, 8, 3, [(1, 40), (2, 64)], CAUSAL, tiles=(1, 4, 2),
+                                       kv_heads=1),
+    "grouped_keep_and_bias": case(2, 4, 7, 5, [(11, 17), (3, 9)], KEEP | BIAS, kv_heads=2,
+                                  tiles=(8, 16, 2)),
 }
 rng = random.Random(20261122)
 for i in range(12):

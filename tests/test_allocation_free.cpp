@@ -27,7 +27,10 @@
 // merge), the materialised algorithm and relu / sigmoid normalisation, float and double (the
 // tiled kernel's block products pack more than the stack limit in double), and 1 and 2 threads.
 // With 2 threads, task-to-thread assignment changes between calls; the workspace must have room
-// wherever a block product lands.
+// wherever a block product lands. Decoding steps (decode_into) are measured over caches that grow
+// by a token each step, shorter and longer than a key block: a step's shapes are never those of
+// the step before, yet after reserve and one warm-up step none may allocate.
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstddef>
@@ -546,4 +549,131 @@ TEST_CASE("the allocation counters see allocations (negative controls)", "[alloc
         require_no_allocation(
             allocations_during([&] { layer.forward_into(x, more, mask, out, ws); }));
     }
+}
+
+// ---- decoding steps -----------------------------------------------------------------------------
+
+namespace {
+
+mha::attention_config grouped_config(Index embed, Index heads, Index kv_heads) {
+    mha::attention_config c = config_of(embed, heads);
+    c.num_kv_heads = kv_heads;
+    return c;
+}
+
+/// Decoding steps into reserved, non-growable caches with a kept workspace: after a prefill and
+/// one warm-up step, `measured` more steps must each allocate nothing, and give the bits that
+/// `decode` (own workspace) gives on a copy of the caches (the same computation on the same
+/// numbers). `new_tokens[b]` tokens of sequence b per step.
+template <class Scalar>
+void check_decode_steps(const mha::multi_head_attention<Scalar>& layer,
+                        const std::vector<Index>& prefill, const std::vector<Index>& new_tokens,
+                        Index window, Index measured, mha_test::value_source& values) {
+    const Index embed = layer.config().embed_dim;
+    const std::size_t n = prefill.size();
+    Index step_tokens = 0, most = 0;
+    for (std::size_t b = 0; b < n; ++b) {
+        step_tokens += new_tokens[b];
+        most = std::max(most, prefill[b] + (measured + 1) * new_tokens[b]);
+    }
+    std::vector<mha::kv_cache<Scalar>> caches;
+    for (std::size_t b = 0; b < n; ++b) {
+        caches.push_back(layer.make_cache({window, false}));
+        // Room for the prefill; with a window, the least storage beyond that, so that the
+        // window moves back to the front within the measured steps.
+        caches.back().reserve(window > 0 ? std::max(2 * window, prefill[b] + new_tokens[b]) : most);
+    }
+    std::vector<mha::kv_cache<Scalar>*> pointers;
+    for (auto& c : caches)
+        pointers.push_back(&c);
+    mha::forward_workspace<Scalar> ws;
+    for (std::size_t b = 0; b < n; ++b) {
+        const mat<Scalar> x = values.normal_matrix<Scalar>(embed, prefill[b]);
+        mat<Scalar> out(embed, prefill[b]);
+        layer.decode_into(x, caches[b], out, ws);
+    }
+    const bool single = n == 1;
+    mat<Scalar> out(embed, step_tokens);
+    auto step = [&](const mat<Scalar>& x) {
+        if (single)
+            layer.decode_into(x, caches[0], out, ws);
+        else
+            layer.decode_into(x, new_tokens, pointers, out, ws);
+    };
+    step(values.normal_matrix<Scalar>(embed, step_tokens));  // warm-up: sizes every buffer
+    for (Index s = 0; s < measured; ++s) {
+        const mat<Scalar> x = values.normal_matrix<Scalar>(embed, step_tokens);
+        std::vector<mha::kv_cache<Scalar>> twins(caches);
+        std::vector<mha::kv_cache<Scalar>*> twin_pointers;
+        for (auto& c : twins)
+            twin_pointers.push_back(&c);
+        const mat<Scalar> expected =
+            single ? layer.decode(x, twins[0]) : layer.decode(x, new_tokens, twin_pointers);
+        INFO("step " << s);
+        require_no_allocation(allocations_during([&] { step(x); }));
+        REQUIRE(bitwise_equal(out, expected));
+        for (std::size_t b = 0; b < n; ++b)
+            REQUIRE(caches[b].position() == twins[b].position());
+    }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("decode_into allocates nothing: one sequence, grouped heads", "[alloc][decode]",
+                   float, double) {
+    using Scalar = TestType;
+    mha_test::value_source values(7101);
+    const mha::multi_head_attention<Scalar> layer(grouped_config(128, 4, 2), 21);
+    const int saved = max_threads();
+    for (const int threads : {1, 2}) {
+        set_threads(threads);
+        DYNAMIC_SECTION(threads << " thread(s), no window") {
+            check_decode_steps<Scalar>(layer, {20}, {1}, 0, 12, values);
+        }
+        // A window of 8 in 21 columns: its tokens move back to the front at the second step
+        // after the prefill and every 14 steps after.
+        DYNAMIC_SECTION(threads << " thread(s), window 8") {
+            check_decode_steps<Scalar>(layer, {20}, {1}, 8, 12, values);
+        }
+        DYNAMIC_SECTION(
+            threads << " thread(s), multi-query (one key/value head), 3 tokens a step") {
+            const mha::multi_head_attention<Scalar> mqa(grouped_config(64, 4, 1), 22);
+            check_decode_steps<Scalar>(mqa, {9}, {3}, 0, 6, values);
+        }
+    }
+    set_threads(saved);
+}
+
+TEMPLATE_TEST_CASE("decode_into allocates nothing: a batch of sequences, grouped heads",
+                   "[alloc][decode]", float, double) {
+    using Scalar = TestType;
+    mha_test::value_source values(7102);
+    const mha::multi_head_attention<Scalar> layer(grouped_config(128, 4, 2), 23);
+    const int saved = max_threads();
+    for (const int threads : {1, 2}) {
+        set_threads(threads);
+        DYNAMIC_SECTION(threads << " thread(s), caches of 5, 30 and 0 tokens adding 1, 0, 2") {
+            check_decode_steps<Scalar>(layer, {5, 30, 0}, {1, 0, 2}, 0, 8, values);
+        }
+        DYNAMIC_SECTION(threads << " thread(s), windows of 6") {
+            check_decode_steps<Scalar>(layer, {5, 30, 1}, {1, 1, 1}, 6, 10, values);
+        }
+    }
+    set_threads(saved);
+}
+
+TEST_CASE("decode_into allocates nothing: steps over a long cache (split-KV)", "[alloc][decode]") {
+    // 2·tiled_split_chunk cached tokens and more: the split path's partials and merge.
+    using Scalar = float;
+    mha_test::value_source values(7103);
+    const mha::multi_head_attention<Scalar> layer(grouped_config(32, 4, 2), 24);
+    const Index split = 2 * mha::detail::tiled_split_chunk;
+    const int saved = max_threads();
+    for (const int threads : {1, 2}) {
+        set_threads(threads);
+        DYNAMIC_SECTION(threads << " thread(s)") {
+            check_decode_steps<Scalar>(layer, {split + 10, 3}, {1, 1}, 0, 4, values);
+        }
+    }
+    set_threads(saved);
 }

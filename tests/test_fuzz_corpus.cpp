@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <string>
 #include <vector>
 
 #include <catch2/catch_test_macros.hpp>
@@ -24,4 +25,27 @@ TEST_CASE("every corpus input satisfies the fuzzing invariants", "[fuzz]") {
         ++replayed;
     }
     REQUIRE(replayed >= 10);  // the committed seed corpus; an empty directory must not pass
+}
+
+TEST_CASE("corpus inputs decode to grouped heads exactly when they carry the GQ trailer",
+          "[fuzz]") {
+    // The trailer came after the corpus: earlier files must keep one key/value head per query
+    // head, and the grouped seeds must really group (else they would test nothing new).
+    std::size_t grouped = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(MHA_FUZZ_CORPUS_DIR)) {
+        std::ifstream file(entry.path(), std::ios::binary);
+        const std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(file)),
+                                              std::istreambuf_iterator<char>());
+        const std::string name = entry.path().filename().string();
+        CAPTURE(name);
+        const mha_fuzz::problem p = mha_fuzz::decode(bytes.data(), bytes.size());
+        if (name.rfind("grouped_", 0) == 0) {
+            CHECK(p.kv_heads < p.heads);
+            CHECK(p.heads % p.kv_heads == 0);
+            ++grouped;
+        } else {
+            CHECK(p.kv_heads == p.heads);
+        }
+    }
+    REQUIRE(grouped >= 3);
 }

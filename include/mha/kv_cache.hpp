@@ -147,10 +147,11 @@ private:
 
     void make_room(const char* where, Index n) {
         const Index kept = kept_before_append();
+        // Refused before anything moves: a throwing append leaves the cache as it was.
+        if (kept + n > capacity() && !options_.growable) refuse(where, n);
         begin_ = end_ - kept;
         if (end_ + n <= capacity()) return;
         if (kept + n > capacity()) {
-            if (!options_.growable) refuse(where, n);
             const Index floor = options_.window > 0 ? 2 * options_.window : 0;
             grow_to(std::max({kept + n, 2 * capacity(), floor}));
         }

@@ -151,29 +151,44 @@ struct reference_params {
     }
 };
 
-/// The layer on one sequence: per head, attention on its rows; heads concatenated; projected.
-/// allowed/bias take (head, j, i). Optionally returns each head's weights.
+/// The key/value head that query head h of `heads` reads when `kv_heads` key/value heads are
+/// shared (grouped-query attention): consecutive query heads form groups of heads / kv_heads,
+/// and group g reads key/value head g. Written as a search over the groups, not as the
+/// library's division, so that the two are independent.
+inline Index reference_kv_head(Index h, Index heads, Index kv_heads) {
+    const Index group_size = heads / kv_heads;
+    for (Index g = 0; g < kv_heads; ++g)
+        if (h >= g * group_size && h < (g + 1) * group_size) return g;
+    return -1;  // h out of range: the caller's slicing then fails loudly
+}
+
+/// The layer on one sequence: per query head h, attention of its rows of Q on the rows of its
+/// key/value head (reference_kv_head; kv_heads = 0 means one per query head); heads
+/// concatenated; projected. W_k and W_v have kv_heads·d_k and kv_heads·d_v rows. allowed/bias
+/// take (query head, j, i). Optionally returns each query head's weights.
 template <class T>
 mat<T> reference_layer(const reference_params<T>& p, Index heads, const mat<T>& xq,
                        const mat<T>& xk, const mat<T>& xv, T scale,
                        const std::function<bool(Index, Index, Index)>& allowed = nullptr,
                        const std::function<long double(Index, Index, Index)>& bias = nullptr,
                        norm_kind kind = norm_kind::softmax,
-                       std::vector<mat<T>>* head_weights = nullptr) {
+                       std::vector<mat<T>>* head_weights = nullptr, Index kv_heads = 0) {
+    if (kv_heads == 0) kv_heads = heads;
     const mat<T> q = reference_linear(p.w_q, p.b_q, xq);
     const mat<T> k = reference_linear(p.w_k, p.b_k, xk);
     const mat<T> v = reference_linear(p.w_v, p.b_v, xv);
-    const Index dk = q.rows() / heads, dv = v.rows() / heads;
-    mat<T> concat(v.rows(), xq.cols());
+    const Index dk = q.rows() / heads, dv = v.rows() / kv_heads;
+    mat<T> concat(heads * dv, xq.cols());
     if (head_weights) head_weights->clear();
     for (Index h = 0; h < heads; ++h) {
+        const Index g = reference_kv_head(h, heads, kv_heads);
         allowed_fn a = allowed ? allowed_fn([&, h](Index j, Index i) { return allowed(h, j, i); })
                                : allow_all();
         bias_fn bf = bias ? bias_fn([&, h](Index j, Index i) { return bias(h, j, i); }) : nullptr;
         mat<T> w;
         concat.middleRows(h * dv, dv) =
-            reference_attention<T>(q.middleRows(h * dk, dk), k.middleRows(h * dk, dk),
-                                   v.middleRows(h * dv, dv), scale, a, bf, kind, &w);
+            reference_attention<T>(q.middleRows(h * dk, dk), k.middleRows(g * dk, dk),
+                                   v.middleRows(g * dv, dv), scale, a, bf, kind, &w);
         if (head_weights) head_weights->push_back(w);
     }
     return reference_linear(p.w_o, p.b_o, concat);

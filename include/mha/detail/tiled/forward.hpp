@@ -141,6 +141,14 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
     auto enter = [&](tiled_thread_state<Scalar>& state) {
         if (!(state.made_for == key)) {
             state.tile = make_tile_scratch<Scalar>(p.heads.dk, p.heads.dv, cfg);
+            // Packing room for masked_scores' largest block GEMM (fewer queries than a packet,
+            // a whole key block). Sized by each product instead, the buffers grew by one key
+            // column on every decode step over a cache shorter than a key block: an
+            // allocation per step.
+            // (None with one-lane packets, nor for empty heads, whose products never run.)
+            constexpr Index narrow = block_kernel_traits<Scalar>::width - 1;
+            if (narrow > 0 && p.heads.dk > 0)
+                gemm_blocking<Scalar>(narrow, cfg.key_block, p.heads.dk).use(state.gemm);
             state.made_for = key;
         }
         return scoped_gemm_buffers<Scalar>(&state.gemm);
