@@ -24,8 +24,8 @@ int main() {
         decoded.col(t) = layer.decode(tokens.col(t), cache);
     // The same as a causal forward over the whole sequence.
     const mha::matrix<float> full = layer.forward(tokens, mha::causal{});
-    std::cout << "cached tokens: " << cache.size() << ", max |decode - forward| = "
-              << (decoded - full).cwiseAbs().maxCoeff() << "\n";
+    std::cout << "cached tokens: " << cache.size()
+              << ", max |decode - forward| = " << (decoded - full).cwiseAbs().maxCoeff() << "\n";
 
     // Speculative decoding: append 3 draft tokens, keep the first, roll back the other two.
     const mha::Index accepted = cache.position() + 1;
@@ -50,6 +50,6 @@ int main() {
     mha::kv_cache<float> recent = layer.make_cache(window);
     for (mha::Index t = 0; t < 12; ++t)
         layer.decode(tokens.col(t), recent);
-    std::cout << "window cache: " << recent.size() << " tokens stored of "
-              << recent.position() << " seen\n";
+    std::cout << "window cache: " << recent.size() << " tokens stored of " << recent.position()
+              << " seen\n";
 }
