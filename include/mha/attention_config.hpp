@@ -30,7 +30,7 @@ struct attention_config {
     /// Rotary position embedding of Q and K after their projection (none when empty); see
     /// docs/positions.md. A token's position is its index in its sequence, or for decoding its
     /// cache position (kv_cache::position()).
-    std::optional<rotary_options> rotary;
+    std::optional<rotary_options> rotary{};
 
     /// The same config with every default made explicit; throws on invalid values.
     attention_config resolved() const {
