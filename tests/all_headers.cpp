@@ -5,9 +5,9 @@
 // headers were compiled against, which CMake compares with the Eigen it found.
 #undef EIGEN_NO_DEPRECATED_WARNING
 
-#include <cstdio>
-
 #include "all_headers.hpp"
+
+#include <cstdio>
 
 namespace {
 
@@ -22,7 +22,8 @@ bool run_layer() {
     mat out(16, 70);
     layer.forward_into(x, mha::packed_batch({30, 40}), {}, out, workspace);
     ok = ok && out.allFinite();
-    for (auto algorithm : {mha::attention_algorithm::tiled, mha::attention_algorithm::materialized}) {
+    for (auto algorithm :
+         {mha::attention_algorithm::tiled, mha::attention_algorithm::materialized}) {
         mha::attention_options options;
         options.algorithm = algorithm;
         mat o(8, 70);
@@ -42,9 +43,10 @@ bool run_layer() {
 }  // namespace
 
 int main() {
-    std::printf("Eigen %d.%d.%d (EIGEN_WORLD_VERSION %d, EIGEN_MAJOR_VERSION %d, EIGEN_MINOR_VERSION %d)\n",
-                MHA_EIGEN_VERSION_MAJOR, MHA_EIGEN_VERSION_MINOR, MHA_EIGEN_VERSION_PATCH,
-                EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION);
+    std::printf(
+        "Eigen %d.%d.%d (EIGEN_WORLD_VERSION %d, EIGEN_MAJOR_VERSION %d, EIGEN_MINOR_VERSION %d)\n",
+        MHA_EIGEN_VERSION_MAJOR, MHA_EIGEN_VERSION_MINOR, MHA_EIGEN_VERSION_PATCH,
+        EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION);
     const bool ok = run_layer<float>() && run_layer<double>();
     std::printf("%s\n", ok ? "layer and kernels: finite results" : "layer and kernels: FAILED");
     return ok ? 0 : 1;

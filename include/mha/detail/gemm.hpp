@@ -191,10 +191,9 @@ void gemm_kernel_product(Dst& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
         if (j0 >= j1) return;
         gemm_blocking<Scalar> range_blocking = blocking;
         use_buffers(range_blocking, own);
-        eigen_compat::gemm_run<Scalar, a_order, b_order>(m, j1 - j0, k, a_data, lda,
-                                                         b_data + j0 * b_column_step, ldb,
-                                                         c_data + j0 * ldc, ldc, alpha,
-                                                         range_blocking);
+        eigen_compat::gemm_run<Scalar, a_order, b_order>(
+            m, j1 - j0, k, a_data, lda, b_data + j0 * b_column_step, ldb, c_data + j0 * ldc, ldc,
+            alpha, range_blocking);
     };
     parallel_parts(nt, [&](int part, int thread) {
         columns(part, buffer_set[static_cast<std::size_t>(thread)]);
@@ -208,9 +207,9 @@ template <class Dst, class Lhs, class Rhs>
 inline constexpr bool gemm_kernel_operands = [] {
     using lhs = eigen_compat::product_operand<Lhs>;
     using rhs = eigen_compat::product_operand<Rhs>;
-    return lhs::direct_access && rhs::direct_access && !lhs::scalar_factor &&
-           !rhs::scalar_factor && lhs::unit_inner_stride && rhs::unit_inner_stride &&
-           !(Dst::Flags & Eigen::RowMajorBit) && Dst::InnerStrideAtCompileTime == 1;
+    return lhs::direct_access && rhs::direct_access && !lhs::scalar_factor && !rhs::scalar_factor &&
+           lhs::unit_inner_stride && rhs::unit_inner_stride && !(Dst::Flags & Eigen::RowMajorBit) &&
+           Dst::InnerStrideAtCompileTime == 1;
 }();
 
 /// dst = alpha·lhs·rhs (dst must not alias lhs or rhs).
@@ -232,8 +231,7 @@ void product_into(Dst&& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
     } else {
         const Index m = dst.rows(), n = dst.cols(), k = lhs.cols();
         if (buffers == nullptr ||
-            (k + m + n < eigen_compat::coeff_based_product_threshold && k > 0) ||
-            n == 1) {
+            (k + m + n < eigen_compat::coeff_based_product_threshold && k > 0) || n == 1) {
             dst.noalias() = alpha * (lhs * rhs);
             return;
         }

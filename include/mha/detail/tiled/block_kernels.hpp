@@ -100,7 +100,7 @@ void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, In
 /// One score micro tile: st(0 : QP·W, 0 : Keys) = qt(0 : QP·W, :) · K(:, 0 : Keys).
 template <class Scalar, int QP, int Keys>
 MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, const Scalar* k,
-                                          Index k_stride, Scalar* st, Index ld) {
+                                        Index k_stride, Scalar* st, Index ld) {
     using ops = typename block_kernel_traits<Scalar>::ops;
     using packet = typename ops::packet;
     constexpr Index w = block_kernel_traits<Scalar>::width;
@@ -161,8 +161,8 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
 /// One value micro tile: acc(0 : VP·W, 0 : Queries) += V(0 : VP·W, 0 : nk) · P(0 : nk, 0 : Queries)
 /// with P(j, c) = pt[j·ld + c] and V(:, j) at v + j·v_stride.
 template <class Scalar, int VP, int Queries>
-MHA_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index nk,
-                                          const Scalar* pt, Index ld, Scalar* acc, Index ld_acc) {
+MHA_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index nk, const Scalar* pt,
+                                        Index ld, Scalar* acc, Index ld_acc) {
     using ops = typename block_kernel_traits<Scalar>::ops;
     using packet = typename ops::packet;
     constexpr Index w = block_kernel_traits<Scalar>::width;

@@ -178,8 +178,8 @@ void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scal
             Scalar* col = st + j * ld;
             for (Index c = 0; c < nqp; c += w) {
                 const packet x = ops::load(col + c);
-                const packet e =
-                    ops::clear_where(ops::exp(ops::sub(x, ops::load(shift + c))), ops::equal(x, pinf));
+                const packet e = ops::clear_where(ops::exp(ops::sub(x, ops::load(shift + c))),
+                                                  ops::equal(x, pinf));
                 ops::store(col + c, e);
                 ops::store(sum + c, ops::add(ops::load(sum + c), e));
             }
