@@ -446,7 +446,7 @@ public:
     /// Stores the float and double tensors added from now on as `dtype`: "F16" or "BF16" (rounded
     /// to nearest even, beyond the range to ±∞), or "" for their own type (F32, F64).
     void set_float_dtype(const std::string& dtype) {
-        if (dtype != "" && dtype != "F16" && dtype != "BF16")
+        if (!dtype.empty() && dtype != "F16" && dtype != "BF16")
             detail::fail<value_error>("mha::safetensors_writer::set_float_dtype", "dtype",
                                       "\"\", \"F16\" or \"BF16\"", "\"" + dtype + "\"");
         float_dtype_ = dtype;
