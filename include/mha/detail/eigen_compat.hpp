@@ -143,6 +143,14 @@ struct packet_ops {
     static MHA_ALWAYS_INLINE packet equal(const packet& a, const packet& b) {
         return Eigen::internal::pcmp_eq(a, b);
     }
+    /// All bits set in the lanes where a < b (false for NaN), else zero.
+    static MHA_ALWAYS_INLINE packet less(const packet& a, const packet& b) {
+        return Eigen::internal::pcmp_lt(a, b);
+    }
+    /// The lanes set in either mask.
+    static MHA_ALWAYS_INLINE packet either(const packet& a, const packet& b) {
+        return Eigen::internal::por(a, b);
+    }
     /// a with the lanes set in `mask` cleared to +0.
     static MHA_ALWAYS_INLINE packet clear_where(const packet& a, const packet& mask) {
         return Eigen::internal::pandnot(a, mask);
