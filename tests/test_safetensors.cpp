@@ -2,8 +2,10 @@
 // mha/io/safetensors.hpp: the reader's view of tensors (columns, matrices, vectors), the writer,
 // and every malformed file the reader must refuse with a format_error naming what is wrong, what
 // was expected and what was found. Bad files are built here byte by byte.
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -289,4 +291,73 @@ TEST_CASE("a state_dict of the wrong shape, dtype or form is refused", "[safeten
     bad_bias.add_vector("out_proj.bias", mha::vector<float>::Ones(8));
     require_format_error(load(bad_bias),
                          {"shape of tensor 'in_proj_bias' must be [24]", "got [23]"});
+}
+
+TEST_CASE("F16 and BF16 tensors are read as float and double, exactly", "[safetensors]") {
+    // +0, −0, 1, −2, 65504, the smallest and largest subnormal, the smallest normal, ±∞, NaN.
+    const std::vector<std::uint16_t> f16 = {0x0000, 0x8000, 0x3c00, 0xc000, 0x7bff, 0x0001,
+                                            0x03ff, 0x0400, 0x7c00, 0xfc00, 0x7e00};
+    const std::vector<std::uint16_t> bf16 = {0x0000, 0x8000, 0x3f80, 0xc000, 0x7f7f, 0x0001,
+                                             0x007f, 0x0080, 0x7f80, 0xff80, 0x7fc0};
+    const std::size_t n = f16.size();
+    const std::string header =
+        R"({"h":{"dtype":"F16","shape":[)" + std::to_string(n) + R"(],"data_offsets":[0,)" +
+        std::to_string(2 * n) + R"(]},"b":{"dtype":"BF16","shape":[)" + std::to_string(n) +
+        R"(],"data_offsets":[)" + std::to_string(2 * n) + "," + std::to_string(4 * n) + "]}}";
+    bytes_t file = make_file(header);
+    for (const auto* values : {&f16, &bf16})
+        for (std::uint16_t v : *values) {
+            file.push_back(static_cast<unsigned char>(v & 0xff));
+            file.push_back(static_cast<unsigned char>(v >> 8));
+        }
+    const auto f = mha::safetensors_file::parse(file);
+    const auto hf = f.values<float>("h");
+    const auto hd = f.values<double>("h");
+    const auto bf = f.values<float>("b");
+    const auto bd = f.as_vector<double>("b");
+    for (std::size_t i = 0; i < n; ++i) {
+        INFO("element " << i);
+        const float ef = mha::f16_to_float(f16[i]), eb = mha::bf16_to_float(bf16[i]);
+        if (i + 1 == n) {
+            CHECK((std::isnan(hf[i]) && std::isnan(hd[i]) && std::isnan(bf[i]) &&
+                   std::isnan(bd(static_cast<Eigen::Index>(i)))));
+            continue;
+        }
+        CHECK(hf[i] == ef);
+        CHECK(hd[i] == static_cast<double>(ef));
+        CHECK(std::signbit(hf[i]) == std::signbit(ef));
+        CHECK(bf[i] == eb);
+        CHECK(bd(static_cast<Eigen::Index>(i)) == static_cast<double>(eb));
+    }
+    CHECK(hf[2] == 1.0f);
+    CHECK(hd[5] == std::ldexp(1.0, -24));
+    CHECK(hf[8] == std::numeric_limits<float>::infinity());
+    CHECK(bd(4) == static_cast<double>(mha::bf16_to_float(0x7f7f)));
+    // Only float and double widen; a half tensor is no bool.
+    require_format_error([&] { (void)f.values<bool>("h"); },
+                         {"dtype of tensor 'h' must be BOOL", "got F16"});
+    require_format_error([&] { (void)f.values<float>("missing"); }, {"tensor 'missing'"});
+}
+
+TEST_CASE("a layer written in F16 or BF16 loads with its weights rounded once", "[safetensors]") {
+    const mha::multi_head_attention<double> layer({8, 2}, 5);
+    for (const std::string dtype : {"F16", "BF16"}) {
+        INFO(dtype);
+        mha::safetensors_writer out;
+        out.set_float_dtype(dtype);
+        mha::save_multi_head_attention(out, layer);
+        const auto file = mha::safetensors_file::parse(out.bytes());
+        CHECK(file.info("in_proj_weight").dtype == dtype);
+        const auto loaded = mha::load_multi_head_attention<float>(file, 2);
+        const auto p = layer.parameters();
+        const auto q = loaded.parameters();
+        for (Eigen::Index i = 0; i < p.w_q.size(); ++i) {
+            const double x = p.w_q.data()[i];
+            const float expected = dtype == "F16" ? mha::f16_to_float(mha::double_to_f16(x))
+                                                  : mha::bf16_to_float(mha::double_to_bf16(x));
+            REQUIRE(q.w_q.data()[i] == expected);
+        }
+    }
+    mha::safetensors_writer out;
+    CHECK_THROWS_AS(out.set_float_dtype("F8_E4M3"), mha::value_error);
 }

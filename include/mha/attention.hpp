@@ -39,6 +39,13 @@ namespace mha {
 template <class DK, class DQ, class DS>
 void attention_scores(const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DQ>& q,
                       typename DQ::Scalar scale, const Eigen::MatrixBase<DS>& scores_) {
+    static_assert(detail::is_supported_scalar_v<typename DQ::Scalar>,
+                  "mha: scores must be float, double or long double; integer scores would be "
+                  "truncated");
+    static_assert(
+        detail::same_scalars_v<typename DQ::Scalar, typename DK::Scalar, typename DS::Scalar>,
+        "mha: every matrix of one call must have the same scalar type (all float or all double); "
+        "convert with .template cast<T>()");
     constexpr const char* where = "mha::attention_scores";
     auto& scores = const_cast<Eigen::MatrixBase<DS>&>(scores_);
     detail::check_size(where, "k.rows()", q.rows(), k.rows(), "q.rows(), the key width d_k");
@@ -51,6 +58,10 @@ void attention_scores(const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DQ
 template <class DV, class DW, class DO>
 void weighted_sum_of_values(const Eigen::MatrixBase<DV>& v, const Eigen::MatrixBase<DW>& weights,
                             const Eigen::MatrixBase<DO>& out_) {
+    static_assert(
+        detail::same_scalars_v<typename DV::Scalar, typename DW::Scalar, typename DO::Scalar>,
+        "mha: every matrix of one call must have the same scalar type (all float or all double); "
+        "convert with .template cast<T>()");
     constexpr const char* where = "mha::weighted_sum_of_values";
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
     detail::check_size(where, "weights.rows()", v.cols(), weights.rows(), "v.cols()");
@@ -161,6 +172,10 @@ attention_outputs<typename DQ::Scalar> scaled_dot_product_attention(
     const attention_options& options = {}, const attention_request& request = {}) {
     using Scalar = typename DQ::Scalar;
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
+    static_assert(detail::same_scalars_v<Scalar, typename DK::Scalar, typename DV::Scalar,
+                                         typename DO::Scalar>,
+                  "mha: every matrix of one call must have the same scalar type (all float or all "
+                  "double); convert with .template cast<T>()");
     constexpr const char* where = "mha::scaled_dot_product_attention";
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
     detail::check_size(where, "k.rows()", q.rows(), k.rows(), "q.rows(), the key width d_k");
@@ -218,6 +233,10 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     const attention_options& options = {}, const attention_request& request = {}) {
     using Scalar = typename DQ::Scalar;
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
+    static_assert(detail::same_scalars_v<Scalar, typename DK::Scalar, typename DV::Scalar,
+                                         typename DO::Scalar>,
+                  "mha: every matrix of one call must have the same scalar type (all float or all "
+                  "double); convert with .template cast<T>()");
     constexpr const char* where = "mha::multi_head_attention_core";
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
     const detail::head_layout heads =

@@ -3,9 +3,18 @@
 // error types (with the argument checks that raise them, in detail/check.hpp).
 #pragma once
 
+// Before any include, so that an older standard gets this message rather than errors from deep
+// inside the headers. MSVC reports __cplusplus as 199711L unless /Zc:__cplusplus is given.
+#if !((defined(_MSVC_LANG) && _MSVC_LANG >= 201703L) || __cplusplus >= 201703L)
+#error "mha needs C++17 or later: compile with -std=c++17 (or /std:c++17)"
+#endif
+
 #include <stdexcept>
 
 #include <Eigen/Core>
+
+// Eigen's version (MHA_EIGEN_VERSION_*) and the refusal of Eigen older than 3.4.
+#include <mha/detail/eigen_compat.hpp>
 
 #define MHA_VERSION_MAJOR 0
 #define MHA_VERSION_MINOR 1

@@ -27,6 +27,9 @@ inline Scalar nan_propagating_max(Scalar acc, Scalar x) {
 template <class Derived>
 void softmax_columns(const Eigen::MatrixBase<Derived>& scores_) {
     using Scalar = typename Derived::Scalar;
+    static_assert(
+        detail::is_supported_scalar_v<Scalar>,
+        "mha: scores must hold float, double or long double; integer scores would be truncated");
     // Eigen's idiom for writable temporaries (blocks, Maps) passed by const reference.
     auto& scores = const_cast<Eigen::MatrixBase<Derived>&>(scores_);
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
@@ -52,6 +55,9 @@ void softmax_columns(const Eigen::MatrixBase<Derived>& scores_) {
 template <class Derived>
 void relu_normalize_columns(const Eigen::MatrixBase<Derived>& scores_) {
     using Scalar = typename Derived::Scalar;
+    static_assert(
+        detail::is_supported_scalar_v<Scalar>,
+        "mha: scores must hold float, double or long double; integer scores would be truncated");
     auto& scores = const_cast<Eigen::MatrixBase<Derived>&>(scores_);
     for (Index i = 0; i < scores.cols(); ++i) {
         auto column = scores.col(i);
@@ -73,6 +79,9 @@ void relu_normalize_columns(const Eigen::MatrixBase<Derived>& scores_) {
 template <class Derived>
 void sigmoid_columns(const Eigen::MatrixBase<Derived>& scores_) {
     using Scalar = typename Derived::Scalar;
+    static_assert(
+        detail::is_supported_scalar_v<Scalar>,
+        "mha: scores must hold float, double or long double; integer scores would be truncated");
     auto& scores = const_cast<Eigen::MatrixBase<Derived>&>(scores_);
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     for (Index i = 0; i < scores.cols(); ++i)

@@ -63,5 +63,10 @@ template <class T>
 inline constexpr bool is_supported_scalar_v =
     std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, long double>;
 
+/// Whether every operand of a kernel call has the scalar type T: mixing float and double would
+/// otherwise fail deep inside Eigen's product code.
+template <class T, class... Others>
+inline constexpr bool same_scalars_v = (std::is_same_v<T, Others> && ...);
+
 }  // namespace detail
 }  // namespace mha

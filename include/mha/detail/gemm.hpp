@@ -23,6 +23,7 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/detail/eigen_compat.hpp>
 #include <mha/detail/parallel.hpp>
 
 namespace mha {
@@ -49,25 +50,14 @@ private:
     vector<Scalar> a_, b_;
 };
 
-/// Eigen's blocking sizes for a single-threaded m×n×k product into a column-major result (what
-/// gemm_blocking_space computes), with the packed blocks in caller-owned buffers.
+using eigen_compat::gemm_blocking;
+
+/// Points `blocking` at `buffers`, growing them if they are too small for its blocks.
 template <class Scalar>
-class gemm_blocking : public Eigen::internal::level3_blocking<Scalar, Scalar> {
-public:
-    gemm_blocking(Index m, Index n, Index k) {
-        this->m_mc = m;
-        this->m_nc = n;
-        this->m_kc = k;
-        Eigen::internal::computeProductBlockingSizes<Scalar, Scalar, 1>(this->m_kc, this->m_mc,
-                                                                        this->m_nc, Index(1));
-    }
-    /// Packs into `buffers`, growing them if they are too small for these blocks.
-    void use(gemm_buffers<Scalar>& buffers) {
-        buffers.reserve(this->m_mc * this->m_kc, this->m_kc * this->m_nc);
-        this->m_blockA = buffers.a();
-        this->m_blockB = buffers.b();
-    }
-};
+void use_buffers(gemm_blocking<Scalar>& blocking, gemm_buffers<Scalar>& buffers) {
+    buffers.reserve(blocking.packed_a_size(), blocking.packed_b_size());
+    blocking.set_buffers(buffers.a(), buffers.b());
+}
 
 /// C (m×n, column-major, ldc) += alpha·A·B by Eigen's GEMM kernel on the calling thread, with A
 /// m×k in AOrder and B k×n in BOrder (inner stride 1). With `buffers` the packing goes there;
@@ -75,19 +65,15 @@ public:
 template <class Scalar, int AOrder, int BOrder = Eigen::ColMajor>
 void gemm_kernel_add(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
                      Index ldb, Scalar* c, Index ldc, Scalar alpha, gemm_buffers<Scalar>* buffers) {
-    using product =
-        Eigen::internal::general_matrix_matrix_product<Index, Scalar, AOrder, false, Scalar, BOrder,
-                                                       false, Eigen::ColMajor, 1>;
     if (buffers != nullptr) {
         gemm_blocking<Scalar> blocking(m, n, k);
-        blocking.use(*buffers);
-        product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+        use_buffers(blocking, *buffers);
+        eigen_compat::gemm_run<Scalar, AOrder, BOrder>(m, n, k, a, lda, b, ldb, c, ldc, alpha,
+                                                       blocking);
         return;
     }
-    Eigen::internal::gemm_blocking_space<Eigen::ColMajor, Scalar, Scalar, Eigen::Dynamic,
-                                         Eigen::Dynamic, Eigen::Dynamic, 1, false>
-        blocking(m, n, k, 1, true);
-    product::run(m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+    eigen_compat::gemm_run_eigen_buffers<Scalar, AOrder, BOrder>(m, n, k, a, lda, b, ldb, c, ldc,
+                                                                 alpha);
 }
 
 /// Grows every buffer set of `states` (each has a `gemm_buffers<Scalar> gemm`) to the largest
@@ -139,7 +125,7 @@ void serial_gemm_add(Index m, Index n, Index k, const Scalar* a, Index lda, cons
                      Index ldb, Scalar* c, Index ldc, Scalar alpha, gemm_buffers<Scalar>* buffers) {
     if (m == 0 || n == 0 || k == 0) return;
     using a_type = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, AOrder>;
-    if (n == 1 || m + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {
+    if (n == 1 || m + n + k < eigen_compat::coeff_based_product_threshold) {
         // GEMV and tiny products: Eigen never parallelises these, nor allocates for them.
         Eigen::Map<const a_type, 0, Eigen::OuterStride<>> am(a, m, k, Eigen::OuterStride<>(lda));
         Eigen::Map<const matrix<Scalar>, 0, Eigen::OuterStride<>> bm(b, k, n,
@@ -168,21 +154,16 @@ void gemm_kernel_product(Dst& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
     const Index m = dst.rows(), n = dst.cols(), k = lhs.cols();
     dst.setZero();
     if (m == 0 || n == 0 || k == 0) return;
-    using lhs_traits = Eigen::internal::blas_traits<Lhs>;
-    using rhs_traits = Eigen::internal::blas_traits<Rhs>;
     // References: extract() returns a plain operand itself, which a copy would allocate.
-    const auto& a = lhs_traits::extract(lhs);
-    const auto& b = rhs_traits::extract(rhs);
+    const auto& a = eigen_compat::product_operand<Lhs>::extract(lhs);
+    const auto& b = eigen_compat::product_operand<Rhs>::extract(rhs);
     using a_type = std::remove_cv_t<std::remove_reference_t<decltype(a)>>;
     using b_type = std::remove_cv_t<std::remove_reference_t<decltype(b)>>;
     constexpr int a_order =
         (a_type::Flags & Eigen::RowMajorBit) ? Eigen::RowMajor : Eigen::ColMajor;
     constexpr int b_order =
         (b_type::Flags & Eigen::RowMajorBit) ? Eigen::RowMajor : Eigen::ColMajor;
-    using product =
-        Eigen::internal::general_matrix_matrix_product<Index, Scalar, a_order, false, Scalar,
-                                                       b_order, false, Eigen::ColMajor, 1>;
-    constexpr Index nr = Eigen::internal::gebp_traits<Scalar, Scalar>::nr;
+    constexpr Index nr = eigen_compat::gemm_column_tile<Scalar>;
     const Scalar* a_data = a.data();
     const Scalar* b_data = b.data();
     const Index lda = a.outerStride(), ldb = b.outerStride();
@@ -209,9 +190,10 @@ void gemm_kernel_product(Dst& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
         const Index j1 = part + 1 == nt ? n : std::min(n, tiles * (part + 1) / nt * nr);
         if (j0 >= j1) return;
         gemm_blocking<Scalar> range_blocking = blocking;
-        range_blocking.use(own);
-        product::run(m, j1 - j0, k, a_data, lda, b_data + j0 * b_column_step, ldb,
-                     c_data + j0 * ldc, 1, ldc, alpha, range_blocking, nullptr);
+        use_buffers(range_blocking, own);
+        eigen_compat::gemm_run<Scalar, a_order, b_order>(
+            m, j1 - j0, k, a_data, lda, b_data + j0 * b_column_step, ldb, c_data + j0 * ldc, ldc,
+            alpha, range_blocking);
     };
     parallel_parts(nt, [&](int part, int thread) {
         columns(part, buffer_set[static_cast<std::size_t>(thread)]);
@@ -223,13 +205,11 @@ void gemm_kernel_product(Dst& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
 /// with inner stride 1. Other expressions go to Eigen as they are.
 template <class Dst, class Lhs, class Rhs>
 inline constexpr bool gemm_kernel_operands = [] {
-    using lhs_traits = Eigen::internal::blas_traits<Lhs>;
-    using rhs_traits = Eigen::internal::blas_traits<Rhs>;
-    return lhs_traits::HasUsableDirectAccess && rhs_traits::HasUsableDirectAccess &&
-           !lhs_traits::HasScalarFactor && !rhs_traits::HasScalarFactor &&
-           Eigen::internal::inner_stride_at_compile_time<Lhs>::ret == 1 &&
-           Eigen::internal::inner_stride_at_compile_time<Rhs>::ret == 1 &&
-           !(Dst::Flags & Eigen::RowMajorBit) && Dst::InnerStrideAtCompileTime == 1;
+    using lhs = eigen_compat::product_operand<Lhs>;
+    using rhs = eigen_compat::product_operand<Rhs>;
+    return lhs::direct_access && rhs::direct_access && !lhs::scalar_factor && !rhs::scalar_factor &&
+           lhs::unit_inner_stride && rhs::unit_inner_stride && !(Dst::Flags & Eigen::RowMajorBit) &&
+           Dst::InnerStrideAtCompileTime == 1;
 }();
 
 /// dst = alpha·lhs·rhs (dst must not alias lhs or rhs).
@@ -250,8 +230,8 @@ void product_into(Dst&& dst, const Lhs& lhs, const Rhs& rhs, Scalar alpha,
         (void)threads;
     } else {
         const Index m = dst.rows(), n = dst.cols(), k = lhs.cols();
-        if (buffers == nullptr || (k + m + n < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD && k > 0) ||
-            n == 1) {
+        if (buffers == nullptr ||
+            (k + m + n < eigen_compat::coeff_based_product_threshold && k > 0) || n == 1) {
             dst.noalias() = alpha * (lhs * rhs);
             return;
         }

@@ -35,6 +35,7 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/io/half_precision.hpp>
 #include <mha/multi_head_attention.hpp>
 
 #include <nlohmann/json.hpp>
@@ -189,9 +190,14 @@ public:
     const tensor_info& expect(const std::string& name, const std::vector<std::int64_t>& shape = {},
                               const std::string& meaning = "") const {
         const tensor_info& t = info(name);
-        if (t.dtype != detail::safetensors_dtype<T>::name)
+        // Half-precision checkpoints widen exactly to float and double.
+        constexpr bool widens_half = std::is_floating_point_v<T>;
+        const bool half = t.dtype == "F16" || t.dtype == "BF16";
+        if (t.dtype != detail::safetensors_dtype<T>::name && !(widens_half && half))
             detail::fail<format_error>(where().c_str(), "dtype of tensor '" + name + "'",
-                                       detail::safetensors_dtype<T>::name, t.dtype);
+                                       std::string(detail::safetensors_dtype<T>::name) +
+                                           (widens_half ? " (or F16, BF16)" : ""),
+                                       t.dtype);
         if (!shape.empty() && t.shape != shape)
             detail::fail<format_error>(
                 where().c_str(), "shape of tensor '" + name + "'",
@@ -200,12 +206,23 @@ public:
         return t;
     }
 
-    /// The elements of `name` in storage (row-major) order; dtype must be T.
+    /// The elements of `name` in storage (row-major) order; dtype must be T, or F16 or BF16 when T
+    /// is float or double (converted exactly).
     template <class T>
     std::vector<T> values(const std::string& name) const {
         const tensor_info& t = expect<T>(name);
         std::vector<T> result(static_cast<std::size_t>(t.numel()));
         const unsigned char* p = data() + t.begin;
+        if constexpr (std::is_floating_point_v<T>) {
+            if (t.dtype == "F16" || t.dtype == "BF16") {
+                const bool f16 = t.dtype == "F16";
+                for (std::size_t i = 0; i < result.size(); ++i) {
+                    const auto bits = detail::load_little_endian<std::uint16_t>(p + 2 * i);
+                    result[i] = static_cast<T>(f16 ? f16_to_float(bits) : bf16_to_float(bits));
+                }
+                return result;
+            }
+        }
         for (std::size_t i = 0; i < result.size(); ++i) {
             if constexpr (std::is_same_v<T, bool>)
                 result[i] = p[i] != 0;
@@ -426,6 +443,15 @@ class safetensors_writer {
 public:
     void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
 
+    /// Stores the float and double tensors added from now on as `dtype`: "F16" or "BF16" (rounded
+    /// to nearest even, beyond the range to ±∞), or "" for their own type (F32, F64).
+    void set_float_dtype(const std::string& dtype) {
+        if (!dtype.empty() && dtype != "F16" && dtype != "BF16")
+            detail::fail<value_error>("mha::safetensors_writer::set_float_dtype", "dtype",
+                                      "\"\", \"F16\" or \"BF16\"", "\"" + dtype + "\"");
+        float_dtype_ = dtype;
+    }
+
     /// A d × n matrix as a tensor of shape `shape` whose last dimension is d and whose leading
     /// dimensions multiply to n (default: (n, d)); the inverse of `safetensors_file::as_columns`.
     template <class Derived>
@@ -479,6 +505,19 @@ public:
         std::int64_t numel = 1;
         for (std::int64_t d : shape)
             numel *= d;
+        if constexpr (std::is_floating_point_v<T>) {
+            if (!float_dtype_.empty()) {
+                e.dtype = float_dtype_;
+                const bool f16 = float_dtype_ == "F16";
+                for (std::int64_t i = 0; i < numel; ++i) {
+                    const auto x = static_cast<double>(data[i]);
+                    detail::store_little_endian(f16 ? double_to_f16(x) : double_to_bf16(x),
+                                                e.bytes);
+                }
+                tensors_.push_back(std::move(e));
+                return;
+            }
+        }
         for (std::int64_t i = 0; i < numel; ++i) {
             if constexpr (std::is_same_v<T, bool>)
                 e.bytes.push_back(data[i] ? 1 : 0);
@@ -529,6 +568,7 @@ private:
     };
     std::vector<entry> tensors_;
     std::map<std::string, std::string> metadata_;
+    std::string float_dtype_;  ///< "" (each type as itself), "F16" or "BF16"
 };
 
 /// The layer whose weights are a PyTorch `nn.MultiheadAttention` state_dict in `file`, names

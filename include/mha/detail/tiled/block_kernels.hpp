@@ -29,17 +29,19 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/detail/eigen_compat.hpp>
 
 namespace mha {
 namespace detail {
 
 template <class Scalar>
 struct block_kernel_traits {
-    using packet = typename Eigen::internal::packet_traits<Scalar>::type;
-    static constexpr Index width = Eigen::internal::unpacket_traits<packet>::size;
+    using ops = eigen_compat::packet_ops<Scalar>;
+    using packet = typename ops::packet;
+    static constexpr Index width = ops::width;
     // 32 vector registers (AVX-512, NEON on AArch64): 16 accumulators per tile; 16 registers
     // (AVX2, SSE): 8 or 12. Two FMA pipes with 4 cycles of latency need 8 independent chains.
-    static constexpr bool many_registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
+    static constexpr bool many_registers = ops::many_registers;
     static constexpr Index score_query_packets = 2;
     static constexpr Index score_keys = many_registers ? 8 : 4;
     static constexpr Index value_packets = 2;
@@ -97,28 +99,28 @@ void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, In
 
 /// One score micro tile: st(0 : QP·W, 0 : Keys) = qt(0 : QP·W, :) · K(:, 0 : Keys).
 template <class Scalar, int QP, int Keys>
-EIGEN_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, const Scalar* k,
-                                          Index k_stride, Scalar* st, Index ld) {
-    using namespace Eigen::internal;
-    using packet = typename block_kernel_traits<Scalar>::packet;
+MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, const Scalar* k,
+                                        Index k_stride, Scalar* st, Index ld) {
+    using ops = typename block_kernel_traits<Scalar>::ops;
+    using packet = typename ops::packet;
     constexpr Index w = block_kernel_traits<Scalar>::width;
     packet acc[QP][Keys];
     for (int p = 0; p < QP; ++p)
         for (int r = 0; r < Keys; ++r)
-            acc[p][r] = pset1<packet>(Scalar(0));
+            acc[p][r] = ops::broadcast(Scalar(0));
     for (Index d = 0; d < dk; ++d) {
         packet x[QP];
         for (int p = 0; p < QP; ++p)
-            x[p] = ploadu<packet>(qt + d * ldq + p * w);
+            x[p] = ops::load(qt + d * ldq + p * w);
         for (int r = 0; r < Keys; ++r) {
-            const packet b = pset1<packet>(k[r * k_stride + d]);
+            const packet b = ops::broadcast(k[r * k_stride + d]);
             for (int p = 0; p < QP; ++p)
-                acc[p][r] = pmadd(x[p], b, acc[p][r]);
+                acc[p][r] = ops::mul_add(x[p], b, acc[p][r]);
         }
     }
     for (int r = 0; r < Keys; ++r)
         for (int p = 0; p < QP; ++p)
-            pstoreu(st + r * ld + p * w, acc[p][r]);
+            ops::store(st + r * ld + p * w, acc[p][r]);
 }
 
 /// st(0 : nq_padded, 0 : nk) = qt · K(:, 0 : nk), with qt packed by pack_scaled_queries and key j
@@ -159,28 +161,28 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
 /// One value micro tile: acc(0 : VP·W, 0 : Queries) += V(0 : VP·W, 0 : nk) · P(0 : nk, 0 : Queries)
 /// with P(j, c) = pt[j·ld + c] and V(:, j) at v + j·v_stride.
 template <class Scalar, int VP, int Queries>
-EIGEN_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index nk,
-                                          const Scalar* pt, Index ld, Scalar* acc, Index ld_acc) {
-    using namespace Eigen::internal;
-    using packet = typename block_kernel_traits<Scalar>::packet;
+MHA_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index nk, const Scalar* pt,
+                                        Index ld, Scalar* acc, Index ld_acc) {
+    using ops = typename block_kernel_traits<Scalar>::ops;
+    using packet = typename ops::packet;
     constexpr Index w = block_kernel_traits<Scalar>::width;
     packet o[VP][Queries];
     for (int c = 0; c < Queries; ++c)
         for (int p = 0; p < VP; ++p)
-            o[p][c] = ploadu<packet>(acc + c * ld_acc + p * w);
+            o[p][c] = ops::load(acc + c * ld_acc + p * w);
     for (Index j = 0; j < nk; ++j) {
         packet x[VP];
         for (int p = 0; p < VP; ++p)
-            x[p] = ploadu<packet>(v + j * v_stride + p * w);
+            x[p] = ops::load(v + j * v_stride + p * w);
         for (int c = 0; c < Queries; ++c) {
-            const packet b = pset1<packet>(pt[j * ld + c]);
+            const packet b = ops::broadcast(pt[j * ld + c]);
             for (int p = 0; p < VP; ++p)
-                o[p][c] = pmadd(x[p], b, o[p][c]);
+                o[p][c] = ops::mul_add(x[p], b, o[p][c]);
         }
     }
     for (int c = 0; c < Queries; ++c)
         for (int p = 0; p < VP; ++p)
-            pstoreu(acc + c * ld_acc + p * w, o[p][c]);
+            ops::store(acc + c * ld_acc + p * w, o[p][c]);
 }
 
 /// Rows [0, dv) of `Queries` output columns: full tiles, then single packets, then scalar rows.

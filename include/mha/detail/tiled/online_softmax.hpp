@@ -144,17 +144,15 @@ void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp,
 /// NaN when any of them is NaN, −∞ when nk = 0.
 template <class Scalar>
 void max_per_query(const Scalar* st, Index ld, Index nqp, Index nk, Scalar* mx) {
-    using namespace Eigen::internal;
     using traits = block_kernel_traits<Scalar>;
-    using packet = typename traits::packet;
+    using ops = typename traits::ops;
     constexpr Index w = traits::width;
     std::fill(mx, mx + nqp, -std::numeric_limits<Scalar>::infinity());
     for (Index j = 0; j < nk; ++j) {
         const Scalar* col = st + j * ld;
         if constexpr (w > 1) {
             for (Index c = 0; c < nqp; c += w)
-                pstoreu(mx + c,
-                        pmax<Eigen::PropagateNaN>(ploadu<packet>(mx + c), ploadu<packet>(col + c)));
+                ops::store(mx + c, ops::max_nan(ops::load(mx + c), ops::load(col + c)));
         } else {
             for (Index c = 0; c < nqp; ++c)
                 mx[c] = nan_propagating_max(mx[c], col[c]);
@@ -168,22 +166,22 @@ void max_per_query(const Scalar* st, Index ld, Index nqp, Index nk, Scalar* mx) 
 template <class Scalar>
 void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
                            Scalar* sum) {
-    using namespace Eigen::internal;
     using traits = block_kernel_traits<Scalar>;
+    using ops = typename traits::ops;
     using packet = typename traits::packet;
     constexpr Index w = traits::width;
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     std::fill(sum, sum + nqp, Scalar(0));
-    if constexpr (w > 1 && packet_traits<Scalar>::HasExp) {
-        const packet pinf = pset1<packet>(minus_inf);
+    if constexpr (w > 1 && ops::has_exp) {
+        const packet pinf = ops::broadcast(minus_inf);
         for (Index j = 0; j < nk; ++j) {
             Scalar* col = st + j * ld;
             for (Index c = 0; c < nqp; c += w) {
-                const packet x = ploadu<packet>(col + c);
-                const packet e =
-                    pandnot(pexp(psub(x, ploadu<packet>(shift + c))), pcmp_eq(x, pinf));
-                pstoreu(col + c, e);
-                pstoreu(sum + c, padd(ploadu<packet>(sum + c), e));
+                const packet x = ops::load(col + c);
+                const packet e = ops::clear_where(ops::exp(ops::sub(x, ops::load(shift + c))),
+                                                  ops::equal(x, pinf));
+                ops::store(col + c, e);
+                ops::store(sum + c, ops::add(ops::load(sum + c), e));
             }
         }
     } else {
