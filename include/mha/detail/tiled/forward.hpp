@@ -147,8 +147,10 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
             // allocation per step.
             // (None with one-lane packets, nor for empty heads, whose products never run.)
             constexpr Index narrow = block_kernel_traits<Scalar>::width - 1;
-            if (narrow > 0 && p.heads.dk > 0)
-                gemm_blocking<Scalar>(narrow, cfg.key_block, p.heads.dk).use(state.gemm);
+            if (narrow > 0 && p.heads.dk > 0) {
+                gemm_blocking<Scalar> blocking(narrow, cfg.key_block, p.heads.dk);
+                use_buffers(blocking, state.gemm);
+            }
             state.made_for = key;
         }
         return scoped_gemm_buffers<Scalar>(&state.gemm);
