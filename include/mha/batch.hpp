@@ -2,7 +2,6 @@
 // Packed batches: sequences of different lengths stored side by side as columns, no padding.
 #pragma once
 
-#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -39,8 +38,8 @@ public:
                                           "key_lengths[" + std::to_string(b) + "]", ">= 0",
                                           key_lengths_[b]);
         }
-        query_offsets_ = offsets(query_lengths_);
-        key_offsets_ = offsets(key_lengths_);
+        query_offsets_ = offsets(query_lengths_, "the sum of query_lengths");
+        key_offsets_ = offsets(key_lengths_, "the sum of key_lengths");
     }
 
     Index size() const { return static_cast<Index>(query_lengths_.size()); }
@@ -54,9 +53,13 @@ public:
     const std::vector<Index>& key_lengths() const { return key_lengths_; }
 
 private:
-    static std::vector<Index> offsets(const std::vector<Index>& lengths) {
+    // A sum that wrapped around could equal a matrix's real column count and pass every shape
+    // check, so the sums are checked, not only the lengths.
+    static std::vector<Index> offsets(const std::vector<Index>& lengths, const char* sum) {
         std::vector<Index> result(lengths.size() + 1, 0);
-        std::partial_sum(lengths.begin(), lengths.end(), result.begin() + 1);
+        for (std::size_t b = 0; b < lengths.size(); ++b)
+            result[b + 1] =
+                detail::checked_add<value_error>("mha::packed_batch", sum, result[b], lengths[b]);
         return result;
     }
 
