@@ -151,6 +151,25 @@ inline std::string json_excerpt(const nlohmann::json& value) {
     return out + (value.is_array() ? "]" : "}");
 }
 
+/// The rest of `in`. A directory opens, then fails on the first read (libstdc++ throws
+/// ios_base::failure from the stream buffer): the reader promises format_error for every
+/// unreadable file.
+inline std::vector<unsigned char> read_all(std::ifstream& in, const char* where,
+                                           const std::string& path) {
+    std::vector<unsigned char> bytes;
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
+    try {
+        bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    } catch (const std::ios_base::failure& e) {
+        fail<format_error>(where, "'" + path + "'", "a readable file",
+                           std::string("a read error (") + e.what() + ")");
+    }
+#else
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+#endif
+    return bytes;
+}
+
 inline std::string shape_text(const std::vector<std::int64_t>& shape) {
     std::string s = "[";
     for (std::size_t i = 0; i < shape.size(); ++i) {
@@ -183,19 +202,7 @@ public:
         if (!in)
             detail::fail<format_error>(where, "'" + path + "'", "a readable file",
                                        "a file that cannot be opened");
-        std::vector<unsigned char> bytes;
-        // A directory opens, then fails on the first read (libstdc++ throws ios_base::failure
-        // from the stream buffer); the format promises format_error for every unreadable file.
-#if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
-        try {
-#endif
-            bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-#if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
-        } catch (const std::ios_base::failure& e) {
-            detail::fail<format_error>(where, "'" + path + "'", "a readable file",
-                                       std::string("a read error (") + e.what() + ")");
-        }
-#endif
+        std::vector<unsigned char> bytes = detail::read_all(in, where, path);
         if (in.bad())
             detail::fail<format_error>(where, "'" + path + "'", "a readable file", "a read error");
         return parse(std::move(bytes), path);
@@ -211,13 +218,9 @@ public:
         return f;
     }
 
-    const std::string& source() const {
-        return source_;
-    }
+    const std::string& source() const { return source_; }
 
-    bool contains(const std::string& name) const {
-        return tensors_.count(name) != 0;
-    }
+    bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
 
     /// Tensor names in sorted order.
     std::vector<std::string> names() const {
@@ -250,9 +253,7 @@ public:
     }
 
     /// The `__metadata__` string map (empty when the file has none).
-    const std::map<std::string, std::string>& metadata() const {
-        return metadata_;
-    }
+    const std::map<std::string, std::string>& metadata() const { return metadata_; }
     std::string metadata(const std::string& key, const std::string& fallback) const {
         const auto it = metadata_.find(key);
         return it == metadata_.end() ? fallback : it->second;
@@ -335,12 +336,8 @@ public:
     }
 
 private:
-    std::string where() const {
-        return "mha::safetensors_file(" + source_ + ")";
-    }
-    const unsigned char* data() const {
-        return bytes_.data() + data_start_;
-    }
+    std::string where() const { return "mha::safetensors_file(" + source_ + ")"; }
+    const unsigned char* data() const { return bytes_.data() + data_start_; }
 
     static std::int64_t leading(const tensor_info& t) {
         std::int64_t n = 1;
