@@ -117,6 +117,27 @@ void BM_attention_core(benchmark::State& state) {
     set_gflops(state, mha_bench::attention_core_flops(kBatch, length, d, causal));
 }
 
+// Double scores spread by about 1e4 (amplitude 1) against scores of order 1 (amplitude 0): most
+// exp(s − max) of the first would be subnormal, which slowed the tiled kernel 30× when they
+// reached its multiply-adds; the kernel flushes them to 0, so both should run at the same speed.
+void BM_attention_core_large_logits(benchmark::State& state) {
+    using Double = mha::matrix<double>;
+    const Index length = state.range(0);
+    const double amplitude = state.range(1) != 0 ? 60.0 : 1.0;
+    const Index d = 64;
+    const Double q = Double::Random(d, length) * amplitude;
+    const Double k = Double::Random(d, length) * amplitude;
+    const Double v = Double::Random(d, length);
+    Double out(d, length);
+    const mha::attention_mask<double> mask = mha::causal{};
+    for (auto _ : state) {
+        mha::scaled_dot_product_attention(q, k, v, out, mask);
+        benchmark::DoNotOptimize(out.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::attention_core_flops(1, length, d, true));
+}
+
 // BM_attention_core with the kernel chosen (algo 0: materialized, 1: tiled), to compare the two
 // on the same shapes in one run; L = 8192 runs tiled only (the materialised scores alone would be
 // 256 MB per head).
@@ -310,6 +331,12 @@ BENCHMARK(BM_attention_decode)
     ->Args({512, 8, 8192})
     ->Args({512, 8, 32768})
     ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_attention_core_large_logits)
+    ->ArgNames({"L", "large"})
+    ->Args({2048, 0})
+    ->Args({2048, 1})
+    ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
 

@@ -91,8 +91,13 @@ TEMPLATE_TEST_CASE("block kernels: transposed scores at every tile remainder", "
                 const Index ld = nqp + 2 * w;  // a leading dimension larger than nqp
                 std::vector<Scalar> st(static_cast<std::size_t>(std::max<Index>(ld * nk, 1)),
                                        Scalar(99));
-                mha::detail::transposed_scores(qt.data(), nqp, dk, k.data.data(), k.stride, nk,
-                                               st.data(), ld);
+                // With dk = 0, qt has no storage (a null data pointer) and the kernel's tile
+                // offsets from it would be undefined; the tiled kernel's own qt always has at
+                // least one column, as this one.
+                const mat<Scalar> qt_storage =
+                    dk == 0 ? mat<Scalar>(mat<Scalar>::Zero(nqp, 1)) : qt;
+                mha::detail::transposed_scores(qt_storage.data(), nqp, dk, k.data.data(), k.stride,
+                                               nk, st.data(), ld);
                 mat<Scalar> got(nqp, nk);
                 for (Index j = 0; j < nk; ++j)
                     for (Index c = 0; c < nqp; ++c)

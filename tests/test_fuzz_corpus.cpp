@@ -10,6 +10,7 @@
 #include <catch2/catch_test_macros.hpp>
 
 #include "attention_invariants.hpp"
+#include "layer_invariants.hpp"
 
 TEST_CASE("every corpus input satisfies the fuzzing invariants", "[fuzz]") {
     const std::filesystem::path corpus = MHA_FUZZ_CORPUS_DIR;
@@ -48,4 +49,20 @@ TEST_CASE("corpus inputs decode to grouped heads exactly when they carry the GQ 
         }
     }
     REQUIRE(grouped >= 3);
+}
+
+TEST_CASE("every layer corpus input satisfies the layer fuzzer's invariants", "[fuzz]") {
+    const std::filesystem::path corpus = MHA_LAYER_CORPUS_DIR;
+    std::size_t replayed = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(corpus)) {
+        std::ifstream file(entry.path(), std::ios::binary);
+        const std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(file)),
+                                              std::istreambuf_iterator<char>());
+        CAPTURE(entry.path().filename().string());
+        const auto violation = mha_fuzz::check_layer(bytes.data(), bytes.size());
+        INFO((violation ? *violation : std::string("none")));
+        CHECK(!violation);
+        ++replayed;
+    }
+    REQUIRE(replayed >= 10);  // the committed corpus; an empty directory must not pass
 }

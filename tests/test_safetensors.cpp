@@ -152,7 +152,9 @@ TEST_CASE("a header that is not the expected JSON is refused", "[safetensors]") 
     require_parse_error(
         make_file(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}})",
                   4),
-        {"tensor 'a' shape must be a size that fits in memory"});
+        {"tensor 'a' shape must be dimensions whose non-zero product times 4 bytes is at most "
+         "9223372036854775807",
+         "got [4294967296,4294967296]"});
 }
 
 TEST_CASE("data offsets out of range, overlapping or leaving gaps are refused", "[safetensors]") {
@@ -360,4 +362,129 @@ TEST_CASE("a layer written in F16 or BF16 loads with its weights rounded once", 
     }
     mha::safetensors_writer out;
     CHECK_THROWS_AS(out.set_float_dtype("F8_E4M3"), mha::value_error);
+}
+
+// Files a stranger could send: each must be refused with a format_error, quickly and with a short
+// message, or (at the boundary) read.
+TEST_CASE("hostile shapes: a dimension after a 0, dimensions of 2^63 and more", "[safetensors]") {
+    const auto empty_f32 = [](const std::string& shape) {
+        return make_file(R"({"w":{"dtype":"F32","shape":)" + shape + R"(,"data_offsets":[0,0]}})");
+    };
+    // (2^63 − 1) / 4 = 2305843009213693951 elements of 4 bytes is the largest non-zero product.
+    const auto largest = mha::safetensors_file::parse(empty_f32("[0,2305843009213693951]"));
+    const auto m = largest.as_matrix<float>("w");  // immediate: no loop over the huge dimension
+    CHECK(m.rows() == 0);
+    CHECK(m.cols() == 2305843009213693951);
+    CHECK(largest.as_columns<float>("w").rows() == 2305843009213693951);
+    require_parse_error(empty_f32("[0,2305843009213693952]"),
+                        {"tensor 'w' shape must be dimensions whose non-zero product times 4 bytes "
+                         "is at most 9223372036854775807",
+                         "got [0,2305843009213693952]"});
+    // The one the reader took before: a dimension after a 0 skipped the overflow check.
+    require_parse_error(empty_f32("[0,4611686018427387903]"), {"tensor 'w' shape must be"});
+    require_parse_error(empty_f32("[1152921504606846976,0,4]"), {"tensor 'w' shape must be"});
+    // 2^63 and 2^64 − 1 do not fit in Index (they became negative there); U8 has 1-byte elements.
+    const auto empty_u8 = [](const std::string& shape) {
+        return make_file(R"({"w":{"dtype":"U8","shape":)" + shape + R"(,"data_offsets":[0,0]}})");
+    };
+    CHECK(mha::safetensors_file::parse(empty_u8("[0,9223372036854775807]")).info("w").shape[1] ==
+          9223372036854775807);
+    require_parse_error(empty_u8("[0,9223372036854775808]"), {"tensor 'w' shape must be"});
+    require_parse_error(empty_u8("[18446744073709551615,0]"), {"tensor 'w' shape must be"});
+}
+
+TEST_CASE("hostile headers: nesting, size, duplicate keys, long names", "[safetensors]") {
+    // {"__metadata__":{"k": n arrays}} nests n + 2 deep; 16 is the limit.
+    const auto nested = [](std::size_t arrays) {
+        return make_file(R"({"__metadata__":{"k":)" + std::string(arrays, '[') +
+                         std::string(arrays, ']') + "}}");
+    };
+    require_parse_error(nested(14), {"__metadata__[\"k\"] must be a string", "got array"});
+    require_parse_error(nested(15), {"header nesting depth must be at most 16",
+                                     "got deeper, at byte 43 of the file"});
+    // The ~200 KB header that overflowed the stack while its error message was being formatted.
+    require_parse_error(nested(100000), {"header nesting depth must be at most 16"});
+    // Brackets inside strings, escaped quotes included, are text.
+    const std::string text = "\\\"" + std::string(1000, '[');
+    const auto f =
+        mha::safetensors_file::parse(make_file(R"({"__metadata__":{"k":")" + text + R"("}})"));
+    CHECK(f.metadata("k", "") == "\"" + std::string(1000, '['));
+
+    // The header length is refused before anything is parsed.
+    const std::uint64_t too_long = mha::safetensors_max_header_bytes + 1;
+    require_parse_error(make_file(std::string(too_long, ' '), 0, too_long),
+                        {"header length must be at most 100000000 bytes", "got 100000001"});
+
+    // Duplicate keys: a tensor name, or a field of an entry.
+    require_parse_error(make_file(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                                  R"("a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                                  8),
+                        {"header keys must be unique within each object", "got \"a\" twice"});
+    require_parse_error(
+        make_file(R"({"a":{"dtype":"F32","dtype":"F64","shape":[1],"data_offsets":[0,4]}})", 4),
+        {"header keys must be unique within each object", "got \"dtype\" twice"});
+
+    // A megabyte-long name and dtype give a message of bounded length.
+    const std::string long_name(1 << 20, 'x');
+    try {
+        (void)mha::safetensors_file::parse(make_file("{\"" + long_name + R"(":{"dtype":")" +
+                                                         long_name +
+                                                         R"(","shape":[1],"data_offsets":[0,4]}})",
+                                                     4));
+        FAIL("no format_error");
+    } catch (const mha::format_error& e) {
+        const std::string message = e.what();
+        INFO(message);
+        CHECK(message.size() < 600);
+        CHECK(message.find("...(1048576 bytes)") != std::string::npos);
+    }
+    // data_offsets of 100000 entries: the message shows eight.
+    std::string many = "[";
+    for (int i = 0; i < 100000; ++i)
+        many += i ? ",[0]" : "[0]";
+    require_parse_error(
+        make_file(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":)" + many + "]}}", 4),
+        {"tensor 'a' data_offsets must be an array of two non-negative integers",
+         "got [[...],[...],[...],[...],[...],[...],[...],[...],...(100000 in all)]"});
+}
+
+TEST_CASE("I/O errors and directories are format_errors", "[safetensors]") {
+    require_format_error([] { (void)mha::safetensors_file::read(MHA_TEST_DATA_DIR); },
+                         {"mha::safetensors_file::read", "must be a readable file"});
+}
+
+TEST_CASE("a state_dict with zero-sized weights is a format_error", "[safetensors]") {
+    const auto load = [](const mha::safetensors_writer& w) {
+        return [bytes = w.bytes()] {
+            (void)mha::load_multi_head_attention<float>(mha::safetensors_file::parse(bytes), 1);
+        };
+    };
+    mha::safetensors_writer packed;
+    packed.add_matrix("in_proj_weight", mha::matrix<float>(0, 0));
+    packed.add_matrix("out_proj.weight", mha::matrix<float>(0, 0));
+    require_format_error(load(packed), {"mha::load_multi_head_attention: the weights in <memory> "
+                                        "must be a valid layer",
+                                        "embed_dim must be >= 1, got 0"});
+    mha::safetensors_writer separate;
+    separate.add_matrix("q_proj_weight", mha::matrix<float>(0, 4));
+    separate.add_matrix("k_proj_weight", mha::matrix<float>(0, 4));
+    separate.add_matrix("v_proj_weight", mha::matrix<float>(4, 4));
+    separate.add_matrix("out_proj.weight", mha::matrix<float>(4, 4));
+    require_format_error(load(separate), {"must be a valid layer"});
+    // Empty weights with huge widths, which only the shape bound keeps small: refused at once.
+    const std::string huge = "1152921504606846976";  // 2^60
+    const std::string header =
+        R"({"out_proj.weight":{"dtype":"F32","shape":[)" + huge +
+        R"(,0],"data_offsets":[0,0]},"q_proj_weight":{"dtype":"F32",)"
+        R"("shape":[0,)" +
+        huge +
+        R"(],"data_offsets":[0,0]},)"
+        R"("k_proj_weight":{"dtype":"F32","shape":[0,0],"data_offsets":[0,0]},)"
+        R"("v_proj_weight":{"dtype":"F32","shape":[0,0],"data_offsets":[0,0]}})";
+    require_format_error(
+        [&] {
+            (void)mha::load_multi_head_attention<float>(
+                mha::safetensors_file::parse(make_file(header)), 1);
+        },
+        {"must be a valid layer"});
 }

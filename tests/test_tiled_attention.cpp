@@ -376,3 +376,84 @@ TEST_CASE("tiled attention: query blocks wide enough for the register-tiled kern
     for (Index d : {1, 3, 64})
         check_shape<double>(3 * wd + 1, 50, d, d + 1, settings{4 * wd, 24, 48, 0}, true, ++seed);
 }
+
+TEST_CASE("tiled kernel: exponentials that would be subnormal are exactly 0", "[tiled]") {
+    // Differences from the running max swept across the subnormal range of exp(), plus −∞ and
+    // NaN: every result is 0, NaN or a normal number, never subnormal (which slows every later
+    // multiply-add on many CPUs), and the normal ones are exp() within 4 ulps (Eigen's packet exp
+    // is documented to about 1 ulp; the scalar path is std::exp itself).
+    const auto check = [](auto zero) {
+        using Scalar = decltype(zero);
+        const Index width = mha::detail::block_kernel_traits<Scalar>::width;
+        const Index nqp = 2 * width, nk = 300;
+        const Scalar lowest = std::log(std::numeric_limits<Scalar>::denorm_min());
+        std::vector<Scalar> st(static_cast<std::size_t>(nqp * nk)), in;
+        for (Index i = 0; i < nqp * nk; ++i)
+            st[static_cast<std::size_t>(i)] = lowest * Scalar(1.05) * Scalar(i) / Scalar(nqp * nk);
+        st[3] = -std::numeric_limits<Scalar>::infinity();
+        st[5] = std::numeric_limits<Scalar>::quiet_NaN();
+        in = st;
+        const std::vector<Scalar> shift(static_cast<std::size_t>(nqp), Scalar(0));
+        std::vector<Scalar> sum(static_cast<std::size_t>(nqp));
+        mha::detail::exp_shifted_per_query(st.data(), nqp, nqp, nk, shift.data(), sum.data());
+        Index zeros = 0;
+        for (std::size_t i = 0; i < st.size(); ++i) {
+            const Scalar e = st[i], d = in[i];
+            CAPTURE(i, d, e);
+            REQUIRE(std::fpclassify(e) != FP_SUBNORMAL);
+            if (std::isnan(d)) {
+                CHECK(std::isnan(e));
+            } else if (e == 0) {
+                // Only where exp() is below twice the smallest normal number.
+                CHECK(std::exp(static_cast<long double>(d)) <
+                      3 * static_cast<long double>(std::numeric_limits<Scalar>::min()));
+                ++zeros;
+            } else {
+                const Scalar exact = std::exp(d);
+                CHECK(std::fabs(e - exact) <= 4 * std::numeric_limits<Scalar>::epsilon() * exact);
+            }
+        }
+        // The sweep crosses the range where exp() is subnormal, so the check above can fail.
+        Index subnormal_range = 0;
+        for (const Scalar d : in) {
+            const long double exact = std::exp(static_cast<long double>(d));
+            subnormal_range += exact > 0 && exact < std::numeric_limits<Scalar>::min() ? 1 : 0;
+        }
+        CHECK(subnormal_range > 50);
+        CHECK(zeros >= subnormal_range);
+        for (Index c = 0; c < nqp; ++c) {  // the sums are of what was written, in key order
+            Scalar total = 0;
+            for (Index j = 0; j < nk; ++j)
+                total += st[static_cast<std::size_t>(j * nqp + c)];
+            if (c == 5 % nqp)  // the column of st[5]
+                CHECK(std::isnan(sum[static_cast<std::size_t>(c)]));
+            else
+                CHECK(sum[static_cast<std::size_t>(c)] == total);
+        }
+    };
+    check(0.0f);
+    check(0.0);
+}
+
+TEST_CASE("tiled kernel: double scores spread by 1e4 agree with the materialised kernel",
+          "[tiled]") {
+    // Most exp(s − max) of these scores lie in or below the subnormal range, which the tiled
+    // kernel flushes to 0. Bound: the tolerance rule of tests/support/check.hpp,
+    // 8·u·max|V|·(1 + max|S|), doubled because both kernels may err by it in opposite directions.
+    mha_test::value_source source(1504);
+    const Index d = 64, lq = 150, lk = 700;
+    const mha::matrix<double> q = source.normal_matrix<double>(d, lq, 60.0);
+    const mha::matrix<double> k = source.normal_matrix<double>(d, lk, 60.0);
+    const mha::matrix<double> v = source.normal_matrix<double>(d, lk);
+    mha::attention_options tiled, materialized;
+    tiled.algorithm = mha::attention_algorithm::tiled;
+    materialized.algorithm = mha::attention_algorithm::materialized;
+    const mha::matrix<double> a = mha::scaled_dot_product_attention(q, k, v, mha::causal{}, tiled);
+    const mha::matrix<double> b =
+        mha::scaled_dot_product_attention(q, k, v, mha::causal{}, materialized);
+    const double max_score = ((k.transpose() * q).cwiseAbs().maxCoeff()) / 8.0;
+    CHECK(max_score > 5e3);  // the regime this test is about
+    const double bound = 2 * 8 * (std::numeric_limits<double>::epsilon() / 2) *
+                         v.cwiseAbs().maxCoeff() * (1 + max_score);
+    CHECK((a - b).cwiseAbs().maxCoeff() <= bound);
+}

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -90,16 +91,44 @@ void with_matrix_ref(Eigen::MatrixBase<DO>& out, Fn&& fn) {
     }
 }
 
+/// Throws value_error unless `scale` is finite in Scalar: a double such as 1e39 is finite, but
+/// becomes +inf in a float layer (converting it is even undefined behaviour), and the outputs
+/// NaN. Checked before the conversion.
+template <class Scalar>
+void check_scale(const char* where, const char* argument, const std::optional<double>& scale) {
+    if (!scale) return;
+    if (!std::isfinite(*scale)) fail<value_error>(where, argument, "finite", *scale);
+    const auto largest = static_cast<double>(std::numeric_limits<Scalar>::max());
+    if (std::fabs(*scale) > largest) {
+        // Enough digits to tell the bound from a value just past it.
+        std::ostringstream bound, actual;
+        bound.precision(std::numeric_limits<double>::max_digits10);
+        actual.precision(std::numeric_limits<double>::max_digits10);
+        bound << "finite in the scalar type: |" << argument << "| <= " << largest;
+        actual << *scale;
+        fail<value_error>(where, argument, bound.str(), actual.str());
+    }
+}
+
 template <class Scalar>
 Scalar resolve_scale(const char* where, const attention_options& options, Index key_width) {
     if (options.scale) {
-        if (!std::isfinite(*options.scale))
-            fail<value_error>(where, "options.scale", "finite", *options.scale);
+        check_scale<Scalar>(where, "options.scale", options.scale);
         return static_cast<Scalar>(*options.scale);
     }
     if (key_width <= 0)
         fail<shape_error>(where, "the key width d_k", ">= 1 (or set options.scale)", key_width);
     return static_cast<Scalar>(1.0L / std::sqrt(static_cast<long double>(key_width)));
+}
+
+/// Refuses an output that shares memory with an input: the kernels write each query block's
+/// output while other blocks and heads still read Q, K and V. Inputs that Eigen had to copy into
+/// a temporary (and an output written through one) cannot overlap and pass.
+template <class Scalar>
+void check_output_apart(const char* where, const attention_problem<Scalar>& p) {
+    check_no_overlap(where, "out", p.out, "q", p.q);
+    check_no_overlap(where, "out", p.out, "k", p.k);
+    check_no_overlap(where, "out", p.out, "v", p.v);
 }
 
 /// Refuses requests the options cannot serve.
@@ -164,7 +193,8 @@ attention_outputs<Scalar> attend(const attention_problem<Scalar>& p, attention_a
 
 /// Single-head attention on any Q/K/V views (see the shapes at the top of this header), into
 /// `out` (d_v × Lq). Returns what `request` asks for besides: the weights (one Lk × Lq matrix
-/// for either weights mode) and each query's log-sum-exp (1 × Lq).
+/// for either weights mode) and each query's log-sum-exp (1 × Lq). `out` must not share an
+/// element with q, k or v (value_error; disjoint row blocks of one matrix are fine).
 template <class DQ, class DK, class DV, class DO>
 attention_outputs<typename DQ::Scalar> scaled_dot_product_attention(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
@@ -200,6 +230,7 @@ attention_outputs<typename DQ::Scalar> scaled_dot_product_attention(
                                                         options.normalize,
                                                         request,
                                                         nullptr};
+        detail::check_output_apart(where, problem);
         outputs = detail::attend(problem, options.algorithm,
                                  static_cast<detail::attention_workspace<Scalar>*>(nullptr));
     });
@@ -224,7 +255,8 @@ matrix<typename DQ::Scalar> scaled_dot_product_attention(
 /// with rows [h·d_k, (h+1)·d_k) of Q and rows [g·d_k, (g+1)·d_k) of K, [g·d_v, (g+1)·d_v) of V,
 /// g = h / (H / H_kv), in the columns of sequence b only: K and V are read in place, never
 /// repeated. Masks and weights are per query head. Returns what `request` asks for besides the
-/// output (see attention_outputs).
+/// output (see attention_outputs). `out` must not share an element with q, k or v (value_error;
+/// disjoint row blocks of one matrix, as in a fused QKV buffer, are fine).
 template <class DQ, class DK, class DV, class DO>
 attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
@@ -259,6 +291,7 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
         const detail::attention_problem<Scalar> problem{
             q, k, v, o, heads, batch, mask, scale, options.normalize, request, nullptr};
+        detail::check_output_apart(where, problem);
         outputs = detail::attend(problem, options.algorithm,
                                  static_cast<detail::attention_workspace<Scalar>*>(nullptr));
     });

@@ -63,6 +63,15 @@ struct attention_config {
         if (c.value_head_dim == 0) c.value_head_dim = c.head_dim;
         if (c.key_input_dim == 0) c.key_input_dim = c.embed_dim;
         if (c.value_input_dim == 0) c.value_input_dim = c.embed_dim;
+        // The layer sizes its weights and buffers from these products: refuse them before they
+        // wrap around.
+        const Index qk = detail::checked_mul<value_error>(where, "num_heads * head_dim",
+                                                          c.num_heads, c.head_dim);
+        const Index vw = detail::checked_mul<value_error>(where, "num_heads * value_head_dim",
+                                                          c.num_heads, c.value_head_dim);
+        detail::checked_add<value_error>(
+            where, "2 * num_heads * head_dim + num_heads * value_head_dim",
+            detail::checked_add<value_error>(where, "2 * num_heads * head_dim", qk, qk), vw);
         if (c.attention.scale && !std::isfinite(*c.attention.scale))
             detail::fail<value_error>(where, "attention.scale", "finite", *c.attention.scale);
         if (c.rotary) {

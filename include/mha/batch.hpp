@@ -2,7 +2,6 @@
 // Packed batches: sequences of different lengths stored side by side as columns, no padding.
 #pragma once
 
-#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -62,6 +61,7 @@ private:
         detail::check_size("mha::packed_batch", "key_lengths.size()",
                            static_cast<Index>(query_lengths.size()),
                            static_cast<Index>(key_lengths.size()), "query_lengths.size()");
+        Index query_sum = 0, key_sum = 0;
         for (std::size_t b = 0; b < query_lengths.size(); ++b) {
             if (query_lengths[b] < 0)
                 detail::fail<value_error>("mha::packed_batch",
@@ -71,9 +71,16 @@ private:
                 detail::fail<value_error>("mha::packed_batch",
                                           "key_lengths[" + std::to_string(b) + "]", ">= 0",
                                           key_lengths[b]);
+            // A sum that wrapped around could equal a matrix's real column count and pass
+            // every shape check, so the sums are checked, not only the lengths.
+            query_sum = detail::checked_add<value_error>(
+                "mha::packed_batch", "the sum of query_lengths", query_sum, query_lengths[b]);
+            key_sum = detail::checked_add<value_error>(
+                "mha::packed_batch", "the sum of key_lengths", key_sum, key_lengths[b]);
         }
     }
 
+    // Prefix sums of lengths that check_lengths accepted (so they do not overflow).
     static void offsets(const std::vector<Index>& lengths, std::vector<Index>& result) {
         result.resize(lengths.size() + 1);
         result[0] = 0;

@@ -176,6 +176,8 @@ public:
     void validate(const char* where, Index num_heads, const std::vector<Index>& query_lengths,
                   const std::vector<Index>& key_lengths_of_batch) const {
         const auto batch = static_cast<Index>(query_lengths.size());
+        // Kernels index their (sequence, head) problems by b·H + h.
+        detail::checked_mul(where, "sequences * num_heads", batch, num_heads);
         if (key_lengths_) {
             detail::check_size(where, "key_lengths.lengths.size()", batch,
                                static_cast<Index>(key_lengths_->lengths.size()),

@@ -78,6 +78,8 @@ public:
     /// PyTorch's `in_proj_weight`), U(±1/√(H·d_v)) for W_o, zero biases.
     explicit multi_head_attention(const attention_config& config, std::uint64_t seed = 0)
         : config_(config.resolved()), rotary_(make_rotary(config_)) {
+        detail::check_scale<Scalar>("mha::multi_head_attention", "config.attention.scale",
+                                    config_.attention.scale);
         std::mt19937_64 engine(seed);
         // The standard fixes mt19937_64's output but not uniform_real_distribution's, so map
         // the bits to [−bound, bound) here to get the same numbers on every platform.
@@ -120,6 +122,7 @@ public:
     multi_head_attention(const attention_config& config, const attention_parameters<Scalar>& p)
         : config_(config.resolved()), rotary_(make_rotary(config_)) {
         constexpr const char* where = "mha::multi_head_attention";
+        detail::check_scale<Scalar>(where, "config.attention.scale", config_.attention.scale);
         const Index qk = qk_width();
         const Index kw = key_width();
         const Index kvw = value_width();
@@ -249,7 +252,8 @@ public:
     }
 
     /// Self-attention over a packed batch into `out` (E × N, not resized), reusing the buffers
-    /// of `workspace` across calls.
+    /// of `workspace` across calls. `out` may be `x` itself (or overlap it): the inputs are
+    /// projected into the workspace before `out` is written.
     ///
     /// No heap allocation. Once a call has run on `workspace` with the same shapes (token
     /// counts, number of sequences and their lengths) and the same OpenMP thread count, a call
@@ -275,7 +279,7 @@ public:
 
     /// Cross-attention over a packed batch into `out` (E × Nq, not resized), reusing the
     /// buffers of `workspace` across calls. Allocates nothing under the conditions of the
-    /// self-attention overload above.
+    /// self-attention overload above. `out` may overlap `query`, `key` or `value`, as above.
     void forward_into(const input& query, const input& key, const input& value,
                       const packed_batch& batch, const attention_mask<Scalar>& mask,
                       Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace) const {

@@ -70,9 +70,16 @@ qkv_views<Derived> split_qkv(Eigen::MatrixBase<Derived>& qkv, Index q_width, Ind
     if (q_width < 0) detail::fail<value_error>(where, "q_width", ">= 0", q_width);
     if (k_width < 0) detail::fail<value_error>(where, "k_width", ">= 0", k_width);
     if (v_width < 0) detail::fail<value_error>(where, "v_width", ">= 0", v_width);
-    detail::check_size(where, "qkv.rows()", q_width + k_width + v_width, qkv.rows(),
-                       "q_width + k_width + v_width");
+    const Index rows = detail::checked_add<value_error>(
+        where, "q_width + k_width + v_width",
+        detail::checked_add<value_error>(where, "q_width + k_width", q_width, k_width), v_width);
+    detail::check_size(where, "qkv.rows()", rows, qkv.rows(), "q_width + k_width + v_width");
     auto& m = qkv.derived();
+    // Zero tokens: the matrix may have no storage (a null data pointer), and a block starting at
+    // a later row would offset that null pointer, which is undefined. Empty blocks at row 0 have
+    // the same shapes and no element to tell them apart.
+    if (m.cols() == 0)
+        return {m.middleRows(0, q_width), m.middleRows(0, k_width), m.middleRows(0, v_width)};
     return {m.middleRows(0, q_width), m.middleRows(q_width, k_width),
             m.middleRows(q_width + k_width, v_width)};
 }
@@ -83,8 +90,11 @@ template <class Derived>
 qkv_views<Derived> split_qkv(Eigen::MatrixBase<Derived>& qkv, Index qk_width, Index v_width) {
     if (qk_width < 0) detail::fail<value_error>("mha::split_qkv", "qk_width", ">= 0", qk_width);
     if (v_width < 0) detail::fail<value_error>("mha::split_qkv", "v_width", ">= 0", v_width);
-    detail::check_size("mha::split_qkv", "qkv.rows()", 2 * qk_width + v_width, qkv.rows(),
-                       "2*qk_width + v_width");
+    const Index rows = detail::checked_add<value_error>(
+        "mha::split_qkv", "2*qk_width + v_width",
+        detail::checked_add<value_error>("mha::split_qkv", "2*qk_width", qk_width, qk_width),
+        v_width);
+    detail::check_size("mha::split_qkv", "qkv.rows()", rows, qkv.rows(), "2*qk_width + v_width");
     return split_qkv(qkv, qk_width, qk_width, v_width);
 }
 

@@ -180,15 +180,20 @@ mat<T> reference_layer(const reference_params<T>& p, Index heads, const mat<T>& 
     const Index dk = q.rows() / heads, dv = v.rows() / kv_heads;
     mat<T> concat(heads * dv, xq.cols());
     if (head_weights) head_weights->clear();
+    // Rows [start, start + n) as a copy. A matrix without columns may have a null data pointer,
+    // and a row block of it would offset that pointer (undefined; clang's UBSan reports it).
+    const auto rows = [](const mat<T>& m, Index start, Index n) {
+        return m.cols() == 0 ? mat<T>(n, 0) : mat<T>(m.middleRows(start, n));
+    };
     for (Index h = 0; h < heads; ++h) {
         const Index g = reference_kv_head(h, heads, kv_heads);
         allowed_fn a = allowed ? allowed_fn([&, h](Index j, Index i) { return allowed(h, j, i); })
                                : allow_all();
         bias_fn bf = bias ? bias_fn([&, h](Index j, Index i) { return bias(h, j, i); }) : nullptr;
         mat<T> w;
-        concat.middleRows(h * dv, dv) =
-            reference_attention<T>(q.middleRows(h * dk, dk), k.middleRows(g * dk, dk),
-                                   v.middleRows(g * dv, dv), scale, a, bf, kind, &w);
+        const mat<T> head = reference_attention<T>(rows(q, h * dk, dk), rows(k, g * dk, dk),
+                                                   rows(v, g * dv, dv), scale, a, bf, kind, &w);
+        if (concat.cols() != 0) concat.middleRows(h * dv, dv) = head;
         if (head_weights) head_weights->push_back(w);
     }
     return reference_linear(p.w_o, p.b_o, concat);

@@ -4,8 +4,10 @@
 // nothing.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -57,6 +59,81 @@ inline void check_size(const char* where, const char* argument, Index expected, 
                        const char* expected_meaning = nullptr) {
     if (actual == expected) return;
     check_size(where, std::string(argument), expected, actual, expected_meaning);
+}
+
+/// a + b for sizes that come from files and from users: throws Exception (the message above,
+/// naming `argument`) rather than wrap around when the sum leaves Index. Overflow of a signed
+/// type is undefined behaviour, so the test happens before the addition.
+template <class Exception = shape_error>
+Index checked_add(const char* where, const char* argument, Index a, Index b) {
+    constexpr Index max = std::numeric_limits<Index>::max();
+    constexpr Index min = std::numeric_limits<Index>::lowest();
+    if ((b > 0 && a > max - b) || (b < 0 && a < min - b))
+        fail<Exception>(where, argument,
+                        "in Index's range [" + to_text(min) + ", " + to_text(max) + "]",
+                        to_text(a) + " + " + to_text(b));
+    return a + b;
+}
+
+/// a · b for sizes (a, b >= 0): throws Exception naming `argument` when the product exceeds Index.
+template <class Exception = shape_error>
+Index checked_mul(const char* where, const char* argument, Index a, Index b) {
+    constexpr Index max = std::numeric_limits<Index>::max();
+    if (a < 0 || b < 0)
+        fail<Exception>(where, argument, "a product of non-negative sizes",
+                        to_text(a) + " * " + to_text(b));
+    if (a != 0 && b > max / a)
+        fail<Exception>(where, argument, "at most " + to_text(max) + " (Index)",
+                        to_text(a) + " * " + to_text(b));
+    return a * b;
+}
+
+/// Whether two column-major views share an element: `a` has ra × ca elements at
+/// a + i + j·sa (sa >= ra, the outer stride), `b` likewise. Disjoint row blocks of one matrix do
+/// not overlap although their address ranges interleave; views with different strides whose
+/// address ranges meet count as overlapping (no library call needs them).
+template <class Scalar>
+bool views_overlap(const Scalar* a, Index ra, Index ca, Index sa, const Scalar* b, Index rb,
+                   Index cb, Index sb) {
+    if (ra <= 0 || ca <= 0 || rb <= 0 || cb <= 0) return false;
+    // Addresses as integers: relational comparison of pointers into different objects is not
+    // meaningful in C++.
+    const auto pa = reinterpret_cast<std::uintptr_t>(a);
+    const auto pb = reinterpret_cast<std::uintptr_t>(b);
+    const auto size = sizeof(Scalar);
+    const auto end_a = pa + static_cast<std::uintptr_t>((ca - 1) * sa + ra) * size;
+    const auto end_b = pb + static_cast<std::uintptr_t>((cb - 1) * sb + rb) * size;
+    if (end_a <= pb || end_b <= pa) return false;
+    if (ca == 1 && cb == 1) return true;  // two contiguous ranges that meet
+    if (ca == 1) sa = sb;                 // one column: any stride describes it
+    if (cb == 1) sb = sa;
+    const Index s = sa;
+    if (sa != sb || ra > s || rb > s) return true;
+    const auto bytes = static_cast<std::intptr_t>(pb - pa);  // two's complement difference
+    if (bytes % static_cast<std::intptr_t>(size) != 0) return true;
+    const auto d = static_cast<Index>(bytes / static_cast<std::intptr_t>(size));
+    // b's element (i', j') is a's (i' + r, j' + q) in the grid of stride s, with 0 <= r < s.
+    Index q = d / s;
+    Index r = d % s;
+    if (r < 0) {
+        r += s;
+        --q;
+    }
+    // Same column offset q with rows i = i' + r, or q + 1 with i = i' + r - s.
+    const bool shifted_down = r < ra && -cb < q && q < ca;
+    const bool shifted_up = r > 0 && s - r < rb && -cb < q + 1 && q + 1 < ca;
+    return shifted_down || shifted_up;
+}
+
+/// Throws value_error when `out` shares an element with `input` (both viewed as in views_overlap).
+template <class Out, class In>
+void check_no_overlap(const char* where, const char* out_name, const Out& out,
+                      const char* input_name, const In& input) {
+    if (views_overlap(out.data(), out.rows(), out.cols(), out.outerStride(), input.data(),
+                      input.rows(), input.cols(), input.outerStride()))
+        fail<value_error>(where, out_name,
+                          std::string("memory that ") + input_name + " does not use",
+                          std::string("a view overlapping ") + input_name);
 }
 
 template <class T>

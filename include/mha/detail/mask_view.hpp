@@ -55,10 +55,13 @@ public:
                 const Index c = i + offset(mask_->causal_->alignment);
                 last = std::min(last, c + 1);
             }
+            // A window reaching further than lq + lk keys reaches every key; capping it there
+            // keeps c - left and c + right + 1 inside Index for any window up to INT64_MAX.
+            const Index reach = lq_ + lk_;
             for (const auto& w : mask_->windows_) {
                 const Index c = i + offset(w.alignment);
-                first = std::max(first, c - w.left);
-                last = std::min(last, c + w.right + 1);
+                first = std::max(first, c - std::min(w.left, reach));
+                last = std::min(last, c + std::min(w.right, reach) + 1);
             }
         }
         // Clamp into [0, key_limit]: a top-left window with Lq > Lk would otherwise start past

@@ -27,6 +27,7 @@
 #include <iterator>
 #include <limits>
 #include <map>
+#include <set>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -116,14 +117,80 @@ void store_little_endian(T value, std::vector<unsigned char>& out) {
     out.insert(out.end(), bytes, bytes + sizeof(T));
 }
 
+/// Text from a file, for an error message: at most `limit` characters, control and non-ASCII
+/// bytes shown as '?', so that a message stays short and printable whatever the file holds.
+inline std::string bounded_text(const std::string& text, std::size_t limit = 64) {
+    std::string out = text.substr(0, limit);
+    for (char& c : out)
+        if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) > 0x7e) c = '?';
+    if (text.size() > limit) out += "...(" + std::to_string(text.size()) + " bytes)";
+    return out;
+}
+
+/// A JSON value from a file, for an error message: scalars as JSON (strings bounded), arrays and
+/// objects one level deep with at most 8 members. Never recurses, so neither the depth nor the
+/// size of what a file holds bounds the message's cost.
+inline std::string json_excerpt(const nlohmann::json& value) {
+    const auto scalar = [](const nlohmann::json& v) -> std::string {
+        if (v.is_string()) return "\"" + bounded_text(v.get_ref<const std::string&>()) + "\"";
+        if (v.is_array()) return "[...]";
+        if (v.is_object()) return "{...}";
+        return v.dump();  // a number, a boolean or null: short
+    };
+    if (!value.is_array() && !value.is_object()) return scalar(value);
+    std::string out = value.is_array() ? "[" : "{";
+    std::size_t shown = 0;
+    for (auto it = value.begin(); it != value.end(); ++it) {
+        if (shown == 8) {
+            out += ",...(" + std::to_string(value.size()) + " in all)";
+            break;
+        }
+        out += shown++ == 0 ? "" : ",";  // separators as nlohmann's dump() writes them
+        if (value.is_object()) out += "\"" + bounded_text(it.key()) + "\":";
+        out += scalar(*it);
+    }
+    return out + (value.is_array() ? "]" : "}");
+}
+
+/// The rest of `in`. A directory opens, then fails on the first read (libstdc++ throws
+/// ios_base::failure from the stream buffer): the reader promises format_error for every
+/// unreadable file.
+inline std::vector<unsigned char> read_all(std::ifstream& in, const char* where,
+                                           const std::string& path) {
+    std::vector<unsigned char> bytes;
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
+    try {
+        bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    } catch (const std::ios_base::failure& e) {
+        fail<format_error>(where, "'" + path + "'", "a readable file",
+                           std::string("a read error (") + e.what() + ")");
+    }
+#else
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+#endif
+    return bytes;
+}
+
 inline std::string shape_text(const std::vector<std::int64_t>& shape) {
     std::string s = "[";
-    for (std::size_t i = 0; i < shape.size(); ++i)
+    for (std::size_t i = 0; i < shape.size(); ++i) {
+        if (i == 16) {  // a file may give any number of dimensions of size 1
+            s += ", ...(" + std::to_string(shape.size()) + " dimensions)";
+            break;
+        }
         s += (i ? ", " : "") + std::to_string(shape[i]);
+    }
     return s + "]";
 }
 
 }  // namespace detail
+
+/// The largest header the reader parses, in bytes: the limit of the reference implementation
+/// (100 MB), far above what a header of tensor names and shapes needs.
+inline constexpr std::uint64_t safetensors_max_header_bytes = 100'000'000;
+/// The deepest nesting of JSON arrays and objects the reader accepts in a header; a valid header
+/// needs 3 (the header, a tensor's entry, its shape).
+inline constexpr int safetensors_max_nesting = 16;
 
 /// A parsed safetensors file held in memory. Construction validates the whole header, so every
 /// accessor afterwards only checks what the caller asks for (presence, dtype, shape).
@@ -131,12 +198,14 @@ class safetensors_file {
 public:
     /// Reads and validates the file at `path`.
     static safetensors_file read(const std::string& path) {
+        constexpr const char* where = "mha::safetensors_file::read";
         std::ifstream in(path, std::ios::binary);
         if (!in)
-            detail::fail<format_error>("mha::safetensors_file::read", "'" + path + "'",
-                                       "a readable file", "a file that cannot be opened");
-        std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)),
-                                         std::istreambuf_iterator<char>());
+            detail::fail<format_error>(where, "'" + path + "'", "a readable file",
+                                       "a file that cannot be opened");
+        std::vector<unsigned char> bytes = detail::read_all(in, where, path);
+        if (in.bad())
+            detail::fail<format_error>(where, "'" + path + "'", "a readable file", "a read error");
         return parse(std::move(bytes), path);
     }
 
@@ -166,9 +235,16 @@ public:
     const tensor_info& info(const std::string& name) const {
         const auto it = tensors_.find(name);
         if (it == tensors_.end()) {
+            // The names come from the file: a bounded list of bounded names.
             std::string present;
-            for (const auto& entry : tensors_)
-                present += (present.empty() ? "" : ", ") + entry.first;
+            std::size_t listed = 0;
+            for (const auto& entry : tensors_) {
+                if (listed++ == 16) {
+                    present += ", ...(" + std::to_string(tensors_.size()) + " in all)";
+                    break;
+                }
+                present += (present.empty() ? "" : ", ") + detail::bounded_text(entry.first);
+            }
             detail::fail<format_error>(
                 where().c_str(), "tensor '" + name + "'", "present",
                 "absent (the file has: " + (present.empty() ? std::string("nothing") : present) +
@@ -255,6 +331,10 @@ public:
         if (t.shape.size() != 2)
             detail::fail<format_error>(where().c_str(), "rank of tensor '" + name + "'", 2,
                                        static_cast<Index>(t.shape.size()));
+        // An empty tensor may still have a huge dimension ([0, 2^60]): give its shape without
+        // a transpose, whose loops would run over that dimension.
+        if (t.numel() == 0)
+            return Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>(t.shape[0], t.shape[1]);
         // Row-major (r, c) is the bytes of a column-major c × r matrix: transpose that.
         return as_columns<T>(name).transpose();
     }
@@ -296,12 +376,38 @@ private:
                 at, "header length",
                 "at most " + std::to_string(available) + " (the bytes after the length field)",
                 header_length);
+        if (header_length > safetensors_max_header_bytes)
+            detail::fail<format_error>(
+                at, "header length",
+                "at most " + std::to_string(safetensors_max_header_bytes) + " bytes",
+                header_length);
         data_start_ = 8 + static_cast<std::size_t>(header_length);
         const std::size_t data_size = bytes_.size() - data_start_;
+        check_nesting(at, bytes_.data() + 8, bytes_.data() + data_start_);
 
+        // nlohmann keeps the last of duplicate keys silently; a file whose second "w" replaces
+        // the "w" a checker looked at is an attack, so the parse records every object's keys.
+        std::vector<std::set<std::string>> keys;
+        std::string duplicate;
+        const nlohmann::json::parser_callback_t record_keys =
+            [&keys, &duplicate](int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+                using event_t = nlohmann::json::parse_event_t;
+                if (event == event_t::object_start) {
+                    keys.emplace_back();
+                } else if (event == event_t::object_end) {
+                    keys.pop_back();
+                } else if (event == event_t::key && !keys.empty()) {
+                    const std::string& key = parsed.get_ref<const std::string&>();
+                    if (!keys.back().insert(key).second && duplicate.empty()) duplicate = key;
+                }
+                return true;
+            };
         const auto header = nlohmann::json::parse(
-            bytes_.begin() + 8, bytes_.begin() + static_cast<std::ptrdiff_t>(data_start_), nullptr,
-            /*allow_exceptions=*/false);
+            bytes_.begin() + 8, bytes_.begin() + static_cast<std::ptrdiff_t>(data_start_),
+            record_keys, /*allow_exceptions=*/false);
+        if (!header.is_discarded() && !duplicate.empty())
+            detail::fail<format_error>(at, "header keys", "unique within each object",
+                                       "\"" + detail::bounded_text(duplicate) + "\" twice");
         if (header.is_discarded()) {
             // Show the start of the text so the reader can tell garbage from a truncated header.
             std::string excerpt(
@@ -326,8 +432,9 @@ private:
                                                entry.type_name());
                 for (const auto& m : entry.items()) {
                     if (!m.value().is_string())
-                        detail::fail<format_error>(at, "__metadata__[\"" + m.key() + "\"]",
-                                                   "a string", m.value().type_name());
+                        detail::fail<format_error>(
+                            at, "__metadata__[\"" + detail::bounded_text(m.key()) + "\"]",
+                            "a string", m.value().type_name());
                     metadata_[m.key()] = m.value().get<std::string>();
                 }
                 continue;
@@ -349,18 +456,18 @@ private:
         for (const auto& [name, t] : order) {
             if (t->begin < expected_begin)
                 detail::fail<format_error>(
-                    at, "data_offsets of tensor '" + name + "'",
+                    at, "data_offsets of tensor '" + detail::bounded_text(name) + "'",
                     "not overlapping: begin >= " + std::to_string(expected_begin) + " (end of " +
                         previous + ")",
                     t->begin);
             if (t->begin > expected_begin)
                 detail::fail<format_error>(
-                    at, "data_offsets of tensor '" + name + "'",
+                    at, "data_offsets of tensor '" + detail::bounded_text(name) + "'",
                     "contiguous: begin == " + std::to_string(expected_begin) + " (end of " +
                         previous + ")",
                     t->begin);
             expected_begin = t->end;
-            previous = "tensor '" + name + "'";
+            previous = "tensor '" + detail::bounded_text(name) + "'";
         }
         if (expected_begin != data_size)
             detail::fail<format_error>(
@@ -369,9 +476,38 @@ private:
                 std::to_string(data_size) + " bytes");
     }
 
+    // Refuses headers nested deeper than safetensors_max_nesting before the JSON parser sees
+    // them: one linear pass over the text, skipping strings.
+    static void check_nesting(const char* at, const unsigned char* begin,
+                              const unsigned char* end) {
+        int depth = 0;
+        bool in_string = false, escaped = false;
+        for (const unsigned char* p = begin; p != end; ++p) {
+            const unsigned char c = *p;
+            if (in_string) {
+                if (escaped)
+                    escaped = false;
+                else if (c == '\\')
+                    escaped = true;
+                else if (c == '"')
+                    in_string = false;
+            } else if (c == '"') {
+                in_string = true;
+            } else if (c == '[' || c == '{') {
+                if (++depth > safetensors_max_nesting)
+                    detail::fail<format_error>(
+                        at, "header nesting depth",
+                        "at most " + std::to_string(safetensors_max_nesting),
+                        "deeper, at byte " + std::to_string(8 + (p - begin)) + " of the file");
+            } else if (c == ']' || c == '}') {
+                --depth;
+            }
+        }
+    }
+
     static tensor_info parse_entry(const char* at, const std::string& name,
                                    const nlohmann::json& entry, std::size_t data_size) {
-        const std::string label = "tensor '" + name + "'";
+        const std::string label = "tensor '" + detail::bounded_text(name) + "'";
         if (!entry.is_object())
             detail::fail<format_error>(at, label, "an object", entry.type_name());
         tensor_info t;
@@ -385,41 +521,54 @@ private:
             detail::fail<format_error>(at, label + " dtype",
                                        "one of BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, "
                                        "BF16, I32, U32, F32, F64, I64, U64",
-                                       "\"" + t.dtype + "\"");
+                                       "\"" + detail::bounded_text(t.dtype) + "\"");
 
         const auto shape = entry.find("shape");
         if (shape == entry.end() || !shape->is_array())
             detail::fail<format_error>(at, label + " shape", "an array",
                                        shape == entry.end() ? "nothing" : shape->type_name());
-        // Element count with an overflow check: it is compared with the byte range below.
-        std::uint64_t numel = 1;
+        // Every product of dimensions the accessors form (element count, leading dimensions,
+        // bytes) must fit in Index. A 0 makes the element count 0 but not the other dimensions
+        // small, so the bound is on the product of the non-zero ones, bytes included.
+        const auto limit = static_cast<std::uint64_t>(std::numeric_limits<Index>::max());
+        std::uint64_t nonzero_bytes = element;
+        bool empty = false;
         for (const auto& d : *shape) {
             if (!d.is_number_unsigned())
-                detail::fail<format_error>(at, label + " shape", "non-negative integers", d.dump());
+                detail::fail<format_error>(at, label + " shape", "non-negative integers",
+                                           detail::json_excerpt(d));
             const auto dim = d.get<std::uint64_t>();
-            if (dim != 0 && numel > std::numeric_limits<std::uint64_t>::max() / element / dim)
-                detail::fail<format_error>(at, label + " shape", "a size that fits in memory",
-                                           shape->dump());
-            numel *= dim;
+            if (dim > limit / nonzero_bytes)
+                detail::fail<format_error>(at, label + " shape",
+                                           "dimensions whose non-zero product times " +
+                                               std::to_string(element) + " bytes is at most " +
+                                               std::to_string(limit),
+                                           detail::json_excerpt(*shape));
+            if (dim == 0)
+                empty = true;
+            else
+                nonzero_bytes *= dim;
             t.shape.push_back(static_cast<std::int64_t>(dim));
         }
+        const std::uint64_t numel = empty ? 0 : nonzero_bytes / element;
 
         const auto offsets = entry.find("data_offsets");
         if (offsets == entry.end() || !offsets->is_array() || offsets->size() != 2 ||
             !(*offsets)[0].is_number_unsigned() || !(*offsets)[1].is_number_unsigned())
-            detail::fail<format_error>(at, label + " data_offsets",
-                                       "an array of two non-negative integers",
-                                       offsets == entry.end() ? "nothing" : offsets->dump());
+            detail::fail<format_error>(
+                at, label + " data_offsets", "an array of two non-negative integers",
+                offsets == entry.end() ? std::string("nothing") : detail::json_excerpt(*offsets));
         const auto begin = (*offsets)[0].get<std::uint64_t>();
         const auto end = (*offsets)[1].get<std::uint64_t>();
         if (begin > end)
             detail::fail<format_error>(at, label + " data_offsets",
-                                       "[begin, end] with begin <= end", offsets->dump());
+                                       "[begin, end] with begin <= end",
+                                       detail::json_excerpt(*offsets));
         if (end > data_size)
             detail::fail<format_error>(
                 at, label + " data_offsets",
                 "within the data section (end <= " + std::to_string(data_size) + ")",
-                offsets->dump());
+                detail::json_excerpt(*offsets));
         if (end - begin != numel * element)
             detail::fail<format_error>(at, label + " byte size",
                                        std::to_string(numel * element) + " (" + t.dtype + " " +
@@ -641,7 +790,9 @@ multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& f
                                        "present");
         // PyTorch packs only when kdim = vdim = E, and then every block is E × E.
         if (e % num_heads != 0) fail_heads(n("out_proj.weight"), e);
-        file.expect<Scalar>(n("in_proj_weight"), {3 * e, e}, "(3·embed_dim, embed_dim)");
+        const Index three_e = detail::checked_mul<format_error>(
+            where, "3 * embed_dim (rows of out_proj.weight)", 3, e);
+        file.expect<Scalar>(n("in_proj_weight"), {three_e, e}, "(3·embed_dim, embed_dim)");
         file.expect<Scalar>(n("out_proj.weight"), {e, e}, "(embed_dim, embed_dim)");
         const matrix<Scalar> w = file.as_matrix<Scalar>(n("in_proj_weight"));
         qk = kw = kvw = e;
@@ -689,8 +840,11 @@ multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& f
     }
     p.w_o = file.as_matrix<Scalar>(n("out_proj.weight"));
     if (config.bias) {
+        const Index in_bias = detail::checked_add<format_error>(
+            where, "the size of in_proj_bias",
+            detail::checked_add<format_error>(where, "the size of in_proj_bias", qk, kw), kvw);
         file.expect<Scalar>(
-            n("in_proj_bias"), {qk + kw + kvw},
+            n("in_proj_bias"), {in_bias},
             num_kv_heads == num_heads ? "(2·H·d_k + H·d_v)" : "(H·d_k + H_kv·d_k + H_kv·d_v)");
         file.expect<Scalar>(n("out_proj.bias"), {e}, "(embed_dim)");
         const vector<Scalar> b = file.as_vector<Scalar>(n("in_proj_bias"));
@@ -699,7 +853,20 @@ multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& f
         p.b_v = b.tail(kvw);
         p.b_o = file.as_vector<Scalar>(n("out_proj.bias"));
     }
+    // Shapes that agree with each other can still describe no layer (zero widths, a scale...):
+    // the layer's own checks decide, and their verdict is a verdict on the file.
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
+    try {
+        return multi_head_attention<Scalar>(config, p);
+    } catch (const format_error&) {
+        throw;
+    } catch (const invalid_argument& refused) {
+        detail::fail<format_error>(where, "the weights in " + file.source(), "a valid layer",
+                                   std::string("one the layer refuses (") + refused.what() + ")");
+    }
+#else
     return multi_head_attention<Scalar>(config, p);
+#endif
 }
 
 /// Adds `layer`'s weights to `out` under PyTorch's state_dict names (prefixed by `prefix`):
