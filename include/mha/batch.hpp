@@ -2,6 +2,7 @@
 // Packed batches: sequences of different lengths stored side by side as columns, no padding.
 #pragma once
 
+#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
