@@ -497,20 +497,28 @@ TEMPLATE_TEST_CASE("forward_into and decode_into match the reference, not only f
         const auto rc = reference_over_batch(layer, q, kv, kv, cross);
         mha_test::require_within_baseline<Scalar>(cout, rc.ref, rc.base, layer_k, "cross");
 
-        // decode_into token by token: each step against the reference over the whole prefix.
-        auto cache = layer.make_cache();
-        const mha::matrix<Scalar> tokens = values.normal_matrix<Scalar>(12, 9);
-        mha::matrix<Scalar> step(12, 1);
-        for (Index t = 0; t < tokens.cols(); ++t) {
-            layer.decode_into(tokens.col(t), cache, step, ws);
-            const mha::matrix<Scalar> prefix = tokens.leftCols(t + 1);
-            const auto rd = reference_over_batch(
-                layer, prefix, prefix, prefix, mha::packed_batch::single(t + 1, t + 1),
-                [](Index, Index, Index j, Index i) { return j <= i; });
-            const mat<long double> ref_last = rd.ref.rightCols(1);
-            const mat<Scalar> base_last = rd.base.rightCols(1);
-            mha_test::require_within_baseline<Scalar>(step, ref_last, base_last, layer_k,
-                                                      "decode_into step " + std::to_string(t));
+        // decode_into token by token (one query over three query heads per key/value head, the
+        // stacked decode problem), each step against the reference over the whole prefix; with
+        // a plain cache and with a window of 4 tokens, which the window mask must place at the
+        // one query's position for every stacked head alike.
+        for (const Index window : {Index(0), Index(4)}) {
+            auto cache = layer.make_cache(mha::kv_cache_options{window, true});
+            const mha::matrix<Scalar> tokens = values.normal_matrix<Scalar>(12, 9);
+            mha::matrix<Scalar> step(12, 1);
+            for (Index t = 0; t < tokens.cols(); ++t) {
+                layer.decode_into(tokens.col(t), cache, step, ws);
+                const mha::matrix<Scalar> prefix = tokens.leftCols(t + 1);
+                const auto rd = reference_over_batch(
+                    layer, prefix, prefix, prefix, mha::packed_batch::single(t + 1, t + 1),
+                    [window](Index, Index, Index j, Index i) {
+                        return j <= i && (window == 0 || j > i - window);
+                    });
+                const mat<long double> ref_last = rd.ref.rightCols(1);
+                const mat<Scalar> base_last = rd.base.rightCols(1);
+                mha_test::require_within_baseline<Scalar>(
+                    step, ref_last, base_last, layer_k,
+                    "decode_into window " + std::to_string(window) + ", step " + std::to_string(t));
+            }
         }
     }
 }
