@@ -80,12 +80,27 @@ def run(cmd, cwd, log, timeout=None):
 
 def prepare(work, build_type):
     src = os.path.join(work, "src")
-    if os.path.isdir(src):
-        shutil.rmtree(src)
-    os.makedirs(src)
-    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
-                             check=True).stdout
-    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
+                          check=True, text=True).stdout.strip()
+    stamp = os.path.join(work, "commit")
+    same = os.path.isfile(stamp) and open(stamp).read() == head
+    if same:
+        # A run stopped without restoring its mutant leaves a changed header behind.
+        for m in MUTANTS:
+            committed = subprocess.run(["git", "show", "%s:include/mha/%s" % (head, m["file"])],
+                                       cwd=ROOT, stdout=subprocess.PIPE, check=True).stdout
+            with open(os.path.join(src, "include", "mha", m["file"]), "rb") as f:
+                same = same and f.read() == committed
+    if not same:
+        # A fresh copy of HEAD; an unchanged one is kept, so its build is reused as it is.
+        if os.path.isdir(src):
+            shutil.rmtree(src)
+        os.makedirs(src)
+        archive = subprocess.run(["git", "archive", head], cwd=ROOT, stdout=subprocess.PIPE,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+        with open(stamp, "w") as f:
+            f.write(head)
     build = os.path.join(work, "build")
     log = os.path.join(work, "configure.log")
     rc = run(["cmake", "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=" + build_type,
