@@ -245,3 +245,12 @@ TEMPLATE_TEST_CASE("block kernels: per-query key ranges cut tiles short and read
             REQUIRE(std::fabs(acc(e, c) - exact) <= n * u / (1 - n * u) * magnitude);
         }
 }
+
+#if defined(EIGEN_DONT_VECTORIZE)
+// This file is also built with EIGEN_DONT_VECTORIZE (test attention_block_kernels_scalar), so
+// that the one-lane paths run in the ordinary test command; they do only if packets are scalars.
+TEMPLATE_TEST_CASE("without vectorisation the kernels use one-lane packets", "[block][scalar]",
+                   float, double) {
+    STATIC_REQUIRE(mha::detail::block_kernel_traits<TestType>::width == 1);
+}
+#endif

@@ -313,8 +313,7 @@ inline double rotary_attention_factor(const rotary_scaling& s) {
 /// safe from several threads on different matrices, and allocates nothing.
 template <class Scalar>
 class rotary_embedding {
-    static_assert(detail::is_supported_scalar_v<Scalar>,
-                  "rotary_embedding: Scalar must be float, double or long double");
+    static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
 
 public:
     /// Throws value_error naming the offending setting (odd or too wide rotary_dim, base ≤ 0 or
