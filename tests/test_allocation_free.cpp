@@ -84,11 +84,8 @@ inline void eigen_assertion_failed(const char* expression, const char* file, int
 
 #include <mha/multi_head_attention.hpp>
 
+#include "layer_setup.hpp"
 #include "reference.hpp"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 // ---- 2. global operator new and delete ----------------------------------------------------------
 
@@ -216,6 +213,9 @@ void free(void* p) noexcept {
 // -----------------------------------------------------------------------------------
 
 using mha::Index;
+using mha_test::bitwise_equal;
+using mha_test::max_threads;
+using mha_test::set_threads;
 
 namespace {
 
@@ -241,34 +241,6 @@ void require_no_allocation(const allocation_counts& c) {
     REQUIRE(c.eigen == 0);
     REQUIRE(c.news == 0);
     REQUIRE(c.mallocs == 0);
-}
-
-/// Same shape and the same bytes in every coefficient (so -0 and +0 differ, NaN equals itself).
-template <class A, class B>
-bool bitwise_equal(const A& a, const B& b) {
-    if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
-    for (Index c = 0; c < a.cols(); ++c)
-        for (Index r = 0; r < a.rows(); ++r) {
-            const auto x = a(r, c), y = b(r, c);
-            if (std::memcmp(&x, &y, sizeof x) != 0) return false;
-        }
-    return true;
-}
-
-void set_threads(int threads) {
-#if defined(_OPENMP)
-    omp_set_num_threads(threads);
-#else
-    (void)threads;
-#endif
-}
-
-int max_threads() {
-#if defined(_OPENMP)
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
 }
 
 template <class Scalar>

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -20,15 +19,16 @@
 #include <mha/multi_head_attention.hpp>
 
 #include "check.hpp"
+#include "layer_setup.hpp"
 #include "reference.hpp"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 using Catch::Matchers::Equals;
 using mha::Index;
 using mha_test::mat;
+using mha_test::max_threads;
+using mha_test::random_parameters;
+using mha_test::set_threads;
+using mha_test::to_reference;
 
 namespace {
 
@@ -273,39 +273,6 @@ mha::attention_config decode_config(Index kv_heads, bool bias) {
     return c;
 }
 
-/// Random parameters: Xavier-sized uniform weights (scores O(1), as in a trained layer) and
-/// N(0, 0.5) biases, which the seeded constructor never produces.
-template <class Scalar>
-mha::attention_parameters<Scalar> random_parameters(const mha::attention_config& config,
-                                                    mha_test::value_source& values) {
-    const mha::attention_config c = config.resolved();
-    auto weight = [&values](Index rows, Index cols) {
-        const double bound = std::sqrt(6.0 / static_cast<double>(rows + cols));
-        return values.uniform_matrix<Scalar>(rows, cols, -bound, bound);
-    };
-    auto bias = [&](Index size) -> mha::vector<Scalar> {
-        if (!c.bias) return {};
-        return values.normal_matrix<Scalar>(size, 1, 0.5);
-    };
-    mha::attention_parameters<Scalar> p;
-    p.w_q = weight(c.num_heads * c.head_dim, c.embed_dim);
-    p.w_k = weight(c.num_kv_heads * c.head_dim, c.embed_dim);
-    p.w_v = weight(c.num_kv_heads * c.value_head_dim, c.embed_dim);
-    p.w_o = weight(c.embed_dim, c.num_heads * c.value_head_dim);
-    p.b_q = bias(c.num_heads * c.head_dim);
-    p.b_k = bias(c.num_kv_heads * c.head_dim);
-    p.b_v = bias(c.num_kv_heads * c.value_head_dim);
-    p.b_o = bias(c.embed_dim);
-    return p;
-}
-
-template <class T, class Scalar>
-mha_test::reference_params<T> to_reference(const mha::attention_parameters<Scalar>& p) {
-    return {p.w_q.template cast<T>(), p.w_k.template cast<T>(), p.w_v.template cast<T>(),
-            p.w_o.template cast<T>(), p.b_q.template cast<T>(), p.b_k.template cast<T>(),
-            p.b_v.template cast<T>(), p.b_o.template cast<T>()};
-}
-
 /// A layer with random parameters, and its reference over a whole token sequence.
 template <class Scalar>
 struct decode_setup {
@@ -346,22 +313,6 @@ struct decode_setup {
     }
     reference of(const mat<Scalar>& x, Index window = 0) const { return of(x, x, window); }
 };
-
-void set_threads(int threads) {
-#if defined(_OPENMP)
-    omp_set_num_threads(threads);
-#else
-    (void)threads;
-#endif
-}
-
-int max_threads() {
-#if defined(_OPENMP)
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 /// What a cache holds, to show that a throwing call changed nothing.
 template <class Scalar>

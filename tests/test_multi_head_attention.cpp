@@ -23,52 +23,19 @@
 #include <mha/multi_head_attention.hpp>
 
 #include "check.hpp"
+#include "layer_setup.hpp"
 #include "reference.hpp"
 
 using Catch::Matchers::Equals;
 using mha::Index;
 using mha_test::mat;
+using mha_test::random_parameters;
+using mha_test::to_reference;
 
 namespace {
 
 using head_allowed_fn = std::function<bool(Index, Index, Index)>;      // (head, key, query)
 using head_bias_fn = std::function<long double(Index, Index, Index)>;  // (head, key, query)
-
-/// The layer's parameters in the reference's own form, converted to T.
-template <class T, class Scalar>
-mha_test::reference_params<T> to_reference(const mha::attention_parameters<Scalar>& p) {
-    return {p.w_q.template cast<T>(), p.w_k.template cast<T>(), p.w_v.template cast<T>(),
-            p.w_o.template cast<T>(), p.b_q.template cast<T>(), p.b_k.template cast<T>(),
-            p.b_v.template cast<T>(), p.b_o.template cast<T>()};
-}
-
-/// Random parameters for a config: Xavier-sized uniform weights (so that scores stay O(1) like
-/// in a trained layer) and N(0, 0.5) biases, which the seeded constructor never produces.
-template <class Scalar>
-mha::attention_parameters<Scalar> random_parameters(const mha::attention_config& config,
-                                                    mha_test::value_source& values) {
-    const mha::attention_config c = config.resolved();
-    const Index qk = c.num_heads * c.head_dim;
-    const Index vw = c.num_heads * c.value_head_dim;
-    auto weight = [&values](Index rows, Index cols) {
-        const double bound = std::sqrt(6.0 / static_cast<double>(rows + cols));
-        return values.uniform_matrix<Scalar>(rows, cols, -bound, bound);
-    };
-    auto bias = [&](Index size) -> mha::vector<Scalar> {
-        if (!c.bias) return {};
-        return values.normal_matrix<Scalar>(size, 1, 0.5);
-    };
-    mha::attention_parameters<Scalar> p;
-    p.w_q = weight(qk, c.embed_dim);
-    p.w_k = weight(qk, c.key_input_dim);
-    p.w_v = weight(vw, c.value_input_dim);
-    p.w_o = weight(c.embed_dim, vw);
-    p.b_q = bias(qk);
-    p.b_k = bias(qk);
-    p.b_v = bias(vw);
-    p.b_o = bias(c.embed_dim);
-    return p;
-}
 
 /// Requires a and b to have the same shape and the same values (NaN anywhere fails).
 template <class A, class B>

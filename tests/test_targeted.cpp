@@ -20,74 +20,23 @@
 #include <mha/multi_head_attention.hpp>
 
 #include "check.hpp"
+#include "layer_setup.hpp"
 #include "reference.hpp"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 using mha::Index;
 using mha_test::mat;
+using mha_test::random_parameters;
+using mha_test::set_threads;
+using mha_test::thread_guard;
+using mha_test::to_reference;
 using mha_test::vec;
 
 namespace {
-
-void set_threads(int threads) {
-#if defined(_OPENMP)
-    omp_set_num_threads(threads);
-#else
-    (void)threads;
-#endif
-}
-
-/// Restores OpenMP's thread count when a case ends, even by a failed REQUIRE.
-struct thread_guard {
-#if defined(_OPENMP)
-    int saved = omp_get_max_threads();
-    ~thread_guard() {
-        omp_set_num_threads(saved);
-    }
-#endif
-};
 
 /// Check B's k for the whole layer: the value calibrated in test_multi_head_attention.cpp
 /// (layer_baseline_k: the ratio to the plain-loop baseline measured at most 3.8 over 200 seeds
 /// per case, with large logits); the layer here runs the same four GEMMs and kernels.
 constexpr long double layer_k = 4;
-
-template <class T, class Scalar>
-mha_test::reference_params<T> to_reference(const mha::attention_parameters<Scalar>& p) {
-    return {p.w_q.template cast<T>(), p.w_k.template cast<T>(), p.w_v.template cast<T>(),
-            p.w_o.template cast<T>(), p.b_q.template cast<T>(), p.b_k.template cast<T>(),
-            p.b_v.template cast<T>(), p.b_o.template cast<T>()};
-}
-
-/// Weights N(0, 1/√fan_in), so that scores stay O(1), and N(0, 0.5) biases: every bias nonzero
-/// and different, so a bias read from the wrong place changes the result.
-template <class Scalar>
-mha::attention_parameters<Scalar> random_parameters(const mha::attention_config& config,
-                                                    mha_test::value_source& values) {
-    const mha::attention_config c = config.resolved();
-    const Index qk = c.num_heads * c.head_dim, kw = c.num_kv_heads * c.head_dim;
-    const Index kvw = c.num_kv_heads * c.value_head_dim, vw = c.num_heads * c.value_head_dim;
-    auto w = [&](Index rows, Index cols) {
-        return values.normal_matrix<Scalar>(rows, cols, 1.0 / std::sqrt(static_cast<double>(cols)));
-    };
-    auto b = [&](Index n) -> mha::vector<Scalar> {
-        if (!c.bias) return {};
-        return values.normal_matrix<Scalar>(n, 1, 0.5);
-    };
-    mha::attention_parameters<Scalar> p;
-    p.w_q = w(qk, c.embed_dim);
-    p.w_k = w(kw, c.key_input_dim);
-    p.w_v = w(kvw, c.value_input_dim);
-    p.w_o = w(c.embed_dim, vw);
-    p.b_q = b(qk);
-    p.b_k = b(kw);
-    p.b_v = b(kvw);
-    p.b_o = b(c.embed_dim);
-    return p;
-}
 
 using head_allowed = std::function<bool(Index h, Index j, Index i)>;
 
