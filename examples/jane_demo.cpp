@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Per-head attention weights of a multi-head layer over one five-word sentence, printed as
-// tables with the words as labels.
+// tables with the words as labels and drawn as pictures (jane_heads.svg: heat maps;
+// jane_lines.svg: lines between words), written to the folder given as the first argument, or
+// to the current one.
 //
 // Nothing here is trained: the word vectors come from a hash of each word and the layer's
 // weights from a fixed seed. The patterns in the tables therefore mean nothing about French;
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include <mha/mha.hpp>
+#include <mha/plot.hpp>
 
 namespace {
 
@@ -81,7 +84,7 @@ void print_weights(const std::string& title, const Matrix& weights) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
     mha::attention_config config;
     config.embed_dim = kEmbed;
     config.num_heads = kHeads;
@@ -110,6 +113,16 @@ int main() {
     // diagonal, and the first word attends to itself alone.
     const auto causal = layer.forward_with_weights(x, mha::weights_mode::averaged, mha::causal{});
     print_weights("Averaged, with mha::causal{}", causal.weights.front());
+
+    // The same weights as pictures. Untrained, so the title says so.
+    const std::string folder = argc > 1 ? std::string(argv[1]) + "/" : std::string();
+    mha::plot::options picture;
+    picture.title = "Untrained layer (random weights, seed " + std::to_string(kLayerSeed) + ")";
+    mha::plot::save(folder + "jane_heads.svg",
+                    mha::plot::heat_maps(per_head.weights, kWords, picture));
+    mha::plot::save(folder + "jane_lines.svg",
+                    mha::plot::word_lines(per_head.weights, kWords, picture));
+    std::cout << "Pictures: " << folder << "jane_heads.svg, " << folder << "jane_lines.svg\n";
 
     // The demo doubles as a test (ctest runs it): check what the tables claim.
     const float tolerance = 1e-5f;
