@@ -52,6 +52,18 @@ struct key_lengths {
     std::vector<Index> lengths;
 };
 
+/// Keys excluded sequence by sequence, whatever their pattern: `padding(b, j)` true means key `j`
+/// of sequence `b` is padding, and no query of that sequence attends to it. Shape `N × S`
+/// (sequences × keys, S the longest key length of the batch), true = padding: the same bytes and
+/// polarity as `nn.MultiheadAttention`'s `key_padding_mask`, so an arbitrary PyTorch padding mask
+/// needs no expansion to N matrices of `S × L`. A sequence whose keys are all padding has no key
+/// to attend to: its queries get output 0 (see docs/semantics.md). For padding only at the end
+/// of each sequence, `key_lengths` says the same in less memory and lets kernels skip the keys.
+struct padded_keys {
+    /// N × S, true = key j of sequence b is padding (excluded).
+    bool_matrix padding;
+};
+
 /// Explicit permission matrix, shape `Lk × Lq` (rows: keys, columns: queries, like the scores):
 /// `true` means the query may attend to the key. The same bytes as a PyTorch `(L, S)` bool
 /// tensor, but note the polarity: this is SDPA's convention, the opposite of
@@ -89,6 +101,7 @@ public:
     attention_mask(sliding_window w) { add(w); }
     attention_mask(key_lengths k) { add(std::move(k)); }
     attention_mask(keep_mask k) { add(std::move(k)); }
+    attention_mask(padded_keys p) { add(std::move(p)); }
     attention_mask(additive_bias<Scalar> b) { add(std::move(b)); }
     // NOLINTEND(google-explicit-constructor)
 
@@ -124,6 +137,13 @@ public:
         key_lengths_ = std::move(k);
         return *this;
     }
+    attention_mask& add(padded_keys p) {
+        if (padded_keys_)
+            detail::fail<value_error>("mha::attention_mask", "padded_keys", "given at most once",
+                                      "a second one");
+        padded_keys_ = std::move(p);
+        return *this;
+    }
     attention_mask& add(keep_mask k) {
         for (auto& m : k.masks)
             keep_.push_back(std::move(m));
@@ -141,6 +161,7 @@ public:
         for (const auto& w : other.windows_)
             add(w);
         if (other.key_lengths_) add(*other.key_lengths_);
+        if (other.padded_keys_) add(*other.padded_keys_);
         std::size_t at = 0;
         for (std::size_t n : other.keep_groups_) {
             add(keep_mask(
@@ -164,12 +185,14 @@ public:
     }
 
     bool empty() const {
-        return !causal_ && windows_.empty() && !key_lengths_ && keep_.empty() && bias_.empty();
+        return !causal_ && windows_.empty() && !key_lengths_ && !padded_keys_ && keep_.empty() &&
+               bias_.empty();
     }
     const std::optional<causal>& causal_mask() const { return causal_; }
     const std::vector<sliding_window>& windows() const { return windows_; }
     const std::optional<key_lengths>& lengths() const { return key_lengths_; }
-    bool has_elementwise() const { return !keep_.empty() || !bias_.empty(); }
+    const std::optional<padded_keys>& padding() const { return padded_keys_; }
+    bool has_elementwise() const { return !keep_.empty() || !bias_.empty() || padded_keys_; }
 
     /// Checks every mask against a batch of `num_sequences` sequences with `num_heads` heads
     /// whose query and key lengths are given; throws shape_error naming the offending mask.
@@ -188,6 +211,17 @@ public:
                         where, "key_lengths.lengths[" + std::to_string(b) + "]",
                         "<= " + std::to_string(key_lengths_of_batch[b]) + " (keys in sequence)",
                         key_lengths_->lengths[b]);
+        }
+        if (padded_keys_) {
+            const bool_matrix& p = padded_keys_->padding;
+            const Index longest =
+                key_lengths_of_batch.empty()
+                    ? 0
+                    : *std::max_element(key_lengths_of_batch.begin(), key_lengths_of_batch.end());
+            detail::check_size(where, "padded_keys.padding.rows()", batch, p.rows(),
+                               "one row per sequence");
+            detail::check_size(where, "padded_keys.padding.cols()", longest, p.cols(),
+                               "the longest key length of the batch");
         }
         check_groups(where, "keep_mask", keep_groups_, keep_, num_heads, query_lengths,
                      key_lengths_of_batch);
@@ -240,6 +274,7 @@ private:
     std::optional<causal> causal_;
     std::vector<sliding_window> windows_;
     std::optional<key_lengths> key_lengths_;
+    std::optional<padded_keys> padded_keys_;
     std::vector<bool_matrix> keep_;
     std::vector<std::size_t> keep_groups_;
     std::vector<matrix<Scalar>> bias_;
