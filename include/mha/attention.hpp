@@ -1,17 +1,18 @@
 // SPDX-License-Identifier: MIT
-// Scaled dot-product attention: the score and weighted-sum kernels, single-head attention on any
-// Q/K/V views, and the multi-head core over a packed batch. These entry points check their
-// arguments, then hand a validated problem to a kernel: detail/materialized.hpp (the reference)
-// or detail/tiled/ (the fast path for softmax).
-//
-// Shapes (one column per token):
-//   q : d_k × Lq      k : d_k × Lk      v : d_v × Lk
-//   scores, weights : Lk × Lq (column i holds query i's view of every key)
-//   out : d_v × Lq
-//
-// Order inside the scores: scale → additive bias → mask → normalise. Masks are applied by
-// selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never leaks).
-// A query with no key to attend to gets output 0 and weights 0.
+/// @file
+/// Scaled dot-product attention: the score and weighted-sum kernels, single-head attention on any
+/// Q/K/V views, and the multi-head core over a packed batch. These entry points check their
+/// arguments, then hand a validated problem to a kernel: detail/materialized.hpp (the reference)
+/// or detail/tiled/ (the fast path for softmax).
+///
+/// Shapes (one column per token):
+///   q : d_k × Lq      k : d_k × Lk      v : d_v × Lk
+///   scores, weights : Lk × Lq (column i holds query i's view of every key)
+///   out : d_v × Lq
+///
+/// Order inside the scores: scale → additive bias → mask → normalise. Masks are applied by
+/// selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never leaks).
+/// A query with no key to attend to gets output 0 and weights 0.
 #pragma once
 
 #include <algorithm>

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
-// The multi-head attention layer, for one sequence or a packed batch, self- or cross-attention.
-// A call runs named stages: validate (every check, once) -> project_inputs (Q, K, V of every
-// token) -> attend (every head, written into its rows of the concatenated heads) ->
-// project_output.
+/// @file
+/// The multi-head attention layer, for one sequence or a packed batch, self- or cross-attention.
+/// A call runs named stages: validate (every check, once) -> project_inputs (Q, K, V of every
+/// token) -> attend (every head, written into its rows of the concatenated heads) ->
+/// project_output.
 #pragma once
 
 #include <cmath>
@@ -26,11 +27,15 @@
 
 namespace mha {
 
-/// Output of `forward_with_weights`.
+/// What `forward_with_weights` returns: the layer's output and the attention weights its
+/// `weights_mode` asked for.
 template <class Scalar>
 struct attention_result {
-    matrix<Scalar> output;                ///< E × Nq
-    std::vector<matrix<Scalar>> weights;  ///< see `weights_mode`; each Lk × Lq
+    /// E × Nq: the output of every query of the batch, as `forward` returns it.
+    matrix<Scalar> output;
+    /// none: empty; per_head: B·H matrices, sequence b and head h at index b·H + h; averaged: B
+    /// matrices, the mean over heads. Each is that sequence's Lk × Lq (keys × queries).
+    std::vector<matrix<Scalar>> weights;
 };
 
 namespace detail {
@@ -71,6 +76,8 @@ class multi_head_attention {
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
 
 public:
+    /// What the forward calls take: any column-major Scalar matrix expression with inner stride
+    /// 1, viewed without a copy (others are copied once, see `forward`).
     using input = Eigen::Ref<const matrix<Scalar>>;
 
     /// Deterministic initialisation from `seed`, with PyTorch's distributions: Xavier-uniform
@@ -381,6 +388,8 @@ public:
         project_output(workspace, out);
     }
 
+    /// The layer's shape and settings, resolved: every derived width (head_dim, value_head_dim,
+    /// key_input_dim, value_input_dim, num_kv_heads) is set.
     const attention_config& config() const { return config_; }
     /// Rows of the projected queries, H·d_k.
     Index qk_width() const { return config_.num_heads * config_.head_dim; }

@@ -1,22 +1,23 @@
 // SPDX-License-Identifier: MIT
-// safetensors files: read and write named tensors, and import the weights of a PyTorch
-// `nn.MultiheadAttention` from its state_dict saved in that format.
-//
-// Optional part of the library: it needs nlohmann_json (CMake target `mha::safetensors`, created
-// only when nlohmann_json is found), and `mha/mha.hpp` does not include it, so the core keeps
-// depending on Eigen alone.
-//
-// The format (https://github.com/huggingface/safetensors): 8 bytes little-endian u64 N, then N
-// bytes of JSON `{"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ...,
-// "__metadata__": {"key": "value"}}`, then the data section. Offsets are relative to the data
-// section, tensors are row-major and little-endian, and together they cover the data section
-// exactly, with no gap and no overlap.
-//
-// Every problem with a file's content (truncated, bad JSON, missing tensor, wrong dtype or shape,
-// offsets out of range, overlapping or leaving gaps) and failure to open or write a file throws
-// `mha::format_error`, which derives from `mha::invalid_argument` and so from
-// `std::invalid_argument` like every other error of the library. Messages have the library's form
-// `<function>: <what> must be <expected>, got <actual>`.
+/// @file
+/// safetensors files: read and write named tensors, and import the weights of a PyTorch
+/// `nn.MultiheadAttention` from its state_dict saved in that format.
+///
+/// Optional part of the library: it needs nlohmann_json (CMake target `mha::safetensors`, created
+/// only when nlohmann_json is found), and `mha/mha.hpp` does not include it, so the core keeps
+/// depending on Eigen alone.
+///
+/// The format (https://github.com/huggingface/safetensors): 8 bytes little-endian u64 N, then N
+/// bytes of JSON `{"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ...,
+/// "__metadata__": {"key": "value"}}`, then the data section. Offsets are relative to the data
+/// section, tensors are row-major and little-endian, and together they cover the data section
+/// exactly, with no gap and no overlap.
+///
+/// Every problem with a file's content (truncated, bad JSON, missing tensor, wrong dtype or shape,
+/// offsets out of range, overlapping or leaving gaps) and failure to open or write a file throws
+/// `mha::format_error`, which derives from `mha::invalid_argument` and so from
+/// `std::invalid_argument` like every other error of the library. Messages have the library's form
+/// `<function>: <what> must be <expected>, got <actual>`.
 #pragma once
 
 #include <algorithm>
@@ -53,9 +54,10 @@ public:
 struct tensor_info {
     std::string dtype;                ///< "F32", "F64", "BOOL", ...
     std::vector<std::int64_t> shape;  ///< row-major, outermost first, as in PyTorch
-    std::size_t begin = 0;            ///< byte offsets into the data section
-    std::size_t end = 0;
+    std::size_t begin = 0;            ///< byte offset of the first byte in the data section
+    std::size_t end = 0;              ///< byte offset one past the last byte
 
+    /// The number of elements: the product of the shape (1 for a scalar).
     std::int64_t numel() const {
         std::int64_t n = 1;
         for (std::int64_t d : shape)
@@ -219,8 +221,10 @@ public:
         return f;
     }
 
+    /// Where the file came from (its path, or the `source` given to `parse`), as messages name it.
     const std::string& source() const { return source_; }
 
+    /// Whether the file holds a tensor of that name.
     bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
 
     /// Tensor names in sorted order.
@@ -255,6 +259,7 @@ public:
 
     /// The `__metadata__` string map (empty when the file has none).
     const std::map<std::string, std::string>& metadata() const { return metadata_; }
+    /// The metadata value of `key`, or `fallback` when the file has none.
     std::string metadata(const std::string& key, const std::string& fallback) const {
         const auto it = metadata_.find(key);
         return it == metadata_.end() ? fallback : it->second;
@@ -590,6 +595,7 @@ private:
 /// out in the order they were added; names must be unique.
 class safetensors_writer {
 public:
+    /// Sets a `__metadata__` entry (replacing one of the same key).
     void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
 
     /// Stores the float and double tensors added from now on as `dtype`: "F16" or "BF16" (rounded
@@ -698,6 +704,7 @@ public:
         return out;
     }
 
+    /// Writes the file (`bytes()`) to `path`; format_error if it cannot be written.
     void write(const std::string& path) const {
         const std::vector<unsigned char> b = bytes();
         std::ofstream out(path, std::ios::binary);
