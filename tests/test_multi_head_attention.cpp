@@ -1755,6 +1755,28 @@ TEST_CASE("inputs of the wrong shape throw shape_error naming the input", "[laye
     REQUIRE_THROWS_AS(self_layer.forward_with_weights(q.topRows(8), mha::weights_mode::averaged),
                       mha::shape_error);
 
+    // A PyTorch-style row-major (L, E) buffer mapped as L × E: the message names the likely
+    // mistake when the shape looks transposed, and only then (the topRows(9) cases above).
+    const std::string transposed_hint =
+        "; did you map a row-major (L, E) buffer as L × E? columns are tokens";
+    const std::vector<float> row_major(3 * 10, 0.5F);  // (L = 3, E = 10)
+    const Eigen::Map<const mha::matrix<float>> mapped(row_major.data(), 3, 10);
+    REQUIRE_THROWS_AS(self_layer.forward(mapped), mha::shape_error);
+    REQUIRE_THROWS_WITH(
+        self_layer.forward(mapped),
+        Equals(where + "query.rows() must be 10 (embed_dim), got 3" + transposed_hint));
+    // Rows equal to the batch's token count, columns not the width: still that mistake.
+    REQUIRE_THROWS_WITH(
+        self_layer.forward(values.normal_matrix<float>(4, 9), mha::packed_batch({2, 2})),
+        Equals(where + "query.rows() must be 10 (embed_dim), got 4" + transposed_hint));
+    REQUIRE_THROWS_WITH(
+        layer.forward(q, values.normal_matrix<float>(5, 7), v),
+        Equals(where + "key.rows() must be 7 (key_input_dim), got 5" + transposed_hint));
+    // Neither the rows nor the columns fit that mistake: the plain message.
+    REQUIRE_THROWS_WITH(
+        self_layer.forward(values.normal_matrix<float>(6, 9), mha::packed_batch({2, 2})),
+        Equals(where + "query.rows() must be 10 (embed_dim), got 6"));
+
     // Packed batches check their own lengths.
     REQUIRE_THROWS_AS(mha::packed_batch({2, -1}), mha::value_error);
     REQUIRE_THROWS_WITH(mha::packed_batch({2, -1}),

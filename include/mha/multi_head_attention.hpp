@@ -454,7 +454,10 @@ private:
                                           " (decoding is self-attention)",
                                       std::to_string(config_.key_input_dim) + " and " +
                                           std::to_string(config_.value_input_dim));
-        detail::check_size(where, "x.rows()", config_.embed_dim, x.rows(), "embed_dim");
+        // The token count is checked below, against the sum of new_tokens; a width in the
+        // columns is hint enough here.
+        detail::check_token_rows(where, "x.rows()", config_.embed_dim, x.rows(), "embed_dim", -1,
+                                 x.cols());
         detail::check_size(where, "caches.size()", static_cast<Index>(new_tokens.size()),
                            static_cast<Index>(caches.size()), "new_tokens.size()");
         // Names are built only on failure: a valid step allocates nothing.
@@ -540,11 +543,12 @@ private:
     void validate(const layer_inputs& in, const packed_batch& batch,
                   const attention_mask<Scalar>& mask, const Eigen::Ref<matrix<Scalar>>& out) const {
         constexpr const char* where = "mha::multi_head_attention::forward";
-        detail::check_size(where, "query.rows()", config_.embed_dim, in.query.rows(), "embed_dim");
-        detail::check_size(where, "key.rows()", config_.key_input_dim, in.key.rows(),
-                           "key_input_dim");
-        detail::check_size(where, "value.rows()", config_.value_input_dim, in.value.rows(),
-                           "value_input_dim");
+        detail::check_token_rows(where, "query.rows()", config_.embed_dim, in.query.rows(),
+                                 "embed_dim", batch.total_queries(), in.query.cols());
+        detail::check_token_rows(where, "key.rows()", config_.key_input_dim, in.key.rows(),
+                                 "key_input_dim", batch.total_keys(), in.key.cols());
+        detail::check_token_rows(where, "value.rows()", config_.value_input_dim, in.value.rows(),
+                                 "value_input_dim", batch.total_keys(), in.value.cols());
         detail::check_size(where, "value.cols()", in.key.cols(), in.value.cols(), "key.cols()");
         detail::check_size(where, "query.cols()", batch.total_queries(), in.query.cols(),
                            "the batch's total query count");
