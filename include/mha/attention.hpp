@@ -313,3 +313,15 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
 }
 
 }  // namespace mha
+
+#if defined(MHA_EXTERN_TEMPLATES)
+// Every attention call, of the kernels' entry points and of the layer, reaches the kernels
+// through detail::attend: declared here, defined once by src/mha_instantiate.cpp, they are not
+// compiled again in each translation unit (see MHA_EXTERN_TEMPLATES in mha/core.hpp).
+extern template mha::attention_outputs<float> mha::detail::attend<float>(
+    const mha::detail::attention_problem<float>&, mha::attention_algorithm,
+    mha::detail::attention_workspace<float>*);
+extern template mha::attention_outputs<double> mha::detail::attend<double>(
+    const mha::detail::attention_problem<double>&, mha::attention_algorithm,
+    mha::detail::attention_workspace<double>*);
+#endif

@@ -648,3 +648,9 @@ private:
 };
 
 }  // namespace mha
+
+#if defined(MHA_EXTERN_TEMPLATES)
+// The layer's float and double members, defined once by src/mha_instantiate.cpp.
+extern template class mha::multi_head_attention<float>;
+extern template class mha::multi_head_attention<double>;
+#endif
