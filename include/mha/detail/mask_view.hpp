@@ -4,8 +4,8 @@
 //   - positional masks (causal, sliding windows, key_lengths) give each query an interval of
 //     allowed keys, `key_range(i)`; kernels skip whole blocks outside it;
 //   - inside that interval, a key is excluded by a `keep_mask` entry that is false, a
-//     `padded_keys` entry that is true, or by a
-//     total `additive_bias` of −∞; otherwise its score becomes score + bias.
+//     `padded_keys` entry that is true, or a total `additive_bias` of −∞; otherwise its score
+//     becomes score + bias.
 // Exclusion is a selection, never arithmetic: an excluded score becomes −∞ whatever the score
 // was, because adding −∞ to a NaN or ±∞ score (a poisoned key) would give NaN and leak it into
 // every weight of the query.
@@ -74,7 +74,7 @@ public:
 
     bool has_keep() const { return keep_count_ > 0 || padding_ != nullptr; }
     bool has_bias() const { return bias_count_ > 0; }
-    /// Whether any mask acts key by key (keep_mask, additive_bias).
+    /// Whether any mask acts key by key (keep_mask, padded_keys, additive_bias).
     bool has_elementwise() const { return has_keep() || has_bias(); }
 
     /// Whether every keep_mask, and padded_keys, allow key j for query i.
