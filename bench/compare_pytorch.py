@@ -7,6 +7,7 @@ PyTorch does) and `forward_into` with a workspace kept across calls (BM_mha_forw
 
     /usr/bin/python3 bench/compare_pytorch.py [--binary build/release/bench/bench_attention]
                                               [--threads 1] [--repetitions 5]
+                                              [--allow-reference-blas]
 
 Same shapes as BM_mha_forward (bench/bench_attention.cpp, kShapes): one sequence, d_model 512 with
 8 heads at L = 128, 512, 2048 and 768 with 12 heads at L = 512, each without and with a causal
@@ -19,7 +20,13 @@ Both sides report the median over --repetitions: each PyTorch repetition times a
 long enough to take ~0.2 s; the library's side is Google Benchmark's own median. The binary also
 times BM_gemm_roofline in the same run, printed above the table, so the library's GFLOP/s can be
 read as a ratio to it. The machine is shared: run this when it is quiet, and compare only
-figures from the same invocation.
+figures from the same invocation. With --repetitions 1 each side reports its one measurement.
+
+PyTorch built with BLAS_INFO=generic (Debian's python3-torch) calls whichever libblas.so.3 the
+system provides; when that is the reference netlib BLAS (a few GFLOP/s), PyTorch's times say
+nothing about PyTorch, and the script refuses to run unless --allow-reference-blas is given (then
+every table is marked). Install an optimised BLAS (e.g. libopenblas0) or put one first with
+LD_LIBRARY_PATH.
 """
 import argparse
 import json
@@ -80,11 +87,30 @@ def run_library(binary, threads, repetitions):
     report = json.loads(result.stdout)
     medians = {}
     for b in report["benchmarks"]:
-        if b.get("aggregate_name") != "median":
+        # One repetition has no aggregates: its single run is the median.
+        if repetitions > 1 and b.get("aggregate_name") != "median":
+            continue
+        if repetitions == 1 and b.get("run_type", "iteration") != "iteration":
             continue
         scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b["time_unit"]]
         medians[b["run_name"]] = (b["real_time"] * scale, b.get("GFLOP/s"))
     return report["context"], medians
+
+
+def reference_blas(torch, loaded):
+    """Why PyTorch's BLAS looks like the reference netlib one, or None when it does not."""
+    config = torch.__config__.show()
+    blas_info = next((item.split("=", 1)[1] for item in config.replace(",", " ").split()
+                      if item.startswith("BLAS_INFO=")), "?")
+    if blas_info != "generic":
+        return None  # MKL, OpenBLAS, ... linked in at build time
+    optimised = [path for path in loaded
+                 if any(n in os.path.basename(path) for n in ("openblas", "mkl", "blis"))]
+    if optimised:
+        return None
+    netlib = [path for path in loaded if "/blas/libblas.so" in path]
+    return (f"torch.__config__.show() says BLAS_INFO=generic and the libblas loaded is "
+            f"{', '.join(netlib) or ', '.join(loaded) or 'unknown'} (no OpenBLAS, MKL or BLIS)")
 
 
 def main():
@@ -97,7 +123,12 @@ def main():
                         help="torch.set_num_threads and OMP_NUM_THREADS (default: 1)")
     parser.add_argument("--repetitions", type=int, default=5,
                         help="repetitions on each side; medians are compared (default: 5)")
+    parser.add_argument("--allow-reference-blas", action="store_true",
+                        help="run even when PyTorch uses the reference netlib BLAS (its times "
+                             "are then marked as meaningless)")
     args = parser.parse_args()
+    if args.repetitions < 1:
+        parser.error(f"--repetitions must be >= 1, got {args.repetitions}")
 
     # PyTorch's GEMMs go to whatever BLAS it loaded (Debian's build: the libblas.so.3
     # alternative, which may be the reference netlib BLAS at a few GFLOP/s; an OpenBLAS can be put
@@ -122,6 +153,16 @@ def main():
     with open("/proc/self/maps") as maps:
         blas = sorted({line.split()[-1] for line in maps
                        if any(n in line for n in ("blas", "mkl", "blis"))})
+    slow_blas = reference_blas(torch, blas)
+    warning = ""
+    if slow_blas:
+        warning = ("WARNING: PyTorch runs on the reference BLAS; its times here are not "
+                   "PyTorch's speed: " + slow_blas)
+        if not args.allow_reference_blas:
+            sys.exit(f"compare_pytorch: refusing to compare: {slow_blas}. Install an optimised "
+                     "BLAS (e.g. libopenblas0, or put one first with LD_LIBRARY_PATH), or pass "
+                     "--allow-reference-blas to run anyway")
+        print(warning, file=sys.stderr)
     torch_ms = {}
     for d_model, heads, length in SHAPES:
         for causal in (0, 1):
@@ -133,8 +174,11 @@ def main():
 
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads) vs "
           f"{os.path.relpath(args.binary)} (OMP_NUM_THREADS={args.threads}); "
-          f"medians of {args.repetitions} repetitions")
+          + (f"medians of {args.repetitions} repetitions" if args.repetitions > 1
+             else "one repetition, no median"))
     print(f"torch BLAS libraries loaded: {', '.join(blas) or 'none found'}")
+    if warning:
+        print(warning)
     print(f"library built with {context.get('compiler', '?')}, Eigen SIMD "
           f"{context.get('eigen_simd', '?')}; host {context.get('host_name', '?')}, "
           f"{context.get('num_cpus', '?')} CPUs at {context.get('mhz_per_cpu', '?')} MHz")
@@ -162,6 +206,9 @@ def main():
     print("speed-up = torch ms / mha ms (> 1: this library is faster). GFLOP/s use the same count "
           "for both (bench/flops.hpp: projections + core, the causal core counted at half), so "
           "PyTorch's full-then-masked causal work reads as half of what it did.")
+    if warning:
+        print()
+        print(warning)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,11 @@ mask_case<Scalar> make_mask(const std::string& name, Index lq, Index lk,
         const mha::bool_matrix keep = random_keep(lk, lq, 0.7, source);
         m.mask = mha::keep_mask(keep);
         m.allowed = [keep](Index j, Index i) { return keep(j, i); };
+    } else if (name == "padded_keys") {
+        // One row of an N × S padding mask: about 3 keys in 10 padded, true = excluded.
+        const mha::bool_matrix padded = random_keep(lk, 1, 0.3, source).transpose();
+        m.mask = mha::padded_keys{padded};
+        m.allowed = [padded](Index j, Index) { return !padded(0, j); };
     } else if (name == "additive_bias") {
         const mat<Scalar> bias = random_bias<Scalar>(lk, lq, source);
         m.mask = mha::additive_bias<Scalar>(bias);
@@ -384,9 +389,9 @@ TEMPLATE_TEST_CASE("scaled_dot_product_attention vs reference: masks", "[attenti
     const auto [lq, lk] =
         GENERATE(table<Index, Index>({{1, 1}, {7, 3}, {3, 7}, {17, 64}, {65, 17}, {64, 64}}));
     const auto [dk, dv] = GENERATE(table<Index, Index>({{8, 5}, {64, 33}}));
-    const std::string mask_name =
-        GENERATE(as<std::string>{}, "none", "causal bottom-right", "causal top-left",
-                 "sliding window", "key_lengths", "keep_mask", "additive_bias", "combined");
+    const std::string mask_name = GENERATE(as<std::string>{}, "none", "causal bottom-right",
+                                           "causal top-left", "sliding window", "key_lengths",
+                                           "keep_mask", "padded_keys", "additive_bias", "combined");
     mha_test::value_source source(7000 + 100 * static_cast<std::uint64_t>(lq) + lk);
     // q scaled by 4: logits up to ~15, where the softmax amplifies score errors (check A's
     // (1 + Smax) factor is exercised, not just its constant).
@@ -829,7 +834,7 @@ TEMPLATE_TEST_CASE("a query with no key to attend to gets exactly 0 output and w
     mha_test::value_source source(4711);
     const std::string mask_name =
         GENERATE(as<std::string>{}, "keep_mask column", "key_lengths 0", "bias column",
-                 "bottom-right Lq > Lk", "top-left window Lq > Lk");
+                 "bottom-right Lq > Lk", "top-left window Lq > Lk", "padded_keys all true");
     const auto normalize = GENERATE(mha::normalization::softmax, mha::normalization::relu,
                                     mha::normalization::sigmoid);
     Index lq = 5, lk = 7;
@@ -849,6 +854,9 @@ TEMPLATE_TEST_CASE("a query with no key to attend to gets exactly 0 output and w
         b.col(1).setConstant(minus_inf<Scalar>);
         mask = mha::additive_bias<Scalar>(b);
         bias = bias_of(b);
+    } else if (mask_name == "padded_keys all true") {  // every query: the sequence is padding
+        mask = mha::padded_keys{mha::bool_matrix::Constant(1, lk, true)};
+        allowed = [](Index, Index) { return false; };
     } else if (mask_name == "bottom-right Lq > Lk") {  // queries 0..3 sit before key 0
         lq = 7;
         lk = 3;

@@ -342,3 +342,42 @@ TEST_CASE("mask validation: exact messages", "[mask]") {
                             ContainsSubstring("additive_bias[2].cols() must be 1"));
     }
 }
+
+TEST_CASE("padded_keys: row b excludes its true keys from every query of sequence b", "[mask]") {
+    // 3 sequences of 4 queries over 5 keys; sequence 1 is all padding, sequence 2 none.
+    mha::bool_matrix padding(3, 5);
+    padding << true, false, true, false, false,  //
+        true, true, true, true, true,            //
+        false, false, false, false, false;
+    const mha::attention_mask<double> mask(mha::padded_keys{padding});
+    CHECK_FALSE(mask.empty());
+    CHECK(mask.has_elementwise());
+    REQUIRE(mask.padding().has_value());
+    for (Index b = 0; b < 3; ++b)
+        for (Index h = 0; h < 2; ++h) {
+            CAPTURE(b, h);
+            const auto slice = mask_slice(mask, b, h, 3, 2, 4, 5);
+            require_allows_exactly(slice, 4, 5, [&](Index j, Index) { return !padding(b, j); });
+        }
+    // Composes with a positional mask by intersection.
+    const auto both = mha::attention_mask<double>(mha::causal{mha::causal_alignment::top_left}) &
+                      mha::padded_keys{padding};
+    require_allows_exactly(mask_slice(both, 0, 0, 3, 1, 4, 5), 4, 5,
+                           [&](Index j, Index i) { return j <= i && !padding(0, j); });
+}
+
+TEST_CASE("padded_keys validation: exact messages", "[mask]") {
+    const mha::attention_mask<float> mask(mha::padded_keys{mha::bool_matrix::Zero(2, 4)});
+    // Sequences of 3 and 4 keys: S = 4.
+    CHECK_NOTHROW(mask.validate("mha::f", 1, {2, 2}, {3, 4}));
+    REQUIRE_THROWS_AS(mask.validate("mha::f", 1, {2, 2, 2}, {3, 4, 4}), mha::shape_error);
+    REQUIRE_THROWS_WITH(mask.validate("mha::f", 1, {2, 2, 2}, {3, 4, 4}),
+                        Equals("mha::f: padded_keys.padding.rows() must be 3 (one row per "
+                               "sequence), got 2"));
+    REQUIRE_THROWS_WITH(mask.validate("mha::f", 1, {2, 2}, {3, 5}),
+                        Equals("mha::f: padded_keys.padding.cols() must be 5 (the longest key "
+                               "length of the batch), got 4"));
+    REQUIRE_THROWS_WITH(mha::attention_mask<float>(mha::padded_keys{}) & mha::padded_keys{},
+                        Equals("mha::attention_mask: padded_keys must be given at most once, "
+                               "got a second one"));
+}

@@ -852,6 +852,80 @@ TEMPLATE_TEST_CASE("a packed batch equals a loop over its sequences", "[layer][p
     loop_pool.require("one call per sequence");
 }
 
+// padded_keys: one N × S matrix excludes any pattern of keys per sequence. Random patterns
+// (about 3 keys in 10 padded), a sequence with every key padded, a sequence longer than the tiled
+// kernel's key block, through each kernel, alone and with a causal mask.
+TEMPLATE_TEST_CASE("padded_keys excludes any pattern of keys per sequence, in each kernel",
+                   "[layer][reference][masked][padded_keys]", float, double) {
+    using Scalar = TestType;
+    mha_test::value_source values(2020);
+    const auto algorithm =
+        GENERATE(mha::attention_algorithm::materialized, mha::attention_algorithm::tiled);
+    const bool with_causal = GENERATE(false, true);
+    INFO((algorithm == mha::attention_algorithm::tiled ? "tiled" : "materialized")
+         << (with_causal ? ", with causal" : ""));
+    const std::vector<Index> queries{3, 2, 4, 1, 3}, keys{4, 6, 5, 0, 140};
+    const std::size_t fully_padded = 2;
+    const mha::packed_batch batch(queries, keys);
+    auto config = odd_widths_config(true);
+    config.attention.algorithm = algorithm;
+    const Index longest = 140;
+
+    pooled_check<Scalar> pool;
+    for (int draw = 0; draw < 3; ++draw) {
+        const mha::multi_head_attention<Scalar> layer(config,
+                                                      random_parameters<Scalar>(config, values));
+        const mha::matrix<Scalar> xq = values.normal_matrix<Scalar>(10, batch.total_queries());
+        const mha::matrix<Scalar> xk = values.normal_matrix<Scalar>(7, batch.total_keys());
+        const mha::matrix<Scalar> xv = values.normal_matrix<Scalar>(4, batch.total_keys());
+        // N × S; entries past a sequence's own key count are padding in PyTorch's layout too.
+        mha::bool_matrix padding = mha::bool_matrix::Constant(batch.size(), longest, true);
+        for (Index b = 0; b < batch.size(); ++b)
+            for (Index j = 0; j < keys[static_cast<std::size_t>(b)]; ++j)
+                padding(b, j) =
+                    static_cast<std::size_t>(b) == fully_padded || values.uniform(0, 1) < 0.3;
+        mha::attention_mask<Scalar> mask(mha::padded_keys{padding});
+        if (with_causal) mask.add(mha::causal{mha::causal_alignment::top_left});
+
+        const auto r =
+            layer.forward_with_weights(xq, xk, xv, batch, mha::weights_mode::per_head, mask);
+        REQUIRE(r.output.cols() == batch.total_queries());
+        for (Index b = 0; b < batch.size(); ++b) {
+            const auto bb = static_cast<std::size_t>(b);
+            const Index q0 = batch.query_offset(b), k0 = batch.key_offset(b);
+            const mha::matrix<Scalar> out = r.output.middleCols(q0, queries[bb]);
+            if (bb == fully_padded) {
+                // No key to attend to: every head contributes exactly 0, leaving the output bias.
+                require_columns_equal_bias<Scalar>(out, layer.parameters().b_o,
+                                                   "fully padded sequence");
+                for (Index h = 0; h < config.num_heads; ++h)
+                    REQUIRE(
+                        (r.weights[static_cast<std::size_t>(b * config.num_heads + h)].array() ==
+                         Scalar(0))
+                            .all());
+                continue;
+            }
+            const head_allowed_fn allowed = [padding, b, with_causal](Index, Index j, Index i) {
+                return !padding(b, j) && (!with_causal || j <= i);
+            };
+            const auto ref =
+                reference_of(layer, mha::matrix<Scalar>(xq.middleCols(q0, queries[bb])),
+                             mha::matrix<Scalar>(xk.middleCols(k0, keys[bb])),
+                             mha::matrix<Scalar>(xv.middleCols(k0, keys[bb])), allowed);
+            pool.add(out, ref.out, ref.base);
+            // A padded key gets weight exactly 0 from every query of every head.
+            for (Index h = 0; h < config.num_heads; ++h) {
+                const auto& w = r.weights[static_cast<std::size_t>(b * config.num_heads + h)];
+                REQUIRE(w.rows() == keys[bb]);
+                REQUIRE(w.cols() == queries[bb]);
+                for (Index j = 0; j < keys[bb]; ++j)
+                    if (padding(b, j)) REQUIRE((w.row(j).array() == Scalar(0)).all());
+            }
+        }
+    }
+    pool.require("padded_keys");
+}
+
 TEMPLATE_TEST_CASE("a sequence's output does not depend on the other sequences of its batch",
                    "[layer][property][batch]", float, double) {
     using Scalar = TestType;
@@ -1647,6 +1721,28 @@ TEST_CASE("inputs of the wrong shape throw shape_error naming the input", "[laye
         Equals(where + "query.cols() must be 4 (the batch's total query count), got 3"));
     REQUIRE_THROWS_AS(self_layer.forward_with_weights(q.topRows(8), mha::weights_mode::averaged),
                       mha::shape_error);
+
+    // A PyTorch-style row-major (L, E) buffer mapped as L × E: the message names the likely
+    // mistake when the shape looks transposed, and only then (the topRows(9) cases above).
+    const std::string transposed_hint =
+        "; did you map a row-major (L, E) buffer as L × E? columns are tokens";
+    const std::vector<float> row_major(3 * 10, 0.5F);  // (L = 3, E = 10)
+    const Eigen::Map<const mha::matrix<float>> mapped(row_major.data(), 3, 10);
+    REQUIRE_THROWS_AS(self_layer.forward(mapped), mha::shape_error);
+    REQUIRE_THROWS_WITH(
+        self_layer.forward(mapped),
+        Equals(where + "query.rows() must be 10 (embed_dim), got 3" + transposed_hint));
+    // Rows equal to the batch's token count, columns not the width: still that mistake.
+    REQUIRE_THROWS_WITH(
+        self_layer.forward(values.normal_matrix<float>(4, 9), mha::packed_batch({2, 2})),
+        Equals(where + "query.rows() must be 10 (embed_dim), got 4" + transposed_hint));
+    REQUIRE_THROWS_WITH(
+        layer.forward(q, values.normal_matrix<float>(5, 7), v),
+        Equals(where + "key.rows() must be 7 (key_input_dim), got 5" + transposed_hint));
+    // Neither the rows nor the columns fit that mistake: the plain message.
+    REQUIRE_THROWS_WITH(
+        self_layer.forward(values.normal_matrix<float>(6, 9), mha::packed_batch({2, 2})),
+        Equals(where + "query.rows() must be 10 (embed_dim), got 6"));
 
     // Packed batches check their own lengths.
     REQUIRE_THROWS_AS(mha::packed_batch({2, -1}), mha::value_error);

@@ -102,6 +102,9 @@ mha::attention_mask<Scalar> translate_masks(const mha::safetensors_file& in, con
                 lengths.lengths.push_back(valid);
             }
             mask.add(std::move(lengths));
+        } else if (in.metadata("key_padding_as", "") == "padded_keys") {
+            // The same bytes and polarity as PyTorch's (N, S) mask, stored here S × N.
+            mask.add(mha::padded_keys{pad.transpose()});
         } else {
             mha::keep_mask keep;  // one per sequence, the same column for every query
             for (std::int64_t n = 0; n < f.batch; ++n)

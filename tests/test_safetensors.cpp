@@ -488,3 +488,98 @@ TEST_CASE("a state_dict with zero-sized weights is a format_error", "[safetensor
         },
         {"must be a valid layer"});
 }
+
+TEST_CASE("Hugging Face attention weights (q_proj, k_proj, v_proj, o_proj) load by name",
+          "[safetensors][hugging_face]") {
+    // E 12, 4 query heads of d_k 3, 2 key/value heads, d_v 2: every tensor has its own shape,
+    // so a swapped or transposed one cannot load.
+    const mha::matrix<float> wq = mha::matrix<float>::Random(12, 12);
+    const mha::matrix<float> wk = mha::matrix<float>::Random(6, 12);
+    const mha::matrix<float> wv = mha::matrix<float>::Random(4, 12);
+    const mha::matrix<float> wo = mha::matrix<float>::Random(12, 8);
+    const mha::vector<float> bq = mha::vector<float>::Random(12),
+                             bk = mha::vector<float>::Random(6), bv = mha::vector<float>::Random(4),
+                             bo = mha::vector<float>::Random(12);
+    const std::string prefix = "model.layers.0.self_attn.";
+    for (const std::string out_name : {"o_proj", "out_proj"}) {
+        for (const int biases : {0, 3, 4}) {  // none; q, k, v (Qwen2); all four
+            INFO(out_name << ", " << biases << " biases");
+            mha::safetensors_writer w;
+            w.add_matrix(prefix + "q_proj.weight", wq);
+            w.add_matrix(prefix + "k_proj.weight", wk);
+            w.add_matrix(prefix + "v_proj.weight", wv);
+            w.add_matrix(prefix + out_name + ".weight", wo);
+            if (biases >= 3) {
+                w.add_vector(prefix + "q_proj.bias", bq);
+                w.add_vector(prefix + "k_proj.bias", bk);
+                w.add_vector(prefix + "v_proj.bias", bv);
+            }
+            if (biases == 4) w.add_vector(prefix + out_name + ".bias", bo);
+            mha::attention_config base;
+            base.attention.scale = 0.25;
+            const auto layer = mha::load_hugging_face_attention<float>(
+                mha::safetensors_file::parse(w.bytes()), 4, 2, prefix, base);
+            const mha::attention_config& c = layer.config();
+            CHECK(c.embed_dim == 12);
+            CHECK(c.num_heads == 4);
+            CHECK(c.num_kv_heads == 2);
+            CHECK(c.head_dim == 3);
+            CHECK(c.value_head_dim == 2);
+            CHECK(c.attention.scale == 0.25);  // from base
+            CHECK(c.bias == (biases > 0));
+            const auto p = layer.parameters();
+            CHECK(p.w_q == wq);
+            CHECK(p.w_k == wk);
+            CHECK(p.w_v == wv);
+            CHECK(p.w_o == wo);
+            if (biases > 0) {
+                CHECK(p.b_q == bq);
+                CHECK(p.b_k == bk);
+                CHECK(p.b_v == bv);
+                CHECK(p.b_o == (biases == 4 ? bo : mha::vector<float>::Zero(12)));
+            }
+        }
+    }
+}
+
+TEST_CASE("Hugging Face attention weights: missing, doubled or misshapen tensors are refused",
+          "[safetensors][hugging_face]") {
+    auto load = [](const mha::safetensors_writer& w, mha::Index heads, mha::Index kv_heads) {
+        return [bytes = w.bytes(), heads, kv_heads] {
+            (void)mha::load_hugging_face_attention<float>(mha::safetensors_file::parse(bytes),
+                                                          heads, kv_heads);
+        };
+    };
+    mha::safetensors_writer w;
+    w.add_matrix("q_proj.weight", mha::matrix<float>::Ones(8, 8));
+    w.add_matrix("k_proj.weight", mha::matrix<float>::Ones(4, 8));
+    w.add_matrix("v_proj.weight", mha::matrix<float>::Ones(4, 8));
+    require_format_error(load(w, 2, 1),
+                         {"mha::load_hugging_face_attention: tensors 'o_proj.weight' and "
+                          "'out_proj.weight' must be exactly one present, got neither"});
+    mha::safetensors_writer both = w;
+    both.add_matrix("o_proj.weight", mha::matrix<float>::Ones(8, 8));
+    both.add_matrix("out_proj.weight", mha::matrix<float>::Ones(8, 8));
+    require_format_error(load(both, 2, 1), {"must be exactly one present, got both"});
+    mha::safetensors_writer ok = w;
+    ok.add_matrix("o_proj.weight", mha::matrix<float>::Ones(8, 8));
+    REQUIRE_NOTHROW(load(ok, 2, 1)());
+    // 2 query heads of d_k 4 with 2 key/value heads need 8 key rows, not 4.
+    require_format_error(
+        load(ok, 2, 2),
+        {"shape of tensor 'k_proj.weight' must be (8 (num_kv_heads · d_k), kdim)", "got [4, 8]"});
+    require_format_error(load(ok, 3, 1), {"shape of tensor 'q_proj.weight' must be (a multiple of "
+                                          "num_heads = 3, embed_dim = 8)",
+                                          "got [8, 8]"});
+    mha::safetensors_writer bias = ok;
+    bias.add_vector("k_proj.bias", mha::vector<float>::Ones(5));
+    require_format_error(load(bias, 2, 1),
+                         {"shape of tensor 'k_proj.bias' must be [4]", "got [5]"});
+    mha::safetensors_writer wrong_dtype;
+    wrong_dtype.add_matrix("q_proj.weight", mha::matrix<double>::Ones(8, 8));
+    wrong_dtype.add_matrix("k_proj.weight", mha::matrix<float>::Ones(4, 8));
+    wrong_dtype.add_matrix("v_proj.weight", mha::matrix<float>::Ones(4, 8));
+    wrong_dtype.add_matrix("o_proj.weight", mha::matrix<float>::Ones(8, 8));
+    require_format_error(load(wrong_dtype, 2, 1),
+                         {"dtype of tensor 'q_proj.weight' must be F32", "got F64"});
+}

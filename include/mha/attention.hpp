@@ -1,17 +1,18 @@
 // SPDX-License-Identifier: MIT
-// Scaled dot-product attention: the score and weighted-sum kernels, single-head attention on any
-// Q/K/V views, and the multi-head core over a packed batch. These entry points check their
-// arguments, then hand a validated problem to a kernel: detail/materialized.hpp (the reference)
-// or detail/tiled/ (the fast path for softmax).
-//
-// Shapes (one column per token):
-//   q : d_k × Lq      k : d_k × Lk      v : d_v × Lk
-//   scores, weights : Lk × Lq (column i holds query i's view of every key)
-//   out : d_v × Lq
-//
-// Order inside the scores: scale → additive bias → mask → normalise. Masks are applied by
-// selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never leaks).
-// A query with no key to attend to gets output 0 and weights 0.
+/// @file
+/// Scaled dot-product attention: the score and weighted-sum kernels, single-head attention on any
+/// Q/K/V views, and the multi-head core over a packed batch. These entry points check their
+/// arguments, then hand a validated problem to a kernel: detail/materialized.hpp (the reference)
+/// or detail/tiled/ (the fast path for softmax).
+///
+/// Shapes (one column per token):
+///   q : d_k × Lq      k : d_k × Lk      v : d_v × Lk
+///   scores, weights : Lk × Lq (column i holds query i's view of every key)
+///   out : d_v × Lq
+///
+/// Order inside the scores: scale → additive bias → mask → normalise. Masks are applied by
+/// selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never leaks).
+/// A query with no key to attend to gets output 0 and weights 0.
 #pragma once
 
 #include <algorithm>
@@ -312,3 +313,15 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
 }
 
 }  // namespace mha
+
+#if defined(MHA_EXTERN_TEMPLATES)
+// Every attention call, of the kernels' entry points and of the layer, reaches the kernels
+// through detail::attend: declared here, defined once by src/mha_instantiate.cpp, they are not
+// compiled again in each translation unit (see MHA_EXTERN_TEMPLATES in mha/core.hpp).
+extern template mha::attention_outputs<float> mha::detail::attend<float>(
+    const mha::detail::attention_problem<float>&, mha::attention_algorithm,
+    mha::detail::attention_workspace<float>*);
+extern template mha::attention_outputs<double> mha::detail::attend<double>(
+    const mha::detail::attention_problem<double>&, mha::attention_algorithm,
+    mha::detail::attention_workspace<double>*);
+#endif

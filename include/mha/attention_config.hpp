@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
-// What describes a multi-head attention layer apart from its code: its shape and settings
-// (`attention_config`) and its learned parameters (`attention_parameters`).
+/// @file
+/// What describes a multi-head attention layer apart from its code: its shape and settings
+/// (`attention_config`) and its learned parameters (`attention_parameters`).
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Packed batches: sequences of different lengths stored side by side as columns, no padding.
+/// @file
+/// Packed batches: sequences of different lengths stored side by side as columns, no padding.
 #pragma once
 
 #include <numeric>
@@ -46,14 +47,23 @@ public:
         offsets(key_lengths_, key_offsets_);
     }
 
+    /// The number of sequences, B.
     Index size() const { return static_cast<Index>(query_lengths_.size()); }
+    /// The queries (columns of Q) of sequence b, 0 ≤ b < size().
     Index query_length(Index b) const { return query_lengths_[static_cast<std::size_t>(b)]; }
+    /// The keys (columns of K and V) of sequence b.
     Index key_length(Index b) const { return key_lengths_[static_cast<std::size_t>(b)]; }
+    /// The column of Q where sequence b starts: the query lengths of sequences 0..b-1 summed.
     Index query_offset(Index b) const { return query_offsets_[static_cast<std::size_t>(b)]; }
+    /// The column of K and V where sequence b starts.
     Index key_offset(Index b) const { return key_offsets_[static_cast<std::size_t>(b)]; }
+    /// Columns of Q (and of the output) over the whole batch, Nq.
     Index total_queries() const { return query_offsets_.back(); }
+    /// Columns of K and V over the whole batch, Nk.
     Index total_keys() const { return key_offsets_.back(); }
+    /// Every sequence's query length, in batch order.
     const std::vector<Index>& query_lengths() const { return query_lengths_; }
+    /// Every sequence's key length, in batch order.
     const std::vector<Index>& key_lengths() const { return key_lengths_; }
 
 private:

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
-// What every public header shares: the version, the matrix aliases of the data layout, and the
-// error types (with the argument checks that raise them, in detail/check.hpp).
+/// @file
+/// What every public header shares: the version, the matrix aliases of the data layout, and the
+/// error types (with the argument checks that raise them, in detail/check.hpp).
 #pragma once
 
 // Before any include, so that an older standard gets this message rather than errors from deep
@@ -16,9 +17,26 @@
 // Eigen's version (MHA_EIGEN_VERSION_*) and the refusal of Eigen older than 3.4.
 #include <mha/detail/eigen_compat.hpp>
 
+/// The library's major version: before 1.0 a minor version may change the API (CHANGELOG.md).
 #define MHA_VERSION_MAJOR 0
+/// The library's minor version.
 #define MHA_VERSION_MINOR 1
+/// The library's patch version: a patch release does not change the API.
 #define MHA_VERSION_PATCH 0
+
+/// @page configuration_macros Configuration macros
+/// Macros a program may define before including any mha header (or with `-D`), all off by default:
+///
+/// - `MHA_NO_OPENMP`: the kernels run on one thread even when the program is compiled with
+///   OpenMP (`-fopenmp`). Without OpenMP they are serial anyway. The CMake target `mha::openmp`
+///   (or `find_package(mha COMPONENTS openmp)`) turns OpenMP on for the kernels.
+/// - `MHA_ALLOW_FINITE_MATH_ONLY`: lets a translation unit compiled with `-ffinite-math-only` (part
+///   of `-ffast-math`) include the library, which otherwise stops with an `#error`: the guarantees
+///   for fully masked queries and NaN inputs (see docs/semantics.md) rest on comparisons with
+///   infinities and NaN that such builds may fold away. At your risk.
+/// - `MHA_EXTERN_TEMPLATES`: declares the library's `float` and `double` instantiations
+///   `extern template`, so that including translation units do not compile them; exactly one
+///   translation unit of the program must then define them (see docs/cmake.md).
 
 // The masked-row and NaN guarantees rest on IEEE comparisons with infinities and NaN, which
 // -ffast-math (-ffinite-math-only) lets the compiler fold away. Refuse such builds loudly rather

@@ -1,16 +1,17 @@
 // SPDX-License-Identifier: MIT
-// A key/value cache for decoding: one layer's projected (and position-rotated) keys and values
-// of one sequence, one column per token, oldest first, so the attention kernels read them in
-// place as the keys of a packed batch.
-//
-//   storage:  | dropped or free | stored tokens (size()) | free (room for appends) |
-//              0                 begin                    end                        capacity
-//
-// A windowed cache (options.window = W) keeps the tokens the next step's queries can see: after
-// an append of n tokens it holds at most W − 1 earlier tokens plus the n new ones, and the token
-// at position p attends to positions (p − W, p]. Its stored columns slide right as tokens
-// arrive; only when they reach the end of the storage are they moved back to the front, once
-// every capacity − (W − 1) appended tokens, not on every step.
+/// @file
+/// A key/value cache for decoding: one layer's projected (and position-rotated) keys and values
+/// of one sequence, one column per token, oldest first, so the attention kernels read them in
+/// place as the keys of a packed batch.
+///
+///   storage:  | dropped or free | stored tokens (size()) | free (room for appends) |
+///              0                 begin                    end                        capacity
+///
+/// A windowed cache (options.window = W) keeps the tokens the next step's queries can see: after
+/// an append of n tokens it holds at most W − 1 earlier tokens plus the n new ones, and the token
+/// at position p attends to positions (p − W, p]. Its stored columns slide right as tokens
+/// arrive; only when they reach the end of the storage are they moved back to the front, once
+/// every capacity − (W − 1) appended tokens, not on every step.
 #pragma once
 
 #include <algorithm>
@@ -40,11 +41,16 @@ class kv_cache {
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
 
 public:
+    /// What `append` takes: any column-major Scalar matrix expression, viewed without a copy.
     using input = Eigen::Ref<const matrix<Scalar>>;
+    /// The stored keys or values, a view into the cache (valid until it is modified).
     using const_view = Eigen::Block<const matrix<Scalar>, Eigen::Dynamic, Eigen::Dynamic, true>;
 
+    /// An empty cache of no width; assign a sized one before use.
     kv_cache() = default;
 
+    /// An empty cache for keys of `key_rows` rows (H_kv·d_k) and values of `value_rows` rows
+    /// (H_kv·d_v); value_error unless both are ≥ 1 and `options.window` ≥ 0.
     kv_cache(Index key_rows, Index value_rows, const kv_cache_options& options = {})
         : options_(options) {
         constexpr const char* where = "mha::kv_cache";
@@ -57,13 +63,18 @@ public:
         values_.resize(value_rows, 0);
     }
 
+    /// Rows of a stored key, H_kv·d_k.
     Index key_rows() const { return keys_.rows(); }
+    /// Rows of a stored value, H_kv·d_v.
     Index value_rows() const { return values_.rows(); }
+    /// The options the cache was built with.
     const kv_cache_options& options() const { return options_; }
+    /// The tokens kept (a sliding window), 0 for every token: `options().window`.
     Index window() const { return options_.window; }
 
     /// Tokens stored: the keys the next step attends to, besides its own.
     Index size() const { return end_ - begin_; }
+    /// Whether no token is stored.
     bool empty() const { return size() == 0; }
     /// Tokens appended since `clear` (less those truncated): the position of the next token.
     Index position() const { return position_; }

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
-// The multi-head attention layer, for one sequence or a packed batch, self- or cross-attention.
-// A call runs named stages: validate (every check, once) -> project_inputs (Q, K, V of every
-// token) -> attend (every head, written into its rows of the concatenated heads) ->
-// project_output.
+/// @file
+/// The multi-head attention layer, for one sequence or a packed batch, self- or cross-attention.
+/// A call runs named stages: validate (every check, once) -> project_inputs (Q, K, V of every
+/// token) -> attend (every head, written into its rows of the concatenated heads) ->
+/// project_output.
 #pragma once
 
 #include <cmath>
@@ -26,11 +27,15 @@
 
 namespace mha {
 
-/// Output of `forward_with_weights`.
+/// What `forward_with_weights` returns: the layer's output and the attention weights its
+/// `weights_mode` asked for.
 template <class Scalar>
 struct attention_result {
-    matrix<Scalar> output;                ///< E × Nq
-    std::vector<matrix<Scalar>> weights;  ///< see `weights_mode`; each Lk × Lq
+    /// E × Nq: the output of every query of the batch, as `forward` returns it.
+    matrix<Scalar> output;
+    /// none: empty; per_head: B·H matrices, sequence b and head h at index b·H + h; averaged: B
+    /// matrices, the mean over heads. Each is that sequence's Lk × Lq (keys × queries).
+    std::vector<matrix<Scalar>> weights;
 };
 
 namespace detail {
@@ -71,6 +76,8 @@ class multi_head_attention {
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
 
 public:
+    /// What the forward calls take: any column-major Scalar matrix expression with inner stride
+    /// 1, viewed without a copy (others are copied once, see `forward`).
     using input = Eigen::Ref<const matrix<Scalar>>;
 
     /// Deterministic initialisation from `seed`, with PyTorch's distributions: Xavier-uniform
@@ -381,6 +388,8 @@ public:
         project_output(workspace, out);
     }
 
+    /// The layer's shape and settings, resolved: every derived width (head_dim, value_head_dim,
+    /// key_input_dim, value_input_dim, num_kv_heads) is set.
     const attention_config& config() const { return config_; }
     /// Rows of the projected queries, H·d_k.
     Index qk_width() const { return config_.num_heads * config_.head_dim; }
@@ -445,7 +454,10 @@ private:
                                           " (decoding is self-attention)",
                                       std::to_string(config_.key_input_dim) + " and " +
                                           std::to_string(config_.value_input_dim));
-        detail::check_size(where, "x.rows()", config_.embed_dim, x.rows(), "embed_dim");
+        // The token count is checked below, against the sum of new_tokens; a width in the
+        // columns is hint enough here.
+        detail::check_token_rows(where, "x.rows()", config_.embed_dim, x.rows(), "embed_dim", -1,
+                                 x.cols());
         detail::check_size(where, "caches.size()", static_cast<Index>(new_tokens.size()),
                            static_cast<Index>(caches.size()), "new_tokens.size()");
         // Names are built only on failure: a valid step allocates nothing.
@@ -531,11 +543,12 @@ private:
     void validate(const layer_inputs& in, const packed_batch& batch,
                   const attention_mask<Scalar>& mask, const Eigen::Ref<matrix<Scalar>>& out) const {
         constexpr const char* where = "mha::multi_head_attention::forward";
-        detail::check_size(where, "query.rows()", config_.embed_dim, in.query.rows(), "embed_dim");
-        detail::check_size(where, "key.rows()", config_.key_input_dim, in.key.rows(),
-                           "key_input_dim");
-        detail::check_size(where, "value.rows()", config_.value_input_dim, in.value.rows(),
-                           "value_input_dim");
+        detail::check_token_rows(where, "query.rows()", config_.embed_dim, in.query.rows(),
+                                 "embed_dim", batch.total_queries(), in.query.cols());
+        detail::check_token_rows(where, "key.rows()", config_.key_input_dim, in.key.rows(),
+                                 "key_input_dim", batch.total_keys(), in.key.cols());
+        detail::check_token_rows(where, "value.rows()", config_.value_input_dim, in.value.rows(),
+                                 "value_input_dim", batch.total_keys(), in.value.cols());
         detail::check_size(where, "value.cols()", in.key.cols(), in.value.cols(), "key.cols()");
         detail::check_size(where, "query.cols()", batch.total_queries(), in.query.cols(),
                            "the batch's total query count");
@@ -635,3 +648,9 @@ private:
 };
 
 }  // namespace mha
+
+#if defined(MHA_EXTERN_TEMPLATES)
+// The layer's float and double members, defined once by src/mha_instantiate.cpp.
+extern template class mha::multi_head_attention<float>;
+extern template class mha::multi_head_attention<double>;
+#endif

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
-// The normalisations of attention scores (softmax, ReLU, sigmoid), one column per query.
-// Entries equal to −∞ are excluded keys: they get weight exactly 0, and a column with no other
-// entry becomes all 0 (never NaN).
+/// @file
+/// The normalisations of attention scores (softmax, ReLU, sigmoid), one column per query.
+/// Entries equal to −∞ are excluded keys: they get weight exactly 0, and a column with no other
+/// entry becomes all 0 (never NaN).
 #pragma once
 
 #include <cmath>

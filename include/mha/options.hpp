@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
-// What a caller chooses about an attention call: how scores become weights, which kernel runs,
-// and what the call returns besides its output.
+/// @file
+/// What a caller chooses about an attention call: how scores become weights, which kernel runs,
+/// and what the call returns besides its output.
 #pragma once
 
 #include <optional>
@@ -22,6 +23,7 @@ enum class normalization {
     sigmoid,
 };
 
+/// The enumerator's name, e.g. "softmax" (for messages and logs).
 inline const char* to_string(normalization n) {
     switch (n) {
         case normalization::softmax:

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
-// Linear projections y = W·x + b applied to every token (column) at once (one GEMM), and the
-// views that split a projection into Q, K, V and heads. Head h of a projected matrix is the row
-// block [h·d, (h+1)·d): with one column per token in column-major storage, splitting heads is a
-// view and concatenating them is a no-op.
+/// @file
+/// Linear projections y = W·x + b applied to every token (column) at once (one GEMM), and the
+/// views that split a projection into Q, K, V and heads. Head h of a projected matrix is the row
+/// block [h·d, (h+1)·d): with one column per token in column-major storage, splitting heads is a
+/// view and concatenating them is a no-op.
 #pragma once
 
 #include <string>
@@ -55,7 +56,9 @@ matrix<typename DX::Scalar> linear(const Eigen::MatrixBase<DW>& w, const Eigen::
 /// Views of Q, K and V inside a fused projection result (no copies).
 template <class Derived>
 struct qkv_views {
-    Eigen::Block<Derived> q, k, v;
+    Eigen::Block<Derived> q;  ///< the query rows
+    Eigen::Block<Derived> k;  ///< the key rows
+    Eigen::Block<Derived> v;  ///< the value rows
 };
 
 /// Fused Q/K/V projection: `linear` with the stacked weight
@@ -120,6 +123,7 @@ auto head_view(Eigen::MatrixBase<Derived>& stacked, Index h, Index num_heads) {
     return stacked.derived().middleRows(h * d, d);
 }
 
+/// The same, read-only, for a const matrix.
 template <class Derived>
 auto head_view(const Eigen::MatrixBase<Derived>& stacked, Index h, Index num_heads) {
     const Index d = detail::head_width(stacked.rows(), h, num_heads);

@@ -1,48 +1,49 @@
 // SPDX-License-Identifier: MIT
-// Rotary position embedding (RoPE): Q and K are rotated, pair of features by pair of features,
-// by an angle proportional to the token's position, so that the score q_m·k_n of a query at
-// position m and a key at position n depends on the positions only through m − n.
-//
-// Formulas. A head of width d rotates its first r features (r = rotary_dim, even, r ≤ d; the
-// remaining d − r features pass through, as GPT-NeoX's rotary_pct and Phi's partial rotary do).
-// Pair i ∈ [0, r/2) turns with the inverse frequency θ_i = base^(−2i/r); at position p its angle
-// is a = p·θ_i, and the pair (x1, x2) becomes
-//     x1' = μ·(x1·cos a − x2·sin a),   x2' = μ·(x2·cos a + x1·sin a)
-// with μ = 1 except under YaRN (its attention temperature, below).
-//
-// Layouts: which features form pair i.
-//   half_split   (i, i + r/2): GPT-NeoX, Llama, Mistral, Qwen, Gemma, Phi. HF transformers'
-//                `rotate_half`: x·cos + rotate_half(x)·sin with cos, sin repeated as [c, c].
-//   interleaved  (2i, 2i + 1): GPT-J, the original RoFormer, Meta's original Llama checkpoints
-//                (complex multiplication). GPT-J's `rotate_every_two` with cos, sin repeated
-//                element by element.
-// The two differ only by a permutation of the features, applied to the weights by checkpoint
-// converters; using the wrong one gives wrong attention without any error, so it is stated.
-//
-// Frequency scalings (for contexts longer than the model was trained on), s = factor ≥ 1:
-//   linear     θ_i / s (position interpolation: positions divided by s).
-//   ntk_aware  base' = base·s^(r/(r−2)), then θ_i = base'^(−2i/r): the highest frequency is
-//              kept, the lowest is divided by exactly s.
-//   yarn       blends θ_i (extrapolation) and θ_i / s (interpolation) by a ramp over the pair
-//              index: with L the original context length and
-//                  c(n) = r·ln(L / (2π·n)) / (2·ln base)
-//              (the pair index whose wavelength fits n turns into L), low = max(⌊c(β_fast)⌋, 0),
-//              high = min(⌈c(β_slow)⌉, r − 1) (without ⌊⌋ and ⌈⌉ when truncate is false, as
-//              gpt-oss sets), ramp_i = clamp((i − low)/(high − low), 0, 1) (high − low = 0.001
-//              if they are equal),
-//                  θ'_i = θ_i·(1 − ramp_i) + (θ_i / s)·ramp_i,
-//              and μ = 0.1·ln s + 1 multiplies cos and sin (so each score gains μ²), as HF
-//              transformers does. Defaults β_fast = 32, β_slow = 1.
-//   llama3     by wavelength λ_i = 2π/θ_i against L (original_max_positions) and the factors
-//              low < high: λ_i < L/high keeps θ_i; λ_i > L/low gives θ_i / s; in between
-//              g = (L/λ_i − low)/(high − low) and θ'_i = (1 − g)·θ_i / s + g·θ_i.
-//              Defaults (Llama 3.1): s = 8, low = 1, high = 4, L = 8192.
-//
-// Precision. Frequencies are computed in long double and kept in double; the angle p·θ_i and its
-// cos and sin are evaluated in double for every Scalar, then cos and sin are rounded to Scalar.
-// A float token at position 10^6 therefore sees an angle error near 10^6·2^−53 ≈ 10^−10, not the
-// 10^6·2^−24 ≈ 0.06 of an angle computed in float. Positions must not exceed 2^53 (exact in a
-// double).
+/// @file
+/// Rotary position embedding (RoPE): Q and K are rotated, pair of features by pair of features,
+/// by an angle proportional to the token's position, so that the score q_m·k_n of a query at
+/// position m and a key at position n depends on the positions only through m − n.
+///
+/// Formulas. A head of width d rotates its first r features (r = rotary_dim, even, r ≤ d; the
+/// remaining d − r features pass through, as GPT-NeoX's rotary_pct and Phi's partial rotary do).
+/// Pair i ∈ [0, r/2) turns with the inverse frequency θ_i = base^(−2i/r); at position p its angle
+/// is a = p·θ_i, and the pair (x1, x2) becomes
+///     x1' = μ·(x1·cos a − x2·sin a),   x2' = μ·(x2·cos a + x1·sin a)
+/// with μ = 1 except under YaRN (its attention temperature, below).
+///
+/// Layouts: which features form pair i.
+///   half_split   (i, i + r/2): GPT-NeoX, Llama, Mistral, Qwen, Gemma, Phi. HF transformers'
+///                `rotate_half`: x·cos + rotate_half(x)·sin with cos, sin repeated as [c, c].
+///   interleaved  (2i, 2i + 1): GPT-J, the original RoFormer, Meta's original Llama checkpoints
+///                (complex multiplication). GPT-J's `rotate_every_two` with cos, sin repeated
+///                element by element.
+/// The two differ only by a permutation of the features, applied to the weights by checkpoint
+/// converters; using the wrong one gives wrong attention without any error, so it is stated.
+///
+/// Frequency scalings (for contexts longer than the model was trained on), s = factor ≥ 1:
+///   linear     θ_i / s (position interpolation: positions divided by s).
+///   ntk_aware  base' = base·s^(r/(r−2)), then θ_i = base'^(−2i/r): the highest frequency is
+///              kept, the lowest is divided by exactly s.
+///   yarn       blends θ_i (extrapolation) and θ_i / s (interpolation) by a ramp over the pair
+///              index: with L the original context length and
+///                  c(n) = r·ln(L / (2π·n)) / (2·ln base)
+///              (the pair index whose wavelength fits n turns into L), low = max(⌊c(β_fast)⌋, 0),
+///              high = min(⌈c(β_slow)⌉, r − 1) (without ⌊⌋ and ⌈⌉ when truncate is false, as
+///              gpt-oss sets), ramp_i = clamp((i − low)/(high − low), 0, 1) (high − low = 0.001
+///              if they are equal),
+///                  θ'_i = θ_i·(1 − ramp_i) + (θ_i / s)·ramp_i,
+///              and μ = 0.1·ln s + 1 multiplies cos and sin (so each score gains μ²), as HF
+///              transformers does. Defaults β_fast = 32, β_slow = 1.
+///   llama3     by wavelength λ_i = 2π/θ_i against L (original_max_positions) and the factors
+///              low < high: λ_i < L/high keeps θ_i; λ_i > L/low gives θ_i / s; in between
+///              g = (L/λ_i − low)/(high − low) and θ'_i = (1 − g)·θ_i / s + g·θ_i.
+///              Defaults (Llama 3.1): s = 8, low = 1, high = 4, L = 8192.
+///
+/// Precision. Frequencies are computed in long double and kept in double; the angle p·θ_i and its
+/// cos and sin are evaluated in double for every Scalar, then cos and sin are rounded to Scalar.
+/// A float token at position 10^6 therefore sees an angle error near 10^6·2^−53 ≈ 10^−10, not the
+/// 10^6·2^−24 ≈ 0.06 of an angle computed in float. Positions must not exceed 2^53 (exact in a
+/// double).
 #pragma once
 
 #include <algorithm>
@@ -63,6 +64,7 @@ enum class rotary_layout {
     interleaved,
 };
 
+/// The enumerator's name, e.g. "half_split".
 inline const char* to_string(rotary_layout layout) {
     switch (layout) {
         case rotary_layout::half_split:
@@ -74,8 +76,15 @@ inline const char* to_string(rotary_layout layout) {
 }
 
 /// Which frequency scaling a rotary embedding applies.
-enum class rotary_scaling_kind { none, linear, ntk_aware, yarn, llama3 };
+enum class rotary_scaling_kind {
+    none,       ///< the trained frequencies
+    linear,     ///< positions divided by the factor (position interpolation)
+    ntk_aware,  ///< the base raised so that low frequencies stretch by the factor
+    yarn,       ///< YaRN: per-pair ramp between kept and interpolated frequencies
+    llama3,     ///< Llama 3.1's wavelength bands
+};
 
+/// The enumerator's name, e.g. "yarn".
 inline const char* to_string(rotary_scaling_kind kind) {
     switch (kind) {
         case rotary_scaling_kind::none:
@@ -95,6 +104,7 @@ inline const char* to_string(rotary_scaling_kind kind) {
 /// A frequency scaling and its parameters; build one with the named functions. Fields a kind
 /// does not use are ignored.
 struct rotary_scaling {
+    /// Which scaling; none unless set.
     rotary_scaling_kind kind = rotary_scaling_kind::none;
     /// s ≥ 1: how many times longer the target context is than the trained one.
     double factor = 1;
@@ -103,27 +113,33 @@ struct rotary_scaling {
     /// YaRN's ramp ends, in rotations over L: pairs turning more than β_fast times keep their
     /// frequency, pairs turning fewer than β_slow times are interpolated. β_fast > β_slow > 0.
     double beta_fast = 32;
+    /// YaRN's other ramp end, β_slow (see beta_fast).
     double beta_slow = 1;
     /// YaRN: round the ramp ends outward to whole pair indices (HF transformers' default; gpt-oss
     /// turns it off).
     bool truncate = true;
     /// Llama 3's wavelength bands: 0 < low_freq_factor < high_freq_factor.
     double low_freq_factor = 1;
+    /// Llama 3's other band bound (see low_freq_factor).
     double high_freq_factor = 4;
 
+    /// No scaling.
     static rotary_scaling none() { return {}; }
+    /// Linear position interpolation: positions divided by `factor`.
     static rotary_scaling linear(double factor) {
         rotary_scaling s;
         s.kind = rotary_scaling_kind::linear;
         s.factor = factor;
         return s;
     }
+    /// NTK-aware scaling: the base raised so that the longest wavelength grows by `factor`.
     static rotary_scaling ntk_aware(double factor) {
         rotary_scaling s;
         s.kind = rotary_scaling_kind::ntk_aware;
         s.factor = factor;
         return s;
     }
+    /// YaRN for a context `factor` times `original_max_positions`, ramp ends β_fast, β_slow.
     static rotary_scaling yarn(double factor, Index original_max_positions, double beta_fast = 32,
                                double beta_slow = 1, bool truncate = true) {
         rotary_scaling s;
@@ -135,6 +151,7 @@ struct rotary_scaling {
         s.truncate = truncate;
         return s;
     }
+    /// Llama 3.1's scaling (its published defaults).
     static rotary_scaling llama3(double factor = 8, double low_freq_factor = 1,
                                  double high_freq_factor = 4, Index original_max_positions = 8192) {
         rotary_scaling s;
@@ -153,7 +170,9 @@ struct rotary_options {
     Index rotary_dim = 0;
     /// θ_i = base^(−2i/r). Llama 3 uses 500000, most others 10000.
     double base = 10000;
+    /// Which features form a rotated pair.
     rotary_layout layout = rotary_layout::half_split;
+    /// A frequency scaling for contexts longer than the trained one.
     rotary_scaling scaling{};
 };
 
@@ -325,7 +344,9 @@ public:
           inv_freq_(detail::rotary_inverse_frequencies(options, rotary_dim_)),
           attention_factor_(detail::rotary_attention_factor(options.scaling)) {}
 
+    /// The settings the embedding was built with.
     const rotary_options& options() const noexcept { return options_; }
+    /// d_k: the width of the heads it rotates.
     Index head_dim() const noexcept { return head_dim_; }
     /// r: the rotated features of each head (options.rotary_dim, or head_dim when that is 0).
     Index rotary_dim() const noexcept { return rotary_dim_; }

@@ -174,7 +174,8 @@ def mha_case(name, *, embed, heads, length, source=None, batch=None, batch_first
     padding = None
     if key_padding == "random":
         padding = allowed_rows((nb, source), g, 0.3)
-        key_padding_as = "keep_mask"
+        if key_padding_as == "key_lengths":  # a non-suffix pattern is no length
+            key_padding_as = "keep_mask"
     elif key_padding is not None:
         padding = torch.arange(source)[None, :] >= torch.tensor(key_padding)[:, None]
     if padding is not None:
@@ -345,6 +346,10 @@ def main():
     math_case("math_gqa_h6_kv3_nobias", embed=12, heads=6, head_dim=2, value_head_dim=2,
               length=4, source=7, causal="bottom_right", kv_heads=3, bias=False,
               description="grouped-query: 6 query heads, 3 key/value heads, bias=False")
+    # Appended last: every case's seeds follow from its position, so the files above stay the same.
+    mha_case("batch_first_random_padding_padded_keys_h4_f32", embed=16, heads=4, length=6,
+             batch=3, key_padding="random", key_padding_as="padded_keys", average=False,
+             description="non-suffix key_padding_mask, as padded_keys (N x S)")
     print(f"wrote {len(CASES_WRITTEN)} cases to {OUT} with torch {torch.__version__}")
 
 

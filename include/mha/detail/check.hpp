@@ -61,6 +61,22 @@ inline void check_size(const char* where, const char* argument, Index expected, 
     check_size(where, std::string(argument), expected, actual, expected_meaning);
 }
 
+/// check_size for the rows (the feature width) of an input holding one column per token. The
+/// common mistake is a PyTorch-style row-major (L, E) buffer mapped as an L × E matrix: then the
+/// rows are the token count, or the columns the width. When the shape looks like that
+/// (`actual_cols == expected_rows`, or `actual_rows == expected_tokens`), the message says so.
+inline void check_token_rows(const char* where, const char* argument, Index expected_rows,
+                             Index actual_rows, const char* expected_meaning, Index expected_tokens,
+                             Index actual_cols) {
+    if (actual_rows == expected_rows) return;
+    const bool looks_transposed = actual_cols == expected_rows || actual_rows == expected_tokens;
+    if (!looks_transposed)
+        check_size(where, argument, expected_rows, actual_rows, expected_meaning);
+    fail<shape_error>(where, argument, to_text(expected_rows) + " (" + expected_meaning + ")",
+                      to_text(actual_rows) +
+                          "; did you map a row-major (L, E) buffer as L × E? columns are tokens");
+}
+
 /// a + b for sizes that come from files and from users: throws Exception (the message above,
 /// naming `argument`) rather than wrap around when the sum leaves Index. Overflow of a signed
 /// type is undefined behaviour, so the test happens before the addition.

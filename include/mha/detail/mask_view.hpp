@@ -3,8 +3,9 @@
 // that says how masks exclude keys:
 //   - positional masks (causal, sliding windows, key_lengths) give each query an interval of
 //     allowed keys, `key_range(i)`; kernels skip whole blocks outside it;
-//   - inside that interval, a key is excluded by a `keep_mask` entry that is false or by a
-//     total `additive_bias` of −∞; otherwise its score becomes score + bias.
+//   - inside that interval, a key is excluded by a `keep_mask` entry that is false, a
+//     `padded_keys` entry that is true, or a total `additive_bias` of −∞; otherwise its score
+//     becomes score + bias.
 // Exclusion is a selection, never arithmetic: an excluded score becomes −∞ whatever the score
 // was, because adding −∞ to a NaN or ±∞ score (a poisoned key) would give NaN and leak it into
 // every weight of the query.
@@ -71,13 +72,14 @@ public:
         return {first, last};
     }
 
-    bool has_keep() const { return keep_count_ > 0; }
+    bool has_keep() const { return keep_count_ > 0 || padding_ != nullptr; }
     bool has_bias() const { return bias_count_ > 0; }
-    /// Whether any mask acts key by key (keep_mask, additive_bias).
+    /// Whether any mask acts key by key (keep_mask, padded_keys, additive_bias).
     bool has_elementwise() const { return has_keep() || has_bias(); }
 
-    /// Whether every keep_mask allows key j for query i.
+    /// Whether every keep_mask, and padded_keys, allow key j for query i.
     bool keeps(Index j, Index i) const {
+        if (padding_ != nullptr && padding_[j * padding_stride_]) return false;
         i *= query_step_;
         for (Index g = 0; g < keep_count_; ++g)
             if (!(*keep_[g])(j, i)) return false;
@@ -157,6 +159,8 @@ private:
     const bool_matrix* const* keep_ = nullptr;     // the keep_mask matrices of this problem
     const matrix<Scalar>* const* bias_ = nullptr;  // the additive_bias matrices of this problem
     Index keep_count_ = 0, bias_count_ = 0;
+    const bool* padding_ = nullptr;  // padded_keys: this sequence's row, key j at j·padding_stride_
+    Index padding_stride_ = 0;
     Index lq_;
     Index lk_;
     Index key_limit_;       // key_lengths: keys at or past it do not exist for this sequence
@@ -188,6 +192,11 @@ public:
                 v.mask_ = &mask;
                 if (mask.key_lengths_)
                     v.key_limit_ = mask.key_lengths_->lengths[static_cast<std::size_t>(b)];
+                if (mask.padded_keys_ && mask.padded_keys_->padding.size() > 0) {
+                    // Row b of the N × S column-major matrix: key j lies N entries after key j-1.
+                    v.padding_ = mask.padded_keys_->padding.data() + b;
+                    v.padding_stride_ = mask.padded_keys_->padding.rows();
+                }
                 const bool_matrix** keep = keep_.data() + p * keep_groups;
                 const matrix<Scalar>** bias = bias_.data() + p * bias_groups;
                 std::size_t at = 0;

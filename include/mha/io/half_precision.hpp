@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: MIT
-// IEEE binary16 (F16) and bfloat16 (BF16) numbers, as published checkpoints store weights, to and
-// from float and double. Widening is exact for every value (subnormals, ±0, ±∞, NaN payloads
-// included); narrowing rounds to nearest, ties to even, overflows to ±∞ and keeps NaN a NaN.
-// Integer arithmetic on the bit patterns only: nothing here depends on the floating-point
-// environment or on the compiler's half-precision support.
+/// @file
+/// IEEE binary16 (F16) and bfloat16 (BF16) numbers, as published checkpoints store weights, to and
+/// from float and double. Widening is exact for every value (subnormals, ±0, ±∞, NaN payloads
+/// included); narrowing rounds to nearest, ties to even, overflows to ±∞ and keeps NaN a NaN.
+/// Integer arithmetic on the bit patterns only: nothing here depends on the floating-point
+/// environment or on the compiler's half-precision support.
 #pragma once
 
 #include <cmath>
