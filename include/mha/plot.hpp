@@ -93,12 +93,17 @@ inline std::string escape(const std::string& text) {
 // picture off the page.
 constexpr std::size_t label_chars = 18;
 
-// The number of characters a label shows (UTF-8 continuation bytes do not count).
-inline std::size_t shown_chars(const std::string& token) {
+// The number of characters of UTF-8 text (continuation bytes do not count).
+inline std::size_t characters(const std::string& text) {
     std::size_t n = 0;
-    for (const char c : token)
+    for (const char c : text)
         if ((static_cast<unsigned char>(c) & 0xC0) != 0x80) ++n;
-    return std::min(n, label_chars + 1);
+    return n;
+}
+
+// The number of characters an axis label shows.
+inline std::size_t shown_chars(const std::string& token) {
+    return std::min(characters(token), label_chars + 1);
 }
 
 inline std::string label(const std::string& token) {
@@ -333,10 +338,22 @@ std::string word_lines(const std::vector<matrix<Scalar>>& weights,
     const double key_w = 10 + char_width * static_cast<double>(longest_key);
     const double gap = std::clamp(tokens * 12.0, 200.0, 420.0);  // room for the lines
     const double title_h = opts.title.empty() ? 0 : 28;
-    const double legend_h = 22.0 * static_cast<double>((heads + 3) / 4) + 8;
-    const double top = title_h + legend_h + 18;  // column captions above the words
-    const double legend_w = 130.0 * static_cast<double>(std::min<std::size_t>(heads, 4)) + 20;
-    const double width = std::max(query_w + gap + key_w + 20, legend_w);
+    const double width = std::max(query_w + gap + key_w + 20, 420.0);
+    // Legend entries (a swatch and the head's name, 12 px text) flow left to right and wrap.
+    std::vector<double> legend_x(heads), legend_y(heads);
+    double lx = 10, ly = title_h + 8;
+    for (std::size_t h = 0; h < heads; ++h) {
+        const double entry_w =
+            48 + 7.5 * static_cast<double>(detail::characters(detail::head_name(opts, h)));
+        if (lx > 10 && lx + entry_w > width) {
+            lx = 10;
+            ly += 22;
+        }
+        legend_x[h] = lx;
+        legend_y[h] = ly;
+        lx += entry_w;
+    }
+    const double top = ly + 22 + 18;  // under the legend, room for the column captions
     const double height = top + row * tokens + 14;
     const double x_query = (width - (query_w + gap + key_w)) / 2 + query_w, x_key = x_query + gap;
     // Lines of different heads leave and reach a word at offsets spread over half a row.
@@ -351,11 +368,10 @@ std::string word_lines(const std::vector<matrix<Scalar>>& weights,
                "text-anchor=\"middle\">" +
                detail::escape(opts.title) + "</text>\n";
     for (std::size_t h = 0; h < heads; ++h) {
-        const double lx = 10 + 130.0 * static_cast<double>(h % 4);
-        const double ly = title_h + 8 + 22.0 * static_cast<double>(h / 4);
-        svg += "<g class=\"legend\"><rect x=\"" + number(lx) + "\" y=\"" + number(ly) +
-               "\" width=\"22\" height=\"6\" fill=\"" + detail::head_colour(h) + "\"/><text x=\"" +
-               number(lx + 28) + "\" y=\"" + number(ly + 7) + "\" font-size=\"12\">" +
+        svg += "<g class=\"legend\"><rect x=\"" + number(legend_x[h]) + "\" y=\"" +
+               number(legend_y[h]) + "\" width=\"22\" height=\"6\" fill=\"" +
+               detail::head_colour(h) + "\"/><text x=\"" + number(legend_x[h] + 28) + "\" y=\"" +
+               number(legend_y[h] + 7) + "\" font-size=\"12\">" +
                detail::escape(detail::head_name(opts, h)) + "</text></g>\n";
     }
     svg += "<text class=\"caption\" x=\"" + number(x_query) + "\" y=\"" + number(top - 6) +
