@@ -437,6 +437,24 @@ TEST_CASE("merging states: shape errors name the argument", "[attention_states][
         mha::merge_attention_states(parts, a, la),
         Equals("mha::merge_attention_states: parts[1].output.rows() must be 6 (output.rows()), "
                "got 3"));
+    // Outputs sharing memory with what they merge, other than a list's merge in place.
+    REQUIRE_THROWS_AS(mha::merge_attention_states(a, la, a, la), mha::value_error);
+    REQUIRE_THROWS_WITH(mha::merge_attention_states(a, la, a, lse),
+                        Equals("mha::merge_attention_states: out_a must be memory that out_b does "
+                               "not use, got a view overlapping out_b"));
+    mat<float> wide = mat<float>::Zero(6, 5), wide_lse = mat<float>::Zero(2, 5);
+    const std::vector<mha::attention_state<float>> shifted = {
+        {wide.leftCols(4), wide_lse.leftCols(4)}, {out, lse}};
+    REQUIRE_THROWS_WITH(
+        mha::merge_attention_states(shifted, wide.rightCols(4), wide_lse.rightCols(4)),
+        Equals("mha::merge_attention_states: output must be memory that parts[0].output does not "
+               "use, got a view overlapping parts[0].output"));
+    mat<float> both = mat<float>::Zero(8, 4);  // the log-sum-exp in rows 5 and 6 of the output
+    REQUIRE_THROWS_WITH(
+        mha::merge_attention_states(std::vector<mha::attention_state<float>>{{out, lse}},
+                                    both.topRows(6), both.middleRows(5, 2)),
+        Equals("mha::merge_attention_states: log_sum_exp must be memory that output does not "
+               "use, got a view overlapping output"));
     // Nothing was written by the failed calls.
     REQUIRE(a == out);
     REQUIRE(la == lse);

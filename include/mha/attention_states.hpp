@@ -81,6 +81,35 @@ void merge_states_into(const attention_state<Scalar>* parts, Index count,
         }
 }
 
+/// Whether two views are the same elements in the same order (a merge in place).
+template <class A, class B>
+bool same_view(const A& a, const B& b) {
+    return a.data() == b.data() && a.rows() == b.rows() && a.cols() == b.cols() &&
+           (a.cols() <= 1 || a.outerStride() == b.outerStride());
+}
+
+/// Throws value_error when the merge's output (out, lse) shares an element with a part, or out
+/// with lse. With `allow_same`, a part may be the output itself: a merge reads every part of a
+/// (head, query) before it writes that (head, query), and nothing else.
+template <class Scalar>
+void check_merge_apart(const char* where, const char* out_name, const char* lse_name,
+                       const Eigen::Ref<matrix<Scalar>>& out, const Eigen::Ref<matrix<Scalar>>& lse,
+                       const attention_state<Scalar>* parts, Index count,
+                       const char* const* part_names, bool allow_same) {
+    check_no_overlap(where, lse_name, lse, out_name, out);
+    for (Index k = 0; k < count; ++k) {
+        const char* output = part_names[2 * k];
+        const char* log_sum_exp = part_names[2 * k + 1];
+        const attention_state<Scalar>& s = parts[k];
+        if (!allow_same || !same_view(out, s.output))
+            check_no_overlap(where, out_name, out, output, s.output);
+        if (!allow_same || !same_view(lse, s.log_sum_exp))
+            check_no_overlap(where, lse_name, lse, log_sum_exp, s.log_sum_exp);
+        check_no_overlap(where, out_name, out, log_sum_exp, s.log_sum_exp);
+        check_no_overlap(where, lse_name, lse, output, s.output);
+    }
+}
+
 /// Runs fn on a writable inner-stride-1 view of `m` holding its values, through a copy written
 /// back afterwards if `m` cannot be viewed that way (e.g. a Map with an inner stride).
 template <class Scalar, class D, class Fn>
@@ -106,8 +135,9 @@ void with_updatable_ref(Eigen::MatrixBase<D>& m, Fn&& fn) {
 /// state over no keys (0 and −∞).
 ///
 /// `output` ((H·d_v) × Nq) and `log_sum_exp` (H × Nq) receive the result; they may be the very
-/// matrices of one of the parts (merging in place) but must not otherwise overlap them. Throws
-/// shape_error when a part's shape differs from theirs or output.rows() is not a multiple of H.
+/// matrices of one of the parts (merging in place) but must not otherwise overlap them or each
+/// other (value_error). Throws shape_error when a part's shape differs from theirs or
+/// output.rows() is not a multiple of H.
 template <class Scalar, class DO, class DL>
 void merge_attention_states(const std::vector<attention_state<Scalar>>& parts,
                             const Eigen::MatrixBase<DO>& output,
@@ -135,6 +165,16 @@ void merge_attention_states(const std::vector<attention_state<Scalar>>& parts,
     }
     detail::with_updatable_ref<Scalar>(out, [&](Eigen::Ref<matrix<Scalar>> o) {
         detail::with_updatable_ref<Scalar>(lse, [&](Eigen::Ref<matrix<Scalar>> l) {
+            std::vector<std::string> names;
+            for (std::size_t k = 0; k < parts.size(); ++k) {
+                names.push_back("parts[" + std::to_string(k) + "].output");
+                names.push_back("parts[" + std::to_string(k) + "].log_sum_exp");
+            }
+            std::vector<const char*> name_pointers;
+            for (const std::string& name : names)
+                name_pointers.push_back(name.c_str());
+            detail::check_merge_apart(where, "output", "log_sum_exp", o, l, parts.data(),
+                                      static_cast<Index>(parts.size()), name_pointers.data(), true);
             detail::merge_states_into(parts.data(), static_cast<Index>(parts.size()), o, l);
         });
     });
@@ -143,8 +183,9 @@ void merge_attention_states(const std::vector<attention_state<Scalar>>& parts,
 /// Merges state b into state a, in place: (out_a, lse_a) ← the merge of (out_a, lse_a) and
 /// (out_b, lse_b), with the formula and the −∞ rule of the list form above. Shapes: out_a and
 /// out_b (H·d_v) × Nq, lse_a and lse_b H × Nq. a starts as the state over no keys when out_a is
-/// 0 and lse_a −∞, so a running state can absorb parts as they arrive. b must not overlap a.
-/// Throws shape_error when b's shapes differ from a's or out_a.rows() is not a multiple of H.
+/// 0 and lse_a −∞, so a running state can absorb parts as they arrive. b must not overlap a, nor
+/// out_a lse_a (value_error). Throws shape_error when b's shapes differ from a's or out_a.rows() is
+/// not a multiple of H.
 template <class DA, class DLA, class DB, class DLB>
 void merge_attention_states(const Eigen::MatrixBase<DA>& out_a, const Eigen::MatrixBase<DLA>& lse_a,
                             const Eigen::MatrixBase<DB>& out_b,
@@ -166,6 +207,10 @@ void merge_attention_states(const Eigen::MatrixBase<DA>& out_a, const Eigen::Mat
     detail::with_updatable_ref<Scalar>(a, [&](Eigen::Ref<matrix<Scalar>> o) {
         detail::with_updatable_ref<Scalar>(la, [&](Eigen::Ref<matrix<Scalar>> l) {
             const attention_state<Scalar> parts[2] = {{o, l}, {out_b, lse_b}};
+            // Part 0 is a itself (the merge in place); b must be apart from it.
+            const char* const names[] = {"out_a", "lse_a", "out_b", "lse_b"};
+            detail::check_merge_apart(where, "out_a", "lse_a", o, l, parts + 1, 1, names + 2,
+                                      false);
             detail::merge_states_into(parts, 2, o, l);
         });
     });
