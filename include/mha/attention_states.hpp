@@ -126,8 +126,9 @@ void with_updatable_ref(Eigen::MatrixBase<D>& m, Fn&& fn) {
 }  // namespace detail
 
 /// Merges attention states over disjoint key sets into the state over their union:
-///   L = M + log Σ_k exp(L_k − M),  O = Σ_k exp(L_k − M − log Σ_k' exp(L_k' − M)) · O_k
-/// per head and query, M = max_k L_k (the shift that keeps every exponential ≤ 1). Parts whose
+///   L = M + log Σ_k exp(L_k − M),  O = Σ_k exp(L_k − L)·O_k
+/// per head and query, M = max_k L_k (the shift that keeps every exponential ≤ 1; computed as
+/// O = Σ_k exp(L_k − M)·O_k / Σ_k exp(L_k − M)). Parts whose
 /// L_k is −∞ contribute nothing (not even a NaN their output might hold); when every part is −∞,
 /// `output` is exactly 0 and `log_sum_exp` −∞, as for any query with no key to attend to. NaN
 /// in a part's log-sum-exp propagates to the merged query. The parts are combined in one pass in
