@@ -167,11 +167,13 @@ void merge_attention_states(const std::vector<attention_state<Scalar>>& parts,
     detail::with_updatable_ref<Scalar>(out, [&](Eigen::Ref<matrix<Scalar>> o) {
         detail::with_updatable_ref<Scalar>(lse, [&](Eigen::Ref<matrix<Scalar>> l) {
             std::vector<std::string> names;
+            names.reserve(2 * parts.size());
             for (std::size_t k = 0; k < parts.size(); ++k) {
                 names.push_back("parts[" + std::to_string(k) + "].output");
                 names.push_back("parts[" + std::to_string(k) + "].log_sum_exp");
             }
             std::vector<const char*> name_pointers;
+            name_pointers.reserve(names.size());
             for (const std::string& name : names)
                 name_pointers.push_back(name.c_str());
             detail::check_merge_apart(where, "output", "log_sum_exp", o, l, parts.data(),
