@@ -353,6 +353,61 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
             return violation("grouped heads differ from ordinary heads on repeated K/V");
     }
 
+    // Split and merge: each sequence's keys cut at a point drawn from the seed, both parts
+    // attended (the masks restricted to their keys, as a keep mask and a bias) and their states
+    // merged with mha::merge_attention_states. Both the merge and the one-shot tiled output are
+    // within check A of the exact result, so they differ by at most out_bound (twice check A).
+    {
+        std::vector<Index> cut(p.lq.size()), first_lk(p.lq.size()), second_lk(p.lq.size());
+        value_stream cuts(p.seed ^ 0x5EED5EED5EED5EEDull);
+        for (std::size_t b = 0; b < p.lq.size(); ++b) {
+            cut[b] = static_cast<Index>(cuts.next() % static_cast<std::uint64_t>(p.lk[b] + 1));
+            first_lk[b] = cut[b];
+            second_lk[b] = p.lk[b] - cut[b];
+        }
+        mha::matrix<float> merged(p.heads * p.dv, x.q.cols()), lse;
+        for (int part = 0; part < 2; ++part) {
+            const std::vector<Index>& lengths = part == 0 ? first_lk : second_lk;
+            Index nk = 0;
+            for (const Index l : lengths)
+                nk += l;
+            mha::matrix<float> k(x.k.rows(), nk), v(x.v.rows(), nk);
+            std::vector<mha::bool_matrix> keep;
+            std::vector<mha::matrix<float>> bias;
+            Index from = 0, to = 0;
+            for (std::size_t b = 0; b < p.lq.size(); ++b) {
+                const Index lo = part == 0 ? 0 : cut[b], n = lengths[b];
+                k.middleCols(to, n) = x.k.middleCols(from + lo, n);
+                v.middleCols(to, n) = x.v.middleCols(from + lo, n);
+                mha::bool_matrix allowed(n, p.lq[b]);
+                for (Index i = 0; i < p.lq[b]; ++i)
+                    for (Index j = 0; j < n; ++j)
+                        allowed(j, i) = p.allowed(b, lo + j, i);
+                keep.push_back(allowed);
+                bias.push_back(p.bias.empty() ? mha::matrix<float>::Zero(n, p.lq[b])
+                                              : mha::matrix<float>(p.bias[b].middleRows(lo, n)));
+                from += p.lk[b];
+                to += n;
+            }
+            mha::attention_mask<float> mask{mha::keep_mask(keep)};
+            mask.add(mha::additive_bias<float>(bias));
+            mha::matrix<float> out(p.heads * p.dv, x.q.cols());
+            auto extra = mha::multi_head_attention_core(x.q, k, v, p.heads, p.kv_heads,
+                                                        mha::packed_batch(p.lq, lengths), out, mask,
+                                                        {}, {mha::weights_mode::none, true});
+            if (part == 0) {
+                merged = out;
+                lse = std::move(extra.log_sum_exp);
+            } else {
+                mha::merge_attention_states(merged, lse, out, extra.log_sum_exp);
+            }
+        }
+        for (Index i = 0; i < merged.size(); ++i)
+            if (!(std::fabs(merged(i) - tiled.out(i)) <= out_bound(i)))
+                return violation(
+                    "split keys merged by log-sum-exp differ from the one-shot output");
+    }
+
     // Determinism: the same input gives the same bits.
     const run_result again = run_tiled(p, x, false);
     // (Outputs are finite here, checked above, so == compares every bit that matters.)

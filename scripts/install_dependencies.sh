@@ -2,7 +2,8 @@
 # Installs what building, testing and benchmarking mha needs on Debian 12 or Ubuntu 24.04:
 # a C++17 compiler, CMake >= 3.25, Ninja, Eigen 3.4, Catch2 v3, Google Benchmark and
 # nlohmann-json (for the optional mha/io/safetensors.hpp, its tests and the PyTorch check example),
-# pkg-config (for the test of the installed pkg-config files).
+# pkg-config (for the test of the installed pkg-config files), Open MPI (for the optional ring
+# attention example and its test, examples/ring_attention_mpi.cpp).
 # Debian 12 ships Catch2 v2 in main, so v3 comes from the distribution's own backports suite.
 set -euo pipefail
 
@@ -11,7 +12,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(g++ cmake ninja-build libeigen3-dev libbenchmark-dev nlohmann-json3-dev pkg-config catch2)
+packages=(g++ cmake ninja-build libeigen3-dev libbenchmark-dev nlohmann-json3-dev pkg-config catch2
+          libopenmpi-dev openmpi-bin)
 
 # Skip the network when everything is already there.
 missing=()
@@ -48,5 +50,5 @@ fi
 
 apt-get update
 apt-get install -y --no-install-recommends g++ cmake ninja-build libeigen3-dev libbenchmark-dev \
-  nlohmann-json3-dev pkg-config
+  nlohmann-json3-dev pkg-config libopenmpi-dev openmpi-bin
 apt-get install -y --no-install-recommends "${catch2_suite[@]}" catch2

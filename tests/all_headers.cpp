@@ -31,6 +31,19 @@ bool run_layer() {
                                           mha::causal{}, options);
         ok = ok && o.allFinite();
     }
+    // Two halves of the keys merged by their log-sum-exps, pairwise and as a list.
+    const mha::attention_request with_lse{mha::weights_mode::none, true};
+    mat a(8, 70), b(8, 70);
+    mat la = mha::scaled_dot_product_attention(x.topRows(8), x.middleRows(8, 8).leftCols(35),
+                                               x.bottomRows(8).leftCols(35), a, {}, {}, with_lse)
+                 .log_sum_exp;
+    const mat lb =
+        mha::scaled_dot_product_attention(x.topRows(8), x.middleRows(8, 8).rightCols(35),
+                                          x.bottomRows(8).rightCols(35), b, {}, {}, with_lse)
+            .log_sum_exp;
+    mha::merge_attention_states(a, la, b, lb);
+    mha::merge_attention_states(std::vector<mha::attention_state<Scalar>>{{a, la}}, a, la);
+    ok = ok && a.allFinite() && la.allFinite();
 #if defined(MHA_ALL_HEADERS_SAFETENSORS)
     mha::safetensors_writer writer;
     mha::save_multi_head_attention(writer, layer);

@@ -16,6 +16,7 @@
 #include <mha/core.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
+#include <mha/detail/state_merge.hpp>
 #include <mha/detail/tiled/online_softmax.hpp>
 #include <mha/options.hpp>
 
@@ -167,33 +168,21 @@ public:
     }
 
     /// Merges the partials of problem p (sequence b, head h) chunk by chunk in order (the same
-    /// sums for every thread count) and finalises its output.
+    /// sums for every thread count; merge_state_parts, the merge mha::merge_attention_states
+    /// also uses) and finalises its output.
     void merge(const head_problem<Scalar>& p, Index b, Index h, Index query_block,
                tile_scratch<Scalar>& t) const {
-        const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
         const Index nchunks = chunks_of_[static_cast<std::size_t>(b)];
         const Index first = partial_at(b, h, 0);  // chunk ch of query i: column first + ch·lq + i
         for (Index i0 = 0; i0 < p.lq; i0 += query_block) {
             const Index nq = std::min(query_block, p.lq - i0);
             for (Index c = 0; c < nq; ++c) {
                 const Index i = i0 + c;
-                Scalar m = minus_inf;
-                for (Index ch = 0; ch < nchunks; ++ch)
-                    m = nan_propagating_max(m, m_(first + ch * p.lq + i));
-                t.m(c) = m;
-                t.l(c) = Scalar(0);
-                auto acc = t.acc.col(c).head(p.dv);
-                acc.setZero();
-                if (m == minus_inf) continue;
-                for (Index ch = 0; ch < nchunks; ++ch) {
+                const auto chunk_part = [&](Index ch) {
                     const Index at = first + ch * p.lq + i;
-                    // A chunk in which the query saw nothing is skipped, not multiplied by 0:
-                    // its accumulator may hold 0·NaN from poisoned excluded values.
-                    if (m_(at) == minus_inf) continue;
-                    const Scalar alpha = std::exp(m_(at) - m);
-                    t.l(c) += alpha * l_(at);
-                    acc += alpha * Eigen::Map<const vector<Scalar>>(acc_.data() + at * p.dv, p.dv);
-                }
+                    return state_part<Scalar>{m_(at), l_(at), acc_.data() + at * p.dv};
+                };
+                t.m(c) = merge_state_parts(nchunks, chunk_part, p.dv, t.acc.col(c).data(), t.l(c));
             }
             finalize_block(p, i0, nq, t);
         }
