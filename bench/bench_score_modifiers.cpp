@@ -4,8 +4,8 @@
 // and with a modifier whose block predicate skips half of the key blocks (a key-prefix mask).
 // Read each figure against `plain` of the same run.
 //
-//   OMP_NUM_THREADS=1 ./bench_score_modifiers --benchmark_repetitions=5 \
-//       --benchmark_report_aggregates_only=true
+//   OMP_NUM_THREADS=1 ./bench_score_modifiers --benchmark_repetitions=5
+//   (add --benchmark_report_aggregates_only=true for the medians alone)
 #include <limits>
 #include <vector>
 

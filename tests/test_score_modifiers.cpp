@@ -532,3 +532,75 @@ TEST_CASE("score terms: relu and sigmoid take soft-capping and ALiBi", "[score_m
         }
     }
 }
+
+namespace {
+
+/// The layer's output on tokens x (E × L), causal, computed with the reference: projections by
+/// plain loops, per query head reference_attention_terms with that head's slope and sink, heads
+/// concatenated, output projection. In T = long double it is R, in T = Scalar R_lp (check B).
+template <class T, class Scalar>
+mat<T> layer_reference(const mha::attention_config& c, const mha::attention_parameters<Scalar>& p,
+                       const mat<Scalar>& x_s, T scale) {
+    const mat<T> x = x_s.template cast<T>();
+    const mat<T> q = mha_test::reference_linear<T>(p.w_q.template cast<T>(),
+                                                   p.b_q.template cast<T>(), x);
+    const mat<T> k = mha_test::reference_linear<T>(p.w_k.template cast<T>(),
+                                                   p.b_k.template cast<T>(), x);
+    const mat<T> v = mha_test::reference_linear<T>(p.w_v.template cast<T>(),
+                                                   p.b_v.template cast<T>(), x);
+    const Index group = c.num_heads / c.num_kv_heads, dk = c.head_dim, dv = c.value_head_dim;
+    mat<T> concat(c.num_heads * dv, x.cols());
+    for (Index h = 0; h < c.num_heads; ++h) {
+        mha_test::score_terms t;
+        if (c.attention.softcap) t.softcap = *c.attention.softcap;
+        t.alibi = true;
+        t.slope = c.attention.alibi_slopes[static_cast<std::size_t>(h)];
+        t.sink = true;
+        t.sink_logit = c.attention.sinks[static_cast<std::size_t>(h)];
+        const Index g = h / group;
+        concat.middleRows(h * dv, dv) = mha_test::reference_attention_terms<T>(
+            q.middleRows(h * dk, dk), k.middleRows(g * dk, dk), v.middleRows(g * dv, dv), scale, t,
+            mha_test::causal_top_left());
+    }
+    return mha_test::reference_linear<T>(p.w_o.template cast<T>(), p.b_o.template cast<T>(),
+                                         concat);
+}
+
+}  // namespace
+
+TEST_CASE("score terms in the layer: forward and decoding steps against the reference",
+          "[score_modifiers][layer]") {
+    using Scalar = float;
+    mha::attention_config c;
+    c.embed_dim = 16;
+    c.num_heads = 4;
+    c.head_dim = 4;
+    c.value_head_dim = 3;
+    c.num_kv_heads = 2;
+    c.attention.softcap = 2.0;
+    c.attention.alibi_slopes = mha::alibi_slopes(4);
+    c.attention.sinks = {0.5, -0.5, 1.0, 0.0};
+    mha_test::value_source values(7001);
+    auto params = mha::multi_head_attention<Scalar>(c, 7).parameters();
+    for (auto* w : {&params.w_q, &params.w_k, &params.w_v, &params.w_o})
+        *w = values.uniform_matrix<Scalar>(w->rows(), w->cols(), -0.6, 0.6);
+    const mha::multi_head_attention<Scalar> layer(c, params);
+    const Index length = 40;
+    const mat<Scalar> x = values.normal_matrix<Scalar>(16, length);
+    const Scalar scale = Scalar(1) / std::sqrt(Scalar(4));
+    const mat<long double> ref =
+        layer_reference<long double>(c.resolved(), params, x, static_cast<long double>(scale));
+    const mat<Scalar> base = layer_reference<Scalar>(c.resolved(), params, x, scale);
+    // Check B with k = 4: the layer tests' rule for the chain of four products and a softmax
+    // (layer_baseline_k in test_multi_head_attention.cpp, decode_k in test_kv_cache.cpp).
+    const mat<Scalar> forwarded = layer.forward(x, mha::causal{});
+    mha_test::require_within_baseline<Scalar>(forwarded, ref, base, 4, "forward");
+    // Decoding token by token through the KV cache (split-KV is not reached at this length; the
+    // kernel tests above cover it): each step's queries are the cache's last positions.
+    mha::kv_cache<Scalar> cache = layer.make_cache();
+    mat<Scalar> decoded(16, length);
+    decoded.leftCols(5) = layer.decode(x.leftCols(5), cache);
+    for (Index t = 5; t < length; ++t)
+        decoded.col(t) = layer.decode(x.col(t), cache);
+    mha_test::require_within_baseline<Scalar>(decoded, ref, base, 4, "decode");
+}
