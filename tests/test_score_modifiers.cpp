@@ -66,8 +66,6 @@ problem_case<Scalar> make_case(Index heads, Index kv_heads, Index dk, Index dv,
     return c;
 }
 
-struct run_result_tag {};
-
 /// Runs one kernel on the case, with the log-sum-exp; returns (out, lse).
 template <class Scalar, class Mod = mha::detail::no_score_modifier>
 std::pair<mat<Scalar>, mat<Scalar>> run(kernel which, const problem_case<Scalar>& c,
@@ -75,8 +73,8 @@ std::pair<mat<Scalar>, mat<Scalar>> run(kernel which, const problem_case<Scalar>
                                         const mha::attention_options& options, const settings& cfg,
                                         const Mod& mod = Mod{}) {
     const char* where = "test";
-    const auto layout = mha::detail::make_head_layout(where, c.heads, c.kv_heads, c.q.rows(),
-                                                      c.v.rows());
+    const auto layout =
+        mha::detail::make_head_layout(where, c.heads, c.kv_heads, c.q.rows(), c.v.rows());
     mha::detail::check_score_terms(where, options, c.heads);
     mask.validate(where, c.heads, c.batch.query_lengths(), c.batch.key_lengths());
     mat<Scalar> out(c.heads * c.dv, c.q.cols());
@@ -133,10 +131,9 @@ template <class Scalar>
 void compare(const problem_case<Scalar>& c, const mat<Scalar>& out, const mat<Scalar>& lse,
              const ref_mask& rm, const mha::attention_options& options,
              const test_modifier* modifier, const std::string& what) {
-    const long double scale = 1.0L / std::sqrt(static_cast<long double>(static_cast<Scalar>(c.dk)));
+    // The scale the kernel used, rounded to Scalar, so that the reference sees the same one.
     const Scalar scale_s = Scalar(1) / std::sqrt(Scalar(c.dk));
     const long double scale_used = static_cast<long double>(scale_s);
-    (void)scale;
     const Index group = c.heads / c.kv_heads;
     for (Index b = 0; b < c.batch.size(); ++b) {
         const Index q0 = c.batch.query_offset(b), k0 = c.batch.key_offset(b);
@@ -176,12 +173,13 @@ void compare(const problem_case<Scalar>& c, const mat<Scalar>& out, const mat<Sc
                 if (terms.modifier && terms.modifier(i, j, 0.0L) == minus_inf_ld)
                     return minus_inf_ld;
                 m = std::fabs(m) + terms.softcap + std::fabs(terms.sink_logit);
-                if (terms.alibi) m += std::fabs(terms.slope * static_cast<long double>(j - i - (lk - lq)));
+                if (terms.alibi)
+                    m += std::fabs(terms.slope * static_cast<long double>(j - i - (lk - lq)));
                 if (terms.modifier) m += std::fabs(terms.modifier(i, j, 0.0L));
                 return m;
             };
-            const std::string at = what + ", sequence " + std::to_string(b) + ", head " +
-                                   std::to_string(h);
+            const std::string at =
+                what + ", sequence " + std::to_string(b) + ", head " + std::to_string(h);
             const mat<Scalar> o = out.block(h * c.dv, q0, c.dv, lq);
             mha_test::require_attention_close<Scalar>(o, ref, q, k, v, scale_used, allowed,
                                                       magnitude, at);
@@ -191,9 +189,9 @@ void compare(const problem_case<Scalar>& c, const mat<Scalar>& out, const mat<Sc
                 const long double got = static_cast<long double>(lse(h, q0 + i));
                 const long double want = ref_lse(i);
                 INFO(at << ", query " << i << ": lse " << got << ", reference " << want);
-                if (want == minus_inf_ld || (terms.sink && ref.col(i).isZero(0) &&
-                                             want == static_cast<long double>(static_cast<Scalar>(
-                                                         terms.sink_logit)))) {
+                if (want == minus_inf_ld ||
+                    (terms.sink && ref.col(i).isZero(0) &&
+                     want == static_cast<long double>(static_cast<Scalar>(terms.sink_logit)))) {
                     // Nothing to attend to: exactly −∞, or exactly the sink logit.
                     REQUIRE(got == (terms.sink ? static_cast<long double>(
                                                      static_cast<Scalar>(terms.sink_logit))
@@ -250,12 +248,13 @@ std::vector<std::pair<mha::attention_mask<Scalar>, ref_mask>> single_sequence_ma
                              ? -std::numeric_limits<Scalar>::infinity()
                              : static_cast<Scalar>(rnd.normal(2.0));
         }
-    masks.push_back({mha::keep_mask(keep),
-                     {"keep_mask", [keep](Index, Index j, Index i) { return keep(j, i); }, nullptr}});
     masks.push_back(
-        {mha::additive_bias<Scalar>(bias),
-         {"additive_bias", all,
-          [bias](Index, Index j, Index i) { return static_cast<long double>(bias(j, i)); }}});
+        {mha::keep_mask(keep),
+         {"keep_mask", [keep](Index, Index j, Index i) { return keep(j, i); }, nullptr}});
+    masks.push_back(
+        {mha::additive_bias<Scalar>(bias), {"additive_bias", all, [bias](Index, Index j, Index i) {
+                                                return static_cast<long double>(bias(j, i));
+                                            }}});
     return masks;
 }
 
@@ -293,8 +292,7 @@ const settings small_tiles{8, 16, 32, 0};
 template <class Scalar, class Mod = mha::detail::no_score_modifier>
 void check_all(const problem_case<Scalar>& c, const mha::attention_mask<Scalar>& mask,
                const ref_mask& rm, const mha::attention_options& options, const settings& cfg,
-               const std::string& what, const test_modifier* tm = nullptr,
-               const Mod& mod = Mod{}) {
+               const std::string& what, const test_modifier* tm = nullptr, const Mod& mod = Mod{}) {
     settings one = cfg, two = cfg;
     one.threads = 1;
     two.threads = 2;
@@ -322,8 +320,8 @@ TEST_CASE("score terms: every mask kind at tile boundaries, grouped heads, both 
             const test_modifier t5 = make_t5(4, seed);
             const auto mod = mha::make_score_modifier(t5);
             for (const auto& [mask, rm] : single_sequence_masks<float>(lq, lk, seed)) {
-                const std::string shape = rm.name + ", lq " + std::to_string(lq) + ", lk " +
-                                          std::to_string(lk);
+                const std::string shape =
+                    rm.name + ", lq " + std::to_string(lq) + ", lk " + std::to_string(lk);
                 for (const auto& [name, options] : term_sets(4))
                     check_all<float>(c, mask, rm, options, small_tiles, name + ", " + shape);
                 check_all<float>(c, mask, rm, mha::attention_options{}, small_tiles,
@@ -341,12 +339,12 @@ TEST_CASE("score terms: packed batches, double, split-KV decode shapes", "[score
     const std::vector<Index> lq{9, 1, 0, 17}, lk{17, 70, 5, 17};
     const auto c = make_case<double>(3, 3, 4, 6, lq, lk, ++seed);
     const test_modifier t5 = make_t5(3, seed);
-    const ref_mask causal{"causal",
-                          [&](Index b, Index j, Index i) {
-                              return j <= i + (lk[static_cast<std::size_t>(b)] -
-                                               lq[static_cast<std::size_t>(b)]);
-                          },
-                          nullptr};
+    const ref_mask causal{
+        "causal",
+        [&](Index b, Index j, Index i) {
+            return j <= i + (lk[static_cast<std::size_t>(b)] - lq[static_cast<std::size_t>(b)]);
+        },
+        nullptr};
     for (const auto& [name, options] : term_sets(3)) {
         check_all<double>(c, mha::causal{}, causal, options, small_tiles, name + ", packed");
         check_all<double>(c, mha::causal{}, causal, options, small_tiles, name + " + T5, packed",
@@ -362,8 +360,8 @@ TEST_CASE("score terms: packed batches, double, split-KV decode shapes", "[score
 
 TEST_CASE("score terms: real tile sizes", "[score_modifiers]") {
     const auto c = make_case<float>(2, 1, 16, 16, {130}, {520}, 3001);
-    const ref_mask causal{"causal",
-                          [](Index, Index j, Index i) { return j <= i + (520 - 130); }, nullptr};
+    const ref_mask causal{"causal", [](Index, Index j, Index i) { return j <= i + (520 - 130); },
+                          nullptr};
     for (const auto& [name, options] : term_sets(2))
         check_all<float>(c, mha::causal{}, causal, options, settings{}, name + ", real tiles");
 }
@@ -376,8 +374,7 @@ TEST_CASE("sinks: a fully masked query gives exactly 0 and the sink as log-sum-e
     mha::attention_options options;
     options.sinks = {0.25, -3.0};
     for (kernel which : {kernel::tiled, kernel::materialized}) {
-        const auto [out, lse] =
-            run<float>(which, c, mha::keep_mask(keep), options, small_tiles);
+        const auto [out, lse] = run<float>(which, c, mha::keep_mask(keep), options, small_tiles);
         REQUIRE((out.col(2).array() == 0.0f).all());
         REQUIRE(lse(0, 2) == 0.25f);
         REQUIRE(lse(1, 2) == -3.0f);
@@ -542,12 +539,12 @@ template <class T, class Scalar>
 mat<T> layer_reference(const mha::attention_config& c, const mha::attention_parameters<Scalar>& p,
                        const mat<Scalar>& x_s, T scale) {
     const mat<T> x = x_s.template cast<T>();
-    const mat<T> q = mha_test::reference_linear<T>(p.w_q.template cast<T>(),
-                                                   p.b_q.template cast<T>(), x);
-    const mat<T> k = mha_test::reference_linear<T>(p.w_k.template cast<T>(),
-                                                   p.b_k.template cast<T>(), x);
-    const mat<T> v = mha_test::reference_linear<T>(p.w_v.template cast<T>(),
-                                                   p.b_v.template cast<T>(), x);
+    const mat<T> q =
+        mha_test::reference_linear<T>(p.w_q.template cast<T>(), p.b_q.template cast<T>(), x);
+    const mat<T> k =
+        mha_test::reference_linear<T>(p.w_k.template cast<T>(), p.b_k.template cast<T>(), x);
+    const mat<T> v =
+        mha_test::reference_linear<T>(p.w_v.template cast<T>(), p.b_v.template cast<T>(), x);
     const Index group = c.num_heads / c.num_kv_heads, dk = c.head_dim, dv = c.value_head_dim;
     mat<T> concat(c.num_heads * dv, x.cols());
     for (Index h = 0; h < c.num_heads; ++h) {

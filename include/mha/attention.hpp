@@ -10,9 +10,9 @@
 //   out : d_v × Lq
 //
 // Order inside the scores: scale → soft-capping → ALiBi → score modifier → additive bias → mask →
-// normalise, with attention sinks in the softmax normaliser (docs/score_modifiers.md). Masks are applied by
-// selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never leaks).
-// A query with no key to attend to gets output 0 and weights 0.
+// normalise, with attention sinks in the softmax normaliser (docs/score_modifiers.md). Masks are
+// applied by selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never
+// leaks). A query with no key to attend to gets output 0 and weights 0.
 #pragma once
 
 #include <algorithm>
@@ -300,9 +300,9 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
         const detail::attention_problem<Scalar> problem{
             q, k, v, o, heads, batch, mask, scale, options.normalize, request, nullptr, &options};
         detail::check_output_apart(where, problem);
-        outputs = detail::attend(problem, options.algorithm,
-                                 static_cast<detail::attention_workspace<Scalar>*>(nullptr),
-                                 modifier);
+        outputs =
+            detail::attend(problem, options.algorithm,
+                           static_cast<detail::attention_workspace<Scalar>*>(nullptr), modifier);
     });
     return outputs;
 }

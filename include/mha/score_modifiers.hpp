@@ -24,7 +24,8 @@ inline std::vector<double> alibi_slopes(Index num_heads) {
     std::vector<double> slopes;
     if (num_heads <= 0) return slopes;
     Index n = 1;
-    while (2 * n <= num_heads) n *= 2;
+    while (2 * n <= num_heads)
+        n *= 2;
     slopes.reserve(static_cast<std::size_t>(num_heads));
     for (Index h = 0; h < n; ++h)
         slopes.push_back(std::exp2(-8.0 * static_cast<double>(h + 1) / static_cast<double>(n)));
@@ -54,7 +55,7 @@ struct visit_every_block {
 /// Both are called from several threads at once and must not modify shared state.
 template <class ScoreFn, class BlockPredicate = visit_every_block>
 struct score_modifier {
-    ScoreFn score;          ///< (sequence, head, i, j, s) → score
+    ScoreFn score;           ///< (sequence, head, i, j, s) → score
     BlockPredicate visit{};  ///< (sequence, head, i0, i1, j0, j1) → may the block matter
 };
 

@@ -142,9 +142,8 @@ struct score_terms {
 template <class T>
 mat<T> reference_attention_terms(const mat<T>& q, const mat<T>& k, const mat<T>& v, T scale,
                                  const score_terms& terms, const allowed_fn& allowed = allow_all(),
-                                 const bias_fn& bias = nullptr,
-                                 norm_kind kind = norm_kind::softmax, mat<T>* weights = nullptr,
-                                 vec<T>* lse = nullptr) {
+                                 const bias_fn& bias = nullptr, norm_kind kind = norm_kind::softmax,
+                                 mat<T>* weights = nullptr, vec<T>* lse = nullptr) {
     const Index lq = q.cols(), lk = k.cols(), dk = q.rows(), dv = v.rows();
     const T minus_inf = -std::numeric_limits<T>::infinity();
     mat<T> out = mat<T>::Zero(dv, lq);

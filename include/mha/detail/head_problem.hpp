@@ -133,21 +133,21 @@ head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index
         kv_column = 0;
     }
     head_problem<Scalar> hp{at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h)),
-            at(kv.k, lk, kv_column * kv.k_stride + heads.k_row(h)),
-            at(kv.v, lk, kv_column * kv.v_stride + heads.v_row(h)),
-            at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
-            lse_at,
-            p.q.outerStride(),
-            kv.k_stride,
-            kv.v_stride,
-            p.out.outerStride(),
-            lse == nullptr ? 0 : lse->rows(),
-            heads.dk,
-            heads.dv,
-            lq,
-            lk,
-            p.scale,
-            &mask};
+                            at(kv.k, lk, kv_column * kv.k_stride + heads.k_row(h)),
+                            at(kv.v, lk, kv_column * kv.v_stride + heads.v_row(h)),
+                            at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
+                            lse_at,
+                            p.q.outerStride(),
+                            kv.k_stride,
+                            kv.v_stride,
+                            p.out.outerStride(),
+                            lse == nullptr ? 0 : lse->rows(),
+                            heads.dk,
+                            heads.dv,
+                            lq,
+                            lk,
+                            p.scale,
+                            &mask};
     hp.sequence = b;
     hp.head = h;
     if (p.terms != nullptr) {

@@ -170,8 +170,8 @@ void materialized_attention(const attention_problem<Scalar>& p, attention_output
             attend_one_head<Scalar>(
                 const_view(hp.q, heads.dk, lq, Eigen::OuterStride<>(hp.q_stride)),
                 const_view(hp.k, heads.dk, lk, Eigen::OuterStride<>(hp.k_stride)),
-                const_view(hp.v, heads.dv, lk, Eigen::OuterStride<>(hp.v_stride)), hp,
-                p.normalize, out_bh, scores, gemm, mod);
+                const_view(hp.v, heads.dv, lk, Eigen::OuterStride<>(hp.v_stride)), hp, p.normalize,
+                out_bh, scores, gemm, mod);
             if (mode == weights_mode::per_head)
                 outputs.weights[static_cast<std::size_t>(b * num_heads + h)] = scores;
             else if (mode == weights_mode::averaged)

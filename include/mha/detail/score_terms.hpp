@@ -41,8 +41,8 @@ Scalar modified_score(const head_problem<Scalar>& p, const Mod& mod, Index i, In
 /// s[c] for c < nq: the scaled scores of queries i0 + c against key j, modified in place (the
 /// tiled kernel's layout: one key's scores of a block of queries are contiguous).
 template <class Scalar, class Mod>
-void modify_key_column(const head_problem<Scalar>& p, const Mod& mod, Scalar* s, Index i0,
-                       Index nq, Index j) {
+void modify_key_column(const head_problem<Scalar>& p, const Mod& mod, Scalar* s, Index i0, Index nq,
+                       Index j) {
     if (p.softcap != Scalar(0)) {
         Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> a(s, nq);
         a = p.softcap * (a * (Scalar(1) / p.softcap)).tanh();
@@ -100,8 +100,8 @@ Scalar fold_sink(const head_problem<Scalar>& p, Scalar& m, Scalar& l) {
 /// Throws value_error unless the score terms of `options` fit `num_heads` query heads and the
 /// normalisation: soft-capping finite and > 0, one ALiBi slope (finite) and one sink (finite)
 /// per head, sinks with softmax only.
-inline void check_score_terms(const char* where, const attention_options& options,
-                              Index num_heads, const std::string& prefix = "options.") {
+inline void check_score_terms(const char* where, const attention_options& options, Index num_heads,
+                              const std::string& prefix = "options.") {
     if (options.softcap && !(std::isfinite(*options.softcap) && *options.softcap > 0))
         fail<value_error>(where, prefix + "softcap", "finite and > 0", *options.softcap);
     auto per_head = [&](const std::string& name, const std::vector<double>& values) {

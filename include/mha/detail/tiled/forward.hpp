@@ -37,6 +37,13 @@
 // query. keep_mask and additive_bias are applied element-wise to each visited block (a −∞ bias
 // is a selection, like keep_mask, so NaN + (−∞) cannot resurrect an excluded key).
 //
+// Score terms (detail/score_terms.hpp). Soft-capping, ALiBi and the caller's score modifier
+// change each visited block's scores between the score kernel and the mask (masked_scores); the
+// modifier is a template argument, so a call without one compiles to the loop above. A block the
+// modifier's predicate rules out is skipped before its scores are computed. A sink joins (m, l)
+// once per query in finalize_block, after the split-KV merge. Heads that differ in their terms
+// are never stacked.
+//
 // Poisoned values. P·V by GEMM multiplies excluded value columns by 0, and 0·NaN = NaN (0·Inf as
 // well). As in the materialised path, such an output column is the only non-finite one that can
 // be wrong, so after the last block every non-finite output column is recomputed from its

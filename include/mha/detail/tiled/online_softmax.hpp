@@ -287,8 +287,7 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
 /// Recomputes output column i from its allowed keys alone (see "Poisoned values" in
 /// detail/tiled/forward.hpp). A key the score terms exclude (−∞) is skipped like a masked one.
 template <class Scalar, class Mod>
-void repair_column(const head_problem<Scalar>& p, const Mod& mod, Index i, Scalar m,
-                   Scalar inv_l) {
+void repair_column(const head_problem<Scalar>& p, const Mod& mod, Index i, Scalar m, Scalar inv_l) {
     using cvec = Eigen::Map<const vector<Scalar>>;
     Eigen::Map<vector<Scalar>> out(p.out + i * p.out_stride, p.dv);
     out.setZero();
