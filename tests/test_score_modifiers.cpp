@@ -601,3 +601,56 @@ TEST_CASE("score terms in the layer: forward and decoding steps against the refe
         decoded.col(t) = layer.decode(x.col(t), cache);
     mha_test::require_within_baseline<Scalar>(decoded, ref, base, 4, "decode");
 }
+
+TEST_CASE("score terms: returned weights of both kernels against the reference",
+          "[score_modifiers]") {
+    // Weights are the output for values that are unit vectors (V = I, Vmax = 1), so check A's
+    // bound applies to them column by column, as in test_tiled_attention.cpp. With a sink the
+    // weights of a query sum to less than 1.
+    const Index lq = 13, lk = 21, heads = 2;
+    const auto c = make_case<float>(heads, 1, 4, 4, {lq}, {lk}, 8001);
+    mha::attention_options options;
+    options.softcap = 1.5;
+    options.alibi_slopes = mha::alibi_slopes(heads);
+    options.sinks = {0.3, -0.4};
+    const test_modifier t5 = make_t5(heads, 8002);
+    for (auto algorithm :
+         {mha::attention_algorithm::tiled, mha::attention_algorithm::materialized}) {
+        options.algorithm = algorithm;
+        mat<float> out(heads * 4, lq);
+        const auto extra = mha::multi_head_attention_core(
+            c.q, c.k, c.v, heads, 1, c.batch, out, mha::causal{}, options,
+            {mha::weights_mode::per_head, false}, mha::make_score_modifier(t5));
+        REQUIRE(extra.weights.size() == 2);
+        for (Index h = 0; h < heads; ++h) {
+            mha_test::score_terms terms;
+            terms.softcap = 1.5;
+            terms.alibi = true;
+            terms.slope = options.alibi_slopes[static_cast<std::size_t>(h)];
+            terms.sink = true;
+            terms.sink_logit = options.sinks[static_cast<std::size_t>(h)];
+            terms.modifier = [&t5, h](Index i, Index j, long double s) {
+                return t5(0, h, i, j, s);
+            };
+            const mat<long double> q = c.q.middleRows(h * 4, 4).cast<long double>();
+            const mat<long double> k = c.k.cast<long double>();
+            const mat<long double> eye = mat<long double>::Identity(lk, lk);
+            const long double scale = static_cast<long double>(1.0f / std::sqrt(4.0f));
+            auto causal = mha_test::causal_bottom_right(lq, lk);
+            mat<long double> ref_w;
+            mha_test::reference_attention_terms<long double>(
+                q, k, eye, scale, terms, causal, nullptr, mha_test::norm_kind::softmax, &ref_w);
+            auto magnitude = [&](Index j, Index i) {
+                return 1.5L + std::fabs(terms.sink_logit) +
+                       std::fabs(terms.slope * static_cast<long double>(j - i - (lk - lq))) +
+                       std::fabs(t5(0, h, i, j, 0.0L));
+            };
+            mha_test::require_attention_close<float>(
+                extra.weights[static_cast<std::size_t>(h)], ref_w, q, k, eye, scale, causal,
+                magnitude,
+                std::string(algorithm == mha::attention_algorithm::tiled ? "tiled"
+                                                                         : "materialized") +
+                    " weights, head " + std::to_string(h));
+        }
+    }
+}
