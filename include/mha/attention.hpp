@@ -10,9 +10,10 @@
 ///   scores, weights : Lk × Lq (column i holds query i's view of every key)
 ///   out : d_v × Lq
 ///
-/// Order inside the scores: scale → additive bias → mask → normalise. Masks are applied by
-/// selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never leaks).
-/// A query with no key to attend to gets output 0 and weights 0.
+/// Order inside the scores: scale → soft-capping → ALiBi → score modifier → additive bias → mask →
+/// normalise, with attention sinks in the softmax normaliser (docs/score_modifiers.md). Masks are
+/// applied by selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never
+/// leaks). A query with no key to attend to gets output 0 and weights 0.
 #pragma once
 
 #include <algorithm>
@@ -30,10 +31,12 @@
 #include <mha/detail/gemm.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/materialized.hpp>
+#include <mha/detail/score_terms.hpp>
 #include <mha/detail/tiled/forward.hpp>
 #include <mha/mask.hpp>
 #include <mha/normalization.hpp>
 #include <mha/options.hpp>
+#include <mha/score_modifiers.hpp>
 
 namespace mha {
 
@@ -173,20 +176,20 @@ void size_outputs(const attention_problem<Scalar>& p, attention_outputs<Scalar>&
 
 /// Runs the kernel the options select on a validated problem. `workspace`: the buffers of the
 /// call, kept for the next one; null: the call's own, and the materialised path's products are
-/// Eigen's (which may run on Eigen's own OpenMP threads).
-template <class Scalar>
+/// Eigen's (which may run on Eigen's own OpenMP threads). `mod`: the caller's score modifier.
+template <class Scalar, class Mod = no_score_modifier>
 attention_outputs<Scalar> attend(const attention_problem<Scalar>& p, attention_algorithm algorithm,
-                                 attention_workspace<Scalar>* workspace) {
+                                 attention_workspace<Scalar>* workspace, const Mod& mod = Mod{}) {
     attention_outputs<Scalar> outputs;
     size_outputs(p, outputs);
     if (uses_tiled_kernel(p.normalize, algorithm)) {
         tiled_attention(p, outputs, tiled_settings{},
-                        workspace != nullptr ? &workspace->tiled : nullptr);
+                        workspace != nullptr ? &workspace->tiled : nullptr, mod);
         return outputs;
     }
     materialized_workspace<Scalar> local;
     materialized_attention(p, outputs, workspace != nullptr ? workspace->materialized : local,
-                           workspace != nullptr ? &workspace->gemm : nullptr);
+                           workspace != nullptr ? &workspace->gemm : nullptr, mod);
     return outputs;
 }
 
@@ -216,6 +219,7 @@ attention_outputs<typename DQ::Scalar> scaled_dot_product_attention(
                        "q.cols(), the number of queries");
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, q.rows());
     detail::check_request(where, options, request);
+    detail::check_score_terms(where, options, 1);
     mask.validate(where, 1, {q.cols()}, {k.cols()});
     const packed_batch batch = packed_batch::single(q.cols(), k.cols());
     attention_outputs<Scalar> outputs;
@@ -230,7 +234,8 @@ attention_outputs<typename DQ::Scalar> scaled_dot_product_attention(
                                                         scale,
                                                         options.normalize,
                                                         request,
-                                                        nullptr};
+                                                        nullptr,
+                                                        &options};
         detail::check_output_apart(where, problem);
         outputs = detail::attend(problem, options.algorithm,
                                  static_cast<detail::attention_workspace<Scalar>*>(nullptr));
@@ -257,13 +262,15 @@ matrix<typename DQ::Scalar> scaled_dot_product_attention(
 /// g = h / (H / H_kv), in the columns of sequence b only: K and V are read in place, never
 /// repeated. Masks and weights are per query head. Returns what `request` asks for besides the
 /// output (see attention_outputs). `out` must not share an element with q, k or v (value_error;
-/// disjoint row blocks of one matrix, as in a fused QKV buffer, are fine).
-template <class DQ, class DK, class DV, class DO>
+/// disjoint row blocks of one matrix, as in a fused QKV buffer, are fine). `modifier`, when
+/// given (make_score_modifier), changes each score in the kernels, compiled in with the call.
+template <class DQ, class DK, class DV, class DO, class Mod = detail::no_score_modifier>
 attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
     Index num_heads, Index num_kv_heads, const packed_batch& batch,
     const Eigen::MatrixBase<DO>& out_, const attention_mask<typename DQ::Scalar>& mask = {},
-    const attention_options& options = {}, const attention_request& request = {}) {
+    const attention_options& options = {}, const attention_request& request = {},
+    const Mod& modifier = Mod{}) {
     using Scalar = typename DQ::Scalar;
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
     static_assert(detail::same_scalars_v<Scalar, typename DK::Scalar, typename DV::Scalar,
@@ -287,14 +294,16 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     detail::check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols()");
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
     detail::check_request(where, options, request);
+    detail::check_score_terms(where, options, num_heads);
     mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
     attention_outputs<Scalar> outputs;
     detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
         const detail::attention_problem<Scalar> problem{
-            q, k, v, o, heads, batch, mask, scale, options.normalize, request, nullptr};
+            q, k, v, o, heads, batch, mask, scale, options.normalize, request, nullptr, &options};
         detail::check_output_apart(where, problem);
-        outputs = detail::attend(problem, options.algorithm,
-                                 static_cast<detail::attention_workspace<Scalar>*>(nullptr));
+        outputs =
+            detail::attend(problem, options.algorithm,
+                           static_cast<detail::attention_workspace<Scalar>*>(nullptr), modifier);
     });
     return outputs;
 }

@@ -9,6 +9,7 @@
 #include <string>
 
 #include <mha/core.hpp>
+#include <mha/detail/score_terms.hpp>
 #include <mha/options.hpp>
 #include <mha/rotary.hpp>
 
@@ -75,6 +76,7 @@ struct attention_config {
             detail::checked_add<value_error>(where, "2 * num_heads * head_dim", qk, qk), vw);
         if (c.attention.scale && !std::isfinite(*c.attention.scale))
             detail::fail<value_error>(where, "attention.scale", "finite", *c.attention.scale);
+        detail::check_score_terms(where, c.attention, c.num_heads, "attention.");
         if (c.rotary) {
             // Checks the rotary settings against d_k now, with their own messages.
             (void)rotary_embedding<double>(*c.rotary, c.head_dim);

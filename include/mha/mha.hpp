@@ -34,3 +34,4 @@
 #include <mha/options.hpp>
 #include <mha/projection.hpp>
 #include <mha/rotary.hpp>
+#include <mha/score_modifiers.hpp>

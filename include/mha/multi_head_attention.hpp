@@ -383,7 +383,8 @@ public:
             detail::resolve_scale<Scalar>(decode_where, config_.attention, config_.head_dim),
             config_.attention.normalize,
             {},
-            d.caches.data()};
+            d.caches.data(),
+            &config_.attention};
         detail::attend(problem, config_.attention.algorithm, &workspace.internal);
         project_output(workspace, out);
     }
@@ -627,7 +628,8 @@ private:
                                           config_.head_dim),
             config_.attention.normalize,
             request,
-            nullptr};
+            nullptr,
+            &config_.attention};
         return detail::attend(problem, config_.attention.algorithm, &ws.internal);
     }
 

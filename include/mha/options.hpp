@@ -55,6 +55,17 @@ struct attention_options {
     normalization normalize = normalization::softmax;
     /// Which kernel runs (the results agree to rounding; see attention_algorithm).
     attention_algorithm algorithm = attention_algorithm::automatic;
+    /// Logit soft-capping (Gemma 2, Grok): each scaled score s becomes cap·tanh(s / cap), before
+    /// ALiBi, the bias and the mask. Not set: no capping. Must be finite and > 0.
+    std::optional<double> softcap;
+    /// ALiBi: query head h adds alibi_slopes[h]·(j − i − (Lk − Lq)) to the score of query i and
+    /// key j of its sequence (positions aligned bottom-right, as causal masks are). Empty: no
+    /// ALiBi; otherwise one slope per query head (mha::alibi_slopes gives the standard ones).
+    std::vector<double> alibi_slopes;
+    /// Attention sinks (gpt-oss): query head h's softmax normaliser gets the extra term
+    /// exp(sinks[h]), a logit with no value, so the weights of the keys sum to less than 1.
+    /// Empty: none; otherwise one finite logit per query head. Softmax only.
+    std::vector<double> sinks;
 };
 
 /// Which attention weights a call returns.
@@ -80,8 +91,10 @@ struct attention_outputs {
     /// `weights_mode::averaged`: B matrices. Each `Lk × Lq` of its sequence. Empty if not asked.
     std::vector<matrix<Scalar>> weights;
     /// `H × Nq`: entry (h, i) is log Σ_j exp(s_ij) of head h and query column i over the keys
-    /// the query may attend to, s being the scores after scale and bias (the softmax weights are
-    /// exp(s_ij − log_sum_exp(h, i))). −∞ for a query with no key to attend to. What a backward
+    /// the query may attend to, s being the scores after scale, soft-capping, ALiBi, bias and
+    /// score modifier (the softmax weights are exp(s_ij − log_sum_exp(h, i))); with attention
+    /// sinks the sum also holds exp(sinks[h]), so a query with no key to attend to has
+    /// sinks[h], and without sinks −∞. What a backward
     /// pass needs to recompute the weights, and what merges results over disjoint key sets.
     /// Empty (0 × 0) if not asked.
     matrix<Scalar> log_sum_exp;

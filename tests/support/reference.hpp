@@ -123,6 +123,87 @@ mat<T> reference_attention(const mat<T>& q, const mat<T>& k, const mat<T>& v, T 
     return out;
 }
 
+/// Changes to the scores between scale and mask, as the reference applies them: soft-capping
+/// (cap·tanh(s/cap), cap 0: none), an ALiBi slope (slope·(j − i − (Lk − Lq))), a caller's
+/// modifier (i, j, s) → s (−∞ excludes the key), and a sink logit in the softmax normaliser.
+struct score_terms {
+    long double softcap = 0;
+    bool alibi = false;
+    long double slope = 0;
+    std::function<long double(Index i, Index j, long double s)> modifier = nullptr;
+    bool sink = false;
+    long double sink_logit = 0;
+};
+
+/// Single-head attention with score terms, in the order scale → soft-cap → ALiBi → modifier →
+/// bias → mask → normalise (sink in the softmax normaliser). Written apart from
+/// reference_attention so that the plain path stays as it was. A query with no allowed key gets
+/// output 0 and weights 0; its log-sum-exp is the sink logit (−∞ without a sink).
+template <class T>
+mat<T> reference_attention_terms(const mat<T>& q, const mat<T>& k, const mat<T>& v, T scale,
+                                 const score_terms& terms, const allowed_fn& allowed = allow_all(),
+                                 const bias_fn& bias = nullptr, norm_kind kind = norm_kind::softmax,
+                                 mat<T>* weights = nullptr, vec<T>* lse = nullptr) {
+    const Index lq = q.cols(), lk = k.cols(), dk = q.rows(), dv = v.rows();
+    const T minus_inf = -std::numeric_limits<T>::infinity();
+    mat<T> out = mat<T>::Zero(dv, lq);
+    if (weights) *weights = mat<T>::Zero(lk, lq);
+    if (lse) *lse = vec<T>::Constant(lq, minus_inf);
+    for (Index i = 0; i < lq; ++i) {
+        std::vector<T> s(static_cast<std::size_t>(lk), T(0));
+        std::vector<bool> ok(static_cast<std::size_t>(lk), false);
+        for (Index j = 0; j < lk; ++j) {
+            const auto jj = static_cast<std::size_t>(j);
+            ok[jj] = allowed(j, i);
+            if (!ok[jj]) continue;
+            T dot = 0;
+            for (Index c = 0; c < dk; ++c)
+                dot += q(c, i) * k(c, j);
+            T x = dot * scale;
+            if (terms.softcap != 0) {
+                const T cap = static_cast<T>(terms.softcap);
+                x = cap * std::tanh(x / cap);
+            }
+            if (terms.alibi) x += static_cast<T>(terms.slope) * static_cast<T>(j - i - (lk - lq));
+            if (terms.modifier) x = static_cast<T>(terms.modifier(i, j, x));
+            if (bias) x += static_cast<T>(bias(j, i));
+            if (x == minus_inf) ok[jj] = false;
+            s[jj] = x;
+        }
+        if (kind == norm_kind::softmax) {
+            T m = terms.sink ? static_cast<T>(terms.sink_logit) : minus_inf;
+            for (Index j = 0; j < lk; ++j) {
+                const auto jj = static_cast<std::size_t>(j);
+                if (ok[jj] && (s[jj] > m || std::isnan(s[jj]))) m = s[jj];
+            }
+            if (m == minus_inf) {  // nothing to attend to and no sink
+                for (auto& x : s)
+                    x = T(0);
+            } else {
+                T sum = terms.sink ? std::exp(static_cast<T>(terms.sink_logit) - m) : T(0);
+                for (Index j = 0; j < lk; ++j) {
+                    const auto jj = static_cast<std::size_t>(j);
+                    s[jj] = ok[jj] ? std::exp(s[jj] - m) : T(0);
+                    sum += s[jj];
+                }
+                for (auto& x : s)
+                    x /= sum;
+                if (lse) (*lse)(i) = m + std::log(sum);
+            }
+        } else {
+            reference_normalize(s, ok, kind);
+        }
+        for (Index j = 0; j < lk; ++j) {
+            const auto jj = static_cast<std::size_t>(j);
+            if (weights) (*weights)(j, i) = s[jj];
+            if (!ok[jj]) continue;  // excluded values are never read
+            for (Index c = 0; c < dv; ++c)
+                out(c, i) += s[jj] * v(c, j);
+        }
+    }
+    return out;
+}
+
 /// y = w·x + b with plain loops (b may be empty).
 template <class T>
 mat<T> reference_linear(const mat<T>& w, const vec<T>& b, const mat<T>& x) {

@@ -87,6 +87,8 @@ struct attention_problem {
     normalization normalize;
     attention_request request;
     const sequence_keys_values<Scalar>* per_sequence;  ///< null: keys and values in k and v
+    /// Soft-capping, ALiBi and sinks (validated by check_score_terms); null: none.
+    const attention_options* terms = nullptr;
 };
 
 /// One (sequence, head): strided views of its Q, K, V, output and log-sum-exp, and its mask.
@@ -101,6 +103,13 @@ struct head_problem {
     Index dk, dv, lq, lk;
     Scalar scale;
     const mask_view<Scalar>* mask;
+    // Score terms of this (sequence, head), see attention_options.
+    Index sequence = 0, head = 0;  // as the score modifier sees them
+    Scalar softcap = 0;            // 0: no soft-capping
+    bool alibi = false;
+    Scalar alibi_slope = 0;
+    bool has_sink = false;
+    Scalar sink = 0;
 };
 
 /// The problem of sequence b, head h. `lse`, when given, is the H × Nq log-sum-exp matrix.
@@ -123,22 +132,41 @@ head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index
         kv = p.per_sequence[b];
         kv_column = 0;
     }
-    return {at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h)),
-            at(kv.k, lk, kv_column * kv.k_stride + heads.k_row(h)),
-            at(kv.v, lk, kv_column * kv.v_stride + heads.v_row(h)),
-            at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
-            lse_at,
-            p.q.outerStride(),
-            kv.k_stride,
-            kv.v_stride,
-            p.out.outerStride(),
-            lse == nullptr ? 0 : lse->rows(),
-            heads.dk,
-            heads.dv,
-            lq,
-            lk,
-            p.scale,
-            &mask};
+    head_problem<Scalar> hp{at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h)),
+                            at(kv.k, lk, kv_column * kv.k_stride + heads.k_row(h)),
+                            at(kv.v, lk, kv_column * kv.v_stride + heads.v_row(h)),
+                            at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
+                            lse_at,
+                            p.q.outerStride(),
+                            kv.k_stride,
+                            kv.v_stride,
+                            p.out.outerStride(),
+                            lse == nullptr ? 0 : lse->rows(),
+                            heads.dk,
+                            heads.dv,
+                            lq,
+                            lk,
+                            p.scale,
+                            &mask};
+    hp.sequence = b;
+    hp.head = h;
+    if (p.terms != nullptr) {
+        const attention_options& o = *p.terms;
+        const auto hi = static_cast<std::size_t>(h);
+        if (o.softcap) hp.softcap = static_cast<Scalar>(*o.softcap);
+        hp.alibi = !o.alibi_slopes.empty();
+        if (hp.alibi) hp.alibi_slope = static_cast<Scalar>(o.alibi_slopes[hi]);
+        hp.has_sink = !o.sinks.empty();
+        if (hp.has_sink) hp.sink = static_cast<Scalar>(o.sinks[hi]);
+    }
+    return hp;
+}
+
+/// Whether the problems of `p` change their scores by head (ALiBi, sinks) or by a caller's
+/// modifier: then query heads cannot be stacked into one problem.
+template <class Scalar>
+bool has_per_head_terms(const attention_problem<Scalar>& p) {
+    return p.terms != nullptr && (!p.terms->alibi_slopes.empty() || !p.terms->sinks.empty());
 }
 
 /// Sequence b's single query seen by the `group` query heads of key/value head g, stacked as the

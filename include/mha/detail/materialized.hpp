@@ -14,6 +14,7 @@
 #include <mha/detail/gemm.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
+#include <mha/detail/score_terms.hpp>
 #include <mha/normalization.hpp>
 #include <mha/options.hpp>
 
@@ -32,32 +33,58 @@ void apply_mask(const mask_view<Scalar>& mask, Eigen::MatrixBase<DS>& s) {
 
 /// P·V by GEMM lets 0·NaN from an excluded value column into a query's output. Such outputs are
 /// the only non-finite ones that can be wrong; recompute them from the allowed keys alone.
+/// With `skip_zero_weights` (a score modifier, which may exclude keys by −∞ as a mask does), keys
+/// of weight exactly 0 are skipped too.
 template <class Scalar, class DV, class DW, class DO>
 void repair_excluded_values(const mask_view<Scalar>& mask, const Eigen::MatrixBase<DV>& v,
-                            const Eigen::MatrixBase<DW>& weights, Eigen::MatrixBase<DO>& out) {
+                            const Eigen::MatrixBase<DW>& weights, Eigen::MatrixBase<DO>& out,
+                            bool skip_zero_weights = false) {
     for (Index i = 0; i < out.cols(); ++i) {
         if (out.col(i).allFinite()) continue;
         out.col(i).setZero();
         const auto range = mask.key_range(i);
-        for (Index j = range.first; j < range.second; ++j)
-            if (!mask.excludes(j, i)) out.col(i) += weights(j, i) * v.col(j);
+        for (Index j = range.first; j < range.second; ++j) {
+            if (mask.excludes(j, i)) continue;
+            if (skip_zero_weights && weights(j, i) == Scalar(0)) continue;
+            out.col(i) += weights(j, i) * v.col(j);
+        }
+    }
+}
+
+/// Softmax of each column of the masked scores s (Lk × Lq) with a sink logit in every
+/// normaliser: w_j = exp(s_j − m) / (Σ exp(s_k − m) + exp(sink − m)), m = max(max s, sink). A
+/// column with no allowed key gets weights exactly 0.
+template <class Scalar, class DS>
+void softmax_columns_with_sink(Eigen::MatrixBase<DS>& s, Scalar sink) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    for (Index i = 0; i < s.cols(); ++i) {
+        auto column = s.col(i);
+        Scalar m = sink;
+        for (Index j = 0; j < column.size(); ++j)
+            m = nan_propagating_max(m, column(j));
+        column =
+            (column.array() == minus_inf).select(Scalar(0), (column.array() - m).exp()).matrix();
+        const Scalar sum = column.sum() + std::exp(sink - m);
+        column *= Scalar(1) / sum;
     }
 }
 
 /// lse[i·stride] = log Σ_j exp(s(j, i)) of each column of the masked scores (−∞ for a column
-/// with no allowed key; NaN when a NaN score takes part).
+/// with no allowed key; NaN when a NaN score takes part); with a sink (`sink` not −∞), the sum
+/// also holds exp(sink).
 template <class Scalar, class DS>
-void log_sum_exp_columns(const Eigen::MatrixBase<DS>& s, Scalar* lse, Index stride) {
+void log_sum_exp_columns(const Eigen::MatrixBase<DS>& s, Scalar* lse, Index stride,
+                         Scalar sink = -std::numeric_limits<Scalar>::infinity()) {
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     for (Index i = 0; i < s.cols(); ++i) {
-        Scalar m = minus_inf;
+        Scalar m = sink;
         for (Index j = 0; j < s.rows(); ++j)
             m = nan_propagating_max(m, s(j, i));
         if (m == minus_inf) {
             lse[i * stride] = minus_inf;
             continue;
         }
-        Scalar sum(0);
+        Scalar sum = sink == minus_inf ? Scalar(0) : std::exp(sink - m);
         for (Index j = 0; j < s.rows(); ++j)
             if (s(j, i) != minus_inf) sum += std::exp(s(j, i) - m);
         lse[i * stride] = m + std::log(sum);
@@ -66,20 +93,32 @@ void log_sum_exp_columns(const Eigen::MatrixBase<DS>& s, Scalar* lse, Index stri
 
 /// The materialised attention of one (sequence, head) with at least one query and one key;
 /// `scores` (Lk × Lq) is scratch and ends holding the weights. The two products pack into `gemm`
-/// when given (see product_into).
-template <class Scalar, class DQ, class DK, class DV, class DO, class DS>
+/// when given (see product_into). `hp` gives the mask, scale, score terms and log-sum-exp of
+/// the head; `mod` is the caller's score modifier.
+template <class Scalar, class DQ, class DK, class DV, class DO, class DS, class Mod>
 void attend_one_head(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                     const Eigen::MatrixBase<DV>& v, const mask_view<Scalar>& mask, Scalar scale,
+                     const Eigen::MatrixBase<DV>& v, const head_problem<Scalar>& hp,
                      normalization normalize, Eigen::MatrixBase<DO>& out,
                      Eigen::MatrixBase<DS>& scores, std::vector<gemm_buffers<Scalar>>* gemm,
-                     Scalar* lse, Index lse_stride) {
-    product_into(scores.derived(), k.derived().transpose(), q.derived(), scale, gemm);
+                     const Mod& mod) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    const mask_view<Scalar>& mask = *hp.mask;
+    product_into(scores.derived(), k.derived().transpose(), q.derived(), hp.scale, gemm);
+    const bool modified = modifies_scores(hp, mod);
+    if (modified)
+        for (Index i = 0; i < scores.cols(); ++i)
+            modify_query_column(hp, mod, &scores.derived().coeffRef(0, i), i, 0, scores.rows());
     const bool masked = !mask.is_unmasked();
     if (masked) apply_mask<Scalar>(mask, scores);
-    if (lse != nullptr) log_sum_exp_columns(scores, lse, lse_stride);
-    normalize_columns(scores, normalize);
+    if (hp.lse != nullptr)
+        log_sum_exp_columns(scores, hp.lse, hp.lse_stride, hp.has_sink ? hp.sink : minus_inf);
+    if (hp.has_sink)
+        softmax_columns_with_sink(scores, hp.sink);
+    else
+        normalize_columns(scores, normalize);
     product_into(out.derived(), v.derived(), scores.derived(), Scalar(1), gemm);
-    if (masked) repair_excluded_values<Scalar>(mask, v, scores, out);
+    if (masked || is_active_modifier_v<Mod>)
+        repair_excluded_values<Scalar>(mask, v, scores, out, is_active_modifier_v<Mod>);
 }
 
 /// The buffers of materialized_attention, kept between calls (see attention_workspace).
@@ -92,10 +131,11 @@ struct materialized_workspace {
 /// The multi-head materialised attention over a packed batch. `outputs` holds what the request
 /// asks for, sized and zeroed (see size_outputs). `gemm`: packing buffers for the products, one
 /// per thread; null: Eigen's own products (which may run on Eigen's own OpenMP threads).
-template <class Scalar>
+/// `mod`: the caller's score modifier (its block predicate is not needed here).
+template <class Scalar, class Mod = no_score_modifier>
 void materialized_attention(const attention_problem<Scalar>& p, attention_outputs<Scalar>& outputs,
                             materialized_workspace<Scalar>& ws,
-                            std::vector<gemm_buffers<Scalar>>* gemm) {
+                            std::vector<gemm_buffers<Scalar>>* gemm, const Mod& mod = Mod{}) {
     const packed_batch& batch = p.batch;
     const head_layout& heads = p.heads;
     const Index num_heads = heads.num_heads;
@@ -118,18 +158,20 @@ void materialized_attention(const attention_problem<Scalar>& p, attention_output
             const head_problem<Scalar> hp = make_head_problem(p, b, h, ws.masks(b, h), lse);
             Eigen::Map<matrix<Scalar>, 0, Eigen::OuterStride<>> out_bh(
                 hp.out, heads.dv, lq, Eigen::OuterStride<>(hp.out_stride));
-            if (lk == 0) {  // no key: output 0, log-sum-exp −∞, the weights (0 × Lq) are set
+            if (lk == 0) {  // no key: output 0, log-sum-exp −∞ (the sink's logit with one), the
+                            // weights (0 × Lq) are set
                 out_bh.setZero();
                 if (hp.lse != nullptr)
                     for (Index i = 0; i < lq; ++i)
-                        hp.lse[i * hp.lse_stride] = -std::numeric_limits<Scalar>::infinity();
+                        hp.lse[i * hp.lse_stride] =
+                            hp.has_sink ? hp.sink : -std::numeric_limits<Scalar>::infinity();
                 continue;
             }
             attend_one_head<Scalar>(
                 const_view(hp.q, heads.dk, lq, Eigen::OuterStride<>(hp.q_stride)),
                 const_view(hp.k, heads.dk, lk, Eigen::OuterStride<>(hp.k_stride)),
-                const_view(hp.v, heads.dv, lk, Eigen::OuterStride<>(hp.v_stride)), *hp.mask,
-                p.scale, p.normalize, out_bh, scores, gemm, hp.lse, hp.lse_stride);
+                const_view(hp.v, heads.dv, lk, Eigen::OuterStride<>(hp.v_stride)), hp, p.normalize,
+                out_bh, scores, gemm, mod);
             if (mode == weights_mode::per_head)
                 outputs.weights[static_cast<std::size_t>(b * num_heads + h)] = scores;
             else if (mode == weights_mode::averaged)

@@ -37,6 +37,13 @@
 // query. keep_mask and additive_bias are applied element-wise to each visited block (a −∞ bias
 // is a selection, like keep_mask, so NaN + (−∞) cannot resurrect an excluded key).
 //
+// Score terms (detail/score_terms.hpp). Soft-capping, ALiBi and the caller's score modifier
+// change each visited block's scores between the score kernel and the mask (masked_scores); the
+// modifier is a template argument, so a call without one compiles to the loop above. A block the
+// modifier's predicate rules out is skipped before its scores are computed. A sink joins (m, l)
+// once per query in finalize_block, after the split-KV merge. Heads that differ in their terms
+// are never stacked.
+//
 // Poisoned values. P·V by GEMM multiplies excluded value columns by 0, and 0·NaN = NaN (0·Inf as
 // well). As in the materialised path, such an output column is the only non-finite one that can
 // be wrong, so after the last block every non-finite output column is recomputed from its
@@ -116,16 +123,18 @@ struct tiled_workspace {
 /// The multi-head tiled attention over a packed batch (softmax; `p` validated). `outputs`
 /// holds what p.request asks for, sized and zeroed (see size_outputs). `workspace`, when given,
 /// keeps every buffer of the call for the next one; null: a workspace local to the call.
-template <class Scalar>
+/// `mod`: the caller's score modifier (see score_modifier), inlined into the block loop.
+template <class Scalar, class Mod = no_score_modifier>
 void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scalar>& outputs,
-                     const tiled_settings& cfg = {}, tiled_workspace<Scalar>* workspace = nullptr) {
+                     const tiled_settings& cfg = {}, tiled_workspace<Scalar>* workspace = nullptr,
+                     const Mod& mod = Mod{}) {
     tiled_workspace<Scalar> local;
     tiled_workspace<Scalar>& ws = workspace != nullptr ? *workspace : local;
     const Index num_heads = p.heads.num_heads;
     const weights_mode mode = p.request.weights;
     matrix<Scalar>* lse = p.request.log_sum_exp ? &outputs.log_sum_exp : nullptr;
     ws.masks.build(p.mask, num_heads, p.batch);
-    ws.plan.build(p, ws.masks, cfg);
+    ws.plan.build(p, ws.masks, cfg, has_per_head_terms(p) || is_active_modifier_v<Mod>);
     // The problem of sequence b, head h; for a stacked sequence h is a key/value head and the
     // problem reads `view`, which the caller keeps alive while it uses the problem.
     auto problem = [&](Index b, Index h, mask_view<Scalar>& view) {
@@ -165,19 +174,20 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
             const head_problem<Scalar> hp = problem(task.b, h, view);
             if (task.chunk >= 0) {
                 const auto keys = ws.plan.chunk_keys(task.chunk, hp.lk);
-                online_pass(hp, task.i0, task.nq, keys.first, keys.second, cfg, t);
+                online_pass(hp, task.i0, task.nq, keys.first, keys.second, cfg, t, mod);
                 ws.plan.store_partial(task.b, h, task.chunk, task.i0, task.nq, t);
                 continue;
             }
-            online_pass(hp, task.i0, task.nq, 0, hp.lk, cfg, t);
-            finalize_block(hp, task.i0, task.nq, t);
+            online_pass(hp, task.i0, task.nq, 0, hp.lk, cfg, t, mod);
+            finalize_block(hp, task.i0, task.nq, t, mod);
             if (mode == weights_mode::averaged)
                 weights_pass(hp, task.i0, task.nq, cfg, t,
-                             outputs.weights[static_cast<std::size_t>(task.b)], Scalar(num_heads));
+                             outputs.weights[static_cast<std::size_t>(task.b)], Scalar(num_heads),
+                             mod);
             else if (mode == weights_mode::per_head)
                 weights_pass(hp, task.i0, task.nq, cfg, t,
                              outputs.weights[static_cast<std::size_t>(task.b * num_heads + h)],
-                             Scalar(0));
+                             Scalar(0), mod);
         }
     };
     parallel_tasks(static_cast<Index>(ws.plan.tasks.size()), cfg.threads, ws.threads, enter, run);
@@ -188,7 +198,7 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
     auto merge = [&](Index index, tiled_thread_state<Scalar>& state) {
         const auto [b, h] = merges[static_cast<std::size_t>(index)];
         mask_view<Scalar> view(0, 0);
-        ws.plan.merge(problem(b, h, view), b, h, cfg.query_block, state.tile);
+        ws.plan.merge(problem(b, h, view), b, h, cfg.query_block, state.tile, mod);
     };
     parallel_tasks(static_cast<Index>(merges.size()), cfg.threads, ws.threads, enter, merge);
 }

@@ -16,6 +16,7 @@
 #include <mha/detail/gemm.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
+#include <mha/detail/score_terms.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
 #include <mha/normalization.hpp>
 
@@ -107,11 +108,12 @@ query_key_ranges block_ranges(const tile_scratch<Scalar>& t, Index nq, Index j0)
 }
 
 /// Sᵀ(0:nqp, 0:nk) = qt · K[:, j0:j0+nk] into t.s (ld nqp), i.e. the scaled scores of queries
-/// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then masked by
-/// selection. Rows nq..nqp are padding and hold finite values.
-template <class Scalar>
-void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp, Index j0, Index nk,
-                   const interval_summary& iv, tile_scratch<Scalar>& t) {
+/// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then changed by the
+/// score terms (soft-capping, ALiBi, the modifier) and masked by selection. Rows nq..nqp are
+/// padding and hold finite values.
+template <class Scalar, class Mod>
+void masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Index nq, Index nqp,
+                   Index j0, Index nk, const interval_summary& iv, tile_scratch<Scalar>& t) {
     Scalar* s = t.s.data();
     const Index lds = nqp;
     const Scalar* k = p.k + j0 * p.k_stride;
@@ -128,6 +130,11 @@ void masked_scores(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp,
         serial_gemm_add<Scalar, Eigen::ColMajor>(nq, nk, p.dk, t.qt.data(), nqp, k, p.k_stride, s,
                                                  lds, Scalar(1));
     }
+    // Before the mask, which then replaces excluded entries whatever the terms made of them
+    // (entries a boundary tile skipped hold stale finite or ±∞ values until then).
+    if (modifies_scores(p, mod))
+        for (Index r = 0; r < nk; ++r)
+            modify_key_column(p, mod, s + r * lds, i0, nq, j0 + r);
     const auto& mask = *p.mask;
     if (interior && !mask.has_elementwise()) return;
     if (!interior)  // the padding rows' skipped entries were not written: keep them finite
@@ -220,10 +227,11 @@ void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scal
 }
 
 /// The online pass of queries [i0, i0+nq) over keys [k_lo, k_hi): leaves the unnormalised output
-/// in t.acc (dv × nq) and the running max and sum in t.m, t.l.
-template <class Scalar>
+/// in t.acc (dv × nq) and the running max and sum in t.m, t.l. Key blocks the modifier's block
+/// predicate rules out are not read.
+template <class Scalar, class Mod = no_score_modifier>
 void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, Index k_hi,
-                 const tiled_settings& cfg, tile_scratch<Scalar>& t) {
+                 const tiled_settings& cfg, tile_scratch<Scalar>& t, const Mod& mod = Mod{}) {
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     t.acc.topLeftCorner(p.dv, nq).setZero();
     t.m.head(nq).setConstant(minus_inf);
@@ -235,7 +243,8 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
     Scalar* st = t.s.data();
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
-        masked_scores(p, i0, nq, nqp, j0, nk, iv, t);
+        if (!visits_block(mod, p.sequence, p.head, i0, i0 + nq, j0, j0 + nk)) continue;
+        masked_scores(p, mod, i0, nq, nqp, j0, nk, iv, t);
         max_per_query(st, nqp, nqp, nk, t.block_max.data());
         for (Index c = 0; c < nqp; ++c) {
             // The new running max; a query with nothing allowed yet (−∞) shifts by 0, so its
@@ -276,9 +285,9 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
 }
 
 /// Recomputes output column i from its allowed keys alone (see "Poisoned values" in
-/// detail/tiled/forward.hpp).
-template <class Scalar>
-void repair_column(const head_problem<Scalar>& p, Index i, Scalar m, Scalar inv_l) {
+/// detail/tiled/forward.hpp). A key the score terms exclude (−∞) is skipped like a masked one.
+template <class Scalar, class Mod>
+void repair_column(const head_problem<Scalar>& p, const Mod& mod, Index i, Scalar m, Scalar inv_l) {
     using cvec = Eigen::Map<const vector<Scalar>>;
     Eigen::Map<vector<Scalar>> out(p.out + i * p.out_stride, p.dv);
     out.setZero();
@@ -288,38 +297,45 @@ void repair_column(const head_problem<Scalar>& p, Index i, Scalar m, Scalar inv_
     for (Index j = range.first; j < range.second; ++j) {
         if (mask.excludes(j, i)) continue;
         Scalar s = p.scale * cvec(p.k + j * p.k_stride, p.dk).dot(qi);
+        s = modified_score(p, mod, i, j, s);
         if (mask.has_bias()) s += mask.bias(j, i);
+        if (s == -std::numeric_limits<Scalar>::infinity()) continue;
         out += (std::exp(s - m) * inv_l) * cvec(p.v + j * p.v_stride, p.dv);
     }
 }
 
 /// Writes out = acc / l for queries [i0, i0+nq) (0 for a query with no allowed key), repairs
 /// non-finite columns, and writes each query's log-sum-exp m + log l (−∞ with no allowed key)
-/// when the problem asks for it.
-template <class Scalar>
-void finalize_block(const head_problem<Scalar>& p, Index i0, Index nq, tile_scratch<Scalar>& t) {
+/// when the problem asks for it. The sink, if any, joins (m, l) here, once per query whatever
+/// the split-KV chunks, and t.m, t.l keep the result for weights_pass.
+template <class Scalar, class Mod = no_score_modifier>
+void finalize_block(const head_problem<Scalar>& p, Index i0, Index nq, tile_scratch<Scalar>& t,
+                    const Mod& mod = Mod{}) {
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     for (Index c = 0; c < nq; ++c) {
         Eigen::Map<vector<Scalar>> out(p.out + (i0 + c) * p.out_stride, p.dv);
+        const bool no_key = t.m(c) == minus_inf;
+        const Scalar alpha = fold_sink(p, t.m(c), t.l(c));
         if (p.lse != nullptr)
             p.lse[(i0 + c) * p.lse_stride] =
                 t.m(c) == minus_inf ? minus_inf : t.m(c) + std::log(t.l(c));
-        if (t.m(c) == minus_inf) {
+        if (no_key) {  // exactly 0, with or without a sink
             out.setZero();
             continue;
         }
         const Scalar inv_l = Scalar(1) / t.l(c);
-        out = t.acc.col(c).head(p.dv) * inv_l;
-        if (!out.allFinite()) repair_column(p, i0 + c, t.m(c), inv_l);
+        out = t.acc.col(c).head(p.dv) * (alpha * inv_l);
+        if (!out.allFinite()) repair_column(p, mod, i0 + c, t.m(c), inv_l);
     }
 }
 
 /// Weights of queries [i0, i0+nq): w = exp(S − m)/l over every visited block, written
 /// (divisor 0) or added divided by `divisor` (the head count, averaged mode) into `w`, an
 /// lk × lq matrix that is zero outside the visited blocks.
-template <class Scalar>
+template <class Scalar, class Mod = no_score_modifier>
 void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled_settings& cfg,
-                  tile_scratch<Scalar>& t, matrix<Scalar>& w, Scalar divisor) {
+                  tile_scratch<Scalar>& t, matrix<Scalar>& w, Scalar divisor,
+                  const Mod& mod = Mod{}) {
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     const interval_summary iv = key_intervals(p, i0, nq, 0, p.lk, t);
     if (iv.lo >= iv.hi) return;
@@ -327,7 +343,8 @@ void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled
     pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
-        masked_scores(p, i0, nq, nqp, j0, nk, iv, t);
+        if (!visits_block(mod, p.sequence, p.head, i0, i0 + nq, j0, j0 + nk)) continue;
+        masked_scores(p, mod, i0, nq, nqp, j0, nk, iv, t);
         for (Index c = 0; c < nq; ++c) {
             if (t.m(c) == minus_inf) continue;   // no allowed key: weights stay 0
             const Scalar* row = t.s.data() + c;  // key r at row[r·nqp]

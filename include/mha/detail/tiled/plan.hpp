@@ -43,7 +43,7 @@ public:
     /// Plans `p`. Weights need every key block of a query in one task, so a call that returns
     /// weights never splits.
     void build(const attention_problem<Scalar>& p, const mask_views<Scalar>& masks,
-               const tiled_settings& cfg) {
+               const tiled_settings& cfg, bool per_head_scores = false) {
         const packed_batch& batch = p.batch;
         const Index nb = batch.size();
         const Index num_heads = p.heads.num_heads;
@@ -57,8 +57,9 @@ public:
         // key/value head become the queries of one problem (make_stacked_problem) when they
         // share their masks and no weights are asked (weights are per query head).
         const Index group = p.heads.num_heads / p.heads.num_kv_heads;
-        const bool can_stack =
-            group > 1 && group <= cfg.query_block && !want_weights && masks.same_for_every_head();
+        // (Scores that differ by head, ALiBi, sinks or a modifier, cannot be stacked either.)
+        const bool can_stack = group > 1 && group <= cfg.query_block && !want_weights &&
+                               !per_head_scores && masks.same_for_every_head();
         stack_.assign(static_cast<std::size_t>(nb), 1);
         auto add_task = [this](Index b, Index h, Index i0, Index nq, Index chunk, double cost) {
             tasks.push_back({b, h, i0, nq, chunk, cost, static_cast<Index>(tasks.size())});
@@ -170,8 +171,9 @@ public:
     /// Merges the partials of problem p (sequence b, head h) chunk by chunk in order (the same
     /// sums for every thread count; merge_state_parts, the merge mha::merge_attention_states
     /// also uses) and finalises its output.
+    template <class Mod = no_score_modifier>
     void merge(const head_problem<Scalar>& p, Index b, Index h, Index query_block,
-               tile_scratch<Scalar>& t) const {
+               tile_scratch<Scalar>& t, const Mod& mod = Mod{}) const {
         const Index nchunks = chunks_of_[static_cast<std::size_t>(b)];
         const Index first = partial_at(b, h, 0);  // chunk ch of query i: column first + ch·lq + i
         for (Index i0 = 0; i0 < p.lq; i0 += query_block) {
@@ -184,7 +186,7 @@ public:
                 };
                 t.m(c) = merge_state_parts(nchunks, chunk_part, p.dv, t.acc.col(c).data(), t.l(c));
             }
-            finalize_block(p, i0, nq, t);
+            finalize_block(p, i0, nq, t, mod);
         }
     }
 
