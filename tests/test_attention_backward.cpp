@@ -153,8 +153,7 @@ case_masks<Scalar> make_masks(const backward_case& c, mha_test::value_source& va
         case mask_kind::bias_per_head: {
             for (Index b = 0; b < c.sequences(); ++b)
                 for (Index h = 0; h < c.heads; ++h) {
-                    mat<Scalar> bias =
-                        values.normal_matrix<Scalar>(at(lk, b), at(lq, b), 0.5);
+                    mat<Scalar> bias = values.normal_matrix<Scalar>(at(lk, b), at(lq, b), 0.5);
                     for (Index i = 0; i < bias.cols(); ++i)
                         for (Index j = 0; j < bias.rows(); ++j)
                             if (values.uniform(0, 1) < 0.2)
@@ -228,8 +227,7 @@ mha_test::reference_gradients<T> reference_case(const backward_case& c,
                 return masks.allowed(b, h, j, i);
             };
             mha_test::bias_fn bias = nullptr;
-            if (masks.bias)
-                bias = [&, b, h](Index j, Index i) { return masks.bias(b, h, j, i); };
+            if (masks.bias) bias = [&, b, h](Index j, Index i) { return masks.bias(b, h, j, i); };
             const auto hg = mha_test::reference_attention_backward<T>(
                 q.block(h * c.dk, q0, c.dk, lq), k.block(kv * c.dk, k0, c.dk, lk),
                 v.block(kv * c.dv, k0, c.dv, lk), d_out.block(h * c.dv, q0, c.dv, lq), scale,
@@ -246,8 +244,7 @@ mha_test::reference_gradients<T> reference_case(const backward_case& c,
 }
 
 template <class Scalar>
-mha::attention_gradients<Scalar> library_case(const backward_case& c,
-                                              const case_inputs<Scalar>& in,
+mha::attention_gradients<Scalar> library_case(const backward_case& c, const case_inputs<Scalar>& in,
                                               const case_masks<Scalar>& masks, int threads) {
     mha::attention_options options;
     options.normalize = c.normalize;
@@ -265,16 +262,16 @@ mha::attention_gradients<Scalar> library_case(const backward_case& c,
 std::vector<backward_case> all_cases() {
     std::vector<backward_case> cases;
     std::uint64_t seed = 100;
-    for (auto n : {mha::normalization::softmax, mha::normalization::relu,
-                   mha::normalization::sigmoid})
+    for (auto n :
+         {mha::normalization::softmax, mha::normalization::relu, mha::normalization::sigmoid})
         for (auto m : {mask_kind::none, mask_kind::causal_bottom_right, mask_kind::causal_top_left,
                        mask_kind::window, mask_kind::key_lengths, mask_kind::keep,
                        mask_kind::bias_per_head}) {
             cases.push_back({{5, 1, 3}, {7, 4, 1}, 4, 2, 3, 5, n, m, seed++});
             cases.push_back({{6}, {6}, 2, 2, 4, 3, n, m, seed++});
         }
-    for (auto n : {mha::normalization::softmax, mha::normalization::relu,
-                   mha::normalization::sigmoid}) {
+    for (auto n :
+         {mha::normalization::softmax, mha::normalization::relu, mha::normalization::sigmoid}) {
         cases.push_back({{4, 4}, {6, 6}, 3, 1, 2, 3, n, mask_kind::bias_shared, seed++});
         cases.push_back({{3, 0, 2}, {2, 3, 0}, 2, 1, 3, 2, n, mask_kind::none, seed++});
         cases.push_back({{19}, {23}, 2, 2, 8, 8, n, mask_kind::causal_bottom_right, seed++});
@@ -455,8 +452,8 @@ TEST_CASE("backward: NaN in excluded keys and values reaches no gradient", "[bac
     // every gradient finite and equal to that of the clean inputs: dK and dV bit for bit (their
     // products never read K or V), dQ to rounding (its poisoned columns are recomputed from the
     // allowed keys in another order: the same 3 terms per entry, hence 1e-13 relative).
-    for (auto n : {mha::normalization::softmax, mha::normalization::relu,
-                   mha::normalization::sigmoid}) {
+    for (auto n :
+         {mha::normalization::softmax, mha::normalization::relu, mha::normalization::sigmoid}) {
         const backward_case c{{5}, {6}, 2, 1, 3, 2, n, mask_kind::key_lengths, 7};
         INFO(c.describe());
         mha_test::value_source values(c.seed);
@@ -478,7 +475,8 @@ TEST_CASE("backward: NaN in excluded keys and values reaches no gradient", "[bac
 
 TEST_CASE("backward: errors name the argument", "[backward]") {
     mha_test::value_source values(3);
-    const mat<double> q = values.normal_matrix<double>(4, 3), k = values.normal_matrix<double>(4, 5),
+    const mat<double> q = values.normal_matrix<double>(4, 3),
+                      k = values.normal_matrix<double>(4, 5),
                       v = values.normal_matrix<double>(6, 5);
     const mha::packed_batch batch = mha::packed_batch::single(3, 5);
     const mat<double> d_out_wrong = values.normal_matrix<double>(6, 2);

@@ -289,6 +289,82 @@ reference_gradients<T> reference_attention_backward(const mat<T>& q, const mat<T
     return g;
 }
 
+/// The gradients of y = w·x + b for dy, with plain loops: dw = dy·xᵀ, db = dy·1 (empty when
+/// `bias` is false), dx = wᵀ·dy.
+template <class T>
+void reference_linear_backward(const mat<T>& w, bool bias, const mat<T>& x, const mat<T>& dy,
+                               mat<T>& dw, vec<T>& db, mat<T>& dx) {
+    dw = mat<T>::Zero(w.rows(), w.cols());
+    db = bias ? vec<T>(vec<T>::Zero(w.rows())) : vec<T>();
+    dx = mat<T>::Zero(w.cols(), x.cols());
+    for (Index n = 0; n < x.cols(); ++n)
+        for (Index r = 0; r < w.rows(); ++r) {
+            if (bias) db(r) += dy(r, n);
+            for (Index c = 0; c < w.cols(); ++c) {
+                dw(r, c) += dy(r, n) * x(c, n);
+                dx(c, n) += w(r, c) * dy(r, n);
+            }
+        }
+}
+
+/// The gradients of reference_layer on one sequence for an output gradient d_out: inputs
+/// (separately for the query, key and value sources) and parameters.
+template <class T>
+struct reference_layer_gradients {
+    mat<T> d_query, d_key, d_value;
+    reference_params<T> d_params;
+};
+
+/// The chain rule through reference_layer (same arguments, and d_out, E × Lq): the output
+/// projection's backward, each query head through reference_attention_backward (a key/value
+/// head summing its query heads), then the input projections' backward.
+template <class T>
+reference_layer_gradients<T> reference_layer_backward(
+    const reference_params<T>& p, Index heads, const mat<T>& xq, const mat<T>& xk, const mat<T>& xv,
+    T scale, const mat<T>& d_out, const std::function<bool(Index, Index, Index)>& allowed = nullptr,
+    const std::function<long double(Index, Index, Index)>& bias = nullptr,
+    norm_kind kind = norm_kind::softmax, Index kv_heads = 0) {
+    if (kv_heads == 0) kv_heads = heads;
+    const bool has_bias = p.b_q.size() != 0;
+    const mat<T> q = reference_linear(p.w_q, p.b_q, xq);
+    const mat<T> k = reference_linear(p.w_k, p.b_k, xk);
+    const mat<T> v = reference_linear(p.w_v, p.b_v, xv);
+    const Index dk = q.rows() / heads, dv = v.rows() / kv_heads, lq = xq.cols();
+    mat<T> concat(heads * dv, lq);
+    for (Index h = 0; h < heads; ++h) {
+        const Index g = reference_kv_head(h, heads, kv_heads);
+        allowed_fn a = allowed ? allowed_fn([&, h](Index j, Index i) { return allowed(h, j, i); })
+                               : allow_all();
+        bias_fn bf = bias ? bias_fn([&, h](Index j, Index i) { return bias(h, j, i); }) : nullptr;
+        concat.middleRows(h * dv, dv) =
+            reference_attention<T>(q.middleRows(h * dk, dk), k.middleRows(g * dk, dk),
+                                   v.middleRows(g * dv, dv), scale, a, bf, kind);
+    }
+    reference_layer_gradients<T> r;
+    mat<T> d_concat;
+    reference_linear_backward(p.w_o, has_bias, concat, d_out, r.d_params.w_o, r.d_params.b_o,
+                              d_concat);
+    mat<T> dq = mat<T>::Zero(q.rows(), q.cols()), dk_all = mat<T>::Zero(k.rows(), k.cols()),
+           dv_all = mat<T>::Zero(v.rows(), v.cols());
+    for (Index h = 0; h < heads; ++h) {
+        const Index g = reference_kv_head(h, heads, kv_heads);
+        allowed_fn a = allowed ? allowed_fn([&, h](Index j, Index i) { return allowed(h, j, i); })
+                               : allow_all();
+        bias_fn bf = bias ? bias_fn([&, h](Index j, Index i) { return bias(h, j, i); }) : nullptr;
+        const auto hg = reference_attention_backward<T>(
+            q.middleRows(h * dk, dk), k.middleRows(g * dk, dk), v.middleRows(g * dv, dv),
+            d_concat.middleRows(h * dv, dv), scale, a, bf, kind);
+        dq.middleRows(h * dk, dk) = hg.dq;
+        dk_all.middleRows(g * dk, dk) += hg.dk;
+        dv_all.middleRows(g * dv, dv) += hg.dv;
+    }
+    reference_linear_backward(p.w_q, has_bias, xq, dq, r.d_params.w_q, r.d_params.b_q, r.d_query);
+    reference_linear_backward(p.w_k, has_bias, xk, dk_all, r.d_params.w_k, r.d_params.b_k, r.d_key);
+    reference_linear_backward(p.w_v, has_bias, xv, dv_all, r.d_params.w_v, r.d_params.b_v,
+                              r.d_value);
+    return r;
+}
+
 /// Seeded N(0, sigma) or U(lo, hi) values generated in double (std distributions are not
 /// portable, so the mapping is written here).
 class value_source {

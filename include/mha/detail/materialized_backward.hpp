@@ -46,8 +46,7 @@ struct backward_thread_state {
 /// into `d_scores`. Excluded keys (S = −∞) get exactly 0.
 template <class Scalar>
 void normalization_backward(const matrix<Scalar>& s, const matrix<Scalar>& w,
-                            const matrix<Scalar>& dw, normalization normalize,
-                            matrix<Scalar>& ds) {
+                            const matrix<Scalar>& dw, normalization normalize, matrix<Scalar>& ds) {
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
     const Index lk = s.rows();
     ds.resize(lk, s.cols());
@@ -91,9 +90,8 @@ void normalization_backward(const matrix<Scalar>& s, const matrix<Scalar>& w,
             }
             case normalization::sigmoid:
                 for (Index j = 0; j < lk; ++j)
-                    ds(j, i) = s(j, i) == minus_inf
-                                   ? Scalar(0)
-                                   : dw(j, i) * w(j, i) * (Scalar(1) - w(j, i));
+                    ds(j, i) = s(j, i) == minus_inf ? Scalar(0)
+                                                    : dw(j, i) * w(j, i) * (Scalar(1) - w(j, i));
                 break;
         }
     }
@@ -175,8 +173,8 @@ void backward_task(const attention_problem<Scalar>& p, const const_matrix_ref<Sc
 /// is sized and zeroed by the caller; `threads`: 0 for OpenMP's default.
 template <class Scalar>
 void materialized_backward(const attention_problem<Scalar>& p,
-                           const const_matrix_ref<Scalar>& d_out,
-                           backward_outputs<Scalar>& outputs, int threads) {
+                           const const_matrix_ref<Scalar>& d_out, backward_outputs<Scalar>& outputs,
+                           int threads) {
     mask_views<Scalar> masks;
     masks.build(p.mask, p.heads.num_heads, p.batch);
     const Index kv_heads = p.heads.num_kv_heads;
