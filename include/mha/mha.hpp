@@ -4,9 +4,11 @@
 #pragma once
 
 #include <mha/attention.hpp>
+#include <mha/attention_backward.hpp>
 #include <mha/attention_config.hpp>
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
+#include <mha/layer_backward.hpp>
 #include <mha/mask.hpp>
 #include <mha/multi_head_attention.hpp>
 #include <mha/normalization.hpp>
