@@ -381,6 +381,17 @@ TEST_CASE("layer backward: errors name the argument", "[backward][layer]") {
     CHECK_THROWS_AS(layer.backward(saved, mat<double>::Zero(3, 3)), mha::shape_error);
     CHECK_THROWS_AS(layer.forward_for_backward(mat<double>::Zero(5, 3), mha::packed_batch({3})),
                     mha::shape_error);
+    // A saved state from a layer of another shape.
+    mha::attention_config wider = config;
+    wider.embed_dim = 6;
+    const mha::multi_head_attention<double> other(wider, 1);
+    CHECK_THROWS_AS(other.backward(saved, mat<double>::Zero(6, 3)), mha::shape_error);
+    // Parameters that do not fit the config.
+    mha::attention_parameters<double> p = layer.parameters();
+    p.b_o.resize(0);
+    CHECK_THROWS_AS(
+        mha::layer_backward<double>(config.resolved(), p, saved, mat<double>::Zero(4, 3)),
+        mha::shape_error);
     mha::attention_config rotary = config;
     rotary.rotary = mha::rotary_options{};
     const mha::multi_head_attention<double> rotating(rotary, 1);

@@ -98,6 +98,31 @@ void project_backward(const matrix<Scalar>& w, bool bias, const matrix<Scalar>& 
     product_into(dx, w.transpose(), dy, Scalar(1), &gemm, threads);
 }
 
+/// Throws shape_error unless the parameters have the shapes `config` (resolved) gives them.
+template <class Scalar>
+void check_parameters(const char* where, const attention_config& c,
+                      const attention_parameters<Scalar>& p) {
+    const Index qk = c.num_heads * c.head_dim, kw = c.num_kv_heads * c.head_dim;
+    const Index kvw = c.num_kv_heads * c.value_head_dim, vw = c.num_heads * c.value_head_dim;
+    check_size(where, "parameters.w_q.rows()", qk, p.w_q.rows(), "num_heads · head_dim");
+    check_size(where, "parameters.w_q.cols()", c.embed_dim, p.w_q.cols(), "embed_dim");
+    check_size(where, "parameters.w_k.rows()", kw, p.w_k.rows(), "num_kv_heads · head_dim");
+    check_size(where, "parameters.w_k.cols()", c.key_input_dim, p.w_k.cols(), "key_input_dim");
+    check_size(where, "parameters.w_v.rows()", kvw, p.w_v.rows(), "num_kv_heads · value_head_dim");
+    check_size(where, "parameters.w_v.cols()", c.value_input_dim, p.w_v.cols(), "value_input_dim");
+    check_size(where, "parameters.w_o.rows()", c.embed_dim, p.w_o.rows(), "embed_dim");
+    check_size(where, "parameters.w_o.cols()", vw, p.w_o.cols(), "num_heads · value_head_dim");
+    const char* no_bias = "0 (config.bias is false)";
+    check_size(where, "parameters.b_q.size()", c.bias ? qk : 0, p.b_q.size(),
+               c.bias ? "num_heads · head_dim" : no_bias);
+    check_size(where, "parameters.b_k.size()", c.bias ? kw : 0, p.b_k.size(),
+               c.bias ? "num_kv_heads · head_dim" : no_bias);
+    check_size(where, "parameters.b_v.size()", c.bias ? kvw : 0, p.b_v.size(),
+               c.bias ? "num_kv_heads · value_head_dim" : no_bias);
+    check_size(where, "parameters.b_o.size()", c.bias ? c.embed_dim : 0, p.b_o.size(),
+               c.bias ? "embed_dim" : no_bias);
+}
+
 }  // namespace detail
 
 /// The layer's forward (config and parameters as the layer holds them, `config` resolved) on
@@ -113,6 +138,7 @@ layer_saved_state<Scalar> layer_forward_for_backward(const attention_config& con
                                                      const attention_mask<Scalar>& mask = {}) {
     constexpr const char* where = "mha::layer_forward_for_backward";
     detail::refuse_rotary(where, config);
+    detail::check_parameters(where, config, p);
     detail::check_size(where, "query.rows()", config.embed_dim, query.rows(), "embed_dim");
     detail::check_size(where, "key.rows()", config.key_input_dim, key.rows(), "key_input_dim");
     detail::check_size(where, "value.rows()", config.value_input_dim, value.rows(),
@@ -156,6 +182,18 @@ layer_gradients<Scalar> layer_backward(const attention_config& config,
                                        int threads = 0) {
     constexpr const char* where = "mha::layer_backward";
     detail::refuse_rotary(where, config);
+    detail::check_parameters(where, config, p);
+    // The saved state must come from a forward of a layer of this shape.
+    detail::check_size(where, "saved.query_input.rows()", config.embed_dim,
+                       saved.query_input.rows(), "embed_dim");
+    detail::check_size(where, "saved.heads.rows()", config.num_heads * config.value_head_dim,
+                       saved.heads.rows(), "num_heads · value_head_dim");
+    if (!saved.self_attention) {
+        detail::check_size(where, "saved.key_input.rows()", config.key_input_dim,
+                           saved.key_input.rows(), "key_input_dim");
+        detail::check_size(where, "saved.value_input.rows()", config.value_input_dim,
+                           saved.value_input.rows(), "value_input_dim");
+    }
     detail::check_size(where, "d_output.rows()", config.embed_dim, d_output.rows(), "embed_dim");
     detail::check_size(where, "d_output.cols()", saved.output.cols(), d_output.cols(),
                        "the saved forward's query count");
