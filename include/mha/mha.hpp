@@ -24,10 +24,12 @@
 /// Markdown files in the repository's docs/ folder.
 
 #include <mha/attention.hpp>
+#include <mha/attention_backward.hpp>
 #include <mha/attention_config.hpp>
 #include <mha/attention_states.hpp>
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
+#include <mha/layer_backward.hpp>
 #include <mha/mask.hpp>
 #include <mha/multi_head_attention.hpp>
 #include <mha/normalization.hpp>

@@ -20,6 +20,7 @@
 #include <mha/core.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/kv_cache.hpp>
+#include <mha/layer_backward.hpp>
 #include <mha/mask.hpp>
 #include <mha/options.hpp>
 #include <mha/projection.hpp>
@@ -418,6 +419,28 @@ public:
             p.b_o = b_o_;
         }
         return p;
+    }
+
+    /// Self-attention forward on a packed batch that keeps what `backward` needs (see
+    /// mha/layer_backward.hpp); its `output` is the layer's output. No rotary embedding.
+    layer_saved_state<Scalar> forward_for_backward(const input& x, const packed_batch& batch,
+                                                   const attention_mask<Scalar>& mask = {}) const {
+        return layer_forward_for_backward(config_, parameters(), x, x, x, true, batch, mask);
+    }
+
+    /// Cross-attention forward that keeps what `backward` needs.
+    layer_saved_state<Scalar> forward_for_backward(const input& query, const input& key,
+                                                   const input& value, const packed_batch& batch,
+                                                   const attention_mask<Scalar>& mask = {}) const {
+        return layer_forward_for_backward(config_, parameters(), query, key, value, false, batch,
+                                          mask);
+    }
+
+    /// The gradients of a loss with respect to the inputs and parameters of the forward that
+    /// produced `saved`, given ∂loss/∂output (E × Nq); see mha/layer_backward.hpp.
+    layer_gradients<Scalar> backward(const layer_saved_state<Scalar>& saved, const input& d_output,
+                                     int threads = 0) const {
+        return layer_backward(config_, parameters(), saved, d_output, threads);
     }
 
 private:

@@ -280,6 +280,172 @@ mat<T> reference_layer(const reference_params<T>& p, Index heads, const mat<T>& 
     return reference_linear(p.w_o, p.b_o, concat);
 }
 
+/// The gradients of single-head attention (reference_attention) for an output gradient d_out.
+template <class T>
+struct reference_gradients {
+    mat<T> dq;      // dk × Lq
+    mat<T> dk;      // dk × Lk
+    mat<T> dv;      // dv × Lk
+    mat<T> dscore;  // Lk × Lq: ∂loss/∂(scaled score + bias), 0 where a key is excluded
+};
+
+/// ∂w_j/∂s_l of one query's normalisation at its scores s (allowed keys ok, weights w), written
+/// out entry by entry from the definitions (not from the library's vectorised forms):
+///   softmax: w_j·(δ_jl − w_l);  sigmoid: δ_jl·w_j·(1 − w_j);
+///   relu: with r = max(s, 0) and Σ = Σ r > 0, [s_l > 0]·(δ_jl/Σ − r_j/Σ²), and 0 if Σ ≤ 0
+///   (the weights are then the constant 0).
+template <class T>
+T reference_weight_derivative(const std::vector<T>& s, const std::vector<bool>& ok,
+                              const std::vector<T>& w, std::size_t j, std::size_t l,
+                              norm_kind kind) {
+    if (!ok[j] || !ok[l]) return T(0);
+    const T delta = j == l ? T(1) : T(0);
+    if (kind == norm_kind::softmax) return w[j] * (delta - w[l]);
+    if (kind == norm_kind::sigmoid) return delta * w[j] * (T(1) - w[j]);
+    T sum = 0;
+    for (std::size_t m = 0; m < s.size(); ++m)
+        if (ok[m] && s[m] > T(0)) sum += s[m];
+    if (!(sum > T(0)) || !(s[l] > T(0))) return T(0);
+    const T r_j = s[j] > T(0) ? s[j] : T(0);
+    return delta / sum - r_j / (sum * sum);
+}
+
+/// The chain rule through reference_attention, per query: recompute its scores and weights,
+/// dW_j = Σ_c d_out(c,i)·v(c,j), dS_l = Σ_j dW_j·∂w_j/∂s_l, then dV(·,j) += w_j·d_out(·,i),
+/// dQ(·,i) += scale·Σ_l dS_l·k(·,l), dK(·,l) += scale·dS_l·q(·,i). Quadratic in Lk per query:
+/// small shapes only.
+template <class T>
+reference_gradients<T> reference_attention_backward(const mat<T>& q, const mat<T>& k,
+                                                    const mat<T>& v, const mat<T>& d_out, T scale,
+                                                    const allowed_fn& allowed = allow_all(),
+                                                    const bias_fn& bias = nullptr,
+                                                    norm_kind kind = norm_kind::softmax) {
+    const Index lq = q.cols(), lk = k.cols(), dk = q.rows(), dv = v.rows();
+    reference_gradients<T> g{mat<T>::Zero(dk, lq), mat<T>::Zero(dk, lk), mat<T>::Zero(dv, lk),
+                             mat<T>::Zero(lk, lq)};
+    const auto n = static_cast<std::size_t>(lk);
+    for (Index i = 0; i < lq; ++i) {
+        std::vector<T> s(n, T(0));
+        std::vector<bool> ok(n, false);
+        for (Index j = 0; j < lk; ++j) {
+            const auto jj = static_cast<std::size_t>(j);
+            ok[jj] = allowed(j, i);
+            if (!ok[jj]) continue;
+            T dot = 0;
+            for (Index c = 0; c < dk; ++c)
+                dot += q(c, i) * k(c, j);
+            s[jj] = dot * scale;
+            if (bias) {
+                const long double b = bias(j, i);
+                if (b == -std::numeric_limits<long double>::infinity())
+                    ok[jj] = false;
+                else
+                    s[jj] += static_cast<T>(b);
+            }
+        }
+        std::vector<T> w = s;
+        reference_normalize(w, ok, kind);
+        std::vector<T> dw(n, T(0));
+        for (Index j = 0; j < lk; ++j) {
+            const auto jj = static_cast<std::size_t>(j);
+            if (!ok[jj]) continue;
+            for (Index c = 0; c < dv; ++c) {
+                dw[jj] += d_out(c, i) * v(c, j);
+                g.dv(c, j) += w[jj] * d_out(c, i);
+            }
+        }
+        for (Index l = 0; l < lk; ++l) {
+            const auto ll = static_cast<std::size_t>(l);
+            T ds = 0;
+            for (std::size_t j = 0; j < n; ++j)
+                ds += dw[j] * reference_weight_derivative(s, ok, w, j, ll, kind);
+            g.dscore(l, i) = ds;
+            if (!ok[ll]) continue;  // an excluded key's columns are never read
+            for (Index c = 0; c < dk; ++c) {
+                g.dq(c, i) += scale * ds * k(c, l);
+                g.dk(c, l) += scale * ds * q(c, i);
+            }
+        }
+    }
+    return g;
+}
+
+/// The gradients of y = w·x + b for dy, with plain loops: dw = dy·xᵀ, db = dy·1 (empty when
+/// `bias` is false), dx = wᵀ·dy.
+template <class T>
+void reference_linear_backward(const mat<T>& w, bool bias, const mat<T>& x, const mat<T>& dy,
+                               mat<T>& dw, vec<T>& db, mat<T>& dx) {
+    dw = mat<T>::Zero(w.rows(), w.cols());
+    db = bias ? vec<T>(vec<T>::Zero(w.rows())) : vec<T>();
+    dx = mat<T>::Zero(w.cols(), x.cols());
+    for (Index n = 0; n < x.cols(); ++n)
+        for (Index r = 0; r < w.rows(); ++r) {
+            if (bias) db(r) += dy(r, n);
+            for (Index c = 0; c < w.cols(); ++c) {
+                dw(r, c) += dy(r, n) * x(c, n);
+                dx(c, n) += w(r, c) * dy(r, n);
+            }
+        }
+}
+
+/// The gradients of reference_layer on one sequence for an output gradient d_out: inputs
+/// (separately for the query, key and value sources) and parameters.
+template <class T>
+struct reference_layer_gradients {
+    mat<T> d_query, d_key, d_value;
+    reference_params<T> d_params;
+};
+
+/// The chain rule through reference_layer (same arguments, and d_out, E × Lq): the output
+/// projection's backward, each query head through reference_attention_backward (a key/value
+/// head summing its query heads), then the input projections' backward.
+template <class T>
+reference_layer_gradients<T> reference_layer_backward(
+    const reference_params<T>& p, Index heads, const mat<T>& xq, const mat<T>& xk, const mat<T>& xv,
+    T scale, const mat<T>& d_out, const std::function<bool(Index, Index, Index)>& allowed = nullptr,
+    const std::function<long double(Index, Index, Index)>& bias = nullptr,
+    norm_kind kind = norm_kind::softmax, Index kv_heads = 0) {
+    if (kv_heads == 0) kv_heads = heads;
+    const bool has_bias = p.b_q.size() != 0;
+    const mat<T> q = reference_linear(p.w_q, p.b_q, xq);
+    const mat<T> k = reference_linear(p.w_k, p.b_k, xk);
+    const mat<T> v = reference_linear(p.w_v, p.b_v, xv);
+    const Index dk = q.rows() / heads, dv = v.rows() / kv_heads, lq = xq.cols();
+    mat<T> concat(heads * dv, lq);
+    for (Index h = 0; h < heads; ++h) {
+        const Index g = reference_kv_head(h, heads, kv_heads);
+        allowed_fn a = allowed ? allowed_fn([&, h](Index j, Index i) { return allowed(h, j, i); })
+                               : allow_all();
+        bias_fn bf = bias ? bias_fn([&, h](Index j, Index i) { return bias(h, j, i); }) : nullptr;
+        concat.middleRows(h * dv, dv) =
+            reference_attention<T>(q.middleRows(h * dk, dk), k.middleRows(g * dk, dk),
+                                   v.middleRows(g * dv, dv), scale, a, bf, kind);
+    }
+    reference_layer_gradients<T> r;
+    mat<T> d_concat;
+    reference_linear_backward(p.w_o, has_bias, concat, d_out, r.d_params.w_o, r.d_params.b_o,
+                              d_concat);
+    mat<T> dq = mat<T>::Zero(q.rows(), q.cols()), dk_all = mat<T>::Zero(k.rows(), k.cols()),
+           dv_all = mat<T>::Zero(v.rows(), v.cols());
+    for (Index h = 0; h < heads; ++h) {
+        const Index g = reference_kv_head(h, heads, kv_heads);
+        allowed_fn a = allowed ? allowed_fn([&, h](Index j, Index i) { return allowed(h, j, i); })
+                               : allow_all();
+        bias_fn bf = bias ? bias_fn([&, h](Index j, Index i) { return bias(h, j, i); }) : nullptr;
+        const auto hg = reference_attention_backward<T>(
+            q.middleRows(h * dk, dk), k.middleRows(g * dk, dk), v.middleRows(g * dv, dv),
+            d_concat.middleRows(h * dv, dv), scale, a, bf, kind);
+        dq.middleRows(h * dk, dk) = hg.dq;
+        dk_all.middleRows(g * dk, dk) += hg.dk;
+        dv_all.middleRows(g * dv, dv) += hg.dv;
+    }
+    reference_linear_backward(p.w_q, has_bias, xq, dq, r.d_params.w_q, r.d_params.b_q, r.d_query);
+    reference_linear_backward(p.w_k, has_bias, xk, dk_all, r.d_params.w_k, r.d_params.b_k, r.d_key);
+    reference_linear_backward(p.w_v, has_bias, xv, dv_all, r.d_params.w_v, r.d_params.b_v,
+                              r.d_value);
+    return r;
+}
+
 /// Seeded N(0, sigma) or U(lo, hi) values generated in double (std distributions are not
 /// portable, so the mapping is written here).
 class value_source {

@@ -1,0 +1,155 @@
+// SPDX-License-Identifier: MIT
+// The backward pass of the multi-head attention core: given the forward's inputs and the
+// gradient of a loss with respect to its output, the gradients with respect to Q, K, V and the
+// scores (hence any additive bias). Layout as in attention.hpp's multi_head_attention_core:
+//   q : (H·d_k) × Nq,  k : (H_kv·d_k) × Nk,  v : (H_kv·d_v) × Nk,  d_out : (H·d_v) × Nq
+// The pass recomputes the scores and weights of one (sequence, head) at a time
+// (detail/materialized_backward.hpp), so it needs nothing saved from the forward and holds
+// 4 · Lk × Lq scalars per thread.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include <mha/attention.hpp>
+#include <mha/batch.hpp>
+#include <mha/core.hpp>
+#include <mha/detail/check.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/detail/materialized_backward.hpp>
+#include <mha/mask.hpp>
+#include <mha/options.hpp>
+
+namespace mha {
+
+/// What a backward call computes besides dQ, dK and dV, and on how many threads.
+struct backward_request {
+    /// Keep each (sequence, head)'s gradient with respect to its masked scores
+    /// (`attention_gradients::d_scores`), which is the gradient of an additive bias.
+    bool score_gradients = false;
+    /// 0: OpenMP's default (omp_get_max_threads()); ignored without OpenMP. The results do not
+    /// depend on it, bit for bit.
+    int threads = 0;
+};
+
+/// The gradients of a loss with respect to the inputs of the attention core.
+template <class Scalar>
+struct attention_gradients {
+    matrix<Scalar> dq;  ///< (H·d_k) × Nq, like q
+    matrix<Scalar> dk;  ///< (H_kv·d_k) × Nk, like k: a key/value head sums over its query heads
+    matrix<Scalar> dv;  ///< (H_kv·d_v) × Nk, like v
+    /// When `backward_request::score_gradients`: B·H matrices, sequence b and head h at index
+    /// b·H + h, each Lk × Lq of its sequence: ∂loss/∂(scale·kᵀq + bias) per (key, query), 0 at
+    /// excluded keys. For an additive bias given as one matrix per (sequence, head) this is its
+    /// gradient; for a shared one, sum it with `additive_bias_gradient`. Else empty.
+    std::vector<matrix<Scalar>> d_scores;
+};
+
+/// The gradients of the multi-head attention core (see the layout at the top of this header)
+/// for the same arguments as `multi_head_attention_core` and `d_out`, the gradient of the loss
+/// with respect to its output. Softmax, ReLU and sigmoid normalisation, every mask, packed
+/// batches, Lq ≠ Lk, d_k ≠ d_v and grouped heads; `options.algorithm` is not read (the pass is
+/// always the materialised one). A query with no key to attend to gets dQ = 0 and contributes
+/// nothing to dK and dV; an excluded key gets nothing from the queries that exclude it.
+template <class DQ, class DK, class DV, class DG>
+attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, Index num_kv_heads, const packed_batch& batch,
+    const Eigen::MatrixBase<DG>& d_out, const attention_mask<typename DQ::Scalar>& mask = {},
+    const attention_options& options = {}, const backward_request& request = {}) {
+    using Scalar = typename DQ::Scalar;
+    static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
+    static_assert(detail::same_scalars_v<Scalar, typename DK::Scalar, typename DV::Scalar,
+                                         typename DG::Scalar>,
+                  "mha: every matrix of one call must have the same scalar type (all float or all "
+                  "double); convert with .template cast<T>()");
+    constexpr const char* where = "mha::multi_head_attention_core_backward";
+    const detail::head_layout heads =
+        detail::make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
+    const bool grouped = num_kv_heads != num_heads;
+    detail::check_size(where, "k.rows()", num_kv_heads * heads.dk, k.rows(),
+                       grouped ? "num_kv_heads · q.rows() / num_heads" : "q.rows()");
+    detail::check_size(where, "q.cols()", batch.total_queries(), q.cols(),
+                       "the batch's total query count");
+    detail::check_size(where, "k.cols()", batch.total_keys(), k.cols(),
+                       "the batch's total key count");
+    detail::check_size(where, "v.cols()", k.cols(), v.cols(), "k.cols()");
+    detail::check_size(where, "d_out.rows()", num_heads * heads.dv, d_out.rows(),
+                       grouped ? "num_heads · v.rows() / num_kv_heads" : "v.rows()");
+    detail::check_size(where, "d_out.cols()", q.cols(), d_out.cols(), "q.cols()");
+    const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
+    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
+
+    attention_gradients<Scalar> grads;
+    grads.dq.setZero(q.rows(), q.cols());
+    grads.dk.setZero(k.rows(), k.cols());
+    grads.dv.setZero(v.rows(), v.cols());
+    if (request.score_gradients)
+        for (Index b = 0; b < batch.size(); ++b)
+            for (Index h = 0; h < num_heads; ++h)
+                grads.d_scores.push_back(
+                    matrix<Scalar>::Zero(batch.key_length(b), batch.query_length(b)));
+    // The kernel reads the inputs through views of inner stride 1; others are copied once.
+    const detail::const_matrix_ref<Scalar> q_ref(q), k_ref(k), v_ref(v), d_out_ref(d_out);
+    matrix<Scalar> unused_out(0, 0);
+    const detail::attention_problem<Scalar> problem{q_ref,
+                                                    k_ref,
+                                                    v_ref,
+                                                    detail::matrix_ref<Scalar>(unused_out),
+                                                    heads,
+                                                    batch,
+                                                    mask,
+                                                    scale,
+                                                    options.normalize,
+                                                    attention_request{},
+                                                    nullptr};
+    detail::backward_outputs<Scalar> outputs{grads.dq, grads.dk, grads.dv,
+                                             request.score_gradients ? &grads.d_scores : nullptr};
+    detail::materialized_backward(problem, d_out_ref, outputs, request.threads);
+    return grads;
+}
+
+/// The backward pass with as many key/value heads as query heads.
+template <class DQ, class DK, class DV, class DG>
+attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, const packed_batch& batch, const Eigen::MatrixBase<DG>& d_out,
+    const attention_mask<typename DQ::Scalar>& mask = {}, const attention_options& options = {},
+    const backward_request& request = {}) {
+    return multi_head_attention_core_backward(q, k, v, num_heads, num_heads, batch, d_out, mask,
+                                              options, request);
+}
+
+/// The gradient of an additive bias given as `count` matrices (1: shared by every sequence and
+/// head; B: one per sequence; B·H: one per sequence and head, as in `additive_bias`), from the
+/// per-(sequence, head) score gradients of a backward call with `num_heads` heads. A shared
+/// matrix's gradient sums its uses in index order.
+template <class Scalar>
+std::vector<matrix<Scalar>> additive_bias_gradient(const std::vector<matrix<Scalar>>& d_scores,
+                                                   Index count, Index num_sequences,
+                                                   Index num_heads) {
+    constexpr const char* where = "mha::additive_bias_gradient";
+    detail::check_size(where, "d_scores.size()", num_sequences * num_heads,
+                       static_cast<Index>(d_scores.size()), "num_sequences · num_heads");
+    if (count != 1 && count != num_sequences && count != num_sequences * num_heads)
+        detail::fail<shape_error>(where, "count",
+                                  "1, " + std::to_string(num_sequences) + " (sequences) or " +
+                                      std::to_string(num_sequences * num_heads) +
+                                      " (sequences x heads)",
+                                  count);
+    if (count == num_sequences * num_heads) return d_scores;
+    std::vector<matrix<Scalar>> result(static_cast<std::size_t>(count));
+    for (Index b = 0; b < num_sequences; ++b)
+        for (Index h = 0; h < num_heads; ++h) {
+            const auto& g = d_scores[static_cast<std::size_t>(b * num_heads + h)];
+            auto& r = result[static_cast<std::size_t>(count == 1 ? 0 : b)];
+            if (h == 0 && (count != 1 || b == 0))
+                r = g;
+            else
+                r += g;
+        }
+    return result;
+}
+
+}  // namespace mha

@@ -1,0 +1,195 @@
+// SPDX-License-Identifier: MIT
+// The materialised backward pass of the attention core: each (sequence, head) recomputes its
+// Lk × Lq scores and weights as the forward did, then goes back through the normalisation by
+// its exact derivative. Memory: one head's scores, weights and their gradients (4 · Lk × Lq) per
+// thread.
+//
+// With W the normalised weights of masked scores S, out = V·W, and dO the output's gradient:
+//   dV = dO·Wᵀ,  dW = Vᵀ·dO,  dS = J(S)ᵀ·dW per query column,  dQ = scale·K·dS,  dK = scale·Q·dSᵀ
+// where J is the Jacobian of the normalisation (softmax: dS = W ∘ (dW − Σ W∘dW); ReLU: the
+// quotient rule of max(s, 0) / Σ max(s, 0); sigmoid: dS = dW ∘ W ∘ (1 − W)). An excluded key's
+// score is constant (−∞ by selection), so its dS is 0 by selection too: a NaN in an excluded
+// value or key column never reaches a gradient, as it never reaches the output.
+//
+// Determinism: one task per (sequence, key/value head). A task owns the dK and dV columns of its
+// sequence in its key/value head's rows and the dQ rows of its query heads, and sums its query
+// heads in increasing order; every product inside a task runs on one thread. So the bits do not
+// depend on the thread count or on which thread runs a task.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <mha/batch.hpp>
+#include <mha/core.hpp>
+#include <mha/detail/gemm.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/detail/mask_view.hpp>
+#include <mha/detail/materialized.hpp>
+#include <mha/detail/parallel.hpp>
+#include <mha/normalization.hpp>
+#include <mha/options.hpp>
+
+namespace mha {
+namespace detail {
+
+/// The scratch of one thread of the backward pass, kept for its next task.
+template <class Scalar>
+struct backward_thread_state {
+    matrix<Scalar> scores, weights, d_weights, d_scores;  // Lk × Lq each
+    matrix<Scalar> product;                               // dK or dV of one head before summing
+    std::vector<gemm_buffers<Scalar>> gemm;               // one set: products stay on this thread
+};
+
+/// dS from dW (both Lk × Lq) for the masked scores S and weights W of one head, in place of dW
+/// into `d_scores`. Excluded keys (S = −∞) get exactly 0.
+template <class Scalar>
+void normalization_backward(const matrix<Scalar>& s, const matrix<Scalar>& w,
+                            const matrix<Scalar>& dw, normalization normalize, matrix<Scalar>& ds) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    const Index lk = s.rows();
+    ds.resize(lk, s.cols());
+    for (Index i = 0; i < s.cols(); ++i) {
+        switch (normalize) {
+            case normalization::softmax: {
+                // Σ_j W_j·dW_j over the keys that take part (a skipped key may hold dW = NaN).
+                Scalar dot(0);
+                for (Index j = 0; j < lk; ++j)
+                    if (s(j, i) != minus_inf) dot += w(j, i) * dw(j, i);
+                for (Index j = 0; j < lk; ++j)
+                    ds(j, i) = s(j, i) == minus_inf ? Scalar(0) : w(j, i) * (dw(j, i) - dot);
+                break;
+            }
+            case normalization::relu: {
+                // w_j = r_j / Σr with r = max(s, 0): ∂w_j/∂s_l = [s_l > 0]·(δ_jl·Σr − r_j) / (Σr)²,
+                // so dS_l = (dW_l·Σr − Σ_j r_j·dW_j) / (Σr)². Kept unnormalised so that a single
+                // positive key, whose weight is the constant 1, gets exactly 0 (dW·r − r·dW).
+                Scalar sum(0), dot(0);
+                for (Index j = 0; j < lk; ++j) {
+                    const Scalar x = s(j, i);
+                    if (x != minus_inf && (x > Scalar(0) || x != x)) {
+                        sum += x;
+                        dot += x * dw(j, i);
+                    }
+                }
+                // All scores ≤ 0: the weights are the constant 0, so is the gradient.
+                const bool active = sum > Scalar(0) || sum != sum;
+                const Scalar inverse_square = Scalar(1) / (sum * sum);
+                for (Index j = 0; j < lk; ++j) {
+                    const Scalar x = s(j, i);
+                    const bool positive = x != minus_inf && (x > Scalar(0) || x != x);
+                    if (!(active && positive)) {
+                        ds(j, i) = Scalar(0);
+                        continue;
+                    }
+                    const Scalar scaled = dw(j, i) * sum;
+                    ds(j, i) = (scaled - dot) * inverse_square;
+                }
+                break;
+            }
+            case normalization::sigmoid:
+                for (Index j = 0; j < lk; ++j)
+                    ds(j, i) = s(j, i) == minus_inf ? Scalar(0)
+                                                    : dw(j, i) * w(j, i) * (Scalar(1) - w(j, i));
+                break;
+        }
+    }
+}
+
+/// The gradients of one multi-head call, and whether the per-head score gradients are kept.
+template <class Scalar>
+struct backward_outputs {
+    matrix<Scalar>& dq;                     // (H·d_k) × Nq
+    matrix<Scalar>& dk;                     // (H_kv·d_k) × Nk
+    matrix<Scalar>& dv;                     // (H_kv·d_v) × Nk
+    std::vector<matrix<Scalar>>* d_scores;  // B·H matrices Lk × Lq, or null
+};
+
+/// The backward pass of one (sequence b, key/value head g) task; see the top of this file.
+template <class Scalar>
+void backward_task(const attention_problem<Scalar>& p, const const_matrix_ref<Scalar>& d_out,
+                   Index b, Index g, const mask_views<Scalar>& masks,
+                   backward_outputs<Scalar>& outputs, backward_thread_state<Scalar>& ts) {
+    using const_view = Eigen::Map<const matrix<Scalar>, 0, Eigen::OuterStride<>>;
+    using view = Eigen::Map<matrix<Scalar>, 0, Eigen::OuterStride<>>;
+    const head_layout& heads = p.heads;
+    const Index lq = p.batch.query_length(b), lk = p.batch.key_length(b);
+    const Index q0 = p.batch.query_offset(b), k0 = p.batch.key_offset(b);
+    const Index dk = heads.dk, dv = heads.dv;
+    const Index group = heads.num_heads / heads.num_kv_heads;
+    if (lq == 0 || lk == 0) return;  // no query, or no key: every gradient stays 0
+    const const_view k(p.k.data() + k0 * p.k.outerStride() + g * dk, dk, lk,
+                       Eigen::OuterStride<>(p.k.outerStride()));
+    const const_view v(p.v.data() + k0 * p.v.outerStride() + g * dv, dv, lk,
+                       Eigen::OuterStride<>(p.v.outerStride()));
+    view dk_g(outputs.dk.data() + k0 * outputs.dk.outerStride() + g * dk, dk, lk,
+              Eigen::OuterStride<>(outputs.dk.outerStride()));
+    view dv_g(outputs.dv.data() + k0 * outputs.dv.outerStride() + g * dv, dv, lk,
+              Eigen::OuterStride<>(outputs.dv.outerStride()));
+    ts.scores.resize(lk, lq);
+    ts.d_weights.resize(lk, lq);
+    for (Index h = g * group; h < (g + 1) * group; ++h) {
+        const mask_view<Scalar>& mask = masks(b, h);
+        const const_view q(p.q.data() + q0 * p.q.outerStride() + h * dk, dk, lq,
+                           Eigen::OuterStride<>(p.q.outerStride()));
+        const const_view d_o(d_out.data() + q0 * d_out.outerStride() + h * dv, dv, lq,
+                             Eigen::OuterStride<>(d_out.outerStride()));
+        view dq_h(outputs.dq.data() + q0 * outputs.dq.outerStride() + h * dk, dk, lq,
+                  Eigen::OuterStride<>(outputs.dq.outerStride()));
+        // The forward's scores and weights, recomputed as the forward computes them.
+        product_into(ts.scores, k.transpose(), q, p.scale, &ts.gemm, 1);  // Lk × Lq
+        const bool masked = !mask.is_unmasked();
+        if (masked) apply_mask<Scalar>(mask, ts.scores);
+        ts.weights = ts.scores;
+        normalize_columns(ts.weights, p.normalize);
+        product_into(ts.d_weights, v.transpose(), d_o, Scalar(1), &ts.gemm, 1);  // Lk × Lq
+        normalization_backward(ts.scores, ts.weights, ts.d_weights, p.normalize, ts.d_scores);
+        // dV_g += dO·Wᵀ and dK_g += scale·Q·dSᵀ, summed over the group's heads in order.
+        ts.product.resize(dv, lk);
+        product_into(ts.product, d_o, ts.weights.transpose(), Scalar(1), &ts.gemm, 1);
+        dv_g += ts.product;
+        ts.product.resize(dk, lk);
+        product_into(ts.product, q, ts.d_scores.transpose(), p.scale, &ts.gemm, 1);
+        dk_g += ts.product;
+        product_into(dq_h, k, ts.d_scores, p.scale, &ts.gemm, 1);  // dk × Lq
+        if (masked) {
+            // K·dS lets 0·NaN from an excluded key column into dQ; such columns are recomputed
+            // from the keys that take part alone (as the forward repairs its output).
+            for (Index i = 0; i < lq; ++i) {
+                if (dq_h.col(i).allFinite()) continue;
+                dq_h.col(i).setZero();
+                for (Index j = 0; j < lk; ++j)
+                    if (ts.scores(j, i) != -std::numeric_limits<Scalar>::infinity())
+                        dq_h.col(i) += (p.scale * ts.d_scores(j, i)) * k.col(j);
+            }
+        }
+        if (outputs.d_scores != nullptr)
+            (*outputs.d_scores)[static_cast<std::size_t>(b * heads.num_heads + h)] = ts.d_scores;
+    }
+}
+
+/// The materialised backward pass over a validated problem (its `out` is not read). `outputs`
+/// is sized and zeroed by the caller; `threads`: 0 for OpenMP's default.
+template <class Scalar>
+void materialized_backward(const attention_problem<Scalar>& p,
+                           const const_matrix_ref<Scalar>& d_out, backward_outputs<Scalar>& outputs,
+                           int threads) {
+    mask_views<Scalar> masks;
+    masks.build(p.mask, p.heads.num_heads, p.batch);
+    const Index kv_heads = p.heads.num_kv_heads;
+    std::vector<backward_thread_state<Scalar>> states;
+    parallel_tasks(
+        p.batch.size() * kv_heads, threads, states,
+        // Each thread packs its products into its own buffers, kept for its next task.
+        [](backward_thread_state<Scalar>& ts) {
+            if (ts.gemm.empty()) ts.gemm.resize(1);
+            return scoped_gemm_buffers<Scalar>(&ts.gemm.front());
+        },
+        [&](Index task, backward_thread_state<Scalar>& ts) {
+            backward_task(p, d_out, task / kv_heads, task % kv_heads, masks, outputs, ts);
+        });
+}
+
+}  // namespace detail
+}  // namespace mha
