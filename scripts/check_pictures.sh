@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Renders the SVG pictures that jane_demo writes with headless Chromium, as a user's browser
-# shows them, and checks each image with picture_check: the declared size, not blank, every
-# head's colour present.
+# Renders the SVG pictures that jane_demo and train_heads write with headless Chromium, as a
+# user's browser shows them, and checks each image with picture_check: the declared size, not
+# blank, every head's colour present.
 #
 #   scripts/check_pictures.sh BUILD_DIR
 #
@@ -18,6 +18,7 @@ done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$build/examples/jane_demo" "$work" > /dev/null
+"$build/examples/train_heads" "$work" > /dev/null
 count=0
 for svg in "$work"/*.svg; do
   # The root element's width and height (whole pixels, see mha/plot.hpp).
@@ -37,4 +38,4 @@ for svg in "$work"/*.svg; do
   "$build/tests/picture_check" "$work/image.ppm" "$width" "$height" "${colours[@]}"
   count=$((count + 1))
 done
-[ "$count" -ge 2 ] || { echo "check_pictures: expected 2 pictures from jane_demo, got $count"; exit 1; }
+[ "$count" -ge 4 ] || { echo "check_pictures: expected 4 pictures from jane_demo and train_heads, got $count"; exit 1; }

@@ -8,9 +8,9 @@
 template class mha::multi_head_attention<float>;
 template class mha::multi_head_attention<double>;
 
-template mha::attention_outputs<float> mha::detail::attend<float>(
+template mha::attention_outputs<float> mha::detail::attend<float, mha::detail::no_score_modifier>(
     const mha::detail::attention_problem<float>&, mha::attention_algorithm,
-    mha::detail::attention_workspace<float>*);
-template mha::attention_outputs<double> mha::detail::attend<double>(
+    mha::detail::attention_workspace<float>*, const mha::detail::no_score_modifier&);
+template mha::attention_outputs<double> mha::detail::attend<double, mha::detail::no_score_modifier>(
     const mha::detail::attention_problem<double>&, mha::attention_algorithm,
-    mha::detail::attention_workspace<double>*);
+    mha::detail::attention_workspace<double>*, const mha::detail::no_score_modifier&);

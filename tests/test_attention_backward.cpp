@@ -14,6 +14,7 @@
 #include <catch2/catch_template_test_macros.hpp>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/generators/catch_generators.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
 
 #include <mha/attention.hpp>
 #include <mha/attention_backward.hpp>
@@ -489,4 +490,19 @@ TEST_CASE("backward: errors name the argument", "[backward]") {
                     mha::shape_error);  // 4 rows of q do not split into 3 heads
     CHECK_THROWS_AS(mha::additive_bias_gradient(std::vector<mat<double>>(3), 1, 2, 2),
                     mha::shape_error);
+    // Score terms the backward has no form for are refused, not silently left out.
+    mha::attention_options capped;
+    capped.softcap = 30.0;
+    CHECK_THROWS_WITH(mha::multi_head_attention_core_backward(q, k, v, 2, batch, d_out, {}, capped),
+                      Catch::Matchers::Equals(
+                          "mha::multi_head_attention_core_backward: options.softcap must be unset "
+                          "(the backward pass has no soft-capping), got 30"));
+    mha::attention_options alibi;
+    alibi.alibi_slopes = {0.5, 0.25};
+    CHECK_THROWS_AS(mha::multi_head_attention_core_backward(q, k, v, 2, batch, d_out, {}, alibi),
+                    mha::value_error);
+    mha::attention_options sinks;
+    sinks.sinks = {0.0, 1.0};
+    CHECK_THROWS_AS(mha::multi_head_attention_core_backward(q, k, v, 2, batch, d_out, {}, sinks),
+                    mha::value_error);
 }

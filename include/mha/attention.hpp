@@ -12,8 +12,8 @@
 ///
 /// Order inside the scores: scale → soft-capping → ALiBi → score modifier → additive bias → mask →
 /// normalise, with attention sinks in the softmax normaliser (docs/score_modifiers.md). Masks are
-/// applied by selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys never
-/// leaks). A query with no key to attend to gets output 0 and weights 0.
+/// applied by selection (an excluded score becomes −∞ whatever K held, so NaN in excluded keys
+/// never leaks). A query with no key to attend to gets output 0 and weights 0.
 #pragma once
 
 #include <algorithm>
@@ -327,10 +327,12 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
 // Every attention call, of the kernels' entry points and of the layer, reaches the kernels
 // through detail::attend: declared here, defined once by src/mha_instantiate.cpp, they are not
 // compiled again in each translation unit (see MHA_EXTERN_TEMPLATES in mha/core.hpp).
-extern template mha::attention_outputs<float> mha::detail::attend<float>(
+extern template mha::attention_outputs<float>
+mha::detail::attend<float, mha::detail::no_score_modifier>(
     const mha::detail::attention_problem<float>&, mha::attention_algorithm,
-    mha::detail::attention_workspace<float>*);
-extern template mha::attention_outputs<double> mha::detail::attend<double>(
+    mha::detail::attention_workspace<float>*, const mha::detail::no_score_modifier&);
+extern template mha::attention_outputs<double>
+mha::detail::attend<double, mha::detail::no_score_modifier>(
     const mha::detail::attention_problem<double>&, mha::attention_algorithm,
-    mha::detail::attention_workspace<double>*);
+    mha::detail::attention_workspace<double>*, const mha::detail::no_score_modifier&);
 #endif

@@ -80,6 +80,19 @@ attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
     detail::check_size(where, "d_out.cols()", q.cols(), d_out.cols(), "q.cols()");
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
     mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
+    // The backward has no form for the score terms yet: refuse them rather than return the
+    // gradients of a different function.
+    if (options.softcap)
+        detail::fail<value_error>(where, "options.softcap",
+                                  "unset (the backward pass has no soft-capping)",
+                                  *options.softcap);
+    if (!options.alibi_slopes.empty())
+        detail::fail<value_error>(where, "options.alibi_slopes",
+                                  "empty (the backward pass has no ALiBi)",
+                                  std::to_string(options.alibi_slopes.size()) + " slopes");
+    if (!options.sinks.empty())
+        detail::fail<value_error>(where, "options.sinks", "empty (the backward pass has no sinks)",
+                                  std::to_string(options.sinks.size()) + " sinks");
 
     attention_gradients<Scalar> grads;
     grads.dq.setZero(q.rows(), q.cols());
