@@ -46,9 +46,9 @@ struct layer_saved_state {
     /// H × Nq for softmax (see attention_outputs::log_sum_exp), else empty. The backward here
     /// recomputes each head's weights from Q and K and does not read it.
     matrix<Scalar> log_sum_exp;
-    matrix<Scalar> output;  ///< E × Nq: the layer's output
-    packed_batch batch;
-    attention_mask<Scalar> mask;
+    matrix<Scalar> output;        ///< E × Nq: the layer's output
+    packed_batch batch;           ///< the forward's batch
+    attention_mask<Scalar> mask;  ///< the forward's mask
 };
 
 /// The gradients of a loss with respect to a layer's inputs and parameters.
@@ -57,9 +57,11 @@ struct layer_gradients {
     /// ∂loss/∂(query input), E × Nq. For self-attention it is the gradient with respect to the
     /// one input x: the three uses (query, key, value) summed.
     matrix<Scalar> d_query;
-    /// ∂loss/∂(key input) and ∂loss/∂(value input) for cross-attention; empty for
-    /// self-attention (their share is in d_query).
+    /// ∂loss/∂(key input) for cross-attention; empty for self-attention (its share is in
+    /// d_query).
     matrix<Scalar> d_key;
+    /// ∂loss/∂(value input) for cross-attention; empty for self-attention (its share is in
+    /// d_query).
     matrix<Scalar> d_value;
     /// ∂loss/∂ each parameter, shaped like `attention_parameters` (biases of size 0 when the
     /// layer has none).
