@@ -397,7 +397,7 @@ TEST_CASE("block predicate: skipped blocks are never read", "[score_modifiers]")
         c.v.col(j).setConstant(nan);
     }
     Index skipped = 0;
-    auto visit = [&skipped, prefix](Index, Index, Index i0, Index i1, Index j0, Index) {
+    auto visit = [&](Index, Index, Index i0, Index i1, Index j0, Index) {
         const bool any = j0 < prefix || j0 <= i1 - 1;
         (void)i0;
 #pragma omp atomic
