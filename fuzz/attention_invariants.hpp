@@ -384,8 +384,11 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
                     for (Index j = 0; j < n; ++j)
                         allowed(j, i) = p.allowed(b, lo + j, i);
                 keep.push_back(allowed);
-                bias.push_back(p.bias.empty() ? mha::matrix<float>::Zero(n, p.lq[b])
-                                              : mha::matrix<float>(p.bias[b].middleRows(lo, n)));
+                // An empty bias has no storage: no block of it, even an empty one, is taken
+                // (Eigen would offset a null pointer).
+                bias.push_back(p.bias.empty() || p.bias[b].size() == 0
+                                   ? mha::matrix<float>::Zero(n, p.lq[b])
+                                   : mha::matrix<float>(p.bias[b].middleRows(lo, n)));
                 from += p.lk[b];
                 to += n;
             }
