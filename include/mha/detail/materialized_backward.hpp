@@ -75,7 +75,8 @@ void normalization_backward(const matrix<Scalar>& s, const matrix<Scalar>& w,
                 }
                 // All scores ≤ 0: the weights are the constant 0, so is the gradient.
                 const bool active = sum > Scalar(0) || sum != sum;
-                const Scalar inverse_square = Scalar(1) / (sum * sum);
+                // Only when active: never 1/0 (and 1/sum/sum, since sum² may underflow to 0).
+                const Scalar inverse_square = active ? Scalar(1) / sum / sum : Scalar(0);
                 for (Index j = 0; j < lk; ++j) {
                     const Scalar x = s(j, i);
                     const bool positive = x != minus_inf && (x > Scalar(0) || x != x);
