@@ -536,8 +536,11 @@ namespace {
 /// plain loops, per query head reference_attention_terms with that head's slope and sink, heads
 /// concatenated, output projection. In T = long double it is R, in T = Scalar R_lp (check B).
 template <class T, class Scalar>
-mat<T> layer_reference(const mha::attention_config& c, const mha::attention_parameters<Scalar>& p,
-                       const mat<Scalar>& x_s, T scale) {
+mat<T> layer_reference(
+    const mha::attention_config& c, const mha::attention_parameters<Scalar>& p,
+    const mat<Scalar>& x_s, T scale,
+    const mha_test::allowed_fn& allowed = mha_test::causal_top_left(),
+    const std::function<long double(Index h, Index i, Index j, long double s)>& modifier = {}) {
     const mat<T> x = x_s.template cast<T>();
     const mat<T> q =
         mha_test::reference_linear<T>(p.w_q.template cast<T>(), p.b_q.template cast<T>(), x);
@@ -554,10 +557,14 @@ mat<T> layer_reference(const mha::attention_config& c, const mha::attention_para
         t.slope = c.attention.alibi_slopes[static_cast<std::size_t>(h)];
         t.sink = true;
         t.sink_logit = c.attention.sinks[static_cast<std::size_t>(h)];
+        if (modifier)
+            t.modifier = [&modifier, h](Index i, Index j, long double s) {
+                return modifier(h, i, j, s);
+            };
         const Index g = h / group;
         concat.middleRows(h * dv, dv) = mha_test::reference_attention_terms<T>(
             q.middleRows(h * dk, dk), k.middleRows(g * dk, dk), v.middleRows(g * dv, dv), scale, t,
-            mha_test::causal_top_left());
+            allowed);
     }
     return mha_test::reference_linear<T>(p.w_o.template cast<T>(), p.b_o.template cast<T>(),
                                          concat);
@@ -600,6 +607,83 @@ TEST_CASE("score terms in the layer: forward and decoding steps against the refe
     for (Index t = 5; t < length; ++t)
         decoded.col(t) = layer.decode(x.col(t), cache);
     mha_test::require_within_baseline<Scalar>(decoded, ref, base, 4, "decode");
+}
+
+TEST_CASE("score modifier in the layer: forward, forward_into and weights on a packed batch",
+          "[score_modifiers][layer]") {
+    // The caller's modifier through the layer, on top of soft-capping, ALiBi and sinks: sequence
+    // 0 is a prefix-LM (its first 6 tokens see each other, the rest is causal), both sequences
+    // get a T5-style bucketed bias per head. The reference applies the same modifier to its own
+    // long-double scores, sequence by sequence.
+    using Scalar = float;
+    mha::attention_config c;
+    c.embed_dim = 16;
+    c.num_heads = 4;
+    c.head_dim = 4;
+    c.value_head_dim = 3;
+    c.num_kv_heads = 2;
+    c.attention.softcap = 2.0;
+    c.attention.alibi_slopes = mha::alibi_slopes(4);
+    c.attention.sinks = {0.5, -0.5, 1.0, 0.0};
+    mha_test::value_source values(7101);
+    auto params = mha::multi_head_attention<Scalar>(c, 11).parameters();
+    for (auto* w : {&params.w_q, &params.w_k, &params.w_v, &params.w_o})
+        *w = values.uniform_matrix<Scalar>(w->rows(), w->cols(), -0.6, 0.6);
+    const mha::multi_head_attention<Scalar> layer(c, params);
+    const std::vector<Index> lengths{23, 17};
+    const mha::packed_batch batch(lengths);
+    const mat<Scalar> x = values.normal_matrix<Scalar>(16, batch.total_queries());
+    const test_modifier t5 = make_t5(4, 7102);
+    const Index prefix = 6;
+    auto score = [&t5, prefix](Index b, Index h, Index i, Index j, auto s) {
+        using S = decltype(s);
+        if (b == 0 && j >= prefix && j > i) return -std::numeric_limits<S>::infinity();
+        return static_cast<S>(s + static_cast<S>(t5.t5(h, i, j)));
+    };
+    const auto modifier = mha::make_score_modifier(
+        [&score](Index b, Index h, Index i, Index j, Scalar s) { return score(b, h, i, j, s); });
+    const Scalar scale = Scalar(1) / std::sqrt(Scalar(4));
+    mat<long double> ref(16, x.cols());
+    mat<Scalar> base(16, x.cols());
+    for (Index b = 0; b < 2; ++b) {
+        const Index n = lengths[static_cast<std::size_t>(b)], at = batch.query_offset(b);
+        auto ref_modifier = [&score, b](Index h, Index i, Index j, long double s) {
+            return score(b, h, i, j, s);
+        };
+        const mat<Scalar> xb = x.middleCols(at, n);
+        ref.middleCols(at, n) = layer_reference<long double>(
+            c.resolved(), params, xb, static_cast<long double>(scale), mha_test::allow_all(),
+            ref_modifier);
+        base.middleCols(at, n) = layer_reference<Scalar>(c.resolved(), params, xb, scale,
+                                                         mha_test::allow_all(), ref_modifier);
+    }
+    // Check B with k = 4, the layer tests' rule (as in the test above).
+    const mat<Scalar> forwarded = layer.forward(x, batch, {}, modifier);
+    mha_test::require_within_baseline<Scalar>(forwarded, ref, base, 4, "forward");
+    // forward_into and the cross-attention form with weights compute the same thing the same way.
+    mha::forward_workspace<Scalar> ws;
+    mat<Scalar> into(16, x.cols());
+    for (int repeat = 0; repeat < 2; ++repeat) {
+        into.setConstant(std::numeric_limits<Scalar>::quiet_NaN());
+        layer.forward_into(x, batch, {}, into, ws, modifier);
+        mha_test::require_within_baseline<Scalar>(into, ref, base, 4, "forward_into");
+    }
+    const auto with_weights =
+        layer.forward_with_weights(x, x, x, batch, mha::weights_mode::per_head, {}, modifier);
+    mha_test::require_within_baseline<Scalar>(with_weights.output, ref, base, 4,
+                                              "forward_with_weights");
+    // Sequence 0's prefix-LM: every weight on a key past both the prefix and the query is 0.
+    REQUIRE(with_weights.weights.size() == 8);  // sequence b, head h at b·H + h
+    for (Index h = 0; h < 4; ++h) {
+        const mat<Scalar>& w = with_weights.weights[static_cast<std::size_t>(h)];
+        REQUIRE(w.rows() == 23);
+        for (Index i = 0; i < 23; ++i)
+            for (Index j = std::max(prefix, i + 1); j < 23; ++j)
+                REQUIRE(w(j, i) == Scalar(0));
+    }
+    // Without the modifier the layer gives a different result (the modifier is not ignored).
+    const mat<Scalar> plain = layer.forward(x, batch);
+    REQUIRE((plain - forwarded).cwiseAbs().maxCoeff() > Scalar(1e-2));
 }
 
 TEST_CASE("score terms: returned weights of both kernels against the reference",

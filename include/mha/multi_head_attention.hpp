@@ -235,6 +235,25 @@ public:
         return run_allocating({query, key, value, false}, batch, mask, {}).output;
     }
 
+    /// Self-attention over a packed batch with a score modifier (make_score_modifier) compiled
+    /// into the kernels: `modifier.score(sequence, head, i, j, s)` changes each score after the
+    /// scale, soft-capping and ALiBi, before the mask (docs/score_modifiers.md). Indices are those
+    /// of the sequence within `batch`; `head` is the query head.
+    template <class ScoreFn, class BlockPredicate>
+    matrix<Scalar> forward(const input& x, const packed_batch& batch,
+                           const attention_mask<Scalar>& mask,
+                           const score_modifier<ScoreFn, BlockPredicate>& modifier) const {
+        return run_allocating(self_inputs(x), batch, mask, {}, modifier).output;
+    }
+
+    /// Cross-attention over a packed batch with a score modifier (see the self-attention form).
+    template <class ScoreFn, class BlockPredicate>
+    matrix<Scalar> forward(const input& query, const input& key, const input& value,
+                           const packed_batch& batch, const attention_mask<Scalar>& mask,
+                           const score_modifier<ScoreFn, BlockPredicate>& modifier) const {
+        return run_allocating({query, key, value, false}, batch, mask, {}, modifier).output;
+    }
+
     /// Self-attention over one sequence, also returning the attention weights.
     attention_result<Scalar> forward_with_weights(const input& x, weights_mode mode,
                                                   const attention_mask<Scalar>& mask = {}) const {
@@ -257,6 +276,16 @@ public:
                                                   const attention_mask<Scalar>& mask = {}) const {
         return run_allocating({query, key, value, false}, batch, mask,
                               attention_request{mode, false});
+    }
+
+    /// The general form with a score modifier: the weights are those the modified scores give.
+    template <class ScoreFn, class BlockPredicate>
+    attention_result<Scalar> forward_with_weights(
+        const input& query, const input& key, const input& value, const packed_batch& batch,
+        weights_mode mode, const attention_mask<Scalar>& mask,
+        const score_modifier<ScoreFn, BlockPredicate>& modifier) const {
+        return run_allocating({query, key, value, false}, batch, mask,
+                              attention_request{mode, false}, modifier);
     }
 
     /// Self-attention over a packed batch into `out` (E × N, not resized), reusing the buffers
@@ -292,6 +321,24 @@ public:
                       const packed_batch& batch, const attention_mask<Scalar>& mask,
                       Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace) const {
         run({query, key, value, false}, batch, mask, out, {}, workspace);
+    }
+
+    /// Self-attention into `out` with a score modifier compiled into the kernels (see `forward`
+    /// with a modifier); allocates nothing under the conditions of `forward_into` above.
+    template <class ScoreFn, class BlockPredicate>
+    void forward_into(const input& x, const packed_batch& batch, const attention_mask<Scalar>& mask,
+                      Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace,
+                      const score_modifier<ScoreFn, BlockPredicate>& modifier) const {
+        run(self_inputs(x), batch, mask, out, {}, workspace, modifier);
+    }
+
+    /// Cross-attention into `out` with a score modifier.
+    template <class ScoreFn, class BlockPredicate>
+    void forward_into(const input& query, const input& key, const input& value,
+                      const packed_batch& batch, const attention_mask<Scalar>& mask,
+                      Eigen::Ref<matrix<Scalar>> out, forward_workspace<Scalar>& workspace,
+                      const score_modifier<ScoreFn, BlockPredicate>& modifier) const {
+        run({query, key, value, false}, batch, mask, out, {}, workspace, modifier);
     }
 
     /// An empty cache for this layer's keys and values (key_width() × tokens and
@@ -542,23 +589,26 @@ private:
     };
 
     // A forward call that allocates its result and its buffers.
+    template <class Mod = detail::no_score_modifier>
     attention_result<Scalar> run_allocating(const layer_inputs& in, const packed_batch& batch,
                                             const attention_mask<Scalar>& mask,
-                                            const attention_request& request) const {
+                                            const attention_request& request,
+                                            const Mod& mod = Mod{}) const {
         attention_result<Scalar> r;
         r.output.resize(config_.embed_dim, in.query.cols());
         forward_workspace<Scalar> workspace;
-        r.weights = run(in, batch, mask, r.output, request, workspace).weights;
+        r.weights = run(in, batch, mask, r.output, request, workspace, mod).weights;
         return r;
     }
 
+    template <class Mod = detail::no_score_modifier>
     attention_outputs<Scalar> run(const layer_inputs& in, const packed_batch& batch,
                                   const attention_mask<Scalar>& mask,
                                   Eigen::Ref<matrix<Scalar>> out, const attention_request& request,
-                                  forward_workspace<Scalar>& ws) const {
+                                  forward_workspace<Scalar>& ws, const Mod& mod = Mod{}) const {
         validate(in, batch, mask, out);
         const projected qkv = project_inputs(in, batch, ws);
-        attention_outputs<Scalar> outputs = attend(qkv, batch, mask, request, ws);
+        attention_outputs<Scalar> outputs = attend(qkv, batch, mask, request, ws, mod);
         project_output(ws, out);
         return outputs;
     }
@@ -634,10 +684,11 @@ private:
     }
 
     // Every head's attention, each written into its rows of ws.heads ((H·d_v) × Nq).
+    template <class Mod>
     attention_outputs<Scalar> attend(const projected& qkv, const packed_batch& batch,
                                      const attention_mask<Scalar>& mask,
                                      const attention_request& request,
-                                     forward_workspace<Scalar>& ws) const {
+                                     forward_workspace<Scalar>& ws, const Mod& mod) const {
         ws.heads.resize(v_width(), qkv.q.cols());
         const detail::attention_problem<Scalar> problem{
             qkv.q,
@@ -653,7 +704,7 @@ private:
             request,
             nullptr,
             &config_.attention};
-        return detail::attend(problem, config_.attention.algorithm, &ws.internal);
+        return detail::attend(problem, config_.attention.algorithm, &ws.internal, mod);
     }
 
     // out = W_o·heads + b_o.
