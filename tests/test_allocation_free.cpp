@@ -401,6 +401,39 @@ TEST_CASE("forward_into allocates nothing: cross-attention", "[alloc]") {
     }
 }
 
+TEST_CASE("forward_into allocates nothing: score terms and a score modifier", "[alloc]") {
+    using Scalar = float;
+    mha_test::value_source values(7004);
+    mha::attention_config config = config_of(128, 4);
+    config.attention.softcap = 20.0;
+    config.attention.alibi_slopes = mha::alibi_slopes(4);
+    config.attention.sinks = {0.5, -0.5, 0.0, 1.0};
+    const mha::multi_head_attention<Scalar> layer(config, 14);
+    const mha::packed_batch batch({70, 150});
+    const mat<Scalar> x = values.normal_matrix<Scalar>(128, batch.total_queries());
+    // A prefix-LM: the first 10 tokens of each sequence see each other, the rest is causal; the
+    // predicate lets the kernel skip the blocks past both.
+    const auto modifier = mha::make_score_modifier(
+        [](Index, Index h, Index i, Index j, Scalar s) {
+            if (j >= 10 && j > i) return -std::numeric_limits<Scalar>::infinity();
+            return s + Scalar(0.01) * static_cast<Scalar>(h);
+        },
+        [](Index, Index, Index, Index i1, Index j0, Index) { return j0 < 10 || j0 < i1; });
+    const mat<Scalar> expected = layer.forward(x, batch, {}, modifier);
+    const int saved = max_threads();
+    for (const int threads : {1, 2}) {
+        set_threads(threads);
+        mha::forward_workspace<Scalar> ws;
+        mat<Scalar> out(128, x.cols());
+        layer.forward_into(x, batch, {}, out, ws, modifier);  // warm-up: sizes every buffer
+        out.setConstant(Scalar(-1));
+        require_no_allocation(
+            allocations_during([&] { layer.forward_into(x, batch, {}, out, ws, modifier); }));
+        REQUIRE(bitwise_equal(out, expected));
+    }
+    set_threads(saved);
+}
+
 TEMPLATE_TEST_CASE("forward_into allocates nothing: decode over a long cache (split-KV)", "[alloc]",
                    float, double) {
     using Scalar = TestType;
