@@ -515,6 +515,11 @@ TEST_CASE("Hugging Face attention weights (q_proj, k_proj, v_proj, o_proj) load 
                 w.add_vector(prefix + "v_proj.bias", bv);
             }
             if (biases == 4) w.add_vector(prefix + out_name + ".bias", bo);
+            // gpt-oss's sinks, one per query head, with the o_proj layout only.
+            const mha::vector<float> sinks =
+                (mha::vector<float>(4) << 0.5f, -1.25f, 2.0f, 0.0f).finished();
+            const bool with_sinks = out_name == "o_proj";
+            if (with_sinks) w.add_vector(prefix + "sinks", sinks);
             mha::attention_config base;
             base.attention.scale = 0.25;
             const auto layer = mha::load_hugging_face_attention<float>(
@@ -527,6 +532,10 @@ TEST_CASE("Hugging Face attention weights (q_proj, k_proj, v_proj, o_proj) load 
             CHECK(c.value_head_dim == 2);
             CHECK(c.attention.scale == 0.25);  // from base
             CHECK(c.bias == (biases > 0));
+            if (with_sinks)
+                CHECK(c.attention.sinks == std::vector<double>{0.5, -1.25, 2.0, 0.0});
+            else
+                CHECK(c.attention.sinks.empty());
             const auto p = layer.parameters();
             CHECK(p.w_q == wq);
             CHECK(p.w_k == wk);
@@ -575,6 +584,10 @@ TEST_CASE("Hugging Face attention weights: missing, doubled or misshapen tensors
     bias.add_vector("k_proj.bias", mha::vector<float>::Ones(5));
     require_format_error(load(bias, 2, 1),
                          {"shape of tensor 'k_proj.bias' must be [4]", "got [5]"});
+    // Sinks: one per query head (2 here), not per key/value head.
+    mha::safetensors_writer sinks = ok;
+    sinks.add_vector("sinks", mha::vector<float>::Ones(1));
+    require_format_error(load(sinks, 2, 1), {"shape of tensor 'sinks' must be [2]", "got [1]"});
     mha::safetensors_writer wrong_dtype;
     wrong_dtype.add_matrix("q_proj.weight", mha::matrix<double>::Ones(8, 8));
     wrong_dtype.add_matrix("k_proj.weight", mha::matrix<float>::Ones(4, 8));

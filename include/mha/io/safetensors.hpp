@@ -888,6 +888,7 @@ multi_head_attention<Scalar> load_multi_head_attention(const safetensors_file& f
 /// | `o_proj.weight` or `out_proj.weight` (E × H·d_v) | `w_o` |
 /// | `q_proj.bias`, `k_proj.bias`, `v_proj.bias`, `o_proj.bias` / `out_proj.bias` | `b_q`, `b_k`,
 /// `b_v`, `b_o` |
+/// | `sinks` (H), optional (gpt-oss) | `config().attention.sinks` |
 ///
 /// Each is an `nn.Linear` weight (out × in, y = W·x + b), the library's convention, so nothing is
 /// transposed. Biases are optional one by one: with none the layer has no bias; with some (Qwen2
@@ -980,6 +981,13 @@ multi_head_attention<Scalar> load_hugging_face_attention(const safetensors_file&
             file.expect<Scalar>(n(bias_names[i]), {bias_sizes[i]});
             *biases[i] = file.as_vector<Scalar>(n(bias_names[i]));
         }
+    }
+    // gpt-oss's per-head sink logits: they take part in the softmax normaliser (one value per
+    // query head), configuration rather than a parameter here (docs/score_modifiers.md).
+    if (file.contains(n("sinks"))) {
+        file.expect<Scalar>(n("sinks"), {num_heads});
+        const vector<Scalar> sinks = file.as_vector<Scalar>(n("sinks"));
+        config.attention.sinks.assign(sinks.data(), sinks.data() + sinks.size());
     }
 #if defined(__cpp_exceptions) || defined(__EXCEPTIONS) || defined(_CPPUNWIND)
     try {
