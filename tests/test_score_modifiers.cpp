@@ -651,9 +651,9 @@ TEST_CASE("score modifier in the layer: forward, forward_into and weights on a p
             return score(b, h, i, j, s);
         };
         const mat<Scalar> xb = x.middleCols(at, n);
-        ref.middleCols(at, n) = layer_reference<long double>(
-            c.resolved(), params, xb, static_cast<long double>(scale), mha_test::allow_all(),
-            ref_modifier);
+        ref.middleCols(at, n) =
+            layer_reference<long double>(c.resolved(), params, xb, static_cast<long double>(scale),
+                                         mha_test::allow_all(), ref_modifier);
         base.middleCols(at, n) = layer_reference<Scalar>(c.resolved(), params, xb, scale,
                                                          mha_test::allow_all(), ref_modifier);
     }

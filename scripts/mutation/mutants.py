@@ -187,12 +187,12 @@ MUTANTS = [
          find="for (int part = me; part < parts; part += team)",
          replace="for (int part = me; part < parts - 1; part += team)",
          description="parallel_parts never runs its last part"),
-    # io/safetensors.hpp
-    dict(id="safetensors-rank-only", file="io/safetensors.hpp",
+    # io/safetensors/
+    dict(id="safetensors-rank-only", file="io/safetensors/file.hpp",
          find="if (!shape.empty() && t.shape != shape)",
          replace="if (!shape.empty() && t.shape.size() != shape.size())",
          description="expect() compares ranks, so a transposed matrix loads"),
-    dict(id="safetensors-save-order", file="io/safetensors.hpp",
+    dict(id="safetensors-save-order", file="io/safetensors/pytorch.hpp",
          find="w << p.w_q, p.w_k, p.w_v;",
          replace="w << p.w_k, p.w_q, p.w_v;",
          description="the packed in_proj_weight is saved with K's rows first"),

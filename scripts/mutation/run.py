@@ -50,7 +50,8 @@ DEFAULT_TESTS = {
                                        "attention_block_kernels_scalar"],
     "detail/gemm.hpp": ["targeted", "allocation_free"],
     "detail/parallel.hpp": ["targeted", "tiled_attention"],
-    "io/safetensors.hpp": ["safetensors", "single_defect", "pytorch_golden"],
+    "io/safetensors/file.hpp": ["safetensors", "single_defect", "pytorch_golden"],
+    "io/safetensors/pytorch.hpp": ["safetensors", "single_defect", "pytorch_golden"],
     "mha.hpp": ["core", "safetensors", "two_translation_units"],
 }
 
