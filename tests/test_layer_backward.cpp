@@ -392,8 +392,61 @@ TEST_CASE("layer backward: errors name the argument", "[backward][layer]") {
     CHECK_THROWS_AS(
         mha::layer_backward<double>(config.resolved(), p, saved, mat<double>::Zero(4, 3)),
         mha::shape_error);
-    mha::attention_config rotary = config;
-    rotary.rotary = mha::rotary_options{};
-    const mha::multi_head_attention<double> rotating(rotary, 1);
-    CHECK_THROWS_AS(rotating.forward_for_backward(x, mha::packed_batch({3})), mha::value_error);
+}
+
+TEST_CASE("layer backward through rotary positions matches central finite differences",
+          "[backward][layer][rotary]") {
+    // The backward turns dQ and dK back by the rotation's transpose; the differences see the
+    // layer's own forward, which turns Q and K with its own code (forward_for_backward must turn
+    // them the same way: the saved output is checked against forward). Half-split and
+    // interleaved pairs, a partial rotary_dim, YaRN's factor μ ≠ 1 (the transpose keeps μ), and
+    // cross-attention with Lq < Lk (queries at positions Lk − Lq + i) on a packed batch.
+    std::vector<layer_case> cases;
+    mha::attention_config self_config;
+    self_config.embed_dim = 8;
+    self_config.num_heads = 2;
+    self_config.rotary = mha::rotary_options{};
+    cases.push_back({self_config, true, {3, 4}, {3, 4}, true, 901});
+    mha::attention_config partial = self_config;  // interleaved, 2 of 4 dims, grouped heads
+    partial.num_heads = 4;
+    partial.num_kv_heads = 2;
+    partial.head_dim = 4;
+    partial.rotary = mha::rotary_options{};
+    partial.rotary->layout = mha::rotary_layout::interleaved;
+    partial.rotary->rotary_dim = 2;
+    partial.rotary->base = 100;
+    cases.push_back({partial, true, {5}, {5}, false, 902});
+    mha::attention_config cross;  // kdim ≠ E, YaRN (μ ≈ 1.07 at factor 2)
+    cross.embed_dim = 4;
+    cross.num_heads = 2;
+    cross.num_kv_heads = 1;
+    cross.head_dim = 4;
+    cross.key_input_dim = 5;
+    cross.value_input_dim = 3;
+    cross.rotary = mha::rotary_options{};
+    cross.rotary->base = 50;
+    cross.rotary->scaling = mha::rotary_scaling::yarn(2, 16);
+    cases.push_back({cross, false, {2, 3}, {4, 3}, true, 903});
+    REQUIRE(mha::rotary_embedding<double>(*cross.rotary, 4).attention_factor() > 1.05);
+    for (const layer_case& c : cases) {
+        INFO(c.describe());
+        layer_inputs<double> in = make_inputs<double>(c);
+        const mha::multi_head_attention<double> layer(c.config, in.params);
+        const auto saved = run_forward(layer, c, in);
+        const double reference_loss = loss(c, in);
+        CHECK(std::fabs((in.d_out.array() * saved.output.array()).sum() - reference_loss) <=
+              1e-12 * (1 + std::fabs(reference_loss)));
+        const auto g = layer.backward(saved, in.d_out);
+        auto f = [&] { return loss(c, in); };
+        require_matches_differences("d_query", in.xq, g.d_query, f);
+        if (!c.self) {
+            require_matches_differences("d_key", in.xk, g.d_key, f);
+            require_matches_differences("d_value", in.xv, g.d_value, f);
+        }
+        require_matches_differences("w_q", in.params.w_q, g.parameters.w_q, f);
+        require_matches_differences("w_k", in.params.w_k, g.parameters.w_k, f);
+        require_matches_differences("w_v", in.params.w_v, g.parameters.w_v, f);
+        require_matches_differences("b_q", in.params.b_q, g.parameters.b_q, f);
+        require_matches_differences("b_k", in.params.b_k, g.parameters.b_k, f);
+    }
 }

@@ -727,6 +727,53 @@ TEST_CASE("rotary: apply rejects bad arguments and leaves x unchanged", "[rotary
     CHECK_NOTHROW(rope.apply(empty, 2, std::vector<Index>{}));
 }
 
+TEST_CASE("rotary: apply_transposed is the transpose of apply", "[rotary][backward]") {
+    // <apply(x), y> = <x, apply_transposed(y)> for every layout and scaling, and
+    // apply_transposed(apply(x)) = μ²·x. In double both sides round at about 1e-16 of the sums
+    // of |terms| (the angles themselves are the same computation on both sides); 1e-13 of
+    // Σ|x|·|y| leaves a wide margin, and a wrong sign or pair moves the products by O(1).
+    unsigned seed = 900;
+    for (auto layout : {rotary_layout::half_split, rotary_layout::interleaved})
+        for (const auto& scaling : every_scaling())
+            for (Index first : {0, 7, 1000000}) {
+                const auto o = with(4, layout, scaling);
+                const std::string what =
+                    describe(o, 10, 2) + ", first position " + std::to_string(first);
+                INFO(what);
+                const mha::rotary_embedding<double> rope(o, 10);
+                const mat<double> x = random_matrix<double>(20, 3, seed++);
+                const mat<double> y = random_matrix<double>(20, 3, seed++);
+                mat<double> rx = x, ty = y;
+                rope.apply(rx, 2, first);
+                rope.apply_transposed(ty, 2, first);
+                const double scale =
+                    (x.cwiseAbs().array() * y.cwiseAbs().array()).sum() * rope.attention_factor();
+                CHECK(std::fabs((rx.array() * y.array()).sum() - (x.array() * ty.array()).sum()) <=
+                      1e-13 * scale);
+                // μ² on the rotated features (the first rotary_dim = 4 of each head of 10),
+                // the rest passed through both times unchanged.
+                mat<double> back = rx;
+                rope.apply_transposed(back, 2, first);
+                const double mu2 = rope.attention_factor() * rope.attention_factor();
+                mat<double> expected = x;
+                for (Index h = 0; h < 2; ++h)
+                    expected.middleRows(h * 10, 4) *= mu2;
+                CHECK((back - expected).cwiseAbs().maxCoeff() <=
+                      1e-13 * (1 + x.cwiseAbs().maxCoeff()));
+                // Not the identity (so the checks above see a rotation) unless at position 0.
+                if (first > 0) CHECK((ty - y).cwiseAbs().maxCoeff() > 1e-3);
+            }
+    const mha::rotary_embedding<double> rope(rotary_options{}, 8);
+    mat<double> x = random_matrix<double>(16, 3, 5);
+    const std::string at = "mha::rotary_embedding::apply_transposed: ";
+    REQUIRE_THROWS_MATCHES(rope.apply_transposed(x, 3, 0), mha::shape_error,
+                           Catch::Matchers::MessageMatches(ContainsSubstring(
+                               at + "x.rows() must be 24 (num_heads * head_dim = 3 * 8), got 16")));
+    REQUIRE_THROWS_MATCHES(
+        rope.apply_transposed(x, 2, -1), mha::value_error,
+        Catch::Matchers::MessageMatches(ContainsSubstring(at + "first_position must be in")));
+}
+
 TEST_CASE("rotary: apply allocates nothing", "[rotary]") {
     // Counted: global operator new (replaced at the top of this file) and Eigen's allocator
     // (EIGEN_RUNTIME_NO_MALLOC: an Eigen allocation while forbidden fails an eigen_assert).

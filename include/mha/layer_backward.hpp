@@ -9,8 +9,11 @@
 // concatenated heads and Y = W_o·A + b_o the output, the backward for dY is
 //   dW_o = dY·Aᵀ,  db_o = dY·1,  dA = W_oᵀ·dY,  (dQ, dK, dV) = the core's backward for dA,
 //   dW_q = dQ·X_qᵀ,  db_q = dQ·1,  dX_q = W_qᵀ·dQ  (likewise for K and V).
+// With rotary positions Q and K are turned after the projection (Q = μR·(W_q·X_q + b_q)), so dQ
+// and dK are turned back by the transpose μRᵀ before the projections' backward.
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -22,6 +25,7 @@
 #include <mha/detail/gemm.hpp>
 #include <mha/mask.hpp>
 #include <mha/options.hpp>
+#include <mha/rotary.hpp>
 
 namespace mha {
 
@@ -70,10 +74,27 @@ struct layer_gradients {
 
 namespace detail {
 
-inline void refuse_rotary(const char* where, const attention_config& config) {
-    if (config.rotary)
-        fail<value_error>(where, "config.rotary", "none (the backward pass has no rotary form)",
-                          "a rotary embedding");
+/// The layer's rotary positions on a packed batch: in each sequence key j is at position j and
+/// query i at Lk − Lq + i (the queries are the last tokens, as with bottom-right causal
+/// alignment; for self-attention simply i). `transposed`: apply the transpose (the backward).
+///   q : (H·d_k) × Nq,   k : (H_kv·d_k) × Nk
+template <class Scalar, class DQ, class DK>
+void rotate_packed(const rotary_embedding<Scalar>& rotary, DQ&& q, DK&& k,
+                   const packed_batch& batch, Index num_heads, Index num_kv_heads,
+                   bool transposed = false) {
+    for (Index b = 0; b < batch.size(); ++b) {
+        const Index lq = batch.query_length(b), lk = batch.key_length(b);
+        const Index first_query = std::max<Index>(lk - lq, 0);
+        auto qs = q.middleCols(batch.query_offset(b), lq);
+        auto ks = k.middleCols(batch.key_offset(b), lk);
+        if (transposed) {
+            if (lq > 0) rotary.apply_transposed(qs, num_heads, first_query);
+            if (lk > 0) rotary.apply_transposed(ks, num_kv_heads, 0);
+        } else {
+            if (lq > 0) rotary.apply(qs, num_heads, first_query);
+            if (lk > 0) rotary.apply(ks, num_kv_heads, 0);
+        }
+    }
 }
 
 /// y = w·x + b into `out`, by the deterministic product of detail/gemm.hpp.
@@ -129,7 +150,8 @@ void check_parameters(const char* where, const attention_config& c,
 
 /// The layer's forward (config and parameters as the layer holds them, `config` resolved) on
 /// query, key and value inputs, keeping what `layer_backward` needs. `self_attention`: the three
-/// inputs are one (only `query` is kept). Rotary embeddings are refused (value_error).
+/// inputs are one (only `query` is kept). With `config.rotary`, the saved Q and K are the
+/// turned ones, as the core saw them.
 template <class Scalar>
 layer_saved_state<Scalar> layer_forward_for_backward(const attention_config& config,
                                                      const attention_parameters<Scalar>& p,
@@ -139,7 +161,6 @@ layer_saved_state<Scalar> layer_forward_for_backward(const attention_config& con
                                                      bool self_attention, const packed_batch& batch,
                                                      const attention_mask<Scalar>& mask = {}) {
     constexpr const char* where = "mha::layer_forward_for_backward";
-    detail::refuse_rotary(where, config);
     detail::check_parameters(where, config, p);
     detail::check_size(where, "query.rows()", config.embed_dim, query.rows(), "embed_dim");
     detail::check_size(where, "key.rows()", config.key_input_dim, key.rows(), "key_input_dim");
@@ -163,6 +184,9 @@ layer_saved_state<Scalar> layer_forward_for_backward(const attention_config& con
     detail::project(p.w_q, p.b_q, s.query_input, s.q, gemm, 0);
     detail::project(p.w_k, p.b_k, self_attention ? s.query_input : s.key_input, s.k, gemm, 0);
     detail::project(p.w_v, p.b_v, self_attention ? s.query_input : s.value_input, s.v, gemm, 0);
+    if (config.rotary)
+        detail::rotate_packed(rotary_embedding<Scalar>(*config.rotary, config.head_dim), s.q, s.k,
+                              batch, config.num_heads, config.num_kv_heads);
     s.heads.resize(config.num_heads * config.value_head_dim, query.cols());
     attention_request request;
     request.log_sum_exp = config.attention.normalize == normalization::softmax;
@@ -183,7 +207,6 @@ layer_gradients<Scalar> layer_backward(const attention_config& config,
                                        const Eigen::Ref<const matrix<Scalar>>& d_output,
                                        int threads = 0) {
     constexpr const char* where = "mha::layer_backward";
-    detail::refuse_rotary(where, config);
     detail::check_parameters(where, config, p);
     // The saved state must come from a forward of a layer of this shape.
     detail::check_size(where, "saved.query_input.rows()", config.embed_dim,
@@ -214,10 +237,20 @@ layer_gradients<Scalar> layer_backward(const attention_config& config,
     const matrix<Scalar>& value_input =
         saved.self_attention ? saved.query_input : saved.value_input;
     matrix<Scalar> d_key, d_value;
-    detail::project_backward(p.w_q, config.bias, saved.query_input, core.dq, g.parameters.w_q,
+    // Through the rotation: gradients of the projected (unturned) Q and K.
+    matrix<Scalar> dq_turned, dk_turned;
+    if (config.rotary) {
+        dq_turned = core.dq;
+        dk_turned = core.dk;
+        detail::rotate_packed(rotary_embedding<Scalar>(*config.rotary, config.head_dim), dq_turned,
+                              dk_turned, saved.batch, config.num_heads, config.num_kv_heads, true);
+    }
+    const matrix<Scalar>& dq = config.rotary ? dq_turned : core.dq;
+    const matrix<Scalar>& dk = config.rotary ? dk_turned : core.dk;
+    detail::project_backward(p.w_q, config.bias, saved.query_input, dq, g.parameters.w_q,
                              g.parameters.b_q, g.d_query, gemm, threads);
-    detail::project_backward(p.w_k, config.bias, key_input, core.dk, g.parameters.w_k,
-                             g.parameters.b_k, d_key, gemm, threads);
+    detail::project_backward(p.w_k, config.bias, key_input, dk, g.parameters.w_k, g.parameters.b_k,
+                             d_key, gemm, threads);
     detail::project_backward(p.w_v, config.bias, value_input, core.dv, g.parameters.w_v,
                              g.parameters.b_v, d_value, gemm, threads);
     if (saved.self_attention) {

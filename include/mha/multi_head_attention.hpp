@@ -469,7 +469,7 @@ public:
     }
 
     /// Self-attention forward on a packed batch that keeps what `backward` needs (see
-    /// mha/layer_backward.hpp); its `output` is the layer's output. No rotary embedding.
+    /// mha/layer_backward.hpp); its `output` is the layer's output.
     layer_saved_state<Scalar> forward_for_backward(const input& x, const packed_batch& batch,
                                                    const attention_mask<Scalar>& mask = {}) const {
         return layer_forward_for_backward(config_, parameters(), x, x, x, true, batch, mask);
@@ -667,20 +667,11 @@ private:
         return {ws.q, ws.k, ws.v};
     }
 
-    // Rotary positions, when configured: in each sequence, key j is at position j and query i
-    // at Lk − Lq + i (the queries are the last tokens, as with bottom-right causal alignment;
-    // for self-attention simply i).
+    // Rotary positions, when configured (detail::rotate_packed says where each token is).
     template <class DQ, class DK>
     void rotate_positions(DQ&& q, DK&& k, const packed_batch& batch) const {
-        if (!rotary_) return;
-        for (Index b = 0; b < batch.size(); ++b) {
-            const Index lq = batch.query_length(b), lk = batch.key_length(b);
-            if (lq > 0)
-                rotary_->apply(q.middleCols(batch.query_offset(b), lq), config_.num_heads,
-                               std::max<Index>(lk - lq, 0));
-            if (lk > 0)
-                rotary_->apply(k.middleCols(batch.key_offset(b), lk), config_.num_kv_heads, 0);
-        }
+        if (rotary_)
+            detail::rotate_packed(*rotary_, q, k, batch, config_.num_heads, config_.num_kv_heads);
     }
 
     // Every head's attention, each written into its rows of ws.heads ((H·d_v) × Nq).

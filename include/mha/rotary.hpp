@@ -364,15 +364,21 @@ public:
     void apply(Eigen::Ref<matrix<Scalar>> x, Index num_heads, Index first_position) const {
         constexpr const char* where = "mha::rotary_embedding::apply";
         check_rows(where, x.rows(), num_heads);
-        const Index last_offset = x.cols() > 0 ? x.cols() - 1 : 0;
-        if (first_position < 0 || first_position > detail::rotary_max_position - last_offset)
-            detail::fail<value_error>(
-                where, "first_position",
-                "in [0, 2^53 - (x.cols() - 1)] = [0, " +
-                    std::to_string(detail::rotary_max_position - last_offset) + "]",
-                first_position);
+        check_first_position(where, x.cols(), first_position);
         for (Index j = 0; j < x.cols(); ++j)
-            rotate_column(x.col(j).data(), num_heads, first_position + j);
+            rotate_column(x.col(j).data(), num_heads, first_position + j, false);
+    }
+
+    /// The transpose of `apply` (each pair turned back by its angle, times the same factor μ):
+    /// the backward pass of `apply`, taking ∂loss/∂(rotated x) to ∂loss/∂x. With μ = 1 it
+    /// undoes `apply`. Same arguments and errors as `apply`.
+    void apply_transposed(Eigen::Ref<matrix<Scalar>> x, Index num_heads,
+                          Index first_position) const {
+        constexpr const char* where = "mha::rotary_embedding::apply_transposed";
+        check_rows(where, x.rows(), num_heads);
+        check_first_position(where, x.cols(), first_position);
+        for (Index j = 0; j < x.cols(); ++j)
+            rotate_column(x.col(j).data(), num_heads, first_position + j, true);
     }
 
     /// The same with each column's own position (packed sequences, speculative or tree decoding).
@@ -388,7 +394,8 @@ public:
                 detail::fail<value_error>(where, "positions[" + std::to_string(j) + "]",
                                           "in [0, 2^53]", positions[j]);
         for (Index j = 0; j < x.cols(); ++j)
-            rotate_column(x.col(j).data(), num_heads, positions[static_cast<std::size_t>(j)]);
+            rotate_column(x.col(j).data(), num_heads, positions[static_cast<std::size_t>(j)],
+                          false);
     }
 
 private:
@@ -403,15 +410,27 @@ private:
         detail::fail<shape_error>(where, "x.rows()", expected, rows);
     }
 
-    // One column: cos and sin once per frequency, shared by all heads.
-    void rotate_column(Scalar* column, Index num_heads, Index position) const {
+    static void check_first_position(const char* where, Index columns, Index first_position) {
+        const Index last_offset = columns > 0 ? columns - 1 : 0;
+        if (first_position < 0 || first_position > detail::rotary_max_position - last_offset)
+            detail::fail<value_error>(
+                where, "first_position",
+                "in [0, 2^53 - (x.cols() - 1)] = [0, " +
+                    std::to_string(detail::rotary_max_position - last_offset) + "]",
+                first_position);
+    }
+
+    // One column: cos and sin once per frequency, shared by all heads. `transposed`: turn by
+    // −angle (sin negated), the transpose of the turn.
+    void rotate_column(Scalar* column, Index num_heads, Index position, bool transposed) const {
         const Index half = rotary_dim_ / 2;
         const bool split = options_.layout == rotary_layout::half_split;
         const double p = static_cast<double>(position);
         for (Index i = 0; i < half; ++i) {
             const double angle = p * inv_freq_[static_cast<std::size_t>(i)];
             const auto c = static_cast<Scalar>(std::cos(angle) * attention_factor_);
-            const auto s = static_cast<Scalar>(std::sin(angle) * attention_factor_);
+            const auto s = static_cast<Scalar>((transposed ? -std::sin(angle) : std::sin(angle)) *
+                                               attention_factor_);
             const Index a = split ? i : 2 * i;
             const Index b = split ? i + half : 2 * i + 1;
             for (Index h = 0; h < num_heads; ++h) {
