@@ -289,17 +289,13 @@ private:
                 std::fill(dcol, dcol + nk, Scalar(0));
                 continue;
             }
-            for (Index r = 0; r < nk; ++r) {
-                const Scalar x = col[r];
-                if (x == minus_inf) {  // excluded: selection, whatever dP holds
-                    col[r] = Scalar(0);
-                    dcol[r] = Scalar(0);
-                    continue;
-                }
-                const Scalar pr = std::exp(x - lse);
-                col[r] = pr;
-                dcol[r] = pr * (dcol[r] - d);
-            }
+            // Vectorised by Eigen (its packet exp). Excluded keys (S = −∞) get P = 0 and dS = 0
+            // by selection, whatever dP holds. The order matters: dP − D first, while S still
+            // tells which keys are excluded.
+            Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> x(col, nk), dp(dcol, nk);
+            dp = (x == minus_inf).select(Scalar(0), dp - d);
+            x = (x == minus_inf).select(Scalar(0), (x - lse).exp());
+            dp *= x;
         }
     }
 
