@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 // Peak memory of one attention-core call beyond its inputs and output.
 //
-//   attention_memory L causal(0|1) algo(tiled|materialized) [heads=8] [head_dim=64]
+//   attention_memory L causal(0|1) algo(tiled|materialized) [heads=8] [head_dim=64] [backward]
 //
 // Allocates and fills Q, K, V (as row blocks of one fused (3·D) × L projection, like the layer
 // and BM_attention_core) and the output, reads the peak resident set size (getrusage ru_maxrss),
@@ -10,6 +10,12 @@
 // the kernel's buffers, OpenMP's thread stacks and pool, and allocator overhead. The tiled
 // kernel's buffers are per thread and independent of L; the materialised one holds an Lk × Lq
 // score matrix (one head at a time), so its figure grows as L².
+//
+// With `backward` as the sixth argument the call measured is the backward instead
+// (multi_head_attention_core_backward, given the forward's output and log-sum-exp, which are
+// computed before the first reading): its figure includes the gradients dQ, dK and dV it returns
+// (3·D·L floats, printed apart). The tiled backward's own buffers are per thread plus one scalar
+// per query and head; the materialised one holds 4 · L × L scalars per thread.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -35,7 +41,8 @@ double peak_rss_mib() {
 
 int main(int argc, char** argv) {
     if (argc < 4) {
-        std::fprintf(stderr, "usage: %s L causal(0|1) tiled|materialized [heads] [head_dim]\n",
+        std::fprintf(stderr,
+                     "usage: %s L causal(0|1) tiled|materialized [heads] [head_dim] [backward]\n",
                      argv[0]);
         return 2;
     }
@@ -45,6 +52,7 @@ int main(int argc, char** argv) {
     const mha::Index heads = argc > 4 ? std::atol(argv[4]) : 8;
     const mha::Index head_dim = argc > 5 ? std::atol(argv[5]) : 64;
     const mha::Index d = heads * head_dim;
+    const bool backward = argc > 6 && std::string(argv[6]) == "backward";
 
     mha::attention_options options;
     if (algo == "tiled")
@@ -66,23 +74,53 @@ int main(int argc, char** argv) {
     const mha::attention_mask<float> mask =
         causal ? mha::attention_mask<float>(mha::causal{}) : mha::attention_mask<float>();
 
-    const double inputs_mib = 4.0 * static_cast<double>(qkv.size() + out.size()) / (1 << 20);
-    const double before = peak_rss_mib();
-    const auto t0 = std::chrono::steady_clock::now();
-    mha::multi_head_attention_core(q, k, v, heads, batch, out, mask, options);
-    const auto t1 = std::chrono::steady_clock::now();
-    const double after = peak_rss_mib();
-    const double seconds = std::chrono::duration<double>(t1 - t0).count();
-    const double flops = mha_bench::attention_core_flops(1, length, d, causal);
+    double inputs_mib = 4.0 * static_cast<double>(qkv.size() + out.size()) / (1 << 20);
+    double gradients_mib = 0;
+    double before = 0, after = 0, seconds = 0, flops = 0;
+    if (!backward) {
+        before = peak_rss_mib();
+        const auto t0 = std::chrono::steady_clock::now();
+        mha::multi_head_attention_core(q, k, v, heads, batch, out, mask, options);
+        const auto t1 = std::chrono::steady_clock::now();
+        after = peak_rss_mib();
+        seconds = std::chrono::duration<double>(t1 - t0).count();
+        flops = mha_bench::attention_core_flops(1, length, d, causal);
+    } else {
+        // The forward's results, as a training step keeps them, then dO.
+        mha::attention_options forward_options;
+        forward_options.algorithm = mha::attention_algorithm::tiled;
+        mha::attention_request request;
+        request.log_sum_exp = true;
+        const auto saved =
+            mha::multi_head_attention_core(q, k, v, heads, batch, out, mask, forward_options,
+                                           request);
+        const Matrix d_out = Matrix::Random(d, length);
+        mha::attention_forward_results<float> forward;
+        forward.output = &out;
+        forward.log_sum_exp = &saved.log_sum_exp;
+        inputs_mib += 4.0 * static_cast<double>(d_out.size() + saved.log_sum_exp.size()) /
+                      (1 << 20);
+        gradients_mib = 4.0 * static_cast<double>(3 * d * length) / (1 << 20);
+        before = peak_rss_mib();
+        const auto t0 = std::chrono::steady_clock::now();
+        const auto g = mha::multi_head_attention_core_backward(q, k, v, heads, heads, batch, d_out,
+                                                               forward, mask, options);
+        const auto t1 = std::chrono::steady_clock::now();
+        after = peak_rss_mib();
+        seconds = std::chrono::duration<double>(t1 - t0).count();
+        flops = mha_bench::attention_backward_flops(1, length, d, causal);
+        out(0, 0) = g.dq(0, 0);  // printed below, so the call is not optimised away
+    }
 
     const char* threads = std::getenv("OMP_NUM_THREADS");
     std::printf(
-        "L=%ld heads=%ld head_dim=%ld causal=%d algo=%s OMP_NUM_THREADS=%s\n"
-        "  Q,K,V,out: %.1f MiB   peak RSS before: %.1f MiB   after: %.1f MiB   "
-        "call added: %.1f MiB\n"
+        "L=%ld heads=%ld head_dim=%ld causal=%d algo=%s pass=%s OMP_NUM_THREADS=%s\n"
+        "  inputs and outputs: %.1f MiB   peak RSS before: %.1f MiB   after: %.1f MiB   "
+        "call added: %.1f MiB (of which returned gradients: %.1f MiB)\n"
         "  time %.2f s (%.1f GFLOP/s wall, one call, no warm-up)   out(0,0)=%g\n",
         static_cast<long>(length), static_cast<long>(heads), static_cast<long>(head_dim),
-        causal ? 1 : 0, algo.c_str(), threads ? threads : "(unset)", inputs_mib, before, after,
-        after - before, seconds, flops / seconds / 1e9, static_cast<double>(out(0, 0)));
+        causal ? 1 : 0, algo.c_str(), backward ? "backward" : "forward",
+        threads ? threads : "(unset)", inputs_mib, before, after, after - before, gradients_mib,
+        seconds, flops / seconds / 1e9, static_cast<double>(out(0, 0)));
     return 0;
 }

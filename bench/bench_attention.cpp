@@ -117,6 +117,39 @@ void BM_attention_core(benchmark::State& state) {
     set_gflops(state, mha_bench::attention_core_flops(kBatch, length, d, causal));
 }
 
+// The backward of BM_attention_core's call (same views of one fused projection, same shapes),
+// given the forward's output and log-sum-exp as a training step keeps them: softmax runs the
+// tiled backward (include/mha/detail/tiled/backward.hpp). The gradients are allocated by each
+// call, as the public function returns them.
+void BM_attention_backward(benchmark::State& state) {
+    const Index d = state.range(0);
+    const Index heads = state.range(1);
+    const Index length = state.range(2);
+    const bool causal = state.range(3) != 0;
+    const Matrix qkv = Matrix::Random(3 * d, kBatch * length);
+    const auto q = qkv.topRows(d);
+    const auto k = qkv.middleRows(d, d);
+    const auto v = qkv.bottomRows(d);
+    const mha::packed_batch batch = batch_of(length);
+    const mha::attention_mask<float> mask = mask_for(causal);
+    Matrix out(d, kBatch * length);
+    mha::attention_request request;
+    request.log_sum_exp = true;
+    const mha::attention_outputs<float> saved =
+        mha::multi_head_attention_core(q, k, v, heads, batch, out, mask, {}, request);
+    const Matrix d_out = Matrix::Random(d, kBatch * length);
+    mha::attention_forward_results<float> forward;
+    forward.output = &out;
+    forward.log_sum_exp = &saved.log_sum_exp;
+    for (auto _ : state) {
+        const auto g = mha::multi_head_attention_core_backward(q, k, v, heads, heads, batch, d_out,
+                                                               forward, mask);
+        benchmark::DoNotOptimize(g.dq.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::attention_backward_flops(kBatch, length, d, causal));
+}
+
 // Double scores spread by about 1e4 (amplitude 1) against scores of order 1 (amplitude 0): most
 // exp(s − max) of the first would be subnormal, which slowed the tiled kernel 30× when they
 // reached its multiply-adds; the kernel flushes them to 0, so both should run at the same speed.
@@ -319,6 +352,17 @@ void algo_shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_gemm_roofline)->ArgName("n")->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_projections)->Apply(projection_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_attention_core)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+// 8 heads × 64 at L = 512, 2048 and 8192, causal and not, next to BM_attention_core's shapes.
+BENCHMARK(BM_attention_backward)
+    ->ArgNames({"d_model", "heads", "L", "causal"})
+    ->Args({512, 8, 512, 0})
+    ->Args({512, 8, 512, 1})
+    ->Args({512, 8, 2048, 0})
+    ->Args({512, 8, 2048, 1})
+    ->Args({512, 8, 8192, 0})
+    ->Args({512, 8, 8192, 1})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_mha_forward)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_mha_forward_into)
     ->Apply(attention_shapes)

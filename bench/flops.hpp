@@ -32,6 +32,19 @@ constexpr double attention_core_flops(double batch, double length, double d_mode
                   : 4.0 * batch * length * length * d_model;
 }
 
+/// Backward of the attention core: 2.5 times attention_core_flops. Per allowed (query, key)
+/// pair and head dimension the forward runs two products (S = Kᵀ·Q and O = V·P); the backward
+/// needs five: S again (recomputed from Q and K, as nothing L × L is kept), dV = dO·Pᵀ,
+/// dP = Vᵀ·dO, dQ = K·dS and dK = Q·dSᵀ, i.e. 5/2 of the forward's count. The exp, D = dO·O
+/// and dS = P ∘ (dP − D) are element-wise and not counted, as softmax is not in the forward.
+/// The library's deterministic tiled backward recomputes S and dP once more in its second pass
+/// (7 products, 3.5×); that extra work is not counted, so its GFLOP/s reads as useful
+/// throughput, comparable with a single-pass kernel's.
+constexpr double attention_backward_flops(double batch, double length, double d_model,
+                                          bool causal) {
+    return 2.5 * attention_core_flops(batch, length, d_model, causal);
+}
+
 /// Attention core of lq queries over lk keys per sequence, no mask (e.g. one decode step: lq = 1).
 constexpr double cross_attention_core_flops(double batch, double lq, double lk, double d_model) {
     return 4.0 * batch * lq * lk * d_model;

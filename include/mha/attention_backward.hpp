@@ -3,9 +3,12 @@
 // gradient of a loss with respect to its output, the gradients with respect to Q, K, V and the
 // scores (hence any additive bias). Layout as in attention.hpp's multi_head_attention_core:
 //   q : (H·d_k) × Nq,  k : (H_kv·d_k) × Nk,  v : (H_kv·d_v) × Nk,  d_out : (H·d_v) × Nq
-// The pass recomputes the scores and weights of one (sequence, head) at a time
-// (detail/materialized_backward.hpp), so it needs nothing saved from the forward and holds
-// 4 · Lk × Lq scalars per thread.
+// Softmax goes through the tiled backward (detail/tiled/backward.hpp) unless
+// `options.algorithm` is `materialized` or score gradients are asked for: it recomputes the
+// weights block by block from the forward's per-query log-sum-exp (given, or recomputed by a
+// tiled forward) and holds no Lk × Lq matrix. ReLU and sigmoid, and the cases above, go through
+// the materialised backward (detail/materialized_backward.hpp), which recomputes the scores and
+// weights of one (sequence, head) at a time and holds 4 · Lk × Lq scalars per thread.
 #pragma once
 
 #include <cstddef>
@@ -18,6 +21,7 @@
 #include <mha/detail/check.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/materialized_backward.hpp>
+#include <mha/detail/tiled/backward.hpp>
 #include <mha/mask.hpp>
 #include <mha/options.hpp>
 
@@ -26,7 +30,8 @@ namespace mha {
 /// What a backward call computes besides dQ, dK and dV, and on how many threads.
 struct backward_request {
     /// Keep each (sequence, head)'s gradient with respect to its masked scores
-    /// (`attention_gradients::d_scores`), which is the gradient of an additive bias.
+    /// (`attention_gradients::d_scores`), which is the gradient of an additive bias. These are
+    /// Lk × Lq matrices, so the call then runs the materialised backward.
     bool score_gradients = false;
     /// 0: OpenMP's default (omp_get_max_threads()); ignored without OpenMP. The results do not
     /// depend on it, bit for bit.
@@ -46,18 +51,29 @@ struct attention_gradients {
     std::vector<matrix<Scalar>> d_scores;
 };
 
-/// The gradients of the multi-head attention core (see the layout at the top of this header)
-/// for the same arguments as `multi_head_attention_core` and `d_out`, the gradient of the loss
-/// with respect to its output. Softmax, ReLU and sigmoid normalisation, every mask, packed
-/// batches, Lq ≠ Lk, d_k ≠ d_v and grouped heads; `options.algorithm` is not read (the pass is
-/// always the materialised one). A query with no key to attend to gets dQ = 0 and contributes
-/// nothing to dK and dV; an excluded key gets nothing from the queries that exclude it.
+/// What the forward pass returned that the tiled backward reuses (see
+/// `multi_head_attention_core_backward`). Pointers to matrices the caller keeps alive during the
+/// call; both null, or both set.
+template <class Scalar>
+struct attention_forward_results {
+    /// (H·d_v) × Nq: the forward's output for these inputs and mask.
+    const matrix<Scalar>* output = nullptr;
+    /// H × Nq: the forward's `attention_outputs::log_sum_exp` (asked for with
+    /// `attention_request::log_sum_exp`).
+    const matrix<Scalar>* log_sum_exp = nullptr;
+};
+
+namespace detail {
+
+/// The backward pass behind both public overloads; `forward` may be null.
 template <class DQ, class DK, class DV, class DG>
-attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
+attention_gradients<typename DQ::Scalar> core_backward(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
     Index num_heads, Index num_kv_heads, const packed_batch& batch,
-    const Eigen::MatrixBase<DG>& d_out, const attention_mask<typename DQ::Scalar>& mask = {},
-    const attention_options& options = {}, const backward_request& request = {}) {
+    const Eigen::MatrixBase<DG>& d_out,
+    const attention_forward_results<typename DQ::Scalar>* forward,
+    const attention_mask<typename DQ::Scalar>& mask, const attention_options& options,
+    const backward_request& request) {
     using Scalar = typename DQ::Scalar;
     static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
     static_assert(detail::same_scalars_v<Scalar, typename DK::Scalar, typename DV::Scalar,
@@ -94,6 +110,22 @@ attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
         detail::fail<value_error>(where, "options.sinks", "empty (the backward pass has no sinks)",
                                   std::to_string(options.sinks.size()) + " sinks");
 
+    if (forward != nullptr) {
+        if ((forward->output == nullptr) != (forward->log_sum_exp == nullptr))
+            detail::fail<value_error>(where, "forward", "both matrices set, or neither",
+                                      "one of them");
+        if (forward->output != nullptr) {
+            detail::check_size(where, "forward.output->rows()", d_out.rows(),
+                               forward->output->rows(), "d_out.rows()");
+            detail::check_size(where, "forward.output->cols()", q.cols(),
+                               forward->output->cols(), "q.cols()");
+            detail::check_size(where, "forward.log_sum_exp->rows()", num_heads,
+                               forward->log_sum_exp->rows(), "num_heads");
+            detail::check_size(where, "forward.log_sum_exp->cols()", q.cols(),
+                               forward->log_sum_exp->cols(), "q.cols()");
+        }
+    }
+
     attention_gradients<Scalar> grads;
     grads.dq.setZero(q.rows(), q.cols());
     grads.dk.setZero(k.rows(), k.cols());
@@ -117,10 +149,81 @@ attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
                                                     options.normalize,
                                                     attention_request{},
                                                     nullptr};
-    detail::backward_outputs<Scalar> outputs{grads.dq, grads.dk, grads.dv,
-                                             request.score_gradients ? &grads.d_scores : nullptr};
-    detail::materialized_backward(problem, d_out_ref, outputs, request.threads);
+    if (uses_tiled_kernel(options.normalize, options.algorithm) && !request.score_gradients) {
+        matrix<Scalar> own_out, own_lse;
+        const matrix<Scalar>* out = forward != nullptr ? forward->output : nullptr;
+        const matrix<Scalar>* lse = forward != nullptr ? forward->log_sum_exp : nullptr;
+        if (out == nullptr || lse == nullptr) {
+            // Nothing saved: the tiled forward recomputes the output and log-sum-exp.
+            own_out.setZero(d_out.rows(), d_out.cols());
+            attention_request want_lse;
+            want_lse.log_sum_exp = true;
+            const attention_problem<Scalar> fp{q_ref,  k_ref,  v_ref,     matrix_ref<Scalar>(own_out),
+                                               heads,  batch,  mask,      scale,
+                                               options.normalize, want_lse, nullptr};
+            attention_outputs<Scalar> fo;
+            size_outputs(fp, fo);
+            tiled_settings settings;
+            settings.threads = request.threads;
+            tiled_attention(fp, fo, settings);
+            own_lse = std::move(fo.log_sum_exp);
+            out = &own_out;
+            lse = &own_lse;
+        }
+        tiled_backward_settings settings;
+        settings.threads = request.threads;
+        const tiled_backward_io<Scalar> io{const_matrix_ref<Scalar>(*out),
+                                           const_matrix_ref<Scalar>(*lse),
+                                           d_out_ref,
+                                           grads.dq,
+                                           grads.dk,
+                                           grads.dv};
+        tiled_backward(problem, io, settings);
+        return grads;
+    }
+    backward_outputs<Scalar> outputs{grads.dq, grads.dk, grads.dv,
+                                     request.score_gradients ? &grads.d_scores : nullptr};
+    materialized_backward(problem, d_out_ref, outputs, request.threads);
     return grads;
+}
+
+}  // namespace detail
+
+/// The gradients of the multi-head attention core (see the layout at the top of this header)
+/// for the same arguments as `multi_head_attention_core` and `d_out`, the gradient of the loss
+/// with respect to its output. Softmax, ReLU and sigmoid normalisation, every mask, packed
+/// batches, Lq ≠ Lk, d_k ≠ d_v and grouped heads. `options.algorithm` chooses the kernel as for
+/// the forward: softmax runs the tiled backward (memory linear in L) unless it is
+/// `materialized` or `request.score_gradients` is set; without the forward's results this
+/// overload recomputes them with a tiled forward first. A query with no key to attend to gets
+/// dQ = 0 and contributes nothing to dK and dV; an excluded key gets nothing from the queries
+/// that exclude it. The results are the same bit for bit on every thread count.
+template <class DQ, class DK, class DV, class DG>
+attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, Index num_kv_heads, const packed_batch& batch,
+    const Eigen::MatrixBase<DG>& d_out, const attention_mask<typename DQ::Scalar>& mask = {},
+    const attention_options& options = {}, const backward_request& request = {}) {
+    return detail::core_backward(q, k, v, num_heads, num_kv_heads, batch, d_out,
+                                 static_cast<const attention_forward_results<typename DQ::Scalar>*>(
+                                     nullptr),
+                                 mask, options, request);
+}
+
+/// As above, reusing the forward's output and log-sum-exp (`forward`, from a
+/// `multi_head_attention_core` call on the same inputs, mask and options with
+/// `attention_request::log_sum_exp`), so that the tiled backward needs no forward of its own.
+/// The materialised backward does not read them.
+template <class DQ, class DK, class DV, class DG>
+attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, Index num_kv_heads, const packed_batch& batch,
+    const Eigen::MatrixBase<DG>& d_out,
+    const attention_forward_results<typename DQ::Scalar>& forward,
+    const attention_mask<typename DQ::Scalar>& mask = {}, const attention_options& options = {},
+    const backward_request& request = {}) {
+    return detail::core_backward(q, k, v, num_heads, num_kv_heads, batch, d_out, &forward, mask,
+                                 options, request);
 }
 
 /// The backward pass with as many key/value heads as query heads.

@@ -47,8 +47,8 @@ struct layer_saved_state {
     matrix<Scalar> k;            ///< H_kv·d_k × Nk, projected
     matrix<Scalar> v;            ///< H_kv·d_v × Nk, projected
     matrix<Scalar> heads;        ///< H·d_v × Nq: the attention output before W_o
-    /// H × Nq for softmax (see attention_outputs::log_sum_exp), else empty. The backward here
-    /// recomputes each head's weights from Q and K and does not read it.
+    /// H × Nq for softmax (see attention_outputs::log_sum_exp), else empty. The tiled backward
+    /// recomputes each head's weights from Q, K and it (with `heads`, the forward's output).
     matrix<Scalar> log_sum_exp;
     matrix<Scalar> output;        ///< E × Nq: the layer's output
     packed_batch batch;           ///< the forward's batch
@@ -230,9 +230,17 @@ layer_gradients<Scalar> layer_backward(const attention_config& config,
                              g.parameters.b_o, d_heads, gemm, threads);
     backward_request request;
     request.threads = threads;
+    // The forward's output and log-sum-exp, so that the tiled backward runs no forward of its
+    // own (the materialised one does not read them).
+    attention_forward_results<Scalar> forward;
+    if (saved.log_sum_exp.rows() == config.num_heads &&
+        saved.log_sum_exp.cols() == saved.heads.cols()) {
+        forward.output = &saved.heads;
+        forward.log_sum_exp = &saved.log_sum_exp;
+    }
     const attention_gradients<Scalar> core = multi_head_attention_core_backward(
         saved.q, saved.k, saved.v, config.num_heads, config.num_kv_heads, saved.batch, d_heads,
-        saved.mask, config.attention, request);
+        forward, saved.mask, config.attention, request);
     const matrix<Scalar>& key_input = saved.self_attention ? saved.query_input : saved.key_input;
     const matrix<Scalar>& value_input =
         saved.self_attention ? saved.query_input : saved.value_input;

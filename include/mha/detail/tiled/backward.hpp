@@ -1,0 +1,393 @@
+// SPDX-License-Identifier: MIT
+// The tiled backward pass of softmax attention (the FlashAttention-2 scheme): the scores and
+// weights of each (key block, query block) are recomputed from Q, K and the forward's per-query
+// log-sum-exp, so no Lk × Lq matrix exists and the memory beyond inputs, outputs and gradients
+// is D (one scalar per query and head) plus a few blocks per thread.
+//
+// Per head, with the library's layout (one column per token; Q: d_k × Lq, K: d_k × Lk,
+// V: d_v × Lk, O and dO: d_v × Lq) and S the masked scaled scores (Lk × Lq, one column per
+// query):
+//   D_i  = dO_i · O_i                        (per query: Σ_j P_ji·dP_ji, the softmax's dot term)
+//   P    = exp(S − lse_i) per column i       (the forward's weights; 0 for an excluded key)
+//   dV  += dO · Pᵀ                           (d_v × Lk)
+//   dP   = Vᵀ · dO                           (Lk × Lq)
+//   dS   = P ∘ (dP − D)                      (0 wherever P is excluded, by selection)
+//   dQ  += scale · K · dS                    (d_k × Lq)
+//   dK  += scale · Q · dSᵀ                   (d_k × Lk)
+//
+// Determinism. Two passes, each task owning what it accumulates, so there are no atomics and no
+// reductions across tasks:
+//   pass 1, one task per (sequence, key/value head, key block): the task owns that block's dK and
+//     dV columns and adds the query heads of its group in increasing order, and within a head
+//     the query blocks in increasing order;
+//   pass 2, one task per (sequence, query head, query block): the task owns that block's dQ
+//     columns and adds the key blocks in increasing order.
+// Both recompute S, P and dS (7 block products per (query, key) pair where a single pass with
+// shared dQ would need 5). Every product runs on one thread with Eigen's GEMM kernel and fixed
+// blocking (detail/gemm.hpp), so the bits depend neither on the thread count nor on which
+// thread runs a task. The block sizes are fixed settings, not derived from the thread count.
+//
+// Masks. Each query's positional interval (mask_view::key_range) bounds the keys a block
+// visits: a (query block, key block) pair outside every interval is skipped, and inside it only
+// the union of the block's intervals is read, so keys past a key length are never read. The
+// mask is then applied to the block's scores by selection (mask_view::apply), as the forward
+// does. A query with no allowed key has lse = −∞: its P column is set to 0 without computing
+// exp(S − lse) (which would be exp(−∞ + ∞) = NaN), so its dQ is exactly 0 and it adds nothing
+// to dK and dV.
+//
+// Poisoned values. dS is 0 by selection at excluded keys, so a NaN or Inf in an excluded value
+// (through dP) never reaches dS. K·dS multiplies an excluded key column by 0, and 0·NaN = NaN:
+// as in the forward and the materialised backward, a dQ column that ends non-finite is
+// recomputed from its allowed keys alone. dK and dV of a key read only Q, dO and the dS and P
+// entries of that key, so they need no repair.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <mha/batch.hpp>
+#include <mha/core.hpp>
+#include <mha/detail/gemm.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/detail/mask_view.hpp>
+#include <mha/detail/parallel.hpp>
+
+namespace mha {
+namespace detail {
+
+/// Block sizes and threads of the tiled backward. Tests shrink the blocks to reach many tile
+/// boundaries with small inputs. The defaults keep one block's S/P and dP/dS (128 × 128 each,
+/// 64 KB each in float) with the Q, dO, K and V blocks in a 1 MB L2, and give 8 heads at
+/// L = 512 32 key-block tasks for pass 1.
+struct tiled_backward_settings {
+    Index query_block = 128;
+    Index key_block = 128;
+    int threads = 0;  ///< 0: OpenMP's default (omp_get_max_threads()); ignored without OpenMP
+};
+
+/// What the tiled backward reads besides the problem's Q, K, V and mask: the forward's output
+/// and per-query log-sum-exp, and the output's gradient; and the gradients it adds into (sized
+/// and zeroed by the caller).
+template <class Scalar>
+struct tiled_backward_io {
+    const_matrix_ref<Scalar> out;          // (H·d_v) × Nq: the forward's output
+    const_matrix_ref<Scalar> log_sum_exp;  // H × Nq: the forward's log-sum-exp
+    const_matrix_ref<Scalar> d_out;        // (H·d_v) × Nq
+    matrix<Scalar>& dq;                    // (H·d_k) × Nq
+    matrix<Scalar>& dk;                    // (H_kv·d_k) × Nk
+    matrix<Scalar>& dv;                    // (H_kv·d_v) × Nk
+};
+
+/// One thread's scratch: two score-sized blocks and the packing buffers of its products.
+template <class Scalar>
+struct tiled_backward_thread_state {
+    matrix<Scalar> p;   // key_block × query_block: S, then P
+    matrix<Scalar> ds;  // key_block × query_block: dP, then dS
+    matrix<Scalar> qs;  // d_k × query_block: the query block times the scale
+    gemm_buffers<Scalar> gemm;
+};
+
+/// C (m × n, column-major, ldc) += alpha·A·B on the calling thread, A in AOrder and B in BOrder
+/// (inner stride 1), through Eigen's GEMM kernel with the thread's own packing buffers.
+template <class Scalar, int AOrder, int BOrder>
+void backward_gemm(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
+                   Index ldb, Scalar* c, Index ldc, Scalar alpha, gemm_buffers<Scalar>& buffers) {
+    if (m == 0 || n == 0 || k == 0) return;
+    gemm_kernel_add<Scalar, AOrder, BOrder>(m, n, k, a, lda, b, ldb, c, ldc, alpha, &buffers);
+}
+
+/// The views of one (sequence, query head) of a backward call.
+template <class Scalar>
+struct backward_head {
+    const Scalar *q, *k, *v, *out, *d_out, *lse, *delta;
+    Scalar *dq, *dk, *dv;
+    Index q_stride, k_stride, v_stride, out_stride, d_out_stride, lse_stride;
+    Index dq_stride, dk_stride, dv_stride;
+    Index dk_width, dv_width, lq, lk;
+    Scalar scale;
+    const mask_view<Scalar>* mask;
+};
+
+/// The tiled backward of one call. See the top of this file.
+template <class Scalar>
+class tiled_backward_pass {
+public:
+    tiled_backward_pass(const attention_problem<Scalar>& p, const tiled_backward_io<Scalar>& io,
+                        const tiled_backward_settings& cfg)
+        : p_(p), io_(io), cfg_(cfg) {
+        masks_.build(p.mask, p.heads.num_heads, p.batch);
+    }
+
+    void run() {
+        compute_delta();
+        const packed_batch& batch = p_.batch;
+        const Index kv_heads = p_.heads.num_kv_heads, num_heads = p_.heads.num_heads;
+        // Pass 1: (sequence, key/value head, key block).
+        struct task {
+            Index b, h, block;
+        };
+        std::vector<task> tasks;
+        for (Index b = 0; b < batch.size(); ++b) {
+            if (batch.query_length(b) == 0) continue;
+            for (Index g = 0; g < kv_heads; ++g)
+                for (Index j0 = 0; j0 < batch.key_length(b); j0 += cfg_.key_block)
+                    tasks.push_back({b, g, j0});
+        }
+        std::vector<tiled_backward_thread_state<Scalar>> states;
+        auto enter = [this](tiled_backward_thread_state<Scalar>& s) {
+            s.p.resize(cfg_.key_block, cfg_.query_block);
+            s.ds.resize(cfg_.key_block, cfg_.query_block);
+            s.qs.resize(p_.heads.dk, cfg_.query_block);
+            return scoped_gemm_buffers<Scalar>(&s.gemm);
+        };
+        parallel_tasks(static_cast<Index>(tasks.size()), cfg_.threads, states, enter,
+                       [&](Index t, tiled_backward_thread_state<Scalar>& s) {
+                           const task& k = tasks[static_cast<std::size_t>(t)];
+                           key_block_task(k.b, k.h, k.block, s);
+                       });
+        // Pass 2: (sequence, query head, query block).
+        tasks.clear();
+        for (Index b = 0; b < batch.size(); ++b) {
+            if (batch.key_length(b) == 0) continue;
+            for (Index h = 0; h < num_heads; ++h)
+                for (Index i0 = 0; i0 < batch.query_length(b); i0 += cfg_.query_block)
+                    tasks.push_back({b, h, i0});
+        }
+        parallel_tasks(static_cast<Index>(tasks.size()), cfg_.threads, states, enter,
+                       [&](Index t, tiled_backward_thread_state<Scalar>& s) {
+                           const task& k = tasks[static_cast<std::size_t>(t)];
+                           query_block_task(k.b, k.h, k.block, s);
+                       });
+    }
+
+private:
+    // D = rowsum(dO ∘ O) per (head, query column), in a fixed order.
+    void compute_delta() {
+        const Index num_heads = p_.heads.num_heads, dv = p_.heads.dv, n = p_.q.cols();
+        delta_.resize(num_heads, n);
+        for (Index i = 0; i < n; ++i)
+            for (Index h = 0; h < num_heads; ++h) {
+                const Scalar* o = io_.out.data() + i * io_.out.outerStride() + h * dv;
+                const Scalar* g = io_.d_out.data() + i * io_.d_out.outerStride() + h * dv;
+                Scalar sum(0);
+                for (Index e = 0; e < dv; ++e)
+                    sum += g[e] * o[e];
+                delta_(h, i) = sum;
+            }
+    }
+
+    backward_head<Scalar> head(Index b, Index h) const {
+        const head_layout& heads = p_.heads;
+        const Index q0 = p_.batch.query_offset(b), k0 = p_.batch.key_offset(b);
+        const Index lq = p_.batch.query_length(b), lk = p_.batch.key_length(b);
+        // Empty sequences are never visited; their offsets are not taken (see make_head_problem).
+        backward_head<Scalar> r;
+        r.q = p_.q.data() + q0 * p_.q.outerStride() + heads.q_row(h);
+        r.k = p_.k.data() + k0 * p_.k.outerStride() + heads.k_row(h);
+        r.v = p_.v.data() + k0 * p_.v.outerStride() + heads.v_row(h);
+        r.out = io_.out.data() + q0 * io_.out.outerStride() + heads.out_row(h);
+        r.d_out = io_.d_out.data() + q0 * io_.d_out.outerStride() + heads.out_row(h);
+        r.lse = io_.log_sum_exp.data() + q0 * io_.log_sum_exp.outerStride() + h;
+        r.delta = delta_.data() + q0 * delta_.rows() + h;
+        r.dq = io_.dq.data() + q0 * io_.dq.outerStride() + heads.q_row(h);
+        r.dk = io_.dk.data() + k0 * io_.dk.outerStride() + heads.k_row(h);
+        r.dv = io_.dv.data() + k0 * io_.dv.outerStride() + heads.v_row(h);
+        r.q_stride = p_.q.outerStride();
+        r.k_stride = p_.k.outerStride();
+        r.v_stride = p_.v.outerStride();
+        r.out_stride = io_.out.outerStride();
+        r.d_out_stride = io_.d_out.outerStride();
+        r.lse_stride = io_.log_sum_exp.outerStride();
+        r.dq_stride = io_.dq.outerStride();
+        r.dk_stride = io_.dk.outerStride();
+        r.dv_stride = io_.dv.outerStride();
+        r.dk_width = heads.dk;
+        r.dv_width = heads.dv;
+        r.lq = lq;
+        r.lk = lk;
+        r.scale = p_.scale;
+        r.mask = &masks_(b, h);
+        return r;
+    }
+
+    // The union [lo, hi) of the allowed key intervals of queries [i0, i0 + nq), clipped to
+    // [k_lo, k_hi), and whether every one of those queries allows all of it (no mask to apply).
+    struct key_span {
+        Index lo, hi;
+        bool interior;
+    };
+    static key_span span(const backward_head<Scalar>& hd, Index i0, Index nq, Index k_lo,
+                         Index k_hi) {
+        Index lo = k_hi, hi = k_lo, max_first = k_lo, min_last = k_hi;
+        for (Index c = 0; c < nq; ++c) {
+            const auto r = hd.mask->key_range(i0 + c);
+            const Index f = std::max(r.first, k_lo), e = std::min(r.second, k_hi);
+            max_first = std::max(max_first, f);
+            min_last = std::min(min_last, std::max(f, e));
+            if (f < e) {
+                lo = std::min(lo, f);
+                hi = std::max(hi, e);
+            }
+        }
+        if (lo >= hi) return {0, 0, true};
+        const bool interior =
+            max_first <= lo && hi <= min_last && !hd.mask->has_elementwise();
+        return {lo, hi, interior};
+    }
+
+    // s.qs = scale·Q of queries [i0, i0 + nq): the scores are then formed as the forward forms
+    // them (the scale applied to Q, then the dot products), so that P = exp(S − lse) meets the
+    // forward's lse with the least rounding apart.
+    static void scale_queries(const backward_head<Scalar>& hd, Index i0, Index nq,
+                              tiled_backward_thread_state<Scalar>& s) {
+        for (Index c = 0; c < nq; ++c) {
+            const Scalar* qc = hd.q + (i0 + c) * hd.q_stride;
+            Scalar* out = s.qs.data() + c * s.qs.rows();
+            for (Index d = 0; d < hd.dk_width; ++d)
+                out[d] = hd.scale * qc[d];
+        }
+    }
+
+    // P (in s.p) and dS (in s.ds) of queries [i0, i0 + nq) against keys [j0, j0 + nk), both
+    // nk × nq with leading dimension key_block; s.qs holds the scaled queries (scale_queries).
+    void block_gradients(const backward_head<Scalar>& hd, Index i0, Index nq, Index j0, Index nk,
+                         bool interior, tiled_backward_thread_state<Scalar>& s) const {
+        const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+        const Index ld = s.p.rows();
+        Scalar* sp = s.p.data();
+        Scalar* sd = s.ds.data();
+        for (Index c = 0; c < nq; ++c) {
+            std::fill(sp + c * ld, sp + c * ld + nk, Scalar(0));
+            std::fill(sd + c * ld, sd + c * ld + nk, Scalar(0));
+        }
+        // S = Kᵀ·(scale·Q) and dP = Vᵀ·dO (K and V columns read as rows of a row-major matrix).
+        backward_gemm<Scalar, Eigen::RowMajor, Eigen::ColMajor>(
+            nk, nq, hd.dk_width, hd.k + j0 * hd.k_stride, hd.k_stride, s.qs.data(), s.qs.rows(),
+            sp, ld, Scalar(1), s.gemm);
+        backward_gemm<Scalar, Eigen::RowMajor, Eigen::ColMajor>(
+            nk, nq, hd.dv_width, hd.v + j0 * hd.v_stride, hd.v_stride,
+            hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, sd, ld, Scalar(1), s.gemm);
+        for (Index c = 0; c < nq; ++c) {
+            const Index i = i0 + c;
+            Scalar* col = sp + c * ld;
+            Scalar* dcol = sd + c * ld;
+            if (!interior) {
+                const auto r = hd.mask->key_range(i);
+                const Index f = std::clamp(r.first - j0, Index(0), nk);
+                const Index e = std::clamp(r.second - j0, f, nk);
+                hd.mask->apply(col, 1, i, j0, nk, f, e);
+            }
+            const Scalar lse = hd.lse[i * hd.lse_stride];
+            const Scalar d = hd.delta[i * delta_.rows()];
+            if (lse == minus_inf) {  // no allowed key: P and dS are 0, not exp(−∞ + ∞)
+                std::fill(col, col + nk, Scalar(0));
+                std::fill(dcol, dcol + nk, Scalar(0));
+                continue;
+            }
+            // Vectorised by Eigen (its packet exp). Excluded keys (S = −∞) get P = 0 and dS = 0
+            // by selection, whatever dP holds. The order matters: dP − D first, while S still
+            // tells which keys are excluded.
+            Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> x(col, nk), dp(dcol, nk);
+            dp = (x == minus_inf).select(Scalar(0), dp - d);
+            x = (x == minus_inf).select(Scalar(0), (x - lse).exp());
+            dp *= x;
+        }
+    }
+
+    // Pass 1: dK and dV of keys [j0, j0 + key_block) of sequence b, key/value head g.
+    void key_block_task(Index b, Index g, Index j0, tiled_backward_thread_state<Scalar>& s) const {
+        const Index group = p_.heads.num_heads / p_.heads.num_kv_heads;
+        for (Index h = g * group; h < (g + 1) * group; ++h) {
+            const backward_head<Scalar> hd = head(b, h);
+            const Index j1 = std::min(hd.lk, j0 + cfg_.key_block);
+            for (Index i0 = 0; i0 < hd.lq; i0 += cfg_.query_block) {
+                const Index nq = std::min(cfg_.query_block, hd.lq - i0);
+                const key_span sp = span(hd, i0, nq, j0, j1);
+                if (sp.lo >= sp.hi) continue;
+                const Index nk = sp.hi - sp.lo;
+                scale_queries(hd, i0, nq, s);
+                block_gradients(hd, i0, nq, sp.lo, nk, sp.interior, s);
+                const Index ld = s.p.rows();
+                // dV += dO·Pᵀ and dK += scale·Q·dSᵀ (P and dS read transposed, row-major).
+                backward_gemm<Scalar, Eigen::ColMajor, Eigen::RowMajor>(
+                    hd.dv_width, nk, nq, hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride,
+                    s.p.data(), ld, hd.dv + sp.lo * hd.dv_stride, hd.dv_stride, Scalar(1), s.gemm);
+                backward_gemm<Scalar, Eigen::ColMajor, Eigen::RowMajor>(
+                    hd.dk_width, nk, nq, hd.q + i0 * hd.q_stride, hd.q_stride, s.ds.data(), ld,
+                    hd.dk + sp.lo * hd.dk_stride, hd.dk_stride, hd.scale, s.gemm);
+            }
+        }
+    }
+
+    // Pass 2: dQ of queries [i0, i0 + query_block) of sequence b, query head h.
+    void query_block_task(Index b, Index h, Index i0, tiled_backward_thread_state<Scalar>& s) const {
+        const backward_head<Scalar> hd = head(b, h);
+        const Index nq = std::min(cfg_.query_block, hd.lq - i0);
+        const key_span all = span(hd, i0, nq, 0, hd.lk);
+        if (all.lo < all.hi) scale_queries(hd, i0, nq, s);
+        for (Index j0 = all.lo; j0 < all.hi; j0 += cfg_.key_block) {
+            const Index nk = std::min(cfg_.key_block, all.hi - j0);
+            const key_span sp = span(hd, i0, nq, j0, j0 + nk);
+            if (sp.lo >= sp.hi) continue;
+            block_gradients(hd, i0, nq, sp.lo, sp.hi - sp.lo, sp.interior, s);
+            // dQ += scale·K·dS.
+            backward_gemm<Scalar, Eigen::ColMajor, Eigen::ColMajor>(
+                hd.dk_width, nq, sp.hi - sp.lo, hd.k + sp.lo * hd.k_stride, hd.k_stride,
+                s.ds.data(), s.ds.rows(), hd.dq + i0 * hd.dq_stride, hd.dq_stride, hd.scale,
+                s.gemm);
+        }
+        if (hd.mask->is_unmasked()) return;
+        for (Index c = 0; c < nq; ++c) {
+            Eigen::Map<vector<Scalar>> dq(hd.dq + (i0 + c) * hd.dq_stride, hd.dk_width);
+            if (!dq.allFinite()) repair_dq(hd, i0 + c);
+        }
+    }
+
+    // dQ of query i from its allowed keys alone (see "Poisoned values" above).
+    void repair_dq(const backward_head<Scalar>& hd, Index i) const {
+        using cvec = Eigen::Map<const vector<Scalar>>;
+        const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+        Eigen::Map<vector<Scalar>> dq(hd.dq + i * hd.dq_stride, hd.dk_width);
+        dq.setZero();
+        const Scalar lse = hd.lse[i * hd.lse_stride];
+        if (lse == minus_inf) return;
+        const Scalar d = hd.delta[i * delta_.rows()];
+        const cvec qi(hd.q + i * hd.q_stride, hd.dk_width);
+        const cvec gi(hd.d_out + i * hd.d_out_stride, hd.dv_width);
+        const auto range = hd.mask->key_range(i);
+        for (Index j = range.first; j < range.second; ++j) {
+            if (hd.mask->excludes(j, i)) continue;
+            const cvec kj(hd.k + j * hd.k_stride, hd.dk_width);
+            Scalar x = kj.dot(hd.scale * qi);
+            if (hd.mask->has_bias()) x += hd.mask->bias(j, i);
+            if (x == minus_inf) continue;
+            const Scalar pr = std::exp(x - lse);
+            const Scalar dsr = pr * (cvec(hd.v + j * hd.v_stride, hd.dv_width).dot(gi) - d);
+            dq += (hd.scale * dsr) * kj;
+        }
+    }
+
+    const attention_problem<Scalar>& p_;
+    const tiled_backward_io<Scalar>& io_;
+    tiled_backward_settings cfg_;
+    mask_views<Scalar> masks_;
+    matrix<Scalar> delta_;  // H × Nq
+};
+
+/// The tiled backward of softmax attention over a validated problem (its `out` is not read;
+/// softcap, ALiBi and sinks must be absent). The gradients in `io` are sized and zeroed by the
+/// caller; the result is the same bit for bit on every thread count.
+template <class Scalar>
+void tiled_backward(const attention_problem<Scalar>& p, const tiled_backward_io<Scalar>& io,
+                    const tiled_backward_settings& cfg = {}) {
+    tiled_backward_pass<Scalar> pass(p, io, cfg);
+    pass.run();
+}
+
+}  // namespace detail
+}  // namespace mha
