@@ -503,6 +503,48 @@ TEST_CASE("backward: NaN in excluded keys and values reaches no gradient", "[bac
     }
 }
 
+TEST_CASE("backward: ReLU gives a score of exactly 0 no gradient", "[backward]") {
+    // max(s, 0) is flat for s <= 0, so a key whose score is exactly 0 has weight 0 and, as in the
+    // reference (reference_weight_derivative: [s_l > 0]), score gradient 0; the random cases
+    // never hit 0 exactly. Here the products are exact (entries 0, ±1, 2), so the keys marked z
+    // score exactly 0 next to two positive keys per query:
+    //   query 0 = (1, 0): keys 2, 0 (z), -1, 1;   query 1 = (0, 2): keys 0 (z), 2, 0 (z), 2.
+    mat<double> q(2, 2), k(2, 4), v(2, 4), d_out(2, 2);
+    q << 1, 0,  //
+        0, 2;
+    k << 2, 0, -1, 1,  //
+        0, 1, 0, 1;
+    v << 0.5, -1.25, 2, 0.75,  //
+        1.5, 0.25, -0.5, -2;
+    d_out << 1, -0.5,  //
+        0.25, 2;
+    mha::attention_options options;
+    options.normalize = mha::normalization::relu;
+    mha::backward_request request;
+    request.score_gradients = true;
+    const auto got = mha::multi_head_attention_core_backward(
+        q, k, v, 1, mha::packed_batch(std::vector<Index>{2}, std::vector<Index>{4}), d_out, {},
+        options, request);
+    REQUIRE(got.d_scores.size() == 1);
+    CHECK(got.d_scores[0](1, 0) == 0.0);
+    CHECK(got.d_scores[0](0, 1) == 0.0);
+    CHECK(got.d_scores[0](2, 1) == 0.0);
+    const auto ref = mha_test::reference_attention_backward<long double>(
+        q.cast<long double>(), k.cast<long double>(), v.cast<long double>(),
+        d_out.cast<long double>(), 1.0L / std::sqrt(2.0L), mha_test::allow_all(), nullptr,
+        mha_test::norm_kind::relu);
+    // A handful of terms of size at most 10 per entry: the double result is within 1e-14 of
+    // the long-double one; 1e-12 leaves a margin and is far below the O(0.1) gradient a zero
+    // score would get if it were taken as positive.
+    const auto close = [](const mat<double>& a, const mat<long double>& r) {
+        return mha_test::max_abs_diff(a, mat<double>(r.cast<double>())) <= 1e-12;
+    };
+    CHECK(close(got.d_scores[0], ref.dscore));
+    CHECK(close(got.dq, ref.dq));
+    CHECK(close(got.dk, ref.dk));
+    CHECK(close(got.dv, ref.dv));
+}
+
 TEST_CASE("backward: errors name the argument", "[backward]") {
     mha_test::value_source values(3);
     const mat<double> q = values.normal_matrix<double>(4, 3),

@@ -371,6 +371,27 @@ TEMPLATE_TEST_CASE("merging: NaN propagates, large log-sum-exps do not overflow"
     REQUIRE(std::isnan(out(1, 0)));
     REQUIRE(std::isfinite(lse(0, 1)));
     REQUIRE(out(0, 1) == 2);  // weights 1/2 and 1/2 of 1 and 3: exact in binary
+    // A NaN part whose only company is parts over no keys (−∞): still NaN, not the −∞ rule's
+    // exact 0 (a maximum that drops NaN would see only −∞ parts). Pairwise, and as a list with
+    // the NaN part first and last.
+    mat<Scalar> alone = mat<Scalar>::Ones(2, 1), alone_lse = mat<Scalar>::Constant(1, 1, nan);
+    const mat<Scalar> none = mat<Scalar>::Zero(2, 1),
+                      none_lse = mat<Scalar>::Constant(1, 1, minus_inf<Scalar>);
+    mha::merge_attention_states(alone, alone_lse, none, none_lse);
+    REQUIRE(std::isnan(alone_lse(0, 0)));
+    REQUIRE(std::isnan(alone(0, 0)));
+    const mat<Scalar> nan_out = mat<Scalar>::Ones(2, 1);
+    const mat<Scalar> nan_lse = mat<Scalar>::Constant(1, 1, nan);
+    using parts_t = std::vector<mha::attention_state<Scalar>>;
+    const parts_t nan_alone = {{nan_out, nan_lse}};
+    const parts_t nan_first = {{nan_out, nan_lse}, {none, none_lse}};
+    const parts_t nan_last = {{none, none_lse}, {nan_out, nan_lse}};
+    for (const parts_t* parts : {&nan_alone, &nan_first, &nan_last}) {
+        mat<Scalar> merged(2, 1), merged_lse(1, 1);
+        mha::merge_attention_states(*parts, merged, merged_lse);
+        REQUIRE(std::isnan(merged_lse(0, 0)));
+        REQUIRE(std::isnan(merged(0, 0)));
+    }
     // Log-sum-exps of 1000 and 999: exp(1000) overflows even double, the shifted weights are
     // 1 and e^−1. Compared with the formula in long double within a few roundings (as above).
     mat<Scalar> big = mat<Scalar>::Constant(1, 1, 2), big_lse = mat<Scalar>::Constant(1, 1, 1000);

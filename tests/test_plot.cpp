@@ -279,6 +279,62 @@ TEST_CASE("word lines: one line per weight at or above the threshold, width prop
         }
 }
 
+TEST_CASE("word lines: a weight exactly at the threshold is drawn, one just below is not",
+          "[plot]") {
+    // options::min_weight: weights *below* it are not drawn. 0.25 and the float below it are
+    // exact, so the comparison is on the stored values, not on rounding.
+    const float at = 0.25f, below = std::nextafter(0.25f, 0.0f);
+    std::vector<mha::matrix<float>> w = {mha::matrix<float>::Zero(3, 2)};
+    w[0](0, 0) = at;
+    w[0](1, 0) = below;
+    w[0](2, 1) = 1.0f;
+    mha::plot::options opts;
+    opts.min_weight = 0.25;
+    const auto root = xml_parser(mha::plot::word_lines(w, words(2), words(3), opts)).document();
+    const auto lines = find(*root, "line", "weight");
+    REQUIRE(lines.size() == 2);
+    REQUIRE(lines[0]->attribute("data-query") == "0");
+    REQUIRE(lines[0]->attribute("data-key") == "0");
+    REQUIRE(lines[1]->attribute("data-query") == "1");
+    REQUIRE(lines[1]->attribute("data-key") == "2");
+}
+
+TEST_CASE("labels: 18 characters are shown whole, longer tokens cut to 18 and an ellipsis",
+          "[plot]") {
+    // docs/pictures.md: tokens longer than 18 characters are cut with "…". Characters, not
+    // bytes: "é" is two bytes in UTF-8.
+    const std::string ellipsis = "\xE2\x80\xA6";
+    std::string e18, e19;
+    for (int i = 0; i < 18; ++i)
+        e18 += "\xC3\xA9";
+    e19 = e18 + "\xC3\xA9";
+    const std::vector<std::string> tokens = {std::string(17, 'a'),
+                                             std::string(18, 'b'),
+                                             std::string(19, 'c'),
+                                             std::string(40, 'd'),
+                                             e18,
+                                             e19};
+    const std::vector<std::string> shown = {std::string(17, 'a'),
+                                            std::string(18, 'b'),
+                                            std::string(18, 'c') + ellipsis,
+                                            std::string(18, 'd') + ellipsis,
+                                            e18,
+                                            e18 + ellipsis};
+    const auto w = softmax_like(1, 6, 6, 17);
+    for (const std::string& svg :
+         {mha::plot::heat_maps(w, tokens), mha::plot::word_lines(w, tokens)}) {
+        const auto root = xml_parser(svg).document();
+        for (const char* cls : {"query", "key"}) {
+            const auto labels = find(*root, "text", cls);
+            REQUIRE(labels.size() == tokens.size());
+            for (std::size_t j = 0; j < tokens.size(); ++j) {
+                CAPTURE(cls, j);
+                REQUIRE(labels[j]->text == shown[j]);
+            }
+        }
+    }
+}
+
 TEST_CASE("tokens with XML's special characters stay text", "[plot]") {
     const std::vector<std::string> tokens = {"<b>", "a&b", "\"q\"", "it's", "x > y"};
     const auto w = softmax_like(1, 5, 5, 13);

@@ -383,6 +383,32 @@ TEST_CASE("sinks: a fully masked query gives exactly 0 and the sink as log-sum-e
     }
 }
 
+TEST_CASE("score terms: columns repaired around a poisoned excluded key keep every term",
+          "[score_modifiers]") {
+    // NaN in an excluded key's K and V makes the tiled kernel's value product non-finite (0·NaN),
+    // and such output columns are recomputed one score at a time (repair_column through
+    // modified_score): a second code path for soft-capping and ALiBi. Lq ≠ Lk so that ALiBi's
+    // bottom-right offset matters, allowed keys on both sides of every query so that its sign
+    // does. Tolerance: compare's check A, as for the clean inputs.
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const Index lq = 6, lk = 11, poisoned = 4;
+    auto c = make_case<float>(2, 1, 4, 4, {lq}, {lk}, 7001);
+    c.k.col(poisoned).setConstant(nan);
+    c.v.col(poisoned).setConstant(nan);
+    mha::bool_matrix keep = mha::bool_matrix::Constant(lk, lq, true);
+    keep.row(poisoned).setConstant(false);
+    const ref_mask rm{"every key but 4", [](Index, Index j, Index) { return j != poisoned; },
+                      nullptr};
+    for (const auto& [name, options] : term_sets(2))
+        for (kernel which : {kernel::tiled, kernel::materialized}) {
+            const auto result = run<float>(which, c, mha::keep_mask(keep), options, small_tiles);
+            REQUIRE(result.first.allFinite());
+            compare<float>(c, result.first, result.second, rm, options, nullptr,
+                           name + (which == kernel::tiled ? " (tiled)" : " (materialized)") +
+                               ", poisoned excluded key");
+        }
+}
+
 TEST_CASE("block predicate: skipped blocks are never read", "[score_modifiers]") {
     const float nan = std::numeric_limits<float>::quiet_NaN();
     const Index lq = 40, lk = 64, prefix = 12;

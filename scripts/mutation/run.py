@@ -4,16 +4,21 @@
 tree, builds the tests that should kill it, runs them, and prints the score and the survivors.
 
   scripts/mutation/run.py                  every mutant
-  scripts/mutation/run.py ID [ID ...]      only these mutants
+  scripts/mutation/run.py ID [ID ...]      only these mutants (IDs or patterns such as 'bw-*')
+  scripts/mutation/run.py --file HEADER    only the mutants of this header (repeatable)
   scripts/mutation/run.py --list           the mutants and the tests each one runs
   scripts/mutation/run.py --check          only check that every mutant applies (no build)
 
 A mutant is killed when its tests fail or do not build. The copy is `git archive HEAD`, so
 uncommitted changes are not mutated; it is kept in --work (default /tmp/mha-mutation) and its
-build directory is reused by later runs. Builds and tests run under `nice -n 15`, -j2.
+build directory is reused by later runs. Builds and tests run under `nice -n 15`, -j2 unless
+--jobs says otherwise. A mutant whose `find` no longer occurs exactly once in the committed
+header (the code moved or changed) is reported as "does not apply", is not run nor scored, and
+makes the run fail; the others still run.
 """
 
 import argparse
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -53,6 +58,14 @@ DEFAULT_TESTS = {
     "io/safetensors/file.hpp": ["safetensors", "single_defect", "pytorch_golden"],
     "io/safetensors/pytorch.hpp": ["safetensors", "single_defect", "pytorch_golden"],
     "mha.hpp": ["core", "safetensors", "two_translation_units"],
+    "score_modifiers.hpp": ["score_modifiers"],
+    "detail/score_terms.hpp": ["score_modifiers"],
+    "attention_states.hpp": ["attention_states"],
+    "detail/state_merge.hpp": ["attention_states", "log_sum_exp"],
+    "attention_backward.hpp": ["attention_backward", "layer_backward"],
+    "detail/materialized_backward.hpp": ["attention_backward", "layer_backward"],
+    "layer_backward.hpp": ["layer_backward"],
+    "plot.hpp": ["plot"],
 }
 
 # ctest name -> build target, where they differ.
@@ -79,18 +92,46 @@ def run(cmd, cwd, log, timeout=None):
             return 124
 
 
-def prepare(work, build_type):
-    src = os.path.join(work, "src")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
+def head_commit():
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
                           check=True, text=True).stdout.strip()
+
+
+def committed_header(head, name):
+    """The header include/mha/<name> as committed in `head`, or None when it is not there."""
+    r = subprocess.run(["git", "show", "%s:include/mha/%s" % (head, name)], cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return r.stdout if r.returncode == 0 else None
+
+
+def not_applying(mutants, head):
+    """{id: reason} for the mutants whose `find` does not occur exactly once in the header as
+    committed in `head` (what the runner mutates), e.g. because the code moved."""
+    bad = {}
+    for m in mutants:
+        text = committed_header(head, m["file"])
+        if text is None:
+            bad[m["id"]] = "include/mha/%s is not in the commit" % m["file"]
+            continue
+        n = text.decode("utf-8").count(m["find"])
+        if n != 1:
+            bad[m["id"]] = "its 'find' text occurs %d times in include/mha/%s (must be once)" % (
+                n, m["file"])
+    return bad
+
+
+def prepare(work, build_type, head):
+    src = os.path.join(work, "src")
     stamp = os.path.join(work, "commit")
     same = os.path.isfile(stamp) and open(stamp).read() == head
     if same:
         # A run stopped without restoring its mutant leaves a changed header behind.
-        for m in MUTANTS:
-            committed = subprocess.run(["git", "show", "%s:include/mha/%s" % (head, m["file"])],
-                                       cwd=ROOT, stdout=subprocess.PIPE, check=True).stdout
-            with open(os.path.join(src, "include", "mha", m["file"]), "rb") as f:
+        for name in sorted({m["file"] for m in MUTANTS}):
+            committed = committed_header(head, name)
+            path = os.path.join(src, "include", "mha", name)
+            if committed is None or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
                 same = same and f.read() == committed
     if not same:
         # A fresh copy of HEAD; an unchanged one is kept, so its build is reused as it is.
@@ -112,9 +153,10 @@ def prepare(work, build_type):
     return src, build
 
 
-def build_and_test(build, tests, log, timeout):
+def build_and_test(build, tests, log, timeout, jobs):
     targets = [t for t in (target_of(x) for x in tests) if t]
-    if targets and run(["cmake", "--build", build, "-j2", "--target"] + targets, build, log) != 0:
+    if targets and run(["cmake", "--build", build, "-j%d" % jobs, "--target"] + targets, build,
+                       log) != 0:
         return "build failed"
     for test in tests:
         rc = run(["ctest", "--test-dir", build, "-R", "^" + test.replace(".", "\\.") + "$",
@@ -133,15 +175,21 @@ def main():
     parser.add_argument("--work", default="/tmp/mha-mutation")
     parser.add_argument("--build-type", default="Release")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per test")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel build jobs")
+    parser.add_argument("--file", action="append", default=[],
+                        help="only the mutants of this header (as in mutants.py, e.g. plot.hpp)")
     args = parser.parse_args()
 
     ids = [m["id"] for m in MUTANTS]
     if len(set(ids)) != len(ids):
         sys.exit("duplicate mutant ids")
-    chosen = [m for m in MUTANTS if not args.ids or m["id"] in args.ids]
-    unknown = set(args.ids) - set(ids)
+    unknown = [p for p in args.ids if not fnmatch.filter(ids, p)]
+    unknown += [f for f in args.file if f not in {m["file"] for m in MUTANTS}]
     if unknown:
-        sys.exit("unknown mutants: " + ", ".join(sorted(unknown)))
+        sys.exit("no mutant matches: " + ", ".join(unknown))
+    chosen = [m for m in MUTANTS
+              if (not args.ids or any(fnmatch.fnmatchcase(m["id"], p) for p in args.ids))
+              and (not args.file or m["file"] in args.file)]
 
     if args.list:
         for m in chosen:
@@ -150,30 +198,29 @@ def main():
                                                    " ".join(tests_of(m))))
         return 0
 
-    bad = []
+    head = head_commit()
+    bad = not_applying(chosen, head)
     for m in chosen:
-        with open(os.path.join(ROOT, "include", "mha", m["file"])) as f:
-            n = f.read().count(m["find"])
-        if n != 1:
-            bad.append("%s: 'find' occurs %d times in %s" % (m["id"], n, m["file"]))
-    if bad:
-        sys.exit("\n".join(bad))
+        if m["id"] in bad:
+            print("DOES NOT APPLY: %s (%s): %s; update the mutant to the new code"
+                  % (m["id"], m["file"], bad[m["id"]]), flush=True)
+    applying = [m for m in chosen if m["id"] not in bad]
     if args.check:
-        print("%d mutants apply" % len(chosen))
-        return 0
+        print("%d of %d mutants apply to %s" % (len(applying), len(chosen), head[:12]))
+        return 1 if bad else 0
 
     os.makedirs(args.work, exist_ok=True)
-    src, build = prepare(args.work, args.build_type)
+    src, build = prepare(args.work, args.build_type, head)
     log = os.path.join(args.work, "baseline.log")
     open(log, "w").close()
-    baseline_tests = sorted({t for m in chosen for t in tests_of(m)})
+    baseline_tests = sorted({t for m in applying for t in tests_of(m)})
     print("baseline: %s" % " ".join(baseline_tests), flush=True)
-    failure = build_and_test(build, baseline_tests, log, args.timeout)
+    failure = build_and_test(build, baseline_tests, log, args.timeout, args.jobs)
     if failure:
         sys.exit("the unmutated tree does not pass (%s); see %s" % (failure, log))
 
     killed, survived, equivalent = [], [], []
-    for m in chosen:
+    for m in applying:
         path = os.path.join(src, "include", "mha", m["file"])
         with open(path) as f:
             original = f.read()
@@ -183,7 +230,7 @@ def main():
         try:
             with open(path, "w") as f:
                 f.write(original.replace(m["find"], m["replace"], 1))
-            failure = build_and_test(build, tests_of(m), log, args.timeout)
+            failure = build_and_test(build, tests_of(m), log, args.timeout, args.jobs)
         finally:
             with open(path, "w") as f:
                 f.write(original)
@@ -203,8 +250,11 @@ def main():
     for m, failure in equivalent:
         note = "killed: %s, so not equivalent after all" % failure if failure else "survived"
         print("  equivalent: %s (%s; %s): %s" % (m["id"], m["file"], note, m["equivalent"]))
+    for m in chosen:
+        if m["id"] in bad:
+            print("  does not apply (not run): %s (%s): %s" % (m["id"], m["file"], bad[m["id"]]))
     print("logs: %s" % args.work)
-    return 1 if survived else 0
+    return 1 if survived or bad else 0
 
 
 if __name__ == "__main__":
