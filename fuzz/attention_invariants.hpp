@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The fuzzing oracle: decodes a problem (shapes ≤ 64, grouped key/value heads, masks, values,
-// tile sizes) from raw bytes, runs the attention core through the tiled and the materialised
-// kernels, and checks invariants that hold for every input. Shared by the libFuzzer harness and
+// tile sizes, soft-capping, ALiBi and sinks) from raw bytes, runs the attention core through the
+// tiled and the materialised kernels, and checks invariants that hold for every input, among
+// them agreement with the long-double reference of tests/support/reference.hpp. Shared by the libFuzzer harness and
 // the corpus replay test, so every corpus file is also checked in the ordinary test run.
 #pragma once
 
@@ -18,6 +19,8 @@
 #include <vector>
 
 #include <mha/mha.hpp>
+
+#include "reference.hpp"
 
 namespace mha_fuzz {
 
@@ -79,6 +82,32 @@ struct problem {
     float amplitude = 1;
     std::uint64_t seed = 0;
     mha::detail::tiled_settings tiles;
+    // Score terms (attention_options): soft-capping, one ALiBi slope and one sink per query head.
+    std::optional<double> softcap;
+    std::vector<double> alibi, sinks;
+
+    bool has_terms() const { return softcap || !alibi.empty() || !sinks.empty(); }
+
+    /// The options carrying the score terms (softmax, the rest default).
+    mha::attention_options options() const {
+        mha::attention_options o;
+        o.softcap = softcap;
+        o.alibi_slopes = alibi;
+        o.sinks = sinks;
+        return o;
+    }
+
+    /// The largest magnitude the score terms add to the score of query i and key j of sequence b
+    /// (check A's Smax, as tests/test_score_modifiers.cpp counts them): the cap, |ALiBi| and
+    /// |sink|, each of which adds O(u) relative to its magnitude.
+    float term_magnitude(std::size_t b, Index h, Index j, Index i) const {
+        float m = softcap ? static_cast<float>(*softcap) : 0.f;
+        if (!alibi.empty())
+            m += std::fabs(static_cast<float>(alibi[static_cast<std::size_t>(h)]) *
+                           static_cast<float>(j - i - (lk[b] - lq[b])));
+        if (!sinks.empty()) m += std::fabs(static_cast<float>(sinks[static_cast<std::size_t>(h)]));
+        return m;
+    }
 
     Index kv_head(Index h) const { return h / (heads / kv_heads); }
 
@@ -164,6 +193,32 @@ inline problem decode(const std::uint8_t* data, std::size_t size) {
             if (p.heads % d == 0) divisors.push_back(d);
         p.kv_heads = divisors[static_cast<std::size_t>(in.byte()) % divisors.size()];
     }
+    // Score terms came after grouped heads: the trailer "ST" (after the grouped-heads trailer or
+    // one byte that does not start it), a byte of flags (1 soft-capping, 2 ALiBi, 4 sinks) and a
+    // byte per term. Without it (every earlier corpus file, checked when this was added) an input
+    // decodes as before, with no score terms.
+    if (in.byte() == 'S' && in.byte() == 'T') {
+        const std::uint8_t terms = in.byte();
+        value_stream term_values(p.seed ^ 0x7E4A5C0FFEEull);
+        if ((terms & 1) != 0) {
+            static const double caps[] = {0.25, 1, 2.5, 5, 20, 50};
+            p.softcap = caps[in.in_range(0, 5)];
+        }
+        if ((terms & 2) != 0) {
+            // The standard slopes (mha::alibi_slopes), or any in [-1, 1).
+            if (in.flag())
+                p.alibi = mha::alibi_slopes(p.heads);
+            else
+                for (Index h = 0; h < p.heads; ++h)
+                    p.alibi.push_back(static_cast<double>(term_values.uniform(1)));
+        }
+        if ((terms & 4) != 0) {
+            static const float sink_amplitudes[] = {0.5f, 2, 8, 40};
+            const float amplitude = sink_amplitudes[in.in_range(0, 3)];
+            for (Index h = 0; h < p.heads; ++h)
+                p.sinks.push_back(static_cast<double>(term_values.uniform(amplitude)));
+        }
+    }
     return p;
 }
 
@@ -199,6 +254,7 @@ inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights
     run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
     const float scale = 1.0f / std::sqrt(static_cast<float>(p.dk));
     const mha::attention_mask<float> mask = p.mask();
+    const mha::attention_options options = p.options();
     const mha::detail::attention_problem<float> problem{
         x.q,
         x.k,
@@ -210,7 +266,8 @@ inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights
         scale,
         mha::normalization::softmax,
         {with_weights ? mha::weights_mode::per_head : mha::weights_mode::none},
-        nullptr};
+        nullptr,
+        p.has_terms() ? &options : nullptr};
     mha::attention_outputs<float> outputs;
     mha::detail::size_outputs(problem, outputs);
     mha::detail::tiled_attention(problem, outputs, p.tiles);
@@ -220,7 +277,7 @@ inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights
 
 inline run_result run_materialized(const problem& p, const inputs& x) {
     run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
-    mha::attention_options options;
+    mha::attention_options options = p.options();
     options.algorithm = mha::attention_algorithm::materialized;
     r.weights = mha::multi_head_attention_core(x.q, x.k, x.v, p.heads, p.kv_heads,
                                                mha::packed_batch(p.lq, p.lk), r.out, p.mask(),
@@ -275,8 +332,9 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
                                                 .cwiseProduct(x.q.block(h * p.dk, q0 + i, p.dk, 1))
                                                 .cwiseAbs()
                                                 .sum();
-                    const float s =
-                        scale * magnitude + (p.bias.empty() ? 0.f : std::fabs(p.bias[b](j, i)));
+                    const float s = scale * magnitude +
+                                    (p.bias.empty() ? 0.f : std::fabs(p.bias[b](j, i))) +
+                                    p.term_magnitude(b, h, j, i);
                     smax = std::max(smax, std::fabs(s));
                     vmax =
                         std::max(vmax, x.v.block(g * p.dv, k0 + j, p.dv, 1).cwiseAbs().maxCoeff());
@@ -307,6 +365,60 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
         }
         q0 += p.lq[b];
         k0 += p.lk[b];
+    }
+
+    // Both kernels against the long-double reference with the score terms
+    // (reference_attention_terms), by check A of tests/support/check.hpp: |O − R| <= C·u·Vmax·
+    // (1 + Smax) + u·|R| with the C, Vmax and Smax of out_bound (which is twice that first term).
+    {
+        using ld = long double;
+        // Copies entry by entry: a block of a matrix without storage would offset a null pointer.
+        const auto copy = [](const mha::matrix<float>& m, Index row, Index col, Index rows,
+                             Index cols) {
+            mha_test::mat<ld> r(rows, cols);
+            for (Index c = 0; c < cols; ++c)
+                for (Index i = 0; i < rows; ++i)
+                    r(i, c) = static_cast<ld>(m(row + i, col + c));
+            return r;
+        };
+        Index qs = 0, ks = 0;
+        for (std::size_t b = 0; b < p.lq.size(); ++b) {
+            for (Index h = 0; h < p.heads; ++h) {
+                const Index g = p.kv_head(h);
+                mha_test::score_terms terms;
+                if (p.softcap) terms.softcap = static_cast<ld>(*p.softcap);
+                if (!p.alibi.empty()) {
+                    terms.alibi = true;
+                    terms.slope = static_cast<ld>(p.alibi[static_cast<std::size_t>(h)]);
+                }
+                if (!p.sinks.empty()) {
+                    terms.sink = true;
+                    terms.sink_logit = static_cast<ld>(p.sinks[static_cast<std::size_t>(h)]);
+                }
+                mha_test::bias_fn bias = nullptr;
+                if (!p.bias.empty())
+                    bias = [&p, b](Index j, Index i) { return static_cast<ld>(p.bias[b](j, i)); };
+                const mha_test::mat<ld> r = mha_test::reference_attention_terms<ld>(
+                    copy(x.q, h * p.dk, qs, p.dk, p.lq[b]), copy(x.k, g * p.dk, ks, p.dk, p.lk[b]),
+                    copy(x.v, g * p.dv, ks, p.dv, p.lk[b]), static_cast<ld>(scale), terms,
+                    [&p, b](Index j, Index i) { return p.allowed(b, j, i); }, bias);
+                for (Index i = 0; i < p.lq[b]; ++i)
+                    for (Index c = 0; c < p.dv; ++c) {
+                        const Index row = h * p.dv + c, col = qs + i;
+                        const ld want = r(c, i);
+                        const ld bound = static_cast<ld>(out_bound(row, col)) / 2 +
+                                         static_cast<ld>(u) * std::fabs(want);
+                        if (!(std::fabs(static_cast<ld>(tiled.out(row, col)) - want) <= bound))
+                            return violation("the tiled output differs from the long-double "
+                                             "reference beyond check A");
+                        if (!(std::fabs(static_cast<ld>(reference.out(row, col)) - want) <= bound))
+                            return violation("the materialised output differs from the "
+                                             "long-double reference beyond check A");
+                    }
+            }
+            qs += p.lq[b];
+            ks += p.lk[b];
+        }
     }
 
     // Poison: keys that no query of their sequence may see get NaN and 1e30 in K and V. Nothing
@@ -379,6 +491,11 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
     // attended (the masks restricted to their keys, as a keep mask and a bias) and their states
     // merged with mha::merge_attention_states. Both the merge and the one-shot tiled output are
     // within check A of the exact result, so they differ by at most out_bound (twice check A).
+    // Score terms: soft-capping as it is; the sinks in the second part only (a sink is one term
+    // of the normaliser); ALiBi in both parts, where the second part's positions j − i − (Lk −
+    // Lq) are the whole sequence's, and the first part's (Lk = the cut) exceed them by
+    // Lk − cut: its scores are shifted by slope·(Lk − cut), which leaves its output as it is
+    // and its log-sum-exp larger by as much, taken off before the merge.
     {
         std::vector<Index> cut(p.lq.size()), first_lk(p.lq.size()), second_lk(p.lq.size());
         value_stream cuts(p.seed ^ 0x5EED5EED5EED5EEDull);
@@ -417,9 +534,20 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
             mha::attention_mask<float> mask{mha::keep_mask(keep)};
             mask.add(mha::additive_bias<float>(bias));
             mha::matrix<float> out(p.heads * p.dv, x.q.cols());
+            mha::attention_options options = p.options();
+            if (part == 0) options.sinks.clear();
             auto extra = mha::multi_head_attention_core(x.q, k, v, p.heads, p.kv_heads,
                                                         mha::packed_batch(p.lq, lengths), out, mask,
-                                                        {}, {mha::weights_mode::none, true});
+                                                        options, {mha::weights_mode::none, true});
+            if (part == 0 && !p.alibi.empty()) {
+                Index column = 0;
+                for (std::size_t b = 0; b < p.lq.size(); ++b)
+                    for (Index i = 0; i < p.lq[b]; ++i, ++column)
+                        for (Index h = 0; h < p.heads; ++h)
+                            extra.log_sum_exp(h, column) -=
+                                static_cast<float>(p.alibi[static_cast<std::size_t>(h)] *
+                                                   static_cast<double>(p.lk[b] - cut[b]));
+            }
             if (part == 0) {
                 merged = out;
                 lse = std::move(extra.log_sum_exp);
