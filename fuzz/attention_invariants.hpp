@@ -286,6 +286,182 @@ inline run_result run_materialized(const problem& p, const inputs& x) {
     return r;
 }
 
+/// Entries of m's block (row, col, rows × cols) as T, copied one by one: a block of a matrix
+/// without storage would offset a null pointer.
+template <class T>
+mha_test::mat<T> copy_block(const mha::matrix<float>& m, Index row, Index col, Index rows,
+                            Index cols) {
+    mha_test::mat<T> r(rows, cols);
+    for (Index c = 0; c < cols; ++c)
+        for (Index i = 0; i < rows; ++i)
+            r(i, c) = static_cast<T>(m(row + i, col + c));
+    return r;
+}
+
+/// The backward of the attention core (multi_head_attention_core_backward) for softmax, ReLU and
+/// sigmoid on the decoded problem, for a d_out drawn from its seed: finite; a query with no
+/// allowed key gets dQ exactly 0; 1 and 2 threads give the same bits; and dQ, dK, dV are within
+/// check B (tests/support/check.hpp) of the long-double chain rule (reference_attention_backward,
+/// key/value heads summed over their query heads) with k = 6, the rule and factor of
+/// tests/test_attention_backward.cpp: at most 6 times as far from it as the same chain rule in
+/// float, plus twice the rounding noise of the reference. That test applies the rule to hundreds
+/// of outputs stacked over its cases, since a maximum over few outputs is unstable (the float
+/// chain rule may be lucky); a fuzzed problem may have a handful. So here the rule runs over dQ,
+/// dK and dV stacked, and its floor also holds 8 units in the last place of the largest
+/// reference gradient: a seed of the committed corpus (3 sequences, 2 heads, d_k = 10) had dQ
+/// off by 1 ulp
+/// where the float chain rule happened to be exact. A wrong term moves a gradient by a fraction
+/// of its largest entry, far above. ReLU is not compared when a score lies
+/// within 64·u of its terms' magnitude from the kink at 0, where float and long double may take
+/// different sides. The reference is quadratic in Lk per query, so larger problems are skipped.
+inline std::optional<std::string> check_backward(const problem& p, const inputs& x) {
+    using ld = long double;
+    double cost = 0;
+    for (std::size_t b = 0; b < p.lq.size(); ++b)
+        cost += static_cast<double>(p.heads * p.lq[b] * p.lk[b] * p.lk[b] * (p.dk + p.dv));
+    if (cost > 4e6) return std::nullopt;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(p.dk));
+    const float u = std::numeric_limits<float>::epsilon() / 2;
+    value_stream values(p.seed ^ 0xBAC3'4A2D'0F1E'5B7Cull);
+    mha::matrix<float> d_out(p.heads * p.dv, x.q.cols());
+    for (Index i = 0; i < d_out.size(); ++i)
+        d_out(i) = values.uniform(1);
+    const mha::packed_batch batch(p.lq, p.lk);
+    const mha::attention_mask<float> mask = p.mask();
+    const mha::normalization kinds[] = {mha::normalization::softmax, mha::normalization::relu,
+                                        mha::normalization::sigmoid};
+    const mha_test::norm_kind reference_kinds[] = {
+        mha_test::norm_kind::softmax, mha_test::norm_kind::relu, mha_test::norm_kind::sigmoid};
+    for (int n = 0; n < 3; ++n) {
+        const std::string name = mha::to_string(kinds[n]);
+        mha::attention_options options;
+        options.normalize = kinds[n];
+        mha::backward_request request;
+        request.threads = 1;
+        const auto got = mha::multi_head_attention_core_backward(x.q, x.k, x.v, p.heads,
+                                                                 p.kv_heads, batch, d_out, mask,
+                                                                 options, request);
+        if (got.dq.rows() != x.q.rows() || got.dq.cols() != x.q.cols() ||
+            got.dk.rows() != x.k.rows() || got.dk.cols() != x.k.cols() ||
+            got.dv.rows() != x.v.rows() || got.dv.cols() != x.v.cols())
+            return "backward (" + name + "): gradients of the wrong shape";
+        if (!got.dq.allFinite() || !got.dk.allFinite() || !got.dv.allFinite())
+            return "backward (" + name + "): finite inputs gave a non-finite gradient";
+        request.threads = 2;
+        const auto two = mha::multi_head_attention_core_backward(x.q, x.k, x.v, p.heads,
+                                                                 p.kv_heads, batch, d_out, mask,
+                                                                 options, request);
+        const auto same = [](const mha::matrix<float>& a, const mha::matrix<float>& b) {
+            return a.size() == b.size() &&
+                   (a.size() == 0 ||
+                    std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.size())) == 0);
+        };
+        if (!same(got.dq, two.dq) || !same(got.dk, two.dk) || !same(got.dv, two.dv))
+            return "backward (" + name + "): 1 and 2 threads give different bits";
+
+        mha_test::mat<ld> ref[3] = {mha_test::mat<ld>::Zero(x.q.rows(), x.q.cols()),
+                                    mha_test::mat<ld>::Zero(x.k.rows(), x.k.cols()),
+                                    mha_test::mat<ld>::Zero(x.v.rows(), x.v.cols())};
+        mha_test::mat<float> base[3] = {mha_test::mat<float>::Zero(x.q.rows(), x.q.cols()),
+                                        mha_test::mat<float>::Zero(x.k.rows(), x.k.cols()),
+                                        mha_test::mat<float>::Zero(x.v.rows(), x.v.cols())};
+        bool near_kink = false;
+        Index q0 = 0, k0 = 0;
+        for (std::size_t b = 0; b < p.lq.size(); ++b) {
+            const Index lq = p.lq[b], lk = p.lk[b];
+            const mha_test::allowed_fn allowed = [&p, b](Index j, Index i) {
+                return p.allowed(b, j, i);
+            };
+            mha_test::bias_fn bias = nullptr;
+            if (!p.bias.empty())
+                bias = [&p, b](Index j, Index i) { return static_cast<ld>(p.bias[b](j, i)); };
+            for (Index h = 0; h < p.heads; ++h) {
+                const Index g = p.kv_head(h);
+                const auto r = mha_test::reference_attention_backward<ld>(
+                    copy_block<ld>(x.q, h * p.dk, q0, p.dk, lq),
+                    copy_block<ld>(x.k, g * p.dk, k0, p.dk, lk),
+                    copy_block<ld>(x.v, g * p.dv, k0, p.dv, lk),
+                    copy_block<ld>(d_out, h * p.dv, q0, p.dv, lq), static_cast<ld>(scale),
+                    allowed, bias, reference_kinds[n]);
+                const auto f = mha_test::reference_attention_backward<float>(
+                    copy_block<float>(x.q, h * p.dk, q0, p.dk, lq),
+                    copy_block<float>(x.k, g * p.dk, k0, p.dk, lk),
+                    copy_block<float>(x.v, g * p.dv, k0, p.dv, lk),
+                    copy_block<float>(d_out, h * p.dv, q0, p.dv, lq), scale, allowed, bias,
+                    reference_kinds[n]);
+                for (Index i = 0; i < lq; ++i) {
+                    bool any = false;
+                    for (Index j = 0; j < lk; ++j) {
+                        if (!allowed(j, i)) continue;
+                        any = true;
+                        ld dot = 0, magnitude = 0;
+                        for (Index c = 0; c < p.dk; ++c) {
+                            const ld t = static_cast<ld>(x.q(h * p.dk + c, q0 + i)) *
+                                         static_cast<ld>(x.k(g * p.dk + c, k0 + j));
+                            dot += t;
+                            magnitude += std::fabs(t);
+                        }
+                        const ld b_ij = bias ? bias(j, i) : 0.0L;
+                        const ld score = static_cast<ld>(scale) * dot + b_ij;
+                        if (std::fabs(score) <=
+                            64 * static_cast<ld>(u) *
+                                (static_cast<ld>(scale) * magnitude + std::fabs(b_ij)))
+                            near_kink = true;
+                    }
+                    for (Index c = 0; c < p.dk; ++c) {
+                        ref[0](h * p.dk + c, q0 + i) = r.dq(c, i);
+                        base[0](h * p.dk + c, q0 + i) = f.dq(c, i);
+                        if (!any && got.dq(h * p.dk + c, q0 + i) != 0)
+                            return "backward (" + name +
+                                   "): a query with no allowed key has a non-zero dQ";
+                    }
+                }
+                for (Index j = 0; j < lk; ++j) {
+                    for (Index c = 0; c < p.dk; ++c) {
+                        ref[1](g * p.dk + c, k0 + j) += r.dk(c, j);
+                        base[1](g * p.dk + c, k0 + j) += f.dk(c, j);
+                    }
+                    for (Index c = 0; c < p.dv; ++c) {
+                        ref[2](g * p.dv + c, k0 + j) += r.dv(c, j);
+                        base[2](g * p.dv + c, k0 + j) += f.dv(c, j);
+                    }
+                }
+            }
+            q0 += lq;
+            k0 += lk;
+        }
+        if (kinds[n] == mha::normalization::relu && near_kink) continue;
+        const mha::matrix<float>* ours[3] = {&got.dq, &got.dk, &got.dv};
+        const char* names[3] = {"dQ", "dK", "dV"};
+        ld err = 0, baseline = 0, noise = 0, largest = 0;
+        int worst = 0;
+        for (int t = 0; t < 3; ++t)
+            for (Index i = 0; i < ref[t].size(); ++i) {
+                const ld want = ref[t](i);
+                const ld e = std::fabs(static_cast<ld>((*ours[t])(i)) - want);
+                if (!(e <= err)) {  // also catches NaN
+                    err = e;
+                    worst = t;
+                }
+                baseline = std::max(baseline, std::fabs(static_cast<ld>(base[t](i)) - want));
+                const float shifted = static_cast<float>(static_cast<float>(want) + 0.3f);
+                noise = std::max(noise, std::fabs(static_cast<ld>(shifted - 0.3f) - want));
+                largest = std::max(largest, std::fabs(want));
+            }
+        const ld floor = 2 * noise + 8 * 2 * static_cast<ld>(u) * largest;
+        if (!(err <= 6 * baseline + floor)) {
+            std::ostringstream why;
+            why << "backward (" << name << "): " << names[worst]
+                << " differs from the long-double chain rule beyond check B (error "
+                << static_cast<double>(err) << ", float chain rule "
+                << static_cast<double>(baseline) << ", floor " << static_cast<double>(floor)
+                << ")";
+            return why.str();
+        }
+    }
+    return std::nullopt;
+}
+
 /// Checks every invariant on the input; returns a description of the first violation.
 inline std::optional<std::string> check(const std::uint8_t* data, std::size_t size) {
     const problem p = decode(data, size);
@@ -566,6 +742,10 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
     // (Outputs are finite here, checked above, so == compares every bit that matters.)
     if (again.out.size() != tiled.out.size() || !(again.out.array() == tiled.out.array()).all())
         return violation("two runs of the same input differ");
+
+    // The backward pass, which has no form for score terms (it refuses them).
+    if (!p.has_terms())
+        if (const auto wrong = check_backward(p, x)) return violation(*wrong);
 
     // Bad shapes throw the documented exception and nothing else.
     if (!p.lq.empty()) {
