@@ -83,6 +83,18 @@ TEST_CASE("corpus inputs decode to score terms exactly when their name says so",
     CHECK(sinks >= 2);
 }
 
+TEST_CASE("enough corpus inputs are small enough for the backward oracle", "[fuzz]") {
+    std::size_t checked = 0, total = 0;
+    for_each_corpus_file(MHA_FUZZ_CORPUS_DIR,
+                         [&](const std::string&, const std::vector<std::uint8_t>& bytes) {
+                             checked += mha_fuzz::backward_checked(
+                                 mha_fuzz::decode(bytes.data(), bytes.size()));
+                             ++total;
+                         });
+    INFO(checked << " of " << total);
+    REQUIRE(checked >= 10);
+}
+
 TEST_CASE("every layer corpus input satisfies the layer fuzzer's invariants", "[fuzz]") {
     const std::size_t replayed = for_each_corpus_file(
         MHA_LAYER_CORPUS_DIR, [](const std::string& name, const std::vector<std::uint8_t>& bytes) {
