@@ -311,7 +311,14 @@ mha_test::mat<T> copy_block(const mha::matrix<float>& m, Index row, Index col, I
 /// reference gradient: a seed of the committed corpus (3 sequences, 2 heads, d_k = 10) had dQ
 /// off by 1 ulp
 /// where the float chain rule happened to be exact. A wrong term moves a gradient by a fraction
-/// of its largest entry, far above. ReLU is not compared when a score lies
+/// of its largest entry, far above. ReLU's dS_l = [s_l > 0]·(dW_l − Σ_j r_j·dW_j / Σr) / Σr
+/// cancels its terms, of size t = (max|dW| + Σ_j r_j·|dW_j| / Σr) / Σr, which grow without bound
+/// as Σr falls (one positive score: dS is exactly 0, computed as the difference of two terms of
+/// size |dW| / Σr); a fuzzed input with Σr = 0.008 and d_k = 1 gave dQ 25 times the float chain
+/// rule's error, which computes the same difference in another order and happened to cancel. So
+/// for ReLU the floor also holds 8·u·scale times the largest t·Σ_l max|k_l| (dQ) and
+/// Σ_i t_i·max|q_i| (dK) over queries and heads: the a-priori size of that rounding through
+/// dQ = scale·K·dS and dK = scale·Q·dSᵀ. ReLU is not compared when a score lies
 /// within 64·u of its terms' magnitude from the kink at 0, where float and long double may take
 /// different sides. The reference is quadratic in Lk per query, so larger problems are skipped
 /// (backward_checked says which are checked).
@@ -373,6 +380,7 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                                         mha_test::mat<float>::Zero(x.k.rows(), x.k.cols()),
                                         mha_test::mat<float>::Zero(x.v.rows(), x.v.cols())};
         bool near_kink = false;
+        ld relu_floor = 0;  // see the comment of check_backward
         Index q0 = 0, k0 = 0;
         for (std::size_t b = 0; b < p.lq.size(); ++b) {
             const Index lq = p.lq[b], lk = p.lk[b];
@@ -396,8 +404,12 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                     copy_block<float>(x.v, g * p.dv, k0, p.dv, lk),
                     copy_block<float>(d_out, h * p.dv, q0, p.dv, lq), scale, allowed, bias,
                     reference_kinds[n]);
+                ld relu_dk = 0;  // Σ_i t_i·max|q_i|, this head's dK scale
                 for (Index i = 0; i < lq; ++i) {
                     bool any = false;
+                    // ReLU's terms: Σr, max|dW_l| and Σ r_j·|dW_j| over the positive scores,
+                    // and Σ max|k_l| over their keys.
+                    ld sum_r = 0, max_dw = 0, weighted_dw = 0, key_sizes = 0;
                     for (Index j = 0; j < lk; ++j) {
                         if (!allowed(j, i)) continue;
                         any = true;
@@ -414,6 +426,28 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                             64 * static_cast<ld>(u) *
                                 (static_cast<ld>(scale) * magnitude + std::fabs(b_ij)))
                             near_kink = true;
+                        if (score > 0) {
+                            ld dw = 0, key_size = 0;
+                            for (Index c = 0; c < p.dv; ++c)
+                                dw += static_cast<ld>(d_out(h * p.dv + c, q0 + i)) *
+                                      static_cast<ld>(x.v(g * p.dv + c, k0 + j));
+                            for (Index c = 0; c < p.dk; ++c)
+                                key_size = std::max(
+                                    key_size, std::fabs(static_cast<ld>(x.k(g * p.dk + c, k0 + j))));
+                            sum_r += score;
+                            max_dw = std::max(max_dw, std::fabs(dw));
+                            weighted_dw += score * std::fabs(dw);
+                            key_sizes += key_size;
+                        }
+                    }
+                    if (sum_r > 0) {
+                        const ld t = (max_dw + weighted_dw / sum_r) / sum_r;
+                        ld query_size = 0;
+                        for (Index c = 0; c < p.dk; ++c)
+                            query_size = std::max(
+                                query_size, std::fabs(static_cast<ld>(x.q(h * p.dk + c, q0 + i))));
+                        relu_floor = std::max(relu_floor, t * key_sizes);
+                        relu_dk += t * query_size;
                     }
                     for (Index c = 0; c < p.dk; ++c) {
                         ref[0](h * p.dk + c, q0 + i) = r.dq(c, i);
@@ -423,6 +457,7 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                                    "): a query with no allowed key has a non-zero dQ";
                     }
                 }
+                relu_floor = std::max(relu_floor, relu_dk);
                 for (Index j = 0; j < lk; ++j) {
                     for (Index c = 0; c < p.dk; ++c) {
                         ref[1](g * p.dk + c, k0 + j) += r.dk(c, j);
@@ -455,7 +490,9 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                 noise = std::max(noise, std::fabs(static_cast<ld>(shifted - 0.3f) - want));
                 largest = std::max(largest, std::fabs(want));
             }
-        const ld floor = 2 * noise + 8 * 2 * static_cast<ld>(u) * largest;
+        ld floor = 2 * noise + 8 * 2 * static_cast<ld>(u) * largest;
+        if (kinds[n] == mha::normalization::relu)
+            floor += 8 * static_cast<ld>(u) * static_cast<ld>(scale) * relu_floor;
         if (!(err <= 6 * baseline + floor)) {
             std::ostringstream why;
             why << "backward (" << name << "): " << names[worst]
