@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The fuzzing oracle: decodes a problem (shapes ≤ 64, grouped key/value heads, masks, values,
-// tile sizes) from raw bytes, runs the attention core through the tiled and the materialised
-// kernels, and checks invariants that hold for every input. Shared by the libFuzzer harness and
+// tile sizes, soft-capping, ALiBi and sinks) from raw bytes, runs the attention core through the
+// tiled and the materialised kernels, and checks invariants that hold for every input, among
+// them agreement with the long-double reference of tests/support/reference.hpp. Shared by the libFuzzer harness and
 // the corpus replay test, so every corpus file is also checked in the ordinary test run.
 #pragma once
 
@@ -18,6 +19,8 @@
 #include <vector>
 
 #include <mha/mha.hpp>
+
+#include "reference.hpp"
 
 namespace mha_fuzz {
 
@@ -79,6 +82,32 @@ struct problem {
     float amplitude = 1;
     std::uint64_t seed = 0;
     mha::detail::tiled_settings tiles;
+    // Score terms (attention_options): soft-capping, one ALiBi slope and one sink per query head.
+    std::optional<double> softcap;
+    std::vector<double> alibi, sinks;
+
+    bool has_terms() const { return softcap || !alibi.empty() || !sinks.empty(); }
+
+    /// The options carrying the score terms (softmax, the rest default).
+    mha::attention_options options() const {
+        mha::attention_options o;
+        o.softcap = softcap;
+        o.alibi_slopes = alibi;
+        o.sinks = sinks;
+        return o;
+    }
+
+    /// The largest magnitude the score terms add to the score of query i and key j of sequence b
+    /// (check A's Smax, as tests/test_score_modifiers.cpp counts them): the cap, |ALiBi| and
+    /// |sink|, each of which adds O(u) relative to its magnitude.
+    float term_magnitude(std::size_t b, Index h, Index j, Index i) const {
+        float m = softcap ? static_cast<float>(*softcap) : 0.f;
+        if (!alibi.empty())
+            m += std::fabs(static_cast<float>(alibi[static_cast<std::size_t>(h)]) *
+                           static_cast<float>(j - i - (lk[b] - lq[b])));
+        if (!sinks.empty()) m += std::fabs(static_cast<float>(sinks[static_cast<std::size_t>(h)]));
+        return m;
+    }
 
     Index kv_head(Index h) const { return h / (heads / kv_heads); }
 
@@ -164,6 +193,32 @@ inline problem decode(const std::uint8_t* data, std::size_t size) {
             if (p.heads % d == 0) divisors.push_back(d);
         p.kv_heads = divisors[static_cast<std::size_t>(in.byte()) % divisors.size()];
     }
+    // Score terms came after grouped heads: the trailer "ST" (after the grouped-heads trailer or
+    // one byte that does not start it), a byte of flags (1 soft-capping, 2 ALiBi, 4 sinks) and a
+    // byte per term. Without it (every earlier corpus file, checked when this was added) an input
+    // decodes as before, with no score terms.
+    if (in.byte() == 'S' && in.byte() == 'T') {
+        const std::uint8_t terms = in.byte();
+        value_stream term_values(p.seed ^ 0x7E4A5C0FFEEull);
+        if ((terms & 1) != 0) {
+            static const double caps[] = {0.25, 1, 2.5, 5, 20, 50};
+            p.softcap = caps[in.in_range(0, 5)];
+        }
+        if ((terms & 2) != 0) {
+            // The standard slopes (mha::alibi_slopes), or any in [-1, 1).
+            if (in.flag())
+                p.alibi = mha::alibi_slopes(p.heads);
+            else
+                for (Index h = 0; h < p.heads; ++h)
+                    p.alibi.push_back(static_cast<double>(term_values.uniform(1)));
+        }
+        if ((terms & 4) != 0) {
+            static const float sink_amplitudes[] = {0.5f, 2, 8, 40};
+            const float amplitude = sink_amplitudes[in.in_range(0, 3)];
+            for (Index h = 0; h < p.heads; ++h)
+                p.sinks.push_back(static_cast<double>(term_values.uniform(amplitude)));
+        }
+    }
     return p;
 }
 
@@ -199,6 +254,7 @@ inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights
     run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
     const float scale = 1.0f / std::sqrt(static_cast<float>(p.dk));
     const mha::attention_mask<float> mask = p.mask();
+    const mha::attention_options options = p.options();
     const mha::detail::attention_problem<float> problem{
         x.q,
         x.k,
@@ -210,7 +266,8 @@ inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights
         scale,
         mha::normalization::softmax,
         {with_weights ? mha::weights_mode::per_head : mha::weights_mode::none},
-        nullptr};
+        nullptr,
+        p.has_terms() ? &options : nullptr};
     mha::attention_outputs<float> outputs;
     mha::detail::size_outputs(problem, outputs);
     mha::detail::tiled_attention(problem, outputs, p.tiles);
@@ -220,13 +277,233 @@ inline run_result run_tiled(const problem& p, const inputs& x, bool with_weights
 
 inline run_result run_materialized(const problem& p, const inputs& x) {
     run_result r{mha::matrix<float>(p.heads * p.dv, x.q.cols()), {}};
-    mha::attention_options options;
+    mha::attention_options options = p.options();
     options.algorithm = mha::attention_algorithm::materialized;
     r.weights = mha::multi_head_attention_core(x.q, x.k, x.v, p.heads, p.kv_heads,
                                                mha::packed_batch(p.lq, p.lk), r.out, p.mask(),
                                                options, {mha::weights_mode::per_head})
                     .weights;
     return r;
+}
+
+/// Entries of m's block (row, col, rows × cols) as T, copied one by one: a block of a matrix
+/// without storage would offset a null pointer.
+template <class T>
+mha_test::mat<T> copy_block(const mha::matrix<float>& m, Index row, Index col, Index rows,
+                            Index cols) {
+    mha_test::mat<T> r(rows, cols);
+    for (Index c = 0; c < cols; ++c)
+        for (Index i = 0; i < rows; ++i)
+            r(i, c) = static_cast<T>(m(row + i, col + c));
+    return r;
+}
+
+/// The backward of the attention core (multi_head_attention_core_backward) for softmax, ReLU and
+/// sigmoid on the decoded problem, for a d_out drawn from its seed: finite; a query with no
+/// allowed key gets dQ exactly 0; 1 and 2 threads give the same bits; and dQ, dK, dV are within
+/// check B (tests/support/check.hpp) of the long-double chain rule (reference_attention_backward,
+/// key/value heads summed over their query heads) with k = 6, the rule and factor of
+/// tests/test_attention_backward.cpp: at most 6 times as far from it as the same chain rule in
+/// float, plus twice the rounding noise of the reference. That test applies the rule to hundreds
+/// of outputs stacked over its cases, since a maximum over few outputs is unstable (the float
+/// chain rule may be lucky); a fuzzed problem may have a handful. So here the rule runs over dQ,
+/// dK and dV stacked, and its floor also holds 8 units in the last place of the largest
+/// reference gradient: a seed of the committed corpus (3 sequences, 2 heads, d_k = 10) had dQ
+/// off by 1 ulp
+/// where the float chain rule happened to be exact. A wrong term moves a gradient by a fraction
+/// of its largest entry, far above. ReLU's dS_l = [s_l > 0]·(dW_l − Σ_j r_j·dW_j / Σr) / Σr
+/// cancels its terms, of size t = (max|dW| + Σ_j r_j·|dW_j| / Σr) / Σr, which grow without bound
+/// as Σr falls (one positive score: dS is exactly 0, computed as the difference of two terms of
+/// size |dW| / Σr); a fuzzed input with Σr = 0.008 and d_k = 1 gave dQ 25 times the float chain
+/// rule's error, which computes the same difference in another order and happened to cancel. So
+/// for ReLU the floor also holds 8·u·scale times the largest t·Σ_l max|k_l| (dQ) and
+/// Σ_i t_i·max|q_i| (dK) over queries and heads: the a-priori size of that rounding through
+/// dQ = scale·K·dS and dK = scale·Q·dSᵀ. ReLU is not compared when a score lies
+/// within 64·u of its terms' magnitude from the kink at 0, where float and long double may take
+/// different sides. The reference is quadratic in Lk per query, so larger problems are skipped
+/// (backward_checked says which are checked).
+inline bool backward_checked(const problem& p) {
+    if (p.has_terms()) return false;  // the backward has no form for score terms
+    double cost = 0;
+    for (std::size_t b = 0; b < p.lq.size(); ++b)
+        cost += static_cast<double>(p.heads * p.lq[b] * p.lk[b] * p.lk[b] * (p.dk + p.dv));
+    // At 4e6 a 60 s fuzzing run on a loaded 2-core machine managed 7 inputs/s, at 1e6 20/s.
+    return cost <= 1e6;
+}
+
+inline std::optional<std::string> check_backward(const problem& p, const inputs& x) {
+    using ld = long double;
+    if (!backward_checked(p)) return std::nullopt;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(p.dk));
+    const float u = std::numeric_limits<float>::epsilon() / 2;
+    value_stream values(p.seed ^ 0xBAC3'4A2D'0F1E'5B7Cull);
+    mha::matrix<float> d_out(p.heads * p.dv, x.q.cols());
+    for (Index i = 0; i < d_out.size(); ++i)
+        d_out(i) = values.uniform(1);
+    const mha::packed_batch batch(p.lq, p.lk);
+    const mha::attention_mask<float> mask = p.mask();
+    const mha::normalization kinds[] = {mha::normalization::softmax, mha::normalization::relu,
+                                        mha::normalization::sigmoid};
+    const mha_test::norm_kind reference_kinds[] = {
+        mha_test::norm_kind::softmax, mha_test::norm_kind::relu, mha_test::norm_kind::sigmoid};
+    for (int n = 0; n < 3; ++n) {
+        const std::string name = mha::to_string(kinds[n]);
+        mha::attention_options options;
+        options.normalize = kinds[n];
+        mha::backward_request request;
+        request.threads = 1;
+        const auto got = mha::multi_head_attention_core_backward(x.q, x.k, x.v, p.heads,
+                                                                 p.kv_heads, batch, d_out, mask,
+                                                                 options, request);
+        if (got.dq.rows() != x.q.rows() || got.dq.cols() != x.q.cols() ||
+            got.dk.rows() != x.k.rows() || got.dk.cols() != x.k.cols() ||
+            got.dv.rows() != x.v.rows() || got.dv.cols() != x.v.cols())
+            return "backward (" + name + "): gradients of the wrong shape";
+        if (!got.dq.allFinite() || !got.dk.allFinite() || !got.dv.allFinite())
+            return "backward (" + name + "): finite inputs gave a non-finite gradient";
+        request.threads = 2;
+        const auto two = mha::multi_head_attention_core_backward(x.q, x.k, x.v, p.heads,
+                                                                 p.kv_heads, batch, d_out, mask,
+                                                                 options, request);
+        const auto same = [](const mha::matrix<float>& a, const mha::matrix<float>& b) {
+            return a.size() == b.size() &&
+                   (a.size() == 0 ||
+                    std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.size())) == 0);
+        };
+        if (!same(got.dq, two.dq) || !same(got.dk, two.dk) || !same(got.dv, two.dv))
+            return "backward (" + name + "): 1 and 2 threads give different bits";
+
+        mha_test::mat<ld> ref[3] = {mha_test::mat<ld>::Zero(x.q.rows(), x.q.cols()),
+                                    mha_test::mat<ld>::Zero(x.k.rows(), x.k.cols()),
+                                    mha_test::mat<ld>::Zero(x.v.rows(), x.v.cols())};
+        mha_test::mat<float> base[3] = {mha_test::mat<float>::Zero(x.q.rows(), x.q.cols()),
+                                        mha_test::mat<float>::Zero(x.k.rows(), x.k.cols()),
+                                        mha_test::mat<float>::Zero(x.v.rows(), x.v.cols())};
+        bool near_kink = false;
+        ld relu_floor = 0;  // see the comment of check_backward
+        Index q0 = 0, k0 = 0;
+        for (std::size_t b = 0; b < p.lq.size(); ++b) {
+            const Index lq = p.lq[b], lk = p.lk[b];
+            const mha_test::allowed_fn allowed = [&p, b](Index j, Index i) {
+                return p.allowed(b, j, i);
+            };
+            mha_test::bias_fn bias = nullptr;
+            if (!p.bias.empty())
+                bias = [&p, b](Index j, Index i) { return static_cast<ld>(p.bias[b](j, i)); };
+            for (Index h = 0; h < p.heads; ++h) {
+                const Index g = p.kv_head(h);
+                const auto r = mha_test::reference_attention_backward<ld>(
+                    copy_block<ld>(x.q, h * p.dk, q0, p.dk, lq),
+                    copy_block<ld>(x.k, g * p.dk, k0, p.dk, lk),
+                    copy_block<ld>(x.v, g * p.dv, k0, p.dv, lk),
+                    copy_block<ld>(d_out, h * p.dv, q0, p.dv, lq), static_cast<ld>(scale),
+                    allowed, bias, reference_kinds[n]);
+                const auto f = mha_test::reference_attention_backward<float>(
+                    copy_block<float>(x.q, h * p.dk, q0, p.dk, lq),
+                    copy_block<float>(x.k, g * p.dk, k0, p.dk, lk),
+                    copy_block<float>(x.v, g * p.dv, k0, p.dv, lk),
+                    copy_block<float>(d_out, h * p.dv, q0, p.dv, lq), scale, allowed, bias,
+                    reference_kinds[n]);
+                ld relu_dk = 0;  // Σ_i t_i·max|q_i|, this head's dK scale
+                for (Index i = 0; i < lq; ++i) {
+                    bool any = false;
+                    // ReLU's terms: Σr, max|dW_l| and Σ r_j·|dW_j| over the positive scores,
+                    // and Σ max|k_l| over their keys.
+                    ld sum_r = 0, max_dw = 0, weighted_dw = 0, key_sizes = 0;
+                    for (Index j = 0; j < lk; ++j) {
+                        if (!allowed(j, i)) continue;
+                        any = true;
+                        ld dot = 0, magnitude = 0;
+                        for (Index c = 0; c < p.dk; ++c) {
+                            const ld t = static_cast<ld>(x.q(h * p.dk + c, q0 + i)) *
+                                         static_cast<ld>(x.k(g * p.dk + c, k0 + j));
+                            dot += t;
+                            magnitude += std::fabs(t);
+                        }
+                        const ld b_ij = bias ? bias(j, i) : 0.0L;
+                        const ld score = static_cast<ld>(scale) * dot + b_ij;
+                        if (std::fabs(score) <=
+                            64 * static_cast<ld>(u) *
+                                (static_cast<ld>(scale) * magnitude + std::fabs(b_ij)))
+                            near_kink = true;
+                        if (score > 0) {
+                            ld dw = 0, key_size = 0;
+                            for (Index c = 0; c < p.dv; ++c)
+                                dw += static_cast<ld>(d_out(h * p.dv + c, q0 + i)) *
+                                      static_cast<ld>(x.v(g * p.dv + c, k0 + j));
+                            for (Index c = 0; c < p.dk; ++c)
+                                key_size = std::max(
+                                    key_size, std::fabs(static_cast<ld>(x.k(g * p.dk + c, k0 + j))));
+                            sum_r += score;
+                            max_dw = std::max(max_dw, std::fabs(dw));
+                            weighted_dw += score * std::fabs(dw);
+                            key_sizes += key_size;
+                        }
+                    }
+                    if (sum_r > 0) {
+                        const ld t = (max_dw + weighted_dw / sum_r) / sum_r;
+                        ld query_size = 0;
+                        for (Index c = 0; c < p.dk; ++c)
+                            query_size = std::max(
+                                query_size, std::fabs(static_cast<ld>(x.q(h * p.dk + c, q0 + i))));
+                        relu_floor = std::max(relu_floor, t * key_sizes);
+                        relu_dk += t * query_size;
+                    }
+                    for (Index c = 0; c < p.dk; ++c) {
+                        ref[0](h * p.dk + c, q0 + i) = r.dq(c, i);
+                        base[0](h * p.dk + c, q0 + i) = f.dq(c, i);
+                        if (!any && got.dq(h * p.dk + c, q0 + i) != 0)
+                            return "backward (" + name +
+                                   "): a query with no allowed key has a non-zero dQ";
+                    }
+                }
+                relu_floor = std::max(relu_floor, relu_dk);
+                for (Index j = 0; j < lk; ++j) {
+                    for (Index c = 0; c < p.dk; ++c) {
+                        ref[1](g * p.dk + c, k0 + j) += r.dk(c, j);
+                        base[1](g * p.dk + c, k0 + j) += f.dk(c, j);
+                    }
+                    for (Index c = 0; c < p.dv; ++c) {
+                        ref[2](g * p.dv + c, k0 + j) += r.dv(c, j);
+                        base[2](g * p.dv + c, k0 + j) += f.dv(c, j);
+                    }
+                }
+            }
+            q0 += lq;
+            k0 += lk;
+        }
+        if (kinds[n] == mha::normalization::relu && near_kink) continue;
+        const mha::matrix<float>* ours[3] = {&got.dq, &got.dk, &got.dv};
+        const char* names[3] = {"dQ", "dK", "dV"};
+        ld err = 0, baseline = 0, noise = 0, largest = 0;
+        int worst = 0;
+        for (int t = 0; t < 3; ++t)
+            for (Index i = 0; i < ref[t].size(); ++i) {
+                const ld want = ref[t](i);
+                const ld e = std::fabs(static_cast<ld>((*ours[t])(i)) - want);
+                if (!(e <= err)) {  // also catches NaN
+                    err = e;
+                    worst = t;
+                }
+                baseline = std::max(baseline, std::fabs(static_cast<ld>(base[t](i)) - want));
+                const float shifted = static_cast<float>(static_cast<float>(want) + 0.3f);
+                noise = std::max(noise, std::fabs(static_cast<ld>(shifted - 0.3f) - want));
+                largest = std::max(largest, std::fabs(want));
+            }
+        ld floor = 2 * noise + 8 * 2 * static_cast<ld>(u) * largest;
+        if (kinds[n] == mha::normalization::relu)
+            floor += 8 * static_cast<ld>(u) * static_cast<ld>(scale) * relu_floor;
+        if (!(err <= 6 * baseline + floor)) {
+            std::ostringstream why;
+            why << "backward (" << name << "): " << names[worst]
+                << " differs from the long-double chain rule beyond check B (error "
+                << static_cast<double>(err) << ", float chain rule "
+                << static_cast<double>(baseline) << ", floor " << static_cast<double>(floor)
+                << ")";
+            return why.str();
+        }
+    }
+    return std::nullopt;
 }
 
 /// Checks every invariant on the input; returns a description of the first violation.
@@ -275,8 +552,9 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
                                                 .cwiseProduct(x.q.block(h * p.dk, q0 + i, p.dk, 1))
                                                 .cwiseAbs()
                                                 .sum();
-                    const float s =
-                        scale * magnitude + (p.bias.empty() ? 0.f : std::fabs(p.bias[b](j, i)));
+                    const float s = scale * magnitude +
+                                    (p.bias.empty() ? 0.f : std::fabs(p.bias[b](j, i))) +
+                                    p.term_magnitude(b, h, j, i);
                     smax = std::max(smax, std::fabs(s));
                     vmax =
                         std::max(vmax, x.v.block(g * p.dv, k0 + j, p.dv, 1).cwiseAbs().maxCoeff());
@@ -307,6 +585,60 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
         }
         q0 += p.lq[b];
         k0 += p.lk[b];
+    }
+
+    // Both kernels against the long-double reference with the score terms
+    // (reference_attention_terms), by check A of tests/support/check.hpp: |O − R| <= C·u·Vmax·
+    // (1 + Smax) + u·|R| with the C, Vmax and Smax of out_bound (which is twice that first term).
+    {
+        using ld = long double;
+        // Copies entry by entry: a block of a matrix without storage would offset a null pointer.
+        const auto copy = [](const mha::matrix<float>& m, Index row, Index col, Index rows,
+                             Index cols) {
+            mha_test::mat<ld> r(rows, cols);
+            for (Index c = 0; c < cols; ++c)
+                for (Index i = 0; i < rows; ++i)
+                    r(i, c) = static_cast<ld>(m(row + i, col + c));
+            return r;
+        };
+        Index qs = 0, ks = 0;
+        for (std::size_t b = 0; b < p.lq.size(); ++b) {
+            for (Index h = 0; h < p.heads; ++h) {
+                const Index g = p.kv_head(h);
+                mha_test::score_terms terms;
+                if (p.softcap) terms.softcap = static_cast<ld>(*p.softcap);
+                if (!p.alibi.empty()) {
+                    terms.alibi = true;
+                    terms.slope = static_cast<ld>(p.alibi[static_cast<std::size_t>(h)]);
+                }
+                if (!p.sinks.empty()) {
+                    terms.sink = true;
+                    terms.sink_logit = static_cast<ld>(p.sinks[static_cast<std::size_t>(h)]);
+                }
+                mha_test::bias_fn bias = nullptr;
+                if (!p.bias.empty())
+                    bias = [&p, b](Index j, Index i) { return static_cast<ld>(p.bias[b](j, i)); };
+                const mha_test::mat<ld> r = mha_test::reference_attention_terms<ld>(
+                    copy(x.q, h * p.dk, qs, p.dk, p.lq[b]), copy(x.k, g * p.dk, ks, p.dk, p.lk[b]),
+                    copy(x.v, g * p.dv, ks, p.dv, p.lk[b]), static_cast<ld>(scale), terms,
+                    [&p, b](Index j, Index i) { return p.allowed(b, j, i); }, bias);
+                for (Index i = 0; i < p.lq[b]; ++i)
+                    for (Index c = 0; c < p.dv; ++c) {
+                        const Index row = h * p.dv + c, col = qs + i;
+                        const ld want = r(c, i);
+                        const ld bound = static_cast<ld>(out_bound(row, col)) / 2 +
+                                         static_cast<ld>(u) * std::fabs(want);
+                        if (!(std::fabs(static_cast<ld>(tiled.out(row, col)) - want) <= bound))
+                            return violation("the tiled output differs from the long-double "
+                                             "reference beyond check A");
+                        if (!(std::fabs(static_cast<ld>(reference.out(row, col)) - want) <= bound))
+                            return violation("the materialised output differs from the "
+                                             "long-double reference beyond check A");
+                    }
+            }
+            qs += p.lq[b];
+            ks += p.lk[b];
+        }
     }
 
     // Poison: keys that no query of their sequence may see get NaN and 1e30 in K and V. Nothing
@@ -379,6 +711,11 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
     // attended (the masks restricted to their keys, as a keep mask and a bias) and their states
     // merged with mha::merge_attention_states. Both the merge and the one-shot tiled output are
     // within check A of the exact result, so they differ by at most out_bound (twice check A).
+    // Score terms: soft-capping as it is; the sinks in the second part only (a sink is one term
+    // of the normaliser); ALiBi in both parts, where the second part's positions j − i − (Lk −
+    // Lq) are the whole sequence's, and the first part's (Lk = the cut) exceed them by
+    // Lk − cut: its scores are shifted by slope·(Lk − cut), which leaves its output as it is
+    // and its log-sum-exp larger by as much, taken off before the merge.
     {
         std::vector<Index> cut(p.lq.size()), first_lk(p.lq.size()), second_lk(p.lq.size());
         value_stream cuts(p.seed ^ 0x5EED5EED5EED5EEDull);
@@ -417,9 +754,20 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
             mha::attention_mask<float> mask{mha::keep_mask(keep)};
             mask.add(mha::additive_bias<float>(bias));
             mha::matrix<float> out(p.heads * p.dv, x.q.cols());
+            mha::attention_options options = p.options();
+            if (part == 0) options.sinks.clear();
             auto extra = mha::multi_head_attention_core(x.q, k, v, p.heads, p.kv_heads,
                                                         mha::packed_batch(p.lq, lengths), out, mask,
-                                                        {}, {mha::weights_mode::none, true});
+                                                        options, {mha::weights_mode::none, true});
+            if (part == 0 && !p.alibi.empty()) {
+                Index column = 0;
+                for (std::size_t b = 0; b < p.lq.size(); ++b)
+                    for (Index i = 0; i < p.lq[b]; ++i, ++column)
+                        for (Index h = 0; h < p.heads; ++h)
+                            extra.log_sum_exp(h, column) -=
+                                static_cast<float>(p.alibi[static_cast<std::size_t>(h)] *
+                                                   static_cast<double>(p.lk[b] - cut[b]));
+            }
             if (part == 0) {
                 merged = out;
                 lse = std::move(extra.log_sum_exp);
@@ -438,6 +786,9 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
     // (Outputs are finite here, checked above, so == compares every bit that matters.)
     if (again.out.size() != tiled.out.size() || !(again.out.array() == tiled.out.array()).all())
         return violation("two runs of the same input differ");
+
+    // The backward pass (for the problems backward_checked accepts).
+    if (const auto wrong = check_backward(p, x)) return violation(*wrong);
 
     // Bad shapes throw the documented exception and nothing else.
     if (!p.lq.empty()) {

@@ -3,7 +3,11 @@
 # queries, causal with Lq != Lk, huge logits, tiny and odd tile sizes) plus seeded random ones.
 # Byte layout (see decode() in attention_invariants.hpp): batch, heads, dk, dv, self flag,
 # lengths, mask bits, window, key lengths, 8 mask-seed bytes, amplitude, tiles, 8 value-seed bytes,
-# and for grouped heads the trailer "GQ" and the index of num_kv_heads among the divisors of heads.
+# and for grouped heads the trailer "GQ" and the index of num_kv_heads among the divisors of heads;
+# for score terms (after "GQ" and its byte, or after one byte that is not "G") the trailer "ST", a
+# byte of flags (1 soft-capping, 2 ALiBi, 4 sinks) and per term a byte: the cap's index in
+# {0.25, 1, 2.5, 5, 20, 50}, odd for the standard ALiBi slopes (else random ones), the sinks'
+# amplitude index in {0.5, 2, 8, 40}.
 import os
 import random
 
@@ -11,7 +15,8 @@ here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
 os.makedirs(here, exist_ok=True)
 
 def case(batch, heads, dk, dv, lengths, masks, window=(0, 0), key_lengths=(), amplitude=1,
-         tiles=(3, 5, 1), seed=1, self_attention=False, kv_heads=None):
+         tiles=(3, 5, 1), seed=1, self_attention=False, kv_heads=None, softcap=None,
+         alibi=None, sinks=None):
     b = [batch, heads - 1, dk - 1, dv - 1, 1 if self_attention else 0]
     for lq, lk in lengths:
         b += [lq] if self_attention else [lq, lk]
@@ -26,6 +31,17 @@ def case(batch, heads, dk, dv, lengths, masks, window=(0, 0), key_lengths=(), am
     if kv_heads is not None:
         divisors = [d for d in range(1, heads + 1) if heads % d == 0]
         b += list(b"GQ") + [divisors.index(kv_heads)]
+    if softcap is not None or alibi is not None or sinks is not None:
+        if kv_heads is None:
+            b += [0]  # not "G": no grouped heads
+        flags = (softcap is not None) | (alibi is not None) << 1 | (sinks is not None) << 2
+        b += list(b"ST") + [flags]
+        if softcap is not None:
+            b += [softcap]
+        if alibi is not None:
+            b += [1 if alibi == "standard" else 0]
+        if sinks is not None:
+            b += [sinks]
     return bytes(b)
 
 CAUSAL, TOP_LEFT, WINDOW, KEY_LENGTHS, KEEP, BIAS = 1, 2, 4, 8, 16, 32
@@ -52,6 +68,25 @@ seeds = {
                                        kv_heads=1),
     "grouped_keep_and_bias": case(2, 4, 7, 5, [(11, 17), (3, 9)], KEEP | BIAS, kv_heads=2,
                                   tiles=(8, 16, 2)),
+    # Score terms (soft-capping, ALiBi, sinks): names hold "terms", and only these have them.
+    "terms_softcap_causal_keep": case(2, 2, 8, 4, [(9, 17), (16, 5)], CAUSAL | KEEP, amplitude=3,
+                                      softcap=1, tiles=(4, 8, 2)),
+    "terms_softcap_huge_logits": case(1, 2, 16, 4, [(16, 16)], 0, amplitude=5, softcap=3,
+                                      tiles=(4, 4, 1)),
+    "terms_alibi_three_heads": case(1, 3, 4, 4, [(20, 20)], CAUSAL, self_attention=True,
+                                    alibi="standard", tiles=(5, 7, 2)),
+    "terms_alibi_random_bias": case(2, 2, 5, 3, [(7, 30), (12, 12)], BIAS | WINDOW,
+                                    window=(6, 2), alibi="random", seed=5),
+    "terms_sinks_fully_masked": case(2, 2, 4, 4, [(5, 5), (3, 9)], KEY_LENGTHS,
+                                     key_lengths=(0, 4), sinks=2),
+    "terms_sinks_large": case(1, 4, 8, 8, [(6, 40)], CAUSAL | KEEP, sinks=3, seed=11),
+    "terms_everything": case(3, 4, 16, 16, [(33, 40), (8, 64), (17, 17)],
+                             CAUSAL | WINDOW | KEY_LENGTHS | KEEP | BIAS, window=(5, 3),
+                             key_lengths=(30, 64, 9), softcap=4, alibi="standard", sinks=1),
+    "grouped_terms_everything": case(3, 4, 16, 16, [(33, 40), (8, 64), (17, 17)],
+                                     CAUSAL | KEY_LENGTHS | KEEP | BIAS, key_lengths=(30, 0, 9),
+                                     kv_heads=2, softcap=2, alibi="random", sinks=2,
+                                     tiles=(8, 16, 2)),
 }
 rng = random.Random(20261122)
 for i in range(12):

@@ -3,7 +3,9 @@
 // data/make_golden.py from torch.nn.MultiheadAttention and from plain torch math; PyTorch version
 // in each file's metadata) is loaded, its PyTorch arguments are translated into this library's
 // masks and layout as the README's "PyTorch parity" table says, and output and attention weights
-// are compared. PyTorch is not needed here.
+// are compared. The cases named grad_* also hold autograd's gradients for a random d_output, and
+// the layer's backward (forward_for_backward, backward) is compared with them. PyTorch is not
+// needed here.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,6 +34,17 @@ constexpr double tolerance() {
     return std::is_same_v<Scalar, float> ? 5e-6 : 2e-14;
 }
 
+// Gradient tolerances, same form. A gradient sums one product per query or key over a whole
+// sequence (dW = dY·Xᵀ, dK = dSᵀ·Q, ...) and goes through two more GEMMs than the output, and
+// its entries reach about 10 (the form's 1 + |theirs| absorbs that). Measured worst over the
+// 15 gradient cases (g++ -O0, this library's backward against torch 1.13's autograd): 3.2e-6
+// (float, 8 heads of width 2) and 5.2e-15 (double); the bounds are about 9x and 10x that, and
+// dropping the masks moves some gradient by more than 1000x the bound in every masked case.
+template <class Scalar>
+constexpr double gradient_tolerance() {
+    return std::is_same_v<Scalar, float> ? 3e-5 : 5e-14;
+}
+
 struct layout {
     bool batched = false;
     bool batch_first = true;
@@ -39,6 +52,19 @@ struct layout {
     std::int64_t queries = 0;
     std::int64_t keys = 0;
 };
+
+layout layout_of(const mha::safetensors_file& in) {
+    const bool self = in.metadata("self_attention", "") == "1";
+    const shape_t q_shape = in.info("query").shape;
+    const shape_t k_shape = in.info(self ? "query" : "key").shape;
+    layout f;
+    f.batched = q_shape.size() == 3;
+    f.batch_first = in.metadata("batch_first", "") == "1";
+    if (f.batched) f.batch = q_shape[f.batch_first ? 0 : 1];
+    f.queries = q_shape[f.batched && f.batch_first ? 1 : 0];
+    f.keys = k_shape[f.batched && f.batch_first ? 1 : 0];
+    return f;
+}
 
 // (L, N, d) interleaves the sequences: column l·N + n of its bytes is token l of sequence n.
 template <class T>
@@ -141,14 +167,7 @@ run_result run_case(const mha::safetensors_file& in, bool apply_masks) {
     const mha::Index kv_heads = std::stoll(in.metadata("num_kv_heads", std::to_string(heads)));
     const auto layer = mha::load_multi_head_attention<Scalar>(in, heads, kv_heads);
     const bool self = in.metadata("self_attention", "") == "1";
-    const shape_t q_shape = in.info("query").shape;
-    const shape_t k_shape = in.info(self ? "query" : "key").shape;
-    layout f;
-    f.batched = q_shape.size() == 3;
-    f.batch_first = in.metadata("batch_first", "") == "1";
-    if (f.batched) f.batch = q_shape[f.batch_first ? 0 : 1];
-    f.queries = q_shape[f.batched && f.batch_first ? 1 : 0];
-    f.keys = k_shape[f.batched && f.batch_first ? 1 : 0];
+    const layout f = layout_of(in);
 
     const mha::matrix<Scalar> query = packed(in.as_columns<Scalar>("query"), f, f.queries);
     const mha::packed_batch batch(std::vector<mha::Index>(f.batch, f.queries),
@@ -224,6 +243,99 @@ void check_case(const mha::safetensors_file& in) {
     }
 }
 
+// The layer's backward on a gradient case: forward_for_backward on the case's inputs and masks
+// (none without apply_masks), then backward for the recorded d_output.
+template <class Scalar>
+mha::layer_gradients<Scalar> run_backward(const mha::safetensors_file& in, bool apply_masks) {
+    const mha::Index heads = std::stoll(in.metadata("num_heads", ""));
+    const auto layer = mha::load_multi_head_attention<Scalar>(in, heads);
+    const bool self = in.metadata("self_attention", "") == "1";
+    const layout f = layout_of(in);
+    const mha::packed_batch batch(std::vector<mha::Index>(f.batch, f.queries),
+                                  std::vector<mha::Index>(f.batch, f.keys));
+    const auto mask = apply_masks ? translate_masks<Scalar>(in, f) : mha::attention_mask<Scalar>();
+    const mha::matrix<Scalar> query = packed(in.as_columns<Scalar>("query"), f, f.queries);
+    const mha::matrix<Scalar> d_output = packed(in.as_columns<Scalar>("d_output"), f, f.queries);
+    if (self) return layer.backward(layer.forward_for_backward(query, batch, mask), d_output);
+    const mha::matrix<Scalar> key = packed(in.as_columns<Scalar>("key"), f, f.keys);
+    const mha::matrix<Scalar> value = packed(in.as_columns<Scalar>("value"), f, f.keys);
+    return layer.backward(layer.forward_for_backward(query, key, value, batch, mask), d_output);
+}
+
+// The largest error of `ours` against the gradients stored under `prefix` ("grad." or
+// "defined_grad."; the parameters under their state_dict names, read by the library's loader).
+// Entries PyTorch leaves NaN are not compared, except in the query gradient, where ours must be
+// exactly 0: a fully masked query's input gradient (the only query gradient PyTorch leaves NaN).
+template <class Scalar>
+double gradient_error(const mha::layer_gradients<Scalar>& ours, const mha::safetensors_file& in,
+                      const std::string& prefix) {
+    const mha::Index heads = std::stoll(in.metadata("num_heads", ""));
+    const layout f = layout_of(in);
+    const bool self = in.metadata("self_attention", "") == "1";
+    double worst = 0;
+    const auto compare = [&worst](const auto& mine, const auto& theirs, const std::string& name) {
+        INFO(name);
+        REQUIRE(mine.rows() == theirs.rows());
+        REQUIRE(mine.cols() == theirs.cols());
+        worst = std::max(worst, worst_relative<Scalar>(mine, theirs));
+    };
+    const mha::matrix<Scalar> d_query =
+        packed(in.as_columns<Scalar>(prefix + "query"), f, f.queries);
+    compare(ours.d_query, d_query, prefix + "query");
+    for (mha::Index i = 0; i < d_query.size(); ++i)
+        if (std::isnan(d_query(i))) CHECK(ours.d_query(i) == Scalar(0));
+    if (self) {
+        CHECK(ours.d_key.size() == 0);
+        CHECK(ours.d_value.size() == 0);
+    } else {
+        compare(ours.d_key, packed(in.as_columns<Scalar>(prefix + "key"), f, f.keys),
+                prefix + "key");
+        compare(ours.d_value, packed(in.as_columns<Scalar>(prefix + "value"), f, f.keys),
+                prefix + "value");
+    }
+    const auto theirs = mha::load_multi_head_attention<Scalar>(in, heads, prefix).parameters();
+    const auto& p = ours.parameters;
+    compare(p.w_q, theirs.w_q, "w_q");
+    compare(p.w_k, theirs.w_k, "w_k");
+    compare(p.w_v, theirs.w_v, "w_v");
+    compare(p.w_o, theirs.w_o, "w_o");
+    compare(p.b_q, theirs.b_q, "b_q");
+    compare(p.b_k, theirs.b_k, "b_k");
+    compare(p.b_v, theirs.b_v, "b_v");
+    compare(p.b_o, theirs.b_o, "b_o");
+    return worst;
+}
+
+template <class Scalar>
+void check_gradient_case(const mha::safetensors_file& in) {
+    const auto ours = run_backward<Scalar>(in, true);
+    // Every gradient must be finite here: a fully masked query has zero gradients, never NaN.
+    CHECK(ours.d_query.allFinite());
+    CHECK(ours.d_key.allFinite());
+    CHECK(ours.d_value.allFinite());
+    const auto& p = ours.parameters;
+    CHECK((p.w_q.allFinite() && p.w_k.allFinite() && p.w_v.allFinite() && p.w_o.allFinite()));
+    CHECK((p.b_q.allFinite() && p.b_k.allFinite() && p.b_v.allFinite() && p.b_o.allFinite()));
+
+    const double error = gradient_error<Scalar>(ours, in, "grad.");
+    INFO("gradient error " << error);
+    CHECK(error <= gradient_tolerance<Scalar>());
+    // A case with a fully masked query also holds the gradients of the queries PyTorch defines
+    // (see make_golden.py's add_gradients): all of ours, keys, values and weights included.
+    if (in.metadata("fully_masked_queries", "") == "1") {
+        REQUIRE(in.contains("defined_grad.query"));
+        const double defined = gradient_error<Scalar>(ours, in, "defined_grad.");
+        INFO("defined gradient error " << defined);
+        CHECK(defined <= gradient_tolerance<Scalar>());
+    }
+    // The masks must matter for the gradients too.
+    if (in.contains("attn_mask") || in.contains("key_padding_mask")) {
+        const auto unmasked = run_backward<Scalar>(in, false);
+        const std::string prefix = in.contains("defined_grad.query") ? "defined_grad." : "grad.";
+        CHECK(gradient_error<Scalar>(unmasked, in, prefix) > 100 * gradient_tolerance<Scalar>());
+    }
+}
+
 std::vector<std::filesystem::path> golden_files() {
     std::vector<std::filesystem::path> files;
     for (const auto& entry :
@@ -256,6 +368,54 @@ TEST_CASE("the golden cases cover what the generator promises", "[pytorch]") {
     CHECK(grouped >= 3);
     CHECK(f32 >= 10);
     CHECK(f64 >= 10);
+}
+
+TEST_CASE("the gradient cases cover what the generator promises", "[pytorch][backward]") {
+    int cases = 0, self = 0, cross = 0, batched = 0, masked = 0, fully_masked = 0, no_bias = 0,
+        kdim = 0, many_heads = 0, f32 = 0, f64 = 0;
+    for (const auto& path : golden_files()) {
+        const auto in = mha::safetensors_file::read(path.string());
+        if (!in.contains("d_output")) continue;
+        ++cases;
+        CHECK(in.metadata("gradients", "") == "1");
+        const bool is_self = in.metadata("self_attention", "") == "1";
+        self += is_self;
+        cross += !is_self;
+        batched += in.info("query").shape.size() == 3;
+        masked += in.contains("attn_mask") || in.contains("key_padding_mask");
+        fully_masked += in.metadata("fully_masked_queries", "") == "1";
+        no_bias += !in.contains("in_proj_bias");
+        kdim += in.contains("k_proj_weight");
+        many_heads += std::stoll(in.metadata("num_heads", "")) >= 4;
+        f32 += in.info("query").dtype == "F32";
+        f64 += in.info("query").dtype == "F64";
+    }
+    CHECK(cases >= 10);
+    CHECK(self >= 3);
+    CHECK(cross >= 3);
+    CHECK(batched >= 2);
+    CHECK(masked >= 5);
+    CHECK(fully_masked >= 1);
+    CHECK(no_bias >= 2);
+    CHECK(kdim >= 2);
+    CHECK(many_heads >= 3);
+    CHECK(f32 >= 3);
+    CHECK(f64 >= 3);
+}
+
+TEST_CASE("the layer's backward matches PyTorch autograd on every gradient case",
+          "[pytorch][backward]") {
+    for (const auto& path : golden_files()) {
+        const auto in = mha::safetensors_file::read(path.string());
+        if (!in.contains("d_output")) continue;
+        DYNAMIC_SECTION(path.stem().string()) {
+            INFO(in.metadata("description", ""));
+            if (in.info("query").dtype == "F64")
+                check_gradient_case<double>(in);
+            else
+                check_gradient_case<float>(in);
+        }
+    }
 }
 
 TEST_CASE("the layer matches PyTorch on every golden case", "[pytorch]") {

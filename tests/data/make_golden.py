@@ -122,10 +122,12 @@ def case(fn):
 
 def mha_case(name, *, embed, heads, length, source=None, batch=None, batch_first=True, bias=True,
              kdim=None, vdim=None, dtype=torch.float32, attn_mask=None, key_padding=None,
-             need_weights=True, average=True, key_padding_as="key_lengths", description=""):
+             need_weights=True, average=True, key_padding_as="key_lengths", description="",
+             gradients=False):
     """One nn.MultiheadAttention call. attn_mask: None, "bool", "float", "bool_per_head",
     "float_per_head", "causal" (PyTorch's triu bool mask), "causal_float", "fully_masked".
-    key_padding: list of valid key counts per sequence (suffix padding) or "random"."""
+    key_padding: list of valid key counts per sequence (suffix padding) or "random".
+    gradients: also record autograd's gradients for a random d_output (add_gradients)."""
     g = torch.Generator().manual_seed(len(CASES_WRITTEN) * 7919 + 17)
     torch.manual_seed(len(CASES_WRITTEN) * 104729 + 3)
     source = source or length
@@ -193,7 +195,74 @@ def mha_case(name, *, embed, heads, length, source=None, batch=None, batch_first
                                attn_mask=mask, need_weights=need_weights,
                                average_attn_weights=average, with_reference=True,
                                extra_metadata=extra)
+    if gradients:
+        add_gradients(path, module, query, key, value, self_attention, mask, padding,
+                      need_weights, average, output, fully_masked=attn_mask == "fully_masked")
     CASES_WRITTEN.append(name)
+
+
+def autograd_gradients(module, query, key, value, self_attention, mask, padding, need_weights,
+                       average, d_output, keep=None):
+    """{name: gradient} of the module's output for `d_output` by torch.autograd.grad: "query"
+    (for self-attention the one input's, its three uses summed), "key", "value" and every
+    parameter under its state_dict name. With `keep` (a bool per query of an unbatched call), the
+    module runs on the kept queries only and the loss adds <out_proj.bias, d_output> of each
+    dropped query: the layer whose dropped queries attend to nothing (output = out_proj.bias)."""
+    x_q = query.detach().clone().requires_grad_()
+    x_k = x_q if self_attention else key.detach().clone().requires_grad_()
+    x_v = x_q if self_attention else value.detach().clone().requires_grad_()
+    names, params = zip(*module.named_parameters())
+    inputs = [x_q] if self_attention else [x_q, x_k, x_v]
+    input_names = ["query"] if self_attention else ["query", "key", "value"]
+    if keep is None:
+        out, _ = module(x_q, x_k, x_v, key_padding_mask=padding, attn_mask=mask,
+                        need_weights=need_weights, average_attn_weights=average)
+        grads = torch.autograd.grad(out, inputs + list(params), grad_outputs=d_output)
+    else:
+        assert query.dim() == 2 and (mask is None or mask.dim() == 2)
+        out, _ = module(x_q[keep], x_k, x_v, key_padding_mask=padding,
+                        attn_mask=None if mask is None else mask[keep],
+                        need_weights=need_weights, average_attn_weights=average)
+        loss = (out * d_output[keep]).sum()
+        if module.out_proj.bias is not None:
+            loss = loss + (module.out_proj.bias * d_output[~keep]).sum()
+        grads = torch.autograd.grad(loss, inputs + list(params))
+    return out, dict(zip(input_names + list(names), grads))
+
+
+def add_gradients(path, module, query, key, value, self_attention, mask, padding, need_weights,
+                  average, output, fully_masked):
+    """Add to the case at `path` a random `d_output` (the output's layout) and autograd's
+    gradients for it as "grad.<name>" (grad.query, grad.key, grad.value, grad.in_proj_weight,
+    ...: the state_dict names, so that the library's loader reads them as a layer).
+
+    A fully masked query is NaN in PyTorch, and so is everything its NaN row reaches in the
+    backward: its own input gradient, and through 0·NaN every key, value and weight gradient
+    (only the other queries' input gradients and out_proj.bias's stay finite). "grad.*" keeps
+    PyTorch's answer as it is; "defined_grad.*" adds autograd's gradients of the same module on
+    the queries PyTorch defines, with the fully masked query's output taken as out_proj.bias (the
+    library's semantics: attention to nothing is exactly 0, and so are that query's gradients)."""
+    g = torch.Generator().manual_seed(len(CASES_WRITTEN) * 7919 + 29)
+    d_output = torch.randn(output.shape, generator=g, dtype=output.dtype)
+    tensors, metadata = export_pytorch.read_safetensors(path)
+    out, grads = autograd_gradients(module, query, key, value, self_attention, mask, padding,
+                                    need_weights, average, d_output)
+    assert torch.allclose(out, output, rtol=0, atol=0, equal_nan=True)
+    tensors["d_output"] = d_output
+    tensors.update({"grad." + k: v for k, v in grads.items()})
+    if fully_masked:
+        assert mask is not None and mask.dim() == 2 and padding is None
+        keep = ~mask.all(-1)
+        assert (~keep).sum() == 1 and torch.isnan(grads["query"][~keep]).all()
+        assert torch.isfinite(grads["query"][keep]).all()
+        _, defined = autograd_gradients(module, query, key, value, self_attention, mask, padding,
+                                        need_weights, average, d_output, keep)
+        assert all(torch.isfinite(v).all() for v in defined.values())
+        tensors.update({"defined_grad." + k: v for k, v in defined.items()})
+    else:
+        assert all(torch.isfinite(v).all() for v in grads.values())
+    metadata["gradients"] = "1"
+    export_pytorch.write_safetensors(path, tensors, metadata)
 
 
 def math_case(name, *, embed, heads, head_dim, value_head_dim, length, source, causal,
@@ -350,6 +419,45 @@ def main():
     mha_case("batch_first_random_padding_padded_keys_h4_f32", embed=16, heads=4, length=6,
              batch=3, key_padding="random", key_padding_as="padded_keys", average=False,
              description="non-suffix key_padding_mask, as padded_keys (N x S)")
+    # Gradients (torch.autograd.grad for a random d_output), appended after every forward case.
+    mha_case("grad_self_h2_f64", embed=8, heads=2, length=5, dtype=f64, gradients=True,
+             description="gradients: self-attention, 2 heads, double")
+    mha_case("grad_self_h8_f32", embed=16, heads=8, length=6, gradients=True,
+             description="gradients: self-attention, 8 heads, float")
+    mha_case("grad_cross_h4_f64", embed=16, heads=4, length=3, source=6, dtype=f64,
+             gradients=True, description="gradients: cross-attention, L=3, S=6")
+    mha_case("grad_cross_long_query_h2_f32", embed=8, heads=2, length=7, source=4,
+             gradients=True, description="gradients: cross-attention, L=7 > S=4, float")
+    mha_case("grad_self_causal_h2_f64", embed=8, heads=2, length=6, dtype=f64,
+             attn_mask="causal", gradients=True,
+             description="gradients: causal bool attn_mask, as mha::causal top_left")
+    mha_case("grad_self_key_padding_h2_f64", embed=8, heads=2, length=6, dtype=f64,
+             key_padding=[4], gradients=True,
+             description="gradients: key_padding_mask, as key_lengths")
+    mha_case("grad_self_bool_mask_h4_f32", embed=16, heads=4, length=5, attn_mask="bool",
+             gradients=True, description="gradients: random bool attn_mask")
+    mha_case("grad_cross_float_mask_h2_f64", embed=8, heads=2, length=4, source=6, dtype=f64,
+             attn_mask="float", gradients=True,
+             description="gradients: float attn_mask with -inf entries, cross-attention")
+    mha_case("grad_cross_kdim_vdim_h2_f64", embed=8, heads=2, length=4, source=5, kdim=5,
+             vdim=3, dtype=f64, gradients=True, description="gradients: kdim=5, vdim=3")
+    mha_case("grad_cross_kdim_vdim_h4_f32_nobias", embed=16, heads=4, length=3, source=6,
+             kdim=12, vdim=7, bias=False, gradients=True,
+             description="gradients: kdim, vdim, bias=False, float")
+    mha_case("grad_self_h4_f64_nobias", embed=16, heads=4, length=5, dtype=f64, bias=False,
+             gradients=True, description="gradients: bias=False")
+    mha_case("grad_cross_fully_masked_query_h2_f64", embed=8, heads=2, length=4, source=5,
+             kdim=6, vdim=6, dtype=f64, attn_mask="fully_masked", gradients=True,
+             description="gradients: query 1 fully masked: NaN in PyTorch, exactly 0 here")
+    mha_case("grad_batch_first_causal_padding_h2_f64", embed=8, heads=2, length=5, batch=3,
+             dtype=f64, attn_mask="causal", key_padding=[5, 3, 4], gradients=True,
+             description="gradients: packed batch of 3, causal and key padding")
+    mha_case("grad_batch_first_cross_h4_f32", embed=16, heads=4, length=3, source=5, batch=2,
+             kdim=6, vdim=4, key_padding=[5, 2], gradients=True,
+             description="gradients: packed batch of 2, cross-attention, kdim/vdim, padding")
+    mha_case("grad_seq_first_float_per_head_h2_f64", embed=8, heads=2, length=4, batch=2,
+             batch_first=False, dtype=f64, attn_mask="float_per_head", gradients=True,
+             description="gradients: batch_first=False, 3-D float attn_mask")
     print(f"wrote {len(CASES_WRITTEN)} cases to {OUT} with torch {torch.__version__}")
 
 
