@@ -32,12 +32,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/detail/eigen_compat.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/detail/tiled/online_softmax.hpp>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -82,15 +85,17 @@ constexpr Index bf16_padded(Index n) { return (n + bf16_lanes - 1) / bf16_lanes 
 
 /// qp ← the pair-interleaved queries q(:, 0 : nq) (layout at the top of this file), zero for
 /// queries nq..nqp and for the partner of an odd d_k. Unscaled: the scale multiplies the fp32
-/// scores, so Q keeps its exact bf16 values.
+/// scores, so Q keeps its exact bf16 values. A pair of Q(d, c), Q(d+1, c) is adjacent in column
+/// c, so it moves as one 32-bit word.
 inline void pack_query_pairs(const Eigen::bfloat16* q, Index q_stride, Index dk, Index nq,
                              Index nqp, std::uint16_t* qp) {
-    const Index pairs = (dk + 1) / 2;
+    const Index pairs = (dk + 1) / 2, full = dk / 2;
     std::fill(qp, qp + pairs * nqp * 2, std::uint16_t(0));
     for (Index c = 0; c < nq; ++c) {
         const Eigen::bfloat16* qc = q + c * q_stride;
-        for (Index d = 0; d < dk; ++d)
-            qp[((d / 2) * nqp + c) * 2 + d % 2] = bf16_bits(qc[d]);
+        for (Index d2 = 0; d2 < full; ++d2)
+            std::memcpy(qp + (d2 * nqp + c) * 2, qc + 2 * d2, 2 * sizeof(std::uint16_t));
+        if (dk % 2 != 0) qp[(full * nqp + c) * 2] = bf16_bits(qc[dk - 1]);
     }
 }
 
@@ -100,7 +105,34 @@ inline void pack_value_pairs(const Eigen::bfloat16* v, Index v_stride, Index dv,
                              Index dvp, std::uint16_t* vp) {
     const Index pairs = (nk + 1) / 2;
     if (dv < dvp || nk % 2 != 0) std::fill(vp, vp + pairs * dvp * 2, std::uint16_t(0));
-    for (Index j = 0; j < nk; ++j) {
+    Index j = 0;
+#if defined(MHA_BF16_NATIVE)
+    // Two keys at a time, 32 rows at a time: the rows of keys j and j + 1 interleaved by one
+    // two-source permute per 32 outputs.
+    alignas(64) static constexpr std::int16_t low[32] = {
+        0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    alignas(64) static constexpr std::int16_t high[32] = {
+        16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+        24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    const __m512i lo_idx = _mm512_load_si512(low), hi_idx = _mm512_load_si512(high);
+    for (; j + 2 <= nk; j += 2) {
+        const Eigen::bfloat16* a = v + j * v_stride;
+        const Eigen::bfloat16* b = a + v_stride;
+        std::uint16_t* dst = vp + (j / 2) * dvp * 2;
+        Index e = 0;
+        for (; e + 32 <= dv; e += 32) {
+            const __m512i x = _mm512_loadu_si512(a + e), y = _mm512_loadu_si512(b + e);
+            _mm512_storeu_si512(dst + 2 * e, _mm512_permutex2var_epi16(x, lo_idx, y));
+            _mm512_storeu_si512(dst + 2 * e + 32, _mm512_permutex2var_epi16(x, hi_idx, y));
+        }
+        for (; e < dv; ++e) {
+            dst[2 * e] = bf16_bits(a[e]);
+            dst[2 * e + 1] = bf16_bits(b[e]);
+        }
+    }
+#endif
+    for (; j < nk; ++j) {
         const Eigen::bfloat16* vj = v + j * v_stride;
         std::uint16_t* dst = vp + (j / 2) * dvp * 2 + j % 2;
         for (Index e = 0; e < dv; ++e)
@@ -126,6 +158,7 @@ MHA_ALWAYS_INLINE std::uint32_t load_pair(const void* p) {
     return w;
 }
 
+/// acc + the pairwise products of a and b, each holding 32 bf16 (vdpbf16ps).
 MHA_ALWAYS_INLINE __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
 }
@@ -223,6 +256,45 @@ inline void pack_probability_pairs(const float* st, Index ld, Index nqp, Index n
     }
 }
 
+/// The online softmax's exp pass fused with pack_probability_pairs: for keys j < nk and
+/// queries c < nqp, P(j, c) = exp(st[j·ld + c] − shift[c]) with exp_shifted_per_query's rules
+/// (−∞ gives exactly 0, differences below exp_flush_below give 0, NaN stays NaN); sum[c] gets
+/// the fp32 sum over j, pp the bf16 pairs. st is read once and not written. Needs 16-lane fp32
+/// packets (Eigen vectorised for AVX-512).
+inline void exp_pack_probability_pairs(const float* st, Index ld, Index nqp, Index nk,
+                                       const float* shift, float* sum, std::uint16_t* pp) {
+    using ops = eigen_compat::packet_ops<float>;
+    using packet = ops::packet;
+    static_assert(ops::width == bf16_lanes, "16-lane fp32 packets expected");
+    alignas(64) static constexpr std::int16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19,
+                                                           4, 20, 5, 21, 6,  22, 7,  23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27,
+                                                           12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i idx = _mm512_load_si512(order);
+    const packet pinf = ops::broadcast(-std::numeric_limits<float>::infinity());
+    const packet flush = ops::broadcast(exp_flush_below<float>());
+    const packet zero = ops::broadcast(0.0f);
+    auto exp_of = [&](const float* col, const packet& sh) {
+        const packet x = ops::load(col);
+        const packet d = ops::sub(x, sh);
+        return ops::clear_where(ops::exp(d), ops::either(ops::equal(x, pinf), ops::less(d, flush)));
+    };
+    for (Index c = 0; c < nqp; c += bf16_lanes) {
+        const packet sh = ops::load(shift + c);
+        packet total = zero;
+        for (Index j = 0; j < nk; j += 2) {
+            const packet e0 = exp_of(st + j * ld + c, sh);
+            const packet e1 = j + 1 < nk ? exp_of(st + (j + 1) * ld + c, sh) : zero;
+            total = ops::add(ops::add(total, e0), e1);
+            const __m512bh both = _mm512_cvtne2ps_pbh(e1, e0);
+            const __m512i pairs =
+                _mm512_permutexvar_epi16(idx, reinterpret_cast<const __m512i&>(both));
+            _mm512_storeu_si512(pp + ((j / 2) * nqp + c) * 2, pairs);
+        }
+        ops::store(sum + c, total);
+    }
+}
+
 /// One native value tile: acc(0 : VP·16, 0 : Queries) += V · P over key pairs [jp0, jp1) of the
 /// packed block (vp, row stride dvp; pp, query stride nqp).
 template <int VP, int Queries>
@@ -280,24 +352,6 @@ inline void accumulate_values_bf16(const std::uint16_t* vp, Index dvp, Index nk,
         for (; c < nq; ++c)
             rows(std::integral_constant<int, 1>{}, c);
     }
-}
-
-/// The dot-product throughput probe of bench/bench_attention.cpp (BM_bf16_peak): `iterations`
-/// rounds of 16 independent vdpbf16ps chains; returns a sum so that nothing is optimised away.
-/// Each instruction does 32 bf16 products (64 FLOPs counted as 2 per product).
-inline float bf16_dot_probe(long iterations) {
-    __m512 acc[16];
-    for (auto& a : acc)
-        a = _mm512_setzero_ps();
-    const __m512i x = _mm512_set1_epi32(0x3f803f80);  // (1.0, 1.0) in bf16
-    const __m512i y = _mm512_set1_epi32(0x3c003c00);  // (2^-7, 2^-7): finite sums, no subnormals
-    for (long n = 0; n < iterations; ++n)
-        for (auto& a : acc)
-            a = dot_pairs(a, x, y);
-    __m512 s = acc[0];
-    for (int i = 1; i < 16; ++i)
-        s = _mm512_add_ps(s, acc[i]);
-    return _mm512_reduce_add_ps(s);
 }
 
 #endif  // MHA_BF16_NATIVE

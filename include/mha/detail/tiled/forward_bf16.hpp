@@ -212,8 +212,18 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
             t.block_max(c) = m_new;
             t.shift(c) = m_new == minus_inf ? 0.0f : m_new;
         }
-        // The sums l take the fp32 probabilities; P·V takes them rounded to bf16.
-        exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
+        // The sums l take the fp32 probabilities; P·V takes them rounded to bf16. The native
+        // kernel's exp pass writes the rounded pairs straight away (st is not needed after).
+        bool packed = false;
+#if defined(MHA_BF16_NATIVE)
+        if constexpr (Kernel == bf16_kernel::native &&
+                      eigen_compat::packet_ops<float>::width == bf16_lanes) {
+            exp_pack_probability_pairs(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(),
+                                       s.pp.data());
+            packed = true;
+        }
+#endif
+        if (!packed) exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
         for (Index c = 0; c < nq; ++c) {
             const float m_old = t.m(c);
             const float m_new = t.block_max(c);
@@ -237,7 +247,7 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
 #if defined(MHA_BF16_NATIVE)
             const Index dvp = bf16_padded(dv);
             pack_value_pairs(v, p.f.v_stride, dv, nk, dvp, s.vp.data());
-            pack_probability_pairs(st, nqp, nqp, nk, s.pp.data());
+            if (!packed) pack_probability_pairs(st, nqp, nqp, nk, s.pp.data());
             accumulate_values_bf16(s.vp.data(), dvp, nk, s.pp.data(), nqp, nq, t.acc.data(),
                                    t.acc.rows(), ranges);
 #endif
