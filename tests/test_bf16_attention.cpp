@@ -364,3 +364,32 @@ TEST_CASE("bf16 core: fully masked queries are exactly 0, requests it cannot ser
     mat<float> wrong(8, 5);
     CHECK_THROWS_AS(mha::multi_head_attention_core(q, k, v, 1, batch, wrong), mha::shape_error);
 }
+
+TEST_CASE("bf16 core: the native kernel's exp is within 3 ulp of exp over [-88, 0]") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+#if defined(MHA_BF16_NATIVE)
+    if (!native_available()) SKIP("the CPU lacks AVX512-BF16");
+    // 2^20 points spread over the range the exp pass sees (differences from the running max,
+    // down to exp_flush_below ≈ −86), plus 0 and values near it.
+    long double worst = 0;
+    alignas(64) float x[16], y[16];
+    for (long n = 0; n < (1L << 20); n += 16) {
+        for (int i = 0; i < 16; ++i)
+            x[i] = -88.0f * static_cast<float>(n + i) / static_cast<float>(1L << 20);
+        if (n == 0) x[1] = -1e-7f;
+        _mm512_store_ps(y, mha::detail::exp_nonpositive(_mm512_load_ps(x)));
+        for (int i = 0; i < 16; ++i) {
+            const long double exact = std::exp(static_cast<long double>(x[i]));
+            if (exact < std::numeric_limits<float>::min()) continue;  // flushed by the caller
+            worst = std::max(worst, std::fabs(y[i] - exact) / exact);
+        }
+    }
+    INFO("worst relative error " << worst);
+    CHECK(worst <= 3 * 0x1.0p-24L);
+    _mm512_store_ps(y, mha::detail::exp_nonpositive(
+                           _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+    CHECK(std::isnan(y[0]));
+#else
+    SKIP("the native kernel is not compiled in");
+#endif
+}
