@@ -38,7 +38,6 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
-#include <mha/detail/eigen_compat.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
 #include <mha/detail/tiled/online_softmax.hpp>
 
@@ -285,40 +284,37 @@ MHA_ALWAYS_INLINE __m512 exp_nonpositive(__m512 d) {
 /// queries c < nqp, P(j, c) = exp(st[j·ld + c] − shift[c]) with exp_shifted_per_query's rules
 /// (−∞ gives exactly 0, differences below exp_flush_below give 0, NaN stays NaN; the exp is
 /// exp_nonpositive); sum[c] gets
-/// the fp32 sum over j, pp the bf16 pairs. st is read once and not written. Needs 16-lane fp32
-/// packets (Eigen vectorised for AVX-512).
+/// the fp32 sum over j, pp the bf16 pairs. st is read once and not written.
 inline void exp_pack_probability_pairs(const float* st, Index ld, Index nqp, Index nk,
                                        const float* shift, float* sum, std::uint16_t* pp) {
-    using ops = eigen_compat::packet_ops<float>;
-    using packet = ops::packet;
-    static_assert(ops::width == bf16_lanes, "16-lane fp32 packets expected");
     alignas(64) static constexpr std::int16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19,
                                                            4, 20, 5, 21, 6,  22, 7,  23,
                                                            8, 24, 9, 25, 10, 26, 11, 27,
                                                            12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i idx = _mm512_load_si512(order);
-    const packet pinf = ops::broadcast(-std::numeric_limits<float>::infinity());
-    const packet flush = ops::broadcast(exp_flush_below<float>());
-    const packet zero = ops::broadcast(0.0f);
-    auto exp_of = [&](const float* col, const packet& sh) {
-        const packet x = ops::load(col);
-        const packet d = ops::sub(x, sh);
-        return ops::clear_where(exp_nonpositive(d),
-                                ops::either(ops::equal(x, pinf), ops::less(d, flush)));
+    const __m512 pinf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
+    auto exp_of = [&](const float* col, __m512 sh) {
+        const __m512 x = _mm512_loadu_ps(col);
+        const __m512 d = _mm512_sub_ps(x, sh);
+        // Ordered compares are false for NaN, so NaN differences keep their NaN.
+        const __mmask16 cleared =
+            _mm512_cmp_ps_mask(x, pinf, _CMP_EQ_OQ) | _mm512_cmp_ps_mask(d, flush, _CMP_LT_OQ);
+        return _mm512_maskz_mov_ps(static_cast<__mmask16>(~cleared), exp_nonpositive(d));
     };
     for (Index c = 0; c < nqp; c += bf16_lanes) {
-        const packet sh = ops::load(shift + c);
-        packet total = zero;
+        const __m512 sh = _mm512_loadu_ps(shift + c);
+        __m512 total = _mm512_setzero_ps();
         for (Index j = 0; j < nk; j += 2) {
-            const packet e0 = exp_of(st + j * ld + c, sh);
-            const packet e1 = j + 1 < nk ? exp_of(st + (j + 1) * ld + c, sh) : zero;
-            total = ops::add(ops::add(total, e0), e1);
+            const __m512 e0 = exp_of(st + j * ld + c, sh);
+            const __m512 e1 = j + 1 < nk ? exp_of(st + (j + 1) * ld + c, sh) : _mm512_setzero_ps();
+            total = _mm512_add_ps(_mm512_add_ps(total, e0), e1);
             const __m512bh both = _mm512_cvtne2ps_pbh(e1, e0);
             const __m512i pairs =
                 _mm512_permutexvar_epi16(idx, reinterpret_cast<const __m512i&>(both));
             _mm512_storeu_si512(pp + ((j / 2) * nqp + c) * 2, pairs);
         }
-        ops::store(sum + c, total);
+        _mm512_storeu_ps(sum + c, total);
     }
 }
 

@@ -33,6 +33,7 @@
 #include <mha/detail/parallel.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
+#include <mha/detail/tiled/forward.hpp>
 #include <mha/detail/tiled/online_softmax.hpp>
 #include <mha/mask.hpp>
 #include <mha/options.hpp>
@@ -216,8 +217,7 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
         // kernel's exp pass writes the rounded pairs straight away (st is not needed after).
         bool packed = false;
 #if defined(MHA_BF16_NATIVE)
-        if constexpr (Kernel == bf16_kernel::native &&
-                      eigen_compat::packet_ops<float>::width == bf16_lanes) {
+        if constexpr (Kernel == bf16_kernel::native) {
             exp_pack_probability_pairs(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(),
                                        s.pp.data());
             packed = true;
