@@ -107,6 +107,7 @@ struct bf16_thread_state {
     tile_scratch<float> t;
     matrix<float> kb;                     // portable: dk × key_block, the block's keys widened
     std::vector<std::uint16_t> qp, vp, pp;  // native: the pair-interleaved Q, V and P
+    std::vector<Eigen::bfloat16> kb16;      // native: the block's keys, contiguous
     tile_scratch_key made_for;
 };
 
@@ -124,6 +125,8 @@ void make_bf16_scratch(bf16_thread_state& s, Index dk, Index dv, const tiled_set
         s.qp.assign(static_cast<std::size_t>((dk + 1) / 2 * nqp * 2), 0);
         s.vp.assign(static_cast<std::size_t>(pairs * bf16_padded(dv) * 2), 0);
         s.pp.assign(static_cast<std::size_t>(pairs * nqp * 2), 0);
+        s.kb16.assign(static_cast<std::size_t>(std::max<Index>(dk, 1) * cfg.key_block),
+                      Eigen::bfloat16(0.0f));
     } else {
         s.kb.resize(std::max<Index>(dk, 1), cfg.key_block);
     }
@@ -151,7 +154,14 @@ void masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nq
     const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
     if constexpr (Kernel == bf16_kernel::native) {
 #if defined(MHA_BF16_NATIVE)
-        transposed_scores_bf16(s.qp.data(), nqp, p.f.dk, k, p.f.k_stride, nk, p.f.scale, st, lds,
+        // The block's keys copied contiguous (64 KB for 512 keys of d_k = 64): a score tile then
+        // reads its 6 keys from adjacent cache lines instead of 6 columns a QKV row apart, which
+        // the hardware prefetcher did not keep up with (profiled: the tile's first products
+        // waited on K; about 2.5× the time of the P·V tiles of the same size).
+        const Index dk = p.f.dk;
+        for (Index j = 0; j < nk; ++j)
+            std::copy_n(k + j * p.f.k_stride, dk, s.kb16.data() + j * dk);
+        transposed_scores_bf16(s.qp.data(), nqp, dk, s.kb16.data(), dk, nk, p.f.scale, st, lds,
                                ranges);
 #endif
     } else {
