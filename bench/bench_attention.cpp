@@ -6,6 +6,8 @@
 // against numbers from another day or another machine.
 //
 //   ./bench_attention --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -55,6 +57,151 @@ mha::attention_mask<float> mask_for(bool causal) {
 
 mha::packed_batch batch_of(Index length) {
     return mha::packed_batch(std::vector<Index>(static_cast<std::size_t>(kBatch), length));
+}
+
+// FMA throughput of one thread, the hardware peak the GEMM roofline is read against.
+//
+// 16 independent chains of packet FMAs (16 floats each with AVX-512), in 16 named variables
+// rather than an array: with an array GCC 12 swapped the two loops and kept the accumulators in
+// memory (a load, two FMAs and a store per chain step, chained through store-to-load forwarding),
+// which read as half the peak. Named scalars of packet type stay in registers (16 + 2 constants
+// of the 32 zmm registers). Zen 5 has 2 FMA pipes with 4 cycles of latency, so 8 chains in
+// flight suffice; 16 leave room. acc ← acc·a + b with a < 1 converges to b/(1 − a) = 0.1:
+// no overflow and no denormals, and without -ffast-math the compiler may not fold the chain.
+// Flops per benchmark iteration: kSteps × 16 chains × 2 (multiply, add) × lanes, as counted.
+using fma_packet = Eigen::internal::packet_traits<float>::type;
+constexpr int kFmaLanes = Eigen::internal::packet_traits<float>::size;
+constexpr int kProbeChains = 16;  // the number of chain lines in each probe loop below
+constexpr long kProbeSteps = 1 << 18;
+
+float fma_chains(long steps) {
+    using Eigen::internal::pmadd;
+    using Eigen::internal::pset1;
+    using packet = fma_packet;
+    const packet a = pset1<packet>(0.999999f);
+    const packet b = pset1<packet>(1e-7f);
+    packet c0 = pset1<packet>(0.f), c1 = pset1<packet>(1.f), c2 = pset1<packet>(2.f),
+           c3 = pset1<packet>(3.f), c4 = pset1<packet>(4.f), c5 = pset1<packet>(5.f),
+           c6 = pset1<packet>(6.f), c7 = pset1<packet>(7.f), c8 = pset1<packet>(8.f),
+           c9 = pset1<packet>(9.f), c10 = pset1<packet>(10.f), c11 = pset1<packet>(11.f),
+           c12 = pset1<packet>(12.f), c13 = pset1<packet>(13.f), c14 = pset1<packet>(14.f),
+           c15 = pset1<packet>(15.f);
+    for (long i = 0; i < steps; ++i) {
+        c0 = pmadd(c0, a, b);
+        c1 = pmadd(c1, a, b);
+        c2 = pmadd(c2, a, b);
+        c3 = pmadd(c3, a, b);
+        c4 = pmadd(c4, a, b);
+        c5 = pmadd(c5, a, b);
+        c6 = pmadd(c6, a, b);
+        c7 = pmadd(c7, a, b);
+        c8 = pmadd(c8, a, b);
+        c9 = pmadd(c9, a, b);
+        c10 = pmadd(c10, a, b);
+        c11 = pmadd(c11, a, b);
+        c12 = pmadd(c12, a, b);
+        c13 = pmadd(c13, a, b);
+        c14 = pmadd(c14, a, b);
+        c15 = pmadd(c15, a, b);
+    }
+    // Only the result is escaped, once the loop is done; the sum is outside the timing-
+    // relevant part (16 reductions against 2^22 FMAs).
+    using Eigen::internal::padd;
+    const packet s =
+        padd(padd(padd(padd(c0, c1), padd(c2, c3)), padd(padd(c4, c5), padd(c6, c7))),
+             padd(padd(padd(c8, c9), padd(c10, c11)), padd(padd(c12, c13), padd(c14, c15))));
+    return Eigen::internal::predux(s);
+}
+
+constexpr double kFmaProbeFlops = 2.0 * kFmaLanes * kProbeChains * static_cast<double>(kProbeSteps);
+
+void BM_fma_peak(benchmark::State& state) {
+    for (auto _ : state) {
+        float sum = fma_chains(kProbeSteps);
+        benchmark::DoNotOptimize(sum);
+    }
+    set_gflops(state, kFmaProbeFlops);
+    state.counters["lanes"] = kFmaLanes;
+}
+
+#if defined(MHA_BF16_NATIVE)
+// The bf16 dot-product rate of one thread (vdpbf16ps), the peak the bf16 core is read against:
+// the FMA probe's 16 named chains with _mm512_dpbf16_ps, each instruction 32 bf16 products
+// into 16 fp32 lanes, counted as 2 FLOPs per product (64 per instruction), as the attention
+// FLOP formulas count a multiply-add. acc ← acc + 2·(2^-7·1): the sums stay finite and normal
+// (the instruction flushes subnormals anyway).
+float bf16_chains(long steps) {
+    using mha::detail::dot_pairs;
+    const __m512i x = _mm512_set1_epi32(0x3f803f80);  // (1.0, 1.0) in bf16
+    const __m512i y = _mm512_set1_epi32(0x3c003c00);  // (2^-7, 2^-7)
+    __m512 c0 = _mm512_set1_ps(0.f), c1 = _mm512_set1_ps(1.f), c2 = _mm512_set1_ps(2.f),
+           c3 = _mm512_set1_ps(3.f), c4 = _mm512_set1_ps(4.f), c5 = _mm512_set1_ps(5.f),
+           c6 = _mm512_set1_ps(6.f), c7 = _mm512_set1_ps(7.f), c8 = _mm512_set1_ps(8.f),
+           c9 = _mm512_set1_ps(9.f), c10 = _mm512_set1_ps(10.f), c11 = _mm512_set1_ps(11.f),
+           c12 = _mm512_set1_ps(12.f), c13 = _mm512_set1_ps(13.f), c14 = _mm512_set1_ps(14.f),
+           c15 = _mm512_set1_ps(15.f);
+    for (long i = 0; i < steps; ++i) {
+        c0 = dot_pairs(c0, x, y);
+        c1 = dot_pairs(c1, x, y);
+        c2 = dot_pairs(c2, x, y);
+        c3 = dot_pairs(c3, x, y);
+        c4 = dot_pairs(c4, x, y);
+        c5 = dot_pairs(c5, x, y);
+        c6 = dot_pairs(c6, x, y);
+        c7 = dot_pairs(c7, x, y);
+        c8 = dot_pairs(c8, x, y);
+        c9 = dot_pairs(c9, x, y);
+        c10 = dot_pairs(c10, x, y);
+        c11 = dot_pairs(c11, x, y);
+        c12 = dot_pairs(c12, x, y);
+        c13 = dot_pairs(c13, x, y);
+        c14 = dot_pairs(c14, x, y);
+        c15 = dot_pairs(c15, x, y);
+    }
+    const __m512 s = _mm512_add_ps(
+        _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)),
+                      _mm512_add_ps(_mm512_add_ps(c4, c5), _mm512_add_ps(c6, c7))),
+        _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(c8, c9), _mm512_add_ps(c10, c11)),
+                      _mm512_add_ps(_mm512_add_ps(c12, c13), _mm512_add_ps(c14, c15))));
+    return _mm512_reduce_add_ps(s);
+}
+
+constexpr double kBf16ProbeFlops = 2.0 * 32 * kProbeChains * static_cast<double>(kProbeSteps);
+
+void BM_bf16_peak(benchmark::State& state) {
+    for (auto _ : state) {
+        float sum = bf16_chains(kProbeSteps);
+        benchmark::DoNotOptimize(sum);
+    }
+    set_gflops(state, kBf16ProbeFlops);
+}
+#endif
+
+// The probes' GFLOP/s in this process, measured once on first use (the best of 20 calls, about
+// 0.1 s): the "of_probe" counters divide by them, so that each core figure is read as a fraction
+// of the same run's peak of its precision.
+template <class Fn>
+double probe_gflops(Fn fn, double flops) {
+    double best = 0;
+    for (int r = 0; r < 20; ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        float sum = fn(kProbeSteps);
+        benchmark::DoNotOptimize(sum);
+        const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+        best = std::max(best, flops / dt.count() / 1e9);
+    }
+    return best;
+}
+
+double fma_probe_gflops() {
+    static const double g = probe_gflops(fma_chains, kFmaProbeFlops);
+    return g;
+}
+
+// Sets "of_probe": the iteration's GFLOP/s over the probe's.
+void set_fraction_of_probe(benchmark::State& state, double flops_per_iteration, double probe) {
+    state.counters["of_probe"] = benchmark::Counter(flops_per_iteration / 1e9 / probe,
+                                                    benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // What the hardware and Eigen reach on a large square GEMM: the ceiling every other figure is
@@ -115,6 +262,8 @@ void BM_attention_core(benchmark::State& state) {
         benchmark::ClobberMemory();
     }
     set_gflops(state, mha_bench::attention_core_flops(kBatch, length, d, causal));
+    set_fraction_of_probe(state, mha_bench::attention_core_flops(kBatch, length, d, causal),
+                          fma_probe_gflops());
 }
 
 // The backward of BM_attention_core's call (same views of one fused projection, same shapes),
@@ -195,6 +344,45 @@ void BM_attention_core_algo(benchmark::State& state) {
         benchmark::ClobberMemory();
     }
     set_gflops(state, mha_bench::attention_core_flops(kBatch, length, d, causal));
+    set_fraction_of_probe(state, mha_bench::attention_core_flops(kBatch, length, d, causal),
+                          fma_probe_gflops());
+}
+
+#if defined(MHA_BF16_NATIVE)
+double bf16_probe_gflops() {
+    static const double g = probe_gflops(bf16_chains, kBf16ProbeFlops);
+    return g;
+}
+#endif
+
+// BM_attention_core on bfloat16 storage (Q, K, V as row blocks of one bf16 (3·D) × L matrix,
+// fp32 output), with the FLOPs of the fp32 core. "of_probe" is read against BM_bf16_peak's
+// rate where the CPU has vdpbf16ps (the native kernel), else against BM_fma_peak's.
+void BM_attention_core_bf16(benchmark::State& state) {
+    using Bf16Matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
+    const Index d = state.range(0);
+    const Index heads = state.range(1);
+    const Index length = state.range(2);
+    const bool causal = state.range(3) != 0;
+    const Bf16Matrix qkv = Matrix::Random(3 * d, kBatch * length).cast<Eigen::bfloat16>();
+    const auto q = qkv.topRows(d);
+    const auto k = qkv.middleRows(d, d);
+    const auto v = qkv.bottomRows(d);
+    const mha::packed_batch batch = batch_of(length);
+    const mha::attention_mask<float> mask = mask_for(causal);
+    Matrix out(d, kBatch * length);
+    for (auto _ : state) {
+        mha::multi_head_attention_core(q, k, v, heads, batch, out, mask);
+        benchmark::DoNotOptimize(out.data());
+        benchmark::ClobberMemory();
+    }
+    const double flops = mha_bench::attention_core_flops(kBatch, length, d, causal);
+    set_gflops(state, flops);
+#if defined(MHA_BF16_NATIVE)
+    set_fraction_of_probe(state, flops, bf16_probe_gflops());
+#else
+    set_fraction_of_probe(state, flops, fma_probe_gflops());
+#endif
 }
 
 // One decode step: a single query per sequence over L cached keys (8 heads × 64, no mask), on
@@ -219,63 +407,6 @@ void BM_attention_decode(benchmark::State& state) {
     set_gflops(state, mha_bench::cross_attention_core_flops(kBatch, 1, length, d));
     state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * kBatch * length * d *
                             static_cast<int64_t>(sizeof(float)));
-}
-
-// FMA throughput of one thread, the hardware peak the GEMM roofline is read against.
-//
-// 16 independent chains of packet FMAs (16 floats each with AVX-512), in 16 named variables
-// rather than an array: with an array GCC 12 swapped the two loops and kept the accumulators in
-// memory (a load, two FMAs and a store per chain step, chained through store-to-load forwarding),
-// which read as half the peak. Named scalars of packet type stay in registers (16 + 2 constants
-// of the 32 zmm registers). Zen 5 has 2 FMA pipes with 4 cycles of latency, so 8 chains in
-// flight suffice; 16 leave room. acc ← acc·a + b with a < 1 converges to b/(1 − a) = 0.1:
-// no overflow and no denormals, and without -ffast-math the compiler may not fold the chain.
-// Flops per benchmark iteration: kSteps × 16 chains × 2 (multiply, add) × lanes, as counted.
-void BM_fma_peak(benchmark::State& state) {
-    using packet = Eigen::internal::packet_traits<float>::type;
-    using Eigen::internal::pmadd;
-    using Eigen::internal::pset1;
-    constexpr int lanes = Eigen::internal::packet_traits<float>::size;
-    constexpr int chains = 16;  // the number of pmadd lines in the loop below
-    constexpr long steps = 1 << 18;
-    for (auto _ : state) {
-        const packet a = pset1<packet>(0.999999f);
-        const packet b = pset1<packet>(1e-7f);
-        packet c0 = pset1<packet>(0.f), c1 = pset1<packet>(1.f), c2 = pset1<packet>(2.f),
-               c3 = pset1<packet>(3.f), c4 = pset1<packet>(4.f), c5 = pset1<packet>(5.f),
-               c6 = pset1<packet>(6.f), c7 = pset1<packet>(7.f), c8 = pset1<packet>(8.f),
-               c9 = pset1<packet>(9.f), c10 = pset1<packet>(10.f), c11 = pset1<packet>(11.f),
-               c12 = pset1<packet>(12.f), c13 = pset1<packet>(13.f), c14 = pset1<packet>(14.f),
-               c15 = pset1<packet>(15.f);
-        for (long i = 0; i < steps; ++i) {
-            c0 = pmadd(c0, a, b);
-            c1 = pmadd(c1, a, b);
-            c2 = pmadd(c2, a, b);
-            c3 = pmadd(c3, a, b);
-            c4 = pmadd(c4, a, b);
-            c5 = pmadd(c5, a, b);
-            c6 = pmadd(c6, a, b);
-            c7 = pmadd(c7, a, b);
-            c8 = pmadd(c8, a, b);
-            c9 = pmadd(c9, a, b);
-            c10 = pmadd(c10, a, b);
-            c11 = pmadd(c11, a, b);
-            c12 = pmadd(c12, a, b);
-            c13 = pmadd(c13, a, b);
-            c14 = pmadd(c14, a, b);
-            c15 = pmadd(c15, a, b);
-        }
-        // Only the result is escaped, once the loop is done; the sum is outside the timing-
-        // relevant part (16 reductions against 2^22 FMAs).
-        using Eigen::internal::padd;
-        const packet s =
-            padd(padd(padd(padd(c0, c1), padd(c2, c3)), padd(padd(c4, c5), padd(c6, c7))),
-                 padd(padd(padd(c8, c9), padd(c10, c11)), padd(padd(c12, c13), padd(c14, c15))));
-        float sum = Eigen::internal::predux(s);
-        benchmark::DoNotOptimize(sum);
-    }
-    set_gflops(state, 2.0 * lanes * chains * static_cast<double>(steps));
-    state.counters["lanes"] = lanes;
 }
 
 // The whole layer through its public forward, allocations included, as a user would call it.
@@ -383,6 +514,17 @@ BENCHMARK(BM_attention_core_large_logits)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
+#if defined(MHA_BF16_NATIVE)
+BENCHMARK(BM_bf16_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
+#endif
+BENCHMARK(BM_attention_core_bf16)
+    ->ArgNames({"d_model", "heads", "L", "causal"})
+    ->Args({512, 8, 2048, 0})
+    ->Args({512, 8, 2048, 1})
+    ->Args({512, 8, 8192, 0})
+    ->Args({512, 8, 8192, 1})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 std::string compiler() {
 #if defined(__clang__)

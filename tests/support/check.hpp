@@ -93,6 +93,84 @@ void require_attention_close(const mat<Scalar>& out, const mat<long double>& ref
     SUCCEED();
 }
 
+/// Check A for bfloat16 storage (Q, K, V in bf16; scores, softmax and sums in fp32; P rounded to
+/// bf16 for P·V), against the long-double reference computed from the same bf16 values, so only
+/// the kernel's own roundings count. With u_b = 2^-8 (bf16) and u = 2^-24 (fp32), per query i:
+///   |O(c,i) − R(c,i)| ≤ [u_b + γ_{Lk+1} + 2·γ_{dk+1}·Smax_i + 8·u·(1 + Smax_i)]·Vmax_i
+///                       + (u + u_o)·|R(c,i)|
+/// Vmax_i, Smax_i as in require_attention_close, γ_n = n·u/(1 − n·u), u_o = u_b for a bf16
+/// output (one more rounding) and 0 for fp32. The terms:
+///   - P rounded to bf16 (nearest-even): p̃_j = p_j(1 + δ_j), |δ_j| ≤ u_b, while l sums the fp32
+///     p_j; the output moves by Σ_j p_j·δ_j·v_j / l, at most u_b·Σ_j p_j|v_j| / l ≤ u_b·Vmax_i;
+///   - P·V summed in fp32 over at most Lk keys (plus the rescaling): γ_{Lk+1}·Vmax_i;
+///   - the scores: bf16 products are exact in fp32, their sum of d_k terms and the scale err by
+///     γ_{dk+1}·Smax_i; an error δ in the scores changes every weight by a factor within
+///     exp(±2δ) (numerator and normaliser), hence 2·γ_{dk+1}·Smax_i·Vmax_i to first order;
+///   - exp, max, sums and the division in fp32: check A's fp32 term 8·u·(1 + Smax_i)·Vmax_i.
+/// The P term dominates (2^-8 ≈ 0.0039 of Vmax). A leaked or missing key still moves an output
+/// by O(Vmax), far above. A query with no allowed key must be exactly 0.
+template <class Out>
+void require_bf16_attention_close(const mat<Out>& out, const mat<long double>& ref,
+                                  const mat<long double>& q, const mat<long double>& k,
+                                  const mat<long double>& v, long double scale,
+                                  const allowed_fn& allowed = allow_all(),
+                                  const bias_fn& bias = nullptr, const std::string& what = "",
+                                  bool bf16_output = false) {
+    REQUIRE(out.rows() == ref.rows());
+    REQUIRE(out.cols() == ref.cols());
+    const long double ub = 0x1.0p-8L, u = 0x1.0p-24L;
+    const long double uo = bf16_output ? ub : 0.0L;
+    auto gamma = [u](Index n) {
+        const long double nu = static_cast<long double>(n) * u;
+        return nu / (1 - nu);
+    };
+    const long double g_keys = gamma(k.cols() + 1), g_dot = gamma(q.rows() + 1);
+    std::vector<long double> value_max(static_cast<std::size_t>(v.cols()), 0.0L);
+    for (Index j = 0; j < v.cols(); ++j)
+        for (Index c = 0; c < v.rows(); ++c)
+            value_max[static_cast<std::size_t>(j)] =
+                std::max(value_max[static_cast<std::size_t>(j)], std::fabs(v(c, j)));
+    for (Index i = 0; i < ref.cols(); ++i) {
+        long double vmax = 0, smax = 0;
+        bool any = false;
+        for (Index j = 0; j < k.cols(); ++j) {
+            if (!allowed(j, i)) continue;
+            const long double b = bias ? bias(j, i) : 0.0L;
+            if (b == -std::numeric_limits<long double>::infinity()) continue;
+            any = true;
+            long double magnitude = 0;
+            for (Index c = 0; c < q.rows(); ++c)
+                magnitude += std::fabs(q(c, i) * k(c, j));
+            smax = std::max(smax, std::fabs(scale) * magnitude + std::fabs(b));
+            vmax = std::max(vmax, value_max[static_cast<std::size_t>(j)]);
+        }
+        for (Index c = 0; c < ref.rows(); ++c) {
+            const long double o = static_cast<long double>(static_cast<float>(out(c, i)));
+            if (!any) {
+                if (o != 0.0L) {
+                    std::ostringstream m;
+                    m << what << ": query " << i << " has no key to attend to, but out(" << c
+                      << ", " << i << ") = " << o << " (must be exactly 0)";
+                    FAIL(m.str());
+                }
+                continue;
+            }
+            const long double err = std::fabs(o - ref(c, i));
+            const long double bound =
+                (ub + g_keys + 2 * g_dot * smax + 8 * u * (1 + smax)) * vmax +
+                (u + uo) * std::fabs(ref(c, i));
+            if (!(err <= bound)) {
+                std::ostringstream m;
+                m << what << ": |out - ref| = " << err << " > bound " << bound << " at (" << c
+                  << ", " << i << "); out = " << o << ", ref = " << ref(c, i) << ", Vmax = " << vmax
+                  << ", Smax = " << smax << ", shape " << ref.rows() << "x" << ref.cols();
+                FAIL(m.str());
+            }
+        }
+    }
+    SUCCEED();
+}
+
 /// Check B, the baseline-relative rule: the implementation may be at most `k` times as far from
 /// the long-double reference R as the plain-loop evaluation in Scalar (R_lp, same algorithm,
 /// every operation rounded to Scalar) is, plus a floor of twice the rounding noise of R itself:

@@ -158,6 +158,10 @@ void check_no_overlap(const char* where, const char* out_name, const Out& out,
 template <class T>
 inline constexpr bool is_supported_scalar_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
+/// Whether T is Eigen::bfloat16 (the bf16 storage of multi_head_attention_core).
+template <class T>
+inline constexpr bool is_bfloat16_v = std::is_same_v<T, Eigen::bfloat16>;
+
 /// Whether every operand of a kernel call has the scalar type T: mixing float and double would
 /// otherwise fail deep inside Eigen's product code.
 template <class T, class... Others>

@@ -1,0 +1,387 @@
+// SPDX-License-Identifier: MIT
+// Block kernels of the bfloat16 tiled attention (detail/tiled/forward_bf16.hpp): Q, K and V are
+// stored as Eigen::bfloat16, every sum is accumulated in fp32.
+//
+// Two implementations of the same products, chosen at compile time:
+//   native   (__AVX512BF16__): register tiles of `vdpbf16ps` (_mm512_dpbf16_ps), which
+//            multiplies 32 pairs of bf16 and adds each pair's two products to one of 16 fp32
+//            lanes: twice the multiply-adds of an fp32 FMA per instruction.
+//   portable (elsewhere, or forced by the tests): the bf16 operands are widened to fp32 (exactly:
+//            a bf16 is the upper half of an fp32) and the fp32 kernels of block_kernels.hpp run.
+//
+// Pair-interleaved layout. vdpbf16ps pairs adjacent bf16 elements along the reduction dimension:
+// lane i of the result receives a[2i]·b[2i] + a[2i+1]·b[2i+1]. So the operand whose packet spans
+// the lanes (queries for the scores, value rows for P·V) must hold, for each lane, two
+// consecutive elements of the reduction dimension next to each other:
+//   qp (scores):  qp[(d/2·nqp + c)·2 + d%2] = Q(d, c)       lanes: queries, pairs of d_k
+//   vp (P·V):     vp[(j/2·dvp + e)·2 + j%2] = V(e, j0 + j)   lanes: value rows, pairs of keys
+//   pp (P·V):     pp[(j/2·nqp + c)·2 + j%2] = P(j, c)        broadcast: one 32-bit pair
+// The other operand of each product is broadcast one 32-bit pair at a time. For the scores that
+// is a pair of K(d, j), K(d+1, j): adjacent in a column of K already, so K is read in place. Q,
+// V and P are not in that order, and the reordering costs a pass over the operand: done once per
+// query block (Q), once per key block (V, P), never inside the register tiles, where it would be
+// repeated for every tile that reads the block. An odd d_k or key count gets a zero partner.
+//
+// Rounding: products of two bf16 are exact in fp32 (8 + 8 significand bits); the native kernel
+// adds them with round-to-nearest-even and treats bf16/fp32 subnormals as zero (the
+// instruction's fixed behaviour, whatever MXCSR says). P is rounded to bf16 (nearest-even) for
+// P·V in both implementations; the error this adds is bounded in docs/performance.md ("bfloat16")
+// and in tests/support/check.hpp (require_bf16_attention_close).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include <mha/core.hpp>
+#include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/detail/tiled/online_softmax.hpp>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define MHA_BF16_NATIVE 1
+#endif
+
+namespace mha {
+namespace detail {
+
+/// Which implementation of the bf16 block kernels a call runs.
+enum class bf16_kernel {
+    portable,  ///< bf16 widened to fp32, then the fp32 register tiles
+    native     ///< vdpbf16ps register tiles; only when MHA_BF16_NATIVE is defined
+};
+
+/// The implementation the translation unit is compiled for.
+#if defined(MHA_BF16_NATIVE)
+inline constexpr bf16_kernel default_bf16_kernel = bf16_kernel::native;
+#else
+inline constexpr bf16_kernel default_bf16_kernel = bf16_kernel::portable;
+#endif
+
+/// The bits of a bf16.
+inline std::uint16_t bf16_bits(Eigen::bfloat16 x) {
+    std::uint16_t b;
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+}
+
+/// A bf16 as fp32, exactly (a bf16 is the upper 16 bits of the fp32 of the same value).
+inline float bf16_to_float(Eigen::bfloat16 x) { return static_cast<float>(x); }
+
+/// x rounded to the nearest bf16 (ties to even; NaN stays NaN), back in fp32.
+inline float round_to_bf16(float x) { return static_cast<float>(Eigen::bfloat16(x)); }
+
+/// Packets of queries and value rows in the native kernels: 16 fp32 lanes, 32 bf16.
+inline constexpr Index bf16_lanes = 16;
+
+/// Rounds n up to a multiple of the native packet (16): the padded query count of the native
+/// score tile and the padded value width of its accumulator.
+constexpr Index bf16_padded(Index n) { return (n + bf16_lanes - 1) / bf16_lanes * bf16_lanes; }
+
+/// qp ← the pair-interleaved queries q(:, 0 : nq) (layout at the top of this file), zero for
+/// queries nq..nqp and for the partner of an odd d_k. Unscaled: the scale multiplies the fp32
+/// scores, so Q keeps its exact bf16 values. A pair of Q(d, c), Q(d+1, c) is adjacent in column
+/// c, so it moves as one 32-bit word.
+inline void pack_query_pairs(const Eigen::bfloat16* q, Index q_stride, Index dk, Index nq,
+                             Index nqp, std::uint16_t* qp) {
+    const Index pairs = (dk + 1) / 2, full = dk / 2;
+    std::fill(qp, qp + pairs * nqp * 2, std::uint16_t(0));
+    for (Index c = 0; c < nq; ++c) {
+        const Eigen::bfloat16* qc = q + c * q_stride;
+        for (Index d2 = 0; d2 < full; ++d2)
+            std::memcpy(qp + (d2 * nqp + c) * 2, qc + 2 * d2, 2 * sizeof(std::uint16_t));
+        if (dk % 2 != 0) qp[(full * nqp + c) * 2] = bf16_bits(qc[dk - 1]);
+    }
+}
+
+/// vp ← the pair-interleaved values V(0 : dv, 0 : nk) (value j at v + j·v_stride), zero in rows
+/// dv..dvp and in the partner of an odd last key.
+inline void pack_value_pairs(const Eigen::bfloat16* v, Index v_stride, Index dv, Index nk,
+                             Index dvp, std::uint16_t* vp) {
+    const Index pairs = (nk + 1) / 2;
+    if (dv < dvp || nk % 2 != 0) std::fill(vp, vp + pairs * dvp * 2, std::uint16_t(0));
+    Index j = 0;
+#if defined(MHA_BF16_NATIVE)
+    // Two keys at a time, 32 rows at a time: the rows of keys j and j + 1 interleaved by one
+    // two-source permute per 32 outputs.
+    alignas(64) static constexpr std::int16_t low[32] = {
+        0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    alignas(64) static constexpr std::int16_t high[32] = {
+        16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+        24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    const __m512i lo_idx = _mm512_load_si512(low), hi_idx = _mm512_load_si512(high);
+    for (; j + 2 <= nk; j += 2) {
+        const Eigen::bfloat16* a = v + j * v_stride;
+        const Eigen::bfloat16* b = a + v_stride;
+        std::uint16_t* dst = vp + (j / 2) * dvp * 2;
+        Index e = 0;
+        for (; e + 32 <= dv; e += 32) {
+            const __m512i x = _mm512_loadu_si512(a + e), y = _mm512_loadu_si512(b + e);
+            _mm512_storeu_si512(dst + 2 * e, _mm512_permutex2var_epi16(x, lo_idx, y));
+            _mm512_storeu_si512(dst + 2 * e + 32, _mm512_permutex2var_epi16(x, hi_idx, y));
+        }
+        for (; e < dv; ++e) {
+            dst[2 * e] = bf16_bits(a[e]);
+            dst[2 * e + 1] = bf16_bits(b[e]);
+        }
+    }
+#endif
+    for (; j < nk; ++j) {
+        const Eigen::bfloat16* vj = v + j * v_stride;
+        std::uint16_t* dst = vp + (j / 2) * dvp * 2 + j % 2;
+        for (Index e = 0; e < dv; ++e)
+            dst[2 * e] = bf16_bits(vj[e]);
+    }
+}
+
+/// dst(0 : rows, 0 : cols) ← src widened to fp32 (column j of src at src + j·stride, of dst at
+/// dst + j·ld).
+inline void widen_columns(const Eigen::bfloat16* src, Index stride, Index rows, Index cols,
+                          float* dst, Index ld) {
+    for (Index j = 0; j < cols; ++j)
+        for (Index r = 0; r < rows; ++r)
+            dst[j * ld + r] = bf16_to_float(src[j * stride + r]);
+}
+
+#if defined(MHA_BF16_NATIVE)
+
+/// The 32-bit word at p (two bf16), loaded whatever its alignment.
+MHA_ALWAYS_INLINE std::uint32_t load_pair(const void* p) {
+    std::uint32_t w;
+    std::memcpy(&w, p, sizeof w);
+    return w;
+}
+
+/// acc + the pairwise products of a and b, each holding 32 bf16 (vdpbf16ps).
+MHA_ALWAYS_INLINE __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
+}
+
+/// One native score tile: st(0 : QP·16, 0 : Keys) = scale · qp-queries · K(:, 0 : Keys).
+template <int QP, int Keys>
+MHA_ALWAYS_INLINE void score_tile_bf16(const std::uint16_t* qp, Index nqp, Index dk,
+                                       const Eigen::bfloat16* k, Index k_stride, float scale,
+                                       float* st, Index ld) {
+    __m512 acc[QP][Keys];
+    for (int p = 0; p < QP; ++p)
+        for (int r = 0; r < Keys; ++r)
+            acc[p][r] = _mm512_setzero_ps();
+    const Index full = dk / 2;
+    for (Index d2 = 0; d2 < full; ++d2) {
+        __m512i x[QP];
+        for (int p = 0; p < QP; ++p)
+            x[p] = _mm512_loadu_si512(qp + (d2 * nqp + p * bf16_lanes) * 2);
+        for (int r = 0; r < Keys; ++r) {
+            const __m512i b = _mm512_set1_epi32(
+                static_cast<int>(load_pair(k + r * k_stride + 2 * d2)));
+            for (int p = 0; p < QP; ++p)
+                acc[p][r] = dot_pairs(acc[p][r], x[p], b);
+        }
+    }
+    if (dk % 2 != 0) {  // the last d alone: its partner is 0 in qp and here (never K's next word)
+        __m512i x[QP];
+        for (int p = 0; p < QP; ++p)
+            x[p] = _mm512_loadu_si512(qp + (full * nqp + p * bf16_lanes) * 2);
+        for (int r = 0; r < Keys; ++r) {
+            const __m512i b =
+                _mm512_set1_epi32(static_cast<int>(bf16_bits(k[r * k_stride + dk - 1])));
+            for (int p = 0; p < QP; ++p)
+                acc[p][r] = dot_pairs(acc[p][r], x[p], b);
+        }
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int r = 0; r < Keys; ++r)
+        for (int p = 0; p < QP; ++p)
+            _mm512_storeu_ps(st + r * ld + p * bf16_lanes, _mm512_mul_ps(acc[p][r], s));
+}
+
+/// st(0 : nqp, 0 : nk) = scale · Qᵀ·K(:, 0 : nk) with the queries packed by pack_query_pairs,
+/// key j at k + j·k_stride. With `ranges`, as transposed_scores.
+inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
+                                   const Eigen::bfloat16* k, Index k_stride, Index nk, float scale,
+                                   float* st, Index ld, const query_key_ranges& ranges = {}) {
+    constexpr Index w = bf16_lanes;
+    // 4 packets of queries × 6 keys: 24 accumulators of the 32 registers, and 10 loads or
+    // broadcasts per 24 dot products (2 × 8 needed 10 per 16).
+    constexpr int qpk = 4, keys = 6;
+    Index i = 0;
+    for (; i + qpk * w <= nqp; i += qpk * w) {
+        const auto [j_lo, j_hi] = ranges.of(i, i + qpk * w, nk);
+        Index j = j_lo;
+        for (; j + keys <= j_hi; j += keys)
+            score_tile_bf16<qpk, keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
+                                       st + j * ld + i, ld);
+        for (; j < j_hi; ++j)
+            score_tile_bf16<qpk, 1>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
+                                    st + j * ld + i, ld);
+    }
+    for (; i < nqp; i += w) {
+        const auto [j_lo, j_hi] = ranges.of(i, i + w, nk);
+        Index j = j_lo;
+        for (; j + 2 * keys <= j_hi; j += 2 * keys)
+            score_tile_bf16<1, 2 * keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
+                                         st + j * ld + i, ld);
+        for (; j < j_hi; ++j)
+            score_tile_bf16<1, 1>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
+                                  st + j * ld + i, ld);
+    }
+}
+
+/// pp ← P(0 : nk, 0 : nqp) rounded to bf16 (nearest-even) and pair-interleaved, from the
+/// transposed probabilities st (P(j, c) = st[j·ld + c]); the partner of an odd last key is 0.
+inline void pack_probability_pairs(const float* st, Index ld, Index nqp, Index nk,
+                                   std::uint16_t* pp) {
+    // Interleaves the two halves of a 32 × bf16 register: result 2c ← c, 2c + 1 ← 16 + c.
+    alignas(64) static constexpr std::int16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19,
+                                                           4, 20, 5, 21, 6,  22, 7,  23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27,
+                                                           12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i idx = _mm512_load_si512(order);
+    for (Index j = 0; j < nk; j += 2) {
+        const float* even = st + j * ld;
+        const float* odd = j + 1 < nk ? st + (j + 1) * ld : nullptr;
+        for (Index c = 0; c < nqp; c += bf16_lanes) {
+            const __m512 lo = _mm512_loadu_ps(even + c);
+            const __m512 hi = odd != nullptr ? _mm512_loadu_ps(odd + c) : _mm512_setzero_ps();
+            // Elements 0..15 from `lo` (key j), 16..31 from `hi` (key j + 1).
+            const __m512bh both = _mm512_cvtne2ps_pbh(hi, lo);
+            const __m512i pairs =
+                _mm512_permutexvar_epi16(idx, reinterpret_cast<const __m512i&>(both));
+            _mm512_storeu_si512(pp + ((j / 2) * nqp + c) * 2, pairs);
+        }
+    }
+}
+
+/// exp(d) for d <= 0 in 16 fp32 lanes (1.3 ulp at most, measured): d = n·ln2 + f with n = round(d/ln2) and
+/// |f| <= ln2/2 (ln2 split in two so that f is exact to fp32 rounding, Cody–Waite), e^f by its
+/// Taylor polynomial of degree 7 (truncation below (ln2/2)^8/8! ≈ 5e-9 relative), and 2^n
+/// applied by vscalefps; tests/test_bf16_attention.cpp measures the error over [−88, 0] (within
+/// 3 ulp). 12 instructions where Eigen's pexp takes about twice as many; the
+/// exp pass is the largest cost of a block after the two products. NaN stays NaN; −∞ and
+/// differences below exp_flush_below are cleared by the caller.
+MHA_ALWAYS_INLINE __m512 exp_nonpositive(__m512 d) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);  // ln2, high bits
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);  // ln2, the rest
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/// The online softmax's exp pass fused with pack_probability_pairs: for keys j < nk and
+/// queries c < nqp, P(j, c) = exp(st[j·ld + c] − shift[c]) with exp_shifted_per_query's rules
+/// (−∞ gives exactly 0, differences below exp_flush_below give 0, NaN stays NaN; the exp is
+/// exp_nonpositive); sum[c] gets
+/// the fp32 sum over j, pp the bf16 pairs. st is read once and not written.
+inline void exp_pack_probability_pairs(const float* st, Index ld, Index nqp, Index nk,
+                                       const float* shift, float* sum, std::uint16_t* pp) {
+    alignas(64) static constexpr std::int16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19,
+                                                           4, 20, 5, 21, 6,  22, 7,  23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27,
+                                                           12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i idx = _mm512_load_si512(order);
+    const __m512 pinf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
+    auto exp_of = [&](const float* col, __m512 sh) {
+        const __m512 x = _mm512_loadu_ps(col);
+        const __m512 d = _mm512_sub_ps(x, sh);
+        // Ordered compares are false for NaN, so NaN differences keep their NaN.
+        const __mmask16 cleared =
+            _mm512_cmp_ps_mask(x, pinf, _CMP_EQ_OQ) | _mm512_cmp_ps_mask(d, flush, _CMP_LT_OQ);
+        return _mm512_maskz_mov_ps(static_cast<__mmask16>(~cleared), exp_nonpositive(d));
+    };
+    for (Index c = 0; c < nqp; c += bf16_lanes) {
+        const __m512 sh = _mm512_loadu_ps(shift + c);
+        __m512 total = _mm512_setzero_ps();
+        for (Index j = 0; j < nk; j += 2) {
+            const __m512 e0 = exp_of(st + j * ld + c, sh);
+            const __m512 e1 = j + 1 < nk ? exp_of(st + (j + 1) * ld + c, sh) : _mm512_setzero_ps();
+            total = _mm512_add_ps(_mm512_add_ps(total, e0), e1);
+            const __m512bh both = _mm512_cvtne2ps_pbh(e1, e0);
+            const __m512i pairs =
+                _mm512_permutexvar_epi16(idx, reinterpret_cast<const __m512i&>(both));
+            _mm512_storeu_si512(pp + ((j / 2) * nqp + c) * 2, pairs);
+        }
+        _mm512_storeu_ps(sum + c, total);
+    }
+}
+
+/// One native value tile: acc(0 : VP·16, 0 : Queries) += V · P over key pairs [jp0, jp1) of the
+/// packed block (vp, row stride dvp; pp, query stride nqp).
+template <int VP, int Queries>
+MHA_ALWAYS_INLINE void value_tile_bf16(const std::uint16_t* vp, Index dvp, Index jp0, Index jp1,
+                                       const std::uint16_t* pp, Index nqp, float* acc,
+                                       Index ld_acc) {
+    __m512 o[VP][Queries];
+    for (int c = 0; c < Queries; ++c)
+        for (int p = 0; p < VP; ++p)
+            o[p][c] = _mm512_loadu_ps(acc + c * ld_acc + p * bf16_lanes);
+    for (Index jp = jp0; jp < jp1; ++jp) {
+        __m512i x[VP];
+        for (int p = 0; p < VP; ++p)
+            x[p] = _mm512_loadu_si512(vp + (jp * dvp + p * bf16_lanes) * 2);
+        for (int c = 0; c < Queries; ++c) {
+            const __m512i b = _mm512_set1_epi32(static_cast<int>(load_pair(pp + (jp * nqp + c) * 2)));
+            for (int p = 0; p < VP; ++p)
+                o[p][c] = dot_pairs(o[p][c], x[p], b);
+        }
+    }
+    for (int c = 0; c < Queries; ++c)
+        for (int p = 0; p < VP; ++p)
+            _mm512_storeu_ps(acc + c * ld_acc + p * bf16_lanes, o[p][c]);
+}
+
+/// acc(0 : dvp, 0 : nq) += V·P over the nk keys of a block packed by pack_value_pairs (vp) and
+/// pack_probability_pairs (pp). With `ranges`, a query tile reads only the key pairs that meet
+/// the union of its queries' ranges (P is 0 elsewhere; a pair's other key may be outside, with
+/// P = 0 for it).
+inline void accumulate_values_bf16(const std::uint16_t* vp, Index dvp, Index nk,
+                                   const std::uint16_t* pp, Index nqp, Index nq, float* acc,
+                                   Index ld_acc, const query_key_ranges& ranges = {}) {
+    constexpr Index chunk_pairs = 64;  // 128 keys: a chunk of V (16 KB for d_v = 64) stays in L1
+    // With d_v = 64, 4 packets of rows × 6 queries: 24 accumulators, 10 loads or broadcasts per
+    // 24 dot products.
+    constexpr int queries = 6;
+    const Index pairs = (nk + 1) / 2;
+    for (Index p0 = 0; p0 < pairs; p0 += chunk_pairs) {
+        const Index p1 = std::min(pairs, p0 + chunk_pairs);
+        auto rows = [&](auto tile, Index c) {
+            constexpr int n = decltype(tile)::value;
+            const auto [lo, hi] = ranges.of(c, c + n, nk);
+            if (lo >= hi) return;
+            const Index a = std::max(p0, lo / 2), b = std::min(p1, (hi + 1) / 2);
+            if (a >= b) return;
+            const std::uint16_t* pc = pp + c * 2;
+            float* ac = acc + c * ld_acc;
+            Index e = 0;
+            for (; e + 4 * bf16_lanes <= dvp; e += 4 * bf16_lanes)
+                value_tile_bf16<4, n>(vp + e * 2, dvp, a, b, pc, nqp, ac + e, ld_acc);
+            for (; e + 2 * bf16_lanes <= dvp; e += 2 * bf16_lanes)
+                value_tile_bf16<2, n>(vp + e * 2, dvp, a, b, pc, nqp, ac + e, ld_acc);
+            for (; e < dvp; e += bf16_lanes)
+                value_tile_bf16<1, n>(vp + e * 2, dvp, a, b, pc, nqp, ac + e, ld_acc);
+        };
+        Index c = 0;
+        for (; c + queries <= nq; c += queries)
+            rows(std::integral_constant<int, queries>{}, c);
+        for (; c < nq; ++c)
+            rows(std::integral_constant<int, 1>{}, c);
+    }
+}
+
+#endif  // MHA_BF16_NATIVE
+
+}  // namespace detail
+}  // namespace mha

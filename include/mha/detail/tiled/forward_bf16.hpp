@@ -1,0 +1,380 @@
+// SPDX-License-Identifier: MIT
+// The tiled attention on bfloat16 storage: Q, K and V are Eigen::bfloat16, the scores, the
+// online softmax and every accumulation are fp32, the output fp32 (design of the loop:
+// detail/tiled/forward.hpp; the products: detail/tiled/block_kernels_bf16.hpp).
+//
+// It is the fp32 kernel's loop with bf16 products: the same tasks (sequence, head, query block),
+// the same key blocks visited (positional masks skip whole blocks, boundary blocks are masked by
+// selection), the same fp32 max/exp/sum passes (max_per_query, exp_shifted_per_query), the same
+// final division with the repair of non-finite columns and the same log-sum-exp. What differs:
+//   - the query block is packed once per task into the pair-interleaved layout (unscaled; the
+//     scale multiplies the fp32 scores), K is read in place;
+//   - per key block, V is packed into the pair-interleaved layout and P is rounded to bf16 and
+//     interleaved, so P·V runs on vdpbf16ps too (the error analysis: docs/performance.md);
+//   - the portable kernel widens Q once per task and K and V once per key block to fp32 and runs
+//     the fp32 register tiles, with the same rounding of P.
+// Not here yet (refused by the public entry, see multi_head_attention_core for bf16): weights,
+// normalisations other than softmax, soft-capping, ALiBi, sinks, score modifiers, and the
+// split-KV decode (one-query blocks run as ordinary tasks: correct, but a single long decode
+// uses one thread).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <mha/batch.hpp>
+#include <mha/core.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/detail/mask_view.hpp>
+#include <mha/detail/parallel.hpp>
+#include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/detail/tiled/block_kernels_bf16.hpp>
+#include <mha/detail/tiled/forward.hpp>
+#include <mha/detail/tiled/online_softmax.hpp>
+#include <mha/mask.hpp>
+#include <mha/options.hpp>
+
+namespace mha {
+namespace detail {
+
+/// A validated bf16 multi-head call (shapes as attention_problem, masks in fp32).
+struct bf16_attention_problem {
+    Eigen::Ref<const Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>, 0,
+               Eigen::OuterStride<>>
+        q, k, v;
+    mutable matrix_ref<float> out;
+    head_layout heads;
+    const packed_batch& batch;
+    const attention_mask<float>& mask;
+    float scale;
+    bool log_sum_exp;
+};
+
+/// One (sequence, head) of a bf16 call: `f` carries everything but the inputs (output,
+/// log-sum-exp, strides, widths, lengths, scale, mask) as the fp32 passes read it; its q, k and
+/// v are null, the bf16 inputs are here.
+struct bf16_head_problem {
+    head_problem<float> f;
+    const Eigen::bfloat16* q;
+    const Eigen::bfloat16* k;
+    const Eigen::bfloat16* v;
+};
+
+inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p, Index b, Index h,
+                                                const mask_view<float>& mask,
+                                                matrix<float>* lse) {
+    const head_layout& heads = p.heads;
+    const Index q0 = p.batch.query_offset(b), k0 = p.batch.key_offset(b);
+    const Index lq = p.batch.query_length(b), lk = p.batch.key_length(b);
+    // As make_head_problem: an empty sequence's columns do not exist and are never read.
+    auto at = [](auto* base, Index length, Index offset) {
+        return length == 0 ? base : base + offset;
+    };
+    float* lse_at =
+        lse == nullptr || lse->size() == 0 ? nullptr : at(lse->data(), lq, q0 * lse->rows() + h);
+    bf16_head_problem hp{};
+    hp.f = head_problem<float>{nullptr,
+                               nullptr,
+                               nullptr,
+                               at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
+                               lse_at,
+                               p.q.outerStride(),
+                               p.k.outerStride(),
+                               p.v.outerStride(),
+                               p.out.outerStride(),
+                               lse == nullptr ? 0 : lse->rows(),
+                               heads.dk,
+                               heads.dv,
+                               lq,
+                               lk,
+                               p.scale,
+                               &mask};
+    hp.f.sequence = b;
+    hp.f.head = h;
+    hp.q = at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h));
+    hp.k = at(p.k.data(), lk, k0 * p.k.outerStride() + heads.k_row(h));
+    hp.v = at(p.v.data(), lk, k0 * p.v.outerStride() + heads.v_row(h));
+    return hp;
+}
+
+/// One thread's buffers: the fp32 tile (scores, accumulator, bookkeeping, intervals; the
+/// portable kernel's widened queries and values) and the packed bf16 operands.
+struct bf16_thread_state {
+    tile_scratch<float> t;
+    matrix<float> kb;                     // portable: dk × key_block, the block's keys widened
+    std::vector<std::uint16_t> qp, vp, pp;  // native: the pair-interleaved Q, V and P
+    std::vector<Eigen::bfloat16> kb16;      // native: the block's keys, contiguous
+    tile_scratch_key made_for;
+};
+
+template <bf16_kernel Kernel>
+void make_bf16_scratch(bf16_thread_state& s, Index dk, Index dv, const tiled_settings& cfg) {
+    s.t = make_tile_scratch<float>(dk, dv, cfg);
+    const Index nqp = bf16_padded(cfg.query_block);
+    const Index pairs = (cfg.key_block + 1) / 2;
+    // Rows: the native value tiles write whole 16-row packets.
+    s.t.acc.resize(std::max<Index>(bf16_padded(dv), 1), cfg.query_block);
+    if (s.t.s.rows() < nqp) s.t.s.resize(nqp, cfg.key_block);
+    for (auto* v : {&s.t.block_max, &s.t.shift, &s.t.block_sum})
+        if (v->size() < nqp) v->resize(nqp);
+    if constexpr (Kernel == bf16_kernel::native) {
+        s.qp.assign(static_cast<std::size_t>((dk + 1) / 2 * nqp * 2), 0);
+        s.vp.assign(static_cast<std::size_t>(pairs * bf16_padded(dv) * 2), 0);
+        s.pp.assign(static_cast<std::size_t>(pairs * nqp * 2), 0);
+        s.kb16.assign(static_cast<std::size_t>(std::max<Index>(dk, 1) * cfg.key_block),
+                      Eigen::bfloat16(0.0f));
+    } else {
+        s.kb.resize(std::max<Index>(dk, 1), cfg.key_block);
+    }
+}
+
+/// Query padding of a kernel's score tile.
+template <bf16_kernel Kernel>
+constexpr Index bf16_padded_queries(Index nq) {
+    if constexpr (Kernel == bf16_kernel::native)
+        return bf16_padded(nq);
+    else
+        return padded_queries<float>(nq);
+}
+
+/// The scaled, masked fp32 scores of queries [i0, i0+nq) against keys [j0, j0+nk) into s.t.s
+/// (ld nqp), as masked_scores does for fp32 (without score terms).
+template <bf16_kernel Kernel>
+void masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nqp, Index j0,
+                        Index nk, const interval_summary& iv, bf16_thread_state& s) {
+    tile_scratch<float>& t = s.t;
+    float* st = t.s.data();
+    const Index lds = nqp;
+    const Eigen::bfloat16* k = p.k + j0 * p.f.k_stride;
+    const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+    const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
+    if constexpr (Kernel == bf16_kernel::native) {
+#if defined(MHA_BF16_NATIVE)
+        // The block's keys copied contiguous (64 KB for 512 keys of d_k = 64): a score tile then
+        // reads its 6 keys from adjacent cache lines instead of 6 columns a QKV row apart, which
+        // the hardware prefetcher did not keep up with (profiled: the tile's first products
+        // waited on K; about 2.5× the time of the P·V tiles of the same size).
+        const Index dk = p.f.dk;
+        for (Index j = 0; j < nk; ++j)
+            std::copy_n(k + j * p.f.k_stride, dk, s.kb16.data() + j * dk);
+        transposed_scores_bf16(s.qp.data(), nqp, dk, s.kb16.data(), dk, nk, p.f.scale, st, lds,
+                               ranges);
+#endif
+    } else {
+        widen_columns(k, p.f.k_stride, p.f.dk, nk, s.kb.data(), s.kb.rows());
+        // The fp32 tiles compute the unscaled products of exact bf16 values (the queries were
+        // widened unscaled); the scale then multiplies each score once, as the native kernel.
+        transposed_scores(t.qt.data(), nqp, p.f.dk, s.kb.data(), s.kb.rows(), nk, st, lds, ranges);
+        const auto [lo, hi] = ranges.of(0, nqp, nk);
+        for (Index r = lo; r < hi; ++r)
+            for (Index c = 0; c < nqp; ++c)
+                st[r * lds + c] *= p.f.scale;
+    }
+    const auto& mask = *p.f.mask;
+    if (interior && !mask.has_elementwise()) return;
+    if (!interior)  // the padding rows' skipped entries were not written: keep them finite
+        for (Index r = 0; r < nk; ++r)
+            std::fill(st + r * lds + nq, st + (r + 1) * lds, 0.0f);
+    for (Index c = 0; c < nq; ++c) {
+        const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
+        const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
+        mask.apply(st + c, lds, i0 + c, j0, nk, f, e);
+    }
+}
+
+/// The online pass of queries [i0, i0+nq) over all their allowed keys (online_pass on bf16
+/// inputs): leaves the unnormalised output in s.t.acc and the running max and sum in s.t.m, l.
+template <bf16_kernel Kernel>
+void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tiled_settings& cfg,
+                      bf16_thread_state& s) {
+    tile_scratch<float>& t = s.t;
+    const float minus_inf = -std::numeric_limits<float>::infinity();
+    const Index dv = p.f.dv;
+    t.acc.leftCols(nq).setZero();
+    t.m.head(nq).setConstant(minus_inf);
+    t.l.head(nq).setZero();
+    const interval_summary iv = key_intervals(p.f, i0, nq, 0, p.f.lk, t);
+    if (iv.lo >= iv.hi) return;
+    const Index nqp = bf16_padded_queries<Kernel>(nq);
+    const Eigen::bfloat16* q = p.q + i0 * p.f.q_stride;
+    if constexpr (Kernel == bf16_kernel::native) {
+        pack_query_pairs(q, p.f.q_stride, p.f.dk, nq, nqp, s.qp.data());
+    } else {
+        // qt(c, d) = Q(d, c) in fp32 (exact), zero padding queries.
+        float* qt = t.qt.data();
+        for (Index d = 0; d < p.f.dk; ++d) {
+            for (Index c = 0; c < nq; ++c)
+                qt[d * nqp + c] = bf16_to_float(q[c * p.f.q_stride + d]);
+            std::fill(qt + d * nqp + nq, qt + (d + 1) * nqp, 0.0f);
+        }
+    }
+    float* st = t.s.data();
+    for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
+        const Index nk = std::min(cfg.key_block, iv.hi - j0);
+        masked_scores_bf16<Kernel>(p, i0, nq, nqp, j0, nk, iv, s);
+        max_per_query(st, nqp, nqp, nk, t.block_max.data());
+        for (Index c = 0; c < nqp; ++c) {
+            // As online_pass: a query with nothing allowed yet shifts by 0.
+            const float m_new = c < nq ? nan_propagating_max(t.m(c), t.block_max(c)) : 0.0f;
+            t.block_max(c) = m_new;
+            t.shift(c) = m_new == minus_inf ? 0.0f : m_new;
+        }
+        // The sums l take the fp32 probabilities; P·V takes them rounded to bf16. The native
+        // kernel's exp pass writes the rounded pairs straight away (st is not needed after).
+        bool packed = false;
+#if defined(MHA_BF16_NATIVE)
+        if constexpr (Kernel == bf16_kernel::native) {
+            exp_pack_probability_pairs(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(),
+                                       s.pp.data());
+            packed = true;
+        }
+#endif
+        if (!packed) exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
+        for (Index c = 0; c < nq; ++c) {
+            const float m_old = t.m(c);
+            const float m_new = t.block_max(c);
+            if (m_new == minus_inf) continue;
+            if (m_old == minus_inf) {
+                t.acc.col(c).setZero();
+                t.l(c) = t.block_sum(c);
+            } else if (m_new != m_old) {
+                const float alpha = exp_or_zero(m_old - m_new);
+                t.acc.col(c) *= alpha;
+                t.l(c) = alpha * t.l(c) + t.block_sum(c);
+            } else {
+                t.l(c) += t.block_sum(c);
+            }
+            t.m(c) = m_new;
+        }
+        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+        const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
+        const Eigen::bfloat16* v = p.v + j0 * p.f.v_stride;
+        if constexpr (Kernel == bf16_kernel::native) {
+#if defined(MHA_BF16_NATIVE)
+            const Index dvp = bf16_padded(dv);
+            pack_value_pairs(v, p.f.v_stride, dv, nk, dvp, s.vp.data());
+            if (!packed) pack_probability_pairs(st, nqp, nqp, nk, s.pp.data());
+            accumulate_values_bf16(s.vp.data(), dvp, nk, s.pp.data(), nqp, nq, t.acc.data(),
+                                   t.acc.rows(), ranges);
+#endif
+        } else {
+            widen_columns(v, p.f.v_stride, dv, nk, t.v.data(), dv);
+            for (Index r = 0; r < nk; ++r)
+                for (Index c = 0; c < nq; ++c)
+                    st[r * nqp + c] = round_to_bf16(st[r * nqp + c]);
+            accumulate_values(t.v.data(), dv, dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
+                              ranges);
+        }
+    }
+}
+
+/// Recomputes output column i from its allowed keys alone, in fp32 from the bf16 inputs (see
+/// "Poisoned values" in detail/tiled/forward.hpp).
+inline void repair_column_bf16(const bf16_head_problem& p, Index i, float m, float inv_l) {
+    Eigen::Map<vector<float>> out(p.f.out + i * p.f.out_stride, p.f.dv);
+    out.setZero();
+    const auto& mask = *p.f.mask;
+    const auto range = mask.key_range(i);
+    const Eigen::bfloat16* qi = p.q + i * p.f.q_stride;
+    for (Index j = range.first; j < range.second; ++j) {
+        if (mask.excludes(j, i)) continue;
+        const Eigen::bfloat16* kj = p.k + j * p.f.k_stride;
+        float dot = 0;
+        for (Index d = 0; d < p.f.dk; ++d)
+            dot += bf16_to_float(qi[d]) * bf16_to_float(kj[d]);
+        float sc = p.f.scale * dot;
+        if (mask.has_bias()) sc += mask.bias(j, i);
+        if (sc == -std::numeric_limits<float>::infinity()) continue;
+        const float w = round_to_bf16(std::exp(sc - m)) * inv_l;
+        const Eigen::bfloat16* vj = p.v + j * p.f.v_stride;
+        for (Index e = 0; e < p.f.dv; ++e)
+            out(e) += w * bf16_to_float(vj[e]);
+    }
+}
+
+/// out = acc / l for queries [i0, i0+nq), 0 for a query with no allowed key, non-finite columns
+/// repaired, log-sum-exp written when asked (finalize_block on bf16 inputs, without sinks).
+inline void finalize_block_bf16(const bf16_head_problem& p, Index i0, Index nq,
+                                tile_scratch<float>& t) {
+    const float minus_inf = -std::numeric_limits<float>::infinity();
+    for (Index c = 0; c < nq; ++c) {
+        Eigen::Map<vector<float>> out(p.f.out + (i0 + c) * p.f.out_stride, p.f.dv);
+        const bool no_key = t.m(c) == minus_inf;
+        if (p.f.lse != nullptr)
+            p.f.lse[(i0 + c) * p.f.lse_stride] = no_key ? minus_inf : t.m(c) + std::log(t.l(c));
+        if (no_key) {
+            out.setZero();
+            continue;
+        }
+        const float inv_l = 1.0f / t.l(c);
+        out = t.acc.col(c).head(p.f.dv) * inv_l;
+        if (!out.allFinite()) repair_column_bf16(p, i0 + c, t.m(c), inv_l);
+    }
+}
+
+/// The buffers of a bf16 call (see tiled_workspace).
+struct bf16_workspace {
+    mask_views<float> masks;
+    std::vector<bf16_thread_state> threads;
+};
+
+/// The multi-head tiled attention on bf16 inputs (p validated): out and, when asked, the
+/// log-sum-exp (sized H × Nq by the caller).
+template <bf16_kernel Kernel = default_bf16_kernel>
+void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
+                          const tiled_settings& cfg = {}) {
+#if !defined(MHA_BF16_NATIVE)
+    static_assert(Kernel == bf16_kernel::portable,
+                  "mha: the native bf16 kernel needs AVX512-BF16 (e.g. -mavx512bf16)");
+#endif
+    bf16_workspace ws;
+    const Index num_heads = p.heads.num_heads;
+    ws.masks.build(p.mask, num_heads, p.batch);
+    // Tasks (b, h, i0), the longest key ranges first (causal blocks differ), ties in index
+    // order; which thread runs a task does not change its result.
+    struct task {
+        Index b, h, i0, nq, cost;
+    };
+    std::vector<task> tasks;
+    for (Index b = 0; b < p.batch.size(); ++b)
+        for (Index h = 0; h < num_heads; ++h)
+            for (Index i0 = 0; i0 < p.batch.query_length(b); i0 += cfg.query_block) {
+                const Index nq = std::min(cfg.query_block, p.batch.query_length(b) - i0);
+                const auto& view = ws.masks(b, h);
+                Index lo = std::numeric_limits<Index>::max(), hi = 0;
+                for (Index c : {i0, i0 + nq - 1}) {
+                    const auto r = view.key_range(c);
+                    lo = std::min(lo, r.first);
+                    hi = std::max(hi, r.second);
+                }
+                tasks.push_back({b, h, i0, nq, std::max<Index>(hi - lo, 0) * nq});
+            }
+    std::stable_sort(tasks.begin(), tasks.end(),
+                     [](const task& a, const task& b) { return a.cost > b.cost; });
+    const tile_scratch_key key{p.heads.dk, p.heads.dv, cfg.query_block, cfg.key_block};
+    auto enter = [&](bf16_thread_state& state) {
+        if (!(state.made_for == key)) {
+            make_bf16_scratch<Kernel>(state, p.heads.dk, p.heads.dv, cfg);
+            state.made_for = key;
+        }
+        // parallel_tasks keeps what enter returns for the thread's tasks; nothing to release.
+        struct nothing_held {
+            ~nothing_held() {}  // NOLINT: user-provided, so that keeping it is not a warning
+        };
+        return nothing_held{};
+    };
+    auto run = [&](Index index, bf16_thread_state& state) {
+        const task& tk = tasks[static_cast<std::size_t>(index)];
+        const bf16_head_problem hp = make_bf16_head_problem(p, tk.b, tk.h, ws.masks(tk.b, tk.h), lse);
+        online_pass_bf16<Kernel>(hp, tk.i0, tk.nq, cfg, state);
+        finalize_block_bf16(hp, tk.i0, tk.nq, state.t);
+    };
+    parallel_tasks(static_cast<Index>(tasks.size()), cfg.threads, ws.threads, enter, run);
+}
+
+}  // namespace detail
+}  // namespace mha

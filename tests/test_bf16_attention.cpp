@@ -1,0 +1,395 @@
+// SPDX-License-Identifier: MIT
+// The attention core on bfloat16 storage (multi_head_attention_core with Eigen::bfloat16 Q, K,
+// V) against the long-double reference computed from the same bf16 values, with the tolerance
+// of tests/support/check.hpp (require_bf16_attention_close: bf16's unit roundoff 2^-8 for P
+// rounded to bf16, fp32's γ_n for the sums of d_k and Lk terms). Both block kernels run: the
+// portable one always, the native vdpbf16ps one when the translation unit is compiled for
+// AVX512-BF16 and the CPU has it (SKIP otherwise). This file is built twice by
+// tests/CMakeLists.txt: with the preset's flags, and with -mavx512bf16 where the compiler takes
+// it (test_bf16_attention_native), so that the native kernel runs in every build on a CPU that
+// has the instruction.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <catch2/catch_test_macros.hpp>
+
+#include <mha/attention.hpp>
+
+#include "check.hpp"
+#include "reference.hpp"
+
+namespace {
+
+using mha::Index;
+using mha_test::mat;
+using bf16 = Eigen::bfloat16;
+using bmat = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>;
+using settings = mha::detail::tiled_settings;
+using kernel = mha::detail::bf16_kernel;
+
+/// Whether the native kernel is compiled in and the CPU runs it.
+bool native_available() {
+#if defined(MHA_BF16_NATIVE) && (defined(__GNUC__) || defined(__clang__))
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+#else
+    return false;
+#endif
+}
+
+/// False in the build compiled for AVX512-BF16 (test_bf16_attention_native) on a CPU without it:
+/// every test case then skips before running code compiled for the instruction set.
+bool build_runs_here() {
+#if defined(MHA_TEST_NATIVE_BUILD)
+    return native_available();
+#else
+    return true;
+#endif
+}
+
+#define MHA_SKIP_UNLESS_BUILD_RUNS_HERE() \
+    if (!build_runs_here()) SKIP("compiled for AVX512-BF16, which this CPU lacks")
+
+std::vector<kernel> kernels() {
+    std::vector<kernel> ks{kernel::portable};
+    if (native_available()) ks.push_back(kernel::native);
+    return ks;
+}
+
+const char* name(kernel k) { return k == kernel::native ? "native" : "portable"; }
+
+/// N(0, sigma) values rounded to bf16.
+bmat normal_bf16(mha_test::value_source& rnd, Index rows, Index cols, double sigma = 1.0) {
+    bmat m(rows, cols);
+    for (Index c = 0; c < cols; ++c)
+        for (Index r = 0; r < rows; ++r)
+            m(r, c) = bf16(static_cast<float>(rnd.normal(sigma)));
+    return m;
+}
+
+mat<long double> widen(const bmat& m) {
+    mat<long double> r(m.rows(), m.cols());
+    for (Index c = 0; c < m.cols(); ++c)
+        for (Index i = 0; i < m.rows(); ++i)
+            r(i, c) = static_cast<long double>(static_cast<float>(m(i, c)));
+    return r;
+}
+
+/// One head through the bf16 core with kernel k and tile settings cfg.
+mat<float> run(kernel k, const bmat& q, const bmat& kk, const bmat& v,
+               const mha::attention_mask<float>& mask, const settings& cfg,
+               const mha::attention_options& options = {}) {
+    mat<float> out(v.rows(), q.cols());
+    const mha::packed_batch batch = mha::packed_batch::single(q.cols(), kk.cols());
+    if (k == kernel::native) {
+#if defined(MHA_BF16_NATIVE)
+        mha::detail::multi_head_attention_core_bf16<kernel::native>(q, kk, v, 1, 1, batch, out,
+                                                                   mask, options, {}, cfg);
+#endif
+    } else {
+        mha::detail::multi_head_attention_core_bf16<kernel::portable>(q, kk, v, 1, 1, batch, out,
+                                                                     mask, options, {}, cfg);
+    }
+    return out;
+}
+
+bool same_bits(const mat<float>& a, const mat<float>& b) {
+    return a.rows() == b.rows() && a.cols() == b.cols() &&
+           std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+struct mask_case {
+    std::string name;
+    mha::attention_mask<float> mask;
+    mha_test::allowed_fn allowed;
+    mha_test::bias_fn bias;
+};
+
+std::vector<mask_case> all_masks(Index lq, Index lk, std::uint64_t seed) {
+    using mha::causal_alignment;
+    mha_test::value_source rnd(seed);
+    std::vector<mask_case> cases;
+    cases.push_back({"none", {}, mha_test::allow_all(), nullptr});
+    cases.push_back(
+        {"causal bottom-right", mha::causal{}, mha_test::causal_bottom_right(lq, lk), nullptr});
+    cases.push_back({"causal top-left", mha::causal{causal_alignment::top_left},
+                     mha_test::causal_top_left(), nullptr});
+    cases.push_back({"window 5,2", mha::sliding_window{5, 2},
+                     [=](Index j, Index i) {
+                         const Index c = i + lk - lq;
+                         return j >= c - 5 && j <= c + 2;
+                     },
+                     nullptr});
+    const Index len = lk * 2 / 3;
+    cases.push_back({"key_lengths (padding)", mha::key_lengths{{len}},
+                     [=](Index j, Index) { return j < len; }, nullptr});
+    mha::bool_matrix keep(lk, lq);
+    for (Index i = 0; i < lq; ++i)
+        for (Index j = 0; j < lk; ++j)
+            keep(j, i) = i % 5 != 0 && rnd.uniform(0, 1) < 0.7;  // every 5th query fully masked
+    cases.push_back({"keep_mask", mha::keep_mask(keep),
+                     [keep](Index j, Index i) { return keep(j, i); }, nullptr});
+    mha::matrix<float> bias(lk, lq);
+    for (Index i = 0; i < lq; ++i)
+        for (Index j = 0; j < lk; ++j)
+            bias(j, i) = (i % 4 == 3 || rnd.uniform(0, 1) < 0.2)
+                             ? -std::numeric_limits<float>::infinity()
+                             : static_cast<float>(rnd.normal(2.0));
+    auto bias_fn = [bias](Index j, Index i) { return static_cast<long double>(bias(j, i)); };
+    cases.push_back(
+        {"additive_bias", mha::additive_bias<float>(bias), mha_test::allow_all(), bias_fn});
+    cases.push_back({"causal + key_lengths + keep + bias",
+                     mha::attention_mask<float>(mha::causal{}, mha::key_lengths{{len}},
+                                                mha::keep_mask(keep),
+                                                mha::additive_bias<float>(bias)),
+                     [=](Index j, Index i) {
+                         return j <= i + lk - lq && j < len && keep(j, i);
+                     },
+                     bias_fn});
+    return cases;
+}
+
+/// Every mask at one shape, every kernel, against the reference; 1 and 2 threads give the same
+/// bits; the native and portable kernels agree within the sum of their bounds (each is within
+/// its bound of the same reference).
+void check_shape(Index lq, Index lk, Index dk, Index dv, const settings& cfg, std::uint64_t seed) {
+    mha_test::value_source rnd(seed);
+    const bmat q = normal_bf16(rnd, dk, lq), k = normal_bf16(rnd, dk, lk),
+               v = normal_bf16(rnd, dv, lk);
+    const mat<long double> ql = widen(q), kl = widen(k), vl = widen(v);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dk));
+    for (const mask_case& mc : all_masks(lq, lk, seed + 1)) {
+        const mat<long double> ref = mha_test::reference_attention<long double>(
+            ql, kl, vl, static_cast<long double>(scale), mc.allowed, mc.bias);
+        for (kernel kn : kernels()) {
+            const std::string what = std::string(name(kn)) + ", " + mc.name + ", " +
+                                     std::to_string(lq) + "x" + std::to_string(lk) + ", dk " +
+                                     std::to_string(dk) + ", dv " + std::to_string(dv);
+            settings one = cfg, two = cfg;
+            one.threads = 1;
+            two.threads = 2;
+            const mat<float> a = run(kn, q, k, v, mc.mask, one);
+            mha_test::require_bf16_attention_close(a, ref, ql, kl, vl, scale, mc.allowed, mc.bias,
+                                                   what);
+            const mat<float> b = run(kn, q, k, v, mc.mask, two);
+            INFO(what);
+            CHECK(same_bits(a, b));
+        }
+    }
+}
+
+}  // namespace
+
+TEST_CASE("bf16 core: tile boundaries and every mask, against the long-double reference") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // Small tiles reach many boundaries: odd d_k (a zero partner in the pairs), d_v not a
+    // multiple of the 16-lane packet, odd key counts, query counts below and above a packet.
+    const settings small{16, 24, 1024, 0};
+    check_shape(37, 53, 7, 5, small, 11);
+    check_shape(33, 70, 16, 20, small, 12);
+    check_shape(5, 9, 3, 17, small, 13);
+    check_shape(1, 30, 8, 8, small, 14);
+    const settings mid{32, 64, 1024, 0};
+    check_shape(70, 131, 64, 64, mid, 15);
+    // The real tile sizes, several key blocks.
+    check_shape(130, 1100, 64, 64, settings{}, 16);
+}
+
+TEST_CASE("bf16 core: the native and portable kernels agree within the bound") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    if (!native_available()) SKIP("the native kernel is not compiled in, or the CPU lacks it");
+    mha_test::value_source rnd(21);
+    const Index dk = 64, dv = 64, lq = 200, lk = 700;
+    const bmat q = normal_bf16(rnd, dk, lq), k = normal_bf16(rnd, dk, lk),
+               v = normal_bf16(rnd, dv, lk);
+    const mat<long double> ql = widen(q), kl = widen(k), vl = widen(v);
+    const float scale = 0.125f;
+    const settings cfg{};
+    const mat<float> n = run(kernel::native, q, k, v, mha::causal{}, cfg);
+    const mat<float> p = run(kernel::portable, q, k, v, mha::causal{}, cfg);
+    // Each within its bound of the reference; then their difference is within twice the bound,
+    // which is what checking the native output against the portable one, as the reference
+    // with the bound doubled, tests.
+    const auto allowed = mha_test::causal_bottom_right(lq, lk);
+    const mat<long double> ref =
+        mha_test::reference_attention<long double>(ql, kl, vl, 0.125L, allowed);
+    mha_test::require_bf16_attention_close(n, ref, ql, kl, vl, scale, allowed, nullptr, "native");
+    mha_test::require_bf16_attention_close(p, ref, ql, kl, vl, scale, allowed, nullptr,
+                                           "portable");
+    const mat<long double> pl = p.cast<long double>();
+    mat<float> half_diff(dv, lq);
+    for (Index i = 0; i < lq; ++i)
+        for (Index c = 0; c < dv; ++c)
+            half_diff(c, i) = static_cast<float>(
+                (static_cast<long double>(n(c, i)) - pl(c, i)) / 2 + ref(c, i));
+    // |n − p|/2 ≤ bound  ⇔  (n − p)/2 + ref within the bound of ref.
+    mha_test::require_bf16_attention_close(half_diff, ref, ql, kl, vl, scale, allowed, nullptr,
+                                           "native vs portable");
+}
+
+TEST_CASE("bf16 core: NaN propagates, poisoned masked keys never leak") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(31);
+    const Index dk = 16, dv = 16, lq = 40, lk = 60;
+    const settings cfg{16, 24, 1024, 0};
+    bmat q = normal_bf16(rnd, dk, lq), k = normal_bf16(rnd, dk, lk), v = normal_bf16(rnd, dv, lk);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const float inf = std::numeric_limits<float>::infinity();
+    for (kernel kn : kernels()) {
+        INFO(name(kn));
+        // Keys past key_lengths hold NaN and Inf in K and V: nothing changes.
+        const Index len = 37;
+        bmat kp = k, vp = v;
+        for (Index j = len; j < lk; ++j) {
+            kp.col(j).setConstant(bf16(j % 2 ? nan : inf));
+            vp.col(j).setConstant(bf16(j % 3 ? -inf : nan));
+        }
+        const mat<float> clean = run(kn, q, k, v, mha::key_lengths{{len}}, cfg);
+        const mat<float> poisoned = run(kn, q, kp, vp, mha::key_lengths{{len}}, cfg);
+        CHECK(poisoned.allFinite());
+        const mat<long double> ref = mha_test::reference_attention<long double>(
+            widen(q), widen(k), widen(v), 0.25L, [=](Index j, Index) { return j < len; });
+        mha_test::require_bf16_attention_close(poisoned, ref, widen(q), widen(k), widen(v), 0.25f,
+                                               [=](Index j, Index) { return j < len; }, nullptr,
+                                               "poisoned");
+        // Causal: keys above the diagonal poisoned.
+        bmat kc = k, vc = v;
+        for (Index j = lq; j < lk; ++j) {  // top-left causal: query i sees keys <= i
+            kc.col(j).setConstant(bf16(nan));
+            vc.col(j).setConstant(bf16(inf));
+        }
+        const mat<float> causal_out =
+            run(kn, q, kc, vc, mha::causal{mha::causal_alignment::top_left}, cfg);
+        CHECK(causal_out.allFinite());
+        // NaN in an allowed query: its column is NaN, the others are not.
+        bmat qn = q;
+        qn(3, 7) = bf16(nan);
+        const mat<float> qnan = run(kn, qn, k, v, {}, cfg);
+        CHECK(qnan.col(7).array().isNaN().all());
+        CHECK(qnan.leftCols(7).allFinite());
+        CHECK(qnan.rightCols(lq - 8).allFinite());
+        // NaN in an allowed value: every query that sees it has NaN in that row.
+        bmat vn = v;
+        vn(2, 11) = bf16(nan);
+        const mat<float> vnan = run(kn, q, k, vn, mha::causal{mha::causal_alignment::top_left}, cfg);
+        CHECK(vnan.row(2).rightCols(lq - 11).array().isNaN().all());
+        CHECK(vnan.row(2).leftCols(11).allFinite());
+    }
+}
+
+TEST_CASE("bf16 core: public entry, heads, grouped heads, batches, bf16 output, log-sum-exp") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(41);
+    const Index heads = 4, kv_heads = 2, dk = 24, dv = 16;
+    const mha::packed_batch batch({50, 20}, {50, 20});
+    const bmat q = normal_bf16(rnd, heads * dk, 70), k = normal_bf16(rnd, kv_heads * dk, 70),
+               v = normal_bf16(rnd, kv_heads * dv, 70);
+    mat<float> out(heads * dv, 70);
+    bmat out16(heads * dv, 70);
+    mha::attention_request request;
+    request.log_sum_exp = true;
+    const mha::attention_outputs<float> r = mha::multi_head_attention_core(
+        q, k, v, heads, kv_heads, batch, out, mha::causal{}, {}, request);
+    mha::multi_head_attention_core(q, k, v, heads, kv_heads, batch, out16, mha::causal{});
+    REQUIRE(r.log_sum_exp.rows() == heads);
+    REQUIRE(r.log_sum_exp.cols() == 70);
+    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+    for (Index b = 0; b < 2; ++b)
+        for (Index h = 0; h < heads; ++h) {
+            const Index c0 = batch.query_offset(b), n = batch.query_length(b);
+            const Index g = h / (heads / kv_heads);
+            const mat<long double> qh = widen(q.block(h * dk, c0, dk, n));
+            const mat<long double> kh = widen(k.block(g * dk, c0, dk, n));
+            const mat<long double> vh = widen(v.block(g * dv, c0, dv, n));
+            const auto allowed = mha_test::causal_bottom_right(n, n);
+            const mat<long double> ref =
+                mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
+            const std::string what = "sequence " + std::to_string(b) + ", head " + std::to_string(h);
+            mha_test::require_bf16_attention_close<float>(out.block(h * dv, c0, dv, n), ref, qh, kh,
+                                                          vh, scale, allowed, nullptr, what);
+            mha_test::require_bf16_attention_close<bf16>(out16.block(h * dv, c0, dv, n), ref, qh,
+                                                         kh, vh, scale, allowed, nullptr,
+                                                         what + " (bf16 out)", true);
+            // Log-sum-exp: the scores err by at most γ_{dk+1}·Smax in fp32, then a log and an
+            // addition in fp32; 4·u·(1 + |lse|) + γ·Smax bounds it.
+            for (Index i = 0; i < n; ++i) {
+                long double m = -std::numeric_limits<long double>::infinity(), smax = 0;
+                std::vector<long double> s;
+                for (Index j = 0; j <= i; ++j) {
+                    long double dot = 0, mag = 0;
+                    for (Index d = 0; d < dk; ++d) {
+                        dot += qh(d, i) * kh(d, j);
+                        mag += std::fabs(qh(d, i) * kh(d, j));
+                    }
+                    s.push_back(dot * scale);
+                    m = std::max(m, dot * scale);
+                    smax = std::max(smax, mag * scale);
+                }
+                long double l = 0;
+                for (long double x : s)
+                    l += std::exp(x - m);
+                const long double lse = m + std::log(l);
+                const long double u = 0x1.0p-24L;
+                const long double bound =
+                    (dk + 1) * u * smax * 2 + 4 * u * (1 + std::fabs(lse)) + 2 * s.size() * u;
+                const long double got = r.log_sum_exp(h, c0 + i);
+                INFO(what << ", query " << i << ": lse " << got << " vs " << lse);
+                CHECK(std::fabs(got - lse) <= bound);
+            }
+        }
+}
+
+TEST_CASE("bf16 core: fully masked queries are exactly 0, requests it cannot serve throw") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(51);
+    const bmat q = normal_bf16(rnd, 8, 6), k = normal_bf16(rnd, 8, 9), v = normal_bf16(rnd, 8, 9);
+    mha::bool_matrix keep = mha::bool_matrix::Constant(9, 6, true);
+    keep.col(2).setConstant(false);
+    mat<float> out(8, 6);
+    const mha::packed_batch batch = mha::packed_batch::single(6, 9);
+    mha::multi_head_attention_core(q, k, v, 1, batch, out, mha::keep_mask(keep));
+    CHECK((out.col(2).array() == 0.0f).all());
+    CHECK(out.allFinite());
+    mha::attention_request weights;
+    weights.weights = mha::weights_mode::per_head;
+    CHECK_THROWS_AS(mha::multi_head_attention_core(q, k, v, 1, 1, batch, out, {}, {}, weights),
+                    mha::value_error);
+    mha::attention_options relu;
+    relu.normalize = mha::normalization::relu;
+    CHECK_THROWS_AS(mha::multi_head_attention_core(q, k, v, 1, batch, out, {}, relu),
+                    mha::value_error);
+    mat<float> wrong(8, 5);
+    CHECK_THROWS_AS(mha::multi_head_attention_core(q, k, v, 1, batch, wrong), mha::shape_error);
+}
+
+TEST_CASE("bf16 core: the native kernel's exp is within 3 ulp of exp over [-88, 0]") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+#if defined(MHA_BF16_NATIVE)
+    if (!native_available()) SKIP("the CPU lacks AVX512-BF16");
+    // 2^20 points spread over the range the exp pass sees (differences from the running max,
+    // down to exp_flush_below ≈ −86), plus 0 and values near it.
+    long double worst = 0;
+    alignas(64) float x[16], y[16];
+    for (long n = 0; n < (1L << 20); n += 16) {
+        for (int i = 0; i < 16; ++i)
+            x[i] = -88.0f * static_cast<float>(n + i) / static_cast<float>(1L << 20);
+        if (n == 0) x[1] = -1e-7f;
+        _mm512_store_ps(y, mha::detail::exp_nonpositive(_mm512_load_ps(x)));
+        for (int i = 0; i < 16; ++i) {
+            const long double exact = std::exp(static_cast<long double>(x[i]));
+            if (exact < std::numeric_limits<float>::min()) continue;  // flushed by the caller
+            worst = std::max(worst, std::fabs(y[i] - exact) / exact);
+        }
+    }
+    INFO("worst relative error " << worst);
+    CHECK(worst <= 3 * 0x1.0p-24L);
+    _mm512_store_ps(y, mha::detail::exp_nonpositive(
+                           _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+    CHECK(std::isnan(y[0]));
+#else
+    SKIP("the native kernel is not compiled in");
+#endif
+}
