@@ -91,15 +91,14 @@ int main(int argc, char** argv) {
         forward_options.algorithm = mha::attention_algorithm::tiled;
         mha::attention_request request;
         request.log_sum_exp = true;
-        const auto saved =
-            mha::multi_head_attention_core(q, k, v, heads, batch, out, mask, forward_options,
-                                           request);
+        const auto saved = mha::multi_head_attention_core(q, k, v, heads, batch, out, mask,
+                                                          forward_options, request);
         const Matrix d_out = Matrix::Random(d, length);
         mha::attention_forward_results<float> forward;
         forward.output = &out;
         forward.log_sum_exp = &saved.log_sum_exp;
-        inputs_mib += 4.0 * static_cast<double>(d_out.size() + saved.log_sum_exp.size()) /
-                      (1 << 20);
+        inputs_mib +=
+            4.0 * static_cast<double>(d_out.size() + saved.log_sum_exp.size()) / (1 << 20);
         gradients_mib = 4.0 * static_cast<double>(3 * d * length) / (1 << 20);
         before = peak_rss_mib();
         const auto t0 = std::chrono::steady_clock::now();

@@ -2,8 +2,9 @@
 // The fuzzing oracle: decodes a problem (shapes ≤ 64, grouped key/value heads, masks, values,
 // tile sizes, soft-capping, ALiBi and sinks) from raw bytes, runs the attention core through the
 // tiled and the materialised kernels, and checks invariants that hold for every input, among
-// them agreement with the long-double reference of tests/support/reference.hpp. Shared by the libFuzzer harness and
-// the corpus replay test, so every corpus file is also checked in the ordinary test run.
+// them agreement with the long-double reference of tests/support/reference.hpp. Shared by the
+// libFuzzer harness and the corpus replay test, so every corpus file is also checked in the
+// ordinary test run.
 #pragma once
 
 #include <algorithm>
@@ -432,9 +433,8 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
         options.normalize = kinds[n];
         mha::backward_request request;
         request.threads = 1;
-        const auto got = mha::multi_head_attention_core_backward(x.q, x.k, x.v, p.heads,
-                                                                 p.kv_heads, batch, d_out, mask,
-                                                                 options, request);
+        const auto got = mha::multi_head_attention_core_backward(
+            x.q, x.k, x.v, p.heads, p.kv_heads, batch, d_out, mask, options, request);
         if (got.dq.rows() != x.q.rows() || got.dq.cols() != x.q.cols() ||
             got.dk.rows() != x.k.rows() || got.dk.cols() != x.k.cols() ||
             got.dv.rows() != x.v.rows() || got.dv.cols() != x.v.cols())
@@ -442,9 +442,8 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
         if (!got.dq.allFinite() || !got.dk.allFinite() || !got.dv.allFinite())
             return "backward (" + name + "): finite inputs gave a non-finite gradient";
         request.threads = 2;
-        const auto two = mha::multi_head_attention_core_backward(x.q, x.k, x.v, p.heads,
-                                                                 p.kv_heads, batch, d_out, mask,
-                                                                 options, request);
+        const auto two = mha::multi_head_attention_core_backward(
+            x.q, x.k, x.v, p.heads, p.kv_heads, batch, d_out, mask, options, request);
         const auto same = [](const mha::matrix<float>& a, const mha::matrix<float>& b) {
             return a.size() == b.size() &&
                    (a.size() == 0 ||
@@ -479,8 +478,8 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                     copy_block<ld>(x.q, h * p.dk, q0, p.dk, lq),
                     copy_block<ld>(x.k, g * p.dk, k0, p.dk, lk),
                     copy_block<ld>(x.v, g * p.dv, k0, p.dv, lk),
-                    copy_block<ld>(d_out, h * p.dv, q0, p.dv, lq), static_cast<ld>(scale),
-                    allowed, bias, reference_kinds[n]);
+                    copy_block<ld>(d_out, h * p.dv, q0, p.dv, lq), static_cast<ld>(scale), allowed,
+                    bias, reference_kinds[n]);
                 const auto f = mha_test::reference_attention_backward<float>(
                     copy_block<float>(x.q, h * p.dk, q0, p.dk, lq),
                     copy_block<float>(x.k, g * p.dk, k0, p.dk, lk),
@@ -519,8 +518,9 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                                 dw += static_cast<ld>(d_out(h * p.dv + c, q0 + i)) *
                                       static_cast<ld>(x.v(g * p.dv + c, k0 + j));
                             for (Index c = 0; c < p.dk; ++c)
-                                key_size = std::max(
-                                    key_size, std::fabs(static_cast<ld>(x.k(g * p.dk + c, k0 + j))));
+                                key_size =
+                                    std::max(key_size,
+                                             std::fabs(static_cast<ld>(x.k(g * p.dk + c, k0 + j))));
                             sum_r += score;
                             max_dw = std::max(max_dw, std::fabs(dw));
                             weighted_dw += score * std::fabs(dw);
@@ -588,8 +588,7 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
             why << "backward (" << name << "): " << names[worst]
                 << " differs from the long-double chain rule beyond check B (error "
                 << static_cast<double>(err) << ", float chain rule "
-                << static_cast<double>(baseline) << ", floor " << static_cast<double>(floor)
-                << ")";
+                << static_cast<double>(baseline) << ", floor " << static_cast<double>(floor) << ")";
             return why.str();
         }
     }
@@ -719,11 +718,13 @@ inline std::optional<std::string> check(const std::uint8_t* data, std::size_t si
                         const ld bound = static_cast<ld>(out_bound(row, col)) / 2 +
                                          static_cast<ld>(u) * std::fabs(want);
                         if (!(std::fabs(static_cast<ld>(tiled.out(row, col)) - want) <= bound))
-                            return violation("the tiled output differs from the long-double "
-                                             "reference beyond check A");
+                            return violation(
+                                "the tiled output differs from the long-double "
+                                "reference beyond check A");
                         if (!(std::fabs(static_cast<ld>(reference.out(row, col)) - want) <= bound))
-                            return violation("the materialised output differs from the "
-                                             "long-double reference beyond check A");
+                            return violation(
+                                "the materialised output differs from the "
+                                "long-double reference beyond check A");
                     }
             }
             qs += p.lq[b];

@@ -59,7 +59,9 @@ std::vector<kernel> kernels() {
     return ks;
 }
 
-const char* name(kernel k) { return k == kernel::native ? "native" : "portable"; }
+const char* name(kernel k) {
+    return k == kernel::native ? "native" : "portable";
+}
 
 /// N(0, sigma) values rounded to bf16.
 bmat normal_bf16(mha_test::value_source& rnd, Index rows, Index cols, double sigma = 1.0) {
@@ -87,11 +89,11 @@ mat<float> run(kernel k, const bmat& q, const bmat& kk, const bmat& v,
     if (k == kernel::native) {
 #if defined(MHA_BF16_NATIVE)
         mha::detail::multi_head_attention_core_bf16<kernel::native>(q, kk, v, 1, 1, batch, out,
-                                                                   mask, options, {}, cfg);
+                                                                    mask, options, {}, cfg);
 #endif
     } else {
         mha::detail::multi_head_attention_core_bf16<kernel::portable>(q, kk, v, 1, 1, batch, out,
-                                                                     mask, options, {}, cfg);
+                                                                      mask, options, {}, cfg);
     }
     return out;
 }
@@ -141,14 +143,11 @@ std::vector<mask_case> all_masks(Index lq, Index lk, std::uint64_t seed) {
     auto bias_fn = [bias](Index j, Index i) { return static_cast<long double>(bias(j, i)); };
     cases.push_back(
         {"additive_bias", mha::additive_bias<float>(bias), mha_test::allow_all(), bias_fn});
-    cases.push_back({"causal + key_lengths + keep + bias",
-                     mha::attention_mask<float>(mha::causal{}, mha::key_lengths{{len}},
-                                                mha::keep_mask(keep),
-                                                mha::additive_bias<float>(bias)),
-                     [=](Index j, Index i) {
-                         return j <= i + lk - lq && j < len && keep(j, i);
-                     },
-                     bias_fn});
+    cases.push_back(
+        {"causal + key_lengths + keep + bias",
+         mha::attention_mask<float>(mha::causal{}, mha::key_lengths{{len}}, mha::keep_mask(keep),
+                                    mha::additive_bias<float>(bias)),
+         [=](Index j, Index i) { return j <= i + lk - lq && j < len && keep(j, i); }, bias_fn});
     return cases;
 }
 
@@ -217,14 +216,13 @@ TEST_CASE("bf16 core: the native and portable kernels agree within the bound") {
     const mat<long double> ref =
         mha_test::reference_attention<long double>(ql, kl, vl, 0.125L, allowed);
     mha_test::require_bf16_attention_close(n, ref, ql, kl, vl, scale, allowed, nullptr, "native");
-    mha_test::require_bf16_attention_close(p, ref, ql, kl, vl, scale, allowed, nullptr,
-                                           "portable");
+    mha_test::require_bf16_attention_close(p, ref, ql, kl, vl, scale, allowed, nullptr, "portable");
     const mat<long double> pl = p.cast<long double>();
     mat<float> half_diff(dv, lq);
     for (Index i = 0; i < lq; ++i)
         for (Index c = 0; c < dv; ++c)
-            half_diff(c, i) = static_cast<float>(
-                (static_cast<long double>(n(c, i)) - pl(c, i)) / 2 + ref(c, i));
+            half_diff(c, i) =
+                static_cast<float>((static_cast<long double>(n(c, i)) - pl(c, i)) / 2 + ref(c, i));
     // |n − p|/2 ≤ bound  ⇔  (n − p)/2 + ref within the bound of ref.
     mha_test::require_bf16_attention_close(half_diff, ref, ql, kl, vl, scale, allowed, nullptr,
                                            "native vs portable");
@@ -252,9 +250,9 @@ TEST_CASE("bf16 core: NaN propagates, poisoned masked keys never leak") {
         CHECK(poisoned.allFinite());
         const mat<long double> ref = mha_test::reference_attention<long double>(
             widen(q), widen(k), widen(v), 0.25L, [=](Index j, Index) { return j < len; });
-        mha_test::require_bf16_attention_close(poisoned, ref, widen(q), widen(k), widen(v), 0.25f,
-                                               [=](Index j, Index) { return j < len; }, nullptr,
-                                               "poisoned");
+        mha_test::require_bf16_attention_close(
+            poisoned, ref, widen(q), widen(k), widen(v), 0.25f,
+            [=](Index j, Index) { return j < len; }, nullptr, "poisoned");
         // Causal: keys above the diagonal poisoned.
         bmat kc = k, vc = v;
         for (Index j = lq; j < lk; ++j) {  // top-left causal: query i sees keys <= i
@@ -274,7 +272,8 @@ TEST_CASE("bf16 core: NaN propagates, poisoned masked keys never leak") {
         // NaN in an allowed value: every query that sees it has NaN in that row.
         bmat vn = v;
         vn(2, 11) = bf16(nan);
-        const mat<float> vnan = run(kn, q, k, vn, mha::causal{mha::causal_alignment::top_left}, cfg);
+        const mat<float> vnan =
+            run(kn, q, k, vn, mha::causal{mha::causal_alignment::top_left}, cfg);
         CHECK(vnan.row(2).rightCols(lq - 11).array().isNaN().all());
         CHECK(vnan.row(2).leftCols(11).allFinite());
     }
@@ -307,7 +306,8 @@ TEST_CASE("bf16 core: public entry, heads, grouped heads, batches, bf16 output, 
             const auto allowed = mha_test::causal_bottom_right(n, n);
             const mat<long double> ref =
                 mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
-            const std::string what = "sequence " + std::to_string(b) + ", head " + std::to_string(h);
+            const std::string what =
+                "sequence " + std::to_string(b) + ", head " + std::to_string(h);
             mha_test::require_bf16_attention_close<float>(out.block(h * dv, c0, dv, n), ref, qh, kh,
                                                           vh, scale, allowed, nullptr, what);
             mha_test::require_bf16_attention_close<bf16>(out16.block(h * dv, c0, dv, n), ref, qh,
@@ -386,8 +386,8 @@ TEST_CASE("bf16 core: the native kernel's exp is within 3 ulp of exp over [-88, 
     }
     INFO("worst relative error " << worst);
     CHECK(worst <= 3 * 0x1.0p-24L);
-    _mm512_store_ps(y, mha::detail::exp_nonpositive(
-                           _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+    _mm512_store_ps(
+        y, mha::detail::exp_nonpositive(_mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
     CHECK(std::isnan(y[0]));
 #else
     SKIP("the native kernel is not compiled in");

@@ -66,17 +66,17 @@ TEST_CASE("corpus inputs decode to score terms exactly when their name says so",
     // The score-terms trailer came after the corpus: earlier files must keep decoding without
     // soft-capping, ALiBi or sinks, and the files named for them must have them.
     std::size_t with_terms = 0, softcap = 0, alibi = 0, sinks = 0;
-    for_each_corpus_file(MHA_FUZZ_CORPUS_DIR, [&](const std::string& name,
-                                                  const std::vector<std::uint8_t>& bytes) {
-        CAPTURE(name);
-        const mha_fuzz::problem p = mha_fuzz::decode(bytes.data(), bytes.size());
-        const bool named = name.find("terms") != std::string::npos;
-        CHECK(p.has_terms() == named);
-        with_terms += named;
-        softcap += p.softcap.has_value();
-        alibi += !p.alibi.empty();
-        sinks += !p.sinks.empty();
-    });
+    for_each_corpus_file(
+        MHA_FUZZ_CORPUS_DIR, [&](const std::string& name, const std::vector<std::uint8_t>& bytes) {
+            CAPTURE(name);
+            const mha_fuzz::problem p = mha_fuzz::decode(bytes.data(), bytes.size());
+            const bool named = name.find("terms") != std::string::npos;
+            CHECK(p.has_terms() == named);
+            with_terms += named;
+            softcap += p.softcap.has_value();
+            alibi += !p.alibi.empty();
+            sinks += !p.sinks.empty();
+        });
     REQUIRE(with_terms >= 6);
     CHECK(softcap >= 2);
     CHECK(alibi >= 2);
@@ -85,12 +85,11 @@ TEST_CASE("corpus inputs decode to score terms exactly when their name says so",
 
 TEST_CASE("enough corpus inputs are small enough for the backward oracle", "[fuzz]") {
     std::size_t checked = 0, total = 0;
-    for_each_corpus_file(MHA_FUZZ_CORPUS_DIR,
-                         [&](const std::string&, const std::vector<std::uint8_t>& bytes) {
-                             checked += mha_fuzz::backward_checked(
-                                 mha_fuzz::decode(bytes.data(), bytes.size()));
-                             ++total;
-                         });
+    for_each_corpus_file(
+        MHA_FUZZ_CORPUS_DIR, [&](const std::string&, const std::vector<std::uint8_t>& bytes) {
+            checked += mha_fuzz::backward_checked(mha_fuzz::decode(bytes.data(), bytes.size()));
+            ++total;
+        });
     INFO(checked << " of " << total);
     REQUIRE(checked >= 10);
 }

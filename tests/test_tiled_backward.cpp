@@ -73,15 +73,18 @@ struct tiled_case {
     }
 };
 
-Index at(const std::vector<Index>& v, Index b) { return v[static_cast<std::size_t>(b)]; }
+Index at(const std::vector<Index>& v, Index b) {
+    return v[static_cast<std::size_t>(b)];
+}
 
 /// The mask of a case as the library's types and as the reference's predicates over
 /// (b, h, j, i), the latter written from the definitions in docs/semantics.md.
 template <class Scalar>
 struct case_masks {
     mha::attention_mask<Scalar> mask;
-    std::function<bool(Index, Index, Index, Index)> allowed =
-        [](Index, Index, Index, Index) { return true; };
+    std::function<bool(Index, Index, Index, Index)> allowed = [](Index, Index, Index, Index) {
+        return true;
+    };
     std::function<long double(Index, Index, Index, Index)> bias;  // null: none
 };
 
@@ -238,9 +241,8 @@ mha::attention_gradients<Scalar> tiled_case_gradients(const tiled_case& c,
     mha::backward_request request;
     request.threads = threads;
     if (c.query_block == 0)
-        return mha::multi_head_attention_core_backward(in.q, in.k, in.v, c.heads, c.kv_heads,
-                                                       batch, in.d_out, masks.mask, options,
-                                                       request);
+        return mha::multi_head_attention_core_backward(in.q, in.k, in.v, c.heads, c.kv_heads, batch,
+                                                       in.d_out, masks.mask, options, request);
     mat<Scalar> out(c.heads * c.dv, in.q.cols());
     mha::attention_request want;
     want.log_sum_exp = true;
@@ -253,19 +255,18 @@ mha::attention_gradients<Scalar> tiled_case_gradients(const tiled_case& c,
     const mha::detail::const_matrix_ref<Scalar> q(in.q), k(in.k), v(in.v), d_out(in.d_out);
     mat<Scalar> unused(0, 0);
     const mha::detail::head_layout heads{c.heads, c.kv_heads, c.dk, c.dv};
-    const mha::detail::attention_problem<Scalar> p{q,
-                                                   k,
-                                                   v,
-                                                   mha::detail::matrix_ref<Scalar>(unused),
-                                                   heads,
-                                                   batch,
-                                                   masks.mask,
-                                                   static_cast<Scalar>(
-                                                       1.0L / std::sqrt(static_cast<long double>(
-                                                                  c.dk))),
-                                                   mha::normalization::softmax,
-                                                   mha::attention_request{},
-                                                   nullptr};
+    const mha::detail::attention_problem<Scalar> p{
+        q,
+        k,
+        v,
+        mha::detail::matrix_ref<Scalar>(unused),
+        heads,
+        batch,
+        masks.mask,
+        static_cast<Scalar>(1.0L / std::sqrt(static_cast<long double>(c.dk))),
+        mha::normalization::softmax,
+        mha::attention_request{},
+        nullptr};
     const mha::detail::tiled_backward_io<Scalar> io{
         mha::detail::const_matrix_ref<Scalar>(out),
         mha::detail::const_matrix_ref<Scalar>(fo.log_sum_exp),
@@ -284,8 +285,8 @@ mha::attention_gradients<Scalar> tiled_case_gradients(const tiled_case& c,
 /// The materialised backward of a case (the reference path the library keeps).
 template <class Scalar>
 mha::attention_gradients<Scalar> materialized_case_gradients(const tiled_case& c,
-                                                            const case_inputs<Scalar>& in,
-                                                            const case_masks<Scalar>& masks) {
+                                                             const case_inputs<Scalar>& in,
+                                                             const case_masks<Scalar>& masks) {
     mha::attention_options options;
     options.algorithm = mha::attention_algorithm::materialized;
     mha::backward_request request;
@@ -295,9 +296,10 @@ mha::attention_gradients<Scalar> materialized_case_gradients(const tiled_case& c
                                                    masks.mask, options, request);
 }
 
-const mask_kind every_mask[] = {mask_kind::none,        mask_kind::causal, mask_kind::causal_top_left,
-                                mask_kind::window,      mask_kind::key_lengths,
-                                mask_kind::padded,      mask_kind::keep,   mask_kind::bias};
+const mask_kind every_mask[] = {
+    mask_kind::none,   mask_kind::causal,      mask_kind::causal_top_left,
+    mask_kind::window, mask_kind::key_lengths, mask_kind::padded,
+    mask_kind::keep,   mask_kind::bias};
 
 /// Every mask kind on a packed batch with cross-attention (Lq ≠ Lk), a one-query and a one-key
 /// sequence, grouped heads and d_k ≠ d_v, with blocks of 4 queries × 3 keys (many tile
@@ -351,8 +353,8 @@ mat<T> stacked(const std::vector<mat<T>>& parts) {
 // Σ P∘dP. Both are O(ε) relative per entry, the same order as the baseline's own error. Measured
 // in a g++ -O0 build (the dev preset) before k was fixed: (error − floor) / baseline at most 0.6
 // for every gradient in float and double (dQ 0.57 in float). k = 6 keeps the materialised
-// backward's rule, so that a larger error here would show as a regression against it. A wrong term (a missing D, a key block visited twice, a wrong head) moves a gradient
-// by O(1), far above.
+// backward's rule, so that a larger error here would show as a regression against it. A wrong term
+// (a missing D, a key block visited twice, a wrong head) moves a gradient by O(1), far above.
 TEMPLATE_TEST_CASE("tiled backward matches the long-double chain rule", "[tiled_backward]", float,
                    double) {
     using Scalar = TestType;
@@ -512,8 +514,8 @@ TEST_CASE("tiled backward: empty inputs", "[tiled_backward]") {
         // No sequence; sequences with no query or no key; empty heads' widths stay valid.
         for (const auto& lengths : std::vector<std::pair<std::vector<Index>, std::vector<Index>>>{
                  {{}, {}}, {{0}, {0}}, {{0}, {3}}, {{3}, {0}}, {{2, 0, 3}, {0, 4, 2}}}) {
-            const tiled_case c{lengths.first, lengths.second, 2, 1, 3, 2, mask_kind::none,
-                               block, block, 5};
+            const tiled_case c{lengths.first,   lengths.second, 2,     1, 3, 2,
+                               mask_kind::none, block,          block, 5};
             INFO(c.describe());
             mha_test::value_source values(c.seed);
             const auto masks = make_masks<float>(c, values);
@@ -567,7 +569,8 @@ TEST_CASE("tiled backward: dispatch and the forward's saved results", "[tiled_ba
     CHECK(mha_test::bitwise_equal(m1.dq, m2.dq));
     CHECK(mha_test::bitwise_equal(m1.dk, m2.dk));
     CHECK(!mha_test::bitwise_equal(m1.dq, recomputed.dq));
-    CHECK(mha_test::max_abs_diff(m1.dq, recomputed.dq) <= 1e-12 * (1 + m1.dq.cwiseAbs().maxCoeff()));
+    CHECK(mha_test::max_abs_diff(m1.dq, recomputed.dq) <=
+          1e-12 * (1 + m1.dq.cwiseAbs().maxCoeff()));
     // Saved results of the wrong shape are refused, naming the argument.
     const mat<double> short_lse = fo.log_sum_exp.leftCols(3);
     mha::attention_forward_results<double> wrong;

@@ -335,8 +335,9 @@ void check_bytes_apart(const char* where, const char* out_name, const Out& out,
     if (out.size() == 0 || input.size() == 0) return;
     const auto span = [](const auto& m) {
         const auto begin = reinterpret_cast<std::uintptr_t>(m.data());
-        const auto bytes = static_cast<std::uintptr_t>((m.cols() - 1) * m.outerStride() + m.rows()) *
-                           sizeof(*m.data());
+        const auto bytes =
+            static_cast<std::uintptr_t>((m.cols() - 1) * m.outerStride() + m.rows()) *
+            sizeof(*m.data());
         return std::make_pair(begin, begin + bytes);
     };
     const auto a = span(out), b = span(input);
@@ -356,9 +357,9 @@ attention_outputs<float> multi_head_attention_core_bf16(
     const tiled_settings& cfg = {}) {
     using bf16 = Eigen::bfloat16;
     using OutScalar = typename DO::Scalar;
-    static_assert(same_scalars_v<bf16, typename DQ::Scalar, typename DK::Scalar,
-                                 typename DV::Scalar>,
-                  "mha: bf16 attention takes q, k and v all as Eigen::bfloat16");
+    static_assert(
+        same_scalars_v<bf16, typename DQ::Scalar, typename DK::Scalar, typename DV::Scalar>,
+        "mha: bf16 attention takes q, k and v all as Eigen::bfloat16");
     static_assert(std::is_same_v<OutScalar, float> || std::is_same_v<OutScalar, bf16>,
                   "mha: the output of bf16 attention is float or Eigen::bfloat16");
     constexpr const char* where = "mha::multi_head_attention_core (bfloat16)";
@@ -380,14 +381,20 @@ attention_outputs<float> multi_head_attention_core_bf16(
         fail<value_error>(where, "options.normalize", "softmax (the only bf16 kernel)",
                           to_string(options.normalize));
     if (options.algorithm == attention_algorithm::materialized)
-        fail<value_error>(where, "options.algorithm", "automatic or tiled (bf16 has no "
-                          "materialised kernel)", "materialized");
+        fail<value_error>(where, "options.algorithm",
+                          "automatic or tiled (bf16 has no "
+                          "materialised kernel)",
+                          "materialized");
     if (request.weights != weights_mode::none)
-        fail<value_error>(where, "request.weights", "weights_mode::none (bf16 does not return "
-                          "weights yet)", "a weights mode");
+        fail<value_error>(where, "request.weights",
+                          "weights_mode::none (bf16 does not return "
+                          "weights yet)",
+                          "a weights mode");
     if (options.softcap || !options.alibi_slopes.empty() || !options.sinks.empty())
-        fail<value_error>(where, "options", "no softcap, alibi_slopes or sinks (not in the bf16 "
-                          "kernel yet)", "a score term");
+        fail<value_error>(where, "options",
+                          "no softcap, alibi_slopes or sinks (not in the bf16 "
+                          "kernel yet)",
+                          "a score term");
     mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
     attention_outputs<float> outputs;
     if (request.log_sum_exp)
@@ -401,8 +408,8 @@ attention_outputs<float> multi_head_attention_core_bf16(
         check_bytes_apart(where, "out", o, "q", qr);
         check_bytes_apart(where, "out", o, "k", kr);
         check_bytes_apart(where, "out", o, "v", vr);
-        const bf16_attention_problem problem{qr,   kr,   vr,    o,   heads,
-                                             batch, mask, scale, request.log_sum_exp};
+        const bf16_attention_problem problem{
+            qr, kr, vr, o, heads, batch, mask, scale, request.log_sum_exp};
         tiled_attention_bf16<Kernel>(problem, lse, cfg);
     };
     if constexpr (std::is_same_v<OutScalar, float>) {

@@ -117,8 +117,8 @@ attention_gradients<typename DQ::Scalar> core_backward(
         if (forward->output != nullptr) {
             detail::check_size(where, "forward.output->rows()", d_out.rows(),
                                forward->output->rows(), "d_out.rows()");
-            detail::check_size(where, "forward.output->cols()", q.cols(),
-                               forward->output->cols(), "q.cols()");
+            detail::check_size(where, "forward.output->cols()", q.cols(), forward->output->cols(),
+                               "q.cols()");
             detail::check_size(where, "forward.log_sum_exp->rows()", num_heads,
                                forward->log_sum_exp->rows(), "num_heads");
             detail::check_size(where, "forward.log_sum_exp->cols()", q.cols(),
@@ -158,9 +158,10 @@ attention_gradients<typename DQ::Scalar> core_backward(
             own_out.setZero(d_out.rows(), d_out.cols());
             attention_request want_lse;
             want_lse.log_sum_exp = true;
-            const attention_problem<Scalar> fp{q_ref,  k_ref,  v_ref,     matrix_ref<Scalar>(own_out),
-                                               heads,  batch,  mask,      scale,
-                                               options.normalize, want_lse, nullptr};
+            const attention_problem<Scalar> fp{
+                q_ref,  k_ref, v_ref, matrix_ref<Scalar>(own_out), heads,
+                batch,  mask,  scale, options.normalize,           want_lse,
+                nullptr};
             attention_outputs<Scalar> fo;
             size_outputs(fp, fo);
             tiled_settings settings;
@@ -204,10 +205,10 @@ attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
     Index num_heads, Index num_kv_heads, const packed_batch& batch,
     const Eigen::MatrixBase<DG>& d_out, const attention_mask<typename DQ::Scalar>& mask = {},
     const attention_options& options = {}, const backward_request& request = {}) {
-    return detail::core_backward(q, k, v, num_heads, num_kv_heads, batch, d_out,
-                                 static_cast<const attention_forward_results<typename DQ::Scalar>*>(
-                                     nullptr),
-                                 mask, options, request);
+    return detail::core_backward(
+        q, k, v, num_heads, num_kv_heads, batch, d_out,
+        static_cast<const attention_forward_results<typename DQ::Scalar>*>(nullptr), mask, options,
+        request);
 }
 
 /// As above, reusing the forward's output and log-sum-exp (`forward`, from a

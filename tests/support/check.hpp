@@ -156,9 +156,8 @@ void require_bf16_attention_close(const mat<Out>& out, const mat<long double>& r
                 continue;
             }
             const long double err = std::fabs(o - ref(c, i));
-            const long double bound =
-                (ub + g_keys + 2 * g_dot * smax + 8 * u * (1 + smax)) * vmax +
-                (u + uo) * std::fabs(ref(c, i));
+            const long double bound = (ub + g_keys + 2 * g_dot * smax + 8 * u * (1 + smax)) * vmax +
+                                      (u + uo) * std::fabs(ref(c, i));
             if (!(err <= bound)) {
                 std::ostringstream m;
                 m << what << ": |out - ref| = " << err << " > bound " << bound << " at (" << c

@@ -235,8 +235,7 @@ private:
             }
         }
         if (lo >= hi) return {0, 0, true};
-        const bool interior =
-            max_first <= lo && hi <= min_last && !hd.mask->has_elementwise();
+        const bool interior = max_first <= lo && hi <= min_last && !hd.mask->has_elementwise();
         return {lo, hi, interior};
     }
 
@@ -267,8 +266,8 @@ private:
         }
         // S = Kᵀ·(scale·Q) and dP = Vᵀ·dO (K and V columns read as rows of a row-major matrix).
         backward_gemm<Scalar, Eigen::RowMajor, Eigen::ColMajor>(
-            nk, nq, hd.dk_width, hd.k + j0 * hd.k_stride, hd.k_stride, s.qs.data(), s.qs.rows(),
-            sp, ld, Scalar(1), s.gemm);
+            nk, nq, hd.dk_width, hd.k + j0 * hd.k_stride, hd.k_stride, s.qs.data(), s.qs.rows(), sp,
+            ld, Scalar(1), s.gemm);
         backward_gemm<Scalar, Eigen::RowMajor, Eigen::ColMajor>(
             nk, nq, hd.dv_width, hd.v + j0 * hd.v_stride, hd.v_stride,
             hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, sd, ld, Scalar(1), s.gemm);
@@ -325,7 +324,8 @@ private:
     }
 
     // Pass 2: dQ of queries [i0, i0 + query_block) of sequence b, query head h.
-    void query_block_task(Index b, Index h, Index i0, tiled_backward_thread_state<Scalar>& s) const {
+    void query_block_task(Index b, Index h, Index i0,
+                          tiled_backward_thread_state<Scalar>& s) const {
         const backward_head<Scalar> hd = head(b, h);
         const Index nq = std::min(cfg_.query_block, hd.lq - i0);
         const key_span all = span(hd, i0, nq, 0, hd.lk);

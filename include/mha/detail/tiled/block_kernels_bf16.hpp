@@ -70,17 +70,23 @@ inline std::uint16_t bf16_bits(Eigen::bfloat16 x) {
 }
 
 /// A bf16 as fp32, exactly (a bf16 is the upper 16 bits of the fp32 of the same value).
-inline float bf16_to_float(Eigen::bfloat16 x) { return static_cast<float>(x); }
+inline float bf16_to_float(Eigen::bfloat16 x) {
+    return static_cast<float>(x);
+}
 
 /// x rounded to the nearest bf16 (ties to even; NaN stays NaN), back in fp32.
-inline float round_to_bf16(float x) { return static_cast<float>(Eigen::bfloat16(x)); }
+inline float round_to_bf16(float x) {
+    return static_cast<float>(Eigen::bfloat16(x));
+}
 
 /// Packets of queries and value rows in the native kernels: 16 fp32 lanes, 32 bf16.
 inline constexpr Index bf16_lanes = 16;
 
 /// Rounds n up to a multiple of the native packet (16): the padded query count of the native
 /// score tile and the padded value width of its accumulator.
-constexpr Index bf16_padded(Index n) { return (n + bf16_lanes - 1) / bf16_lanes * bf16_lanes; }
+constexpr Index bf16_padded(Index n) {
+    return (n + bf16_lanes - 1) / bf16_lanes * bf16_lanes;
+}
 
 /// qp ← the pair-interleaved queries q(:, 0 : nq) (layout at the top of this file), zero for
 /// queries nq..nqp and for the partner of an odd d_k. Unscaled: the scale multiplies the fp32
@@ -108,9 +114,9 @@ inline void pack_value_pairs(const Eigen::bfloat16* v, Index v_stride, Index dv,
 #if defined(MHA_BF16_NATIVE)
     // Two keys at a time, 32 rows at a time: the rows of keys j and j + 1 interleaved by one
     // two-source permute per 32 outputs.
-    alignas(64) static constexpr std::int16_t low[32] = {
-        0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    alignas(64) static constexpr std::int16_t low[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                         37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                         11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
     alignas(64) static constexpr std::int16_t high[32] = {
         16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
         24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
@@ -177,8 +183,8 @@ MHA_ALWAYS_INLINE void score_tile_bf16(const std::uint16_t* qp, Index nqp, Index
         for (int p = 0; p < QP; ++p)
             x[p] = _mm512_loadu_si512(qp + (d2 * nqp + p * bf16_lanes) * 2);
         for (int r = 0; r < Keys; ++r) {
-            const __m512i b = _mm512_set1_epi32(
-                static_cast<int>(load_pair(k + r * k_stride + 2 * d2)));
+            const __m512i b =
+                _mm512_set1_epi32(static_cast<int>(load_pair(k + r * k_stride + 2 * d2)));
             for (int p = 0; p < QP; ++p)
                 acc[p][r] = dot_pairs(acc[p][r], x[p], b);
         }
@@ -237,10 +243,9 @@ inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
 inline void pack_probability_pairs(const float* st, Index ld, Index nqp, Index nk,
                                    std::uint16_t* pp) {
     // Interleaves the two halves of a 32 × bf16 register: result 2c ← c, 2c + 1 ← 16 + c.
-    alignas(64) static constexpr std::int16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19,
-                                                           4, 20, 5, 21, 6,  22, 7,  23,
-                                                           8, 24, 9, 25, 10, 26, 11, 27,
-                                                           12, 28, 13, 29, 14, 30, 15, 31};
+    alignas(64) static constexpr std::int16_t order[32] = {
+        0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i idx = _mm512_load_si512(order);
     for (Index j = 0; j < nk; j += 2) {
         const float* even = st + j * ld;
@@ -257,18 +262,18 @@ inline void pack_probability_pairs(const float* st, Index ld, Index nqp, Index n
     }
 }
 
-/// exp(d) for d <= 0 in 16 fp32 lanes (1.3 ulp at most, measured): d = n·ln2 + f with n = round(d/ln2) and
-/// |f| <= ln2/2 (ln2 split in two so that f is exact to fp32 rounding, Cody–Waite), e^f by its
-/// Taylor polynomial of degree 7 (truncation below (ln2/2)^8/8! ≈ 5e-9 relative), and 2^n
-/// applied by vscalefps; tests/test_bf16_attention.cpp measures the error over [−88, 0] (within
-/// 3 ulp). 12 instructions where Eigen's pexp takes about twice as many; the
-/// exp pass is the largest cost of a block after the two products. NaN stays NaN; −∞ and
-/// differences below exp_flush_below are cleared by the caller.
+/// exp(d) for d <= 0 in 16 fp32 lanes (1.3 ulp at most, measured): d = n·ln2 + f with n =
+/// round(d/ln2) and |f| <= ln2/2 (ln2 split in two so that f is exact to fp32 rounding,
+/// Cody–Waite), e^f by its Taylor polynomial of degree 7 (truncation below (ln2/2)^8/8! ≈ 5e-9
+/// relative), and 2^n applied by vscalefps; tests/test_bf16_attention.cpp measures the error over
+/// [−88, 0] (within 3 ulp). 12 instructions where Eigen's pexp takes about twice as many; the exp
+/// pass is the largest cost of a block after the two products. NaN stays NaN; −∞ and differences
+/// below exp_flush_below are cleared by the caller.
 MHA_ALWAYS_INLINE __m512 exp_nonpositive(__m512 d) {
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);  // ln2, high bits
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);  // ln2, the rest
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);            // ln2, the rest
     __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
@@ -287,10 +292,9 @@ MHA_ALWAYS_INLINE __m512 exp_nonpositive(__m512 d) {
 /// the fp32 sum over j, pp the bf16 pairs. st is read once and not written.
 inline void exp_pack_probability_pairs(const float* st, Index ld, Index nqp, Index nk,
                                        const float* shift, float* sum, std::uint16_t* pp) {
-    alignas(64) static constexpr std::int16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19,
-                                                           4, 20, 5, 21, 6,  22, 7,  23,
-                                                           8, 24, 9, 25, 10, 26, 11, 27,
-                                                           12, 28, 13, 29, 14, 30, 15, 31};
+    alignas(64) static constexpr std::int16_t order[32] = {
+        0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i idx = _mm512_load_si512(order);
     const __m512 pinf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
@@ -333,7 +337,8 @@ MHA_ALWAYS_INLINE void value_tile_bf16(const std::uint16_t* vp, Index dvp, Index
         for (int p = 0; p < VP; ++p)
             x[p] = _mm512_loadu_si512(vp + (jp * dvp + p * bf16_lanes) * 2);
         for (int c = 0; c < Queries; ++c) {
-            const __m512i b = _mm512_set1_epi32(static_cast<int>(load_pair(pp + (jp * nqp + c) * 2)));
+            const __m512i b =
+                _mm512_set1_epi32(static_cast<int>(load_pair(pp + (jp * nqp + c) * 2)));
             for (int p = 0; p < VP; ++p)
                 o[p][c] = dot_pairs(o[p][c], x[p], b);
         }

@@ -65,8 +65,7 @@ struct bf16_head_problem {
 };
 
 inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p, Index b, Index h,
-                                                const mask_view<float>& mask,
-                                                matrix<float>* lse) {
+                                                const mask_view<float>& mask, matrix<float>* lse) {
     const head_layout& heads = p.heads;
     const Index q0 = p.batch.query_offset(b), k0 = p.batch.key_offset(b);
     const Index lq = p.batch.query_length(b), lk = p.batch.key_length(b);
@@ -105,7 +104,7 @@ inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p,
 /// portable kernel's widened queries and values) and the packed bf16 operands.
 struct bf16_thread_state {
     tile_scratch<float> t;
-    matrix<float> kb;                     // portable: dk × key_block, the block's keys widened
+    matrix<float> kb;                       // portable: dk × key_block, the block's keys widened
     std::vector<std::uint16_t> qp, vp, pp;  // native: the pair-interleaved Q, V and P
     std::vector<Eigen::bfloat16> kb16;      // native: the block's keys, contiguous
     tile_scratch_key made_for;
@@ -369,7 +368,8 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
     };
     auto run = [&](Index index, bf16_thread_state& state) {
         const task& tk = tasks[static_cast<std::size_t>(index)];
-        const bf16_head_problem hp = make_bf16_head_problem(p, tk.b, tk.h, ws.masks(tk.b, tk.h), lse);
+        const bf16_head_problem hp =
+            make_bf16_head_problem(p, tk.b, tk.h, ws.masks(tk.b, tk.h), lse);
         online_pass_bf16<Kernel>(hp, tk.i0, tk.nq, cfg, state);
         finalize_block_bf16(hp, tk.i0, tk.nq, state.t);
     };
