@@ -186,40 +186,45 @@ bool scores_clear_of_zero(const layer_case& c, const mha::layer_saved_state<doub
     return true;
 }
 
+/// Every gradient of case c against central differences of the layer's own forward (the saved
+/// output checked against forward first).
+void require_case_matches_differences(const layer_case& c) {
+    INFO(c.describe());
+    layer_inputs<double> in = make_inputs<double>(c);
+    const mha::multi_head_attention<double> layer(c.config, in.params);
+    const auto saved = run_forward(layer, c, in);
+    // The saved output is the layer's forward (up to the GEMMs' blocking).
+    const double reference_loss = loss(c, in);
+    CHECK(std::fabs((in.d_out.array() * saved.output.array()).sum() - reference_loss) <=
+          1e-12 * (1 + std::fabs(reference_loss)));
+    // A step of 1e-5 in one input or weight moves a score by well under 1e-4 at these sizes.
+    if (c.config.attention.normalize == mha::normalization::relu)
+        REQUIRE(scores_clear_of_zero(c, saved, 1e-3));
+    const auto g = layer.backward(saved, in.d_out);
+    auto f = [&] { return loss(c, in); };
+    require_matches_differences("d_query", in.xq, g.d_query, f);
+    if (!c.self) {
+        require_matches_differences("d_key", in.xk, g.d_key, f);
+        require_matches_differences("d_value", in.xv, g.d_value, f);
+    } else {
+        CHECK(g.d_key.size() == 0);
+        CHECK(g.d_value.size() == 0);
+    }
+    require_matches_differences("w_q", in.params.w_q, g.parameters.w_q, f);
+    require_matches_differences("w_k", in.params.w_k, g.parameters.w_k, f);
+    require_matches_differences("w_v", in.params.w_v, g.parameters.w_v, f);
+    require_matches_differences("w_o", in.params.w_o, g.parameters.w_o, f);
+    require_matches_differences("b_q", in.params.b_q, g.parameters.b_q, f);
+    require_matches_differences("b_k", in.params.b_k, g.parameters.b_k, f);
+    require_matches_differences("b_v", in.params.b_v, g.parameters.b_v, f);
+    require_matches_differences("b_o", in.params.b_o, g.parameters.b_o, f);
+}
+
 }  // namespace
 
 TEST_CASE("layer backward matches central finite differences", "[backward][layer]") {
-    for (const layer_case& c : all_cases()) {
-        INFO(c.describe());
-        layer_inputs<double> in = make_inputs<double>(c);
-        const mha::multi_head_attention<double> layer(c.config, in.params);
-        const auto saved = run_forward(layer, c, in);
-        // The saved output is the layer's forward (up to the GEMMs' blocking).
-        const double reference_loss = loss(c, in);
-        CHECK(std::fabs((in.d_out.array() * saved.output.array()).sum() - reference_loss) <=
-              1e-12 * (1 + std::fabs(reference_loss)));
-        // A step of 1e-5 in one input or weight moves a score by well under 1e-4 at these sizes.
-        if (c.config.attention.normalize == mha::normalization::relu)
-            REQUIRE(scores_clear_of_zero(c, saved, 1e-3));
-        const auto g = layer.backward(saved, in.d_out);
-        auto f = [&] { return loss(c, in); };
-        require_matches_differences("d_query", in.xq, g.d_query, f);
-        if (!c.self) {
-            require_matches_differences("d_key", in.xk, g.d_key, f);
-            require_matches_differences("d_value", in.xv, g.d_value, f);
-        } else {
-            CHECK(g.d_key.size() == 0);
-            CHECK(g.d_value.size() == 0);
-        }
-        require_matches_differences("w_q", in.params.w_q, g.parameters.w_q, f);
-        require_matches_differences("w_k", in.params.w_k, g.parameters.w_k, f);
-        require_matches_differences("w_v", in.params.w_v, g.parameters.w_v, f);
-        require_matches_differences("w_o", in.params.w_o, g.parameters.w_o, f);
-        require_matches_differences("b_q", in.params.b_q, g.parameters.b_q, f);
-        require_matches_differences("b_k", in.params.b_k, g.parameters.b_k, f);
-        require_matches_differences("b_v", in.params.b_v, g.parameters.b_v, f);
-        require_matches_differences("b_o", in.params.b_o, g.parameters.b_o, f);
-    }
+    for (const layer_case& c : all_cases())
+        require_case_matches_differences(c);
 }
 
 namespace {
@@ -428,25 +433,6 @@ TEST_CASE("layer backward through rotary positions matches central finite differ
     cross.rotary->scaling = mha::rotary_scaling::yarn(2, 16);
     cases.push_back({cross, false, {2, 3}, {4, 3}, true, 903});
     REQUIRE(mha::rotary_embedding<double>(*cross.rotary, 4).attention_factor() > 1.05);
-    for (const layer_case& c : cases) {
-        INFO(c.describe());
-        layer_inputs<double> in = make_inputs<double>(c);
-        const mha::multi_head_attention<double> layer(c.config, in.params);
-        const auto saved = run_forward(layer, c, in);
-        const double reference_loss = loss(c, in);
-        CHECK(std::fabs((in.d_out.array() * saved.output.array()).sum() - reference_loss) <=
-              1e-12 * (1 + std::fabs(reference_loss)));
-        const auto g = layer.backward(saved, in.d_out);
-        auto f = [&] { return loss(c, in); };
-        require_matches_differences("d_query", in.xq, g.d_query, f);
-        if (!c.self) {
-            require_matches_differences("d_key", in.xk, g.d_key, f);
-            require_matches_differences("d_value", in.xv, g.d_value, f);
-        }
-        require_matches_differences("w_q", in.params.w_q, g.parameters.w_q, f);
-        require_matches_differences("w_k", in.params.w_k, g.parameters.w_k, f);
-        require_matches_differences("w_v", in.params.w_v, g.parameters.w_v, f);
-        require_matches_differences("b_q", in.params.b_q, g.parameters.b_q, f);
-        require_matches_differences("b_k", in.params.b_k, g.parameters.b_k, f);
-    }
+    for (const layer_case& c : cases)
+        require_case_matches_differences(c);
 }
