@@ -596,11 +596,9 @@ mat<T> layer_reference(
                                          concat);
 }
 
-}  // namespace
-
-TEST_CASE("score terms in the layer: forward and decoding steps against the reference",
-          "[score_modifiers][layer]") {
-    using Scalar = float;
+/// The layer of the layer tests below: E = 16, 4 query heads of d_k 4 and d_v 3 sharing 2
+/// key/value heads, soft-capping 2, the standard ALiBi slopes and a sink per head.
+mha::attention_config terms_config() {
     mha::attention_config c;
     c.embed_dim = 16;
     c.num_heads = 4;
@@ -610,10 +608,28 @@ TEST_CASE("score terms in the layer: forward and decoding steps against the refe
     c.attention.softcap = 2.0;
     c.attention.alibi_slopes = mha::alibi_slopes(4);
     c.attention.sinks = {0.5, -0.5, 1.0, 0.0};
-    mha_test::value_source values(7001);
-    auto params = mha::multi_head_attention<Scalar>(c, 7).parameters();
+    return c;
+}
+
+/// Its parameters: the layer's own from `seed` (biases), weights U(−0.6, 0.6) from `values`.
+template <class Scalar>
+mha::attention_parameters<Scalar> terms_parameters(const mha::attention_config& c,
+                                                   std::uint64_t seed,
+                                                   mha_test::value_source& values) {
+    auto params = mha::multi_head_attention<Scalar>(c, seed).parameters();
     for (auto* w : {&params.w_q, &params.w_k, &params.w_v, &params.w_o})
         *w = values.uniform_matrix<Scalar>(w->rows(), w->cols(), -0.6, 0.6);
+    return params;
+}
+
+}  // namespace
+
+TEST_CASE("score terms in the layer: forward and decoding steps against the reference",
+          "[score_modifiers][layer]") {
+    using Scalar = float;
+    const mha::attention_config c = terms_config();
+    mha_test::value_source values(7001);
+    const auto params = terms_parameters<Scalar>(c, 7, values);
     const mha::multi_head_attention<Scalar> layer(c, params);
     const Index length = 40;
     const mat<Scalar> x = values.normal_matrix<Scalar>(16, length);
@@ -642,19 +658,9 @@ TEST_CASE("score modifier in the layer: forward, forward_into and weights on a p
     // get a T5-style bucketed bias per head. The reference applies the same modifier to its own
     // long-double scores, sequence by sequence.
     using Scalar = float;
-    mha::attention_config c;
-    c.embed_dim = 16;
-    c.num_heads = 4;
-    c.head_dim = 4;
-    c.value_head_dim = 3;
-    c.num_kv_heads = 2;
-    c.attention.softcap = 2.0;
-    c.attention.alibi_slopes = mha::alibi_slopes(4);
-    c.attention.sinks = {0.5, -0.5, 1.0, 0.0};
+    const mha::attention_config c = terms_config();
     mha_test::value_source values(7101);
-    auto params = mha::multi_head_attention<Scalar>(c, 11).parameters();
-    for (auto* w : {&params.w_q, &params.w_k, &params.w_v, &params.w_o})
-        *w = values.uniform_matrix<Scalar>(w->rows(), w->cols(), -0.6, 0.6);
+    const auto params = terms_parameters<Scalar>(c, 11, values);
     const mha::multi_head_attention<Scalar> layer(c, params);
     const std::vector<Index> lengths{23, 17};
     const mha::packed_batch batch(lengths);
