@@ -299,6 +299,20 @@ mha_test::mat<T> copy_block(const mha::matrix<float>& m, Index row, Index col, I
     return r;
 }
 
+/// q_i·k_j of query head h (column `qc` of Q) and key/value head g (column `kc` of K) in long
+/// double, and Σ_c |q_c·k_c|, the size its rounding is proportional to.
+inline std::pair<long double, long double> query_key_product(const inputs& x, const problem& p,
+                                                             Index h, Index g, Index qc, Index kc) {
+    long double dot = 0, magnitude = 0;
+    for (Index c = 0; c < p.dk; ++c) {
+        const long double t = static_cast<long double>(x.q(h * p.dk + c, qc)) *
+                              static_cast<long double>(x.k(g * p.dk + c, kc));
+        dot += t;
+        magnitude += std::fabs(t);
+    }
+    return {dot, magnitude};
+}
+
 /// The first-order bound on what the tiled softmax backward adds to a head's gradients by
 /// recomputing each weight as P̂_ij = exp(Ŝ_ij − lse_i) from the forward's float log-sum-exp
 /// instead of normalising its own scores (FlashAttention-2's scheme). Ŝ_ij and the forward's S_ij
@@ -343,13 +357,7 @@ long double softmax_recompute_bound(const inputs& x, const mha::matrix<float>& d
         for (Index j = 0; j < lk; ++j) {
             const auto jj = static_cast<std::size_t>(j);
             if (!allowed(j, i)) continue;
-            ld dot = 0, magnitude = 0;
-            for (Index c = 0; c < p.dk; ++c) {
-                const ld t = static_cast<ld>(x.q(h * p.dk + c, q0 + i)) *
-                             static_cast<ld>(x.k(g * p.dk + c, k0 + j));
-                dot += t;
-                magnitude += std::fabs(t);
-            }
+            const auto [dot, magnitude] = query_key_product(x, p, h, g, q0 + i, k0 + j);
             const ld b_ij = bias ? bias(j, i) : 0.0L;
             s[jj] = sc * dot + b_ij;
             worst = std::max(worst, gamma * sc * magnitude + u * std::fabs(b_ij));
@@ -499,13 +507,7 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                     for (Index j = 0; j < lk; ++j) {
                         if (!allowed(j, i)) continue;
                         any = true;
-                        ld dot = 0, magnitude = 0;
-                        for (Index c = 0; c < p.dk; ++c) {
-                            const ld t = static_cast<ld>(x.q(h * p.dk + c, q0 + i)) *
-                                         static_cast<ld>(x.k(g * p.dk + c, k0 + j));
-                            dot += t;
-                            magnitude += std::fabs(t);
-                        }
+                        const auto [dot, magnitude] = query_key_product(x, p, h, g, q0 + i, k0 + j);
                         const ld b_ij = bias ? bias(j, i) : 0.0L;
                         const ld score = static_cast<ld>(scale) * dot + b_ij;
                         if (std::fabs(score) <=
