@@ -666,8 +666,8 @@ TEST_CASE("score modifier in the layer: forward, forward_into and weights on a p
     const mha::packed_batch batch(lengths);
     const mat<Scalar> x = values.normal_matrix<Scalar>(16, batch.total_queries());
     const test_modifier t5 = make_t5(4, 7102);
-    const Index prefix = 6;
-    auto score = [&t5, prefix](Index b, Index h, Index i, Index j, auto s) {
+    constexpr Index prefix = 6;
+    auto score = [&t5](Index b, Index h, Index i, Index j, auto s) {
         using S = decltype(s);
         if (b == 0 && j >= prefix && j > i) return -std::numeric_limits<S>::infinity();
         return static_cast<S>(s + static_cast<S>(t5.t5(h, i, j)));
