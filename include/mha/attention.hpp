@@ -18,23 +18,21 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <limits>
-#include <optional>
-#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include <mha/attention_bf16.hpp>
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
+#include <mha/detail/call_checks.hpp>
 #include <mha/detail/gemm.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/materialized.hpp>
 #include <mha/detail/score_terms.hpp>
 #include <mha/detail/tiled/forward.hpp>
-#include <mha/detail/tiled/forward_bf16.hpp>
 #include <mha/mask.hpp>
 #include <mha/normalization.hpp>
 #include <mha/options.hpp>
@@ -84,49 +82,6 @@ inline bool uses_tiled_kernel(normalization normalize, attention_algorithm algor
     return normalize == normalization::softmax && algorithm != attention_algorithm::materialized;
 }
 
-/// Runs fn on a writable, inner-stride-1 view of `out`, through a temporary if `out` cannot be
-/// viewed that way (e.g. a Map with an inner stride).
-template <class Scalar, class DO, class Fn>
-void with_matrix_ref(Eigen::MatrixBase<DO>& out, Fn&& fn) {
-    if constexpr (std::is_constructible_v<matrix_ref<Scalar>, DO&>) {
-        fn(matrix_ref<Scalar>(out.derived()));
-    } else {
-        matrix<Scalar> tmp(out.rows(), out.cols());
-        fn(matrix_ref<Scalar>(tmp));
-        out = tmp;
-    }
-}
-
-/// Throws value_error unless `scale` is finite in Scalar: a double such as 1e39 is finite, but
-/// becomes +inf in a float layer (converting it is even undefined behaviour), and the outputs
-/// NaN. Checked before the conversion.
-template <class Scalar>
-void check_scale(const char* where, const char* argument, const std::optional<double>& scale) {
-    if (!scale) return;
-    if (!std::isfinite(*scale)) fail<value_error>(where, argument, "finite", *scale);
-    const auto largest = static_cast<double>(std::numeric_limits<Scalar>::max());
-    if (std::fabs(*scale) > largest) {
-        // Enough digits to tell the bound from a value just past it.
-        std::ostringstream bound, actual;
-        bound.precision(std::numeric_limits<double>::max_digits10);
-        actual.precision(std::numeric_limits<double>::max_digits10);
-        bound << "finite in the scalar type: |" << argument << "| <= " << largest;
-        actual << *scale;
-        fail<value_error>(where, argument, bound.str(), actual.str());
-    }
-}
-
-template <class Scalar>
-Scalar resolve_scale(const char* where, const attention_options& options, Index key_width) {
-    if (options.scale) {
-        check_scale<Scalar>(where, "options.scale", options.scale);
-        return static_cast<Scalar>(*options.scale);
-    }
-    if (key_width <= 0)
-        fail<shape_error>(where, "the key width d_k", ">= 1 (or set options.scale)", key_width);
-    return static_cast<Scalar>(1.0L / std::sqrt(static_cast<long double>(key_width)));
-}
-
 /// Refuses an output that shares memory with an input: the kernels write each query block's
 /// output while other blocks and heads still read Q, K and V. Inputs that Eigen had to copy into
 /// a temporary (and an output written through one) cannot overlap and pass.
@@ -135,15 +90,6 @@ void check_output_apart(const char* where, const attention_problem<Scalar>& p) {
     check_no_overlap(where, "out", p.out, "q", p.q);
     check_no_overlap(where, "out", p.out, "k", p.k);
     check_no_overlap(where, "out", p.out, "v", p.v);
-}
-
-/// Refuses requests the options cannot serve.
-inline void check_request(const char* where, const attention_options& options,
-                          const attention_request& request) {
-    if (request.log_sum_exp && options.normalize != normalization::softmax)
-        fail<value_error>(where, "request.log_sum_exp",
-                          "false unless options.normalize is softmax (it has no log-sum-exp)",
-                          std::string("true with ") + to_string(options.normalize));
 }
 
 /// The buffers of an attention call, kept for the next call: with the shapes of an earlier call
@@ -284,17 +230,7 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
     const detail::head_layout heads =
         detail::make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
-    const bool grouped = num_kv_heads != num_heads;
-    detail::check_size(where, "k.rows()", num_kv_heads * heads.dk, k.rows(),
-                       grouped ? "num_kv_heads · q.rows() / num_heads" : "q.rows()");
-    detail::check_size(where, "q.cols()", batch.total_queries(), q.cols(),
-                       "the batch's total query count");
-    detail::check_size(where, "k.cols()", batch.total_keys(), k.cols(),
-                       "the batch's total key count");
-    detail::check_size(where, "v.cols()", k.cols(), v.cols(), "k.cols()");
-    detail::check_size(where, "out.rows()", num_heads * heads.dv, out.rows(),
-                       grouped ? "num_heads · v.rows() / num_kv_heads" : "v.rows()");
-    detail::check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols()");
+    detail::check_core_shapes(where, heads, batch, q, k, v, "out", out);
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
     detail::check_request(where, options, request);
     detail::check_score_terms(where, options, num_heads);
@@ -323,138 +259,6 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     const attention_request& request = {}) {
     return multi_head_attention_core(q, k, v, num_heads, num_heads, batch, out_, mask, options,
                                      request);
-}
-
-namespace detail {
-
-/// Throws value_error when the bytes of `out` meet those of `input` (views of different scalar
-/// types: any shared byte range is refused).
-template <class Out, class In>
-void check_bytes_apart(const char* where, const char* out_name, const Out& out,
-                       const char* input_name, const In& input) {
-    if (out.size() == 0 || input.size() == 0) return;
-    const auto span = [](const auto& m) {
-        const auto begin = reinterpret_cast<std::uintptr_t>(m.data());
-        const auto bytes =
-            static_cast<std::uintptr_t>((m.cols() - 1) * m.outerStride() + m.rows()) *
-            sizeof(*m.data());
-        return std::make_pair(begin, begin + bytes);
-    };
-    const auto a = span(out), b = span(input);
-    if (a.second <= b.first || b.second <= a.first) return;
-    fail<value_error>(where, out_name, std::string("memory that ") + input_name + " does not use",
-                      std::string("a view overlapping ") + input_name);
-}
-
-/// multi_head_attention_core on bfloat16 Q, K and V with the bf16 block kernels `Kernel` (the
-/// public overload takes the one the translation unit is compiled for; tests force either).
-template <bf16_kernel Kernel, class DQ, class DK, class DV, class DO>
-attention_outputs<float> multi_head_attention_core_bf16(
-    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-    Index num_heads, Index num_kv_heads, const packed_batch& batch,
-    const Eigen::MatrixBase<DO>& out_, const attention_mask<float>& mask,
-    const attention_options& options, const attention_request& request,
-    const tiled_settings& cfg = {}) {
-    using bf16 = Eigen::bfloat16;
-    using OutScalar = typename DO::Scalar;
-    static_assert(
-        same_scalars_v<bf16, typename DQ::Scalar, typename DK::Scalar, typename DV::Scalar>,
-        "mha: bf16 attention takes q, k and v all as Eigen::bfloat16");
-    static_assert(std::is_same_v<OutScalar, float> || std::is_same_v<OutScalar, bf16>,
-                  "mha: the output of bf16 attention is float or Eigen::bfloat16");
-    constexpr const char* where = "mha::multi_head_attention_core (bfloat16)";
-    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
-    const head_layout heads = make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
-    const bool grouped = num_kv_heads != num_heads;
-    check_size(where, "k.rows()", num_kv_heads * heads.dk, k.rows(),
-               grouped ? "num_kv_heads · q.rows() / num_heads" : "q.rows()");
-    check_size(where, "q.cols()", batch.total_queries(), q.cols(), "the batch's total query count");
-    check_size(where, "k.cols()", batch.total_keys(), k.cols(), "the batch's total key count");
-    check_size(where, "v.cols()", k.cols(), v.cols(), "k.cols()");
-    check_size(where, "out.rows()", num_heads * heads.dv, out.rows(),
-               grouped ? "num_heads · v.rows() / num_kv_heads" : "v.rows()");
-    check_size(where, "out.cols()", q.cols(), out.cols(), "q.cols()");
-    const float scale = resolve_scale<float>(where, options, heads.dk);
-    check_request(where, options, request);
-    check_score_terms(where, options, num_heads);
-    if (options.normalize != normalization::softmax)
-        fail<value_error>(where, "options.normalize", "softmax (the only bf16 kernel)",
-                          to_string(options.normalize));
-    if (options.algorithm == attention_algorithm::materialized)
-        fail<value_error>(where, "options.algorithm",
-                          "automatic or tiled (bf16 has no "
-                          "materialised kernel)",
-                          "materialized");
-    if (request.weights != weights_mode::none)
-        fail<value_error>(where, "request.weights",
-                          "weights_mode::none (bf16 does not return "
-                          "weights yet)",
-                          "a weights mode");
-    if (options.softcap || !options.alibi_slopes.empty() || !options.sinks.empty())
-        fail<value_error>(where, "options",
-                          "no softcap, alibi_slopes or sinks (not in the bf16 "
-                          "kernel yet)",
-                          "a score term");
-    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
-    attention_outputs<float> outputs;
-    if (request.log_sum_exp)
-        outputs.log_sum_exp.setConstant(num_heads, q.cols(),
-                                        std::numeric_limits<float>::quiet_NaN());
-    matrix<float>* lse = request.log_sum_exp ? &outputs.log_sum_exp : nullptr;
-    using bf16_ref = Eigen::Ref<const Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>, 0,
-                                Eigen::OuterStride<>>;
-    const bf16_ref qr(q.derived()), kr(k.derived()), vr(v.derived());
-    auto run = [&](matrix_ref<float> o) {
-        check_bytes_apart(where, "out", o, "q", qr);
-        check_bytes_apart(where, "out", o, "k", kr);
-        check_bytes_apart(where, "out", o, "v", vr);
-        const bf16_attention_problem problem{
-            qr, kr, vr, o, heads, batch, mask, scale, request.log_sum_exp};
-        tiled_attention_bf16<Kernel>(problem, lse, cfg);
-    };
-    if constexpr (std::is_same_v<OutScalar, float>) {
-        with_matrix_ref<float>(out, run);
-    } else {
-        // A bf16 output: the fp32 result rounded once (nearest-even).
-        matrix<float> tmp(out.rows(), out.cols());
-        run(matrix_ref<float>(tmp));
-        out = tmp.template cast<bf16>();
-    }
-    return outputs;
-}
-
-}  // namespace detail
-
-/// The multi-head attention core on bfloat16 storage: q, k and v are Eigen::bfloat16 matrices
-/// (shapes as the float overload), the scores, softmax and sums are computed in fp32, and `out`
-/// is float or Eigen::bfloat16 (then the fp32 result rounded once). Masks are fp32. Runs the
-/// tiled kernel with vdpbf16ps where the compiler targets AVX512-BF16, with fp32 arithmetic on
-/// widened values elsewhere; P is rounded to bf16 for the P·V product (error bound:
-/// docs/performance.md, "bfloat16"). Returns the log-sum-exp when `request` asks for it.
-/// Not yet for bf16 (value_error): weights, normalisations other than softmax, the materialised
-/// algorithm, soft-capping, ALiBi, sinks.
-template <class DQ, class DK, class DV, class DO,
-          std::enable_if_t<detail::is_bfloat16_v<typename DQ::Scalar>, int> = 0>
-attention_outputs<float> multi_head_attention_core(
-    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-    Index num_heads, Index num_kv_heads, const packed_batch& batch,
-    const Eigen::MatrixBase<DO>& out, const attention_mask<float>& mask = {},
-    const attention_options& options = {}, const attention_request& request = {}) {
-    return detail::multi_head_attention_core_bf16<detail::default_bf16_kernel>(
-        q, k, v, num_heads, num_kv_heads, batch, out, mask, options, request);
-}
-
-/// The bfloat16 multi-head attention core with as many key/value heads as query heads (see the
-/// overload above).
-template <class DQ, class DK, class DV, class DO,
-          std::enable_if_t<detail::is_bfloat16_v<typename DQ::Scalar>, int> = 0>
-attention_outputs<float> multi_head_attention_core(
-    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-    Index num_heads, const packed_batch& batch, const Eigen::MatrixBase<DO>& out,
-    const attention_mask<float>& mask = {}, const attention_options& options = {},
-    const attention_request& request = {}) {
-    return detail::multi_head_attention_core_bf16<detail::default_bf16_kernel>(
-        q, k, v, num_heads, num_heads, batch, out, mask, options, request);
 }
 
 }  // namespace mha

@@ -83,17 +83,7 @@ attention_gradients<typename DQ::Scalar> core_backward(
     constexpr const char* where = "mha::multi_head_attention_core_backward";
     const detail::head_layout heads =
         detail::make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
-    const bool grouped = num_kv_heads != num_heads;
-    detail::check_size(where, "k.rows()", num_kv_heads * heads.dk, k.rows(),
-                       grouped ? "num_kv_heads · q.rows() / num_heads" : "q.rows()");
-    detail::check_size(where, "q.cols()", batch.total_queries(), q.cols(),
-                       "the batch's total query count");
-    detail::check_size(where, "k.cols()", batch.total_keys(), k.cols(),
-                       "the batch's total key count");
-    detail::check_size(where, "v.cols()", k.cols(), v.cols(), "k.cols()");
-    detail::check_size(where, "d_out.rows()", num_heads * heads.dv, d_out.rows(),
-                       grouped ? "num_heads · v.rows() / num_kv_heads" : "v.rows()");
-    detail::check_size(where, "d_out.cols()", q.cols(), d_out.cols(), "q.cols()");
+    detail::check_core_shapes(where, heads, batch, q, k, v, "d_out", d_out);
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
     mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
     // The backward has no form for the score terms yet: refuse them rather than return the

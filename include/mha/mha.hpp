@@ -25,6 +25,7 @@
 
 #include <mha/attention.hpp>
 #include <mha/attention_backward.hpp>
+#include <mha/attention_bf16.hpp>
 #include <mha/attention_config.hpp>
 #include <mha/attention_states.hpp>
 #include <mha/batch.hpp>

@@ -1,0 +1,131 @@
+// SPDX-License-Identifier: MIT
+/// @file
+/// The multi-head attention core on bfloat16 storage: Q, K and V in Eigen::bfloat16, the scores,
+/// the softmax and the sums in fp32, the output in float or bfloat16. The shapes and the
+/// semantics are those of the float core (mha/attention.hpp, which includes this header); the
+/// kernel is detail/tiled/forward_bf16.hpp, with vdpbf16ps register tiles where the compiler
+/// targets AVX512-BF16.
+#pragma once
+
+#include <limits>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include <mha/batch.hpp>
+#include <mha/core.hpp>
+#include <mha/detail/call_checks.hpp>
+#include <mha/detail/check.hpp>
+#include <mha/detail/head_problem.hpp>
+#include <mha/detail/score_terms.hpp>
+#include <mha/detail/tiled/forward_bf16.hpp>
+#include <mha/mask.hpp>
+#include <mha/options.hpp>
+
+namespace mha {
+namespace detail {
+
+/// multi_head_attention_core on bfloat16 Q, K and V with the bf16 block kernels `Kernel` (the
+/// public overload takes the one the translation unit is compiled for; tests force either).
+template <bf16_kernel Kernel, class DQ, class DK, class DV, class DO>
+attention_outputs<float> multi_head_attention_core_bf16(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, Index num_kv_heads, const packed_batch& batch,
+    const Eigen::MatrixBase<DO>& out_, const attention_mask<float>& mask,
+    const attention_options& options, const attention_request& request,
+    const tiled_settings& cfg = {}) {
+    using bf16 = Eigen::bfloat16;
+    using OutScalar = typename DO::Scalar;
+    static_assert(
+        same_scalars_v<bf16, typename DQ::Scalar, typename DK::Scalar, typename DV::Scalar>,
+        "mha: bf16 attention takes q, k and v all as Eigen::bfloat16");
+    static_assert(std::is_same_v<OutScalar, float> || std::is_same_v<OutScalar, bf16>,
+                  "mha: the output of bf16 attention is float or Eigen::bfloat16");
+    constexpr const char* where = "mha::multi_head_attention_core (bfloat16)";
+    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
+    const head_layout heads = make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
+    check_core_shapes(where, heads, batch, q, k, v, "out", out);
+    const float scale = resolve_scale<float>(where, options, heads.dk);
+    check_request(where, options, request);
+    check_score_terms(where, options, num_heads);
+    if (options.normalize != normalization::softmax)
+        fail<value_error>(where, "options.normalize", "softmax (the only bf16 kernel)",
+                          to_string(options.normalize));
+    if (options.algorithm == attention_algorithm::materialized)
+        fail<value_error>(where, "options.algorithm",
+                          "automatic or tiled (bf16 has no "
+                          "materialised kernel)",
+                          "materialized");
+    if (request.weights != weights_mode::none)
+        fail<value_error>(where, "request.weights",
+                          "weights_mode::none (bf16 does not return "
+                          "weights yet)",
+                          "a weights mode");
+    if (options.softcap || !options.alibi_slopes.empty() || !options.sinks.empty())
+        fail<value_error>(where, "options",
+                          "no softcap, alibi_slopes or sinks (not in the bf16 "
+                          "kernel yet)",
+                          "a score term");
+    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
+    attention_outputs<float> outputs;
+    if (request.log_sum_exp)
+        outputs.log_sum_exp.setConstant(num_heads, q.cols(),
+                                        std::numeric_limits<float>::quiet_NaN());
+    matrix<float>* lse = request.log_sum_exp ? &outputs.log_sum_exp : nullptr;
+    using bf16_ref = Eigen::Ref<const Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>, 0,
+                                Eigen::OuterStride<>>;
+    const bf16_ref qr(q.derived()), kr(k.derived()), vr(v.derived());
+    auto run = [&](matrix_ref<float> o) {
+        check_bytes_apart(where, "out", o, "q", qr);
+        check_bytes_apart(where, "out", o, "k", kr);
+        check_bytes_apart(where, "out", o, "v", vr);
+        const bf16_attention_problem problem{
+            qr, kr, vr, o, heads, batch, mask, scale, request.log_sum_exp};
+        tiled_attention_bf16<Kernel>(problem, lse, cfg);
+    };
+    if constexpr (std::is_same_v<OutScalar, float>) {
+        with_matrix_ref<float>(out, run);
+    } else {
+        // A bf16 output: the fp32 result rounded once (nearest-even).
+        matrix<float> tmp(out.rows(), out.cols());
+        run(matrix_ref<float>(tmp));
+        out = tmp.template cast<bf16>();
+    }
+    return outputs;
+}
+
+}  // namespace detail
+
+/// The multi-head attention core on bfloat16 storage: q, k and v are Eigen::bfloat16 matrices
+/// (shapes as the float overload), the scores, softmax and sums are computed in fp32, and `out`
+/// is float or Eigen::bfloat16 (then the fp32 result rounded once). Masks are fp32. Runs the
+/// tiled kernel with vdpbf16ps where the compiler targets AVX512-BF16, with fp32 arithmetic on
+/// widened values elsewhere; P is rounded to bf16 for the P·V product (error bound:
+/// docs/performance.md, "bfloat16"). Returns the log-sum-exp when `request` asks for it.
+/// Not yet for bf16 (value_error): weights, normalisations other than softmax, the materialised
+/// algorithm, soft-capping, ALiBi, sinks.
+template <class DQ, class DK, class DV, class DO,
+          std::enable_if_t<detail::is_bfloat16_v<typename DQ::Scalar>, int> = 0>
+attention_outputs<float> multi_head_attention_core(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, Index num_kv_heads, const packed_batch& batch,
+    const Eigen::MatrixBase<DO>& out, const attention_mask<float>& mask = {},
+    const attention_options& options = {}, const attention_request& request = {}) {
+    return detail::multi_head_attention_core_bf16<detail::default_bf16_kernel>(
+        q, k, v, num_heads, num_kv_heads, batch, out, mask, options, request);
+}
+
+/// The bfloat16 multi-head attention core with as many key/value heads as query heads (see the
+/// overload above).
+template <class DQ, class DK, class DV, class DO,
+          std::enable_if_t<detail::is_bfloat16_v<typename DQ::Scalar>, int> = 0>
+attention_outputs<float> multi_head_attention_core(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, const packed_batch& batch, const Eigen::MatrixBase<DO>& out,
+    const attention_mask<float>& mask = {}, const attention_options& options = {},
+    const attention_request& request = {}) {
+    return detail::multi_head_attention_core_bf16<detail::default_bf16_kernel>(
+        q, k, v, num_heads, num_heads, batch, out, mask, options, request);
+}
+
+}  // namespace mha
