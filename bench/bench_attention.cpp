@@ -455,6 +455,33 @@ void BM_mha_forward_into(benchmark::State& state) {
     set_gflops(state, mha_bench::forward_flops(kBatch, length, d, causal));
 }
 
+// The whole layer's backward as a training step runs it: the forward that keeps what the
+// backward needs (layer.forward_for_backward) once, then layer.backward(saved, d_output) timed,
+// gradients of the input and of every weight and bias allocated by each call. Read its time
+// against BM_mha_forward's at the same shape (the layer_backward_flops comment gives the FLOP
+// ratio: about 2× the projections' and 2.5× the core's).
+void BM_mha_backward(benchmark::State& state) {
+    const Index d = state.range(0);
+    const Index heads = state.range(1);
+    const Index length = state.range(2);
+    const bool causal = state.range(3) != 0;
+    mha::attention_config config;
+    config.embed_dim = d;
+    config.num_heads = heads;
+    const mha::multi_head_attention<float> layer(config, /*seed=*/1);
+    const Matrix x = Matrix::Random(d, kBatch * length);  // E × N
+    const mha::packed_batch batch = batch_of(length);
+    const mha::attention_mask<float> mask = mask_for(causal);
+    const mha::layer_saved_state<float> saved = layer.forward_for_backward(x, batch, mask);
+    const Matrix d_output = Matrix::Random(d, kBatch * length);  // E × N
+    for (auto _ : state) {
+        const mha::layer_gradients<float> g = layer.backward(saved, d_output);
+        benchmark::DoNotOptimize(g.d_query.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::layer_backward_flops(kBatch, length, d, causal));
+}
+
 void projection_shapes(benchmark::internal::Benchmark* b) {
     b->ArgNames({"d_model", "L"});
     for (const shape& s : kShapes)
@@ -499,6 +526,7 @@ BENCHMARK(BM_mha_forward_into)
     ->Apply(attention_shapes)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+BENCHMARK(BM_mha_backward)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_attention_core_algo)->Apply(algo_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_attention_decode)
     ->ArgNames({"d_model", "heads", "L"})

@@ -56,4 +56,12 @@ constexpr double forward_flops(double batch, double length, double d_model, bool
            attention_core_flops(batch, length, d_model, causal);
 }
 
+/// The whole layer's backward: each projection y = W·x + b has two products in its backward
+/// (dW = dY·xᵀ and dx = Wᵀ·dY, each the forward's count; db is a row sum, not counted), so
+/// twice projection_flops, plus the attention core's backward.
+constexpr double layer_backward_flops(double batch, double length, double d_model, bool causal) {
+    return 2.0 * projection_flops(batch, length, d_model) +
+           attention_backward_flops(batch, length, d_model, causal);
+}
+
 }  // namespace mha_bench
