@@ -412,7 +412,7 @@ long double softmax_recompute_bound(const inputs& x, const mha::matrix<float>& d
 /// different sides. The reference is quadratic in Lk per query, so larger problems are skipped
 /// (backward_checked says which are checked).
 inline bool backward_checked(const problem& p) {
-    if (p.has_terms()) return false;  // the backward has no form for score terms
+    if (p.has_terms()) return false;  // the chain-rule reference has no score terms
     double cost = 0;
     for (std::size_t b = 0; b < p.lq.size(); ++b)
         cost += static_cast<double>(p.heads * p.lq[b] * p.lk[b] * p.lk[b] * (p.dk + p.dv));

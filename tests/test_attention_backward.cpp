@@ -462,6 +462,125 @@ TEST_CASE("backward matches central finite differences of the forward", "[backwa
     }
 }
 
+namespace {
+
+/// A case with score terms: soft-capping at `softcap` (0: none), ALiBi and sinks.
+struct terms_case {
+    backward_case c;
+    double softcap = 0;
+    bool alibi = false, sinks = false;
+};
+
+mha::attention_options terms_options(const terms_case& t) {
+    mha::attention_options o;
+    o.normalize = t.c.normalize;
+    // A cap of 1.5 against scores of a few units puts the cap's slope 1 − tanh² anywhere in
+    // (0.05, 1]: a missing slope moves the gradient by O(1). Slopes and sinks differ by head, so
+    // a head offset that is off by one changes them too.
+    if (t.softcap > 0) o.softcap = t.softcap;
+    for (Index h = 0; h < t.c.heads; ++h) {
+        if (t.alibi) o.alibi_slopes.push_back(0.5 / static_cast<double>(h + 1));
+        if (t.sinks) o.sinks.push_back(0.75 - 0.5 * static_cast<double>(h));
+    }
+    return o;
+}
+
+/// loss = Σ d_out ∘ forward(q, k, v) with the score terms of `options`.
+double terms_loss(const backward_case& c, const case_inputs<double>& in,
+                  const mha::attention_mask<double>& mask, const mha::attention_options& options) {
+    mat<double> out(in.d_out.rows(), in.d_out.cols());
+    mha::multi_head_attention_core(in.q, in.k, in.v, c.heads, c.kv_heads,
+                                   mha::packed_batch(c.lq, c.lk), out, mask, options);
+    return (in.d_out.array() * out.array()).sum();
+}
+
+std::vector<terms_case> terms_cases() {
+    using mha::normalization;
+    std::vector<terms_case> cases;
+    std::uint64_t seed = 700;
+    const auto add = [&](normalization n, mask_kind m, double softcap, bool alibi, bool sinks) {
+        cases.push_back({{{5, 1, 3}, {7, 4, 1}, 4, 2, 3, 5, n, m, seed++}, softcap, alibi, sinks});
+    };
+    add(normalization::softmax, mask_kind::none, 1.5, false, false);
+    add(normalization::softmax, mask_kind::causal_bottom_right, 0, true, false);
+    add(normalization::softmax, mask_kind::key_lengths, 0, false, true);
+    add(normalization::softmax, mask_kind::window, 1.5, true, true);
+    add(normalization::softmax, mask_kind::bias_per_head, 1.5, true, true);
+    add(normalization::sigmoid, mask_kind::causal_top_left, 1.5, true, false);
+    // A one-sequence case where every query sees every key: the sink's share is never 0 or 1.
+    cases.push_back(
+        {{{6}, {6}, 2, 1, 4, 3, normalization::softmax, mask_kind::none, seed++}, 2.0, true, true});
+    return cases;
+}
+
+}  // namespace
+
+TEST_CASE("backward through soft-capping, ALiBi and sinks matches central finite differences",
+          "[backward][score_terms]") {
+    // The same step and tolerance as the test above, for the same reasons: the cap's tanh has
+    // derivatives bounded by powers of 1/c (c ≥ 1.5 here), so truncation stays of the same order.
+    for (const terms_case& t : terms_cases()) {
+        const backward_case& c = t.c;
+        INFO(c.describe() << ", softcap " << t.softcap << ", alibi " << t.alibi << ", sinks "
+                          << t.sinks);
+        mha_test::value_source values(c.seed);
+        auto masks = make_masks<double>(c, values);
+        auto in = make_inputs<double>(c, values);
+        mha::attention_options options = terms_options(t);
+        mha::backward_request request;
+        request.score_gradients = !masks.bias_matrices.empty();
+        request.threads = 1;
+        const auto got = mha::multi_head_attention_core_backward(
+            in.q, in.k, in.v, c.heads, c.kv_heads, mha::packed_batch(c.lq, c.lk), in.d_out,
+            masks.mask, options, request);
+        auto loss = [&] { return terms_loss(c, in, masks.mask, options); };
+        require_matches_differences("dq", in.q, got.dq, loss);
+        require_matches_differences("dk", in.k, got.dk, loss);
+        require_matches_differences("dv", in.v, got.dv, loss);
+        if (t.sinks) {
+            REQUIRE(static_cast<Index>(got.d_sinks.size()) == c.heads);
+            mat<double> sinks(c.heads, 1), d_sinks(c.heads, 1);
+            for (Index h = 0; h < c.heads; ++h) {
+                sinks(h, 0) = options.sinks[static_cast<std::size_t>(h)];
+                d_sinks(h, 0) = got.d_sinks[static_cast<std::size_t>(h)];
+            }
+            auto sink_loss = [&] {
+                for (Index h = 0; h < c.heads; ++h)
+                    options.sinks[static_cast<std::size_t>(h)] = sinks(h, 0);
+                return terms_loss(c, in, masks.mask, options);
+            };
+            require_matches_differences("d_sinks", sinks, d_sinks, sink_loss);
+            sink_loss();  // back to the unperturbed sinks (the last call saw one moved)
+        } else {
+            CHECK(got.d_sinks.empty());
+        }
+        if (!masks.bias_matrices.empty()) {
+            // The bias enters after the cap: its gradient is dS without the cap's slope.
+            const auto bias_grads = mha::additive_bias_gradient(
+                got.d_scores, static_cast<Index>(masks.bias_matrices.size()), c.sequences(),
+                c.heads);
+            for (std::size_t p = 0; p < masks.bias_matrices.size(); ++p) {
+                auto bias_loss = [&] {
+                    const mha::attention_mask<double> mask(
+                        mha::additive_bias<double>(masks.bias_matrices));
+                    return terms_loss(c, in, mask, options);
+                };
+                require_matches_differences("d_bias", masks.bias_matrices[p], bias_grads[p],
+                                            bias_loss);
+            }
+        }
+        // Same bits on 2 threads.
+        request.threads = 2;
+        const auto two = mha::multi_head_attention_core_backward(
+            in.q, in.k, in.v, c.heads, c.kv_heads, mha::packed_batch(c.lq, c.lk), in.d_out,
+            masks.mask, options, request);
+        CHECK(two.dq == got.dq);
+        CHECK(two.dk == got.dk);
+        CHECK(two.dv == got.dv);
+        CHECK(two.d_sinks == got.d_sinks);
+    }
+}
+
 TEST_CASE("backward: same bits on 1 and 2 threads", "[backward]") {
     for (const backward_case& c : all_cases()) {
         INFO(c.describe());
@@ -559,19 +678,19 @@ TEST_CASE("backward: errors name the argument", "[backward]") {
                     mha::shape_error);  // 4 rows of q do not split into 3 heads
     CHECK_THROWS_AS(mha::additive_bias_gradient(std::vector<mat<double>>(3), 1, 2, 2),
                     mha::shape_error);
-    // Score terms the backward has no form for are refused, not silently left out.
+    // Score terms are checked as the forward checks them.
     mha::attention_options capped;
-    capped.softcap = 30.0;
+    capped.softcap = -1.0;
     CHECK_THROWS_WITH(mha::multi_head_attention_core_backward(q, k, v, 2, batch, d_out, {}, capped),
-                      Catch::Matchers::Equals(
-                          "mha::multi_head_attention_core_backward: options.softcap must be unset "
-                          "(the backward pass has no soft-capping), got 30"));
+                      Catch::Matchers::Equals("mha::multi_head_attention_core_backward: "
+                                              "options.softcap must be finite and > 0, got -1"));
     mha::attention_options alibi;
-    alibi.alibi_slopes = {0.5, 0.25};
+    alibi.alibi_slopes = {0.5, 0.25, 0.125};
     CHECK_THROWS_AS(mha::multi_head_attention_core_backward(q, k, v, 2, batch, d_out, {}, alibi),
-                    mha::value_error);
+                    mha::shape_error);
     mha::attention_options sinks;
     sinks.sinks = {0.0, 1.0};
+    sinks.normalize = mha::normalization::relu;
     CHECK_THROWS_AS(mha::multi_head_attention_core_backward(q, k, v, 2, batch, d_out, {}, sinks),
                     mha::value_error);
 }

@@ -218,6 +218,24 @@ void require_case_matches_differences(const layer_case& c) {
     require_matches_differences("b_k", in.params.b_k, g.parameters.b_k, f);
     require_matches_differences("b_v", in.params.b_v, g.parameters.b_v, f);
     require_matches_differences("b_o", in.params.b_o, g.parameters.b_o, f);
+    const std::vector<double>& sinks = c.config.attention.sinks;
+    if (!sinks.empty()) {
+        REQUIRE(g.d_sinks.size() == sinks.size());
+        layer_case moved = c;
+        mat<double> x(static_cast<Index>(sinks.size()), 1), d_x(x.rows(), 1);
+        for (Index h = 0; h < x.rows(); ++h) {
+            x(h, 0) = sinks[static_cast<std::size_t>(h)];
+            d_x(h, 0) = g.d_sinks[static_cast<std::size_t>(h)];
+        }
+        auto f_sinks = [&] {
+            for (Index h = 0; h < x.rows(); ++h)
+                moved.config.attention.sinks[static_cast<std::size_t>(h)] = x(h, 0);
+            return loss(moved, in);
+        };
+        require_matches_differences("d_sinks", x, d_x, f_sinks);
+    } else {
+        CHECK(g.d_sinks.empty());
+    }
 }
 
 }  // namespace
@@ -433,6 +451,35 @@ TEST_CASE("layer backward through rotary positions matches central finite differ
     cross.rotary->scaling = mha::rotary_scaling::yarn(2, 16);
     cases.push_back({cross, false, {2, 3}, {4, 3}, true, 903});
     REQUIRE(mha::rotary_embedding<double>(*cross.rotary, 4).attention_factor() > 1.05);
+    for (const layer_case& c : cases)
+        require_case_matches_differences(c);
+}
+
+TEST_CASE("layer backward through soft-capping, ALiBi and sinks matches central finite differences",
+          "[backward][layer][score_terms]") {
+    // The layer passes config().attention's score terms to the core's backward; the differences
+    // see the layer's own forward with the same terms. A cap of 1.5 makes its slope matter at
+    // these score sizes; slopes and sinks differ by head.
+    std::vector<layer_case> cases;
+    mha::attention_config all_terms;
+    all_terms.embed_dim = 6;
+    all_terms.num_heads = 2;
+    all_terms.attention.softcap = 1.5;
+    all_terms.attention.alibi_slopes = {0.5, 0.25};
+    all_terms.attention.sinks = {0.5, -0.25};
+    cases.push_back({all_terms, true, {3, 2}, {3, 2}, true, 911});
+    mha::attention_config grouped_cross;  // sinks only, kdim ≠ E, multi-query
+    grouped_cross.embed_dim = 4;
+    grouped_cross.num_heads = 2;
+    grouped_cross.num_kv_heads = 1;
+    grouped_cross.key_input_dim = 5;
+    grouped_cross.value_input_dim = 3;
+    grouped_cross.attention.sinks = {1.0, -1.0};
+    cases.push_back({grouped_cross, false, {2, 3}, {4, 3}, true, 912});
+    mha::attention_config sigmoid = all_terms;  // sinks are softmax-only
+    sigmoid.attention.normalize = mha::normalization::sigmoid;
+    sigmoid.attention.sinks.clear();
+    cases.push_back({sigmoid, true, {4}, {4}, false, 913});
     for (const layer_case& c : cases)
         require_case_matches_differences(c);
 }

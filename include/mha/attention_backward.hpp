@@ -6,7 +6,8 @@
 // Softmax goes through the tiled backward (detail/tiled/backward.hpp) unless
 // `options.algorithm` is `materialized` or score gradients are asked for: it recomputes the
 // weights block by block from the forward's per-query log-sum-exp (given, or recomputed by a
-// tiled forward) and holds no Lk × Lq matrix. ReLU and sigmoid, and the cases above, go through
+// tiled forward) and holds no Lk × Lq matrix. ReLU and sigmoid, soft-capping, ALiBi and sinks,
+// and the cases above, go through
 // the materialised backward (detail/materialized_backward.hpp), which recomputes the scores and
 // weights of one (sequence, head) at a time and holds 4 · Lk × Lq scalars per thread.
 #pragma once
@@ -49,6 +50,9 @@ struct attention_gradients {
     /// excluded keys. For an additive bias given as one matrix per (sequence, head) this is its
     /// gradient; for a shared one, sum it with `additive_bias_gradient`. Else empty.
     std::vector<matrix<Scalar>> d_scores;
+    /// With `attention_options::sinks`: H values, ∂loss/∂sinks[h] summed over the batch's
+    /// sequences in order. Else empty.
+    std::vector<Scalar> d_sinks;
 };
 
 /// What the forward pass returned that the tiled backward reuses (see
@@ -86,19 +90,7 @@ attention_gradients<typename DQ::Scalar> core_backward(
     detail::check_core_shapes(where, heads, batch, q, k, v, "d_out", d_out);
     const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
     mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
-    // The backward has no form for the score terms yet: refuse them rather than return the
-    // gradients of a different function.
-    if (options.softcap)
-        detail::fail<value_error>(where, "options.softcap",
-                                  "unset (the backward pass has no soft-capping)",
-                                  *options.softcap);
-    if (!options.alibi_slopes.empty())
-        detail::fail<value_error>(where, "options.alibi_slopes",
-                                  "empty (the backward pass has no ALiBi)",
-                                  std::to_string(options.alibi_slopes.size()) + " slopes");
-    if (!options.sinks.empty())
-        detail::fail<value_error>(where, "options.sinks", "empty (the backward pass has no sinks)",
-                                  std::to_string(options.sinks.size()) + " sinks");
+    check_score_terms(where, options, num_heads);
 
     if (forward != nullptr) {
         if ((forward->output == nullptr) != (forward->log_sum_exp == nullptr))
@@ -138,8 +130,12 @@ attention_gradients<typename DQ::Scalar> core_backward(
                                                     scale,
                                                     options.normalize,
                                                     attention_request{},
-                                                    nullptr};
-    if (uses_tiled_kernel(options.normalize, options.algorithm) && !request.score_gradients) {
+                                                    nullptr,
+                                                    &options};
+    // The tiled backward has no score terms yet: they run the materialised one.
+    const bool terms = options.softcap || !options.alibi_slopes.empty() || !options.sinks.empty();
+    if (uses_tiled_kernel(options.normalize, options.algorithm) && !request.score_gradients &&
+        !terms) {
         matrix<Scalar> own_out, own_lse;
         const matrix<Scalar>* out = forward != nullptr ? forward->output : nullptr;
         const matrix<Scalar>* lse = forward != nullptr ? forward->log_sum_exp : nullptr;
@@ -172,9 +168,19 @@ attention_gradients<typename DQ::Scalar> core_backward(
         tiled_backward(problem, io, settings);
         return grads;
     }
+    matrix<Scalar> d_sink_shares;  // H × B
+    if (!options.sinks.empty()) d_sink_shares.setZero(num_heads, batch.size());
     backward_outputs<Scalar> outputs{grads.dq, grads.dk, grads.dv,
-                                     request.score_gradients ? &grads.d_scores : nullptr};
+                                     request.score_gradients ? &grads.d_scores : nullptr,
+                                     options.sinks.empty() ? nullptr : &d_sink_shares};
     materialized_backward(problem, d_out_ref, outputs, request.threads);
+    // Each task wrote its own (head, sequence) share; the sum runs over sequences in order.
+    for (Index h = 0; h < d_sink_shares.rows(); ++h) {
+        Scalar sum(0);
+        for (Index b = 0; b < d_sink_shares.cols(); ++b)
+            sum += d_sink_shares(h, b);
+        grads.d_sinks.push_back(sum);
+    }
     return grads;
 }
 
@@ -183,12 +189,13 @@ attention_gradients<typename DQ::Scalar> core_backward(
 /// The gradients of the multi-head attention core (see the layout at the top of this header)
 /// for the same arguments as `multi_head_attention_core` and `d_out`, the gradient of the loss
 /// with respect to its output. Softmax, ReLU and sigmoid normalisation, every mask, packed
-/// batches, Lq ≠ Lk, d_k ≠ d_v and grouped heads. `options.algorithm` chooses the kernel as for
-/// the forward: softmax runs the tiled backward (memory linear in L) unless it is
-/// `materialized` or `request.score_gradients` is set; without the forward's results this
-/// overload recomputes them with a tiled forward first. A query with no key to attend to gets
-/// dQ = 0 and contributes nothing to dK and dV; an excluded key gets nothing from the queries
-/// that exclude it. The results are the same bit for bit on every thread count.
+/// batches, Lq ≠ Lk, d_k ≠ d_v and grouped heads; soft-capping, ALiBi and sinks (the sinks'
+/// gradient in `attention_gradients::d_sinks`), which run the materialised backward.
+/// `options.algorithm` chooses the kernel as for the forward: softmax runs the tiled backward
+/// (memory linear in L) unless it is `materialized` or `request.score_gradients` is set; without
+/// the forward's results this overload recomputes them with a tiled forward first. A query with no
+/// key to attend to gets dQ = 0 and contributes nothing to dK and dV; an excluded key gets nothing
+/// from the queries that exclude it. The results are the same bit for bit on every thread count.
 template <class DQ, class DK, class DV, class DG>
 attention_gradients<typename DQ::Scalar> multi_head_attention_core_backward(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,

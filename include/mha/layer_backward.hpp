@@ -70,6 +70,8 @@ struct layer_gradients {
     /// ∂loss/∂ each parameter, shaped like `attention_parameters` (biases of size 0 when the
     /// layer has none).
     attention_parameters<Scalar> parameters;
+    /// With `config().attention.sinks`: ∂loss/∂sinks[h] for every query head h. Else empty.
+    std::vector<Scalar> d_sinks;
 };
 
 namespace detail {
@@ -241,6 +243,7 @@ layer_gradients<Scalar> layer_backward(const attention_config& config,
     const attention_gradients<Scalar> core = multi_head_attention_core_backward(
         saved.q, saved.k, saved.v, config.num_heads, config.num_kv_heads, saved.batch, d_heads,
         forward, saved.mask, config.attention, request);
+    g.d_sinks = core.d_sinks;
     const matrix<Scalar>& key_input = saved.self_attention ? saved.query_input : saved.key_input;
     const matrix<Scalar>& value_input =
         saved.self_attention ? saved.query_input : saved.value_input;

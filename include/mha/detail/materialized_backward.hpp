@@ -11,6 +11,13 @@
 // score is constant (−∞ by selection), so its dS is 0 by selection too: a NaN in an excluded
 // value or key column never reaches a gradient, as it never reaches the output.
 //
+// Score terms (attention_options). With soft-capping, S = c·tanh(R/c) for the scaled product R,
+// so dR = dS ∘ (1 − tanh²(R/c)); ALiBi adds a constant to S, so dS passes through unchanged; a
+// sink adds exp(sink) to the softmax normaliser and no value, so dS keeps the softmax form with
+// W the weights including the sink's share, and ∂loss/∂sink = −Σ_i W_sink,i · Σ_j W_ji·dW_ji
+// with W_sink,i = exp(sink − lse_i), the sink's own weight in query i's normaliser. The caller's
+// score modifier has no derivative here: the backward takes no modifier.
+//
 // Determinism: one task per (sequence, key/value head). A task owns the dK and dV columns of its
 // sequence in its key/value head's rows and the dQ rows of its query heads, and sums its query
 // heads in increasing order; every product inside a task runs on one thread. So the bits do not
@@ -28,6 +35,7 @@
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/materialized.hpp>
 #include <mha/detail/parallel.hpp>
+#include <mha/detail/score_terms.hpp>
 #include <mha/normalization.hpp>
 #include <mha/options.hpp>
 
@@ -38,8 +46,9 @@ namespace detail {
 template <class Scalar>
 struct backward_thread_state {
     matrix<Scalar> scores, weights, d_weights, d_scores;  // Lk × Lq each
-    matrix<Scalar> product;                               // dK or dV of one head before summing
-    std::vector<gemm_buffers<Scalar>> gemm;               // one set: products stay on this thread
+    matrix<Scalar> cap_slope;  // Lk × Lq with soft-capping: 1 − tanh²(R/c), else empty
+    matrix<Scalar> product;    // dK or dV of one head before summing
+    std::vector<gemm_buffers<Scalar>> gemm;  // one set: products stay on this thread
 };
 
 /// dS from dW (both Lk × Lq) for the masked scores S and weights W of one head, in place of dW
@@ -105,7 +114,49 @@ struct backward_outputs {
     matrix<Scalar>& dk;                     // (H_kv·d_k) × Nk
     matrix<Scalar>& dv;                     // (H_kv·d_v) × Nk
     std::vector<matrix<Scalar>>* d_scores;  // B·H matrices Lk × Lq, or null
+    matrix<Scalar>* d_sinks = nullptr;      // H × B: each (head, sequence)'s share, or null
 };
+
+/// The score terms of head h in sequence b as the score functions of score_terms.hpp read them
+/// (the head problem's views are not set: only the terms, lengths and indices are).
+template <class Scalar>
+head_problem<Scalar> score_terms_of(const attention_problem<Scalar>& p, Index b, Index h) {
+    head_problem<Scalar> hp{};
+    hp.lq = p.batch.query_length(b);
+    hp.lk = p.batch.key_length(b);
+    hp.sequence = b;
+    hp.head = h;
+    if (p.terms != nullptr) {
+        const auto hi = static_cast<std::size_t>(h);
+        hp.alibi = !p.terms->alibi_slopes.empty();
+        if (hp.alibi) hp.alibi_slope = static_cast<Scalar>(p.terms->alibi_slopes[hi]);
+        hp.has_sink = !p.terms->sinks.empty();
+        if (hp.has_sink) hp.sink = static_cast<Scalar>(p.terms->sinks[hi]);
+    }
+    return hp;  // soft-capping is applied by the backward itself, which keeps its slope
+}
+
+/// −Σ_i W_sink,i · Σ_j W_ji·dW_ji over the columns of one head: the gradient of its sink logit,
+/// from the masked scores S (Lk × Lq, −∞ at excluded keys), the weights W and their gradient dW.
+template <class Scalar>
+Scalar sink_gradient(const matrix<Scalar>& s, const matrix<Scalar>& w, const matrix<Scalar>& dw,
+                     Scalar sink) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    Scalar total(0);
+    for (Index i = 0; i < s.cols(); ++i) {
+        Scalar m = sink, dot(0);
+        for (Index j = 0; j < s.rows(); ++j)
+            if (s(j, i) != minus_inf) m = nan_propagating_max(m, s(j, i));
+        Scalar sum = std::exp(sink - m);
+        for (Index j = 0; j < s.rows(); ++j)
+            if (s(j, i) != minus_inf) {
+                sum += std::exp(s(j, i) - m);
+                dot += w(j, i) * dw(j, i);
+            }
+        total -= std::exp(sink - m) / sum * dot;
+    }
+    return total;
+}
 
 /// The backward pass of one (sequence b, key/value head g) task; see the top of this file.
 template <class Scalar>
@@ -140,12 +191,34 @@ void backward_task(const attention_problem<Scalar>& p, const const_matrix_ref<Sc
                   Eigen::OuterStride<>(outputs.dq.outerStride()));
         // The forward's scores and weights, recomputed as the forward computes them.
         product_into(ts.scores, k.transpose(), q, p.scale, &ts.gemm, 1);  // Lk × Lq
+        const head_problem<Scalar> terms = score_terms_of(p, b, h);
+        const bool capped = p.terms != nullptr && p.terms->softcap.has_value();
+        if (capped) {
+            const auto c = static_cast<Scalar>(*p.terms->softcap);
+            ts.cap_slope = (ts.scores.array() * (Scalar(1) / c)).tanh();  // tanh(R/c)
+            ts.scores = c * ts.cap_slope.array();
+            ts.cap_slope = Scalar(1) - ts.cap_slope.array().square();
+        }
+        if (terms.alibi)
+            for (Index i = 0; i < lq; ++i)
+                modify_query_column(terms, no_score_modifier{}, &ts.scores(0, i), i, 0, lk);
         const bool masked = !mask.is_unmasked();
         if (masked) apply_mask<Scalar>(mask, ts.scores);
         ts.weights = ts.scores;
-        normalize_columns(ts.weights, p.normalize);
+        if (terms.has_sink)
+            softmax_columns_with_sink(ts.weights, terms.sink);
+        else
+            normalize_columns(ts.weights, p.normalize);
         product_into(ts.d_weights, v.transpose(), d_o, Scalar(1), &ts.gemm, 1);  // Lk × Lq
         normalization_backward(ts.scores, ts.weights, ts.d_weights, p.normalize, ts.d_scores);
+        if (terms.has_sink && outputs.d_sinks != nullptr)
+            (*outputs.d_sinks)(h, b) =
+                sink_gradient(ts.scores, ts.weights, ts.d_weights, terms.sink);
+        // dS is the gradient of the scores as the bias and the mask see them; soft-capping sits
+        // before them, so dQ and dK take it through the cap's slope.
+        if (outputs.d_scores != nullptr)
+            (*outputs.d_scores)[static_cast<std::size_t>(b * heads.num_heads + h)] = ts.d_scores;
+        if (capped) ts.d_scores.array() *= ts.cap_slope.array();
         // dV_g += dO·Wᵀ and dK_g += scale·Q·dSᵀ, summed over the group's heads in order.
         ts.product.resize(dv, lk);
         product_into(ts.product, d_o, ts.weights.transpose(), Scalar(1), &ts.gemm, 1);
@@ -165,8 +238,6 @@ void backward_task(const attention_problem<Scalar>& p, const const_matrix_ref<Sc
                         dq_h.col(i) += (p.scale * ts.d_scores(j, i)) * k.col(j);
             }
         }
-        if (outputs.d_scores != nullptr)
-            (*outputs.d_scores)[static_cast<std::size_t>(b * heads.num_heads + h)] = ts.d_scores;
     }
 }
 
