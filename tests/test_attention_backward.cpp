@@ -362,10 +362,10 @@ TEMPLATE_TEST_CASE("backward matches the long-double chain rule", "[backward]", 
 
 namespace {
 
-/// loss = Σ d_out ∘ forward(q, k, v; bias) by the library's forward in double.
+/// loss = Σ d_out ∘ forward(q, k, v; bias) by the library's forward in double, with the score
+/// terms of `options` (by default none, and the case's normalisation).
 double forward_loss(const backward_case& c, const case_inputs<double>& in,
-                    const mha::attention_mask<double>& mask) {
-    mha::attention_options options;
+                    const mha::attention_mask<double>& mask, mha::attention_options options = {}) {
     options.normalize = c.normalize;
     mat<double> out(in.d_out.rows(), in.d_out.cols());
     mha::multi_head_attention_core(in.q, in.k, in.v, c.heads, c.kv_heads,
@@ -426,6 +426,25 @@ bool relu_scores_clear_of_zero(const backward_case& c, const case_inputs<double>
     return true;
 }
 
+/// Every additive-bias entry's gradient (summed over its uses by additive_bias_gradient) against
+/// central differences, the bias as the variable: the mask is rebuilt from the perturbed
+/// matrices for each difference.
+void require_bias_matches_differences(const backward_case& c, const case_inputs<double>& in,
+                                      case_masks<double>& masks,
+                                      const mha::attention_gradients<double>& got,
+                                      const mha::attention_options& options = {}) {
+    const auto bias_grads = mha::additive_bias_gradient(
+        got.d_scores, static_cast<Index>(masks.bias_matrices.size()), c.sequences(), c.heads);
+    for (std::size_t p = 0; p < masks.bias_matrices.size(); ++p) {
+        auto bias_loss = [&] {
+            mha::attention_mask<double> mask(mha::additive_bias<double>(masks.bias_matrices));
+            if (c.mask == mask_kind::bias_shared) mask.add(mha::causal{});
+            return forward_loss(c, in, mask, options);
+        };
+        require_matches_differences("d_bias", masks.bias_matrices[p], bias_grads[p], bias_loss);
+    }
+}
+
 }  // namespace
 
 TEST_CASE("backward matches central finite differences of the forward", "[backward]") {
@@ -443,22 +462,7 @@ TEST_CASE("backward matches central finite differences of the forward", "[backwa
         require_matches_differences("dq", in.q, got.dq, loss);
         require_matches_differences("dk", in.k, got.dk, loss);
         require_matches_differences("dv", in.v, got.dv, loss);
-        if (!masks.bias_matrices.empty()) {
-            // The bias as a variable: rebuild the mask from the perturbed matrices each time.
-            const auto bias_grads = mha::additive_bias_gradient(
-                got.d_scores, static_cast<Index>(masks.bias_matrices.size()), c.sequences(),
-                c.heads);
-            for (std::size_t p = 0; p < masks.bias_matrices.size(); ++p) {
-                auto bias_loss = [&] {
-                    mha::attention_mask<double> mask(
-                        mha::additive_bias<double>(masks.bias_matrices));
-                    if (c.mask == mask_kind::bias_shared) mask.add(mha::causal{});
-                    return forward_loss(c, in, mask);
-                };
-                require_matches_differences("d_bias", masks.bias_matrices[p], bias_grads[p],
-                                            bias_loss);
-            }
-        }
+        if (!masks.bias_matrices.empty()) require_bias_matches_differences(c, in, masks, got);
     }
 }
 
@@ -483,15 +487,6 @@ mha::attention_options terms_options(const terms_case& t) {
         if (t.sinks) o.sinks.push_back(0.75 - 0.5 * static_cast<double>(h));
     }
     return o;
-}
-
-/// loss = Σ d_out ∘ forward(q, k, v) with the score terms of `options`.
-double terms_loss(const backward_case& c, const case_inputs<double>& in,
-                  const mha::attention_mask<double>& mask, const mha::attention_options& options) {
-    mat<double> out(in.d_out.rows(), in.d_out.cols());
-    mha::multi_head_attention_core(in.q, in.k, in.v, c.heads, c.kv_heads,
-                                   mha::packed_batch(c.lq, c.lk), out, mask, options);
-    return (in.d_out.array() * out.array()).sum();
 }
 
 std::vector<terms_case> terms_cases() {
@@ -533,7 +528,7 @@ TEST_CASE("backward through soft-capping, ALiBi and sinks matches central finite
         const auto got = mha::multi_head_attention_core_backward(
             in.q, in.k, in.v, c.heads, c.kv_heads, mha::packed_batch(c.lq, c.lk), in.d_out,
             masks.mask, options, request);
-        auto loss = [&] { return terms_loss(c, in, masks.mask, options); };
+        auto loss = [&] { return forward_loss(c, in, masks.mask, options); };
         require_matches_differences("dq", in.q, got.dq, loss);
         require_matches_differences("dk", in.k, got.dk, loss);
         require_matches_differences("dv", in.v, got.dv, loss);
@@ -547,28 +542,16 @@ TEST_CASE("backward through soft-capping, ALiBi and sinks matches central finite
             auto sink_loss = [&] {
                 for (Index h = 0; h < c.heads; ++h)
                     options.sinks[static_cast<std::size_t>(h)] = sinks(h, 0);
-                return terms_loss(c, in, masks.mask, options);
+                return forward_loss(c, in, masks.mask, options);
             };
             require_matches_differences("d_sinks", sinks, d_sinks, sink_loss);
             sink_loss();  // back to the unperturbed sinks (the last call saw one moved)
         } else {
             CHECK(got.d_sinks.empty());
         }
-        if (!masks.bias_matrices.empty()) {
-            // The bias enters after the cap: its gradient is dS without the cap's slope.
-            const auto bias_grads = mha::additive_bias_gradient(
-                got.d_scores, static_cast<Index>(masks.bias_matrices.size()), c.sequences(),
-                c.heads);
-            for (std::size_t p = 0; p < masks.bias_matrices.size(); ++p) {
-                auto bias_loss = [&] {
-                    const mha::attention_mask<double> mask(
-                        mha::additive_bias<double>(masks.bias_matrices));
-                    return terms_loss(c, in, mask, options);
-                };
-                require_matches_differences("d_bias", masks.bias_matrices[p], bias_grads[p],
-                                            bias_loss);
-            }
-        }
+        // The bias enters after the cap: its gradient is dS without the cap's slope.
+        if (!masks.bias_matrices.empty())
+            require_bias_matches_differences(c, in, masks, got, options);
         // Same bits on 2 threads.
         request.threads = 2;
         const auto two = mha::multi_head_attention_core_backward(
