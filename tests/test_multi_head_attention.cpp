@@ -1581,27 +1581,36 @@ TEST_CASE("parameters of the wrong shape throw shape_error naming the matrix", "
     p.w_q.resize(14, 10);
     REQUIRE_THROWS_AS(layer(config, p), mha::shape_error);
     REQUIRE_THROWS_WITH(layer(config, p),
-                        Equals(std::string(where) + "parameters.w_q.rows() must be 15, got 14"));
+                        Equals(std::string(where) +
+                               "parameters.w_q.rows() must be 15 (num_heads · head_dim), got 14"));
     p = good;
     p.w_k = good.w_k.transpose();
-    REQUIRE_THROWS_WITH(layer(config, p),
-                        Equals(std::string(where) + "parameters.w_k.rows() must be 15, got 7"));
+    REQUIRE_THROWS_WITH(
+        layer(config, p),
+        Equals(std::string(where) +
+               "parameters.w_k.rows() must be 15 (num_kv_heads · head_dim), got 7"));
     p = good;
     p.w_k.resize(15, 10);  // kdim 7, not E
-    REQUIRE_THROWS_WITH(layer(config, p),
-                        Equals(std::string(where) + "parameters.w_k.cols() must be 7, got 10"));
+    REQUIRE_THROWS_WITH(
+        layer(config, p),
+        Equals(std::string(where) + "parameters.w_k.cols() must be 7 (key_input_dim), got 10"));
     p = good;
     p.w_v.resize(6, 5);
-    REQUIRE_THROWS_WITH(layer(config, p),
-                        Equals(std::string(where) + "parameters.w_v.cols() must be 4, got 5"));
+    REQUIRE_THROWS_WITH(
+        layer(config, p),
+        Equals(std::string(where) + "parameters.w_v.cols() must be 4 (value_input_dim), got 5"));
     p = good;
     p.w_o.resize(10, 15);  // H·d_v = 6, not H·d_k
-    REQUIRE_THROWS_WITH(layer(config, p),
-                        Equals(std::string(where) + "parameters.w_o.cols() must be 6, got 15"));
+    REQUIRE_THROWS_WITH(
+        layer(config, p),
+        Equals(std::string(where) +
+               "parameters.w_o.cols() must be 6 (num_heads · value_head_dim), got 15"));
     p = good;
     p.b_v.resize(5);
-    REQUIRE_THROWS_WITH(layer(config, p),
-                        Equals(std::string(where) + "parameters.b_v.size() must be 6, got 5"));
+    REQUIRE_THROWS_WITH(
+        layer(config, p),
+        Equals(std::string(where) +
+               "parameters.b_v.size() must be 6 (num_kv_heads · value_head_dim), got 5"));
     p = good;
     p.b_o.resize(0);
     REQUIRE_THROWS_AS(layer(config, p), mha::shape_error);
@@ -1632,21 +1641,25 @@ TEST_CASE("from_packed rejects packed parameters of the wrong shape", "[layer][e
                       mha::shape_error);
     REQUIRE_THROWS_WITH(
         layer::from_packed(config, in_proj.topRows(16), in_bias, out_proj, out_bias),
-        Equals(std::string(where) + "in_proj_weight.rows() must be 24, got 16"));
+        Equals(std::string(where) +
+               "in_proj_weight.rows() must be 24 (H·d_k + H_kv·(d_k + d_v)), got 16"));
     REQUIRE_THROWS_WITH(
         layer::from_packed(config, in_proj.leftCols(6), in_bias, out_proj, out_bias),
-        Equals(std::string(where) + "in_proj_weight.cols() must be 8, got 6"));
+        Equals(std::string(where) + "in_proj_weight.cols() must be 8 (embed_dim), got 6"));
     REQUIRE_THROWS_WITH(layer::from_packed(config, in_proj, in_bias.head(23), out_proj, out_bias),
-                        Equals(std::string(where) + "in_proj_bias.size() must be 24, got 23"));
+                        Equals(std::string(where) +
+                               "in_proj_bias.size() must be 24 (in_proj_weight.rows()), got 23"));
     REQUIRE_THROWS_AS(layer::from_packed(config, in_proj, in_bias, out_proj.leftCols(7), out_bias),
                       mha::shape_error);
     REQUIRE_THROWS_WITH(
         layer::from_packed(config, in_proj, in_bias, out_proj.leftCols(7), out_bias),
-        Equals(std::string(where) + "out_proj.weight.cols() must be 8, got 7"));
+        Equals(std::string(where) +
+               "out_proj.weight.cols() must be 8 (num_heads · value_head_dim), got 7"));
     REQUIRE_THROWS_AS(layer::from_packed(config, in_proj, in_bias, out_proj, out_bias.head(7)),
                       mha::shape_error);
-    REQUIRE_THROWS_WITH(layer::from_packed(config, in_proj, in_bias, out_proj, out_bias.head(7)),
-                        Equals(std::string(where) + "out_proj.bias.size() must be 8, got 7"));
+    REQUIRE_THROWS_WITH(
+        layer::from_packed(config, in_proj, in_bias, out_proj, out_bias.head(7)),
+        Equals(std::string(where) + "out_proj.bias.size() must be 8 (embed_dim), got 7"));
 
     // Packed weights exist only when keys and values come from width E, as in PyTorch.
     auto other_kdim = config;

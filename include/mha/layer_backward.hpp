@@ -23,6 +23,7 @@
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
 #include <mha/detail/gemm.hpp>
+#include <mha/detail/layer_parameters.hpp>
 #include <mha/mask.hpp>
 #include <mha/options.hpp>
 #include <mha/rotary.hpp>
@@ -121,31 +122,6 @@ void project_backward(const matrix<Scalar>& w, bool bias, const matrix<Scalar>& 
         db.resize(0);
     dx.resize(w.cols(), dy.cols());
     product_into(dx, w.transpose(), dy, Scalar(1), &gemm, threads);
-}
-
-/// Throws shape_error unless the parameters have the shapes `config` (resolved) gives them.
-template <class Scalar>
-void check_parameters(const char* where, const attention_config& c,
-                      const attention_parameters<Scalar>& p) {
-    const Index qk = c.num_heads * c.head_dim, kw = c.num_kv_heads * c.head_dim;
-    const Index kvw = c.num_kv_heads * c.value_head_dim, vw = c.num_heads * c.value_head_dim;
-    check_size(where, "parameters.w_q.rows()", qk, p.w_q.rows(), "num_heads · head_dim");
-    check_size(where, "parameters.w_q.cols()", c.embed_dim, p.w_q.cols(), "embed_dim");
-    check_size(where, "parameters.w_k.rows()", kw, p.w_k.rows(), "num_kv_heads · head_dim");
-    check_size(where, "parameters.w_k.cols()", c.key_input_dim, p.w_k.cols(), "key_input_dim");
-    check_size(where, "parameters.w_v.rows()", kvw, p.w_v.rows(), "num_kv_heads · value_head_dim");
-    check_size(where, "parameters.w_v.cols()", c.value_input_dim, p.w_v.cols(), "value_input_dim");
-    check_size(where, "parameters.w_o.rows()", c.embed_dim, p.w_o.rows(), "embed_dim");
-    check_size(where, "parameters.w_o.cols()", vw, p.w_o.cols(), "num_heads · value_head_dim");
-    const char* no_bias = "0 (config.bias is false)";
-    check_size(where, "parameters.b_q.size()", c.bias ? qk : 0, p.b_q.size(),
-               c.bias ? "num_heads · head_dim" : no_bias);
-    check_size(where, "parameters.b_k.size()", c.bias ? kw : 0, p.b_k.size(),
-               c.bias ? "num_kv_heads · head_dim" : no_bias);
-    check_size(where, "parameters.b_v.size()", c.bias ? kvw : 0, p.b_v.size(),
-               c.bias ? "num_kv_heads · value_head_dim" : no_bias);
-    check_size(where, "parameters.b_o.size()", c.bias ? c.embed_dim : 0, p.b_o.size(),
-               c.bias ? "embed_dim" : no_bias);
 }
 
 }  // namespace detail

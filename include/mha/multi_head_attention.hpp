@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
-#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -19,6 +18,7 @@
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
 #include <mha/detail/head_problem.hpp>
+#include <mha/detail/layer_parameters.hpp>
 #include <mha/kv_cache.hpp>
 #include <mha/layer_backward.hpp>
 #include <mha/mask.hpp>
@@ -85,45 +85,7 @@ public:
     /// input projections (over the stacked [W_q; W_k; W_v] when all inputs have width E, as
     /// PyTorch's `in_proj_weight`), U(±1/√(H·d_v)) for W_o, zero biases.
     explicit multi_head_attention(const attention_config& config, std::uint64_t seed = 0)
-        : config_(config.resolved()), rotary_(make_rotary(config_)) {
-        detail::check_scale<Scalar>("mha::multi_head_attention", "config.attention.scale",
-                                    config_.attention.scale);
-        std::mt19937_64 engine(seed);
-        // The standard fixes mt19937_64's output but not uniform_real_distribution's, so map
-        // the bits to [−bound, bound) here to get the same numbers on every platform.
-        auto uniform = [&engine](matrix<Scalar>& w, double bound) {
-            for (Index c = 0; c < w.cols(); ++c)
-                for (Index r = 0; r < w.rows(); ++r) {
-                    const double unit = static_cast<double>(engine() >> 11) * 0x1.0p-53;
-                    w(r, c) = static_cast<Scalar>((2.0 * unit - 1.0) * bound);
-                }
-        };
-        auto xavier = [](Index fan_out, Index fan_in) {
-            return std::sqrt(6.0 / static_cast<double>(fan_in + fan_out));
-        };
-        const Index qk = qk_width();
-        const Index kw = key_width();
-        const Index kvw = value_width();
-        const Index vw = v_width();
-        fused_ = config_.key_input_dim == config_.embed_dim &&
-                 config_.value_input_dim == config_.embed_dim;
-        if (fused_) {
-            w_in_.resize(qk + kw + kvw, config_.embed_dim);
-            uniform(w_in_, xavier(w_in_.rows(), w_in_.cols()));
-        } else {
-            w_in_.resize(qk, config_.embed_dim);
-            w_k_.resize(kw, config_.key_input_dim);
-            w_v_.resize(kvw, config_.value_input_dim);
-            uniform(w_in_, xavier(w_in_.rows(), w_in_.cols()));
-            uniform(w_k_, xavier(w_k_.rows(), w_k_.cols()));
-            uniform(w_v_, xavier(w_v_.rows(), w_v_.cols()));
-        }
-        w_o_.resize(config_.embed_dim, vw);
-        uniform(w_o_, 1.0 / std::sqrt(static_cast<double>(vw)));
-        if (config_.bias) {
-            b_in_ = vector<Scalar>::Zero(qk + kw + kvw);
-            b_o_ = vector<Scalar>::Zero(config_.embed_dim);
-        }
+        : multi_head_attention(config, detail::seeded_parameters<Scalar>(config.resolved(), seed)) {
     }
 
     /// A layer with the given parameters; their shapes are checked against `config`.
@@ -131,23 +93,11 @@ public:
         : config_(config.resolved()), rotary_(make_rotary(config_)) {
         constexpr const char* where = "mha::multi_head_attention";
         detail::check_scale<Scalar>(where, "config.attention.scale", config_.attention.scale);
-        const Index qk = qk_width();
-        const Index kw = key_width();
-        const Index kvw = value_width();
-        const Index vw = v_width();
+        detail::check_parameters(where, config_, p);
         const Index e = config_.embed_dim;
-        check_matrix(where, "parameters.w_q", p.w_q, qk, e);
-        check_matrix(where, "parameters.w_k", p.w_k, kw, config_.key_input_dim);
-        check_matrix(where, "parameters.w_v", p.w_v, kvw, config_.value_input_dim);
-        check_matrix(where, "parameters.w_o", p.w_o, e, vw);
-        const bool bias = config_.bias;
-        check_bias(where, "parameters.b_q", p.b_q, bias ? qk : 0);
-        check_bias(where, "parameters.b_k", p.b_k, bias ? kw : 0);
-        check_bias(where, "parameters.b_v", p.b_v, bias ? kvw : 0);
-        check_bias(where, "parameters.b_o", p.b_o, bias ? e : 0);
         fused_ = config_.key_input_dim == e && config_.value_input_dim == e;
         if (fused_) {
-            w_in_.resize(qk + kw + kvw, e);
+            w_in_.resize(qk_width() + key_width() + value_width(), e);
             w_in_ << p.w_q, p.w_k, p.w_v;
         } else {
             w_in_ = p.w_q;
@@ -155,8 +105,8 @@ public:
             w_v_ = p.w_v;
         }
         w_o_ = p.w_o;
-        if (bias) {
-            b_in_.resize(qk + kw + kvw);
+        if (config_.bias) {
+            b_in_.resize(qk_width() + key_width() + value_width());
             b_in_ << p.b_q, p.b_k, p.b_v;
             b_o_ = p.b_o;
         }
@@ -172,43 +122,10 @@ public:
                                             const Eigen::Ref<const vector<Scalar>>& in_proj_bias,
                                             const Eigen::Ref<const matrix<Scalar>>& out_weight,
                                             const Eigen::Ref<const vector<Scalar>>& out_bias) {
-        constexpr const char* where = "mha::multi_head_attention::from_packed";
         const attention_config c = config.resolved();
-        const Index e = c.embed_dim;
-        const Index qk = c.num_heads * c.head_dim;
-        const Index kw = c.num_kv_heads * c.head_dim;
-        const Index kvw = c.num_kv_heads * c.value_head_dim;
-        const Index vw = c.num_heads * c.value_head_dim;
-        // PyTorch packs q, k and v only when they all project from width E; a layer with other
-        // key or value widths has separate weights (use the constructor taking them).
-        if (c.key_input_dim != e)
-            detail::fail<value_error>(where, "config.key_input_dim",
-                                      "embed_dim = " + std::to_string(e) + " for packed weights",
-                                      c.key_input_dim);
-        if (c.value_input_dim != e)
-            detail::fail<value_error>(where, "config.value_input_dim",
-                                      "embed_dim = " + std::to_string(e) + " for packed weights",
-                                      c.value_input_dim);
-        check_matrix(where, "in_proj_weight", in_proj_weight, qk + kw + kvw, e);
-        // Checked here under PyTorch's names; the constructor would name parameters.w_o/b_o.
-        check_matrix(where, "out_proj.weight", out_weight, e, vw);
-        attention_parameters<Scalar> p;
-        p.w_q = in_proj_weight.topRows(qk);
-        p.w_k = in_proj_weight.middleRows(qk, kw);
-        p.w_v = in_proj_weight.bottomRows(kvw);
-        p.w_o = out_weight;
-        if (c.bias) {
-            check_bias(where, "in_proj_bias", in_proj_bias, qk + kw + kvw);
-            check_bias(where, "out_proj.bias", out_bias, e);
-            p.b_q = in_proj_bias.head(qk);
-            p.b_k = in_proj_bias.segment(qk, kw);
-            p.b_v = in_proj_bias.tail(kvw);
-            p.b_o = out_bias;
-        } else {
-            check_bias(where, "in_proj_bias", in_proj_bias, 0);
-            check_bias(where, "out_proj.bias", out_bias, 0);
-        }
-        return multi_head_attention(c, p);
+        return multi_head_attention(c, detail::unpack_packed_parameters<Scalar>(
+                                           "mha::multi_head_attention::from_packed", c,
+                                           in_proj_weight, in_proj_bias, out_weight, out_bias));
     }
 
     /// Self-attention over one sequence: x is E × L, returns E × L.
@@ -491,18 +408,6 @@ public:
     }
 
 private:
-    template <class M>
-    static void check_matrix(const char* where, const char* name, const M& m, Index rows,
-                             Index cols) {
-        detail::check_size(where, std::string(name) + ".rows()", rows, m.rows());
-        detail::check_size(where, std::string(name) + ".cols()", cols, m.cols());
-    }
-    template <class V>
-    static void check_bias(const char* where, const char* name, const V& b, Index size) {
-        detail::check_size(where, std::string(name) + ".size()", size, b.size(),
-                           size == 0 ? "no bias configured" : nullptr);
-    }
-
     static constexpr const char* decode_where = "mha::multi_head_attention::decode";
 
     static std::optional<rotary_embedding<Scalar>> make_rotary(const attention_config& c) {

@@ -66,6 +66,7 @@ DEFAULT_TESTS = {
     "detail/materialized_backward.hpp": ["attention_backward", "layer_backward"],
     "layer_backward.hpp": ["layer_backward"],
     "plot.hpp": ["plot"],
+    "detail/layer_parameters.hpp": ["multi_head_attention", "layer_backward", "pytorch_golden"],
     "detail/call_checks.hpp": ["attention", "hostile_input", "attention_backward"],
     "attention_bf16.hpp": ["bf16_attention", "bf16_attention_native"],
 }
