@@ -77,7 +77,8 @@ inline std::optional<std::string> check_bf16(const mha::safetensors_file& f,
     }
     mha::safetensors_writer writer;
     writer.add_raw(name, t.shape, b.data());
-    const auto again = mha::safetensors_file::parse(writer.bytes(), "bf16 again").values<bf16>(name);
+    const auto again =
+        mha::safetensors_file::parse(writer.bytes(), "bf16 again").values<bf16>(name);
     if (again.size() != b.size() ||
         (!b.empty() && std::memcmp(static_cast<const void*>(again.data()),
                                    static_cast<const void*>(b.data()), 2 * b.size()) != 0))

@@ -361,7 +361,8 @@ template <class T>
 mha_test::mat<long double> widen(const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>& m) {
     mha_test::mat<long double> r(m.rows(), m.cols());
     for (mha::Index i = 0; i < m.size(); ++i)
-        r.data()[i] = static_cast<long double>(static_cast<double>(static_cast<float>(m.data()[i])));
+        r.data()[i] =
+            static_cast<long double>(static_cast<double>(static_cast<float>(m.data()[i])));
     return r;
 }
 
@@ -389,7 +390,7 @@ std::pair<long double, long double> check_core_bf16_case(const mha::safetensors_
     mha::multi_head_attention_core(q, k, v, heads, kv_heads, batch, out, mask);
     mha::multi_head_attention_core(q, k, v, heads, kv_heads, batch, out16, mask);
 
-    const mha::matrix<double> golden = in.as_columns<double>("output");            // as out
+    const mha::matrix<double> golden = in.as_columns<double>("output");           // as out
     const mha::matrix<float> theirs = in.as_columns<float>("torch_bf16_output");  // as out
     REQUIRE(golden.rows() == out.rows());
     REQUIRE(golden.cols() == out.cols());
@@ -443,10 +444,10 @@ std::pair<long double, long double> check_core_bf16_case(const mha::safetensors_
                     if (std::isnan(golden(h * dv + c, q0 + i))) continue;
                     ours_worst = std::max(
                         ours_worst, std::fabs(static_cast<long double>(ours(c, i)) - gold(c, i)));
-                    theirs_worst = std::max(theirs_worst,
-                                            std::isfinite(t)
-                                                ? std::fabs(static_cast<long double>(t) - gold(c, i))
-                                                : std::numeric_limits<long double>::infinity());
+                    theirs_worst = std::max(
+                        theirs_worst, std::isfinite(t)
+                                          ? std::fabs(static_cast<long double>(t) - gold(c, i))
+                                          : std::numeric_limits<long double>::infinity());
                 }
         }
     }
@@ -556,7 +557,8 @@ TEST_CASE("the bf16 core cases cover what the generator promises", "[pytorch][bf
         fully_masked += in.metadata("fully_masked_queries", "") == "1";
         padded += in.contains("key_padding_mask");
         grouped += kv_heads < heads;
-        head_dims += in.info("query").shape.back() / heads != in.info("value").shape.back() / kv_heads;
+        head_dims +=
+            in.info("query").shape.back() / heads != in.info("value").shape.back() / kv_heads;
     }
     CHECK(cases >= 4);
     CHECK(causal >= 1);
@@ -575,9 +577,9 @@ TEST_CASE("the bf16 attention core matches PyTorch's fp64 golden within the bf16
             const auto in = mha::safetensors_file::read(path.string());
             INFO(in.metadata("description", ""));
             const auto [ours, theirs] = check_core_bf16_case(in, path.stem().string());
-            WARN(path.stem().string() << ": largest |out - fp64 golden|: ours (fp32 out) "
-                                      << static_cast<double>(ours) << ", torch 1.13 in bf16 "
-                                      << static_cast<double>(theirs));
+            WARN(path.stem().string()
+                 << ": largest |out - fp64 golden|: ours (fp32 out) " << static_cast<double>(ours)
+                 << ", torch 1.13 in bf16 " << static_cast<double>(theirs));
         }
     }
 }

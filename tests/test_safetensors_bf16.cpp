@@ -37,7 +37,8 @@ bf16 from_bits(std::uint16_t b) {
 bytes_t make_file(const std::string& header, const bytes_t& data) {
     bytes_t b;
     for (int i = 0; i < 8; ++i)
-        b.push_back(static_cast<unsigned char>(static_cast<std::uint64_t>(header.size()) >> (8 * i)));
+        b.push_back(
+            static_cast<unsigned char>(static_cast<std::uint64_t>(header.size()) >> (8 * i)));
     b.insert(b.end(), header.begin(), header.end());
     b.insert(b.end(), data.begin(), data.end());
     return b;
@@ -66,9 +67,9 @@ void require_format_error(F&& f, const std::vector<std::string>& parts) {
 // Bit patterns that arithmetic would change or that sit at the edges of the format: ±0, 1, −2,
 // the largest finite, the smallest and largest subnormal (both signs), the smallest normal, ±∞,
 // a quiet NaN with a payload, a signalling NaN (quiet bit clear), a negative NaN of all ones.
-const std::vector<std::uint16_t> edge_patterns = {
-    0x0000, 0x8000, 0x3f80, 0xc000, 0x7f7f, 0x0001, 0x007f, 0x807f,
-    0x0080, 0x7f80, 0xff80, 0x7fc1, 0x7f81, 0xffff};
+const std::vector<std::uint16_t> edge_patterns = {0x0000, 0x8000, 0x3f80, 0xc000, 0x7f7f,
+                                                  0x0001, 0x007f, 0x807f, 0x0080, 0x7f80,
+                                                  0xff80, 0x7fc1, 0x7f81, 0xffff};
 
 // The (2, 7) BF16 tensor "b" holding edge_patterns in row-major order.
 bytes_t edge_file() {
@@ -141,10 +142,9 @@ TEST_CASE("F32, F64 and F16 tensors read into bfloat16 rounded once to nearest e
     put_le(data, f64_tie, 8);
     for (const auto& [in, out] : f16)
         put_le(data, in, 2);
-    const std::string header =
-        R"({"s":{"dtype":"F32","shape":[10],"data_offsets":[0,40]},)"
-        R"("d":{"dtype":"F64","shape":[2],"data_offsets":[40,56]},)"
-        R"("h":{"dtype":"F16","shape":[4],"data_offsets":[56,64]}})";
+    const std::string header = R"({"s":{"dtype":"F32","shape":[10],"data_offsets":[0,40]},)"
+                               R"("d":{"dtype":"F64","shape":[2],"data_offsets":[40,56]},)"
+                               R"("h":{"dtype":"F16","shape":[4],"data_offsets":[56,64]}})";
     const auto f = mha::safetensors_file::parse(make_file(header, data));
 
     const auto s = f.as_vector<bf16>("s");
@@ -179,7 +179,8 @@ TEST_CASE("a bfloat16 matrix is written as BF16 with the bytes the format define
     std::uint64_t header_length = 0;
     for (int i = 0; i < 8; ++i)
         header_length |= static_cast<std::uint64_t>(b[static_cast<std::size_t>(i)]) << (8 * i);
-    const std::string header(b.begin() + 8, b.begin() + 8 + static_cast<std::ptrdiff_t>(header_length));
+    const std::string header(b.begin() + 8,
+                             b.begin() + 8 + static_cast<std::ptrdiff_t>(header_length));
     CHECK(header.find(R"("dtype":"BF16")") != std::string::npos);
     CHECK(header.find(R"("shape":[2,3])") != std::string::npos);
     // The data section: 6 elements, row-major, each least significant byte first.
@@ -244,8 +245,11 @@ TEST_CASE("a tensor bfloat16 cannot read is refused naming its dtype, shape or r
                          {"dtype of tensor 'm'", bf16_dtypes, "got BOOL"});
     require_format_error([&] { (void)f.values<bool>("w"); },
                          {"dtype of tensor 'w' must be BOOL", "got BF16"});
-    require_format_error([&] { (void)f.expect<bf16>("w", {3, 2}, "(out, in)"); },
-                         {"shape of tensor 'w' must be [3, 2] (out, in)", "got [2, 3]"});
+    require_format_error(
+        [&] {
+            (void)f.expect<bf16>("w", {3, 2}, "(out, in)");
+        },
+        {"shape of tensor 'w' must be [3, 2] (out, in)", "got [2, 3]"});
     require_format_error([&] { (void)f.as_vector<bf16>("w"); },
                          {"rank of tensor 'w' must be 1", "got 2"});
     require_format_error([&] { (void)f.as_matrix<bf16>("absent"); },
@@ -253,15 +257,15 @@ TEST_CASE("a tensor bfloat16 cannot read is refused naming its dtype, shape or r
     CHECK(f.expect<bf16>("w", {2, 3}).dtype == "BF16");
 }
 
-TEST_CASE("BF16 files that differ from a valid one in one way are refused",
-          "[safetensors][bf16]") {
+TEST_CASE("BF16 files that differ from a valid one in one way are refused", "[safetensors][bf16]") {
     // The valid file first, so that each refusal below is due to its one change.
     const bytes_t data(12, 0x3f);
     const auto file = [&](const std::string& dtype, const std::string& shape,
                           const std::string& offsets, std::size_t data_bytes) {
-        return make_file(R"({"w":{"dtype":")" + dtype + R"(","shape":)" + shape +
-                             R"(,"data_offsets":)" + offsets + "}}",
-                         bytes_t(data.begin(), data.begin() + static_cast<std::ptrdiff_t>(data_bytes)));
+        return make_file(
+            R"({"w":{"dtype":")" + dtype + R"(","shape":)" + shape + R"(,"data_offsets":)" +
+                offsets + "}}",
+            bytes_t(data.begin(), data.begin() + static_cast<std::ptrdiff_t>(data_bytes)));
     };
     const auto valid = mha::safetensors_file::parse(file("BF16", "[2,3]", "[0,12]", 12));
     CHECK(bits(valid.as_matrix<bf16>("w")(1, 2)) == 0x3f3f);

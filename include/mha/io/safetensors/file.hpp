@@ -221,7 +221,8 @@ private:
             if (t.dtype == "BF16")
                 bits = detail::load_little_endian<std::uint16_t>(p + 2 * i);
             else if (t.dtype == "F16")
-                bits = float_to_bf16(f16_to_float(detail::load_little_endian<std::uint16_t>(p + 2 * i)));
+                bits = float_to_bf16(
+                    f16_to_float(detail::load_little_endian<std::uint16_t>(p + 2 * i)));
             else if (t.dtype == "F32")
                 bits = float_to_bf16(detail::load_little_endian<float>(p + 4 * i));
             else
