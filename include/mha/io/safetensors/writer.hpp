@@ -32,6 +32,7 @@ public:
 
     /// Stores the float and double tensors added from now on as `dtype`: "F16" or "BF16" (rounded
     /// to nearest even, beyond the range to ±∞), or "" for their own type (F32, F64).
+    /// Eigen::bfloat16 tensors are BF16 whatever this says.
     void set_float_dtype(const std::string& dtype) {
         if (!dtype.empty() && dtype != "F16" && dtype != "BF16")
             detail::fail<value_error>("mha::safetensors_writer::set_float_dtype", "dtype",
