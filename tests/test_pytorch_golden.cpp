@@ -4,8 +4,10 @@
 // in each file's metadata) is loaded, its PyTorch arguments are translated into this library's
 // masks and layout as the README's "PyTorch parity" table says, and output and attention weights
 // are compared. The cases named grad_* also hold autograd's gradients for a random d_output, and
-// the layer's backward (forward_for_backward, backward) is compared with them. PyTorch is not
-// needed here.
+// the layer's backward (forward_for_backward, backward) is compared with them. The cases named
+// core_bf16_* are of the attention core on bfloat16 Q, K and V: the library's bf16 kernel is
+// held to the bf16 bound of tests/support/check.hpp against the fp64 result of the same bf16
+// inputs. PyTorch is not needed here.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
