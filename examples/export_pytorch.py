@@ -30,15 +30,19 @@ _NUMPY = {v: k for k, v in _DTYPES.items()}
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """Write {name: tensor or ndarray} (float32, float64 or bool) and string metadata."""
+    """Write {name: tensor or ndarray} (float32, float64 or bool; torch.bfloat16 tensors as BF16,
+    their bits unchanged) and string metadata."""
     header, blobs, offset = {}, [], 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name, t in tensors.items():
+        bf16 = isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
+        if bf16:  # numpy has no bfloat16: the same 2 bytes as int16
+            t = t.detach().cpu().contiguous().view(torch.int16)
         a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
         a = np.ascontiguousarray(a)
         blob = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape),
+        header[name] = {"dtype": "BF16" if bf16 else _DTYPES[a.dtype], "shape": list(a.shape),
                         "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
@@ -52,7 +56,7 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def read_safetensors(path):
-    """Return ({name: torch.Tensor}, metadata) for F32, F64 and BOOL tensors."""
+    """Return ({name: torch.Tensor}, metadata) for F32, F64, BOOL and BF16 tensors."""
     with open(path, "rb") as f:
         data = f.read()
     (n,) = struct.unpack("<Q", data[:8])
@@ -61,9 +65,11 @@ def read_safetensors(path):
     tensors = {}
     for name, e in header.items():
         begin, end = e["data_offsets"]
-        dtype = _NUMPY[e["dtype"]].newbyteorder("<")
+        bf16 = e["dtype"] == "BF16"
+        dtype = (np.dtype(np.int16) if bf16 else _NUMPY[e["dtype"]]).newbyteorder("<")
         a = np.frombuffer(data[8 + n + begin:8 + n + end], dtype=dtype).reshape(e["shape"])
-        tensors[name] = torch.from_numpy(a.astype(a.dtype.newbyteorder("="), copy=True))
+        t = torch.from_numpy(a.astype(a.dtype.newbyteorder("="), copy=True))
+        tensors[name] = t.view(torch.bfloat16) if bf16 else t
     return tensors, metadata
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # Writes the seed corpus of the safetensors fuzzer: small valid files (tensors of every dtype the
-# accessors read, PyTorch state_dicts in the packed and the separate form) and hand-made hostile
+# accessors read, half-precision bit patterns, PyTorch state_dicts in the packed and the separate form) and hand-made hostile
 # ones (huge or zero dimensions, deep nesting, duplicate keys, zero-sized weights, offsets that
 # overlap or leave gaps, a header length past the end). The golden files of tests/data/golden
 # are seeds too; the fuzzing job passes their directory beside this one.
@@ -89,6 +89,15 @@ seeds = {
                                               "data_offsets": [4, 8]}}, bytes(8)),
     "header_length_past_end": header_file("{}", length=2**64 - 1),
     "not_json": header_file("\x00\xff{]"),
+    # Half-precision bit patterns the bfloat16 reads must keep or round once: BF16 ±0, a
+    # subnormal, ±∞, a quiet NaN with a payload, a signalling NaN; F16 and F32 ties and NaNs.
+    "half_precision_patterns": header_file(
+        {"b": {"dtype": "BF16", "shape": [2, 4], "data_offsets": [0, 16]},
+         "h": {"dtype": "F16", "shape": [4], "data_offsets": [16, 24]},
+         "s": {"dtype": "F32", "shape": [4], "data_offsets": [24, 40]}},
+        struct.pack("<8H", 0x0000, 0x8000, 0x0001, 0x7f80, 0xff80, 0x7fc1, 0x7f81, 0x3f80)
+        + struct.pack("<4H", 0x3c01, 0x0001, 0x7bff, 0x7e01)
+        + struct.pack("<4I", 0x3f808000, 0x3f818000, 0x7fa00000, 0x7f7fffff)),
 }
 for name, data in seeds.items():
     with open(os.path.join(here, name), "wb") as f:

@@ -4,8 +4,10 @@
 // in each file's metadata) is loaded, its PyTorch arguments are translated into this library's
 // masks and layout as the README's "PyTorch parity" table says, and output and attention weights
 // are compared. The cases named grad_* also hold autograd's gradients for a random d_output, and
-// the layer's backward (forward_for_backward, backward) is compared with them. PyTorch is not
-// needed here.
+// the layer's backward (forward_for_backward, backward) is compared with them. The cases named
+// core_bf16_* are of the attention core on bfloat16 Q, K and V: the library's bf16 kernel is
+// held to the bf16 bound of tests/support/check.hpp against the fp64 result of the same bf16
+// inputs. PyTorch is not needed here.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,6 +21,9 @@
 
 #include <mha/io/safetensors.hpp>
 #include <mha/mha.hpp>
+
+#include "check.hpp"
+#include "reference.hpp"
 
 namespace {
 
@@ -336,13 +341,119 @@ void check_gradient_case(const mha::safetensors_file& in) {
     }
 }
 
-std::vector<std::filesystem::path> golden_files() {
+// The golden files of the layer (bf16_core = false), or those of the bfloat16 attention core,
+// named core_bf16_* (format mha-core-bf16-case/1: no weights, Q, K and V in BF16).
+std::vector<std::filesystem::path> golden_files(bool bf16_core = false) {
     std::vector<std::filesystem::path> files;
     for (const auto& entry :
-         std::filesystem::directory_iterator(std::filesystem::path(MHA_TEST_DATA_DIR) / "golden"))
-        if (entry.path().extension() == ".safetensors") files.push_back(entry.path());
+         std::filesystem::directory_iterator(std::filesystem::path(MHA_TEST_DATA_DIR) / "golden")) {
+        const bool core = entry.path().stem().string().rfind("core_bf16_", 0) == 0;
+        if (entry.path().extension() == ".safetensors" && core == bf16_core)
+            files.push_back(entry.path());
+    }
     std::sort(files.begin(), files.end());
     return files;
+}
+
+using bf16 = Eigen::bfloat16;
+using bf16_matrix = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>;
+
+// Exact: every bf16 and every float is a long double.
+template <class T>
+mha_test::mat<long double> widen(const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>& m) {
+    mha_test::mat<long double> r(m.rows(), m.cols());
+    for (mha::Index i = 0; i < m.size(); ++i)
+        r.data()[i] =
+            static_cast<long double>(static_cast<double>(static_cast<float>(m.data()[i])));
+    return r;
+}
+
+// One bf16 core case: the library's bf16 kernel (float and bf16 output) against the fp64 golden
+// of the same bf16 inputs, head by head and sequence by sequence, with the bound of
+// test_bf16_attention.cpp (require_bf16_attention_close: u_b = 2^-8 for P rounded to bf16, fp32's
+// γ_n for the sums; derived in tests/support/check.hpp). Returns the largest |ours − golden|
+// (float output) and |torch's bf16 − golden| over the entries the golden defines.
+std::pair<long double, long double> check_core_bf16_case(const mha::safetensors_file& in,
+                                                         const std::string& what) {
+    REQUIRE(in.metadata("format", "") == "mha-core-bf16-case/1");
+    const mha::Index heads = std::stoll(in.metadata("num_heads", ""));
+    const mha::Index kv_heads = std::stoll(in.metadata("num_kv_heads", ""));
+    const layout f = layout_of(in);
+    REQUIRE((f.batched && f.batch_first));
+    const bf16_matrix q = in.as_columns<bf16>("query");  // (H·d_k) × (N·L), the file's bits
+    const bf16_matrix k = in.as_columns<bf16>("key");    // (H_kv·d_k) × (N·S)
+    const bf16_matrix v = in.as_columns<bf16>("value");  // (H_kv·d_v) × (N·S)
+    const mha::Index dk = q.rows() / heads, dv = v.rows() / kv_heads;
+    const mha::packed_batch batch(std::vector<mha::Index>(f.batch, f.queries),
+                                  std::vector<mha::Index>(f.batch, f.keys));
+    const mha::attention_mask<float> mask = translate_masks<float>(in, f);
+    mha::matrix<float> out(heads * dv, q.cols());  // (H·d_v) × (N·L)
+    bf16_matrix out16(heads * dv, q.cols());
+    mha::multi_head_attention_core(q, k, v, heads, kv_heads, batch, out, mask);
+    mha::multi_head_attention_core(q, k, v, heads, kv_heads, batch, out16, mask);
+
+    const mha::matrix<double> golden = in.as_columns<double>("output");           // as out
+    const mha::matrix<float> theirs = in.as_columns<float>("torch_bf16_output");  // as out
+    REQUIRE(golden.rows() == out.rows());
+    REQUIRE(golden.cols() == out.cols());
+    REQUIRE(theirs.rows() == out.rows());
+    REQUIRE(theirs.cols() == out.cols());
+    // The masks straight from the file (PyTorch polarity), not through translate_masks.
+    const bool has_mask = in.contains("attn_mask"), has_padding = in.contains("key_padding_mask");
+    const mha::bool_matrix attn_mask = has_mask ? in.as_columns<bool>("attn_mask")  // S × L
+                                                : mha::bool_matrix();
+    const mha::bool_matrix padding = has_padding ? in.as_columns<bool>("key_padding_mask")  // S × N
+                                                 : mha::bool_matrix();
+    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+    long double ours_worst = 0, theirs_worst = 0;
+    for (std::int64_t b = 0; b < f.batch; ++b) {
+        const mha_test::allowed_fn allowed = [&, b](mha::Index j, mha::Index i) {
+            return !(has_mask && attn_mask(j, i)) && !(has_padding && padding(j, b));
+        };
+        for (mha::Index h = 0; h < heads; ++h) {
+            const mha::Index g = h / (heads / kv_heads);
+            const std::string where =
+                what + ", sequence " + std::to_string(b) + ", head " + std::to_string(h);
+            const mha::Index q0 = b * f.queries, k0 = b * f.keys;
+            const auto qh = widen<bf16>(q.block(h * dk, q0, dk, f.queries));  // d_k × L
+            const auto kh = widen<bf16>(k.block(g * dk, k0, dk, f.keys));     // d_k × S
+            const auto vh = widen<bf16>(v.block(g * dv, k0, dv, f.keys));     // d_v × S
+            // The golden, with torch's NaN for a query without keys as the library's 0: it must
+            // be NaN exactly there, and elsewhere equal the long-double reference on the same
+            // bf16 values within fp64's check A (so the file holds the exact result).
+            mha::matrix<double> head_golden = golden.block(h * dv, q0, dv, f.queries);  // d_v × L
+            for (mha::Index i = 0; i < f.queries; ++i) {
+                bool any = false;
+                for (mha::Index j = 0; j < f.keys; ++j)
+                    any = any || allowed(j, i);
+                INFO(where << ", query " << i);
+                CHECK(head_golden.col(i).hasNaN() == !any);
+                if (!any) head_golden.col(i).setZero();
+            }
+            const auto ref = mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
+            mha_test::require_attention_close<double>(head_golden, ref, qh, kh, vh, scale, allowed,
+                                                      nullptr, where + " (the golden itself)");
+            const auto gold = head_golden.cast<long double>();
+            const mha::matrix<float> ours = out.block(h * dv, q0, dv, f.queries);
+            const bf16_matrix ours16 = out16.block(h * dv, q0, dv, f.queries);
+            mha_test::require_bf16_attention_close<float>(ours, gold, qh, kh, vh, scale, allowed,
+                                                          nullptr, where);
+            mha_test::require_bf16_attention_close<bf16>(ours16, gold, qh, kh, vh, scale, allowed,
+                                                         nullptr, where + " (bf16 out)", true);
+            for (mha::Index i = 0; i < f.queries; ++i)
+                for (mha::Index c = 0; c < dv; ++c) {
+                    const double t = theirs(h * dv + c, q0 + i);
+                    if (std::isnan(golden(h * dv + c, q0 + i))) continue;
+                    ours_worst = std::max(
+                        ours_worst, std::fabs(static_cast<long double>(ours(c, i)) - gold(c, i)));
+                    theirs_worst = std::max(
+                        theirs_worst, std::isfinite(t)
+                                          ? std::fabs(static_cast<long double>(t) - gold(c, i))
+                                          : std::numeric_limits<long double>::infinity());
+                }
+        }
+    }
+    return {ours_worst, theirs_worst};
 }
 
 }  // namespace
@@ -427,6 +538,50 @@ TEST_CASE("the layer matches PyTorch on every golden case", "[pytorch]") {
                 check_case<double>(in);
             else
                 check_case<float>(in);
+        }
+    }
+}
+
+TEST_CASE("the bf16 core cases cover what the generator promises", "[pytorch][bf16]") {
+    int cases = 0, causal = 0, fully_masked = 0, padded = 0, head_dims = 0, grouped = 0;
+    for (const auto& path : golden_files(true)) {
+        const auto in = mha::safetensors_file::read(path.string());
+        ++cases;
+        CHECK(in.metadata("format", "") == "mha-core-bf16-case/1");
+        CHECK_FALSE(in.metadata("torch_version", "").empty());
+        for (const char* name : {"query", "key", "value", "torch_bf16_output"})
+            CHECK(in.info(name).dtype == "BF16");
+        CHECK(in.info("output").dtype == "F64");
+        const auto heads = std::stoll(in.metadata("num_heads", ""));
+        const auto kv_heads = std::stoll(in.metadata("num_kv_heads", ""));
+        CHECK(heads >= 2);
+        causal += in.metadata("causal", "") == "top_left";
+        fully_masked += in.metadata("fully_masked_queries", "") == "1";
+        padded += in.contains("key_padding_mask");
+        grouped += kv_heads < heads;
+        head_dims +=
+            in.info("query").shape.back() / heads != in.info("value").shape.back() / kv_heads;
+    }
+    CHECK(cases >= 4);
+    CHECK(causal >= 1);
+    CHECK(fully_masked >= 1);
+    CHECK(padded >= 1);
+    CHECK(head_dims >= 1);
+    CHECK(grouped >= 1);
+}
+
+// The bf16 kernel is held to its own a-priori bound against the fp64 golden; torch's bf16 result
+// of the same math (bf16 products, softmax and P·V rounded to bf16 by torch 1.13) is only reported.
+TEST_CASE("the bf16 attention core matches PyTorch's fp64 golden within the bf16 bound",
+          "[pytorch][bf16]") {
+    for (const auto& path : golden_files(true)) {
+        DYNAMIC_SECTION(path.stem().string()) {
+            const auto in = mha::safetensors_file::read(path.string());
+            INFO(in.metadata("description", ""));
+            const auto [ours, theirs] = check_core_bf16_case(in, path.stem().string());
+            WARN(path.stem().string()
+                 << ": largest |out - fp64 golden|: ours (fp32 out) " << static_cast<double>(ours)
+                 << ", torch 1.13 in bf16 " << static_cast<double>(theirs));
         }
     }
 }

@@ -13,7 +13,8 @@ when the call asks for them, `weights`. Two sources:
   padded queries differently); every such case is also checked here against the plain math
   below, so a golden file never records a PyTorch quirk by accident.
 - "torch math": matmul/softmax written out in torch, for what nn.MultiheadAttention 1.13 cannot
-  express: bottom-right causal alignment and head widths other than E / H.
+  express: bottom-right causal alignment and head widths other than E / H; and the attention
+  core on bfloat16 inputs (`core_bf16_*`, format mha-core-bf16-case/1: see core_bf16_case).
 
 Inputs and weights are random with fixed seeds; biases are random too (PyTorch initialises them
 to 0, which would hide a bias bug). No case has a fully masked query except the one named
@@ -306,6 +307,77 @@ def math_case(name, *, embed, heads, head_dim, value_head_dim, length, source, c
     CASES_WRITTEN.append(name)
 
 
+CORE_BF16_FORMAT = "mha-core-bf16-case/1"
+
+
+def core_bf16_case(name, *, heads, head_dim, value_head_dim, batch, length, source,
+                   kv_heads=None, causal=False, key_padding=None, attn_mask=None,
+                   description=""):
+    """The attention core on bfloat16 Q, K and V (no projections): batch_first `query` (N, L,
+    H·d_k), `key` (N, S, H_kv·d_k), `value` (N, S, H_kv·d_v), all BF16. `output` (F64) is the
+    attention of those bf16 values computed in float64, so it is exact up to fp64's rounding and
+    the tests can hold the library's bf16 kernel to its a-priori bound; `torch_bf16_output`
+    (BF16) is torch's own bf16 computation of the same math, for information only.
+
+    torch 1.13 has no scaled_dot_product_attention (2.0) and nn.MultiheadAttention always
+    projects, so both results come from the written-out math below (matmul, softmax), in
+    float64 and in bfloat16. Masks as in the layer cases: `attn_mask` (L, S) BOOL, True = may
+    not attend, shared by every sequence and head; `key_padding_mask` (N, S) BOOL, True =
+    padding. A query left with no key is NaN in both results (torch's softmax of -inf); the
+    library returns exactly 0 there."""
+    g = torch.Generator().manual_seed(len(CASES_WRITTEN) * 7919 + 17)
+    kv_heads = kv_heads or heads
+    bf16, f64 = torch.bfloat16, torch.float64
+    query = torch.randn(batch, length, heads * head_dim, generator=g, dtype=f64).to(bf16)
+    key = torch.randn(batch, source, kv_heads * head_dim, generator=g, dtype=f64).to(bf16)
+    value = torch.randn(batch, source, kv_heads * value_head_dim, generator=g, dtype=f64).to(bf16)
+
+    not_allowed = torch.zeros(length, source, dtype=torch.bool)
+    metadata = {"format": CORE_BF16_FORMAT, "torch_version": torch.__version__,
+                "source": "torch math", "description": description, "num_heads": heads,
+                "num_kv_heads": kv_heads, "batch_first": 1, "self_attention": 0}
+    tensors = {"query": query, "key": key, "value": value}
+    if causal:
+        not_allowed = torch.ones(length, source, dtype=torch.bool).triu(1)
+        metadata["causal"] = "top_left"
+    if attn_mask is not None:
+        not_allowed = not_allowed | attn_mask
+    if causal or attn_mask is not None:
+        tensors["attn_mask"] = not_allowed
+    padding = torch.zeros(batch, source, dtype=torch.bool)
+    if key_padding is not None:
+        padding = torch.arange(source)[None, :] >= torch.tensor(key_padding)[:, None]
+        tensors["key_padding_mask"] = padding
+        metadata["key_padding_as"] = "key_lengths"
+    excluded = not_allowed[None, None, :, :] | padding[:, None, None, :]  # (N, 1, L, S)
+    fully_masked = excluded.all(-1)
+    if fully_masked.any():
+        metadata["fully_masked_queries"] = "1"
+
+    def attend(dtype):
+        group = heads // kv_heads
+        q = query.to(dtype).reshape(batch, length, heads, head_dim).transpose(1, 2)
+        k = key.to(dtype).reshape(batch, source, kv_heads, head_dim).transpose(1, 2)
+        v = value.to(dtype).reshape(batch, source, kv_heads, value_head_dim).transpose(1, 2)
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(head_dim))
+        scores = scores.masked_fill(excluded, -math.inf)
+        out = torch.softmax(scores, dim=-1) @ v  # (N, H, L, d_v)
+        return out.transpose(1, 2).reshape(batch, length, heads * value_head_dim)
+
+    output = attend(f64)
+    theirs = attend(bf16)
+    # NaN exactly where a query has no key, in both; nowhere else.
+    nan_rows = fully_masked.squeeze(1)  # (N, L)
+    assert torch.equal(output.isnan().any(-1), nan_rows)
+    assert torch.equal(theirs.isnan().any(-1), nan_rows)
+    assert torch.isfinite(output[~nan_rows]).all()
+    tensors.update(output=output, torch_bf16_output=theirs)
+    export_pytorch.write_safetensors(os.path.join(OUT, name + ".safetensors"), tensors, metadata)
+    CASES_WRITTEN.append(name)
+
+
 CASES_WRITTEN = []
 
 
@@ -458,6 +530,30 @@ def main():
     mha_case("grad_seq_first_float_per_head_h2_f64", embed=8, heads=2, length=4, batch=2,
              batch_first=False, dtype=f64, attn_mask="float_per_head", gradients=True,
              description="gradients: batch_first=False, 3-D float attn_mask")
+    # The bf16 attention core (appended after every layer case). Named core_bf16_*: the layer
+    # tests skip them, test_pytorch_golden's bf16 test reads them.
+    core_bf16_case("core_bf16_causal_h2", heads=2, head_dim=16, value_head_dim=16, batch=1,
+                   length=8, source=8, causal=True,
+                   description="bf16 core: causal (L = S), 2 heads of width 16")
+    # Sequence 1 has 3 valid keys; query 2 may see keys 4 and 5 only, so it has no key there.
+    only_late_keys = torch.zeros(4, 6, dtype=torch.bool)
+    only_late_keys[2, :4] = True
+    core_bf16_case("core_bf16_padding_fully_masked_h2", heads=2, head_dim=8, value_head_dim=8,
+                   batch=2, length=4, source=6, key_padding=[6, 3], attn_mask=only_late_keys,
+                   description="bf16 core: key padding [6, 3] and a bool mask; query 2 of "
+                               "sequence 1 has no key (NaN in torch, 0 here)")
+    core_bf16_case("core_bf16_head_dims_h4", heads=4, head_dim=16, value_head_dim=4, batch=2,
+                   length=5, source=7, description="bf16 core: d_k=16, d_v=4, 4 heads, 2 "
+                                                   "sequences, cross-attention")
+    core_bf16_case("core_bf16_gqa_h4_kv2", heads=4, kv_heads=2, head_dim=8, value_head_dim=8,
+                   batch=1, length=6, source=9,
+                   attn_mask=allowed_rows((6, 9), torch.Generator().manual_seed(5)),
+                   description="bf16 core: grouped-query, 4 query heads share 2 key/value heads, "
+                               "random bool mask")
+    core_bf16_case("core_bf16_mqa_h8_kv1", heads=8, kv_heads=1, head_dim=4, value_head_dim=6,
+                   batch=3, length=3, source=5, key_padding=[5, 2, 4],
+                   description="bf16 core: multi-query (8 heads, 1 key/value head), d_k=4, "
+                               "d_v=6, key padding [5, 2, 4]")
     print(f"wrote {len(CASES_WRITTEN)} cases to {OUT} with torch {torch.__version__}")
 
 

@@ -14,6 +14,10 @@
 /// section, tensors are row-major and little-endian, and together they cover the data section
 /// exactly, with no gap and no overlap.
 ///
+/// BF16 tensors read into Eigen::bfloat16 matrices with their bits unchanged (the storage of the
+/// bfloat16 attention core), F32, F64 and F16 ones rounded once to nearest even; an
+/// Eigen::bfloat16 matrix is written as BF16.
+///
 /// Every problem with a file's content (truncated, bad JSON, missing tensor, wrong dtype or shape,
 /// offsets out of range, overlapping or leaving gaps) and failure to open or write a file throws
 /// `mha::format_error`, which derives from `mha::invalid_argument` and so from

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 /// @file
 /// `mha::safetensors_file`: a safetensors file parsed and validated in memory (or mapped), and
-/// its tensors read as Eigen matrices and vectors (F32, F64, F16, BF16, BOOL).
+/// its tensors read as Eigen matrices and vectors (F32, F64, F16, BF16, BOOL; float, double,
+/// Eigen::bfloat16, bool).
 #pragma once
 
 #include <algorithm>
@@ -95,20 +96,28 @@ public:
         return it == metadata_.end() ? fallback : it->second;
     }
 
-    /// Throws format_error unless `name` has dtype `T` and, when `shape` is not empty, that shape.
-    /// `meaning` explains the expected shape in the message (e.g. "(3·embed_dim, embed_dim)").
+    /// Throws format_error unless `name` has a dtype T reads and, when `shape` is not empty, that
+    /// shape. T reads its own dtype; float and double also read F16 and BF16 (exactly);
+    /// Eigen::bfloat16 also reads F32, F64 and F16 (rounded). `meaning` explains the expected
+    /// shape in the message (e.g. "(3·embed_dim, embed_dim)").
     template <class T>
     const tensor_info& expect(const std::string& name, const std::vector<std::int64_t>& shape = {},
                               const std::string& meaning = "") const {
         const tensor_info& t = info(name);
         // Half-precision checkpoints widen exactly to float and double.
         constexpr bool widens_half = std::is_floating_point_v<T>;
+        constexpr bool narrows = std::is_same_v<T, Eigen::bfloat16>;
         const bool half = t.dtype == "F16" || t.dtype == "BF16";
-        if (t.dtype != detail::safetensors_dtype<T>::name && !(widens_half && half))
-            detail::fail<format_error>(where().c_str(), "dtype of tensor '" + name + "'",
-                                       std::string(detail::safetensors_dtype<T>::name) +
-                                           (widens_half ? " (or F16, BF16)" : ""),
-                                       t.dtype);
+        const bool wider = t.dtype == "F32" || t.dtype == "F64" || t.dtype == "F16";
+        if (t.dtype != detail::safetensors_dtype<T>::name && !(widens_half && half) &&
+            !(narrows && wider))
+            detail::fail<format_error>(
+                where().c_str(), "dtype of tensor '" + name + "'",
+                std::string(detail::safetensors_dtype<T>::name) +
+                    (widens_half ? " (or F16, BF16)"
+                     : narrows   ? " (or F32, F64, F16, rounded to nearest even)"
+                                 : ""),
+                t.dtype);
         if (!shape.empty() && t.shape != shape)
             detail::fail<format_error>(
                 where().c_str(), "shape of tensor '" + name + "'",
@@ -118,12 +127,18 @@ public:
     }
 
     /// The elements of `name` in storage (row-major) order; dtype must be T, or F16 or BF16 when T
-    /// is float or double (converted exactly).
+    /// is float or double (converted exactly), or F32, F64 or F16 when T is Eigen::bfloat16
+    /// (rounded once to nearest, ties to even, beyond the range to ±∞, NaN kept quiet). A BF16
+    /// tensor read as Eigen::bfloat16 is its bits unchanged, NaN payloads included.
     template <class T>
     std::vector<T> values(const std::string& name) const {
         const tensor_info& t = expect<T>(name);
         std::vector<T> result(static_cast<std::size_t>(t.numel()));
         const unsigned char* p = data() + t.begin;
+        if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+            read_bf16(t, p, result);
+            return result;
+        }
         if constexpr (std::is_floating_point_v<T>) {
             if (t.dtype == "F16" || t.dtype == "BF16") {
                 const bool f16 = t.dtype == "F16";
@@ -189,6 +204,32 @@ public:
 
 private:
     std::string where() const { return "mha::safetensors_file(" + source_ + ")"; }
+
+    // A BF16 tensor is copied, never widened and narrowed again (which would quieten a
+    // signalling NaN); the wider dtypes are rounded once, F64 directly (no double rounding
+    // through float).
+    static void read_bf16(const tensor_info& t, const unsigned char* p,
+                          std::vector<Eigen::bfloat16>& out) {
+        const std::size_t n = out.size();
+        if (t.dtype == "BF16" && detail::host_is_little_endian()) {
+            // The file's byte order is the host's; bfloat16 is trivially copyable (format.hpp).
+            if (n != 0) std::memcpy(static_cast<void*>(out.data()), p, 2 * n);
+            return;
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+            std::uint16_t bits = 0;
+            if (t.dtype == "BF16")
+                bits = detail::load_little_endian<std::uint16_t>(p + 2 * i);
+            else if (t.dtype == "F16")
+                bits = float_to_bf16(
+                    f16_to_float(detail::load_little_endian<std::uint16_t>(p + 2 * i)));
+            else if (t.dtype == "F32")
+                bits = float_to_bf16(detail::load_little_endian<float>(p + 4 * i));
+            else
+                bits = double_to_bf16(detail::load_little_endian<double>(p + 8 * i));
+            out[i] = detail::bf16_from_bits(bits);
+        }
+    }
     const unsigned char* data() const { return bytes_.data() + data_start_; }
 
     static std::int64_t leading(const tensor_info& t) {

@@ -76,6 +76,28 @@ template <>
 struct safetensors_dtype<bool> {
     static constexpr const char* name = "BOOL";
 };
+template <>
+struct safetensors_dtype<Eigen::bfloat16> {
+    static constexpr const char* name = "BF16";
+};
+
+/// The bfloat16 of the bit pattern `bits`, unchanged (a signalling NaN stays one: no arithmetic).
+inline Eigen::bfloat16 bf16_from_bits(std::uint16_t bits) {
+    static_assert(sizeof(Eigen::bfloat16) == sizeof(std::uint16_t) &&
+                      std::is_trivially_copyable_v<Eigen::bfloat16>,
+                  "Eigen::bfloat16 is 2 bytes copied as they are");
+    Eigen::bfloat16 value;
+    // Eigen::bfloat16 has a constructor but is trivially copyable: its bytes may be written.
+    std::memcpy(static_cast<void*>(&value), &bits, sizeof bits);
+    return value;
+}
+
+/// The bit pattern of `value`.
+inline std::uint16_t bf16_to_bits(Eigen::bfloat16 value) {
+    std::uint16_t bits = 0;
+    std::memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
 
 inline bool host_is_little_endian() {
     const std::uint16_t one = 1;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /// @file
 /// `mha::safetensors_writer`: named tensors and metadata collected, then written as one
-/// safetensors file (floats as themselves, or stored as F16 or BF16).
+/// safetensors file (floats as themselves, or stored as F16 or BF16; Eigen::bfloat16 as BF16).
 #pragma once
 
 #include <cstddef>
@@ -32,6 +32,7 @@ public:
 
     /// Stores the float and double tensors added from now on as `dtype`: "F16" or "BF16" (rounded
     /// to nearest even, beyond the range to ±∞), or "" for their own type (F32, F64).
+    /// Eigen::bfloat16 tensors are BF16 whatever this says.
     void set_float_dtype(const std::string& dtype) {
         if (!dtype.empty() && dtype != "F16" && dtype != "BF16")
             detail::fail<value_error>("mha::safetensors_writer::set_float_dtype", "dtype",
@@ -75,7 +76,9 @@ public:
         add_raw(name, {static_cast<std::int64_t>(copy.size())}, copy.data());
     }
 
-    /// `numel` elements of type T (float, double or bool) in row-major order for `shape`.
+    /// `numel` elements of type T (float, double, Eigen::bfloat16 or bool) in row-major order for
+    /// `shape`. Eigen::bfloat16 is stored as BF16, its bits unchanged (set_float_dtype does not
+    /// apply to it).
     template <class T>
     void add_raw(const std::string& name, const std::vector<std::int64_t>& shape, const T* data) {
         for (const auto& t : tensors_)
@@ -108,6 +111,8 @@ public:
         for (std::int64_t i = 0; i < numel; ++i) {
             if constexpr (std::is_same_v<T, bool>)
                 e.bytes.push_back(data[i] ? 1 : 0);
+            else if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+                detail::store_little_endian(detail::bf16_to_bits(data[i]), e.bytes);
             else
                 detail::store_little_endian(data[i], e.bytes);
         }
