@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
-// The bfloat16 projection (mha::linear with a bf16_linear_workspace, include/mha/projection_bf16.hpp,
-// and its GEMM detail/gemm_bf16.hpp) against a long-double reference computed from the same
-// bf16 values, so only the GEMM's own roundings count.
+// The bfloat16 projection (mha::linear with a bf16_linear_workspace,
+// include/mha/projection_bf16.hpp, and its GEMM detail/gemm_bf16.hpp) against a long-double
+// reference computed from the same bf16 values, so only the GEMM's own roundings count.
 //
 // Tolerance. A product of two bf16 is exact in fp32 (8 + 8 significand bits), so each output is
 // an fp32 sum of d_in exact products started from the bias: d_in + 1 terms, whose error is at
@@ -123,7 +123,8 @@ void require_close(const Out& out, const reference& r, Index k, bool bf16_output
         for (Index i = 0; i < out.rows(); ++i) {
             const long double o = static_cast<long double>(static_cast<float>(out(i, j)));
             const long double err = std::fabs(o - r.value(i, j));
-            const long double bound = (1 + ub) * g * r.magnitude(i, j) + ub * std::fabs(r.value(i, j));
+            const long double bound =
+                (1 + ub) * g * r.magnitude(i, j) + ub * std::fabs(r.value(i, j));
             if (!(err <= bound)) {
                 std::ostringstream msg;
                 msg << what << ": |out - ref| = " << err << " > " << bound << " at (" << i << ", "
@@ -228,8 +229,7 @@ TEST_CASE("bf16 linear: empty shapes", "[bf16_projection]") {
         mat<float> none(5, 0);
         mha::detail::linear_bf16(bmat(5, 4), b, bmat(4, 0), none, ws, 1, kn);
         mat<float> no_rows(0, 3);
-        mha::detail::linear_bf16(bmat(0, 4), mha::vector<float>(0), bmat(4, 3), no_rows, ws, 1,
-                                 kn);
+        mha::detail::linear_bf16(bmat(0, 4), mha::vector<float>(0), bmat(4, 3), no_rows, ws, 1, kn);
         bmat none16(0, 0);
         mha::detail::linear_bf16(bmat(0, 0), mha::vector<float>(0), bmat(0, 0), none16, ws, 1, kn);
     }
@@ -243,7 +243,7 @@ TEST_CASE("bf16 linear: NaN and infinity propagate to the outputs that read them
     bmat w = normal_bf16(rnd, m, k), x = normal_bf16(rnd, k, n);
     for (Index i = 0; i < m; ++i)
         for (Index q = 0; q < k; ++q)
-            if (w(i, q) == bf16(0.0f)) w(i, q) = bf16(0.5f);  // so that ∞·w is never NaN
+            if (w(i, q) == bf16(0.0f)) w(i, q) = bf16(0.5f);   // so that ∞·w is never NaN
     w(66, 4) = bf16(std::numeric_limits<float>::quiet_NaN());  // row 66, in the last packet
     x(8, 5) = bf16(std::numeric_limits<float>::infinity());    // the last k, partner of nothing
     const mha::vector<float> b = mha::vector<float>::Zero(m);

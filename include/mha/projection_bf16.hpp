@@ -54,9 +54,9 @@ void linear_bf16(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
     using bf16 = Eigen::bfloat16;
     using OutScalar = typename DO::Scalar;
     using BiasScalar = typename DB::Scalar;
-    static_assert(std::is_same_v<typename DW::Scalar, bf16> &&
-                      std::is_same_v<typename DX::Scalar, bf16>,
-                  "mha: the bfloat16 linear takes w and x as Eigen::bfloat16");
+    static_assert(
+        std::is_same_v<typename DW::Scalar, bf16> && std::is_same_v<typename DX::Scalar, bf16>,
+        "mha: the bfloat16 linear takes w and x as Eigen::bfloat16");
     static_assert(std::is_same_v<BiasScalar, float> || std::is_same_v<BiasScalar, bf16>,
                   "mha: the bias of the bfloat16 linear is float or Eigen::bfloat16");
     static_assert(std::is_same_v<OutScalar, float> || std::is_same_v<OutScalar, bf16>,
@@ -78,9 +78,9 @@ void linear_bf16(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
 
     // The fp32 result: `out` itself when it is a column-major float matrix with unit inner
     // stride, else the workspace's buffer, rounded or copied into `out` at the end.
-    constexpr bool in_place = std::is_same_v<OutScalar, float> &&
-                              (DO::Flags & Eigen::DirectAccessBit) &&
-                              !(DO::Flags & Eigen::RowMajorBit) && DO::InnerStrideAtCompileTime == 1;
+    constexpr bool in_place =
+        std::is_same_v<OutScalar, float> && (DO::Flags & Eigen::DirectAccessBit) &&
+        !(DO::Flags & Eigen::RowMajorBit) && DO::InnerStrideAtCompileTime == 1;
     float* c;
     Index ldc;
     if constexpr (in_place) {

@@ -89,8 +89,8 @@ struct bf16_gemm_thread_buffers {
 /// Buffers of gemm_bf16, kept by the caller between calls; they only grow. One set serves one
 /// call at a time.
 struct bf16_gemm_buffers {
-    std::vector<std::uint16_t> packed_a;              // native: all of A, in pair panels
-    std::vector<float> wide_a;                        // portable: A in fp32, m × k column-major
+    std::vector<std::uint16_t> packed_a;               // native: all of A, in pair panels
+    std::vector<float> wide_a;                         // portable: A in fp32, m × k column-major
     std::vector<bf16_gemm_thread_buffers> per_thread;  // one per thread of the call
 };
 
@@ -104,8 +104,8 @@ inline Index bf16_gemm_column_blocks(Index n) {
 template <class Block>
 void bf16_gemm_over_columns(Index n, int threads, bf16_gemm_buffers& buffers, Block block) {
     const Index blocks = bf16_gemm_column_blocks(n);
-    const int nt = static_cast<int>(
-        std::max<Index>(1, std::min<Index>(thread_count(threads), blocks)));
+    const int nt =
+        static_cast<int>(std::max<Index>(1, std::min<Index>(thread_count(threads), blocks)));
     if (buffers.per_thread.size() < static_cast<std::size_t>(nt))
         buffers.per_thread.resize(static_cast<std::size_t>(nt));
     parallel_parts(nt, [&](int part, int thread) {
@@ -219,17 +219,16 @@ inline void pack_bf16_gemm_b(Index k, bf16_operand b, Index q0, Index pairs, Ind
 /// packed B panel over `pairs` pairs of k. VP packets of 16 rows; the last one stores the lanes
 /// of `last` only.
 template <int VP, int Cols>
-MHA_ALWAYS_INLINE void gemm_tile_bf16(const std::uint16_t* ap, const std::uint16_t* bp,
-                                      Index pairs, float* c, Index ldc, bool load_c,
-                                      __mmask16 last) {
+MHA_ALWAYS_INLINE void gemm_tile_bf16(const std::uint16_t* ap, const std::uint16_t* bp, Index pairs,
+                                      float* c, Index ldc, bool load_c, __mmask16 last) {
     constexpr Index mr = bf16_gemm_sizes::mr;
     __m512 acc[VP][Cols];
     for (int j = 0; j < Cols; ++j)
         for (int p = 0; p < VP; ++p) {
             float* cj = c + j * ldc + p * bf16_lanes;
-            acc[p][j] = !load_c          ? _mm512_setzero_ps()
-                        : p + 1 < VP     ? _mm512_loadu_ps(cj)
-                                         : _mm512_maskz_loadu_ps(last, cj);
+            acc[p][j] = !load_c      ? _mm512_setzero_ps()
+                        : p + 1 < VP ? _mm512_loadu_ps(cj)
+                                     : _mm512_maskz_loadu_ps(last, cj);
         }
     for (Index q = 0; q < pairs; ++q) {
         __m512i x[VP];
@@ -258,19 +257,30 @@ void gemm_tile_bf16_columns(Index cols, const std::uint16_t* ap, const std::uint
                             Index pairs, float* c, Index ldc, bool load_c, __mmask16 last) {
     static_assert(bf16_gemm_sizes::nr == 6, "one case per column count below");
     switch (cols) {
-    case 6: gemm_tile_bf16<VP, 6>(ap, bp, pairs, c, ldc, load_c, last); break;
-    case 5: gemm_tile_bf16<VP, 5>(ap, bp, pairs, c, ldc, load_c, last); break;
-    case 4: gemm_tile_bf16<VP, 4>(ap, bp, pairs, c, ldc, load_c, last); break;
-    case 3: gemm_tile_bf16<VP, 3>(ap, bp, pairs, c, ldc, load_c, last); break;
-    case 2: gemm_tile_bf16<VP, 2>(ap, bp, pairs, c, ldc, load_c, last); break;
-    default: gemm_tile_bf16<VP, 1>(ap, bp, pairs, c, ldc, load_c, last); break;
+        case 6:
+            gemm_tile_bf16<VP, 6>(ap, bp, pairs, c, ldc, load_c, last);
+            break;
+        case 5:
+            gemm_tile_bf16<VP, 5>(ap, bp, pairs, c, ldc, load_c, last);
+            break;
+        case 4:
+            gemm_tile_bf16<VP, 4>(ap, bp, pairs, c, ldc, load_c, last);
+            break;
+        case 3:
+            gemm_tile_bf16<VP, 3>(ap, bp, pairs, c, ldc, load_c, last);
+            break;
+        case 2:
+            gemm_tile_bf16<VP, 2>(ap, bp, pairs, c, ldc, load_c, last);
+            break;
+        default:
+            gemm_tile_bf16<VP, 1>(ap, bp, pairs, c, ldc, load_c, last);
+            break;
     }
 }
 
 /// The native path of gemm_bf16.
 inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
-                             Index ldc, bool accumulate, bf16_gemm_buffers& buffers,
-                             int threads) {
+                             Index ldc, bool accumulate, bf16_gemm_buffers& buffers, int threads) {
     using s = bf16_gemm_sizes;
     const Index all_pairs = (k + 1) / 2, panels = (m + s::mr - 1) / s::mr;
     grow(buffers.packed_a, panels * all_pairs * s::mr * 2);
@@ -296,18 +306,22 @@ inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_ope
                         const auto last = static_cast<__mmask16>((1u << tail) - 1u);
                         float* ct = c + jr * ldc + i;
                         switch (vp) {
-                        case 4:
-                            gemm_tile_bf16_columns<4>(cols, ap, bp, pairs, ct, ldc, load_c, last);
-                            break;
-                        case 3:
-                            gemm_tile_bf16_columns<3>(cols, ap, bp, pairs, ct, ldc, load_c, last);
-                            break;
-                        case 2:
-                            gemm_tile_bf16_columns<2>(cols, ap, bp, pairs, ct, ldc, load_c, last);
-                            break;
-                        default:
-                            gemm_tile_bf16_columns<1>(cols, ap, bp, pairs, ct, ldc, load_c, last);
-                            break;
+                            case 4:
+                                gemm_tile_bf16_columns<4>(cols, ap, bp, pairs, ct, ldc, load_c,
+                                                          last);
+                                break;
+                            case 3:
+                                gemm_tile_bf16_columns<3>(cols, ap, bp, pairs, ct, ldc, load_c,
+                                                          last);
+                                break;
+                            case 2:
+                                gemm_tile_bf16_columns<2>(cols, ap, bp, pairs, ct, ldc, load_c,
+                                                          last);
+                                break;
+                            default:
+                                gemm_tile_bf16_columns<1>(cols, ap, bp, pairs, ct, ldc, load_c,
+                                                          last);
+                                break;
                         }
                     }
                 }
