@@ -28,10 +28,15 @@ public:
         detail::grow(result_, size);
         return result_.data();
     }
+    /// Room for the bias in fp32, `size` elements.
+    float* bias(Index size) {
+        detail::grow(bias_, size);
+        return bias_.data();
+    }
 
 private:
     detail::bf16_gemm_buffers gemm_;
-    std::vector<float> result_;
+    std::vector<float> result_, bias_;
 };
 
 namespace detail {
@@ -90,14 +95,15 @@ void linear_bf16(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
         c = workspace.result(m * n);
         ldc = m;
     }
-    // The bias is the sums' starting value: one term more in each fp32 sum, no extra pass.
-    const bool bias = b.size() != 0;
-    if (bias)
-        for (Index j = 0; j < n; ++j)
-            for (Index i = 0; i < m; ++i)
-                c[j * ldc + i] = static_cast<float>(b.col(0).coeff(i));
-    gemm_bf16(m, n, k, bf16_operand_of(w), bf16_operand_of(x), c, ldc, bias, workspace.gemm(),
-              threads, kernel);
+    // The bias (in fp32) is the sums' first term: no pass over the result for it.
+    float* bias = nullptr;
+    if (b.size() != 0) {
+        bias = workspace.bias(m);
+        for (Index i = 0; i < m; ++i)
+            bias[i] = static_cast<float>(b.col(0).coeff(i));
+    }
+    gemm_bf16(m, n, k, bf16_operand_of(w), bf16_operand_of(x), c, ldc, false, bias,
+              workspace.gemm(), threads, kernel);
     if constexpr (!in_place) {
         // A bfloat16 output is the fp32 result rounded once (nearest-even).
         for (Index j = 0; j < n; ++j)

@@ -118,10 +118,20 @@ void bf16_gemm_over_columns(Index n, int threads, bf16_gemm_buffers& buffers, Bl
     });
 }
 
+/// C(:, j0 : j1) ← bias·1ᵀ, or 0 without a bias (null).
+inline void start_columns(Index m, Index j0, Index j1, const float* bias, float* c, Index ldc) {
+    for (Index j = j0; j < j1; ++j) {
+        if (bias != nullptr)
+            std::copy(bias, bias + m, c + j * ldc);
+        else
+            std::fill(c + j * ldc, c + j * ldc + m, 0.0f);
+    }
+}
+
 /// The portable path of gemm_bf16: A and blocks of B widened to fp32, Eigen's fp32 kernel.
 inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
-                               Index ldc, bool accumulate, bf16_gemm_buffers& buffers,
-                               int threads) {
+                               Index ldc, bool accumulate, const float* bias,
+                               bf16_gemm_buffers& buffers, int threads) {
     grow(buffers.wide_a, m * k);
     float* wa = buffers.wide_a.data();  // m × k, column-major
     for (Index q = 0; q < k; ++q)
@@ -137,9 +147,7 @@ inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_o
         for (Index j = 0; j < w; ++j)
             for (Index q = 0; q < k; ++q)
                 wb[j * k + q] = bf16_to_float(b.data[q * b.row_stride + (j0 + j) * b.col_stride]);
-        if (!accumulate)
-            for (Index j = j0; j < j1; ++j)
-                std::fill(c + j * ldc, c + j * ldc + m, 0.0f);
+        if (!accumulate) start_columns(m, j0, j1, bias, c, ldc);
         gemm_blocking<float> own_blocking = blocking;
         use_buffers(own_blocking, own.gemm);
         eigen_compat::gemm_run<float, Eigen::ColMajor, Eigen::ColMajor>(
@@ -215,21 +223,27 @@ inline void pack_bf16_gemm_b(Index k, bf16_operand b, Index q0, Index pairs, Ind
     }
 }
 
-/// One register tile: C(0 : rows, 0 : Cols) (=, or += when load_c) the packed A panel times the
-/// packed B panel over `pairs` pairs of k. VP packets of 16 rows; the last one stores the lanes
-/// of `last` only.
+/// One register tile: C(0 : rows, 0 : Cols) += the packed A panel times the packed B panel over
+/// `pairs` pairs of k when load_c; else C = bias(0 : rows)·1ᵀ + that product (bias null: 0). VP
+/// packets of 16 rows; the last one reads and writes the lanes of `last` only.
 template <int VP, int Cols>
 MHA_ALWAYS_INLINE void gemm_tile_bf16(const std::uint16_t* ap, const std::uint16_t* bp, Index pairs,
-                                      float* c, Index ldc, bool load_c, __mmask16 last) {
+                                      float* c, Index ldc, bool load_c, const float* bias,
+                                      __mmask16 last) {
     constexpr Index mr = bf16_gemm_sizes::mr;
     __m512 acc[VP][Cols];
-    for (int j = 0; j < Cols; ++j)
-        for (int p = 0; p < VP; ++p) {
+    for (int p = 0; p < VP; ++p) {
+        // The sums start from C, the bias or 0: no pass over C before the product.
+        const __m512 start = bias == nullptr ? _mm512_setzero_ps()
+                             : p + 1 < VP    ? _mm512_loadu_ps(bias + p * bf16_lanes)
+                                             : _mm512_maskz_loadu_ps(last, bias + p * bf16_lanes);
+        for (int j = 0; j < Cols; ++j) {
             float* cj = c + j * ldc + p * bf16_lanes;
-            acc[p][j] = !load_c      ? _mm512_setzero_ps()
+            acc[p][j] = !load_c      ? start
                         : p + 1 < VP ? _mm512_loadu_ps(cj)
                                      : _mm512_maskz_loadu_ps(last, cj);
         }
+    }
     for (Index q = 0; q < pairs; ++q) {
         __m512i x[VP];
         for (int p = 0; p < VP; ++p)
@@ -254,33 +268,35 @@ MHA_ALWAYS_INLINE void gemm_tile_bf16(const std::uint16_t* ap, const std::uint16
 /// gemm_tile_bf16 with the column count chosen at run time (1 ... nr).
 template <int VP>
 void gemm_tile_bf16_columns(Index cols, const std::uint16_t* ap, const std::uint16_t* bp,
-                            Index pairs, float* c, Index ldc, bool load_c, __mmask16 last) {
+                            Index pairs, float* c, Index ldc, bool load_c, const float* bias,
+                            __mmask16 last) {
     static_assert(bf16_gemm_sizes::nr == 6, "one case per column count below");
     switch (cols) {
         case 6:
-            gemm_tile_bf16<VP, 6>(ap, bp, pairs, c, ldc, load_c, last);
+            gemm_tile_bf16<VP, 6>(ap, bp, pairs, c, ldc, load_c, bias, last);
             break;
         case 5:
-            gemm_tile_bf16<VP, 5>(ap, bp, pairs, c, ldc, load_c, last);
+            gemm_tile_bf16<VP, 5>(ap, bp, pairs, c, ldc, load_c, bias, last);
             break;
         case 4:
-            gemm_tile_bf16<VP, 4>(ap, bp, pairs, c, ldc, load_c, last);
+            gemm_tile_bf16<VP, 4>(ap, bp, pairs, c, ldc, load_c, bias, last);
             break;
         case 3:
-            gemm_tile_bf16<VP, 3>(ap, bp, pairs, c, ldc, load_c, last);
+            gemm_tile_bf16<VP, 3>(ap, bp, pairs, c, ldc, load_c, bias, last);
             break;
         case 2:
-            gemm_tile_bf16<VP, 2>(ap, bp, pairs, c, ldc, load_c, last);
+            gemm_tile_bf16<VP, 2>(ap, bp, pairs, c, ldc, load_c, bias, last);
             break;
         default:
-            gemm_tile_bf16<VP, 1>(ap, bp, pairs, c, ldc, load_c, last);
+            gemm_tile_bf16<VP, 1>(ap, bp, pairs, c, ldc, load_c, bias, last);
             break;
     }
 }
 
 /// The native path of gemm_bf16.
 inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
-                             Index ldc, bool accumulate, bf16_gemm_buffers& buffers, int threads) {
+                             Index ldc, bool accumulate, const float* bias,
+                             bf16_gemm_buffers& buffers, int threads) {
     using s = bf16_gemm_sizes;
     const Index all_pairs = (k + 1) / 2, panels = (m + s::mr - 1) / s::mr;
     grow(buffers.packed_a, panels * all_pairs * s::mr * 2);
@@ -305,22 +321,23 @@ inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_ope
                         const Index tail = rows - (vp - 1) * bf16_lanes;  // 1 ... 16
                         const auto last = static_cast<__mmask16>((1u << tail) - 1u);
                         float* ct = c + jr * ldc + i;
+                        const float* bias_i = bias != nullptr ? bias + i : nullptr;
                         switch (vp) {
                             case 4:
                                 gemm_tile_bf16_columns<4>(cols, ap, bp, pairs, ct, ldc, load_c,
-                                                          last);
+                                                          bias_i, last);
                                 break;
                             case 3:
                                 gemm_tile_bf16_columns<3>(cols, ap, bp, pairs, ct, ldc, load_c,
-                                                          last);
+                                                          bias_i, last);
                                 break;
                             case 2:
                                 gemm_tile_bf16_columns<2>(cols, ap, bp, pairs, ct, ldc, load_c,
-                                                          last);
+                                                          bias_i, last);
                                 break;
                             default:
                                 gemm_tile_bf16_columns<1>(cols, ap, bp, pairs, ct, ldc, load_c,
-                                                          last);
+                                                          bias_i, last);
                                 break;
                         }
                     }
@@ -332,29 +349,28 @@ inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_ope
 
 #endif  // MHA_BF16_NATIVE
 
-/// C (m×n, fp32, column-major, ldc) = A·B, or += A·B when `accumulate`, with A m×k and B k×n in
-/// bfloat16 (any strides) and fp32 sums, on up to `threads` threads (0: OpenMP's default; the
-/// result does not depend on it). `kernel` picks the implementation; native is only available
-/// when MHA_BF16_NATIVE is defined (else the portable path runs). Allocates only to grow
+/// C (m×n, fp32, column-major, ldc) = bias·1ᵀ + A·B (bias: m floats, or null for none), or
+/// C += A·B when `accumulate` (bias ignored), with A m×k and B k×n in bfloat16 (any strides) and
+/// fp32 sums (the bias or C is each sum's first term), on up to `threads` threads (0: OpenMP's
+/// default; the result does not depend on it). `kernel` picks the implementation; native is only
+/// available when MHA_BF16_NATIVE is defined (else the portable path runs). Allocates only to grow
 /// `buffers`. C must not overlap A or B.
 inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
-                      Index ldc, bool accumulate, bf16_gemm_buffers& buffers, int threads = 0,
-                      bf16_kernel kernel = default_bf16_kernel) {
+                      Index ldc, bool accumulate, const float* bias, bf16_gemm_buffers& buffers,
+                      int threads = 0, bf16_kernel kernel = default_bf16_kernel) {
     if (m == 0 || n == 0) return;
     if (k == 0) {
-        if (!accumulate)
-            for (Index j = 0; j < n; ++j)
-                std::fill(c + j * ldc, c + j * ldc + m, 0.0f);
+        if (!accumulate) start_columns(m, 0, n, bias, c, ldc);
         return;
     }
 #if defined(MHA_BF16_NATIVE)
     if (kernel == bf16_kernel::native) {
-        gemm_bf16_native(m, n, k, a, b, c, ldc, accumulate, buffers, threads);
+        gemm_bf16_native(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
         return;
     }
 #endif
     (void)kernel;
-    gemm_bf16_portable(m, n, k, a, b, c, ldc, accumulate, buffers, threads);
+    gemm_bf16_portable(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
 }
 
 }  // namespace detail
