@@ -17,9 +17,9 @@
 //            them with packing buffers the caller keeps (detail/gemm.hpp).
 //
 // Register tile (native): 4 zmm of 16 rows × 6 columns, 24 accumulators of the 32 registers;
-// per pair of k, 4 loads and 6 broadcasts (folded into vdpbf16ps as {1to16} memory operands)
-// feed 24 dot products, so the loads stay below the two per cycle the core sustains while the
-// two dot-product pipes are busy. Blocking: k-blocks of kc = 512 (even, so that a pair never
+// per pair of k, 4 loads and 6 broadcasts from memory (vpbroadcastd, one load each) feed 24 dot
+// products: 10 loads per 12 cycles of the two dot-product pipes, below the two loads per cycle
+// the core sustains. Blocking: k-blocks of kc = 512 (even, so that a pair never
 // straddles two blocks), row blocks of mc = 256 (256 × 512 bf16 = 256 KiB of packed A, an L2's
 // share), column blocks of nc = 192 (the B block, 192 KiB at most, also in L2; a 6-column panel
 // of it, 6 KiB, in L1 while the tile sweeps the row block).
