@@ -240,6 +240,8 @@ void BM_projections(benchmark::State& state) {
         benchmark::ClobberMemory();
     }
     set_gflops(state, mha_bench::projection_flops(kBatch, state.range(1), d));
+    set_fraction_of_probe(state, mha_bench::projection_flops(kBatch, state.range(1), d),
+                          fma_probe_gflops());
 }
 
 // The attention core on Q, K and V viewed inside one fused projection result, as the layer
@@ -385,6 +387,40 @@ void BM_attention_core_bf16(benchmark::State& state) {
 #endif
 }
 
+// BM_projections on bfloat16 storage (mha::linear with a bf16_linear_workspace, kept between
+// iterations as the layer would keep it): the fused Q/K/V projection rounded to bf16 (the input
+// the bf16 core takes), then the output projection of bf16 heads into fp32, both with fp32
+// biases. Same shapes and FLOPs as BM_projections; "of_probe" against BM_bf16_peak's rate
+// where the CPU has vdpbf16ps (the native GEMM), else BM_fma_peak's.
+void BM_projections_bf16(benchmark::State& state) {
+    using Bf16Matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
+    const Index d = state.range(0);
+    const Index n = kBatch * state.range(1);
+    const Bf16Matrix w_qkv = Matrix::Random(3 * d, d).cast<Eigen::bfloat16>();
+    const Vector b_qkv = Vector::Random(3 * d);
+    const Bf16Matrix w_o = Matrix::Random(d, d).cast<Eigen::bfloat16>();
+    const Vector b_o = Vector::Random(d);
+    const Bf16Matrix x = Matrix::Random(d, n).cast<Eigen::bfloat16>();
+    const Bf16Matrix heads = Matrix::Random(d, n).cast<Eigen::bfloat16>();
+    Bf16Matrix qkv(3 * d, n);
+    Matrix out(d, n);
+    mha::bf16_linear_workspace workspace;
+    for (auto _ : state) {
+        mha::linear(w_qkv, b_qkv, x, qkv, workspace);
+        mha::linear(w_o, b_o, heads, out, workspace);
+        benchmark::DoNotOptimize(qkv.data());
+        benchmark::DoNotOptimize(out.data());
+        benchmark::ClobberMemory();
+    }
+    const double flops = mha_bench::projection_flops(kBatch, state.range(1), d);
+    set_gflops(state, flops);
+#if defined(MHA_BF16_NATIVE)
+    set_fraction_of_probe(state, flops, bf16_probe_gflops());
+#else
+    set_fraction_of_probe(state, flops, fma_probe_gflops());
+#endif
+}
+
 // One decode step: a single query per sequence over L cached keys (8 heads × 64, no mask), on
 // separate Q (D × 1), K and V (D × L) as a KV cache would hold them. 4·L·D flops against
 // 2·L·D floats of K and V read once: memory-bound, so bytes/s (K and V) are reported too. The
@@ -509,6 +545,10 @@ void algo_shapes(benchmark::internal::Benchmark* b) {
 // throughput and CPU time would hide time lost to the other processes on a shared machine.
 BENCHMARK(BM_gemm_roofline)->ArgName("n")->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_projections)->Apply(projection_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_projections_bf16)
+    ->Apply(projection_shapes)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_attention_core)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 // 8 heads × 64 at L = 512, 2048 and 8192, causal and not, next to BM_attention_core's shapes.
 BENCHMARK(BM_attention_backward)

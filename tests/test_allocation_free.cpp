@@ -83,6 +83,7 @@ inline void eigen_assertion_failed(const char* expression, const char* file, int
 #include <catch2/catch_test_macros.hpp>
 
 #include <mha/multi_head_attention.hpp>
+#include <mha/projection_bf16.hpp>
 
 #include "layer_setup.hpp"
 #include "reference.hpp"
@@ -496,6 +497,37 @@ TEST_CASE("forward_into allocates nothing: materialised algorithm, relu and sigm
             check_case<Scalar>({&layer, &x, nullptr, &batch, &mask});
         }
     }
+}
+
+TEST_CASE("the bfloat16 linear with a workspace allocates nothing once it has run a shape",
+          "[alloc]") {
+    using bf16 = Eigen::bfloat16;
+    using bmat = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>;
+    mha_test::value_source values(7008);
+    // The layer's fused projection at E = 128 with 400 tokens: three column blocks, odd-free k.
+    const bmat w = values.normal_matrix<float>(3 * 128, 128).cast<bf16>();
+    const bmat x = values.normal_matrix<float>(128, 400).cast<bf16>();
+    const mha::vector<float> b = values.normal_matrix<float>(3 * 128, 1);
+    std::vector<mha::detail::bf16_kernel> kernels{mha::detail::bf16_kernel::portable};
+#if defined(MHA_BF16_NATIVE) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_supports("avx512bf16")) kernels.push_back(mha::detail::bf16_kernel::native);
+#endif
+    const int saved = max_threads();
+    for (const auto kernel : kernels)
+        for (const int threads : {1, 2}) {
+            set_threads(threads);
+            mha::bf16_linear_workspace ws;
+            mat<float> out(3 * 128, 400);
+            bmat out16(3 * 128, 400);
+            // Warm-up: sizes every buffer (and starts OpenMP's team).
+            mha::detail::linear_bf16(w, b, x, out, ws, 0, kernel);
+            mha::detail::linear_bf16(w, b, x, out16, ws, 0, kernel);
+            require_no_allocation(allocations_during([&] {
+                mha::detail::linear_bf16(w, b, x, out, ws, 0, kernel);
+                mha::detail::linear_bf16(w, b, x, out16, ws, 0, kernel);
+            }));
+        }
+    set_threads(saved);
 }
 
 TEST_CASE("the allocation counters see allocations (negative controls)", "[alloc]") {

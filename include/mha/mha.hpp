@@ -36,5 +36,6 @@
 #include <mha/normalization.hpp>
 #include <mha/options.hpp>
 #include <mha/projection.hpp>
+#include <mha/projection_bf16.hpp>
 #include <mha/rotary.hpp>
 #include <mha/score_modifiers.hpp>

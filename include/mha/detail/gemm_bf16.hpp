@@ -1,0 +1,377 @@
+// SPDX-License-Identifier: MIT
+// A GEMM on bfloat16 operands with fp32 accumulation: C (m×n, fp32, column-major) = or += A·B,
+// A m×k and B k×n in Eigen::bfloat16. Eigen's own product on bfloat16 converts every element in
+// its inner loop; this one packs instead.
+//
+// Two implementations, chosen at compile time like the bf16 block kernels
+// (detail/tiled/block_kernels_bf16.hpp, whose bf16_kernel selects them):
+//   native   (__AVX512BF16__): register tiles of vdpbf16ps. The instruction pairs adjacent
+//            elements of the reduction dimension (lane i gets a[2i]·b[2i] + a[2i+1]·b[2i+1]), so
+//            A is packed once per call into panels of 64 rows in which each row holds its pairs
+//            (A(i, 2p), A(i, 2p+1)) as one 32-bit word, 64 words per pair p: four zmm loads.
+//            B is packed per k-block and column block into panels of 6 columns, its words
+//            (B(2p, j), B(2p+1, j)) in the order the tile broadcasts them. An odd k gets a zero
+//            partner in both.
+//   portable (elsewhere, or forced by the tests): A and column blocks of B widened to fp32
+//            (exactly: a bf16 is the upper half of an fp32), then Eigen's fp32 GEMM kernel on
+//            them with packing buffers the caller keeps (detail/gemm.hpp).
+//
+// Register tile (native): 4 zmm of 16 rows × 6 columns, 24 accumulators of the 32 registers;
+// per pair of k, 4 loads and 6 broadcasts from memory (vpbroadcastd, one load each) feed 24 dot
+// products: 10 loads per 12 cycles of the two dot-product pipes, below the two loads per cycle
+// the core sustains. Blocking: k-blocks of kc = 512 (even, so that a pair never
+// straddles two blocks), row blocks of mc = 256 (256 × 512 bf16 = 256 KiB of packed A, an L2's
+// share), column blocks of nc = 192 (the B block, 192 KiB at most, also in L2; a 6-column panel
+// of it, 6 KiB, in L1 while the tile sweeps the row block).
+//
+// Determinism. Every element of C is the sum over k-blocks in order, and within a block over
+// the pairs in order, started from C or 0, whatever tile or thread computes it; threads take
+// whole column blocks of a grid fixed by n alone (as detail/gemm.hpp splits by columns), and
+// the portable path runs every block with the blocking of the whole product. The result is the
+// same bits for any thread count.
+//
+// Rounding: a product of two bf16 is exact in fp32; the sums round to nearest-even. The native
+// instruction treats bf16 and fp32 subnormals as zero (its fixed behaviour), which matters only
+// below 1.2·10⁻³⁸. Either way |C − A·B| ≤ γ_k·Σ|a||b| (γ_k = k·u/(1 − k·u), u = 2⁻²⁴), or
+// γ_{k+1} with the starting C counted as one more term.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <mha/core.hpp>
+#include <mha/detail/gemm.hpp>
+#include <mha/detail/parallel.hpp>
+#include <mha/detail/tiled/block_kernels_bf16.hpp>
+
+namespace mha {
+namespace detail {
+
+/// A bf16 operand in memory: element (r, c) at data[r·row_stride + c·col_stride].
+struct bf16_operand {
+    const Eigen::bfloat16* data = nullptr;  ///< element (0, 0)
+    Index row_stride = 1;                   ///< distance between rows
+    Index col_stride = 0;                   ///< distance between columns
+};
+
+/// Blocking and tile sizes of gemm_bf16 (see the top of this file).
+struct bf16_gemm_sizes {
+    static constexpr Index mr = 64;   ///< rows of the register tile (4 packets of 16)
+    static constexpr Index nr = 6;    ///< columns of the register tile
+    static constexpr Index kc = 512;  ///< k-block (even: pairs never straddle blocks)
+    static constexpr Index mc = 256;  ///< row block (a multiple of mr)
+    static constexpr Index nc = 192;  ///< column block: the unit of work a thread takes
+};
+static_assert(bf16_gemm_sizes::kc % 2 == 0, "k-blocks must hold whole pairs");
+static_assert(bf16_gemm_sizes::mc % bf16_gemm_sizes::mr == 0, "row blocks of whole panels");
+static_assert(bf16_gemm_sizes::nc % bf16_gemm_sizes::nr == 0, "column blocks of whole panels");
+static_assert(bf16_gemm_sizes::nc % eigen_compat::gemm_column_tile<float> == 0,
+              "column blocks of whole tiles of Eigen's fp32 kernel (portable path)");
+
+/// Grows v to at least n elements; never shrinks, so a buffer that served a shape allocates
+/// nothing for it again.
+template <class T>
+void grow(std::vector<T>& v, Index n) {
+    if (static_cast<Index>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
+}
+
+/// One thread's buffers of gemm_bf16.
+struct bf16_gemm_thread_buffers {
+    std::vector<std::uint16_t> packed_b;  // native: a k-block × column block of B, in pairs
+    std::vector<float> wide_b;            // portable: a column block of B in fp32 (k × nc)
+    gemm_buffers<float> gemm;             // portable: Eigen's packing buffers
+};
+
+/// Buffers of gemm_bf16, kept by the caller between calls; they only grow. One set serves one
+/// call at a time.
+struct bf16_gemm_buffers {
+    std::vector<std::uint16_t> packed_a;               // native: all of A, in pair panels
+    std::vector<float> wide_a;                         // portable: A in fp32, m × k column-major
+    std::vector<bf16_gemm_thread_buffers> per_thread;  // one per thread of the call
+};
+
+/// Column blocks of n columns.
+inline Index bf16_gemm_column_blocks(Index n) {
+    return (n + bf16_gemm_sizes::nc - 1) / bf16_gemm_sizes::nc;
+}
+
+/// Runs block(column0, column1, thread_buffers) over the column blocks of n columns on up to
+/// `threads` threads (0: OpenMP's default), each thread taking a contiguous range of blocks.
+template <class Block>
+void bf16_gemm_over_columns(Index n, int threads, bf16_gemm_buffers& buffers, Block block) {
+    const Index blocks = bf16_gemm_column_blocks(n);
+    const int nt =
+        static_cast<int>(std::max<Index>(1, std::min<Index>(thread_count(threads), blocks)));
+    if (buffers.per_thread.size() < static_cast<std::size_t>(nt))
+        buffers.per_thread.resize(static_cast<std::size_t>(nt));
+    parallel_parts(nt, [&](int part, int thread) {
+        const Index b0 = blocks * part / nt, b1 = blocks * (part + 1) / nt;
+        for (Index blk = b0; blk < b1; ++blk) {
+            const Index j0 = blk * bf16_gemm_sizes::nc;
+            const Index j1 = std::min(n, j0 + bf16_gemm_sizes::nc);
+            block(j0, j1, buffers.per_thread[static_cast<std::size_t>(thread)]);
+        }
+    });
+}
+
+/// C(:, j0 : j1) ← bias·1ᵀ, or 0 without a bias (null).
+inline void start_columns(Index m, Index j0, Index j1, const float* bias, float* c, Index ldc) {
+    for (Index j = j0; j < j1; ++j) {
+        if (bias != nullptr)
+            std::copy(bias, bias + m, c + j * ldc);
+        else
+            std::fill(c + j * ldc, c + j * ldc + m, 0.0f);
+    }
+}
+
+/// The portable path of gemm_bf16: A and blocks of B widened to fp32, Eigen's fp32 kernel.
+inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
+                               Index ldc, bool accumulate, const float* bias,
+                               bf16_gemm_buffers& buffers, int threads) {
+    grow(buffers.wide_a, m * k);
+    float* wa = buffers.wide_a.data();  // m × k, column-major
+    for (Index q = 0; q < k; ++q)
+        for (Index i = 0; i < m; ++i)
+            wa[q * m + i] = bf16_to_float(a.data[i * a.row_stride + q * a.col_stride]);
+    // One blocking for every column block: the k-blocks, hence the order of the sums, do not
+    // depend on which thread runs a block or on how wide it is.
+    const gemm_blocking<float> blocking(m, std::min(n, bf16_gemm_sizes::nc), k);
+    bf16_gemm_over_columns(n, threads, buffers, [&](Index j0, Index j1, auto& own) {
+        const Index w = j1 - j0;
+        grow(own.wide_b, k * w);
+        float* wb = own.wide_b.data();  // k × w, column-major
+        for (Index j = 0; j < w; ++j)
+            for (Index q = 0; q < k; ++q)
+                wb[j * k + q] = bf16_to_float(b.data[q * b.row_stride + (j0 + j) * b.col_stride]);
+        if (!accumulate) start_columns(m, j0, j1, bias, c, ldc);
+        gemm_blocking<float> own_blocking = blocking;
+        use_buffers(own_blocking, own.gemm);
+        eigen_compat::gemm_run<float, Eigen::ColMajor, Eigen::ColMajor>(
+            m, w, k, wa, m, wb, k, c + j0 * ldc, ldc, 1.0f, own_blocking);
+    });
+}
+
+#if defined(MHA_BF16_NATIVE)
+
+/// packed ← A in pair panels: panel p (rows p·mr ...) holds, for each pair q of k, the words
+/// (A(i, 2q), A(i, 2q+1)) of its mr rows; zero for rows beyond m and for the partner of an odd
+/// k. Word (p, q, r) is at packed + ((p·pairs + q)·mr + r)·2.
+inline void pack_bf16_gemm_a(Index m, Index k, bf16_operand a, std::uint16_t* packed) {
+    constexpr Index mr = bf16_gemm_sizes::mr;
+    const Index pairs = (k + 1) / 2, panels = (m + mr - 1) / mr;
+    if (m % mr != 0 || k % 2 != 0)
+        std::fill(packed, packed + panels * pairs * mr * 2, std::uint16_t(0));
+    for (Index p = 0; p < panels; ++p) {
+        const Index i0 = p * mr, rows = std::min(mr, m - i0);
+        for (Index q = 0; q < pairs; ++q) {
+            std::uint16_t* dst = packed + (p * pairs + q) * mr * 2;
+            const Eigen::bfloat16* x = a.data + i0 * a.row_stride + 2 * q * a.col_stride;
+            const bool partner = 2 * q + 1 < k;
+            Index r = 0;
+            if (a.row_stride == 1 && partner) {
+                // Column-major: columns 2q and 2q + 1 interleaved 32 rows at a time by one
+                // two-source permute per 32 words.
+                alignas(64) static constexpr std::int16_t low[32] = {
+                    0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+                alignas(64) static constexpr std::int16_t high[32] = {
+                    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+                const __m512i lo = _mm512_load_si512(low), hi = _mm512_load_si512(high);
+                const Eigen::bfloat16* y = x + a.col_stride;
+                for (; r + 32 <= rows; r += 32) {
+                    const __m512i u = _mm512_loadu_si512(x + r), v = _mm512_loadu_si512(y + r);
+                    _mm512_storeu_si512(dst + 2 * r, _mm512_permutex2var_epi16(u, lo, v));
+                    _mm512_storeu_si512(dst + 2 * r + 32, _mm512_permutex2var_epi16(u, hi, v));
+                }
+            }
+            for (; r < rows; ++r) {
+                const Eigen::bfloat16* e = x + r * a.row_stride;
+                dst[2 * r] = bf16_bits(e[0]);
+                if (partner) dst[2 * r + 1] = bf16_bits(e[a.col_stride]);
+            }
+        }
+    }
+}
+
+/// packed ← B(2·q0 ..., j0 : j1) for the pairs [q0, q0 + pairs) in panels of nr columns: the
+/// panel at column jr (relative to j0, width w = min(nr, j1 − j0 − jr)) starts at word jr·pairs
+/// and holds word (q, c) = (B(2q, j), B(2q+1, j)) at (q·w + c); the partner beyond k is zero.
+inline void pack_bf16_gemm_b(Index k, bf16_operand b, Index q0, Index pairs, Index j0, Index j1,
+                             std::uint16_t* packed) {
+    constexpr Index nr = bf16_gemm_sizes::nr;
+    for (Index jr = 0; jr < j1 - j0; jr += nr) {
+        const Index w = std::min(nr, j1 - j0 - jr);
+        std::uint16_t* panel = packed + jr * pairs * 2;
+        for (Index c = 0; c < w; ++c) {
+            const Eigen::bfloat16* col = b.data + (j0 + jr + c) * b.col_stride;
+            for (Index q = 0; q < pairs; ++q) {
+                const Index kk = 2 * (q0 + q);
+                std::uint16_t* dst = panel + (q * w + c) * 2;
+                if (b.row_stride == 1 && kk + 1 < k) {
+                    std::memcpy(dst, col + kk, 2 * sizeof(std::uint16_t));
+                } else {
+                    dst[0] = bf16_bits(col[kk * b.row_stride]);
+                    dst[1] = kk + 1 < k ? bf16_bits(col[(kk + 1) * b.row_stride]) : 0;
+                }
+            }
+        }
+    }
+}
+
+/// One register tile: C(0 : rows, 0 : Cols) += the packed A panel times the packed B panel over
+/// `pairs` pairs of k when load_c; else C = bias(0 : rows)·1ᵀ + that product (bias null: 0). VP
+/// packets of 16 rows; the last one reads and writes the lanes of `last` only.
+template <int VP, int Cols>
+MHA_ALWAYS_INLINE void gemm_tile_bf16(const std::uint16_t* ap, const std::uint16_t* bp, Index pairs,
+                                      float* c, Index ldc, bool load_c, const float* bias,
+                                      __mmask16 last) {
+    constexpr Index mr = bf16_gemm_sizes::mr;
+    __m512 acc[VP][Cols];
+    for (int p = 0; p < VP; ++p) {
+        // The sums start from C, the bias or 0: no pass over C before the product.
+        const __m512 start = bias == nullptr ? _mm512_setzero_ps()
+                             : p + 1 < VP    ? _mm512_loadu_ps(bias + p * bf16_lanes)
+                                             : _mm512_maskz_loadu_ps(last, bias + p * bf16_lanes);
+        for (int j = 0; j < Cols; ++j) {
+            float* cj = c + j * ldc + p * bf16_lanes;
+            acc[p][j] = !load_c      ? start
+                        : p + 1 < VP ? _mm512_loadu_ps(cj)
+                                     : _mm512_maskz_loadu_ps(last, cj);
+        }
+    }
+    for (Index q = 0; q < pairs; ++q) {
+        __m512i x[VP];
+        for (int p = 0; p < VP; ++p)
+            x[p] = _mm512_loadu_si512(ap + (q * mr + p * bf16_lanes) * 2);
+        for (int j = 0; j < Cols; ++j) {
+            const __m512i y =
+                _mm512_set1_epi32(static_cast<int>(load_pair(bp + (q * Cols + j) * 2)));
+            for (int p = 0; p < VP; ++p)
+                acc[p][j] = dot_pairs(acc[p][j], x[p], y);
+        }
+    }
+    for (int j = 0; j < Cols; ++j)
+        for (int p = 0; p < VP; ++p) {
+            float* cj = c + j * ldc + p * bf16_lanes;
+            if (p + 1 < VP)
+                _mm512_storeu_ps(cj, acc[p][j]);
+            else
+                _mm512_mask_storeu_ps(cj, last, acc[p][j]);
+        }
+}
+
+/// gemm_tile_bf16 with the column count chosen at run time (1 ... nr).
+template <int VP>
+void gemm_tile_bf16_columns(Index cols, const std::uint16_t* ap, const std::uint16_t* bp,
+                            Index pairs, float* c, Index ldc, bool load_c, const float* bias,
+                            __mmask16 last) {
+    static_assert(bf16_gemm_sizes::nr == 6, "one case per column count below");
+    switch (cols) {
+        case 6:
+            gemm_tile_bf16<VP, 6>(ap, bp, pairs, c, ldc, load_c, bias, last);
+            break;
+        case 5:
+            gemm_tile_bf16<VP, 5>(ap, bp, pairs, c, ldc, load_c, bias, last);
+            break;
+        case 4:
+            gemm_tile_bf16<VP, 4>(ap, bp, pairs, c, ldc, load_c, bias, last);
+            break;
+        case 3:
+            gemm_tile_bf16<VP, 3>(ap, bp, pairs, c, ldc, load_c, bias, last);
+            break;
+        case 2:
+            gemm_tile_bf16<VP, 2>(ap, bp, pairs, c, ldc, load_c, bias, last);
+            break;
+        default:
+            gemm_tile_bf16<VP, 1>(ap, bp, pairs, c, ldc, load_c, bias, last);
+            break;
+    }
+}
+
+/// The native path of gemm_bf16.
+inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
+                             Index ldc, bool accumulate, const float* bias,
+                             bf16_gemm_buffers& buffers, int threads) {
+    using s = bf16_gemm_sizes;
+    const Index all_pairs = (k + 1) / 2, panels = (m + s::mr - 1) / s::mr;
+    grow(buffers.packed_a, panels * all_pairs * s::mr * 2);
+    const std::uint16_t* pa = buffers.packed_a.data();
+    pack_bf16_gemm_a(m, k, a, buffers.packed_a.data());
+    bf16_gemm_over_columns(n, threads, buffers, [&](Index j0, Index j1, auto& own) {
+        grow(own.packed_b, std::min(k + 1, s::kc) * s::nc);
+        std::uint16_t* pb = own.packed_b.data();
+        for (Index k0 = 0; k0 < k; k0 += s::kc) {
+            const Index q0 = k0 / 2, pairs = (std::min(k, k0 + s::kc) - k0 + 1) / 2;
+            pack_bf16_gemm_b(k, b, q0, pairs, j0, j1, pb);
+            const bool load_c = accumulate || k0 > 0;
+            for (Index i0 = 0; i0 < m; i0 += s::mc) {
+                const Index i1 = std::min(m, i0 + s::mc);
+                for (Index jr = j0; jr < j1; jr += s::nr) {
+                    const Index cols = std::min(s::nr, j1 - jr);
+                    const std::uint16_t* bp = pb + (jr - j0) * pairs * 2;
+                    for (Index i = i0; i < i1; i += s::mr) {
+                        const Index rows = std::min(s::mr, m - i);
+                        const std::uint16_t* ap = pa + ((i / s::mr) * all_pairs + q0) * s::mr * 2;
+                        const Index vp = (rows + bf16_lanes - 1) / bf16_lanes;
+                        const Index tail = rows - (vp - 1) * bf16_lanes;  // 1 ... 16
+                        const auto last = static_cast<__mmask16>((1u << tail) - 1u);
+                        float* ct = c + jr * ldc + i;
+                        const float* bias_i = bias != nullptr ? bias + i : nullptr;
+                        switch (vp) {
+                            case 4:
+                                gemm_tile_bf16_columns<4>(cols, ap, bp, pairs, ct, ldc, load_c,
+                                                          bias_i, last);
+                                break;
+                            case 3:
+                                gemm_tile_bf16_columns<3>(cols, ap, bp, pairs, ct, ldc, load_c,
+                                                          bias_i, last);
+                                break;
+                            case 2:
+                                gemm_tile_bf16_columns<2>(cols, ap, bp, pairs, ct, ldc, load_c,
+                                                          bias_i, last);
+                                break;
+                            default:
+                                gemm_tile_bf16_columns<1>(cols, ap, bp, pairs, ct, ldc, load_c,
+                                                          bias_i, last);
+                                break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+#endif  // MHA_BF16_NATIVE
+
+/// C (m×n, fp32, column-major, ldc) = bias·1ᵀ + A·B (bias: m floats, or null for none), or
+/// C += A·B when `accumulate` (bias ignored), with A m×k and B k×n in bfloat16 (any strides) and
+/// fp32 sums (the bias or C is each sum's first term), on up to `threads` threads (0: OpenMP's
+/// default; the result does not depend on it). `kernel` picks the implementation; native is only
+/// available when MHA_BF16_NATIVE is defined (else the portable path runs). Allocates only to grow
+/// `buffers`. C must not overlap A or B.
+inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
+                      Index ldc, bool accumulate, const float* bias, bf16_gemm_buffers& buffers,
+                      int threads = 0, bf16_kernel kernel = default_bf16_kernel) {
+    if (m == 0 || n == 0) return;
+    if (k == 0) {
+        if (!accumulate) start_columns(m, 0, n, bias, c, ldc);
+        return;
+    }
+#if defined(MHA_BF16_NATIVE)
+    if (kernel == bf16_kernel::native) {
+        gemm_bf16_native(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
+        return;
+    }
+#endif
+    (void)kernel;
+    gemm_bf16_portable(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
+}
+
+}  // namespace detail
+}  // namespace mha

@@ -1,0 +1,341 @@
+// SPDX-License-Identifier: MIT
+// The bfloat16 projection (mha::linear with a bf16_linear_workspace,
+// include/mha/projection_bf16.hpp, and its GEMM detail/gemm_bf16.hpp) against a long-double
+// reference computed from the same bf16 values, so only the GEMM's own roundings count.
+//
+// Tolerance. A product of two bf16 is exact in fp32 (8 + 8 significand bits), so each output is
+// an fp32 sum of d_in exact products started from the bias: d_in + 1 terms, whose error is at
+// most γ_{d_in+1}·S with S = Σ_q |w(i,q)·x(q,j)| + |b(i)|, γ_n = n·u/(1 − n·u), u = 2⁻²⁴ (the
+// standard bound for recursive summation, whatever the order or blocking). A bf16 output is that
+// result rounded once more: |bf16(c) − r| ≤ |c − r| + u_b·|c| ≤ (1 + u_b)·γ·S + u_b·|r| with
+// u_b = 2⁻⁸. A wrong pair, a missed k-block, a dropped edge row or column moves an output by a
+// whole term |w·x|, which is far above γ·S for these sizes (γ_{1026} ≈ 6·10⁻⁵).
+//
+// Both GEMM paths run: the portable one always, the native vdpbf16ps one when the translation
+// unit is compiled for AVX512-BF16 and the CPU has it. This file is built twice by
+// tests/CMakeLists.txt: with the preset's flags, and with -mavx512bf16 where the compiler takes
+// it (test_bf16_projection_native), so that both paths run in every build on a CPU that has the
+// instruction, and the portable one alone where the instruction is not compiled in.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#include <mha/projection_bf16.hpp>
+
+#include "reference.hpp"
+
+namespace {
+
+using mha::Index;
+using mha_test::mat;
+using bf16 = Eigen::bfloat16;
+using bmat = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>;
+using bmat_rows = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using kernel = mha::detail::bf16_kernel;
+
+bool native_available() {
+#if defined(MHA_BF16_NATIVE) && (defined(__GNUC__) || defined(__clang__))
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+#else
+    return false;
+#endif
+}
+
+// False in the build compiled for AVX512-BF16 on a CPU without it: every case then skips before
+// running code compiled for that instruction set.
+bool build_runs_here() {
+#if defined(MHA_TEST_NATIVE_BUILD)
+    return native_available();
+#else
+    return true;
+#endif
+}
+
+#define MHA_SKIP_UNLESS_BUILD_RUNS_HERE() \
+    if (!build_runs_here()) SKIP("compiled for AVX512-BF16, which this CPU lacks")
+
+std::vector<kernel> kernels() {
+    std::vector<kernel> ks{kernel::portable};
+    if (native_available()) ks.push_back(kernel::native);
+    return ks;
+}
+
+const char* name(kernel k) {
+    return k == kernel::native ? "native" : "portable";
+}
+
+bmat normal_bf16(mha_test::value_source& rnd, Index rows, Index cols) {
+    bmat m(rows, cols);
+    for (Index c = 0; c < cols; ++c)
+        for (Index r = 0; r < rows; ++r)
+            m(r, c) = bf16(static_cast<float>(rnd.normal()));
+    return m;
+}
+
+long double wide(bf16 x) {
+    return static_cast<long double>(static_cast<float>(x));
+}
+
+// The reference w·x + b and the magnitude Σ|w·x| + |b| of each output, in long double.
+struct reference {
+    mat<long double> value, magnitude;
+};
+
+template <class W, class B>
+reference reference_of(const W& w, const B& b, const bmat& x) {
+    const Index m = w.rows(), n = x.cols(), k = w.cols();
+    reference r{mat<long double>::Zero(m, n), mat<long double>::Zero(m, n)};
+    for (Index j = 0; j < n; ++j)
+        for (Index i = 0; i < m; ++i) {
+            long double s = b.size() != 0 ? static_cast<long double>(static_cast<float>(b(i))) : 0;
+            long double a = std::fabs(s);
+            for (Index q = 0; q < k; ++q) {
+                const long double t = wide(w(i, q)) * wide(x(q, j));
+                s += t;
+                a += std::fabs(t);
+            }
+            r.value(i, j) = s;
+            r.magnitude(i, j) = a;
+        }
+    return r;
+}
+
+long double gamma_of(Index n) {
+    const long double nu = static_cast<long double>(n) * 0x1.0p-24L;
+    return nu / (1 - nu);
+}
+
+// Every output within the bound at the top of this file.
+template <class Out>
+void require_close(const Out& out, const reference& r, Index k, bool bf16_output,
+                   const std::string& what) {
+    REQUIRE(out.rows() == r.value.rows());
+    REQUIRE(out.cols() == r.value.cols());
+    const long double ub = bf16_output ? 0x1.0p-8L : 0.0L, g = gamma_of(k + 1);
+    for (Index j = 0; j < out.cols(); ++j)
+        for (Index i = 0; i < out.rows(); ++i) {
+            const long double o = static_cast<long double>(static_cast<float>(out(i, j)));
+            const long double err = std::fabs(o - r.value(i, j));
+            const long double bound =
+                (1 + ub) * g * r.magnitude(i, j) + ub * std::fabs(r.value(i, j));
+            if (!(err <= bound)) {
+                std::ostringstream msg;
+                msg << what << ": |out - ref| = " << err << " > " << bound << " at (" << i << ", "
+                    << j << "), out = " << o << ", ref = " << r.value(i, j) << ", shape "
+                    << out.rows() << "x" << k << "x" << out.cols();
+                FAIL(msg.str());
+            }
+        }
+    SUCCEED();
+}
+
+template <class Out, class W, class B>
+Out project(kernel kn, const W& w, const B& b, const bmat& x, int threads,
+            mha::bf16_linear_workspace& ws) {
+    Out out(w.rows(), x.cols());
+    mha::detail::linear_bf16(w, b, x, out, ws, threads, kn);
+    return out;
+}
+
+bool same_bits(const mat<float>& a, const mat<float>& b) {
+    return a.rows() == b.rows() && a.cols() == b.cols() &&
+           std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+struct shape {
+    Index m, k, n;
+};
+
+// Rows around the 16-lane packet and the 64-row tile, k odd, 1, around the 512 k-block, columns
+// around the 6-column tile and the 192-column block.
+const shape kShapes[] = {{1, 1, 1},     {17, 1, 7},     {64, 2, 6},    {63, 7, 5},
+                         {65, 3, 13},   {16, 512, 192}, {15, 511, 12}, {130, 513, 193},
+                         {33, 1025, 7}, {200, 64, 385}, {80, 9, 1},    {1, 100, 70}};
+
+}  // namespace
+
+TEST_CASE("bf16 linear: every edge shape, weight order, bias and output type within the bound",
+          "[bf16_projection]") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(20261203);
+    mha::bf16_linear_workspace ws;
+    for (const shape& s : kShapes) {
+        const bmat w = normal_bf16(rnd, s.m, s.k);
+        const bmat_rows w_rows = w;
+        const bmat x = normal_bf16(rnd, s.k, s.n);
+        const mha::vector<float> b = normal_bf16(rnd, s.m, 1).cast<float>();
+        const mha::vector<float> none(0);
+        const reference with_bias = reference_of(w, b, x), without = reference_of(w, none, x);
+        for (kernel kn : kernels()) {
+            const std::string at = std::string(name(kn)) + " " + std::to_string(s.m) + "x" +
+                                   std::to_string(s.k) + "x" + std::to_string(s.n);
+            require_close(project<mat<float>>(kn, w, b, x, 1, ws), with_bias, s.k, false,
+                          at + " col-major w, float bias, float out");
+            require_close(project<mat<float>>(kn, w_rows, none, x, 1, ws), without, s.k, false,
+                          at + " row-major w, no bias, float out");
+            require_close(project<bmat>(kn, w, b, x, 1, ws), with_bias, s.k, true,
+                          at + " col-major w, float bias, bf16 out");
+            const Eigen::Matrix<bf16, Eigen::Dynamic, 1> b16 = b.cast<bf16>();
+            require_close(project<bmat>(kn, w_rows, b16, x, 1, ws), with_bias, s.k, true,
+                          at + " row-major w, bf16 bias, bf16 out");
+        }
+    }
+}
+
+TEST_CASE("bf16 linear: views with strides read and write in place", "[bf16_projection]") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(7);
+    const bmat w_big = normal_bf16(rnd, 150, 90), x_big = normal_bf16(rnd, 90, 230);
+    const auto w = w_big.middleRows(10, 130).leftCols(77);  // 130 × 77, outer stride 150
+    const auto x = x_big.topRows(77).middleCols(3, 200);    // 77 × 200, outer stride 90
+    const bmat w_plain = w, x_plain = x;
+    const mha::vector<float> b = normal_bf16(rnd, 130, 1).cast<float>();
+    const reference r = reference_of(w_plain, b, x_plain);
+    mha::bf16_linear_workspace ws;
+    for (kernel kn : kernels()) {
+        mat<float> big = mat<float>::Constant(140, 210, 7.0f);
+        auto out = big.block(5, 4, 130, 200);  // 130 × 200, outer stride 140
+        mha::detail::linear_bf16(w, b, x, out, ws, 1, kn);
+        require_close(mat<float>(out), r, 77, false, std::string(name(kn)) + " strided views");
+        // Outside the block: untouched.
+        CHECK((big.topRows(5).array() == 7.0f).all());
+        CHECK((big.bottomRows(5).array() == 7.0f).all());
+        CHECK((big.leftCols(4).array() == 7.0f).all());
+        CHECK((big.rightCols(6).array() == 7.0f).all());
+    }
+}
+
+TEST_CASE("bf16 linear: empty shapes", "[bf16_projection]") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha::bf16_linear_workspace ws;
+    const mha::vector<float> b = mha::vector<float>::LinSpaced(5, 1.0f, 5.0f);
+    for (kernel kn : kernels()) {
+        // d_in = 0: the output is the bias (or 0), whatever `out` held.
+        mat<float> out = mat<float>::Constant(5, 3, std::numeric_limits<float>::quiet_NaN());
+        mha::detail::linear_bf16(bmat(5, 0), b, bmat(0, 3), out, ws, 1, kn);
+        for (Index j = 0; j < 3; ++j)
+            CHECK(out.col(j) == b);
+        out.setConstant(std::numeric_limits<float>::quiet_NaN());
+        mha::detail::linear_bf16(bmat(5, 0), mha::vector<float>(0), bmat(0, 3), out, ws, 1, kn);
+        CHECK((out.array() == 0.0f).all());
+        // No token, no output row.
+        mat<float> none(5, 0);
+        mha::detail::linear_bf16(bmat(5, 4), b, bmat(4, 0), none, ws, 1, kn);
+        mat<float> no_rows(0, 3);
+        mha::detail::linear_bf16(bmat(0, 4), mha::vector<float>(0), bmat(4, 3), no_rows, ws, 1, kn);
+        bmat none16(0, 0);
+        mha::detail::linear_bf16(bmat(0, 0), mha::vector<float>(0), bmat(0, 0), none16, ws, 1, kn);
+    }
+}
+
+TEST_CASE("bf16 linear: NaN and infinity propagate to the outputs that read them",
+          "[bf16_projection]") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(11);
+    const Index m = 70, k = 9, n = 8;
+    bmat w = normal_bf16(rnd, m, k), x = normal_bf16(rnd, k, n);
+    for (Index i = 0; i < m; ++i)
+        for (Index q = 0; q < k; ++q)
+            if (w(i, q) == bf16(0.0f)) w(i, q) = bf16(0.5f);   // so that ∞·w is never NaN
+    w(66, 4) = bf16(std::numeric_limits<float>::quiet_NaN());  // row 66, in the last packet
+    x(8, 5) = bf16(std::numeric_limits<float>::infinity());    // the last k, partner of nothing
+    const mha::vector<float> b = mha::vector<float>::Zero(m);
+    for (kernel kn : kernels()) {
+        mha::bf16_linear_workspace ws;
+        const mat<float> out = project<mat<float>>(kn, w, b, x, 1, ws);
+        for (Index j = 0; j < n; ++j)
+            for (Index i = 0; i < m; ++i) {
+                const float o = out(i, j);
+                if (i == 66) {
+                    CHECK(std::isnan(o));
+                } else if (j == 5) {
+                    // x(8, 5) = +∞ times w(i, 8): ∞ with w's sign.
+                    CHECK(std::isinf(o));
+                    CHECK((o > 0) == (static_cast<float>(w(i, 8)) > 0));
+                } else {
+                    CHECK(std::isfinite(o));
+                }
+            }
+    }
+}
+
+TEST_CASE("bf16 linear: 1, 2 and 3 threads give the same bits; native and portable agree",
+          "[bf16_projection]") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(3);
+    // 5 column blocks of 192 (the last one partial), k over two k-blocks and odd.
+    const bmat w = normal_bf16(rnd, 100, 601), x = normal_bf16(rnd, 601, 900);
+    const mha::vector<float> b = normal_bf16(rnd, 100, 1).cast<float>();
+    const reference r = reference_of(w, b, x);
+    std::vector<mat<float>> results;
+    for (kernel kn : kernels()) {
+        mha::bf16_linear_workspace ws;
+        const mat<float> one = project<mat<float>>(kn, w, b, x, 1, ws);
+        const mat<float> two = project<mat<float>>(kn, w, b, x, 2, ws);
+        const mat<float> three = project<mat<float>>(kn, w, b, x, 3, ws);
+        CHECK(same_bits(one, two));
+        CHECK(same_bits(one, three));
+        require_close(one, r, 601, false, name(kn));
+        results.push_back(one);
+    }
+    // Both within γ·S of the reference, hence within 2·γ·S of each other.
+    if (results.size() == 2) {
+        const long double g = gamma_of(602);
+        for (Index j = 0; j < x.cols(); ++j)
+            for (Index i = 0; i < w.rows(); ++i)
+                REQUIRE(std::fabs(static_cast<long double>(results[0](i, j)) - results[1](i, j)) <=
+                        2 * g * r.magnitude(i, j));
+    }
+}
+
+TEST_CASE("bf16 linear: a workspace that served a shape is not grown again", "[bf16_projection]") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(5);
+    const bmat w = normal_bf16(rnd, 96, 130), x = normal_bf16(rnd, 130, 400);
+    const mha::vector<float> b = normal_bf16(rnd, 96, 1).cast<float>();
+    for (kernel kn : kernels()) {
+        mha::bf16_linear_workspace ws;
+        bmat out(96, 400);
+        mha::detail::linear_bf16(w, b, x, out, ws, 1, kn);
+        auto& g = ws.gemm();
+        const auto* a_packed = g.packed_a.data();
+        const auto* a_wide = g.wide_a.data();
+        const auto* b_packed = g.per_thread.at(0).packed_b.data();
+        const auto* b_wide = g.per_thread.at(0).wide_b.data();
+        const float* result = ws.result(0);
+        mha::detail::linear_bf16(w, b, x, out, ws, 1, kn);
+        CHECK(g.packed_a.data() == a_packed);
+        CHECK(g.wide_a.data() == a_wide);
+        CHECK(g.per_thread.at(0).packed_b.data() == b_packed);
+        CHECK(g.per_thread.at(0).wide_b.data() == b_wide);
+        CHECK(ws.result(0) == result);
+    }
+}
+
+TEST_CASE("bf16 linear: wrong shapes name the argument, the expected and the actual size",
+          "[bf16_projection]") {
+    using Catch::Matchers::ContainsSubstring;
+    mha::bf16_linear_workspace ws;
+    const bmat w(6, 4), x(4, 3);
+    const mha::vector<float> b(6);
+    mat<float> out(6, 3);
+    REQUIRE_THROWS_AS(mha::linear(w, b, bmat(5, 3), out, ws), mha::shape_error);
+    REQUIRE_THROWS_WITH(mha::linear(w, b, bmat(5, 3), out, ws),
+                        ContainsSubstring("x.rows() must be 4 (w.cols()), got 5"));
+    REQUIRE_THROWS_WITH(mha::linear(w, mha::vector<float>(5), x, out, ws),
+                        ContainsSubstring("b.size() must be 6 (w.rows() or 0), got 5"));
+    REQUIRE_THROWS_WITH(mha::linear(w, mha::matrix<float>(2, 3), x, out, ws),
+                        ContainsSubstring("b.cols() must be 1 (a column vector), got 3"));
+    mat<float> wrong_rows(7, 3), wrong_cols(6, 2);
+    REQUIRE_THROWS_WITH(mha::linear(w, b, x, wrong_rows, ws),
+                        ContainsSubstring("out.rows() must be 6 (w.rows()), got 7"));
+    REQUIRE_THROWS_WITH(mha::linear(w, b, x, wrong_cols, ws),
+                        ContainsSubstring("out.cols() must be 3 (x.cols()), got 2"));
+}
