@@ -67,6 +67,8 @@ DEFAULT_TESTS = {
     "layer_backward.hpp": ["layer_backward"],
     "plot.hpp": ["plot"],
     "detail/layer_parameters.hpp": ["multi_head_attention", "layer_backward", "pytorch_golden"],
+    "detail/gemm_bf16.hpp": ["bf16_projection", "bf16_projection_native"],
+    "io/half_precision.hpp": ["half_precision", "safetensors_bf16"],
     "detail/call_checks.hpp": ["attention", "hostile_input", "attention_backward"],
     "attention_bf16.hpp": ["bf16_attention", "bf16_attention_native"],
 }
