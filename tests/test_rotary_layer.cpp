@@ -13,6 +13,7 @@
 // far above that.
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <catch2/catch_template_test_macros.hpp>
@@ -145,6 +146,59 @@ TEMPLATE_TEST_CASE("forward rotates Q and K at each token's position in its sequ
         const mat<Scalar> base = reference_rotary_layer<Scalar>(params_of<Scalar>(layer), c, x, 0);
         mha_test::require_within_baseline(out, ref, base, layer_baseline_k, "forward");
     }
+}
+
+TEMPLATE_TEST_CASE("cross-attention rotates query i at Lk - Lq + i and key j at j",
+                   "[rotary][layer]", float, double) {
+    // Queries are the last Lq tokens of a sequence whose keys are all Lk of them (bottom-right
+    // alignment); with more queries than keys they start at position 0. Self-attention cannot
+    // tell these apart from position i, so cross-attention with Lq != Lk is checked here.
+    using Scalar = TestType;
+    const std::vector<Index> lq = {3, 5, 2, 4}, lk = {7, 5, 9, 2};
+    const rope_case c{16, 2, 1, 8, 8, false, {}};
+    const auto layer = make_layer<Scalar>(c);
+    Index nq = 0, nk = 0;
+    for (std::size_t b = 0; b < lq.size(); ++b) {
+        nq += lq[b];
+        nk += lk[b];
+    }
+    mha_test::value_source values(8);
+    const mat<Scalar> xq = values.normal_matrix<Scalar>(c.embed, nq);
+    const mat<Scalar> xk = values.normal_matrix<Scalar>(c.embed, nk);
+    const mat<Scalar> xv = values.normal_matrix<Scalar>(c.embed, nk);
+    const mat<Scalar> out = layer.forward(xq, xk, xv, mha::packed_batch(lq, lk));
+    const auto reference = [&](const auto& p, const auto& q_in, const auto& k_in,
+                               const auto& v_in) {
+        using T = typename std::decay_t<decltype(q_in)>::Scalar;
+        const mat<T> q_all = mha_test::reference_linear(p.w_q, p.b_q, q_in);
+        const mat<T> k_all = mha_test::reference_linear(p.w_k, p.b_k, k_in);
+        const mat<T> v_all = mha_test::reference_linear(p.w_v, p.b_v, v_in);
+        const Index d = c.head_dim;
+        mat<T> concat(c.heads * d, q_in.cols());
+        Index q0 = 0, k0 = 0;
+        for (std::size_t b = 0; b < lq.size(); ++b) {
+            mat<T> q = q_all.middleCols(q0, lq[b]), k = k_all.middleCols(k0, lk[b]);
+            const Index first = lk[b] > lq[b] ? lk[b] - lq[b] : 0;
+            for (Index t = 0; t < lq[b]; ++t)
+                for (Index h = 0; h < c.heads; ++h)
+                    rotate_head(&q(h * d, t), c.rotary_dim, 10000.0L, false, first + t);
+            for (Index t = 0; t < lk[b]; ++t)
+                rotate_head(&k(0, t), c.rotary_dim, 10000.0L, false, t);
+            for (Index h = 0; h < c.heads; ++h)
+                concat.block(h * d, q0, d, lq[b]) = mha_test::reference_attention<T>(
+                    q.middleRows(h * d, d), k, v_all.block(0, k0, d, lk[b]), T(1) / std::sqrt(T(d)),
+                    [](Index, Index) { return true; });
+            q0 += lq[b];
+            k0 += lk[b];
+        }
+        return mat<T>(mha_test::reference_linear(p.w_o, p.b_o, concat));
+    };
+    const mat<long double> ref =
+        reference(params_of<long double>(layer), mat<long double>(xq.template cast<long double>()),
+                  mat<long double>(xk.template cast<long double>()),
+                  mat<long double>(xv.template cast<long double>()));
+    const mat<Scalar> base = reference(params_of<Scalar>(layer), xq, xk, xv);
+    mha_test::require_within_baseline(out, ref, base, layer_baseline_k, "cross-attention forward");
 }
 
 TEMPLATE_TEST_CASE("decode rotates new tokens at the cache's positions", "[rotary][layer][decode]",
