@@ -56,6 +56,7 @@
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/parallel.hpp>
+#include <mha/detail/tiled/online_softmax.hpp>
 
 namespace mha {
 namespace detail {
@@ -288,13 +289,41 @@ private:
                 std::fill(dcol, dcol + nk, Scalar(0));
                 continue;
             }
-            // Vectorised by Eigen (its packet exp). Excluded keys (S = −∞) get P = 0 and dS = 0
-            // by selection, whatever dP holds. The order matters: dP − D first, while S still
-            // tells which keys are excluded.
-            Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> x(col, nk), dp(dcol, nk);
-            dp = (x == minus_inf).select(Scalar(0), dp - d);
-            x = (x == minus_inf).select(Scalar(0), (x - lse).exp());
-            dp *= x;
+            softmax_gradient_column(col, dcol, nk, lse, d);
+        }
+    }
+
+    // col (S → P) and dcol (dP → dS) of one query over nk keys: P = exp(S − lse),
+    // dS = P ∘ (dP − D). Excluded keys (S = −∞) get P = 0 and dS = 0 by selection, whatever dP
+    // holds (a poisoned value); P below exp_flush_below is 0, as in the forward, so that no
+    // subnormal reaches the products. Written with packets: Eigen's select() is evaluated one
+    // coefficient at a time, so the exp inside it was the scalar std::exp (a quarter of the
+    // backward's time at L = 2048 before).
+    static void softmax_gradient_column(Scalar* col, Scalar* dcol, Index nk, Scalar lse, Scalar d) {
+        using ops = eigen_compat::packet_ops<Scalar>;
+        using packet = typename ops::packet;
+        constexpr Index w = ops::width;
+        const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+        Index j = 0;
+        if constexpr (w > 1 && ops::has_exp) {
+            const packet pinf = ops::broadcast(minus_inf), flush = ops::broadcast(exp_flush_below<Scalar>());
+            const packet pl = ops::broadcast(lse), pd = ops::broadcast(d);
+            for (; j + w <= nk; j += w) {
+                const packet x = ops::load(col + j);
+                const packet shifted = ops::sub(x, pl);
+                const packet excluded = ops::equal(x, pinf);
+                // `less` is false for NaN: NaN scores keep their NaN.
+                const packet pr = ops::clear_where(ops::exp(shifted), ops::either(excluded, ops::less(shifted, flush)));
+                const packet ds = ops::clear_where(ops::mul(pr, ops::sub(ops::load(dcol + j), pd)), excluded);
+                ops::store(col + j, pr);
+                ops::store(dcol + j, ds);
+            }
+        }
+        for (; j < nk; ++j) {
+            const bool excluded = col[j] == minus_inf;
+            const Scalar pr = excluded ? Scalar(0) : exp_or_zero(col[j] - lse);
+            dcol[j] = excluded ? Scalar(0) : pr * (dcol[j] - d);
+            col[j] = pr;
         }
     }
 
