@@ -150,8 +150,10 @@ public:
         for (Index b = 0; b < batch.size(); ++b)
             max_blocks = std::max(max_blocks, key_blocks(batch.key_length(b)));
         const Index partials = std::min(std::max(cfg_.dq_partials, Index(1)), max_blocks);
-        dq_partials_.assign(static_cast<std::size_t>(std::max(partials - 1, Index(0))),
-                            matrix<Scalar>::Zero(io_.dq.rows(), io_.dq.cols()));
+        // Zeroed in place: assign() from one zero matrix would hold a copy more at the peak.
+        dq_partials_.resize(static_cast<std::size_t>(std::max(partials - 1, Index(0))));
+        for (matrix<Scalar>& m : dq_partials_)
+            m.setZero(io_.dq.rows(), io_.dq.cols());
         // One task per (sequence, key/value head, residue r < G of the key block's index).
         struct task {
             Index b, h, r;
