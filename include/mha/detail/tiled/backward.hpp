@@ -337,15 +337,18 @@ private:
         const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
         Index j = 0;
         if constexpr (w > 1 && ops::has_exp) {
-            const packet pinf = ops::broadcast(minus_inf), flush = ops::broadcast(exp_flush_below<Scalar>());
+            const packet pinf = ops::broadcast(minus_inf),
+                         flush = ops::broadcast(exp_flush_below<Scalar>());
             const packet pl = ops::broadcast(lse), pd = ops::broadcast(d);
             for (; j + w <= nk; j += w) {
                 const packet x = ops::load(col + j);
                 const packet shifted = ops::sub(x, pl);
                 const packet excluded = ops::equal(x, pinf);
                 // `less` is false for NaN: NaN scores keep their NaN.
-                const packet pr = ops::clear_where(ops::exp(shifted), ops::either(excluded, ops::less(shifted, flush)));
-                const packet ds = ops::clear_where(ops::mul(pr, ops::sub(ops::load(dcol + j), pd)), excluded);
+                const packet pr = ops::clear_where(
+                    ops::exp(shifted), ops::either(excluded, ops::less(shifted, flush)));
+                const packet ds =
+                    ops::clear_where(ops::mul(pr, ops::sub(ops::load(dcol + j), pd)), excluded);
                 ops::store(col + j, pr);
                 ops::store(dcol + j, ds);
             }
