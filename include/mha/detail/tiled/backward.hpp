@@ -33,11 +33,13 @@
 //
 // Why accumulators by residue. A task per key block with dQ shared would need atomics (the order
 // of additions then depends on the timing) or a buffer per key block (quadratic in L); a task
-// per query block (a second pass for dQ alone, as this file did before) recomputes S and dP:
-// 7 products instead of 5. G accumulators cost (G − 1)·H·d_k·Nq
-// scalars, linear in L, and give B·H_kv·G tasks. Residues rather than contiguous chunks of key
-// blocks keep the tasks' work equal under a causal mask (the early key blocks see the most
-// queries). G = 2 by default: one extra dQ-sized buffer, 16 tasks for 8 heads on one sequence.
+// per query block (a second pass for dQ alone) recomputes S and dP: 7 products instead of 5,
+// which took 1.2–1.3× the CPU time at L = 2048 (separate runs). G accumulators cost
+// (G − 1)·H·d_k·Nq scalars, linear in L, and give B·H_kv·G tasks. Residues rather than contiguous
+// chunks of key blocks keep the tasks' work equal under a causal mask (the early key blocks see
+// the most queries). G = 2 by default: one extra dQ-sized buffer (64 MiB at L = 32768 with
+// 8 heads × 64 in float), and 16 tasks for 8 heads on one sequence where G = 1 would leave a
+// single task per sequence with grouped heads sharing one key/value head.
 //
 // Masks. Each query's positional interval (mask_view::key_range) bounds the keys a block
 // visits: a (query block, key block) pair outside every interval is skipped, and inside it only
