@@ -105,9 +105,11 @@ struct tiled_backward_io {
 /// One thread's scratch: two score-sized blocks and the packing buffers of its products.
 template <class Scalar>
 struct tiled_backward_thread_state {
-    matrix<Scalar> p;   // key_block × query_block: S, then P
-    matrix<Scalar> ds;  // key_block × query_block: dP, then dS
-    matrix<Scalar> qs;  // d_k × query_block: the query block times the scale
+    matrix<Scalar> p;           // nq_padded × key_block: Sᵀ, then Pᵀ (one column per key)
+    matrix<Scalar> ds;          // nq_padded × key_block: dPᵀ, then scale·dSᵀ
+    matrix<Scalar> qt;          // nq_padded × d_k: scale·Q of the query block, transposed
+    matrix<Scalar> dot;         // nq_padded × d_v: dO of the query block, transposed
+    vector<Scalar> lse, delta;  // nq_padded: the block's log-sum-exp and D
     gemm_buffers<Scalar> gemm;
 };
 
@@ -170,9 +172,13 @@ public:
         }
         std::vector<tiled_backward_thread_state<Scalar>> states;
         auto enter = [this](tiled_backward_thread_state<Scalar>& s) {
-            s.p.resize(cfg_.key_block, cfg_.query_block);
-            s.ds.resize(cfg_.key_block, cfg_.query_block);
-            s.qs.resize(p_.heads.dk, cfg_.query_block);
+            const Index nqp = padded_queries<Scalar>(cfg_.query_block);
+            s.p.resize(nqp, cfg_.key_block);
+            s.ds.resize(nqp, cfg_.key_block);
+            s.qt.resize(nqp, p_.heads.dk);
+            s.dot.resize(nqp, p_.heads.dv);
+            s.lse.resize(nqp);
+            s.delta.resize(nqp);
             return scoped_gemm_buffers<Scalar>(&s.gemm);
         };
         parallel_tasks(static_cast<Index>(tasks.size()), cfg_.threads, states, enter,
@@ -273,96 +279,81 @@ private:
         return {lo, hi, interior};
     }
 
-    // s.qs = scale·Q of queries [i0, i0 + nq): the scores are then formed as the forward forms
-    // them (the scale applied to Q, then the dot products), so that P = exp(S − lse) meets the
-    // forward's lse with the least rounding apart.
-    static void scale_queries(const backward_head<Scalar>& hd, Index i0, Index nq,
-                              tiled_backward_thread_state<Scalar>& s) {
-        for (Index c = 0; c < nq; ++c) {
-            const Scalar* qc = hd.q + (i0 + c) * hd.q_stride;
-            Scalar* out = s.qs.data() + c * s.qs.rows();
-            for (Index d = 0; d < hd.dk_width; ++d)
-                out[d] = hd.scale * qc[d];
-        }
-    }
-
-    // P (in s.p) and dS (in s.ds) of queries [i0, i0 + nq) against keys [j0, j0 + nk), both
-    // nk × nq with leading dimension key_block; s.qs holds the scaled queries (scale_queries).
+    // Pᵀ (in s.p) and scale·dSᵀ (in s.ds) of queries [i0, i0 + nq) against keys
+    // [j0, j0 + nk), both nq_padded × nk with leading dimension s.p.rows(). The scores are formed
+    // as the forward forms them (the scale applied to Q, then the forward's register-tiled score
+    // kernel), so that P = exp(S − lse) meets the forward's lse with the least rounding apart;
+    // dPᵀ = dOᵀ·V goes through the same kernel. Rows past nq hold values never read.
     void block_gradients(const backward_head<Scalar>& hd, Index i0, Index nq, Index j0, Index nk,
                          bool interior, tiled_backward_thread_state<Scalar>& s) const {
         const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-        const Index ld = s.p.rows();
-        Scalar* sp = s.p.data();
-        Scalar* sd = s.ds.data();
-        for (Index c = 0; c < nq; ++c) {
-            std::fill(sp + c * ld, sp + c * ld + nk, Scalar(0));
-            std::fill(sd + c * ld, sd + c * ld + nk, Scalar(0));
+        const Index nqp = padded_queries<Scalar>(nq), ld = s.p.rows();
+        pack_scaled_queries(hd.q + i0 * hd.q_stride, hd.q_stride, hd.dk_width, nq, nqp, hd.scale,
+                            s.qt.data());
+        pack_scaled_queries(hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, hd.dv_width, nq, nqp,
+                            Scalar(1), s.dot.data());
+        transposed_scores(s.qt.data(), nqp, hd.dk_width, hd.k + j0 * hd.k_stride, hd.k_stride, nk,
+                          s.p.data(), ld);
+        transposed_scores(s.dot.data(), nqp, hd.dv_width, hd.v + j0 * hd.v_stride, hd.v_stride, nk,
+                          s.ds.data(), ld);
+        for (Index c = 0; c < nqp; ++c) {
+            const Index i = i0 + std::min(c, nq - 1);
+            // A query with no allowed key (lse = −∞) has every score of the block excluded (−∞),
+            // so P and dS are 0 by selection below; +∞ keeps exp(S − lse) from meeting −∞ + ∞.
+            const Scalar l = hd.lse[i * hd.lse_stride];
+            s.lse[c] = l == minus_inf ? -minus_inf : l;
+            s.delta[c] = hd.delta[i * delta_.rows()];
         }
-        // S = Kᵀ·(scale·Q) and dP = Vᵀ·dO (K and V columns read as rows of a row-major matrix).
-        backward_gemm<Scalar, Eigen::RowMajor, Eigen::ColMajor>(
-            nk, nq, hd.dk_width, hd.k + j0 * hd.k_stride, hd.k_stride, s.qs.data(), s.qs.rows(), sp,
-            ld, Scalar(1), s.gemm);
-        backward_gemm<Scalar, Eigen::RowMajor, Eigen::ColMajor>(
-            nk, nq, hd.dv_width, hd.v + j0 * hd.v_stride, hd.v_stride,
-            hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, sd, ld, Scalar(1), s.gemm);
-        for (Index c = 0; c < nq; ++c) {
-            const Index i = i0 + c;
-            Scalar* col = sp + c * ld;
-            Scalar* dcol = sd + c * ld;
-            if (!interior) {
+        if (!interior)
+            for (Index c = 0; c < nq; ++c) {
+                const Index i = i0 + c;
                 const auto r = hd.mask->key_range(i);
                 const Index f = std::clamp(r.first - j0, Index(0), nk);
                 const Index e = std::clamp(r.second - j0, f, nk);
-                hd.mask->apply(col, 1, i, j0, nk, f, e);
+                hd.mask->apply(s.p.data() + c, ld, i, j0, nk, f, e);
             }
-            const Scalar lse = hd.lse[i * hd.lse_stride];
-            const Scalar d = hd.delta[i * delta_.rows()];
-            if (lse == minus_inf) {  // no allowed key: P and dS are 0, not exp(−∞ + ∞)
-                std::fill(col, col + nk, Scalar(0));
-                std::fill(dcol, dcol + nk, Scalar(0));
-                continue;
-            }
-            softmax_gradient_column(col, dcol, nk, lse, d);
-        }
+        for (Index j = 0; j < nk; ++j)
+            softmax_gradient_column(s.p.data() + j * ld, s.ds.data() + j * ld, nqp, s.lse.data(),
+                                    s.delta.data(), hd.scale);
     }
 
-    // col (S → P) and dcol (dP → dS) of one query over nk keys: P = exp(S − lse),
-    // dS = P ∘ (dP − D). Excluded keys (S = −∞) get P = 0 and dS = 0 by selection, whatever dP
-    // holds (a poisoned value); P below exp_flush_below is 0, as in the forward, so that no
-    // subnormal reaches the products. Written with packets: Eigen's select() is evaluated one
-    // coefficient at a time, so the exp inside it was the scalar std::exp (a quarter of the
-    // backward's time at L = 2048 before).
-    static void softmax_gradient_column(Scalar* col, Scalar* dcol, Index nk, Scalar lse, Scalar d) {
+    // One key's column of the block over n queries (a multiple of the packet width, or any n
+    // without packets): col (S → P) and dcol (dP → scale·dS), with P = exp(S − lse) and
+    // dS = P ∘ (dP − D) per query. Excluded keys (S = −∞) get P = 0 and dS = 0 by selection,
+    // whatever dP holds (a poisoned value); P below exp_flush_below is 0, as in the forward, so
+    // that no subnormal reaches the products. Packets: Eigen's select() is evaluated one
+    // coefficient at a time, and its scalar std::exp took a quarter of the backward's time.
+    static void softmax_gradient_column(Scalar* col, Scalar* dcol, Index n, const Scalar* lse,
+                                        const Scalar* delta, Scalar scale) {
         using ops = eigen_compat::packet_ops<Scalar>;
         using packet = typename ops::packet;
         constexpr Index w = ops::width;
         const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-        Index j = 0;
+        Index c = 0;
         if constexpr (w > 1 && ops::has_exp) {
-            const packet pinf = ops::broadcast(minus_inf),
-                         flush = ops::broadcast(exp_flush_below<Scalar>());
-            const packet pl = ops::broadcast(lse), pd = ops::broadcast(d);
-            for (; j + w <= nk; j += w) {
-                const packet x = ops::load(col + j);
-                const packet shifted = ops::sub(x, pl);
+            const packet pinf = ops::broadcast(minus_inf);
+            const packet flush = ops::broadcast(exp_flush_below<Scalar>());
+            const packet ps = ops::broadcast(scale);
+            for (; c + w <= n; c += w) {
+                const packet x = ops::load(col + c);
+                const packet shifted = ops::sub(x, ops::load(lse + c));
                 const packet excluded = ops::equal(x, pinf);
                 // `less` is false for NaN: NaN scores keep their NaN.
                 const packet pr = ops::clear_where(
                     ops::exp(shifted), ops::either(excluded, ops::less(shifted, flush)));
                 const packet ds =
-                    ops::clear_where(ops::mul(pr, ops::sub(ops::load(dcol + j), pd)), excluded);
-                ops::store(col + j, pr);
-                ops::store(dcol + j, ds);
+                    ops::mul(ps, ops::mul(pr, ops::sub(ops::load(dcol + c), ops::load(delta + c))));
+                ops::store(col + c, pr);
+                ops::store(dcol + c, ops::clear_where(ds, excluded));
             }
         }
-        for (; j < nk; ++j) {
-            const bool excluded = col[j] == minus_inf;
-            const Scalar pr = excluded ? Scalar(0) : exp_or_zero(col[j] - lse);
-            dcol[j] = excluded ? Scalar(0) : pr * (dcol[j] - d);
-            col[j] = pr;
+        for (; c < n; ++c) {
+            const bool excluded = col[c] == minus_inf;
+            const Scalar pr = excluded ? Scalar(0) : exp_or_zero(col[c] - lse[c]);
+            dcol[c] = excluded ? Scalar(0) : scale * (pr * (dcol[c] - delta[c]));
+            col[c] = pr;
         }
     }
-
     Index key_blocks(Index lk) const { return (lk + cfg_.key_block - 1) / cfg_.key_block; }
 
     bool masks_all_unmasked() const {
@@ -384,7 +375,7 @@ private:
     }
 
     // Every query block of head hd against keys [j0, j0 + key_block): dV += dO·Pᵀ,
-    // dK += scale·Q·dSᵀ, and dQ += scale·K·dS into hd.dq (the task's accumulator).
+    // dK += Q·(scale·dS)ᵀ, and dQ += K·(scale·dS) into hd.dq (the task's accumulator).
     void key_block_pairs(const backward_head<Scalar>& hd, Index j0,
                          tiled_backward_thread_state<Scalar>& s) const {
         const Index j1 = std::min(hd.lk, j0 + cfg_.key_block);
@@ -394,18 +385,18 @@ private:
             const key_span sp = span(hd, i0, nq, j0, j1);
             if (sp.lo >= sp.hi) continue;
             const Index nk = sp.hi - sp.lo;
-            scale_queries(hd, i0, nq, s);
             block_gradients(hd, i0, nq, sp.lo, nk, sp.interior, s);
-            // P and dS read transposed (row-major) for dV and dK.
-            backward_gemm<Scalar, Eigen::ColMajor, Eigen::RowMajor>(
+            // Pᵀ and dSᵀ (nq × nk, one column per key) are the right operands of dV and dK as
+            // they lie; dQ reads dS with the forward's register-tiled value kernel, which takes
+            // it in that layout too.
+            backward_gemm<Scalar, Eigen::ColMajor, Eigen::ColMajor>(
                 hd.dv_width, nk, nq, hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, s.p.data(),
                 ld, hd.dv + sp.lo * hd.dv_stride, hd.dv_stride, Scalar(1), s.gemm);
-            backward_gemm<Scalar, Eigen::ColMajor, Eigen::RowMajor>(
-                hd.dk_width, nk, nq, hd.q + i0 * hd.q_stride, hd.q_stride, s.ds.data(), ld,
-                hd.dk + sp.lo * hd.dk_stride, hd.dk_stride, hd.scale, s.gemm);
             backward_gemm<Scalar, Eigen::ColMajor, Eigen::ColMajor>(
-                hd.dk_width, nq, nk, hd.k + sp.lo * hd.k_stride, hd.k_stride, s.ds.data(), ld,
-                hd.dq + i0 * hd.dq_stride, hd.dq_stride, hd.scale, s.gemm);
+                hd.dk_width, nk, nq, hd.q + i0 * hd.q_stride, hd.q_stride, s.ds.data(), ld,
+                hd.dk + sp.lo * hd.dk_stride, hd.dk_stride, Scalar(1), s.gemm);
+            accumulate_values(hd.k + sp.lo * hd.k_stride, hd.k_stride, hd.dk_width, nk, s.ds.data(),
+                              ld, nq, hd.dq + i0 * hd.dq_stride, hd.dq_stride);
         }
     }
 
