@@ -279,23 +279,16 @@ private:
         return {lo, hi, interior};
     }
 
-    // Pᵀ (in s.p) and scale·dSᵀ (in s.ds) of queries [i0, i0 + nq) against keys
-    // [j0, j0 + nk), both nq_padded × nk with leading dimension s.p.rows(). The scores are formed
-    // as the forward forms them (the scale applied to Q, then the forward's register-tiled score
-    // kernel), so that P = exp(S − lse) meets the forward's lse with the least rounding apart;
-    // dPᵀ = dOᵀ·V goes through the same kernel. Rows past nq hold values never read.
-    void block_gradients(const backward_head<Scalar>& hd, Index i0, Index nq, Index j0, Index nk,
-                         bool interior, tiled_backward_thread_state<Scalar>& s) const {
+    // What block_gradients reads of queries [i0, i0 + nq), packed once per query block and kept
+    // while the task's key blocks pass: scale·Qᵀ and dOᵀ (nq_padded rows), lse and D.
+    void pack_queries(const backward_head<Scalar>& hd, Index i0, Index nq,
+                      tiled_backward_thread_state<Scalar>& s) const {
         const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-        const Index nqp = padded_queries<Scalar>(nq), ld = s.p.rows();
+        const Index nqp = padded_queries<Scalar>(nq);
         pack_scaled_queries(hd.q + i0 * hd.q_stride, hd.q_stride, hd.dk_width, nq, nqp, hd.scale,
                             s.qt.data());
         pack_scaled_queries(hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, hd.dv_width, nq, nqp,
                             Scalar(1), s.dot.data());
-        transposed_scores(s.qt.data(), nqp, hd.dk_width, hd.k + j0 * hd.k_stride, hd.k_stride, nk,
-                          s.p.data(), ld);
-        transposed_scores(s.dot.data(), nqp, hd.dv_width, hd.v + j0 * hd.v_stride, hd.v_stride, nk,
-                          s.ds.data(), ld);
         for (Index c = 0; c < nqp; ++c) {
             const Index i = i0 + std::min(c, nq - 1);
             // A query with no allowed key (lse = −∞) has every score of the block excluded (−∞),
@@ -304,6 +297,20 @@ private:
             s.lse[c] = l == minus_inf ? -minus_inf : l;
             s.delta[c] = hd.delta[i * delta_.rows()];
         }
+    }
+
+    // Pᵀ (in s.p) and scale·dSᵀ (in s.ds) of queries [i0, i0 + nq) (packed by pack_queries) against
+    // keys [j0, j0 + nk), both nq_padded × nk with leading dimension s.p.rows(). The scores are
+    // formed as the forward forms them (the scale applied to Q, then the forward's register-tiled
+    // score kernel), so that P = exp(S − lse) meets the forward's lse with the least rounding
+    // apart; dPᵀ = dOᵀ·V goes through the same kernel. Rows past nq hold values never read.
+    void block_gradients(const backward_head<Scalar>& hd, Index i0, Index nq, Index j0, Index nk,
+                         bool interior, tiled_backward_thread_state<Scalar>& s) const {
+        const Index nqp = padded_queries<Scalar>(nq), ld = s.p.rows();
+        transposed_scores(s.qt.data(), nqp, hd.dk_width, hd.k + j0 * hd.k_stride, hd.k_stride, nk,
+                          s.p.data(), ld);
+        transposed_scores(s.dot.data(), nqp, hd.dv_width, hd.v + j0 * hd.v_stride, hd.v_stride, nk,
+                          s.ds.data(), ld);
         if (!interior)
             for (Index c = 0; c < nq; ++c) {
                 const Index i = i0 + c;
@@ -369,35 +376,41 @@ private:
                           tiled_backward_thread_state<Scalar>& s) const {
         const Index group = p_.heads.num_heads / p_.heads.num_kv_heads;
         const Index lk = p_.batch.key_length(b);
-        for (Index j0 = r * cfg_.key_block; j0 < lk; j0 += partials * cfg_.key_block)
-            for (Index h = g * group; h < (g + 1) * group; ++h)
-                key_block_pairs(head(b, h, r), j0, s);
+        for (Index h = g * group; h < (g + 1) * group; ++h) {
+            const backward_head<Scalar> hd = head(b, h, r);
+            for (Index i0 = 0; i0 < hd.lq; i0 += cfg_.query_block) {
+                const Index nq = std::min(cfg_.query_block, hd.lq - i0);
+                bool packed = false;
+                for (Index j0 = r * cfg_.key_block; j0 < lk; j0 += partials * cfg_.key_block) {
+                    const key_span sp = span(hd, i0, nq, j0, std::min(lk, j0 + cfg_.key_block));
+                    if (sp.lo >= sp.hi) continue;
+                    if (!packed) pack_queries(hd, i0, nq, s);
+                    packed = true;
+                    block_pair(hd, i0, nq, sp, s);
+                }
+            }
+        }
     }
 
-    // Every query block of head hd against keys [j0, j0 + key_block): dV += dO·Pᵀ,
-    // dK += Q·(scale·dS)ᵀ, and dQ += K·(scale·dS) into hd.dq (the task's accumulator).
-    void key_block_pairs(const backward_head<Scalar>& hd, Index j0,
-                         tiled_backward_thread_state<Scalar>& s) const {
-        const Index j1 = std::min(hd.lk, j0 + cfg_.key_block);
+    // Queries [i0, i0 + nq) of head hd (packed by pack_queries) against keys [sp.lo, sp.hi):
+    // dV += dO·Pᵀ, dK += Q·(scale·dS)ᵀ, and dQ += K·(scale·dS) into hd.dq (the task's
+    // accumulator).
+    void block_pair(const backward_head<Scalar>& hd, Index i0, Index nq, const key_span& sp,
+                    tiled_backward_thread_state<Scalar>& s) const {
         const Index ld = s.p.rows();
-        for (Index i0 = 0; i0 < hd.lq; i0 += cfg_.query_block) {
-            const Index nq = std::min(cfg_.query_block, hd.lq - i0);
-            const key_span sp = span(hd, i0, nq, j0, j1);
-            if (sp.lo >= sp.hi) continue;
-            const Index nk = sp.hi - sp.lo;
-            block_gradients(hd, i0, nq, sp.lo, nk, sp.interior, s);
-            // Pᵀ and dSᵀ (nq × nk, one column per key) are the right operands of dV and dK as
-            // they lie; dQ reads dS with the forward's register-tiled value kernel, which takes
-            // it in that layout too.
-            backward_gemm<Scalar, Eigen::ColMajor, Eigen::ColMajor>(
-                hd.dv_width, nk, nq, hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, s.p.data(),
-                ld, hd.dv + sp.lo * hd.dv_stride, hd.dv_stride, Scalar(1), s.gemm);
-            backward_gemm<Scalar, Eigen::ColMajor, Eigen::ColMajor>(
-                hd.dk_width, nk, nq, hd.q + i0 * hd.q_stride, hd.q_stride, s.ds.data(), ld,
-                hd.dk + sp.lo * hd.dk_stride, hd.dk_stride, Scalar(1), s.gemm);
-            accumulate_values(hd.k + sp.lo * hd.k_stride, hd.k_stride, hd.dk_width, nk, s.ds.data(),
-                              ld, nq, hd.dq + i0 * hd.dq_stride, hd.dq_stride);
-        }
+        const Index nk = sp.hi - sp.lo;
+        block_gradients(hd, i0, nq, sp.lo, nk, sp.interior, s);
+        // Pᵀ and dSᵀ (nq × nk, one column per key) are the right operands of dV and dK as
+        // they lie; dQ reads dS with the forward's register-tiled value kernel, which takes
+        // it in that layout too.
+        backward_gemm<Scalar, Eigen::ColMajor, Eigen::ColMajor>(
+            hd.dv_width, nk, nq, hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, s.p.data(), ld,
+            hd.dv + sp.lo * hd.dv_stride, hd.dv_stride, Scalar(1), s.gemm);
+        backward_gemm<Scalar, Eigen::ColMajor, Eigen::ColMajor>(
+            hd.dk_width, nk, nq, hd.q + i0 * hd.q_stride, hd.q_stride, s.ds.data(), ld,
+            hd.dk + sp.lo * hd.dk_stride, hd.dk_stride, Scalar(1), s.gemm);
+        accumulate_values(hd.k + sp.lo * hd.k_stride, hd.k_stride, hd.dk_width, nk, s.ds.data(), ld,
+                          nq, hd.dq + i0 * hd.dq_stride, hd.dq_stride);
     }
 
     // dQ of queries [i0, i0 + query_block) of sequence b, query head h: the accumulators added
