@@ -19,17 +19,21 @@
 // Determinism. One pass over the (query block, key block) pairs with 5 block products each
 // (S, dP, dV, dK, dQ), no atomics, and a summation order fixed by the shapes alone:
 //   one task per (sequence, key/value head, residue r < G): the task takes the key blocks j with
-//   j mod G = r in increasing j, and for each the query heads of its group in increasing order,
-//   and within a head the query blocks in increasing order. It owns the dK and dV columns of its
-//   key blocks, so they receive their terms in that order. Its dQ terms go into accumulator r
-//   (accumulator 0 is the caller's dQ, the others are (H·d_k) × Nq buffers): no other task writes
-//   the rows of its head group and the columns of its sequence there, so each dQ column of r
-//   receives the key blocks r, r + G, … in increasing order;
+//   j mod G = r in runs of 8 (in increasing j); per run, the query heads of its group in
+//   increasing order, within a head the query blocks in increasing order, and for each the run's
+//   key blocks in increasing j. It owns the dK and dV columns of its key blocks, so each receives
+//   its terms in (head, query block) order. Its dQ terms go into accumulator r (accumulator 0 is
+//   the caller's dQ, the others are (H·d_k) × Nq buffers): no other task writes the rows of its
+//   head group and the columns of its sequence there, so each dQ column of r receives the key
+//   blocks r, r + G, … in increasing order;
 //   then one task per (sequence, query head, query block) adds accumulators 1 … G − 1 into dQ in
 //   increasing order (and repairs non-finite columns, below).
-// Every product runs on one thread with Eigen's GEMM kernel and fixed blocking (detail/gemm.hpp),
-// so the bits depend neither on the thread count nor on which thread runs a task. The block
-// sizes and G are fixed settings, never derived from the thread count.
+// Every product runs on one thread in a fixed order: S and dP with the forward's register-tiled
+// score kernel, dQ with its value kernel (detail/tiled/block_kernels.hpp), dV and dK with Eigen's
+// GEMM kernel and fixed blocking (detail/gemm.hpp). So the bits depend neither on the thread
+// count nor on which thread runs a task. The block sizes and G are fixed settings, never derived
+// from the thread count. The blocks are held transposed (Sᵀ, Pᵀ, dSᵀ: query block × key block,
+// one column per key), the layout of the forward's kernels, and the scale is folded into dS.
 //
 // Why accumulators by residue. A task per key block with dQ shared would need atomics (the order
 // of additions then depends on the timing) or a buffer per key block (quadratic in L); a task
