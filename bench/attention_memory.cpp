@@ -15,7 +15,8 @@
 // (multi_head_attention_core_backward, given the forward's output and log-sum-exp, which are
 // computed before the first reading): its figure includes the gradients dQ, dK and dV it returns
 // (3·D·L floats, printed apart). The tiled backward's own buffers are per thread plus one scalar
-// per query and head; the materialised one holds 4 · L × L scalars per thread.
+// per query and head and one dQ-sized accumulator (D·L floats); the materialised one holds
+// 4 · L × L scalars per thread.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>

@@ -37,9 +37,9 @@ constexpr double attention_core_flops(double batch, double length, double d_mode
 /// needs five: S again (recomputed from Q and K, as nothing L × L is kept), dV = dO·Pᵀ,
 /// dP = Vᵀ·dO, dQ = K·dS and dK = Q·dSᵀ, i.e. 5/2 of the forward's count. The exp, D = dO·O
 /// and dS = P ∘ (dP − D) are element-wise and not counted, as softmax is not in the forward.
-/// The library's deterministic tiled backward recomputes S and dP once more in its second pass
-/// (7 products, 3.5×); that extra work is not counted, so its GFLOP/s reads as useful
-/// throughput, comparable with a single-pass kernel's.
+/// The library's tiled backward runs exactly these five products per visited block pair in one
+/// pass (its dQ accumulators add O(d·L) more, not counted), so its GFLOP/s is its actual
+/// throughput, comparable with BM_gemm_roofline's.
 constexpr double attention_backward_flops(double batch, double length, double d_model,
                                           bool causal) {
     return 2.5 * attention_core_flops(batch, length, d_model, causal);

@@ -60,13 +60,15 @@ struct tiled_case {
     mask_kind mask = mask_kind::none;
     Index query_block = 0, key_block = 0;
     std::uint64_t seed = 1;
+    Index dq_partials = 2;  // G of tiled_backward_settings (with the case's block sizes only)
 
     Index sequences() const { return static_cast<Index>(lq.size()); }
     std::string describe() const {
         std::string s = std::string("mask ") + name(mask) + ", H=" + std::to_string(heads) +
                         ", H_kv=" + std::to_string(kv_heads) + ", dk=" + std::to_string(dk) +
                         ", dv=" + std::to_string(dv) + ", blocks " + std::to_string(query_block) +
-                        "x" + std::to_string(key_block) + ", lengths";
+                        "x" + std::to_string(key_block) + ", G=" + std::to_string(dq_partials) +
+                        ", lengths";
         for (std::size_t b = 0; b < lq.size(); ++b)
             s += " " + std::to_string(lq[b]) + "x" + std::to_string(lk[b]);
         return s;
@@ -278,6 +280,7 @@ mha::attention_gradients<Scalar> tiled_case_gradients(const tiled_case& c,
     settings.query_block = c.query_block;
     settings.key_block = c.key_block;
     settings.threads = threads;
+    settings.dq_partials = c.dq_partials;
     mha::detail::tiled_backward(p, io, settings);
     return g;
 }
@@ -304,7 +307,8 @@ const mask_kind every_mask[] = {
 /// Every mask kind on a packed batch with cross-attention (Lq ≠ Lk), a one-query and a one-key
 /// sequence, grouped heads and d_k ≠ d_v, with blocks of 4 queries × 3 keys (many tile
 /// boundaries); tile boundaries at blocks of 8: lengths 1, 7, 8, 9 and 26 for queries and keys
-/// independently; the default blocks (128) at 127, 128, 129 and 300 keys.
+/// independently; other numbers of dQ accumulators; the default blocks (128) at 127, 128, 129
+/// and 300 keys.
 std::vector<tiled_case> all_cases() {
     std::vector<tiled_case> cases;
     std::uint64_t seed = 500;
@@ -317,6 +321,12 @@ std::vector<tiled_case> all_cases() {
         for (Index lk : {1, 7, 8, 9, 26}) {
             cases.push_back({{lq}, {lk}, 2, 1, 4, 3, mask_kind::none, 8, 8, seed++});
             cases.push_back({{lq}, {lk}, 2, 2, 3, 4, mask_kind::causal, 8, 8, seed++});
+        }
+    // dQ accumulated in one, three and more accumulators than key blocks (G = 1, 3, 16; 9 and 4
+    // key blocks of 3), with the masks whose blocks are skipped (causal) or repaired (keep).
+    for (Index g : {1, 3, 16})
+        for (mask_kind m : {mask_kind::causal, mask_kind::keep}) {
+            cases.push_back({{26, 11}, {26, 12}, 4, 2, 3, 5, m, 4, 3, seed++, g});
         }
     for (Index lk : {127, 128, 129, 300}) {
         cases.push_back({{lk}, {lk}, 2, 1, 8, 8, mask_kind::causal, 0, 0, seed++});

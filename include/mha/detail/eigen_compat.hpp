@@ -134,6 +134,9 @@ struct packet_ops {
     static MHA_ALWAYS_INLINE packet sub(const packet& a, const packet& b) {
         return Eigen::internal::psub(a, b);
     }
+    static MHA_ALWAYS_INLINE packet mul(const packet& a, const packet& b) {
+        return Eigen::internal::pmul(a, b);
+    }
     /// Lane-wise max, NaN when either lane is NaN.
     static MHA_ALWAYS_INLINE packet max_nan(const packet& a, const packet& b) {
         return Eigen::internal::pmax<Eigen::PropagateNaN>(a, b);
