@@ -777,7 +777,7 @@ TEST_CASE("grouped layer: resolved config, widths, parameters and from_packed",
         REQUIRE_THROWS_WITH(
             mha::multi_head_attention<float>::from_packed(config, wrong, stacked_bias, p.w_o,
                                                           p.b_o),
-            Equals("mha::multi_head_attention::from_packed: in_proj_weight.rows() must be 42, "
-                   "got 36"));
+            Equals("mha::multi_head_attention::from_packed: in_proj_weight.rows() must be 42 "
+                   "(H·d_k + H_kv·(d_k + d_v)), got 36"));
     }
 }
