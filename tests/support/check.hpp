@@ -258,4 +258,42 @@ void require_linear_within_bound(const mat<Scalar>& out, const mat<Scalar>& w, c
     SUCCEED();
 }
 
+/// The bound of a projection on bfloat16 storage (mha::linear with bf16 w and x), against the
+/// long-double product of the same bf16 values (w: d_out × d_in, b: d_out or size 0, x:
+/// d_in × N, all given exactly in long double). A product of two bf16 is exact in fp32 (8 + 8
+/// significand bits), so each output is an fp32 sum of d_in exact products started from the
+/// bias: d_in + 1 terms, within γ_{d_in+1}·S of the exact sum, S = Σ_q |w(i,q)·x(q,j)| + |b(i)|,
+/// γ_n = n·u/(1 − n·u), u = 2⁻²⁴ (recursive summation in any order or blocking). A bf16 output
+/// is that result rounded once more: |bf16(c) − r| ≤ (1 + u_b)·γ·S + u_b·|r|, u_b = 2⁻⁸. A wrong
+/// pair, a missed block or a dropped row moves an output by a whole term |w·x|, far above γ·S.
+template <class Out>
+void require_bf16_linear_close(const Out& out, const mat<long double>& w,
+                               const vec<long double>& b, const mat<long double>& x,
+                               bool bf16_output, const std::string& what) {
+    REQUIRE(out.rows() == w.rows());
+    REQUIRE(out.cols() == x.cols());
+    const long double ub = bf16_output ? 0x1.0p-8L : 0.0L;
+    const long double nu = static_cast<long double>(w.cols() + 1) * 0x1.0p-24L;
+    const long double g = nu / (1 - nu);
+    for (Index j = 0; j < out.cols(); ++j)
+        for (Index i = 0; i < out.rows(); ++i) {
+            long double r = b.size() != 0 ? b(i) : 0.0L, s = std::fabs(r);
+            for (Index q = 0; q < w.cols(); ++q) {
+                r += w(i, q) * x(q, j);
+                s += std::fabs(w(i, q) * x(q, j));
+            }
+            const long double o = static_cast<long double>(static_cast<float>(out(i, j)));
+            const long double err = std::fabs(o - r);
+            const long double bound = (1 + ub) * g * s + ub * std::fabs(r);
+            if (!(err <= bound)) {
+                std::ostringstream m;
+                m << what << ": |out - ref| = " << err << " > " << bound << " at (" << i << ", "
+                  << j << "), out = " << o << ", ref = " << r << ", shape " << w.rows() << "x"
+                  << w.cols() << "x" << x.cols();
+                FAIL(m.str());
+            }
+        }
+    SUCCEED();
+}
+
 }  // namespace mha_test
