@@ -94,12 +94,13 @@ using allowed_in = std::function<bool(Index s, Index j, Index i)>;
 
 // The composition of public pieces, each stage checked against its long-double reference, and
 // the layer's output required to be the same bits. Self-attention over `batch`.
-void check_layer(const mha::multi_head_attention_bf16& layer, const bmat& x,
+// `p`: the fp32 parameters the layer was made from.
+void check_layer(const mha::multi_head_attention_bf16& layer,
+                 const mha::attention_parameters<float>& p, const bmat& x,
                  const mha::packed_batch& batch, const mha::attention_mask<float>& mask,
                  const allowed_in& allowed, const std::string& what) {
     INFO(what);
     const mha::attention_config& c = layer.config();
-    const mha::attention_parameters<float> p = layer.parameters();  // bf16 values, widened
     const Index n = x.cols(), heads = c.num_heads, kv = c.num_kv_heads;
     const Index dk = c.head_dim, dv = c.value_head_dim;
     const Index qk = layer.qk_width(), kw = layer.key_width(), vw = layer.value_width();
@@ -176,22 +177,24 @@ TEST_CASE("bf16 layer: every stage within its bound, the layer equal to the comp
     const auto causal = [](Index, Index j, Index i) { return j <= i; };
     {
         const mha::attention_config c = config_of(64, 4);
-        const mha::multi_head_attention_bf16 layer(c, parameters_for(c, 1));
+        const mha::attention_parameters<float> p = parameters_for(c, 1);
+        const mha::multi_head_attention_bf16 layer(c, p);
         const bmat x = normal_bf16(rnd, 64, 45);
-        check_layer(layer, x, mha::packed_batch::single(45, 45), {}, all, "64/4, no mask");
-        check_layer(layer, x, mha::packed_batch::single(45, 45), mha::causal{}, causal,
+        check_layer(layer, p, x, mha::packed_batch::single(45, 45), {}, all, "64/4, no mask");
+        check_layer(layer, p, x, mha::packed_batch::single(45, 45), mha::causal{}, causal,
                     "64/4, causal");
     }
     {
         // A packed batch of unequal lengths, grouped heads, d_k ≠ d_v, causal and key padding.
         const mha::attention_config c = config_of(48, 6, 2, 10, 7);
-        const mha::multi_head_attention_bf16 layer(c, parameters_for(c, 2));
+        const mha::attention_parameters<float> p = parameters_for(c, 2);
+        const mha::multi_head_attention_bf16 layer(c, p);
         const mha::packed_batch batch({30, 5, 41}, {30, 5, 41});
         const bmat x = normal_bf16(rnd, 48, 76);
         const std::vector<Index> lengths{30, 3, 17};
-        check_layer(layer, x, batch, mha::causal{}, causal, "grouped, batch, causal");
+        check_layer(layer, p, x, batch, mha::causal{}, causal, "grouped, batch, causal");
         check_layer(
-            layer, x, batch,
+            layer, p, x, batch,
             mha::attention_mask<float>(mha::causal{}, mha::key_lengths{lengths}),
             [&](Index s, Index j, Index i) {
                 return j <= i && j < lengths[static_cast<std::size_t>(s)];
@@ -202,9 +205,10 @@ TEST_CASE("bf16 layer: every stage within its bound, the layer equal to the comp
         // Without bias, and long enough for several key blocks of the kernel.
         mha::attention_config c = config_of(32, 2);
         c.bias = false;
-        const mha::multi_head_attention_bf16 layer(c, parameters_for(c, 3));
+        const mha::attention_parameters<float> p = parameters_for(c, 3);
+        const mha::multi_head_attention_bf16 layer(c, p);
         const bmat x = normal_bf16(rnd, 32, 300);
-        check_layer(layer, x, mha::packed_batch({200, 100}, {200, 100}), mha::causal{}, causal,
+        check_layer(layer, p, x, mha::packed_batch({200, 100}, {200, 100}), mha::causal{}, causal,
                     "no bias, 200 + 100");
     }
 }
@@ -215,14 +219,15 @@ TEST_CASE("bf16 layer: a query with no key gives exactly the output bias") {
     for (bool bias : {false, true}) {
         mha::attention_config c = config_of(32, 4);
         c.bias = bias;
-        const mha::multi_head_attention_bf16 layer(c, parameters_for(c, 4));
+        const mha::attention_parameters<float> p = parameters_for(c, 4);
+        const mha::multi_head_attention_bf16 layer(c, p);
         const mha::packed_batch batch({10, 6}, {10, 6});
         const bmat x = normal_bf16(rnd, 32, 16);
         // The second sequence has no key: its heads are exactly 0, so its output is the fp32
         // sum of zero products started from b_o, i.e. b_o (0 without bias).
         const mha::matrix<float> out = layer.forward(x, batch, mha::key_lengths{{10, 0}});
         const mha::vector<float> expected =
-            bias ? layer.parameters().b_o : mha::vector<float>::Zero(32);
+            bias ? p.b_o : mha::vector<float>::Zero(32);
         for (Index j = 10; j < 16; ++j) {
             INFO("bias " << bias << ", column " << j);
             CHECK(out.col(j) == expected);
@@ -276,8 +281,8 @@ TEST_CASE("bf16 layer: cross-attention and unfused weights equal their compositi
     mha::attention_config c = config_of(32, 4);
     c.key_input_dim = 20;
     c.value_input_dim = 12;
-    const mha::multi_head_attention_bf16 layer(c, parameters_for(c, 7));
-    const mha::attention_parameters<float> p = layer.parameters();
+    const mha::attention_parameters<float> p = parameters_for(c, 7);
+    const mha::multi_head_attention_bf16 layer(c, p);
     const mha::packed_batch batch({9, 14}, {25, 6});
     const bmat xq = normal_bf16(rnd, 32, 23), xk = normal_bf16(rnd, 20, 31),
                xv = normal_bf16(rnd, 12, 31);
@@ -292,15 +297,33 @@ TEST_CASE("bf16 layer: cross-attention and unfused weights equal their compositi
     CHECK(same_bits(layer.forward(xq, xk, xv, batch, mha::causal{}), composed));
     // Cross-attention with fused weights (kdim = vdim = E) takes the three slices of them.
     const mha::attention_config f = config_of(32, 4);
-    const mha::multi_head_attention_bf16 fused(f, parameters_for(f, 8));
+    const mha::attention_parameters<float> pf = parameters_for(f, 8);
+    const mha::multi_head_attention_bf16 fused(f, pf);
     const bmat xk32 = normal_bf16(rnd, 32, 31);
-    const mha::attention_parameters<float> pf = fused.parameters();
     mha::linear(bmat(pf.w_q.cast<bf16>()), pf.b_q, xq, q, lw);
     mha::linear(bmat(pf.w_k.cast<bf16>()), pf.b_k, xk32, k, lw);
     mha::linear(bmat(pf.w_v.cast<bf16>()), pf.b_v, xk32, v, lw);
     mha::multi_head_attention_core(q, k, v, 4, batch, heads, mha::causal{});
     mha::linear(bmat(pf.w_o.cast<bf16>()), pf.b_o, heads, composed, lw);
     CHECK(same_bits(fused.forward(xq, xk32, xk32, batch, mha::causal{}), composed));
+}
+
+TEST_CASE("bf16 layer: parameters() gives the weights rounded once and the biases unchanged") {
+    mha::attention_config c = config_of(24, 3, 1, 6, 5);
+    c.value_input_dim = 10;
+    const mha::attention_parameters<float> p = parameters_for(c, 12);
+    const mha::attention_parameters<float> s = mha::multi_head_attention_bf16(c, p).parameters();
+    const auto rounded = [](const mha::matrix<float>& w) {
+        return mha::matrix<float>(w.cast<bf16>().cast<float>());
+    };
+    CHECK(s.w_q == rounded(p.w_q));
+    CHECK(s.w_k == rounded(p.w_k));
+    CHECK(s.w_v == rounded(p.w_v));
+    CHECK(s.w_o == rounded(p.w_o));
+    CHECK(s.b_q == p.b_q);
+    CHECK(s.b_k == p.b_k);
+    CHECK(s.b_v == p.b_v);
+    CHECK(s.b_o == p.b_o);
 }
 
 TEST_CASE("bf16 layer: refuses what the bf16 kernels do not run, naming the field") {
