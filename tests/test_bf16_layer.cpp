@@ -78,8 +78,7 @@ bool same_bits(const mha::matrix<float>& a, const mha::matrix<float>& b) {
 // Seeded parameters with non-zero biases (the seeded initialisation's are zero).
 mha::attention_parameters<float> parameters_for(const mha::attention_config& c,
                                                 std::uint64_t seed) {
-    mha::attention_parameters<float> p =
-        mha::multi_head_attention<float>(c, seed).parameters();
+    mha::attention_parameters<float> p = mha::multi_head_attention<float>(c, seed).parameters();
     if (c.bias) {
         mha_test::value_source rnd(seed + 100);
         for (auto* b : {&p.b_q, &p.b_k, &p.b_v, &p.b_o})
@@ -226,8 +225,7 @@ TEST_CASE("bf16 layer: a query with no key gives exactly the output bias") {
         // The second sequence has no key: its heads are exactly 0, so its output is the fp32
         // sum of zero products started from b_o, i.e. b_o (0 without bias).
         const mha::matrix<float> out = layer.forward(x, batch, mha::key_lengths{{10, 0}});
-        const mha::vector<float> expected =
-            bias ? p.b_o : mha::vector<float>::Zero(32);
+        const mha::vector<float> expected = bias ? p.b_o : mha::vector<float>::Zero(32);
         for (Index j = 10; j < 16; ++j) {
             INFO("bias " << bias << ", column " << j);
             CHECK(out.col(j) == expected);

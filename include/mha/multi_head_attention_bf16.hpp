@@ -52,8 +52,7 @@ public:
 
     /// A layer with the given fp32 parameters (shapes checked against `config`), rounded once
     /// to bf16.
-    multi_head_attention_bf16(const attention_config& config,
-                              const attention_parameters<float>& p)
+    multi_head_attention_bf16(const attention_config& config, const attention_parameters<float>& p)
         : config_(config.resolved()) {
         constexpr const char* where = "mha::multi_head_attention_bf16";
         check_supported(where);
@@ -116,8 +115,8 @@ public:
             const Index qk = qk_width(), kw = key_width(), vw = value_width();
             ws.qkv.resize(qk + kw + vw, x.cols());
             linear(w_in_, b_in_, x, ws.qkv, ws.linear);
-            attend_and_project(ws.qkv.topRows(qk), ws.qkv.middleRows(qk, kw),
-                               ws.qkv.bottomRows(vw), batch, mask, out, ws);
+            attend_and_project(ws.qkv.topRows(qk), ws.qkv.middleRows(qk, kw), ws.qkv.bottomRows(vw),
+                               batch, mask, out, ws);
         } else {
             project_separately(x, x, x, ws);
             attend_and_project(ws.q, ws.k, ws.v, batch, mask, out, ws);
@@ -253,10 +252,10 @@ private:
     }
 
     attention_config config_;
-    bool fused_ = true;  // key and value inputs have width E: W_q, W_k, W_v stacked in w_in_
-    bf16_matrix w_in_;   // fused: [W_q; W_k; W_v], (H·d_k + H_kv·d_k + H_kv·d_v) × E; else W_q
-    bf16_matrix w_k_;    // unfused only: (H_kv·d_k) × key_input_dim
-    bf16_matrix w_v_;    // unfused only: (H_kv·d_v) × value_input_dim
+    bool fused_ = true;   // key and value inputs have width E: W_q, W_k, W_v stacked in w_in_
+    bf16_matrix w_in_;    // fused: [W_q; W_k; W_v], (H·d_k + H_kv·d_k + H_kv·d_v) × E; else W_q
+    bf16_matrix w_k_;     // unfused only: (H_kv·d_k) × key_input_dim
+    bf16_matrix w_v_;     // unfused only: (H_kv·d_v) × value_input_dim
     vector<float> b_in_;  // [b_q; b_k; b_v], or size 0 without bias
     bf16_matrix w_o_;     // E × (H·d_v)
     vector<float> b_o_;   // E, or size 0

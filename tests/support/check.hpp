@@ -267,9 +267,9 @@ void require_linear_within_bound(const mat<Scalar>& out, const mat<Scalar>& w, c
 /// is that result rounded once more: |bf16(c) − r| ≤ (1 + u_b)·γ·S + u_b·|r|, u_b = 2⁻⁸. A wrong
 /// pair, a missed block or a dropped row moves an output by a whole term |w·x|, far above γ·S.
 template <class Out>
-void require_bf16_linear_close(const Out& out, const mat<long double>& w,
-                               const vec<long double>& b, const mat<long double>& x,
-                               bool bf16_output, const std::string& what) {
+void require_bf16_linear_close(const Out& out, const mat<long double>& w, const vec<long double>& b,
+                               const mat<long double>& x, bool bf16_output,
+                               const std::string& what) {
     REQUIRE(out.rows() == w.rows());
     REQUIRE(out.cols() == x.cols());
     const long double ub = bf16_output ? 0x1.0p-8L : 0.0L;
