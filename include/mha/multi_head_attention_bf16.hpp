@@ -25,6 +25,7 @@ namespace mha {
 /// calls: once a call has run with given shapes, later calls with those shapes allocate nothing.
 /// One workspace per thread.
 struct bf16_forward_workspace {
+    /// A column-major bfloat16 matrix.
     using bf16_matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
     bf16_matrix qkv;        ///< self-attention: stacked Q, K, V, (H·d_k + H_kv·(d_k + d_v)) × N
     bf16_matrix q;          ///< cross-attention: H·d_k × Nq
@@ -45,6 +46,7 @@ struct bf16_forward_workspace {
 /// called from several threads, each with its own workspace.
 class multi_head_attention_bf16 {
 public:
+    /// A column-major bfloat16 matrix (the weights, the inputs).
     using bf16_matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
     /// What the forward calls take: any column-major bf16 matrix expression with inner stride 1,
     /// viewed without a copy.
