@@ -112,9 +112,8 @@ void check_layer(const mha::multi_head_attention_bf16& layer,
     bmat qkv(qk + kw + vw, n);  // (H·d_k + H_kv·d_k + H_kv·d_v) × N
     mha::bf16_linear_workspace lw;
     mha::linear(w_in, b_in, x, qkv, lw);
-    const mat<long double> xl = widen(x);
-    mha_test::require_bf16_linear_close(qkv, widen(w_in), b_in.cast<long double>(), xl, true,
-                                        what + ", input projection");
+    mha_test::require_bf16_linear_close(qkv, mha_test::bf16_linear_reference_of(w_in, b_in, x),
+                                        c.embed_dim, true, what + ", input projection");
 
     // Stage 2: the bf16 core on the stage-1 values, heads rounded to bf16.
     const bmat q = qkv.topRows(qk), k = qkv.middleRows(qk, kw), v = qkv.bottomRows(vw);
@@ -144,8 +143,9 @@ void check_layer(const mha::multi_head_attention_bf16& layer,
     const bmat w_o = p.w_o.cast<bf16>();  // E × H·d_v
     mha::matrix<float> composed(c.embed_dim, n);
     mha::linear(w_o, p.b_o, heads16, composed, lw);
-    mha_test::require_bf16_linear_close(composed, widen(w_o), p.b_o.cast<long double>(),
-                                        widen(heads16), false, what + ", output projection");
+    mha_test::require_bf16_linear_close(composed,
+                                        mha_test::bf16_linear_reference_of(w_o, p.b_o, heads16),
+                                        heads * dv, false, what + ", output projection");
 
     // The layer is that composition, bit for bit, by both entries.
     const mha::matrix<float> out = layer.forward(x, batch, mask);
