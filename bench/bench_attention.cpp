@@ -491,6 +491,32 @@ void BM_mha_forward_into(benchmark::State& state) {
     set_gflops(state, mha_bench::forward_flops(kBatch, length, d, causal));
 }
 
+// The bfloat16 layer (multi_head_attention_bf16) with the fp32 layer's parameters, through
+// forward_into with a kept workspace, beside BM_mha_forward_into: bf16 input, fp32 output. The
+// FLOP count is the fp32 layer's, so the GFLOP/s of the two compare directly.
+void BM_mha_forward_into_bf16(benchmark::State& state) {
+    const Index d = state.range(0);
+    const Index heads = state.range(1);
+    const Index length = state.range(2);
+    const bool causal = state.range(3) != 0;
+    mha::attention_config config;
+    config.embed_dim = d;
+    config.num_heads = heads;
+    const mha::multi_head_attention_bf16 layer(mha::multi_head_attention<float>(config, 1));
+    const Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic> x =
+        Matrix::Random(d, kBatch * length).cast<Eigen::bfloat16>();  // E × N
+    const mha::packed_batch batch = batch_of(length);
+    const mha::attention_mask<float> mask = mask_for(causal);
+    Matrix y(d, kBatch * length);  // E × N
+    mha::bf16_forward_workspace workspace;
+    for (auto _ : state) {
+        layer.forward_into(x, batch, mask, y, workspace);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::forward_flops(kBatch, length, d, causal));
+}
+
 // The whole layer's backward as a training step runs it: the forward that keeps what the
 // backward needs (layer.forward_for_backward) once, then layer.backward(saved, d_output) timed,
 // gradients of the input and of every weight and bias allocated by each call. Read its time
@@ -563,6 +589,10 @@ BENCHMARK(BM_attention_backward)
     ->UseRealTime();
 BENCHMARK(BM_mha_forward)->Apply(attention_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_mha_forward_into)
+    ->Apply(attention_shapes)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_mha_forward_into_bf16)
     ->Apply(attention_shapes)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();

@@ -83,6 +83,7 @@ inline void eigen_assertion_failed(const char* expression, const char* file, int
 #include <catch2/catch_test_macros.hpp>
 
 #include <mha/multi_head_attention.hpp>
+#include <mha/multi_head_attention_bf16.hpp>
 #include <mha/projection_bf16.hpp>
 
 #include "layer_setup.hpp"
@@ -526,6 +527,38 @@ TEST_CASE("the bfloat16 linear with a workspace allocates nothing once it has ru
                 mha::detail::linear_bf16(w, b, x, out, ws, 0, kernel);
                 mha::detail::linear_bf16(w, b, x, out16, ws, 0, kernel);
             }));
+        }
+    set_threads(saved);
+}
+
+TEST_CASE("forward_into allocates nothing: the bfloat16 layer, masks, grouped heads, cross",
+          "[alloc]") {
+    using bf16 = Eigen::bfloat16;
+    using bmat = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>;
+    mha_test::value_source values(7009);
+    mha::attention_config config = config_of(128, 4);
+    config.num_kv_heads = 2;
+    const mha::multi_head_attention_bf16 layer(mha::multi_head_attention<float>(config, 15));
+    const mha::packed_batch batch({70, 150});
+    const bmat x = values.normal_matrix<float>(128, batch.total_queries()).cast<bf16>();
+    const mha::attention_mask<float> masks[] = {
+        {}, mha::causal{}, mha::attention_mask<float>(mha::causal{}, mha::key_lengths{{50, 0}})};
+    const int saved = max_threads();
+    for (const int threads : {1, 2})
+        for (const auto& mask : masks) {
+            set_threads(threads);
+            const mat<float> expected = layer.forward(x, batch, mask);
+            mha::bf16_forward_workspace ws;
+            mat<float> out(128, x.cols());
+            layer.forward_into(x, batch, mask, out, ws);  // warm-up: sizes every buffer
+            out.setConstant(-1.0f);
+            require_no_allocation(
+                allocations_during([&] { layer.forward_into(x, batch, mask, out, ws); }));
+            REQUIRE(bitwise_equal(out, expected));
+            // Cross-attention through the same workspace, after its own warm-up.
+            layer.forward_into(x, x, x, batch, mask, out, ws);
+            require_no_allocation(
+                allocations_during([&] { layer.forward_into(x, x, x, batch, mask, out, ws); }));
         }
     set_threads(saved);
 }

@@ -29,6 +29,7 @@
 
 #include <mha/projection_bf16.hpp>
 
+#include "check.hpp"
 #include "reference.hpp"
 
 namespace {
@@ -79,61 +80,22 @@ bmat normal_bf16(mha_test::value_source& rnd, Index rows, Index cols) {
     return m;
 }
 
-long double wide(bf16 x) {
-    return static_cast<long double>(static_cast<float>(x));
-}
-
-// The reference w·x + b and the magnitude Σ|w·x| + |b| of each output, in long double.
-struct reference {
-    mat<long double> value, magnitude;
-};
+// The reference and the bound at the top of this file (tests/support/check.hpp).
+using reference = mha_test::bf16_linear_reference;
 
 template <class W, class B>
 reference reference_of(const W& w, const B& b, const bmat& x) {
-    const Index m = w.rows(), n = x.cols(), k = w.cols();
-    reference r{mat<long double>::Zero(m, n), mat<long double>::Zero(m, n)};
-    for (Index j = 0; j < n; ++j)
-        for (Index i = 0; i < m; ++i) {
-            long double s = b.size() != 0 ? static_cast<long double>(static_cast<float>(b(i))) : 0;
-            long double a = std::fabs(s);
-            for (Index q = 0; q < k; ++q) {
-                const long double t = wide(w(i, q)) * wide(x(q, j));
-                s += t;
-                a += std::fabs(t);
-            }
-            r.value(i, j) = s;
-            r.magnitude(i, j) = a;
-        }
-    return r;
+    return mha_test::bf16_linear_reference_of(w, b, x);
 }
 
 long double gamma_of(Index n) {
-    const long double nu = static_cast<long double>(n) * 0x1.0p-24L;
-    return nu / (1 - nu);
+    return mha_test::fp32_gamma(n);
 }
 
-// Every output within the bound at the top of this file.
 template <class Out>
 void require_close(const Out& out, const reference& r, Index k, bool bf16_output,
                    const std::string& what) {
-    REQUIRE(out.rows() == r.value.rows());
-    REQUIRE(out.cols() == r.value.cols());
-    const long double ub = bf16_output ? 0x1.0p-8L : 0.0L, g = gamma_of(k + 1);
-    for (Index j = 0; j < out.cols(); ++j)
-        for (Index i = 0; i < out.rows(); ++i) {
-            const long double o = static_cast<long double>(static_cast<float>(out(i, j)));
-            const long double err = std::fabs(o - r.value(i, j));
-            const long double bound =
-                (1 + ub) * g * r.magnitude(i, j) + ub * std::fabs(r.value(i, j));
-            if (!(err <= bound)) {
-                std::ostringstream msg;
-                msg << what << ": |out - ref| = " << err << " > " << bound << " at (" << i << ", "
-                    << j << "), out = " << o << ", ref = " << r.value(i, j) << ", shape "
-                    << out.rows() << "x" << k << "x" << out.cols();
-                FAIL(msg.str());
-            }
-        }
-    SUCCEED();
+    mha_test::require_bf16_linear_close(out, r, k, bf16_output, what);
 }
 
 template <class Out, class W, class B>

@@ -27,13 +27,15 @@ namespace detail {
 
 /// multi_head_attention_core on bfloat16 Q, K and V with the bf16 block kernels `Kernel` (the
 /// public overload takes the one the translation unit is compiled for; tests force either).
+/// `workspace`: the kernel's buffers kept between calls (null: local to the call); with a float
+/// `out` and no log-sum-exp, a call of a shape the workspace has served allocates nothing.
 template <bf16_kernel Kernel, class DQ, class DK, class DV, class DO>
 attention_outputs<float> multi_head_attention_core_bf16(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
     Index num_heads, Index num_kv_heads, const packed_batch& batch,
     const Eigen::MatrixBase<DO>& out_, const attention_mask<float>& mask,
     const attention_options& options, const attention_request& request,
-    const tiled_settings& cfg = {}) {
+    const tiled_settings& cfg = {}, bf16_workspace* workspace = nullptr) {
     using bf16 = Eigen::bfloat16;
     using OutScalar = typename DO::Scalar;
     static_assert(
@@ -81,7 +83,7 @@ attention_outputs<float> multi_head_attention_core_bf16(
         check_bytes_apart(where, "out", o, "v", vr);
         const bf16_attention_problem problem{
             qr, kr, vr, o, heads, batch, mask, scale, request.log_sum_exp};
-        tiled_attention_bf16<Kernel>(problem, lse, cfg);
+        tiled_attention_bf16<Kernel>(problem, lse, cfg, workspace);
     };
     if constexpr (std::is_same_v<OutScalar, float>) {
         with_matrix_ref<float>(out, run);

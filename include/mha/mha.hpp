@@ -33,6 +33,7 @@
 #include <mha/layer_backward.hpp>
 #include <mha/mask.hpp>
 #include <mha/multi_head_attention.hpp>
+#include <mha/multi_head_attention_bf16.hpp>
 #include <mha/normalization.hpp>
 #include <mha/options.hpp>
 #include <mha/projection.hpp>

@@ -341,6 +341,16 @@ MUTANTS = [
          find="if (!accumulate) start_columns(m, j0, j1, bias, c, ldc);",
          replace="if (!accumulate) start_columns(m, j0, j1, nullptr, c, ldc);",
          description="the portable bf16 GEMM leaves the bias out"),
+    # multi_head_attention_bf16.hpp
+    dict(id="bf16-layer-v-bias-segment", file="multi_head_attention_bf16.hpp",
+         find="b_in_ << p.b_q, p.b_k, p.b_v;",
+         replace="b_in_ << p.b_q, p.b_v, p.b_k;",
+         description="the bf16 layer stacks b_k and b_v in the wrong order (equal sizes when "
+                     "d_k = d_v)"),
+    dict(id="bf16-layer-heads-unrounded-scale", file="multi_head_attention_bf16.hpp",
+         find="ws.heads = ws.heads32.cast<Eigen::bfloat16>();",
+         replace="ws.heads = (ws.heads32 * 1.0078125f).cast<Eigen::bfloat16>();",
+         description="the bf16 layer scales the heads by 1 + 2^-7 before rounding them"),
     # io/half_precision.hpp, io/safetensors/file.hpp (bfloat16)
     dict(id="bf16-from-double-through-float", file="io/half_precision.hpp",
          find="return float_to_bf16(detail::round_to_odd_float(x));",

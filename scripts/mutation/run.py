@@ -71,6 +71,7 @@ DEFAULT_TESTS = {
     "io/half_precision.hpp": ["half_precision", "safetensors_bf16"],
     "detail/call_checks.hpp": ["attention", "hostile_input", "attention_backward"],
     "attention_bf16.hpp": ["bf16_attention", "bf16_attention_native"],
+    "multi_head_attention_bf16.hpp": ["bf16_layer", "bf16_layer_native", "allocation_free"],
 }
 
 # ctest name -> build target, where they differ.

@@ -258,4 +258,69 @@ void require_linear_within_bound(const mat<Scalar>& out, const mat<Scalar>& w, c
     SUCCEED();
 }
 
+/// γ_n = n·u/(1 − n·u) for fp32 (u = 2⁻²⁴): the bound of an fp32 sum of n terms, relative to
+/// the sum of their magnitudes.
+inline long double fp32_gamma(Index n) {
+    const long double nu = static_cast<long double>(n) * 0x1.0p-24L;
+    return nu / (1 - nu);
+}
+
+/// The long-double result w·x + b of a projection on bfloat16 storage, from the same bf16 (or
+/// fp32) values, and the magnitude Σ|w·x| + |b| of each output.
+struct bf16_linear_reference {
+    mat<long double> value, magnitude;
+};
+
+/// w: d_out × d_in, b: d_out or size 0, x: d_in × N; any scalar that converts to float exactly
+/// (bf16 or float).
+template <class W, class B, class X>
+bf16_linear_reference bf16_linear_reference_of(const W& w, const B& b, const X& x) {
+    auto wide = [](auto v) { return static_cast<long double>(static_cast<float>(v)); };
+    const Index m = w.rows(), n = x.cols(), k = w.cols();
+    bf16_linear_reference r{mat<long double>::Zero(m, n), mat<long double>::Zero(m, n)};
+    for (Index j = 0; j < n; ++j)
+        for (Index i = 0; i < m; ++i) {
+            long double s = b.size() != 0 ? wide(b(i)) : 0;
+            long double a = std::fabs(s);
+            for (Index q = 0; q < k; ++q) {
+                const long double t = wide(w(i, q)) * wide(x(q, j));
+                s += t;
+                a += std::fabs(t);
+            }
+            r.value(i, j) = s;
+            r.magnitude(i, j) = a;
+        }
+    return r;
+}
+
+/// The bound of a projection on bfloat16 storage (mha::linear with bf16 w and x, d_in = `k`)
+/// against the long-double reference of the same values. A product of two bf16 is exact in fp32
+/// (8 + 8 significand bits), so each output is an fp32 sum of d_in exact products started from
+/// the bias: d_in + 1 terms, within γ_{d_in+1}·S of the exact sum, S = Σ_q |w(i,q)·x(q,j)| +
+/// |b(i)| (recursive summation in any order or blocking). A bf16 output is that result rounded
+/// once more: |bf16(c) − r| ≤ (1 + u_b)·γ·S + u_b·|r|, u_b = 2⁻⁸. A wrong pair, a missed block
+/// or a dropped row moves an output by a whole term |w·x|, far above γ·S.
+template <class Out>
+void require_bf16_linear_close(const Out& out, const bf16_linear_reference& r, Index k,
+                               bool bf16_output, const std::string& what) {
+    REQUIRE(out.rows() == r.value.rows());
+    REQUIRE(out.cols() == r.value.cols());
+    const long double ub = bf16_output ? 0x1.0p-8L : 0.0L, g = fp32_gamma(k + 1);
+    for (Index j = 0; j < out.cols(); ++j)
+        for (Index i = 0; i < out.rows(); ++i) {
+            const long double o = static_cast<long double>(static_cast<float>(out(i, j)));
+            const long double err = std::fabs(o - r.value(i, j));
+            const long double bound =
+                (1 + ub) * g * r.magnitude(i, j) + ub * std::fabs(r.value(i, j));
+            if (!(err <= bound)) {
+                std::ostringstream msg;
+                msg << what << ": |out - ref| = " << err << " > " << bound << " at (" << i << ", "
+                    << j << "), out = " << o << ", ref = " << r.value(i, j) << ", shape "
+                    << out.rows() << "x" << k << "x" << out.cols();
+                FAIL(msg.str());
+            }
+        }
+    SUCCEED();
+}
+
 }  // namespace mha_test

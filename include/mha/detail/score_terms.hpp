@@ -104,18 +104,20 @@ inline void check_score_terms(const char* where, const attention_options& option
                               const std::string& prefix = "options.") {
     if (options.softcap && !(std::isfinite(*options.softcap) && *options.softcap > 0))
         fail<value_error>(where, prefix + "softcap", "finite and > 0", *options.softcap);
-    auto per_head = [&](const std::string& name, const std::vector<double>& values) {
+    // The argument's name is built only on failure: a valid call allocates nothing.
+    auto per_head = [&](const char* field, const std::vector<double>& values) {
         if (values.empty()) return;
         if (static_cast<Index>(values.size()) != num_heads)
-            fail<shape_error>(where, name,
+            fail<shape_error>(where, prefix + field,
                               "num_heads = " + std::to_string(num_heads) + " entries (or none)",
                               static_cast<Index>(values.size()));
         for (std::size_t h = 0; h < values.size(); ++h)
             if (!std::isfinite(values[h]))
-                fail<value_error>(where, name + "[" + std::to_string(h) + "]", "finite", values[h]);
+                fail<value_error>(where, prefix + field + "[" + std::to_string(h) + "]", "finite",
+                                  values[h]);
     };
-    per_head(prefix + "alibi_slopes", options.alibi_slopes);
-    per_head(prefix + "sinks", options.sinks);
+    per_head("alibi_slopes", options.alibi_slopes);
+    per_head("sinks", options.sinks);
     if (!options.sinks.empty() && options.normalize != normalization::softmax)
         fail<value_error>(where, prefix + "sinks",
                           "empty unless options.normalize is softmax (a sink is a softmax logit)",

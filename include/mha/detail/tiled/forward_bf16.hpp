@@ -315,30 +315,36 @@ inline void finalize_block_bf16(const bf16_head_problem& p, Index i0, Index nq,
     }
 }
 
-/// The buffers of a bf16 call (see tiled_workspace).
+/// The buffers of a bf16 call (see tiled_workspace); they only grow, so a call of a shape the
+/// workspace has served allocates nothing.
 struct bf16_workspace {
-    mask_views<float> masks;
+    struct task {
+        Index b, h, i0, nq, cost, order;  // order: creation index, breaks cost ties
+    };
+    mask_views<float> masks;  // refer to the mask of the current call; stale between calls
+    std::vector<task> tasks;
     std::vector<bf16_thread_state> threads;
 };
 
 /// The multi-head tiled attention on bf16 inputs (p validated): out and, when asked, the
-/// log-sum-exp (sized H × Nq by the caller).
+/// log-sum-exp (sized H × Nq by the caller). `workspace`, when given, keeps every buffer of the
+/// call for the next one; null: a workspace local to the call.
 template <bf16_kernel Kernel = default_bf16_kernel>
 void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
-                          const tiled_settings& cfg = {}) {
+                          const tiled_settings& cfg = {}, bf16_workspace* workspace = nullptr) {
 #if !defined(MHA_BF16_NATIVE)
     static_assert(Kernel == bf16_kernel::portable,
                   "mha: the native bf16 kernel needs AVX512-BF16 (e.g. -mavx512bf16)");
 #endif
-    bf16_workspace ws;
+    bf16_workspace local;
+    bf16_workspace& ws = workspace != nullptr ? *workspace : local;
     const Index num_heads = p.heads.num_heads;
     ws.masks.build(p.mask, num_heads, p.batch);
     // Tasks (b, h, i0), the longest key ranges first (causal blocks differ), ties in index
     // order; which thread runs a task does not change its result.
-    struct task {
-        Index b, h, i0, nq, cost;
-    };
-    std::vector<task> tasks;
+    using task = bf16_workspace::task;
+    std::vector<task>& tasks = ws.tasks;
+    tasks.clear();
     for (Index b = 0; b < p.batch.size(); ++b)
         for (Index h = 0; h < num_heads; ++h)
             for (Index i0 = 0; i0 < p.batch.query_length(b); i0 += cfg.query_block) {
@@ -350,10 +356,13 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
                     lo = std::min(lo, r.first);
                     hi = std::max(hi, r.second);
                 }
-                tasks.push_back({b, h, i0, nq, std::max<Index>(hi - lo, 0) * nq});
+                tasks.push_back({b, h, i0, nq, std::max<Index>(hi - lo, 0) * nq,
+                                 static_cast<Index>(tasks.size())});
             }
-    std::stable_sort(tasks.begin(), tasks.end(),
-                     [](const task& a, const task& b) { return a.cost > b.cost; });
+    // std::sort with a total order: the order of a stable sort without its buffer.
+    std::sort(tasks.begin(), tasks.end(), [](const task& a, const task& b) {
+        return a.cost != b.cost ? a.cost > b.cost : a.order < b.order;
+    });
     const tile_scratch_key key{p.heads.dk, p.heads.dv, cfg.query_block, cfg.key_block};
     auto enter = [&](bf16_thread_state& state) {
         if (!(state.made_for == key)) {

@@ -1,0 +1,266 @@
+// SPDX-License-Identifier: MIT
+/// @file
+/// The multi-head attention layer on bfloat16 storage: weights and activations in
+/// Eigen::bfloat16, every sum in fp32, the output in float. A call runs the stages of the fp32
+/// layer (mha/multi_head_attention.hpp) with their bf16 counterparts: the input projection
+/// (mha::linear on bf16, Q, K and V rounded once to bf16) -> the bf16 core (fp32 softmax, the
+/// heads rounded once to bf16) -> the output projection (fp32 result).
+#pragma once
+
+#include <string>
+
+#include <mha/attention_bf16.hpp>
+#include <mha/attention_config.hpp>
+#include <mha/batch.hpp>
+#include <mha/core.hpp>
+#include <mha/detail/check.hpp>
+#include <mha/detail/layer_parameters.hpp>
+#include <mha/mask.hpp>
+#include <mha/multi_head_attention.hpp>
+#include <mha/projection_bf16.hpp>
+
+namespace mha {
+
+/// Every buffer a bf16 forward call needs. Pass the same workspace to repeated `forward_into`
+/// calls: once a call has run with given shapes, later calls with those shapes allocate nothing.
+/// One workspace per thread.
+struct bf16_forward_workspace {
+    /// A column-major bfloat16 matrix.
+    using bf16_matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
+    bf16_matrix qkv;        ///< self-attention: stacked Q, K, V, (H·d_k + H_kv·(d_k + d_v)) × N
+    bf16_matrix q;          ///< cross-attention: H·d_k × Nq
+    bf16_matrix k;          ///< cross-attention: H_kv·d_k × Nk
+    bf16_matrix v;          ///< cross-attention: H_kv·d_v × Nk
+    matrix<float> heads32;  ///< the core's fp32 result, H·d_v × Nq
+    bf16_matrix heads;      ///< heads32 rounded once, the output projection's input, H·d_v × Nq
+    bf16_linear_workspace linear;  ///< the projections' packing buffers; internal
+    detail::bf16_workspace core;   ///< the attention kernel's buffers; internal
+};
+
+/// Multi-head attention layer on bfloat16 storage. The weights are stored once as bf16 (rounded
+/// to nearest-even from the fp32 parameters; the fused [W_q; W_k; W_v] when key_input_dim =
+/// value_input_dim = E), the biases stay fp32. Inputs are Eigen::bfloat16 (convert an fp32
+/// activation once with `.cast<Eigen::bfloat16>()`), the output is float. Supports what the bf16
+/// core supports: softmax, masks, packed batches, grouped heads, d_k ≠ d_v; the constructor
+/// refuses the rest (value_error naming the config field). `const` member functions may be
+/// called from several threads, each with its own workspace.
+class multi_head_attention_bf16 {
+public:
+    /// A column-major bfloat16 matrix (the weights, the inputs).
+    using bf16_matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
+    /// What the forward calls take: any column-major bf16 matrix expression with inner stride 1,
+    /// viewed without a copy.
+    using input = Eigen::Ref<const bf16_matrix>;
+
+    /// A layer with the given fp32 parameters (shapes checked against `config`), rounded once
+    /// to bf16.
+    multi_head_attention_bf16(const attention_config& config, const attention_parameters<float>& p)
+        : config_(config.resolved()) {
+        constexpr const char* where = "mha::multi_head_attention_bf16";
+        check_supported(where);
+        detail::check_parameters(where, config_, p);
+        const Index e = config_.embed_dim;
+        fused_ = config_.key_input_dim == e && config_.value_input_dim == e;
+        if (fused_) {
+            w_in_.resize(qk_width() + key_width() + value_width(), e);
+            w_in_ << p.w_q.cast<Eigen::bfloat16>(), p.w_k.cast<Eigen::bfloat16>(),
+                p.w_v.cast<Eigen::bfloat16>();
+        } else {
+            w_in_ = p.w_q.cast<Eigen::bfloat16>();
+            w_k_ = p.w_k.cast<Eigen::bfloat16>();
+            w_v_ = p.w_v.cast<Eigen::bfloat16>();
+        }
+        w_o_ = p.w_o.cast<Eigen::bfloat16>();
+        if (config_.bias) {
+            b_in_.resize(qk_width() + key_width() + value_width());
+            b_in_ << p.b_q, p.b_k, p.b_v;
+            b_o_ = p.b_o;
+        }
+    }
+
+    /// The fp32 layer's configuration and parameters, its weights rounded once to bf16.
+    explicit multi_head_attention_bf16(const multi_head_attention<float>& layer)
+        : multi_head_attention_bf16(layer.config(), layer.parameters()) {}
+
+    /// Self-attention over one sequence: x is E × L (bf16), returns E × L (float).
+    matrix<float> forward(const input& x, const attention_mask<float>& mask = {}) const {
+        return forward(x, packed_batch::single(x.cols(), x.cols()), mask);
+    }
+
+    /// Self-attention over a packed batch: x is E × (Σ lengths).
+    matrix<float> forward(const input& x, const packed_batch& batch,
+                          const attention_mask<float>& mask = {}) const {
+        matrix<float> out(config_.embed_dim, x.cols());
+        bf16_forward_workspace workspace;
+        forward_into(x, batch, mask, out, workspace);
+        return out;
+    }
+
+    /// Cross-attention over a packed batch: query E × Nq, key kdim × Nk, value vdim × Nk.
+    matrix<float> forward(const input& query, const input& key, const input& value,
+                          const packed_batch& batch, const attention_mask<float>& mask = {}) const {
+        matrix<float> out(config_.embed_dim, query.cols());
+        bf16_forward_workspace workspace;
+        forward_into(query, key, value, batch, mask, out, workspace);
+        return out;
+    }
+
+    /// Self-attention over a packed batch into `out` (E × N, float, not resized; must not
+    /// overlap x), reusing the buffers of `workspace`: once a call has run with given shapes,
+    /// later calls with those shapes allocate nothing (x must be a bf16 matrix, map or block with
+    /// inner stride 1, else Ref copies it). Runs on OpenMP's default thread count; the result is
+    /// the same bits for any thread count.
+    void forward_into(const input& x, const packed_batch& batch, const attention_mask<float>& mask,
+                      Eigen::Ref<matrix<float>> out, bf16_forward_workspace& ws) const {
+        validate(x, x, x, batch, mask, out);
+        if (fused_) {
+            const Index qk = qk_width(), kw = key_width(), vw = value_width();
+            ws.qkv.resize(qk + kw + vw, x.cols());
+            linear(w_in_, b_in_, x, ws.qkv, ws.linear);
+            attend_and_project(ws.qkv.topRows(qk), ws.qkv.middleRows(qk, kw), ws.qkv.bottomRows(vw),
+                               batch, mask, out, ws);
+        } else {
+            project_separately(x, x, x, ws);
+            attend_and_project(ws.q, ws.k, ws.v, batch, mask, out, ws);
+        }
+    }
+
+    /// Cross-attention over a packed batch into `out` (E × Nq), as the self-attention overload.
+    void forward_into(const input& query, const input& key, const input& value,
+                      const packed_batch& batch, const attention_mask<float>& mask,
+                      Eigen::Ref<matrix<float>> out, bf16_forward_workspace& ws) const {
+        validate(query, key, value, batch, mask, out);
+        project_separately(query, key, value, ws);
+        attend_and_project(ws.q, ws.k, ws.v, batch, mask, out, ws);
+    }
+
+    /// The layer's shape and settings, resolved (see multi_head_attention::config).
+    const attention_config& config() const { return config_; }
+    /// Rows of the projected queries, H·d_k.
+    Index qk_width() const { return config_.num_heads * config_.head_dim; }
+    /// Rows of the concatenated head outputs, H·d_v.
+    Index v_width() const { return config_.num_heads * config_.value_head_dim; }
+    /// Rows of the projected keys, H_kv·d_k.
+    Index key_width() const { return config_.num_kv_heads * config_.head_dim; }
+    /// Rows of the projected values, H_kv·d_v.
+    Index value_width() const { return config_.num_kv_heads * config_.value_head_dim; }
+
+    /// The stored bf16 weights and fp32 biases in the separate-matrix form (the bf16 weights
+    /// widened exactly to float).
+    attention_parameters<float> parameters() const {
+        attention_parameters<float> p;
+        const Index qk = qk_width(), kw = key_width(), vw = value_width();
+        p.w_q = w_in_.topRows(qk).cast<float>();
+        p.w_k = fused_ ? matrix<float>(w_in_.middleRows(qk, kw).cast<float>())
+                       : matrix<float>(w_k_.cast<float>());
+        p.w_v = fused_ ? matrix<float>(w_in_.bottomRows(vw).cast<float>())
+                       : matrix<float>(w_v_.cast<float>());
+        p.w_o = w_o_.cast<float>();
+        if (config_.bias) {
+            p.b_q = b_in_.head(qk);
+            p.b_k = b_in_.segment(qk, kw);
+            p.b_v = b_in_.tail(vw);
+            p.b_o = b_o_;
+        }
+        return p;
+    }
+
+private:
+    // What the bf16 core does not run, refused once here rather than on every call.
+    void check_supported(const char* where) const {
+        const attention_options& a = config_.attention;
+        if (config_.rotary)
+            detail::fail<value_error>(where, "config.rotary", "not set (no bf16 rotary yet)",
+                                      "rotary_options");
+        if (a.normalize != normalization::softmax)
+            detail::fail<value_error>(where, "config.attention.normalize",
+                                      "softmax (the only bf16 kernel)", to_string(a.normalize));
+        if (a.algorithm == attention_algorithm::materialized)
+            detail::fail<value_error>(where, "config.attention.algorithm",
+                                      "automatic or tiled (bf16 has no materialised kernel)",
+                                      "materialized");
+        if (a.softcap)
+            detail::fail<value_error>(where, "config.attention.softcap",
+                                      "not set (not in the bf16 kernel yet)", *a.softcap);
+        if (!a.alibi_slopes.empty())
+            detail::fail<value_error>(where, "config.attention.alibi_slopes",
+                                      "empty (not in the bf16 kernel yet)",
+                                      std::to_string(a.alibi_slopes.size()) + " slopes");
+        if (!a.sinks.empty())
+            detail::fail<value_error>(where, "config.attention.sinks",
+                                      "empty (not in the bf16 kernel yet)",
+                                      std::to_string(a.sinks.size()) + " sinks");
+        detail::check_scale<float>(where, "config.attention.scale", a.scale);
+    }
+
+    // Every check of a call, before any work.
+    void validate(const input& query, const input& key, const input& value,
+                  const packed_batch& batch, const attention_mask<float>& mask,
+                  const Eigen::Ref<matrix<float>>& out) const {
+        constexpr const char* where = "mha::multi_head_attention_bf16::forward";
+        detail::check_token_rows(where, "query.rows()", config_.embed_dim, query.rows(),
+                                 "embed_dim", batch.total_queries(), query.cols());
+        detail::check_token_rows(where, "key.rows()", config_.key_input_dim, key.rows(),
+                                 "key_input_dim", batch.total_keys(), key.cols());
+        detail::check_token_rows(where, "value.rows()", config_.value_input_dim, value.rows(),
+                                 "value_input_dim", batch.total_keys(), value.cols());
+        detail::check_size(where, "value.cols()", key.cols(), value.cols(), "key.cols()");
+        detail::check_size(where, "query.cols()", batch.total_queries(), query.cols(),
+                           "the batch's total query count");
+        detail::check_size(where, "key.cols()", batch.total_keys(), key.cols(),
+                           "the batch's total key count");
+        detail::check_size(where, "out.rows()", config_.embed_dim, out.rows(), "embed_dim");
+        detail::check_size(where, "out.cols()", query.cols(), out.cols(), "query.cols()");
+        mask.validate(where, config_.num_heads, batch.query_lengths(), batch.key_lengths());
+    }
+
+    // Biases of the stacked input projection, as segments (size 0 without bias).
+    Eigen::VectorBlock<const vector<float>> bias_segment(Index start, Index size) const {
+        return b_in_.segment(config_.bias ? start : 0, config_.bias ? size : 0);
+    }
+
+    // Q, K and V by three products, into ws.q, ws.k, ws.v (cross-attention, or self-attention
+    // without the fused weights).
+    void project_separately(const input& query, const input& key, const input& value,
+                            bf16_forward_workspace& ws) const {
+        const Index qk = qk_width(), kw = key_width(), vw = value_width();
+        ws.q.resize(qk, query.cols());
+        ws.k.resize(kw, key.cols());
+        ws.v.resize(vw, key.cols());
+        linear(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q, ws.linear);
+        if (fused_) {
+            linear(w_in_.middleRows(qk, kw), bias_segment(qk, kw), key, ws.k, ws.linear);
+            linear(w_in_.bottomRows(vw), bias_segment(qk + kw, vw), value, ws.v, ws.linear);
+        } else {
+            linear(w_k_, bias_segment(qk, kw), key, ws.k, ws.linear);
+            linear(w_v_, bias_segment(qk + kw, vw), value, ws.v, ws.linear);
+        }
+    }
+
+    // Every head into ws.heads32 ((H·d_v) × Nq), rounded once into ws.heads, then
+    // out = W_o·heads + b_o.
+    template <class DQ, class DK, class DV>
+    void attend_and_project(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                            const Eigen::MatrixBase<DV>& v, const packed_batch& batch,
+                            const attention_mask<float>& mask, Eigen::Ref<matrix<float>> out,
+                            bf16_forward_workspace& ws) const {
+        ws.heads32.resize(v_width(), q.cols());
+        detail::multi_head_attention_core_bf16<detail::default_bf16_kernel>(
+            q, k, v, config_.num_heads, config_.num_kv_heads, batch, ws.heads32, mask,
+            config_.attention, {}, {}, &ws.core);
+        ws.heads.resize(v_width(), q.cols());
+        ws.heads = ws.heads32.cast<Eigen::bfloat16>();
+        linear(w_o_, b_o_, ws.heads, out, ws.linear);
+    }
+
+    attention_config config_;
+    bool fused_ = true;   // key and value inputs have width E: W_q, W_k, W_v stacked in w_in_
+    bf16_matrix w_in_;    // fused: [W_q; W_k; W_v], (H·d_k + H_kv·d_k + H_kv·d_v) × E; else W_q
+    bf16_matrix w_k_;     // unfused only: (H_kv·d_k) × key_input_dim
+    bf16_matrix w_v_;     // unfused only: (H_kv·d_v) × value_input_dim
+    vector<float> b_in_;  // [b_q; b_k; b_v], or size 0 without bias
+    bf16_matrix w_o_;     // E × (H·d_v)
+    vector<float> b_o_;   // E, or size 0
+};
+
+}  // namespace mha

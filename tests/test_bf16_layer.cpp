@@ -1,0 +1,376 @@
+// SPDX-License-Identifier: MIT
+// The multi-head attention layer on bfloat16 storage (include/mha/multi_head_attention_bf16.hpp).
+//
+// Method. The layer is a composition of public pieces: mha::linear on bf16 (Q, K, V rounded to
+// bf16), the bf16 core (heads rounded to bf16), mha::linear again (fp32 output). Each case
+// recomputes that composition from the pieces and requires the layer's output to equal it bit
+// for bit; then checks every stage of the composition against an independent long-double
+// reference fed that stage's own bf16 input (the previous stage's rounded output), so a value
+// that rounds across a bf16 boundary in one stage cannot spoil the next stage's bound:
+//   - projections: tests/support/check.hpp, require_bf16_linear_close (γ_{d_in+1}·Σ|w·x| plus
+//     one bf16 rounding for Q, K, V);
+//   - the core, per sequence and head: require_bf16_attention_close with a bf16 output;
+//   - the output projection: require_bf16_linear_close with an fp32 output.
+// The whole layer is also compared with the fp32 layer of the same parameters, only as a smoke
+// check with a loose documented bound (see the case).
+//
+// Built twice by tests/CMakeLists.txt, like test_bf16_attention: with the preset's flags (the
+// portable kernels) and with -mavx512bf16 where the compiler takes it (the vdpbf16ps kernels).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/matchers/catch_matchers_string.hpp>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <mha/multi_head_attention_bf16.hpp>
+
+#include "check.hpp"
+#include "reference.hpp"
+
+namespace {
+
+using mha::Index;
+using mha_test::mat;
+using mha_test::vec;
+using bf16 = Eigen::bfloat16;
+using bmat = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>;
+
+bool build_runs_here() {
+#if defined(MHA_TEST_NATIVE_BUILD)
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+#else
+    return true;
+#endif
+}
+
+#define MHA_SKIP_UNLESS_BUILD_RUNS_HERE() \
+    if (!build_runs_here()) SKIP("compiled for AVX512-BF16, which this CPU lacks")
+
+bmat normal_bf16(mha_test::value_source& rnd, Index rows, Index cols, double sigma = 1.0) {
+    bmat m(rows, cols);
+    for (Index c = 0; c < cols; ++c)
+        for (Index r = 0; r < rows; ++r)
+            m(r, c) = bf16(static_cast<float>(rnd.normal(sigma)));
+    return m;
+}
+
+template <class M>
+mat<long double> widen(const M& m) {
+    mat<long double> r(m.rows(), m.cols());
+    for (Index c = 0; c < m.cols(); ++c)
+        for (Index i = 0; i < m.rows(); ++i)
+            r(i, c) = static_cast<long double>(static_cast<float>(m(i, c)));
+    return r;
+}
+
+bool same_bits(const mha::matrix<float>& a, const mha::matrix<float>& b) {
+    return a.rows() == b.rows() && a.cols() == b.cols() &&
+           std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+// Seeded parameters with non-zero biases (the seeded initialisation's are zero).
+mha::attention_parameters<float> parameters_for(const mha::attention_config& c,
+                                                std::uint64_t seed) {
+    mha::attention_parameters<float> p = mha::multi_head_attention<float>(c, seed).parameters();
+    if (c.bias) {
+        mha_test::value_source rnd(seed + 100);
+        for (auto* b : {&p.b_q, &p.b_k, &p.b_v, &p.b_o})
+            for (Index i = 0; i < b->size(); ++i)
+                (*b)(i) = static_cast<float>(rnd.normal(0.1));
+    }
+    return p;
+}
+
+// Which keys query i of sequence s may see (indices within the sequence).
+using allowed_in = std::function<bool(Index s, Index j, Index i)>;
+
+// The composition of public pieces, each stage checked against its long-double reference, and
+// the layer's output required to be the same bits. Self-attention over `batch`.
+// `p`: the fp32 parameters the layer was made from.
+void check_layer(const mha::multi_head_attention_bf16& layer,
+                 const mha::attention_parameters<float>& p, const bmat& x,
+                 const mha::packed_batch& batch, const mha::attention_mask<float>& mask,
+                 const allowed_in& allowed, const std::string& what) {
+    INFO(what);
+    const mha::attention_config& c = layer.config();
+    const Index n = x.cols(), heads = c.num_heads, kv = c.num_kv_heads;
+    const Index dk = c.head_dim, dv = c.value_head_dim;
+    const Index qk = layer.qk_width(), kw = layer.key_width(), vw = layer.value_width();
+
+    // Stage 1: the stacked input projection, as the layer stores it.
+    bmat w_in(qk + kw + vw, c.embed_dim);  // (H·d_k + H_kv·d_k + H_kv·d_v) × E
+    w_in << p.w_q.cast<bf16>(), p.w_k.cast<bf16>(), p.w_v.cast<bf16>();
+    mha::vector<float> b_in(c.bias ? qk + kw + vw : 0);
+    if (c.bias) b_in << p.b_q, p.b_k, p.b_v;
+    bmat qkv(qk + kw + vw, n);  // (H·d_k + H_kv·d_k + H_kv·d_v) × N
+    mha::bf16_linear_workspace lw;
+    mha::linear(w_in, b_in, x, qkv, lw);
+    mha_test::require_bf16_linear_close(qkv, mha_test::bf16_linear_reference_of(w_in, b_in, x),
+                                        c.embed_dim, true, what + ", input projection");
+
+    // Stage 2: the bf16 core on the stage-1 values, heads rounded to bf16.
+    const bmat q = qkv.topRows(qk), k = qkv.middleRows(qk, kw), v = qkv.bottomRows(vw);
+    bmat heads16(heads * dv, n);  // H·d_v × N
+    mha::multi_head_attention_core(q, k, v, heads, kv, batch, heads16, mask, c.attention);
+    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+    const float scale32 = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dk)));
+    for (Index s = 0; s < batch.size(); ++s) {
+        const Index start = batch.query_offset(s), len = batch.query_length(s);
+        auto ok = [&allowed, s](Index j, Index i) { return allowed(s, j, i); };
+        for (Index h = 0; h < heads; ++h) {
+            const Index g = mha_test::reference_kv_head(h, heads, kv);
+            const mat<long double> ql = widen(q.block(h * dk, start, dk, len));
+            const mat<long double> kl = widen(k.block(g * dk, start, dk, len));
+            const mat<long double> vl = widen(v.block(g * dv, start, dv, len));
+            const mat<long double> ref =
+                mha_test::reference_attention<long double>(ql, kl, vl, scale, ok);
+            const mat<float> got = heads16.block(h * dv, start, dv, len).cast<float>();
+            mha_test::require_bf16_attention_close(
+                got, ref, ql, kl, vl, scale32, ok, nullptr,
+                what + ", core, sequence " + std::to_string(s) + ", head " + std::to_string(h),
+                true);
+        }
+    }
+
+    // Stage 3: the output projection on the stage-2 heads, fp32 output.
+    const bmat w_o = p.w_o.cast<bf16>();  // E × H·d_v
+    mha::matrix<float> composed(c.embed_dim, n);
+    mha::linear(w_o, p.b_o, heads16, composed, lw);
+    mha_test::require_bf16_linear_close(composed,
+                                        mha_test::bf16_linear_reference_of(w_o, p.b_o, heads16),
+                                        heads * dv, false, what + ", output projection");
+
+    // The layer is that composition, bit for bit, by both entries.
+    const mha::matrix<float> out = layer.forward(x, batch, mask);
+    CHECK(same_bits(out, composed));
+    mha::matrix<float> into(c.embed_dim, n);
+    mha::bf16_forward_workspace ws;
+    layer.forward_into(x, batch, mask, into, ws);
+    layer.forward_into(x, batch, mask, into, ws);  // a reused workspace changes nothing
+    CHECK(same_bits(into, composed));
+}
+
+mha::attention_config config_of(Index e, Index h, Index kv = 0, Index dk = 0, Index dv = 0) {
+    mha::attention_config c;
+    c.embed_dim = e;
+    c.num_heads = h;
+    c.num_kv_heads = kv;
+    c.head_dim = dk;
+    c.value_head_dim = dv;
+    return c;
+}
+
+}  // namespace
+
+TEST_CASE("bf16 layer: every stage within its bound, the layer equal to the composition") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(7);
+    const auto all = [](Index, Index, Index) { return true; };
+    const auto causal = [](Index, Index j, Index i) { return j <= i; };
+    {
+        const mha::attention_config c = config_of(64, 4);
+        const mha::attention_parameters<float> p = parameters_for(c, 1);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const bmat x = normal_bf16(rnd, 64, 45);
+        check_layer(layer, p, x, mha::packed_batch::single(45, 45), {}, all, "64/4, no mask");
+        check_layer(layer, p, x, mha::packed_batch::single(45, 45), mha::causal{}, causal,
+                    "64/4, causal");
+    }
+    {
+        // A packed batch of unequal lengths, grouped heads, d_k ≠ d_v, causal and key padding.
+        const mha::attention_config c = config_of(48, 6, 2, 10, 7);
+        const mha::attention_parameters<float> p = parameters_for(c, 2);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const mha::packed_batch batch({30, 5, 41}, {30, 5, 41});
+        const bmat x = normal_bf16(rnd, 48, 76);
+        const std::vector<Index> lengths{30, 3, 17};
+        check_layer(layer, p, x, batch, mha::causal{}, causal, "grouped, batch, causal");
+        check_layer(
+            layer, p, x, batch,
+            mha::attention_mask<float>(mha::causal{}, mha::key_lengths{lengths}),
+            [&](Index s, Index j, Index i) {
+                return j <= i && j < lengths[static_cast<std::size_t>(s)];
+            },
+            "grouped, batch, causal + key_lengths");
+    }
+    {
+        // Without bias, and long enough for several key blocks of the kernel.
+        mha::attention_config c = config_of(32, 2);
+        c.bias = false;
+        const mha::attention_parameters<float> p = parameters_for(c, 3);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const bmat x = normal_bf16(rnd, 32, 300);
+        check_layer(layer, p, x, mha::packed_batch({200, 100}, {200, 100}), mha::causal{}, causal,
+                    "no bias, 200 + 100");
+    }
+}
+
+TEST_CASE("bf16 layer: a query with no key gives exactly the output bias") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(8);
+    for (bool bias : {false, true}) {
+        mha::attention_config c = config_of(32, 4);
+        c.bias = bias;
+        const mha::attention_parameters<float> p = parameters_for(c, 4);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const mha::packed_batch batch({10, 6}, {10, 6});
+        const bmat x = normal_bf16(rnd, 32, 16);
+        // The second sequence has no key: its heads are exactly 0, so its output is the fp32
+        // sum of zero products started from b_o, i.e. b_o (0 without bias).
+        const mha::matrix<float> out = layer.forward(x, batch, mha::key_lengths{{10, 0}});
+        const mha::vector<float> expected = bias ? p.b_o : mha::vector<float>::Zero(32);
+        for (Index j = 10; j < 16; ++j) {
+            INFO("bias " << bias << ", column " << j);
+            CHECK(out.col(j) == expected);
+        }
+        CHECK(out.leftCols(10).allFinite());
+    }
+}
+
+TEST_CASE("bf16 layer: close to the fp32 layer with the same parameters (smoke check)") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // Not the accuracy claim (that is the stage-by-stage case above): bf16 weights, Q, K, V, P
+    // and heads each round at 2⁻⁸ relative, which over the layer's three products gives errors
+    // of a few 2⁻⁸ of the output scale for these unit-variance inputs. 2⁻⁶ of the largest fp32
+    // output (four such roundings) catches a wrong head, weight block or bias, which move the
+    // output by its own scale.
+    mha_test::value_source rnd(9);
+    mha::attention_config c = config_of(64, 8, 4);
+    const mha::multi_head_attention<float> fp32(c, parameters_for(c, 5));
+    const mha::multi_head_attention_bf16 layer(fp32);
+    const mha::packed_batch batch({60, 30}, {60, 30});
+    const bmat x = normal_bf16(rnd, 64, 90);
+    const mha::matrix<float> a = layer.forward(x, batch, mha::causal{});
+    const mha::matrix<float> b = fp32.forward(x.cast<float>(), batch, mha::causal{});
+    const float scale = b.cwiseAbs().maxCoeff();
+    CHECK((a - b).cwiseAbs().maxCoeff() <= 0x1.0p-6f * scale);
+}
+
+TEST_CASE("bf16 layer: 1 and 2 threads give the same bits") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+#if defined(_OPENMP)
+    mha_test::value_source rnd(10);
+    const mha::attention_config c = config_of(64, 4, 2);
+    const mha::multi_head_attention_bf16 layer(c, parameters_for(c, 6));
+    const mha::packed_batch batch({130, 70}, {130, 70});
+    const bmat x = normal_bf16(rnd, 64, 200);
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const mha::matrix<float> one = layer.forward(x, batch, mha::causal{});
+    omp_set_num_threads(2);
+    const mha::matrix<float> two = layer.forward(x, batch, mha::causal{});
+    omp_set_num_threads(saved);
+    CHECK(same_bits(one, two));
+#else
+    SKIP("built without OpenMP");
+#endif
+}
+
+TEST_CASE("bf16 layer: cross-attention and unfused weights equal their composition") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(11);
+    mha::attention_config c = config_of(32, 4);
+    c.key_input_dim = 20;
+    c.value_input_dim = 12;
+    const mha::attention_parameters<float> p = parameters_for(c, 7);
+    const mha::multi_head_attention_bf16 layer(c, p);
+    const mha::packed_batch batch({9, 14}, {25, 6});
+    const bmat xq = normal_bf16(rnd, 32, 23), xk = normal_bf16(rnd, 20, 31),
+               xv = normal_bf16(rnd, 12, 31);
+    mha::bf16_linear_workspace lw;
+    bmat q(32, 23), k(32, 31), v(32, 31), heads(32, 23);
+    mha::linear(bmat(p.w_q.cast<bf16>()), p.b_q, xq, q, lw);
+    mha::linear(bmat(p.w_k.cast<bf16>()), p.b_k, xk, k, lw);
+    mha::linear(bmat(p.w_v.cast<bf16>()), p.b_v, xv, v, lw);
+    mha::multi_head_attention_core(q, k, v, 4, batch, heads, mha::causal{});
+    mha::matrix<float> composed(32, 23);
+    mha::linear(bmat(p.w_o.cast<bf16>()), p.b_o, heads, composed, lw);
+    CHECK(same_bits(layer.forward(xq, xk, xv, batch, mha::causal{}), composed));
+    // Cross-attention with fused weights (kdim = vdim = E) takes the three slices of them.
+    const mha::attention_config f = config_of(32, 4);
+    const mha::attention_parameters<float> pf = parameters_for(f, 8);
+    const mha::multi_head_attention_bf16 fused(f, pf);
+    const bmat xk32 = normal_bf16(rnd, 32, 31);
+    mha::linear(bmat(pf.w_q.cast<bf16>()), pf.b_q, xq, q, lw);
+    mha::linear(bmat(pf.w_k.cast<bf16>()), pf.b_k, xk32, k, lw);
+    mha::linear(bmat(pf.w_v.cast<bf16>()), pf.b_v, xk32, v, lw);
+    mha::multi_head_attention_core(q, k, v, 4, batch, heads, mha::causal{});
+    mha::linear(bmat(pf.w_o.cast<bf16>()), pf.b_o, heads, composed, lw);
+    CHECK(same_bits(fused.forward(xq, xk32, xk32, batch, mha::causal{}), composed));
+}
+
+TEST_CASE("bf16 layer: parameters() gives the weights rounded once and the biases unchanged") {
+    mha::attention_config c = config_of(24, 3, 1, 6, 5);
+    c.value_input_dim = 10;
+    const mha::attention_parameters<float> p = parameters_for(c, 12);
+    const mha::attention_parameters<float> s = mha::multi_head_attention_bf16(c, p).parameters();
+    const auto rounded = [](const mha::matrix<float>& w) {
+        return mha::matrix<float>(w.cast<bf16>().cast<float>());
+    };
+    CHECK(s.w_q == rounded(p.w_q));
+    CHECK(s.w_k == rounded(p.w_k));
+    CHECK(s.w_v == rounded(p.w_v));
+    CHECK(s.w_o == rounded(p.w_o));
+    CHECK(s.b_q == p.b_q);
+    CHECK(s.b_k == p.b_k);
+    CHECK(s.b_v == p.b_v);
+    CHECK(s.b_o == p.b_o);
+}
+
+TEST_CASE("bf16 layer: refuses what the bf16 kernels do not run, naming the field") {
+    using Catch::Matchers::ContainsSubstring;
+    const mha::attention_config base = config_of(16, 2);
+    const mha::attention_parameters<float> p = parameters_for(base, 9);
+    auto refuses = [&](mha::attention_config c, const char* field) {
+        INFO(field);
+        CHECK_THROWS_WITH(mha::multi_head_attention_bf16(c, p), ContainsSubstring(field));
+        CHECK_THROWS_AS(mha::multi_head_attention_bf16(c, p), mha::value_error);
+    };
+    mha::attention_config c = base;
+    c.rotary = mha::rotary_options{};
+    refuses(c, "config.rotary");
+    c = base;
+    c.attention.normalize = mha::normalization::relu;
+    refuses(c, "config.attention.normalize");
+    c = base;
+    c.attention.algorithm = mha::attention_algorithm::materialized;
+    refuses(c, "config.attention.algorithm");
+    c = base;
+    c.attention.softcap = 30.0;
+    refuses(c, "config.attention.softcap");
+    c = base;
+    c.attention.alibi_slopes = {0.5, 0.25};
+    refuses(c, "config.attention.alibi_slopes");
+    c = base;
+    c.attention.sinks = {0.0, 1.0};
+    refuses(c, "config.attention.sinks");
+}
+
+TEST_CASE("bf16 layer: shape errors name the argument") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    using Catch::Matchers::ContainsSubstring;
+    const mha::attention_config c = config_of(16, 2);
+    const mha::multi_head_attention_bf16 layer(c, parameters_for(c, 10));
+    const bmat x = bmat::Zero(16, 8), narrow = bmat::Zero(12, 8);
+    const mha::packed_batch batch({5, 3}, {5, 3});
+    CHECK_THROWS_WITH(layer.forward(narrow, batch), ContainsSubstring("query.rows()"));
+    CHECK_THROWS_WITH(layer.forward(x, mha::packed_batch({5, 4}, {5, 4})),
+                      ContainsSubstring("query.cols()"));
+    mha::matrix<float> out(16, 7);
+    mha::bf16_forward_workspace ws;
+    CHECK_THROWS_WITH(layer.forward_into(x, batch, {}, out, ws), ContainsSubstring("out.cols()"));
+    mha::matrix<float> tall(17, 8);
+    CHECK_THROWS_WITH(layer.forward_into(x, batch, {}, tall, ws), ContainsSubstring("out.rows()"));
+    CHECK_THROWS_WITH(layer.forward(x, batch, mha::key_lengths{{5}}),
+                      ContainsSubstring("key_lengths"));
+    mha::attention_parameters<float> bad = parameters_for(c, 11);
+    bad.w_o.resize(16, 15);
+    CHECK_THROWS_WITH(mha::multi_head_attention_bf16(c, bad), ContainsSubstring("w_o"));
+}
