@@ -152,7 +152,8 @@ def prepare(work, build_type, head):
     build = os.path.join(work, "build")
     log = os.path.join(work, "configure.log")
     rc = run(["cmake", "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=" + build_type,
-              "-DMHA_BUILD_EXAMPLES=OFF", "-DMHA_BUILD_BENCHMARKS=OFF", "-DMHA_INSTALL=OFF"],
+              "-DMHA_BUILD_EXAMPLES=OFF", "-DMHA_BUILD_BENCHMARKS=OFF", "-DMHA_INSTALL=OFF",
+              "-DMHA_SAFETENSORS=ON"],
              work, log)
     if rc != 0:
         sys.exit("configure failed; see " + log)
