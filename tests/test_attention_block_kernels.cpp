@@ -166,6 +166,63 @@ TEMPLATE_TEST_CASE("block kernels: value accumulation at every tile remainder", 
             }
 }
 
+TEMPLATE_TEST_CASE("block kernels: the product with a column-major operand at every tile remainder",
+                   "[kernels]", float, double) {
+    // accumulate_product: acc += A·B with B column-major, the backward's dV = dO·Pᵀ and
+    // dK = Q·dSᵀ. Each column must also come out the same bits whether it is computed in a
+    // full column tile or alone: the backward's determinism rests on a column's sum not depending
+    // on the blocking around it.
+    using Scalar = TestType;
+    using traits = mha::detail::block_kernel_traits<Scalar>;
+    const Index w = traits::width;
+    const Index rtile = traits::value_packets * w;
+    const Index ctile = traits::value_queries;
+    mha_test::value_source rnd(37);
+    for (Index d : {Index(1), w + 1, rtile, rtile + w + 1})
+        for (Index n : {Index(1), ctile - 1, ctile, ctile + 1, 2 * ctile + 1})
+            for (Index m : {Index(0), Index(1), Index(7), Index(130)}) {
+                const strided<Scalar> a(d, m, d + 3, rnd);
+                const strided<Scalar> b(m, n, m + 5, rnd);  // B(j, c) = b(j, c), column-major
+                const mat<Scalar> acc0 = rnd.normal_matrix<Scalar>(d, n);
+                const Index ld_acc = d + 2;
+                std::vector<Scalar> acc(static_cast<std::size_t>(ld_acc * n), Scalar(55));
+                for (Index c = 0; c < n; ++c)
+                    for (Index e = 0; e < d; ++e)
+                        acc[static_cast<std::size_t>(c * ld_acc + e)] = acc0(e, c);
+                std::vector<Scalar> one_by_one = acc;
+                mha::detail::accumulate_product(a.data.data(), a.stride, d, m, b.data.data(),
+                                                b.stride, n, acc.data(), ld_acc);
+                for (Index c = 0; c < n; ++c)
+                    mha::detail::accumulate_product(a.data.data(), a.stride, d, m,
+                                                    b.data.data() + c * b.stride, b.stride, 1,
+                                                    one_by_one.data() + c * ld_acc, ld_acc);
+                // acc + A·B: m + 1 terms in any order err by at most γ_(m+1)·(|acc| + Σ|a·b|)
+                // (Higham §3.1, as check G).
+                const long double u = mha_test::unit_roundoff<Scalar>();
+                const long double terms = static_cast<long double>(m + 1);
+                const long double gamma = terms * u / (1 - terms * u);
+                for (Index c = 0; c < n; ++c) {
+                    for (Index e = 0; e < d; ++e) {
+                        long double exact = acc0(e, c);
+                        long double magnitude = std::fabs(exact);
+                        for (Index j = 0; j < m; ++j) {
+                            const long double t = static_cast<long double>(a(e, j)) *
+                                                  static_cast<long double>(b(j, c));
+                            exact += t;
+                            magnitude += std::fabs(t);
+                        }
+                        const auto at = static_cast<std::size_t>(c * ld_acc + e);
+                        INFO("product d " << d << ", n " << n << ", m " << m << " at (" << e << ", "
+                                          << c << ")");
+                        REQUIRE(std::fabs(acc[at] - exact) <= gamma * magnitude);
+                        REQUIRE(acc[at] == one_by_one[at]);
+                    }
+                    for (Index e = d; e < ld_acc; ++e)
+                        REQUIRE(acc[static_cast<std::size_t>(c * ld_acc + e)] == Scalar(55));
+                }
+            }
+}
+
 TEMPLATE_TEST_CASE("block kernels: per-query key ranges cut tiles short and read nothing outside",
                    "[kernels]", float, double) {
     using Scalar = TestType;

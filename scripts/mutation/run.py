@@ -53,6 +53,7 @@ DEFAULT_TESTS = {
     "detail/tiled/plan.hpp": ["tiled_attention", "log_sum_exp", "targeted", "kv_cache"],
     "detail/tiled/block_kernels.hpp": ["attention_block_kernels", "tiled_attention",
                                        "attention_block_kernels_scalar"],
+    "detail/tiled/backward.hpp": ["tiled_backward", "attention_backward"],
     "detail/gemm.hpp": ["targeted", "allocation_free"],
     "detail/parallel.hpp": ["targeted", "tiled_attention"],
     "io/safetensors/file.hpp": ["safetensors", "single_defect", "pytorch_golden"],

@@ -53,6 +53,11 @@ void parallel_parts(int parts, Fn fn) {
         fn(part, 0);
 }
 
+/// What an `enter` of parallel_tasks returns when the thread holds nothing until its last task.
+struct nothing_held {
+    ~nothing_held() {}  // NOLINT: user-provided, so that keeping one unused is not a warning
+};
+
 /// Runs fn(task, state) for task in [0, count), in parallel when OpenMP is on, handing tasks out
 /// one at a time in index order (callers sort them, most expensive first). `states` holds one
 /// state per thread, index omp_get_thread_num() (grown here to the thread count; a state

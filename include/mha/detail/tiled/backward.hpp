@@ -29,11 +29,12 @@
 //   then one task per (sequence, query head, query block) adds accumulators 1 … G − 1 into dQ in
 //   increasing order (and repairs non-finite columns, below).
 // Every product runs on one thread in a fixed order: S and dP with the forward's register-tiled
-// score kernel, dQ with its value kernel (detail/tiled/block_kernels.hpp), dV and dK with Eigen's
-// GEMM kernel and fixed blocking (detail/gemm.hpp). So the bits depend neither on the thread
-// count nor on which thread runs a task. The block sizes and G are fixed settings, never derived
-// from the thread count. The blocks are held transposed (Sᵀ, Pᵀ, dSᵀ: query block × key block,
-// one column per key), the layout of the forward's kernels, and the scale is folded into dS.
+// score kernel, dQ with its value kernel, dV and dK with the same register tiles reading Pᵀ and
+// dSᵀ in place (accumulate_product; all in detail/tiled/block_kernels.hpp). So the bits depend
+// neither on the thread count nor on which thread runs a task. The block sizes and G are fixed
+// settings, never derived from the thread count. The blocks are held transposed (Sᵀ, Pᵀ, dSᵀ: query
+// block × key block, one column per key), the layout of the forward's kernels, and the scale is
+// folded into dS.
 //
 // Why accumulators by residue. A task per key block with dQ shared would need atomics (the order
 // of additions then depends on the timing) or a buffer per key block (quadratic in L); a task
@@ -63,6 +64,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -70,7 +72,6 @@
 
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
-#include <mha/detail/gemm.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/parallel.hpp>
@@ -107,7 +108,7 @@ struct tiled_backward_io {
     matrix<Scalar>& dv;                    // (H_kv·d_v) × Nk
 };
 
-/// One thread's scratch: two score-sized blocks and the packing buffers of its products.
+/// One thread's scratch: two score-sized blocks and the packed query block.
 template <class Scalar>
 struct tiled_backward_thread_state {
     matrix<Scalar> p;           // nq_padded × key_block: Sᵀ, then Pᵀ (one column per key)
@@ -115,17 +116,7 @@ struct tiled_backward_thread_state {
     matrix<Scalar> qt;          // nq_padded × d_k: scale·Q of the query block, transposed
     matrix<Scalar> dot;         // nq_padded × d_v: dO of the query block, transposed
     vector<Scalar> lse, delta;  // nq_padded: the block's log-sum-exp and D
-    gemm_buffers<Scalar> gemm;
 };
-
-/// C (m × n, column-major, ldc) += alpha·A·B on the calling thread, A in AOrder and B in BOrder
-/// (inner stride 1), through Eigen's GEMM kernel with the thread's own packing buffers.
-template <class Scalar, int AOrder, int BOrder>
-void backward_gemm(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
-                   Index ldb, Scalar* c, Index ldc, Scalar alpha, gemm_buffers<Scalar>& buffers) {
-    if (m == 0 || n == 0 || k == 0) return;
-    gemm_kernel_add<Scalar, AOrder, BOrder>(m, n, k, a, lda, b, ldb, c, ldc, alpha, &buffers);
-}
 
 /// The views of one (sequence, query head) of a backward call.
 template <class Scalar>
@@ -184,7 +175,7 @@ public:
             s.dot.resize(nqp, p_.heads.dv);
             s.lse.resize(nqp);
             s.delta.resize(nqp);
-            return scoped_gemm_buffers<Scalar>(&s.gemm);
+            return nothing_held{};
         };
         parallel_tasks(static_cast<Index>(tasks.size()), cfg_.threads, states, enter,
                        [&](Index t, tiled_backward_thread_state<Scalar>& s) {
@@ -329,6 +320,17 @@ private:
                                     s.delta.data(), hd.scale);
     }
 
+    // exp(S − lse) by packets. S − lse <= 0 but for rounding (lse >= every allowed score), the
+    // range of exp_nonpositive, which takes about half of Eigen's pexp instructions: the exp was
+    // the largest cost outside the five products (a seventh of the time under perf at L = 2048).
+    template <class Packet>
+    static MHA_ALWAYS_INLINE Packet exp_of_shifted(const Packet& x) {
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<Packet, __m512>) return exp_nonpositive(x);
+#endif
+        return eigen_compat::packet_ops<Scalar>::exp(x);
+    }
+
     // One key's column of the block over n queries (a multiple of the packet width, or any n
     // without packets): col (S → P) and dcol (dP → scale·dS), with P = exp(S − lse) and
     // dS = P ∘ (dP − D) per query. Excluded keys (S = −∞) get P = 0 and dS = 0 by selection,
@@ -352,7 +354,7 @@ private:
                 const packet excluded = ops::equal(x, pinf);
                 // `less` is false for NaN: NaN scores keep their NaN.
                 const packet pr = ops::clear_where(
-                    ops::exp(shifted), ops::either(excluded, ops::less(shifted, flush)));
+                    exp_of_shifted(shifted), ops::either(excluded, ops::less(shifted, flush)));
                 const packet ds =
                     ops::mul(ps, ops::mul(pr, ops::sub(ops::load(dcol + c), ops::load(delta + c))));
                 ops::store(col + c, pr);
@@ -366,7 +368,9 @@ private:
             col[c] = pr;
         }
     }
-    Index key_blocks(Index lk) const { return (lk + cfg_.key_block - 1) / cfg_.key_block; }
+    Index key_blocks(Index lk) const {
+        return (lk + cfg_.key_block - 1) / cfg_.key_block;
+    }
 
     bool masks_all_unmasked() const {
         for (Index b = 0; b < p_.batch.size(); ++b)
@@ -417,12 +421,10 @@ private:
         // Pᵀ and dSᵀ (nq × nk, one column per key) are the right operands of dV and dK as
         // they lie; dQ reads dS with the forward's register-tiled value kernel, which takes
         // it in that layout too.
-        backward_gemm<Scalar, Eigen::ColMajor, Eigen::ColMajor>(
-            hd.dv_width, nk, nq, hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, s.p.data(), ld,
-            hd.dv + sp.lo * hd.dv_stride, hd.dv_stride, Scalar(1), s.gemm);
-        backward_gemm<Scalar, Eigen::ColMajor, Eigen::ColMajor>(
-            hd.dk_width, nk, nq, hd.q + i0 * hd.q_stride, hd.q_stride, s.ds.data(), ld,
-            hd.dk + sp.lo * hd.dk_stride, hd.dk_stride, Scalar(1), s.gemm);
+        accumulate_product(hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, hd.dv_width, nq,
+                           s.p.data(), ld, nk, hd.dv + sp.lo * hd.dv_stride, hd.dv_stride);
+        accumulate_product(hd.q + i0 * hd.q_stride, hd.q_stride, hd.dk_width, nq, s.ds.data(), ld,
+                           nk, hd.dk + sp.lo * hd.dk_stride, hd.dk_stride);
         accumulate_values(hd.k + sp.lo * hd.k_stride, hd.k_stride, hd.dk_width, nk, s.ds.data(), ld,
                           nq, hd.dq + i0 * hd.dq_stride, hd.dq_stride);
     }

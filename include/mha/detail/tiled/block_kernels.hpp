@@ -31,8 +31,37 @@
 #include <mha/core.hpp>
 #include <mha/detail/eigen_compat.hpp>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace mha {
 namespace detail {
+
+#if defined(__AVX512F__)
+/// exp(d) for d <= 0 in 16 fp32 lanes (1.3 ulp at most, measured): d = n·ln2 + f with n =
+/// round(d/ln2) and |f| <= ln2/2 (ln2 split in two so that f is exact to fp32 rounding,
+/// Cody–Waite), e^f by its Taylor polynomial of degree 7 (truncation below (ln2/2)^8/8! ≈ 5e-9
+/// relative), and 2^n applied by vscalefps; tests/test_bf16_attention.cpp measures the error over
+/// [−88, 0] (within 3 ulp). 12 instructions where Eigen's pexp takes about twice as many; the exp
+/// pass is the largest cost of a block after the two products. NaN stays NaN; −∞ and differences
+/// below exp_flush_below are cleared by the caller.
+MHA_ALWAYS_INLINE __m512 exp_nonpositive(__m512 d) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);  // ln2, high bits
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);            // ln2, the rest
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif  // __AVX512F__
 
 template <class Scalar>
 struct block_kernel_traits {
@@ -158,9 +187,22 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
     }
 }
 
-/// One value micro tile: acc(0 : VP·W, 0 : Queries) += V(0 : VP·W, 0 : nk) · P(0 : nk, 0 : Queries)
-/// with P(j, c) = pt[j·ld + c] and V(:, j) at v + j·v_stride.
-template <class Scalar, int VP, int Queries>
+/// Where B(j, c) lies: `b[j·ld + c]` (row-major: the transposed probabilities of the forward,
+/// one column per key) or `b[c·ld + j]` (column-major: the backward's Pᵀ and dSᵀ read as the
+/// right operand of dV = dO·Pᵀ and dK = Q·dSᵀ, which would otherwise need a transpose).
+enum class operand_order { row_major, col_major };
+
+template <operand_order Order, class Scalar>
+MHA_ALWAYS_INLINE const Scalar& operand_at(const Scalar* b, Index ld, Index j, Index c) {
+    if constexpr (Order == operand_order::row_major)
+        return b[j * ld + c];
+    else
+        return b[c * ld + j];
+}
+
+/// One value micro tile: acc(0 : VP·W, 0 : Queries) += V(0 : VP·W, 0 : nk) · B(0 : nk, 0 : Queries)
+/// with B(j, c) placed as Order says and V(:, j) at v + j·v_stride.
+template <class Scalar, int VP, int Queries, operand_order Order = operand_order::row_major>
 MHA_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index nk, const Scalar* pt,
                                         Index ld, Scalar* acc, Index ld_acc) {
     using ops = typename block_kernel_traits<Scalar>::ops;
@@ -175,7 +217,7 @@ MHA_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index n
         for (int p = 0; p < VP; ++p)
             x[p] = ops::load(v + j * v_stride + p * w);
         for (int c = 0; c < Queries; ++c) {
-            const packet b = ops::broadcast(pt[j * ld + c]);
+            const packet b = ops::broadcast(operand_at<Order>(pt, ld, j, c));
             for (int p = 0; p < VP; ++p)
                 o[p][c] = ops::mul_add(x[p], b, o[p][c]);
         }
@@ -186,7 +228,7 @@ MHA_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index n
 }
 
 /// Rows [0, dv) of `Queries` output columns: full tiles, then single packets, then scalar rows.
-template <class Scalar, int Queries>
+template <class Scalar, int Queries, operand_order Order = operand_order::row_major>
 void value_rows(const Scalar* v, Index v_stride, Index dv, Index nk, const Scalar* pt, Index ld,
                 Scalar* acc, Index ld_acc) {
     using traits = block_kernel_traits<Scalar>;
@@ -194,14 +236,14 @@ void value_rows(const Scalar* v, Index v_stride, Index dv, Index nk, const Scala
     constexpr int vp = static_cast<int>(traits::value_packets);
     Index e = 0;
     for (; e + vp * w <= dv; e += vp * w)
-        value_micro_tile<Scalar, vp, Queries>(v + e, v_stride, nk, pt, ld, acc + e, ld_acc);
+        value_micro_tile<Scalar, vp, Queries, Order>(v + e, v_stride, nk, pt, ld, acc + e, ld_acc);
     for (; e + w <= dv; e += w)
-        value_micro_tile<Scalar, 1, Queries>(v + e, v_stride, nk, pt, ld, acc + e, ld_acc);
+        value_micro_tile<Scalar, 1, Queries, Order>(v + e, v_stride, nk, pt, ld, acc + e, ld_acc);
     for (; e < dv; ++e)
         for (int c = 0; c < Queries; ++c) {
             Scalar s = acc[c * ld_acc + e];
             for (Index j = 0; j < nk; ++j)
-                s += v[j * v_stride + e] * pt[j * ld + c];
+                s += v[j * v_stride + e] * operand_at<Order>(pt, ld, j, c);
             acc[c * ld_acc + e] = s;
         }
 }
@@ -234,6 +276,28 @@ void accumulate_values(const Scalar* v, Index v_stride, Index dv, Index nk, cons
         for (; c < nq; ++c)
             rows(std::integral_constant<int, 1>{}, c);
     }
+}
+
+/// acc(0 : d, 0 : n) += A(:, 0 : m) · B, B column-major (m × n, B(j, c) = b[c·ld + j]), A(:, j)
+/// at a + j·a_stride: the value kernel's register tiles with the operand read in place. The
+/// backward's dV = dO·Pᵀ and dK = Q·(scale·dS)ᵀ (detail/tiled/backward.hpp), whose Pᵀ and dSᵀ
+/// lie one column per key; through Eigen's GEMM both operands were packed on every block pair,
+/// and transposing P for accumulate_values cost what the kernel saved. Each acc entry sums its
+/// m terms in increasing j in one chain, so the bits do not depend on the blocking around it.
+template <class Scalar>
+void accumulate_product(const Scalar* a, Index a_stride, Index d, Index m, const Scalar* b,
+                        Index ld, Index n, Scalar* acc, Index ld_acc) {
+    using traits = block_kernel_traits<Scalar>;
+    constexpr int cols = static_cast<int>(traits::value_queries);
+    constexpr operand_order col_major = operand_order::col_major;
+    if (m == 0) return;
+    Index c = 0;
+    for (; c + cols <= n; c += cols)
+        value_rows<Scalar, cols, col_major>(a, a_stride, d, m, b + c * ld, ld, acc + c * ld_acc,
+                                            ld_acc);
+    for (; c < n; ++c)
+        value_rows<Scalar, 1, col_major>(a, a_stride, d, m, b + c * ld, ld, acc + c * ld_acc,
+                                         ld_acc);
 }
 
 }  // namespace detail

@@ -369,10 +369,6 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
             make_bf16_scratch<Kernel>(state, p.heads.dk, p.heads.dv, cfg);
             state.made_for = key;
         }
-        // parallel_tasks keeps what enter returns for the thread's tasks; nothing to release.
-        struct nothing_held {
-            ~nothing_held() {}  // NOLINT: user-provided, so that keeping it is not a warning
-        };
         return nothing_held{};
     };
     auto run = [&](Index index, bf16_thread_state& state) {
