@@ -81,12 +81,13 @@ namespace mha {
 namespace detail {
 
 /// Block sizes and threads of the tiled backward. Tests shrink the blocks to reach many tile
-/// boundaries with small inputs. The defaults keep one block's S/P and dP/dS (128 × 128 each,
-/// 64 KB each in float) with the Q, dO, K and V blocks in a 1 MB L2 (when every product went
-/// through Eigen's GEMM, query blocks of 64 or 256 and key blocks of 256 measured the same CPU
-/// time at L = 2048 with 8 heads × 64; not measured again with the register-tiled kernels).
+/// boundaries with small inputs. The defaults keep one block's Pᵀ and dSᵀ (64 × 128 each, 32 KB
+/// each in float) near L1 while the five products read them. With the register-tiled products,
+/// query blocks of 64 took 0.85–0.95 of the CPU time of 128 at L = 512 and 2048 (8 heads × 64,
+/// key blocks of 128; 32 and key blocks of 256 measured like 64, and 256 × 64 was slower); at
+/// L = 8192 the two were within the run-to-run spread (docs/backward.md).
 struct tiled_backward_settings {
-    Index query_block = 128;
+    Index query_block = 64;
     Index key_block = 128;
     /// G: the dQ accumulators, key block j adding into number j mod G (see the top of this
     /// file); G − 1 of them are (H·d_k) × Nq buffers beyond the gradients. A fixed setting, never
