@@ -49,6 +49,34 @@ struct strided {
     }
 };
 
+/// Requires acc(e, c) = acc0(e, c) + Σ_j a(e, j)·b(j, c) for every e < rows, c < cols, with
+/// acc column c at acc[c·ld_acc], and the padding rows between columns still 55. A sum of m + 1
+/// terms in any order errs by at most γ_(m+1)·(|acc0| + Σ|a·b|) (Higham §3.1, as check G).
+template <class Scalar, class A, class B>
+void require_accumulated(const mat<Scalar>& acc0, const std::vector<Scalar>& acc, Index ld_acc,
+                         Index m, const A& a, const B& b) {
+    const long double u = mha_test::unit_roundoff<Scalar>();
+    const long double terms = static_cast<long double>(m + 1);
+    const long double gamma = terms * u / (1 - terms * u);
+    for (Index c = 0; c < acc0.cols(); ++c) {
+        for (Index e = 0; e < acc0.rows(); ++e) {
+            long double exact = acc0(e, c);
+            long double magnitude = std::fabs(exact);
+            for (Index j = 0; j < m; ++j) {
+                const long double t =
+                    static_cast<long double>(a(e, j)) * static_cast<long double>(b(j, c));
+                exact += t;
+                magnitude += std::fabs(t);
+            }
+            const long double got = acc[static_cast<std::size_t>(c * ld_acc + e)];
+            INFO("at (" << e << ", " << c << ")");
+            REQUIRE(std::fabs(got - exact) <= gamma * magnitude);
+        }
+        for (Index e = acc0.rows(); e < ld_acc; ++e)
+            REQUIRE(acc[static_cast<std::size_t>(c * ld_acc + e)] == Scalar(55));
+    }
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("block kernels: packed queries are scale·Qᵀ with zero padding", "[kernels]",
@@ -139,30 +167,9 @@ TEMPLATE_TEST_CASE("block kernels: value accumulation at every tile remainder", 
                         acc[static_cast<std::size_t>(c * ld_acc + e)] = acc0(e, c);
                 mha::detail::accumulate_values(v.data.data(), v.stride, dv, nk, pt.data.data(),
                                                pt.stride, nq, acc.data(), ld_acc);
-                // acc + V·P: a sum of nk + 1 terms in any order errs by at most
-                // γ_(nk+1)·(|acc| + Σ|v·p|) (Higham §3.1, as check G).
-                const long double u = mha_test::unit_roundoff<Scalar>();
-                const long double n = static_cast<long double>(nk + 1);
-                const long double gamma = n * u / (1 - n * u);
-                for (Index c = 0; c < nq; ++c) {
-                    for (Index e = 0; e < dv; ++e) {
-                        long double exact = acc0(e, c);
-                        long double magnitude = std::fabs(exact);
-                        for (Index j = 0; j < nk; ++j) {
-                            const long double t = static_cast<long double>(v(e, j)) *
-                                                  static_cast<long double>(pt(c, j));
-                            exact += t;
-                            magnitude += std::fabs(t);
-                        }
-                        const long double got = acc[static_cast<std::size_t>(c * ld_acc + e)];
-                        INFO("values dv " << dv << ", nq " << nq << ", nk " << nk << " at (" << e
-                                          << ", " << c << ")");
-                        REQUIRE(std::fabs(got - exact) <= gamma * magnitude);
-                    }
-                    // The padding rows between columns are untouched.
-                    for (Index e = dv; e < ld_acc; ++e)
-                        REQUIRE(acc[static_cast<std::size_t>(c * ld_acc + e)] == Scalar(55));
-                }
+                INFO("values dv " << dv << ", nq " << nq << ", nk " << nk);
+                require_accumulated(acc0, acc, ld_acc, nk, v,
+                                    [&](Index j, Index c) { return pt(c, j); });
             }
 }
 
@@ -196,30 +203,9 @@ TEMPLATE_TEST_CASE("block kernels: the product with a column-major operand at ev
                     mha::detail::accumulate_product(a.data.data(), a.stride, d, m,
                                                     b.data.data() + c * b.stride, b.stride, 1,
                                                     one_by_one.data() + c * ld_acc, ld_acc);
-                // acc + A·B: m + 1 terms in any order err by at most γ_(m+1)·(|acc| + Σ|a·b|)
-                // (Higham §3.1, as check G).
-                const long double u = mha_test::unit_roundoff<Scalar>();
-                const long double terms = static_cast<long double>(m + 1);
-                const long double gamma = terms * u / (1 - terms * u);
-                for (Index c = 0; c < n; ++c) {
-                    for (Index e = 0; e < d; ++e) {
-                        long double exact = acc0(e, c);
-                        long double magnitude = std::fabs(exact);
-                        for (Index j = 0; j < m; ++j) {
-                            const long double t = static_cast<long double>(a(e, j)) *
-                                                  static_cast<long double>(b(j, c));
-                            exact += t;
-                            magnitude += std::fabs(t);
-                        }
-                        const auto at = static_cast<std::size_t>(c * ld_acc + e);
-                        INFO("product d " << d << ", n " << n << ", m " << m << " at (" << e << ", "
-                                          << c << ")");
-                        REQUIRE(std::fabs(acc[at] - exact) <= gamma * magnitude);
-                        REQUIRE(acc[at] == one_by_one[at]);
-                    }
-                    for (Index e = d; e < ld_acc; ++e)
-                        REQUIRE(acc[static_cast<std::size_t>(c * ld_acc + e)] == Scalar(55));
-                }
+                INFO("product d " << d << ", n " << n << ", m " << m);
+                require_accumulated(acc0, acc, ld_acc, m, a, b);
+                CHECK(acc == one_by_one);
             }
 }
 
