@@ -49,6 +49,16 @@ struct strided {
     }
 };
 
+/// m's columns ld apart, the rows between them 55 (to see that a kernel leaves them alone).
+template <class Scalar>
+std::vector<Scalar> padded_columns(const mat<Scalar>& m, Index ld) {
+    std::vector<Scalar> out(static_cast<std::size_t>(ld * m.cols()), Scalar(55));
+    for (Index c = 0; c < m.cols(); ++c)
+        for (Index e = 0; e < m.rows(); ++e)
+            out[static_cast<std::size_t>(c * ld + e)] = m(e, c);
+    return out;
+}
+
 /// Requires acc(e, c) = acc0(e, c) + Σ_j a(e, j)·b(j, c) for every e < rows, c < cols, with
 /// acc column c at acc[c·ld_acc], and the padding rows between columns still 55. A sum of m + 1
 /// terms in any order errs by at most γ_(m+1)·(|acc0| + Σ|a·b|) (Higham §3.1, as check G).
@@ -161,10 +171,7 @@ TEMPLATE_TEST_CASE("block kernels: value accumulation at every tile remainder", 
                 const strided<Scalar> pt(nq, nk, ld, rnd);  // P(j, c) = pt(c, j)
                 const mat<Scalar> acc0 = rnd.normal_matrix<Scalar>(dv, nq);
                 const Index ld_acc = dv + 2;
-                std::vector<Scalar> acc(static_cast<std::size_t>(ld_acc * nq), Scalar(55));
-                for (Index c = 0; c < nq; ++c)
-                    for (Index e = 0; e < dv; ++e)
-                        acc[static_cast<std::size_t>(c * ld_acc + e)] = acc0(e, c);
+                std::vector<Scalar> acc = padded_columns(acc0, ld_acc);
                 mha::detail::accumulate_values(v.data.data(), v.stride, dv, nk, pt.data.data(),
                                                pt.stride, nq, acc.data(), ld_acc);
                 INFO("values dv " << dv << ", nq " << nq << ", nk " << nk);
@@ -192,10 +199,7 @@ TEMPLATE_TEST_CASE("block kernels: the product with a column-major operand at ev
                 const strided<Scalar> b(m, n, m + 5, rnd);  // B(j, c) = b(j, c), column-major
                 const mat<Scalar> acc0 = rnd.normal_matrix<Scalar>(d, n);
                 const Index ld_acc = d + 2;
-                std::vector<Scalar> acc(static_cast<std::size_t>(ld_acc * n), Scalar(55));
-                for (Index c = 0; c < n; ++c)
-                    for (Index e = 0; e < d; ++e)
-                        acc[static_cast<std::size_t>(c * ld_acc + e)] = acc0(e, c);
+                std::vector<Scalar> acc = padded_columns(acc0, ld_acc);
                 std::vector<Scalar> one_by_one = acc;
                 mha::detail::accumulate_product(a.data.data(), a.stride, d, m, b.data.data(),
                                                 b.stride, n, acc.data(), ld_acc);
