@@ -369,19 +369,14 @@ public:
     /// A copy of the parameters in the separate-matrix form.
     attention_parameters<Scalar> parameters() const {
         attention_parameters<Scalar> p;
-        const Index qk = qk_width();
-        const Index kw = key_width();
-        const Index kvw = value_width();
-        p.w_q = w_in_.topRows(qk);
-        p.w_k = fused_ ? matrix<Scalar>(w_in_.middleRows(qk, kw)) : w_k_;
-        p.w_v = fused_ ? matrix<Scalar>(w_in_.bottomRows(kvw)) : w_v_;
-        p.w_o = w_o_;
-        if (config_.bias) {
-            p.b_q = b_in_.head(qk);
-            p.b_k = b_in_.segment(qk, kw);
-            p.b_v = b_in_.tail(kvw);
-            p.b_o = b_o_;
+        detail::split_stacked_projection(w_in_, b_in_, qk_width(), key_width(), value_width(),
+                                         fused_, config_.bias, p);
+        if (!fused_) {
+            p.w_k = w_k_;
+            p.w_v = w_v_;
         }
+        p.w_o = w_o_;
+        if (config_.bias) p.b_o = b_o_;
         return p;
     }
 

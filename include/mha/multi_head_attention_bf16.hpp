@@ -149,19 +149,14 @@ public:
     /// widened exactly to float).
     attention_parameters<float> parameters() const {
         attention_parameters<float> p;
-        const Index qk = qk_width(), kw = key_width(), vw = value_width();
-        p.w_q = w_in_.topRows(qk).cast<float>();
-        p.w_k = fused_ ? matrix<float>(w_in_.middleRows(qk, kw).cast<float>())
-                       : matrix<float>(w_k_.cast<float>());
-        p.w_v = fused_ ? matrix<float>(w_in_.bottomRows(vw).cast<float>())
-                       : matrix<float>(w_v_.cast<float>());
-        p.w_o = w_o_.cast<float>();
-        if (config_.bias) {
-            p.b_q = b_in_.head(qk);
-            p.b_k = b_in_.segment(qk, kw);
-            p.b_v = b_in_.tail(vw);
-            p.b_o = b_o_;
+        detail::split_stacked_projection(w_in_, b_in_, qk_width(), key_width(), value_width(),
+                                         fused_, config_.bias, p);
+        if (!fused_) {
+            p.w_k = w_k_.cast<float>();
+            p.w_v = w_v_.cast<float>();
         }
+        p.w_o = w_o_.cast<float>();
+        if (config_.bias) p.b_o = b_o_;
         return p;
     }
 

@@ -346,6 +346,11 @@ MUTANTS = [
          find='check_bias_size(where, "parameters.b_v", p.b_v, c.bias ? kvw : 0,',
          replace='check_bias_size(where, "parameters.b_v", p.b_v, c.bias ? vw : 0,',
          description="the backward expects b_v of H * d_v entries instead of H_kv * d_v"),
+    dict(id="stacked-v-bias-from-k", file="detail/layer_parameters.hpp",
+         find="p.b_v = b_in.tail(vw).template cast<Out>();",
+         replace="p.b_v = b_in.segment(qk, vw).template cast<Out>();",
+         tests=["multi_head_attention", "layer_backward", "bf16_layer", "pytorch_golden"],
+         description="a stacked bias is split with K's bias as V's (same size when d_k = d_v)"),
     # detail/gemm_bf16.hpp
     dict(id="gemm-bf16-k-block-overwrites", file="detail/gemm_bf16.hpp",
          find="const bool load_c = accumulate || k0 > 0;",

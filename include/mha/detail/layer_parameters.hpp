@@ -103,6 +103,23 @@ attention_parameters<Scalar> seeded_parameters(const attention_config& c, std::u
     return p;
 }
 
+/// Sets p's W_q (and W_k, W_v when `weights_stacked`) from the stacked projection
+/// [W_q; W_k; W_v] (rows qk, kw, vw) and, when `bias`, b_q, b_k and b_v from the stacked bias,
+/// converted to Out: PyTorch's in_proj layout, which the layers keep when kdim = vdim = E.
+template <class Out, class Weights, class Bias>
+void split_stacked_projection(const Weights& w_in, const Bias& b_in, Index qk, Index kw, Index vw,
+                              bool weights_stacked, bool bias, attention_parameters<Out>& p) {
+    p.w_q = w_in.topRows(qk).template cast<Out>();
+    if (weights_stacked) {
+        p.w_k = w_in.middleRows(qk, kw).template cast<Out>();
+        p.w_v = w_in.bottomRows(vw).template cast<Out>();
+    }
+    if (!bias) return;
+    p.b_q = b_in.head(qk).template cast<Out>();
+    p.b_k = b_in.segment(qk, kw).template cast<Out>();
+    p.b_v = b_in.tail(vw).template cast<Out>();
+}
+
 /// The parameters in PyTorch's packed form, split: `in_proj_weight` rows [W_q; W_k; W_v] of
 /// heights H·d_k, H_kv·d_k and H_kv·d_v, `in_proj_bias` likewise (size 0 without bias), and the
 /// output projection. Checked under PyTorch's names. Needs kdim = vdim = E (config `c`
@@ -135,16 +152,9 @@ attention_parameters<Scalar> unpack_packed_parameters(
                     "in_proj_weight.rows()");
     check_bias_size(where, "out_proj.bias", out_bias, c.bias ? e : 0, "embed_dim");
     attention_parameters<Scalar> p;
-    p.w_q = in_proj_weight.topRows(qk);
-    p.w_k = in_proj_weight.middleRows(qk, kw);
-    p.w_v = in_proj_weight.bottomRows(kvw);
+    split_stacked_projection(in_proj_weight, in_proj_bias, qk, kw, kvw, true, c.bias, p);
     p.w_o = out_weight;
-    if (c.bias) {
-        p.b_q = in_proj_bias.head(qk);
-        p.b_k = in_proj_bias.segment(qk, kw);
-        p.b_v = in_proj_bias.tail(kvw);
-        p.b_o = out_bias;
-    }
+    if (c.bias) p.b_o = out_bias;
     return p;
 }
 
