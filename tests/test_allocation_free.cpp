@@ -635,14 +635,40 @@ mha::attention_config grouped_config(Index embed, Index heads, Index kv_heads) {
     return c;
 }
 
+// The element types and workspace of a layer's decoding steps.
+template <class Layer>
+struct decode_types;
+template <class Scalar>
+struct decode_types<mha::multi_head_attention<Scalar>> {
+    using in = Scalar;
+    using out = Scalar;
+    using workspace = mha::forward_workspace<Scalar>;
+};
+template <>
+struct decode_types<mha::multi_head_attention_bf16> {
+    using in = Eigen::bfloat16;
+    using out = float;
+    using workspace = mha::bf16_forward_workspace;
+};
+
+template <class In>
+mat<In> decode_inputs(mha_test::value_source& values, Index rows, Index cols) {
+    if constexpr (std::is_same_v<In, Eigen::bfloat16>)
+        return values.normal_matrix<float>(rows, cols).cast<In>();
+    else
+        return values.normal_matrix<In>(rows, cols);
+}
+
 /// Decoding steps into reserved, non-growable caches with a kept workspace: after a prefill and
 /// one warm-up step, `measured` more steps must each allocate nothing, and give the bits that
 /// `decode` (own workspace) gives on a copy of the caches (the same computation on the same
 /// numbers). `new_tokens[b]` tokens of sequence b per step.
-template <class Scalar>
-void check_decode_steps(const mha::multi_head_attention<Scalar>& layer,
-                        const std::vector<Index>& prefill, const std::vector<Index>& new_tokens,
-                        Index window, Index measured, mha_test::value_source& values) {
+template <class Layer>
+void check_decode_steps(const Layer& layer, const std::vector<Index>& prefill,
+                        const std::vector<Index>& new_tokens, Index window, Index measured,
+                        mha_test::value_source& values) {
+    using In = typename decode_types<Layer>::in;
+    using Out = typename decode_types<Layer>::out;
     const Index embed = layer.config().embed_dim;
     const std::size_t n = prefill.size();
     Index step_tokens = 0, most = 0;
@@ -650,38 +676,38 @@ void check_decode_steps(const mha::multi_head_attention<Scalar>& layer,
         step_tokens += new_tokens[b];
         most = std::max(most, prefill[b] + (measured + 1) * new_tokens[b]);
     }
-    std::vector<mha::kv_cache<Scalar>> caches;
+    std::vector<mha::kv_cache<In>> caches;
     for (std::size_t b = 0; b < n; ++b) {
         caches.push_back(layer.make_cache({window, false}));
         // Room for the prefill; with a window, the least storage beyond that, so that the
         // window moves back to the front within the measured steps.
         caches.back().reserve(window > 0 ? std::max(2 * window, prefill[b] + new_tokens[b]) : most);
     }
-    std::vector<mha::kv_cache<Scalar>*> pointers;
+    std::vector<mha::kv_cache<In>*> pointers;
     for (auto& c : caches)
         pointers.push_back(&c);
-    mha::forward_workspace<Scalar> ws;
+    typename decode_types<Layer>::workspace ws;
     for (std::size_t b = 0; b < n; ++b) {
-        const mat<Scalar> x = values.normal_matrix<Scalar>(embed, prefill[b]);
-        mat<Scalar> out(embed, prefill[b]);
+        const mat<In> x = decode_inputs<In>(values, embed, prefill[b]);
+        mat<Out> out(embed, prefill[b]);
         layer.decode_into(x, caches[b], out, ws);
     }
     const bool single = n == 1;
-    mat<Scalar> out(embed, step_tokens);
-    auto step = [&](const mat<Scalar>& x) {
+    mat<Out> out(embed, step_tokens);
+    auto step = [&](const mat<In>& x) {
         if (single)
             layer.decode_into(x, caches[0], out, ws);
         else
             layer.decode_into(x, new_tokens, pointers, out, ws);
     };
-    step(values.normal_matrix<Scalar>(embed, step_tokens));  // warm-up: sizes every buffer
+    step(decode_inputs<In>(values, embed, step_tokens));  // warm-up: sizes every buffer
     for (Index s = 0; s < measured; ++s) {
-        const mat<Scalar> x = values.normal_matrix<Scalar>(embed, step_tokens);
-        std::vector<mha::kv_cache<Scalar>> twins(caches);
-        std::vector<mha::kv_cache<Scalar>*> twin_pointers;
+        const mat<In> x = decode_inputs<In>(values, embed, step_tokens);
+        std::vector<mha::kv_cache<In>> twins(caches);
+        std::vector<mha::kv_cache<In>*> twin_pointers;
         for (auto& c : twins)
             twin_pointers.push_back(&c);
-        const mat<Scalar> expected =
+        const mat<Out> expected =
             single ? layer.decode(x, twins[0]) : layer.decode(x, new_tokens, twin_pointers);
         INFO("step " << s);
         require_no_allocation(allocations_during([&] { step(x); }));
@@ -702,17 +728,17 @@ TEMPLATE_TEST_CASE("decode_into allocates nothing: one sequence, grouped heads",
     for (const int threads : {1, 2}) {
         set_threads(threads);
         DYNAMIC_SECTION(threads << " thread(s), no window") {
-            check_decode_steps<Scalar>(layer, {20}, {1}, 0, 12, values);
+            check_decode_steps(layer, {20}, {1}, 0, 12, values);
         }
         // A window of 8 in 21 columns: its tokens move back to the front at the second step
         // after the prefill and every 14 steps after.
         DYNAMIC_SECTION(threads << " thread(s), window 8") {
-            check_decode_steps<Scalar>(layer, {20}, {1}, 8, 12, values);
+            check_decode_steps(layer, {20}, {1}, 8, 12, values);
         }
         DYNAMIC_SECTION(
             threads << " thread(s), multi-query (one key/value head), 3 tokens a step") {
             const mha::multi_head_attention<Scalar> mqa(grouped_config(64, 4, 1), 22);
-            check_decode_steps<Scalar>(mqa, {9}, {3}, 0, 6, values);
+            check_decode_steps(mqa, {9}, {3}, 0, 6, values);
         }
     }
     set_threads(saved);
@@ -727,10 +753,28 @@ TEMPLATE_TEST_CASE("decode_into allocates nothing: a batch of sequences, grouped
     for (const int threads : {1, 2}) {
         set_threads(threads);
         DYNAMIC_SECTION(threads << " thread(s), caches of 5, 30 and 0 tokens adding 1, 0, 2") {
-            check_decode_steps<Scalar>(layer, {5, 30, 0}, {1, 0, 2}, 0, 8, values);
+            check_decode_steps(layer, {5, 30, 0}, {1, 0, 2}, 0, 8, values);
         }
         DYNAMIC_SECTION(threads << " thread(s), windows of 6") {
-            check_decode_steps<Scalar>(layer, {5, 30, 1}, {1, 1, 1}, 6, 10, values);
+            check_decode_steps(layer, {5, 30, 1}, {1, 1, 1}, 6, 10, values);
+        }
+    }
+    set_threads(saved);
+}
+
+TEST_CASE("decode_into allocates nothing: the bfloat16 layer and its bf16 caches",
+          "[alloc][decode]") {
+    mha_test::value_source values(7103);
+    const mha::multi_head_attention_bf16 layer(
+        mha::multi_head_attention<float>(grouped_config(128, 4, 2), 24));
+    const int saved = max_threads();
+    for (const int threads : {1, 2}) {
+        set_threads(threads);
+        DYNAMIC_SECTION(threads << " thread(s), one sequence, no window") {
+            check_decode_steps(layer, {20}, {1}, 0, 12, values);
+        }
+        DYNAMIC_SECTION(threads << " thread(s), a batch, windows of 6") {
+            check_decode_steps(layer, {5, 30, 1}, {1, 1, 1}, 6, 10, values);
         }
     }
     set_threads(saved);
@@ -746,7 +790,7 @@ TEST_CASE("decode_into allocates nothing: steps over a long cache (split-KV)", "
     for (const int threads : {1, 2}) {
         set_threads(threads);
         DYNAMIC_SECTION(threads << " thread(s)") {
-            check_decode_steps<Scalar>(layer, {split + 10, 3}, {1, 1}, 0, 4, values);
+            check_decode_steps(layer, {split + 10, 3}, {1, 1}, 0, 4, values);
         }
     }
     set_threads(saved);

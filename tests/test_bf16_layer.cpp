@@ -374,3 +374,166 @@ TEST_CASE("bf16 layer: shape errors name the argument") {
     bad.w_o.resize(16, 15);
     CHECK_THROWS_WITH(mha::multi_head_attention_bf16(c, bad), ContainsSubstring("w_o"));
 }
+
+// (2) Decoding with a bf16 cache.
+//
+// Method, as for forward: a step is the composition of the public pieces with the cache's
+// columns as keys and values. Each step recomputes that composition from the whole sequence's
+// projection (its K and V columns must be the cache's, bit for bit: the projection is column by
+// column), requires the step's output to equal it bit for bit, and checks the core of the step
+// against the long-double reference with the bf16 core's bound (require_bf16_attention_close),
+// the keys each new token may see given by positions: key p is visible from token t when
+// t − W < p ≤ t (W = the window, or every earlier token without one).
+namespace {
+
+// Decodes x (E × T) in steps of the given sizes through `cache`, checking each step.
+void check_decode_steps(const mha::multi_head_attention_bf16& layer,
+                        const mha::attention_parameters<float>& p, const bmat& x,
+                        const std::vector<Index>& steps, mha::kv_cache<bf16>& cache,
+                        const std::string& what) {
+    const mha::attention_config& c = layer.config();
+    const Index heads = c.num_heads, kv = c.num_kv_heads, dk = c.head_dim, dv = c.value_head_dim;
+    const Index qk = layer.qk_width(), kw = layer.key_width(), vw = layer.value_width();
+    const Index window = cache.window();
+    bmat w_in(qk + kw + vw, c.embed_dim);  // (H·d_k + H_kv·d_k + H_kv·d_v) × E
+    w_in << p.w_q.cast<bf16>(), p.w_k.cast<bf16>(), p.w_v.cast<bf16>();
+    mha::vector<float> b_in(c.bias ? qk + kw + vw : 0);
+    if (c.bias) b_in << p.b_q, p.b_k, p.b_v;
+    bmat qkv(qk + kw + vw, x.cols());  // every token's Q, K, V
+    mha::bf16_linear_workspace lw;
+    mha::linear(w_in, b_in, x, qkv, lw);
+    const bmat w_o = p.w_o.cast<bf16>();  // E × H·d_v
+    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+    const float scale32 = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dk)));
+    mha::bf16_forward_workspace ws;
+    Index t0 = 0;
+    for (const Index n : steps) {
+        const std::string step =
+            what + ", step of " + std::to_string(n) + " at " + std::to_string(t0);
+        INFO(step);
+        mha::matrix<float> out(c.embed_dim, n);
+        layer.decode_into(x.middleCols(t0, n), cache, out, ws);
+        REQUIRE(cache.position() == t0 + n);
+        const Index first = cache.first_position(), size = cache.size();
+        REQUIRE(first + size == t0 + n);
+        CHECK(cache.keys() == qkv.block(qk, first, kw, size));
+        CHECK(cache.values() == qkv.block(qk + kw, first, vw, size));
+
+        // The composition: the core over the cached tokens, then the output projection.
+        const bmat q = qkv.block(0, t0, qk, n);
+        const bmat k = qkv.block(qk, first, kw, size), v = qkv.block(qk + kw, first, vw, size);
+        const mha::attention_mask<float> mask =
+            window > 0 ? mha::attention_mask<float>(mha::sliding_window{window - 1, 0})
+                       : mha::attention_mask<float>(mha::causal{});
+        bmat heads16(heads * dv, n);  // H·d_v × n
+        mha::multi_head_attention_core(q, k, v, heads, kv, mha::packed_batch::single(n, size),
+                                       heads16, mask, c.attention);
+        mha::matrix<float> composed(c.embed_dim, n);
+        mha::linear(w_o, p.b_o, heads16, composed, lw);
+        CHECK(same_bits(out, composed));
+
+        const Index w = window > 0 ? window : t0 + n + 1;
+        auto ok = [&](Index j, Index i) {
+            const Index key = first + j, token = t0 + i;
+            return key <= token && key > token - w;
+        };
+        for (Index h = 0; h < heads; ++h) {
+            const Index g = mha_test::reference_kv_head(h, heads, kv);
+            const mat<long double> ql = widen(q.middleRows(h * dk, dk));
+            const mat<long double> kl = widen(k.middleRows(g * dk, dk));
+            const mat<long double> vl = widen(v.middleRows(g * dv, dv));
+            const mat<long double> ref =
+                mha_test::reference_attention<long double>(ql, kl, vl, scale, ok);
+            mha_test::require_bf16_attention_close(
+                mat<float>(heads16.middleRows(h * dv, dv).cast<float>()), ref, ql, kl, vl, scale32,
+                ok, nullptr, step + ", head " + std::to_string(h), true);
+        }
+        t0 += n;
+    }
+}
+
+}  // namespace
+
+TEST_CASE("bf16 layer: decode steps equal their composition over the bf16 cache") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(20);
+    {
+        // Grouped heads, d_k ≠ d_v, biases: a prefill, single tokens, a draft of three.
+        const mha::attention_config c = config_of(48, 6, 2, 10, 7);
+        const mha::attention_parameters<float> p = parameters_for(c, 21);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const bmat x = normal_bf16(rnd, 48, 90);
+        mha::kv_cache<bf16> cache = layer.make_cache();
+        REQUIRE(cache.key_rows() == 2 * 10);
+        REQUIRE(cache.value_rows() == 2 * 7);
+        check_decode_steps(layer, p, x, {70, 1, 1, 3, 1, 1, 13}, cache, "grouped, no window");
+    }
+    {
+        // A window of 9 tokens: the cache drops tokens and moves its columns to the front.
+        mha::attention_config c = config_of(32, 4);
+        c.bias = false;
+        const mha::attention_parameters<float> p = parameters_for(c, 22);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const bmat x = normal_bf16(rnd, 32, 40);
+        mha::kv_cache_options options;
+        options.window = 9;
+        mha::kv_cache<bf16> cache = layer.make_cache(options);
+        cache.reserve(12);
+        check_decode_steps(layer, p, x, {5, 1, 1, 1, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 6},
+                           cache, "window 9");
+    }
+}
+
+TEST_CASE("bf16 layer: a batched decode step equals one step per sequence") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(23);
+    const mha::attention_config c = config_of(32, 4, 2);
+    const mha::multi_head_attention_bf16 layer(c, parameters_for(c, 24));
+    const bmat prompt_a = normal_bf16(rnd, 32, 30), prompt_b = normal_bf16(rnd, 32, 7);
+    mha::kv_cache<bf16> a = layer.make_cache(), b = layer.make_cache();
+    mha::kv_cache<bf16> a1 = layer.make_cache(), b1 = layer.make_cache();
+    (void)layer.decode(prompt_a, a);
+    (void)layer.decode(prompt_b, b);
+    (void)layer.decode(prompt_a, a1);
+    (void)layer.decode(prompt_b, b1);
+    // Sequence a adds 2 tokens, an idle sequence adds none, sequence b adds 1.
+    mha::kv_cache<bf16> idle = layer.make_cache();
+    const bmat x = normal_bf16(rnd, 32, 3);
+    const mha::matrix<float> both = layer.decode(x, {2, 0, 1}, {&a, &idle, &b});
+    const mha::matrix<float> one_a = layer.decode(x.leftCols(2), a1);
+    const mha::matrix<float> one_b = layer.decode(x.rightCols(1), b1);
+    CHECK(same_bits(mha::matrix<float>(both.leftCols(2)), one_a));
+    CHECK(same_bits(mha::matrix<float>(both.rightCols(1)), one_b));
+    CHECK(idle.empty());
+    CHECK(a.keys() == a1.keys());
+    CHECK(b.values() == b1.values());
+}
+
+TEST_CASE("bf16 layer: decode errors name the argument and change no cache") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    using Catch::Matchers::ContainsSubstring;
+    const mha::attention_config c = config_of(16, 2);
+    const mha::multi_head_attention_bf16 layer(c, parameters_for(c, 25));
+    const bmat x = bmat::Zero(16, 3);
+    mha::kv_cache<bf16> cache = layer.make_cache();
+    (void)layer.decode(x, cache);
+    mha::kv_cache<bf16> narrow(8, 16);
+    CHECK_THROWS_WITH(layer.decode(x, narrow), ContainsSubstring("caches[0]->key_rows()"));
+    CHECK_THROWS_WITH(layer.decode(bmat::Zero(15, 1), cache), ContainsSubstring("x.rows()"));
+    mha::kv_cache<bf16> other = layer.make_cache();
+    CHECK_THROWS_WITH(layer.decode(x, {2, 2}, {&cache, &other}), ContainsSubstring("x.cols()"));
+    CHECK_THROWS_WITH(layer.decode(x, {2, 1}, {&cache, &cache}), ContainsSubstring("caches[1]"));
+    mha::kv_cache_options fixed;
+    fixed.growable = false;
+    mha::kv_cache<bf16> full(layer.key_width(), layer.value_width(), fixed);
+    full.reserve(2);
+    CHECK_THROWS_AS(layer.decode(x, full), mha::shape_error);
+    CHECK(full.empty());
+    CHECK(other.empty());
+    CHECK(cache.size() == 3);
+    mha::attention_config cross = config_of(16, 2);
+    cross.key_input_dim = 12;
+    const mha::multi_head_attention_bf16 cross_layer(cross, parameters_for(cross, 26));
+    mha::kv_cache<bf16> cross_cache = cross_layer.make_cache();
+    CHECK_THROWS_WITH(cross_layer.decode(x, cross_cache), ContainsSubstring("key_input_dim"));
+}

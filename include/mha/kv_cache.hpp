@@ -38,7 +38,8 @@ struct kv_cache_options {
 /// value_rows = layer.value_width() = H_kv·d_v. Not thread-safe; one cache per sequence.
 template <class Scalar>
 class kv_cache {
-    static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
+    static_assert(detail::is_supported_scalar_v<Scalar> || detail::is_bfloat16_v<Scalar>,
+                  "mha: Scalar must be float or double (a kv_cache also takes Eigen::bfloat16)");
 
 public:
     /// What `append` takes: any column-major Scalar matrix expression, viewed without a copy.

@@ -17,6 +17,7 @@
 #include <mha/attention_config.hpp>
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
+#include <mha/detail/decode_step.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/layer_parameters.hpp>
 #include <mha/kv_cache.hpp>
@@ -38,21 +39,6 @@ struct attention_result {
     /// matrices, the mean over heads. Each is that sequence's Lk × Lq (keys × queries).
     std::vector<matrix<Scalar>> weights;
 };
-
-namespace detail {
-/// What a decoding step keeps between calls besides the forward buffers: its batch (new tokens
-/// as queries, cached tokens as keys), where each sequence's cache is, and its mask.
-template <class Scalar>
-struct decode_buffers {
-    packed_batch batch;
-    std::vector<Index> cached_tokens;                  // key length of each sequence
-    std::vector<sequence_keys_values<Scalar>> caches;  // where each sequence's keys are
-    attention_mask<Scalar> mask;                       // causal, or the caches' window
-    Index mask_window = -1;                            // the window `mask` was built for
-    std::vector<Index> one_length;                     // a single sequence's step
-    std::vector<kv_cache<Scalar>*> one_cache;
-};
-}  // namespace detail
 
 /// Every buffer a forward call needs: the projected Q/K/V, the concatenated heads, and the
 /// attention kernel's and the GEMMs' scratch. Pass the same workspace to repeated `forward_into`
@@ -305,37 +291,22 @@ public:
     void decode_into(const input& x, const std::vector<Index>& new_tokens,
                      const std::vector<kv_cache<Scalar>*>& caches, Eigen::Ref<matrix<Scalar>> out,
                      forward_workspace<Scalar>& workspace) const {
-        validate_decode(x, new_tokens, caches, out);
+        detail::check_decode_step(decode_where, config_, fused_, x.rows(), x.cols(), new_tokens,
+                                  caches, out.rows(), out.cols());
         auto& d = workspace.decoding;
         // Q, K and V of the new tokens only, by one GEMM (decoding needs self-attention
         // weights, checked above, so the fused projection exists).
         workspace.qkv.resize(qk_width() + key_width() + value_width(), x.cols());
         detail::linear_into(w_in_, b_in_, x, workspace.qkv, &workspace.internal.gemm);
         auto qkv = split_qkv(workspace.qkv, qk_width(), key_width(), value_width());
-        d.cached_tokens.resize(caches.size());
-        d.caches.resize(caches.size());
-        Index column = 0;
-        for (std::size_t b = 0; b < caches.size(); ++b) {
-            kv_cache<Scalar>& cache = *caches[b];
-            const Index n = new_tokens[b];
-            if (n > 0 && rotary_) {
+        detail::append_decode_step(
+            d, new_tokens, caches, qkv.k, qkv.v,
+            [&](std::size_t, Index column, Index n, const kv_cache<Scalar>& cache) {
+                if (!rotary_) return;
                 // The new tokens' positions continue the cache's.
                 rotary_->apply(qkv.q.middleCols(column, n), config_.num_heads, cache.position());
                 rotary_->apply(qkv.k.middleCols(column, n), config_.num_kv_heads, cache.position());
-            }
-            if (n > 0) cache.append(qkv.k.middleCols(column, n), qkv.v.middleCols(column, n));
-            column += n;
-            d.cached_tokens[b] = cache.size();
-            d.caches[b] = {cache.keys().data(), cache.values().data(), cache.key_rows(),
-                           cache.value_rows()};
-        }
-        d.batch.assign(new_tokens, d.cached_tokens);
-        const Index window = caches.empty() ? 0 : caches.front()->window();
-        if (d.mask_window != window) {
-            d.mask = window > 0 ? attention_mask<Scalar>(sliding_window{window - 1, 0})
-                                : attention_mask<Scalar>(causal{});
-            d.mask_window = window;
-        }
+            });
         workspace.heads.resize(v_width(), x.cols());
         const detail::attention_problem<Scalar> problem{
             qkv.q,
@@ -412,58 +383,6 @@ private:
 
     detail::head_layout heads() const {
         return {config_.num_heads, config_.num_kv_heads, config_.head_dim, config_.value_head_dim};
-    }
-
-    // Every check of a decoding step, before any cache changes.
-    void validate_decode(const input& x, const std::vector<Index>& new_tokens,
-                         const std::vector<kv_cache<Scalar>*>& caches,
-                         const Eigen::Ref<matrix<Scalar>>& out) const {
-        constexpr const char* where = decode_where;
-        if (!fused_)
-            detail::fail<value_error>(where, "the layer's key_input_dim and value_input_dim",
-                                      "embed_dim = " + std::to_string(config_.embed_dim) +
-                                          " (decoding is self-attention)",
-                                      std::to_string(config_.key_input_dim) + " and " +
-                                          std::to_string(config_.value_input_dim));
-        // The token count is checked below, against the sum of new_tokens; a width in the
-        // columns is hint enough here.
-        detail::check_token_rows(where, "x.rows()", config_.embed_dim, x.rows(), "embed_dim", -1,
-                                 x.cols());
-        detail::check_size(where, "caches.size()", static_cast<Index>(new_tokens.size()),
-                           static_cast<Index>(caches.size()), "new_tokens.size()");
-        // Names are built only on failure: a valid step allocates nothing.
-        auto name = [](const char* vector, std::size_t b, const char* member = "") {
-            return std::string(vector) + "[" + std::to_string(b) + "]" + member;
-        };
-        Index total = 0;
-        for (std::size_t b = 0; b < caches.size(); ++b) {
-            if (new_tokens[b] < 0)
-                detail::fail<value_error>(where, name("new_tokens", b), ">= 0", new_tokens[b]);
-            total += new_tokens[b];
-            if (caches[b] == nullptr)
-                detail::fail<value_error>(where, name("caches", b), "a cache", "null");
-            const kv_cache<Scalar>& cache = *caches[b];
-            if (cache.key_rows() != key_width())
-                detail::check_size(where, name("caches", b, "->key_rows()"), key_width(),
-                                   cache.key_rows(), "the layer's key_width(), H_kv·d_k");
-            if (cache.value_rows() != value_width())
-                detail::check_size(where, name("caches", b, "->value_rows()"), value_width(),
-                                   cache.value_rows(), "the layer's value_width(), H_kv·d_v");
-            if (cache.window() != caches.front()->window())
-                detail::check_size(where, name("caches", b, "->window()"), caches.front()->window(),
-                                   cache.window(), "caches[0]->window(): one step has one mask");
-            for (std::size_t c = 0; c < b; ++c)
-                if (caches[c] == caches[b])
-                    detail::fail<value_error>(where, name("caches", b),
-                                              "a cache no other sequence of the step uses",
-                                              "the cache of sequence " + std::to_string(c));
-            cache.check_append(new_tokens[b]);
-        }
-        detail::check_size(where, "x.cols()", total, x.cols(), "the sum of new_tokens");
-        detail::check_size(where, "out.rows()", config_.embed_dim, out.rows(), "embed_dim");
-        detail::check_size(where, "out.cols()", x.cols(), out.cols(), "x.cols()");
-        if (config_.attention.scale && !std::isfinite(*config_.attention.scale))
-            detail::fail<value_error>(where, "attention.scale", "finite", *config_.attention.scale);
     }
 
     // Biases of the stacked input projection, as segments (size 0 without bias).

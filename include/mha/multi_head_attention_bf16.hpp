@@ -8,13 +8,16 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include <mha/attention_bf16.hpp>
 #include <mha/attention_config.hpp>
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
 #include <mha/detail/check.hpp>
+#include <mha/detail/decode_step.hpp>
 #include <mha/detail/layer_parameters.hpp>
+#include <mha/kv_cache.hpp>
 #include <mha/mask.hpp>
 #include <mha/multi_head_attention.hpp>
 #include <mha/projection_bf16.hpp>
@@ -35,6 +38,7 @@ struct bf16_forward_workspace {
     bf16_matrix heads;      ///< heads32 rounded once, the output projection's input, H·d_v × Nq
     bf16_linear_workspace linear;  ///< the projections' packing buffers; internal
     detail::bf16_workspace core;   ///< the attention kernel's buffers; internal
+    detail::decode_buffers<Eigen::bfloat16, float> decoding;  ///< decode_into's; internal
 };
 
 /// Multi-head attention layer on bfloat16 storage. The weights are stored once as bf16 (rounded
@@ -132,6 +136,78 @@ public:
         validate(query, key, value, batch, mask, out);
         project_separately(query, key, value, ws);
         attend_and_project(ws.q, ws.k, ws.v, batch, mask, out, ws);
+    }
+
+    /// An empty bf16 cache for this layer's keys and values (key_width() × tokens and
+    /// value_width() × tokens): half the bytes of the fp32 layer's cache.
+    kv_cache<Eigen::bfloat16> make_cache(const kv_cache_options& options = {}) const {
+        return kv_cache<Eigen::bfloat16>(key_width(), value_width(), options);
+    }
+
+    /// One decoding step of one sequence, as multi_head_attention::decode: x (E × n, bf16) holds
+    /// its n new tokens; their keys and values (rounded to bf16 by the projection) are appended
+    /// to `cache`, and new token i attends to every cached token and the new tokens up to itself
+    /// (within the cache's window, if it has one). Returns E × n (float): the step is the
+    /// composition of the public bf16 pieces, as for forward, with the cache's columns as the
+    /// keys and values.
+    matrix<float> decode(const input& x, kv_cache<Eigen::bfloat16>& cache) const {
+        matrix<float> out(config_.embed_dim, x.cols());
+        bf16_forward_workspace workspace;
+        decode_into(x, cache, out, workspace);
+        return out;
+    }
+
+    /// `decode` into `out` (E × n), reusing `workspace`. With the cache's room reserved
+    /// (`cache.fits(n)`) and a workspace that has served a step of the same shapes, a step
+    /// allocates nothing.
+    void decode_into(const input& x, kv_cache<Eigen::bfloat16>& cache,
+                     Eigen::Ref<matrix<float>> out, bf16_forward_workspace& workspace) const {
+        auto& d = workspace.decoding;
+        d.one_length.assign(1, x.cols());
+        d.one_cache.assign(1, &cache);
+        decode_into(x, d.one_length, d.one_cache, out, workspace);
+    }
+
+    /// One decoding step for a batch of sequences (continuous batching), as
+    /// multi_head_attention::decode: sequence b adds new_tokens[b] ≥ 0 tokens, consecutive
+    /// columns of x (E × Σ new_tokens), to its own cache *caches[b].
+    matrix<float> decode(const input& x, const std::vector<Index>& new_tokens,
+                         const std::vector<kv_cache<Eigen::bfloat16>*>& caches) const {
+        matrix<float> out(config_.embed_dim, x.cols());
+        bf16_forward_workspace workspace;
+        decode_into(x, new_tokens, caches, out, workspace);
+        return out;
+    }
+
+    /// The batched step into `out` (E × Σ new_tokens), reusing `workspace`. Every argument and
+    /// every cache's room are checked before any cache changes.
+    void decode_into(const input& x, const std::vector<Index>& new_tokens,
+                     const std::vector<kv_cache<Eigen::bfloat16>*>& caches,
+                     Eigen::Ref<matrix<float>> out, bf16_forward_workspace& ws) const {
+        constexpr const char* where = "mha::multi_head_attention_bf16::decode";
+        detail::check_decode_step(where, config_, fused_, x.rows(), x.cols(), new_tokens, caches,
+                                  out.rows(), out.cols());
+        const Index qk = qk_width(), kw = key_width(), vw = value_width();
+        ws.qkv.resize(qk + kw + vw, x.cols());  // the new tokens' Q, K and V only
+        linear(w_in_, b_in_, x, ws.qkv, ws.linear);
+        auto& d = ws.decoding;
+        detail::append_decode_step(
+            d, new_tokens, caches, ws.qkv.middleRows(qk, kw), ws.qkv.bottomRows(vw),
+            [](std::size_t, Index, Index, const kv_cache<Eigen::bfloat16>&) {});
+        ws.heads32.resize(v_width(), x.cols());
+        const detail::bf16_attention_problem problem{
+            ws.qkv.topRows(qk),
+            ws.qkv.middleRows(qk, kw),
+            ws.qkv.bottomRows(vw),
+            ws.heads32,
+            heads(),
+            d.batch,
+            d.mask,
+            detail::resolve_scale<float>(where, config_.attention, config_.head_dim),
+            false,
+            d.caches.data()};
+        detail::tiled_attention_bf16<detail::default_bf16_kernel>(problem, nullptr, {}, &ws.core);
+        project_output(out, ws);
     }
 
     /// The layer's shape and settings, resolved (see multi_head_attention::config).
@@ -232,8 +308,7 @@ private:
         }
     }
 
-    // Every head into ws.heads32 ((H·d_v) × Nq), rounded once into ws.heads, then
-    // out = W_o·heads + b_o.
+    // Every head into ws.heads32 ((H·d_v) × Nq), then the output projection.
     template <class DQ, class DK, class DV>
     void attend_and_project(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                             const Eigen::MatrixBase<DV>& v, const packed_batch& batch,
@@ -243,9 +318,18 @@ private:
         detail::multi_head_attention_core_bf16<detail::default_bf16_kernel>(
             q, k, v, config_.num_heads, config_.num_kv_heads, batch, ws.heads32, mask,
             config_.attention, {}, {}, &ws.core);
-        ws.heads.resize(v_width(), q.cols());
+        project_output(out, ws);
+    }
+
+    // ws.heads32 rounded once into ws.heads, then out = W_o·heads + b_o.
+    void project_output(Eigen::Ref<matrix<float>> out, bf16_forward_workspace& ws) const {
+        ws.heads.resize(v_width(), ws.heads32.cols());
         ws.heads = ws.heads32.cast<Eigen::bfloat16>();
         linear(w_o_, b_o_, ws.heads, out, ws.linear);
+    }
+
+    detail::head_layout heads() const {
+        return {config_.num_heads, config_.num_kv_heads, config_.head_dim, config_.value_head_dim};
     }
 
     attention_config config_;

@@ -73,6 +73,8 @@ DEFAULT_TESTS = {
     "detail/call_checks.hpp": ["attention", "hostile_input", "attention_backward"],
     "attention_bf16.hpp": ["bf16_attention", "bf16_attention_native"],
     "multi_head_attention_bf16.hpp": ["bf16_layer", "bf16_layer_native", "allocation_free"],
+    "detail/decode_step.hpp": ["kv_cache", "bf16_layer"],
+    "detail/tiled/forward_bf16.hpp": ["bf16_attention", "bf16_layer"],
 }
 
 # ctest name -> build target, where they differ.

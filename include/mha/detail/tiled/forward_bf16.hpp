@@ -52,6 +52,9 @@ struct bf16_attention_problem {
     const attention_mask<float>& mask;
     float scale;
     bool log_sum_exp;
+    /// One entry per sequence: its keys and values are read there (a decode step's caches) and
+    /// k and v are not read; null: keys and values in k and v.
+    const sequence_keys_values<Eigen::bfloat16>* per_sequence = nullptr;
 };
 
 /// One (sequence, head) of a bf16 call: `f` carries everything but the inputs (output,
@@ -75,6 +78,13 @@ inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p,
     };
     float* lse_at =
         lse == nullptr || lse->size() == 0 ? nullptr : at(lse->data(), lq, q0 * lse->rows() + h);
+    sequence_keys_values<Eigen::bfloat16> kv{p.k.data(), p.v.data(), p.k.outerStride(),
+                                             p.v.outerStride()};
+    Index kv_column = k0;
+    if (p.per_sequence != nullptr) {
+        kv = p.per_sequence[b];
+        kv_column = 0;
+    }
     bf16_head_problem hp{};
     hp.f = head_problem<float>{nullptr,
                                nullptr,
@@ -82,8 +92,8 @@ inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p,
                                at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
                                lse_at,
                                p.q.outerStride(),
-                               p.k.outerStride(),
-                               p.v.outerStride(),
+                               kv.k_stride,
+                               kv.v_stride,
                                p.out.outerStride(),
                                lse == nullptr ? 0 : lse->rows(),
                                heads.dk,
@@ -95,8 +105,8 @@ inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p,
     hp.f.sequence = b;
     hp.f.head = h;
     hp.q = at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h));
-    hp.k = at(p.k.data(), lk, k0 * p.k.outerStride() + heads.k_row(h));
-    hp.v = at(p.v.data(), lk, k0 * p.v.outerStride() + heads.v_row(h));
+    hp.k = at(kv.k, lk, kv_column * kv.k_stride + heads.k_row(h));
+    hp.v = at(kv.v, lk, kv_column * kv.v_stride + heads.v_row(h));
     return hp;
 }
 
