@@ -10,6 +10,7 @@
 //   reads per second, to be read as a fraction of the probe's.
 // - A whole decoding step of the layer: projection of one token, cache append, attention and
 //   output projection, with its time per token and its heap allocations per step (0).
+// - Both decode cases again in bfloat16 (the bf16 layer and its bf16 cache): half the bytes.
 //
 // Threads: the kernels run on OpenMP's threads; compare OMP_NUM_THREADS=1 with 2:
 //   OMP_NUM_THREADS=1 ./bench_decoding --benchmark_repetitions=3
@@ -25,6 +26,7 @@
 #include <benchmark/benchmark.h>
 
 #include <mha/mha.hpp>
+#include <mha/multi_head_attention_bf16.hpp>
 
 #include "flops.hpp"
 
@@ -150,28 +152,51 @@ void BM_decode_core(benchmark::State& state) {
                             kHeadDim * static_cast<std::int64_t>(sizeof(float)));
 }
 
+// The same in bfloat16: Q, K, V and the cache in bf16, the sums and softmax in fp32; half the
+// bytes per step.
+void BM_decode_core_bf16(benchmark::State& state) {
+    using bf16_matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
+    const Index length = state.range(0);
+    const bf16_matrix q = Matrix::Random(kHeads * kHeadDim, 1).cast<Eigen::bfloat16>();
+    const bf16_matrix k = Matrix::Random(kKvHeads * kHeadDim, length).cast<Eigen::bfloat16>();
+    const bf16_matrix v = Matrix::Random(kKvHeads * kHeadDim, length).cast<Eigen::bfloat16>();
+    const mha::packed_batch batch({1}, {length});
+    Matrix out(kHeads * kHeadDim, 1);
+    for (auto _ : state) {
+        mha::multi_head_attention_core(q, k, v, kHeads, kKvHeads, batch, out);
+        benchmark::DoNotOptimize(out.data());
+        benchmark::ClobberMemory();
+    }
+    set_gflops(state, mha_bench::cross_attention_core_flops(1, 1, length, kHeads * kHeadDim));
+    state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * 2 * length * kKvHeads *
+                            kHeadDim * static_cast<std::int64_t>(sizeof(Eigen::bfloat16)));
+}
+
 // A whole decoding step of the layer with a cache of L tokens: project the new token, append
 // its key and value, attend, project the output. Each iteration rolls the cache back by one
-// token, so every step sees the same L. Reports the heap allocations per step.
-void BM_decode_layer_step(benchmark::State& state) {
+// token, so every step sees the same L. Reports the heap allocations per step. `Layer`: the
+// fp32 layer, or the bf16 one (bf16 weights, input and cache; float output).
+template <class Layer, class Input, class Workspace>
+void decode_layer_step(benchmark::State& state) {
     const Index length = state.range(0);
     mha::attention_config config;
     config.embed_dim = kEmbed;
     config.num_heads = kHeads;
     config.num_kv_heads = kKvHeads;
     config.bias = false;
-    const mha::multi_head_attention<float> layer(config, /*seed=*/1);
-    mha::kv_cache<float> cache = layer.make_cache();
+    const Layer layer(mha::multi_head_attention<float>(config, /*seed=*/1));
+    auto cache = layer.make_cache();
     cache.reserve(length + 1);
     {
         // The prompt's keys and values, written directly: its projection is not what is timed.
         const Matrix prompt_k = Matrix::Random(layer.key_width(), length);
         const Matrix prompt_v = Matrix::Random(layer.value_width(), length);
-        cache.append(prompt_k, prompt_v);
+        cache.append(prompt_k.cast<Input>(), prompt_v.cast<Input>());
     }
-    const Matrix x = Matrix::Random(kEmbed, 1);
+    const Eigen::Matrix<Input, Eigen::Dynamic, Eigen::Dynamic> x =
+        Matrix::Random(kEmbed, 1).cast<Input>();
     Matrix y(kEmbed, 1);
-    mha::forward_workspace<float> workspace;
+    Workspace workspace;
     layer.decode_into(x, cache, y, workspace);  // warm-up: sizes the workspace
     cache.truncate(length);
     std::int64_t allocated = 0;
@@ -193,6 +218,16 @@ void BM_decode_layer_step(benchmark::State& state) {
         benchmark::Counter(1.0, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+void BM_decode_layer_step(benchmark::State& state) {
+    decode_layer_step<mha::multi_head_attention<float>, float, mha::forward_workspace<float>>(
+        state);
+}
+
+void BM_decode_layer_step_bf16(benchmark::State& state) {
+    decode_layer_step<mha::multi_head_attention_bf16, Eigen::bfloat16, mha::bf16_forward_workspace>(
+        state);
+}
+
 BENCHMARK(BM_stream_read)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_prefill_core)
     ->ArgNames({"kv_heads", "L"})
@@ -208,7 +243,19 @@ BENCHMARK(BM_decode_core)
     ->Arg(32768)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
+BENCHMARK(BM_decode_core_bf16)
+    ->ArgName("L")
+    ->Arg(4096)
+    ->Arg(32768)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 BENCHMARK(BM_decode_layer_step)
+    ->ArgName("L")
+    ->Arg(4096)
+    ->Arg(32768)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_decode_layer_step_bf16)
     ->ArgName("L")
     ->Arg(4096)
     ->Arg(32768)

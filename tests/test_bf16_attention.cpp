@@ -342,6 +342,58 @@ TEST_CASE("bf16 core: public entry, heads, grouped heads, batches, bf16 output, 
         }
 }
 
+TEST_CASE("bf16 core: one-query sequences with grouped heads (the stacked decode problem)") {
+    // A sequence of one query with grouped heads runs the query heads of each key/value head as
+    // the queries of one problem. Checked against the long-double reference per head, and its
+    // output and log-sum-exp against the same call with per-head masks (which cannot be stacked:
+    // one problem per query head) bit for bit, since each query's column is computed alike.
+    // Keys beyond each sequence's key length hold NaN: excluded keys never reach the output.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(53);
+    const Index heads = 8, kv_heads = 2, dk = 16, dv = 12;
+    const std::vector<Index> lq{1, 3, 1}, lk{70, 20, 150}, kept{60, 20, 150};
+    const mha::packed_batch batch(lq, lk);
+    const Index nq = batch.total_queries(), nk = batch.total_keys();
+    const bmat q = normal_bf16(rnd, heads * dk, nq);
+    bmat k = normal_bf16(rnd, kv_heads * dk, nk), v = normal_bf16(rnd, kv_heads * dv, nk);
+    const bf16 nan(std::numeric_limits<float>::quiet_NaN());
+    k.middleCols(kept[0], lk[0] - kept[0]).setConstant(nan);
+    v.middleCols(kept[0], lk[0] - kept[0]).setConstant(nan);
+    mha::attention_request request;
+    request.log_sum_exp = true;
+    const mha::attention_mask<float> shared(mha::causal{}, mha::key_lengths{kept});
+    mat<float> out(heads * dv, nq), out_per_head(heads * dv, nq);
+    const mha::attention_outputs<float> r =
+        mha::multi_head_attention_core(q, k, v, heads, kv_heads, batch, out, shared, {}, request);
+    std::vector<mha::bool_matrix> keep;
+    for (Index b = 0; b < batch.size(); ++b)
+        for (Index h = 0; h < heads; ++h)
+            keep.push_back(
+                mha::bool_matrix::Constant(batch.key_length(b), batch.query_length(b), true));
+    mha::attention_mask<float> per_head(mha::causal{}, mha::key_lengths{kept});
+    per_head.add(mha::keep_mask(keep));
+    const mha::attention_outputs<float> r_per_head = mha::multi_head_attention_core(
+        q, k, v, heads, kv_heads, batch, out_per_head, per_head, {}, request);
+    CHECK(out.cwiseEqual(out_per_head).all());
+    CHECK(r.log_sum_exp.cwiseEqual(r_per_head.log_sum_exp).all());
+    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+    for (Index b = 0; b < batch.size(); ++b)
+        for (Index h = 0; h < heads; ++h) {
+            const Index c0 = batch.query_offset(b), n = batch.query_length(b);
+            const Index k0 = batch.key_offset(b), m = kept[static_cast<std::size_t>(b)];
+            const Index g = h / (heads / kv_heads);
+            const mat<long double> qh = widen(q.block(h * dk, c0, dk, n));
+            const mat<long double> kh = widen(k.block(g * dk, k0, dk, m));
+            const mat<long double> vh = widen(v.block(g * dv, k0, dv, m));
+            const auto allowed = mha_test::causal_bottom_right(n, batch.key_length(b));
+            const mat<long double> ref =
+                mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
+            mha_test::require_bf16_attention_close<float>(
+                out.block(h * dv, c0, dv, n), ref, qh, kh, vh, scale, allowed, nullptr,
+                "sequence " + std::to_string(b) + ", head " + std::to_string(h));
+        }
+}
+
 TEST_CASE("bf16 core: fully masked queries are exactly 0, requests it cannot serve throw") {
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
     mha_test::value_source rnd(51);

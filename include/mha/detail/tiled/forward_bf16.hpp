@@ -330,6 +330,7 @@ inline void finalize_block_bf16(const bf16_head_problem& p, Index i0, Index nq,
 struct bf16_workspace {
     struct task {
         Index b, h, i0, nq, cost, order;  // order: creation index, breaks cost ties
+        Index group;  // 1, or the query heads stacked as the queries of key/value head h
     };
     mask_views<float> masks;  // refer to the mask of the current call; stale between calls
     std::vector<task> tasks;
@@ -355,7 +356,21 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
     using task = bf16_workspace::task;
     std::vector<task>& tasks = ws.tasks;
     tasks.clear();
-    for (Index b = 0; b < p.batch.size(); ++b)
+    // A sequence of one query with grouped heads (a decode step) stacks the query heads of each
+    // key/value head as the queries of one problem, as the fp32 kernel does
+    // (make_stacked_problem): each cached key is read once per group, and one score tile serves
+    // the group instead of one padded tile per query head.
+    const Index group = num_heads / p.heads.num_kv_heads;
+    const bool can_stack = group > 1 && group <= cfg.query_block && ws.masks.same_for_every_head();
+    for (Index b = 0; b < p.batch.size(); ++b) {
+        if (can_stack && p.batch.query_length(b) == 1) {
+            for (Index g = 0; g < p.heads.num_kv_heads; ++g) {
+                const auto r = ws.masks(b, g * group).key_range(0);
+                tasks.push_back({b, g, 0, group, std::max<Index>(r.second - r.first, 0) * group,
+                                 static_cast<Index>(tasks.size()), group});
+            }
+            continue;
+        }
         for (Index h = 0; h < num_heads; ++h)
             for (Index i0 = 0; i0 < p.batch.query_length(b); i0 += cfg.query_block) {
                 const Index nq = std::min(cfg.query_block, p.batch.query_length(b) - i0);
@@ -367,8 +382,9 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
                     hi = std::max(hi, r.second);
                 }
                 tasks.push_back({b, h, i0, nq, std::max<Index>(hi - lo, 0) * nq,
-                                 static_cast<Index>(tasks.size())});
+                                 static_cast<Index>(tasks.size()), 1});
             }
+    }
     // std::sort with a total order: the order of a stable sort without its buffer.
     std::sort(tasks.begin(), tasks.end(), [](const task& a, const task& b) {
         return a.cost != b.cost ? a.cost > b.cost : a.order < b.order;
@@ -383,6 +399,19 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
     };
     auto run = [&](Index index, bf16_thread_state& state) {
         const task& tk = tasks[static_cast<std::size_t>(index)];
+        if (tk.group > 1) {
+            // Query heads g·group … lie d_k apart in the query's column, their outputs d_v
+            // apart, their log-sum-exps 1 apart; every one sees what query 0 of head g·group sees.
+            const mask_view<float> view = ws.masks(tk.b, tk.h * tk.group).stacked();
+            bf16_head_problem hp = make_bf16_head_problem(p, tk.b, tk.h * tk.group, view, lse);
+            hp.f.q_stride = p.heads.dk;
+            hp.f.out_stride = p.heads.dv;
+            hp.f.lse_stride = 1;
+            hp.f.lq = tk.group;
+            online_pass_bf16<Kernel>(hp, 0, tk.group, cfg, state);
+            finalize_block_bf16(hp, 0, tk.group, state.t);
+            return;
+        }
         const bf16_head_problem hp =
             make_bf16_head_problem(p, tk.b, tk.h, ws.masks(tk.b, tk.h), lse);
         online_pass_bf16<Kernel>(hp, tk.i0, tk.nq, cfg, state);
