@@ -116,10 +116,12 @@ struct shape {
 };
 
 // Rows around the 16-lane packet and the 64-row tile, k odd, 1, around the 512 k-block, columns
-// around the 6-column tile and the 192-column block.
-const shape kShapes[] = {{1, 1, 1},     {17, 1, 7},     {64, 2, 6},    {63, 7, 5},
-                         {65, 3, 13},   {16, 512, 192}, {15, 511, 12}, {130, 513, 193},
-                         {33, 1025, 7}, {200, 64, 385}, {80, 9, 1},    {1, 100, 70}};
+// around the 6-column tile and the 192-column block; 1 to 4 columns (the native kernel's narrow
+// path, A read in place) with rows and k around its packets and sweeps.
+const shape kShapes[] = {
+    {1, 1, 1},     {17, 1, 7},      {64, 2, 6},    {63, 7, 5},     {65, 3, 13}, {16, 512, 192},
+    {15, 511, 12}, {130, 513, 193}, {33, 1025, 7}, {200, 64, 385}, {80, 9, 1},  {1, 100, 70},
+    {2100, 33, 1}, {47, 1025, 3},   {300, 2, 2},   {1030, 7, 4},   {5, 16, 4},  {31, 17, 2}};
 
 }  // namespace
 
@@ -255,6 +257,29 @@ TEST_CASE("bf16 linear: 1, 2 and 3 threads give the same bits; native and portab
                 REQUIRE(std::fabs(static_cast<long double>(results[0](i, j)) - results[1](i, j)) <=
                         2 * g * r.magnitude(i, j));
     }
+}
+
+TEST_CASE("bf16 linear: the narrow native path gives the packed path's bits, for any thread count",
+          "[bf16_projection]") {
+    // Up to bf16_narrow_columns columns the native kernel reads W in place instead of packing
+    // it; each output still gets the packed path's sequence of vdpbf16ps (detail/gemm_bf16.hpp),
+    // so the first columns of a 6-column product (packed) are the same bits as the narrow
+    // product of those columns alone. Rows enough for the threads to split them.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    if (!native_available()) SKIP("the native kernel is not compiled in or not on this CPU");
+    mha_test::value_source rnd(11);
+    const bmat w = normal_bf16(rnd, 2500, 301), x = normal_bf16(rnd, 301, 6);
+    const mha::vector<float> b = normal_bf16(rnd, 2500, 1).cast<float>();
+    mha::bf16_linear_workspace ws;
+    const mat<float> packed = project<mat<float>>(kernel::native, w, b, x, 1, ws);
+    require_close(packed, reference_of(w, b, x), 301, false, "packed, 6 columns");
+    for (Index n = 1; n <= mha::detail::bf16_narrow_columns; ++n)
+        for (int threads : {1, 2, 3}) {
+            INFO(n << " columns, " << threads << " threads");
+            const bmat xn = x.leftCols(n);
+            const mat<float> narrow = project<mat<float>>(kernel::native, w, b, xn, threads, ws);
+            CHECK(same_bits(narrow, packed.leftCols(n)));
+        }
 }
 
 TEST_CASE("bf16 linear: a workspace that served a shape is not grown again", "[bf16_projection]") {

@@ -12,6 +12,10 @@
 //            B is packed per k-block and column block into panels of 6 columns, its words
 //            (B(2p, j), B(2p+1, j)) in the order the tile broadcasts them. An odd k gets a zero
 //            partner in both.
+//            Up to bf16_narrow_columns columns of B (a decode step's projection) the native
+//            path reads A in place instead (column-major A only): packing A would be a pass
+//            over every weight for a few columns of work; two columns of A are interleaved in
+//            registers into the same words, so the result is the same bits (narrow_rows_bf16).
 //   portable (elsewhere, or forced by the tests): A and column blocks of B widened to fp32
 //            (exactly: a bf16 is the upper half of an fp32), then Eigen's fp32 GEMM kernel on
 //            them with packing buffers the caller keeps (detail/gemm.hpp).
@@ -71,6 +75,10 @@ static_assert(bf16_gemm_sizes::mc % bf16_gemm_sizes::mr == 0, "row blocks of who
 static_assert(bf16_gemm_sizes::nc % bf16_gemm_sizes::nr == 0, "column blocks of whole panels");
 static_assert(bf16_gemm_sizes::nc % eigen_compat::gemm_column_tile<float> == 0,
               "column blocks of whole tiles of Eigen's fp32 kernel (portable path)");
+
+/// Columns of B up to which the native gemm_bf16 runs the narrow product, A read in place (a
+/// decode step's projection).
+inline constexpr Index bf16_narrow_columns = 4;
 
 /// Grows v to at least n elements; never shrinks, so a buffer that served a shape allocates
 /// nothing for it again.
@@ -347,6 +355,90 @@ inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_ope
     });
 }
 
+/// C(:, 0 : Cols) += A·B(:, j0 : j0 + Cols) for a column-major A (row stride 1), A read in place:
+/// the narrow product of gemm_bf16, for a few columns, where packing A would cost a pass over
+/// every weight (a decode step's projection reads each weight once). Each sweep takes G pairs of
+/// A's columns over every row: their two columns interleaved in registers (vpermt2w) into the
+/// words vdpbf16ps takes, C loaded, G dot products, C stored. Every element of C thus gets the
+/// sequence of vdpbf16ps of gemm_bf16_native (over the pairs in order, the odd k's partner 0)
+/// from the same start, so the narrow and the packed products give the same bits; C's store and
+/// reload between sweeps are exact. Rows [r0, r1) only (a thread's share; r0 a multiple of 16).
+template <int Cols>
+void narrow_rows_bf16(Index r0, Index r1, Index k, bf16_operand a, bf16_operand b, float* c,
+                      Index ldc) {
+    constexpr Index G = 4;  // pairs per sweep: 8 streams of A
+    const Index pairs = (k + 1) / 2;
+    alignas(64) std::uint16_t order[32];
+    for (int i = 0; i < 16; ++i) {
+        order[2 * i] = static_cast<std::uint16_t>(i);           // word i's low half: column 2q
+        order[2 * i + 1] = static_cast<std::uint16_t>(32 + i);  // its high half: column 2q + 1
+    }
+    const __m512i interleave = _mm512_load_si512(order);
+    for (Index q0 = 0; q0 < pairs; q0 += G) {
+        const Index g = std::min(G, pairs - q0);
+        __m512i y[G][Cols];
+        for (Index t = 0; t < g; ++t)
+            for (int j = 0; j < Cols; ++j) {
+                const Eigen::bfloat16* col = b.data + j * b.col_stride;
+                const Index kk = 2 * (q0 + t);
+                const std::uint32_t lo = bf16_bits(col[kk * b.row_stride]);
+                const std::uint32_t hi = kk + 1 < k ? bf16_bits(col[(kk + 1) * b.row_stride]) : 0u;
+                y[t][j] = _mm512_set1_epi32(static_cast<int>(lo | (hi << 16)));
+            }
+        for (Index r = r0; r < r1; r += bf16_lanes) {
+            const auto rows = static_cast<unsigned>(std::min(bf16_lanes, r1 - r));
+            const auto mask16 = static_cast<__mmask16>((1u << rows) - 1u);
+            const auto mask32 = static_cast<__mmask32>(mask16);
+            __m512 acc[Cols];
+            for (int j = 0; j < Cols; ++j)
+                acc[j] = _mm512_maskz_loadu_ps(mask16, c + j * ldc + r);
+            for (Index t = 0; t < g; ++t) {
+                const Index kk = 2 * (q0 + t);
+                const Eigen::bfloat16* col0 = a.data + kk * a.col_stride + r;
+                const __m512i lo = _mm512_maskz_loadu_epi16(mask32, col0);
+                const __m512i hi = kk + 1 < k
+                                       ? _mm512_maskz_loadu_epi16(mask32, col0 + a.col_stride)
+                                       : _mm512_setzero_si512();
+                const __m512i x = _mm512_permutex2var_epi16(lo, interleave, hi);
+                for (int j = 0; j < Cols; ++j)
+                    acc[j] = dot_pairs(acc[j], x, y[t][j]);
+            }
+            for (int j = 0; j < Cols; ++j)
+                _mm512_mask_storeu_ps(c + j * ldc + r, mask16, acc[j]);
+        }
+    }
+}
+
+/// The narrow path of gemm_bf16 (n ≤ bf16_narrow_columns, A column-major): C started from C, the
+/// bias or 0, then narrow_rows_bf16, the rows split over threads in whole packets (each element
+/// is computed alike whoever computes it).
+inline void gemm_bf16_narrow(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
+                             Index ldc, bool accumulate, const float* bias, int threads) {
+    if (!accumulate) start_columns(m, 0, n, bias, c, ldc);
+    // Parts of at least 1024 rows: below that a thread's start costs more than its share.
+    const Index packets = (m + bf16_lanes - 1) / bf16_lanes;
+    const int nt = static_cast<int>(
+        std::max<Index>(1, std::min<Index>(thread_count(threads), (m + 1023) / 1024)));
+    parallel_parts(nt, [&](int part, int) {
+        const Index r0 = packets * part / nt * bf16_lanes;
+        const Index r1 = std::min(m, packets * (part + 1) / nt * bf16_lanes);
+        switch (n) {
+            case 1:
+                narrow_rows_bf16<1>(r0, r1, k, a, b, c, ldc);
+                break;
+            case 2:
+                narrow_rows_bf16<2>(r0, r1, k, a, b, c, ldc);
+                break;
+            case 3:
+                narrow_rows_bf16<3>(r0, r1, k, a, b, c, ldc);
+                break;
+            default:
+                narrow_rows_bf16<4>(r0, r1, k, a, b, c, ldc);
+                break;
+        }
+    });
+}
+
 #endif  // MHA_BF16_NATIVE
 
 /// C (m×n, fp32, column-major, ldc) = bias·1ᵀ + A·B (bias: m floats, or null for none), or
@@ -365,7 +457,10 @@ inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b,
     }
 #if defined(MHA_BF16_NATIVE)
     if (kernel == bf16_kernel::native) {
-        gemm_bf16_native(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
+        if (n <= bf16_narrow_columns && a.row_stride == 1)
+            gemm_bf16_narrow(m, n, k, a, b, c, ldc, accumulate, bias, threads);
+        else
+            gemm_bf16_native(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
         return;
     }
 #endif
