@@ -134,12 +134,15 @@ void BM_prefill_core(benchmark::State& state) {
 
 // The attention core of one decode step: one new query per head over a cache of L tokens, 8
 // key/value heads shared by groups of 4 query heads. The keys and values are read once:
-// 2 · L · H_kv · d_k floats per step, reported as bytes/s.
-void BM_decode_core(benchmark::State& state) {
+// 2 · L · H_kv · d_k elements per step, reported as bytes/s. `Storage`: float, or
+// Eigen::bfloat16 (Q, K and V in bf16, the sums and softmax in fp32; half the bytes).
+template <class Storage>
+void decode_core(benchmark::State& state) {
+    using storage_matrix = Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic>;
     const Index length = state.range(0);
-    const Matrix q = Matrix::Random(kHeads * kHeadDim, 1);
-    const Matrix k = Matrix::Random(kKvHeads * kHeadDim, length);
-    const Matrix v = Matrix::Random(kKvHeads * kHeadDim, length);
+    const storage_matrix q = Matrix::Random(kHeads * kHeadDim, 1).cast<Storage>();
+    const storage_matrix k = Matrix::Random(kKvHeads * kHeadDim, length).cast<Storage>();
+    const storage_matrix v = Matrix::Random(kKvHeads * kHeadDim, length).cast<Storage>();
     const mha::packed_batch batch({1}, {length});
     Matrix out(kHeads * kHeadDim, 1);
     for (auto _ : state) {
@@ -149,27 +152,15 @@ void BM_decode_core(benchmark::State& state) {
     }
     set_gflops(state, mha_bench::cross_attention_core_flops(1, 1, length, kHeads * kHeadDim));
     state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * 2 * length * kKvHeads *
-                            kHeadDim * static_cast<std::int64_t>(sizeof(float)));
+                            kHeadDim * static_cast<std::int64_t>(sizeof(Storage)));
 }
 
-// The same in bfloat16: Q, K, V and the cache in bf16, the sums and softmax in fp32; half the
-// bytes per step.
+void BM_decode_core(benchmark::State& state) {
+    decode_core<float>(state);
+}
+
 void BM_decode_core_bf16(benchmark::State& state) {
-    using bf16_matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
-    const Index length = state.range(0);
-    const bf16_matrix q = Matrix::Random(kHeads * kHeadDim, 1).cast<Eigen::bfloat16>();
-    const bf16_matrix k = Matrix::Random(kKvHeads * kHeadDim, length).cast<Eigen::bfloat16>();
-    const bf16_matrix v = Matrix::Random(kKvHeads * kHeadDim, length).cast<Eigen::bfloat16>();
-    const mha::packed_batch batch({1}, {length});
-    Matrix out(kHeads * kHeadDim, 1);
-    for (auto _ : state) {
-        mha::multi_head_attention_core(q, k, v, kHeads, kKvHeads, batch, out);
-        benchmark::DoNotOptimize(out.data());
-        benchmark::ClobberMemory();
-    }
-    set_gflops(state, mha_bench::cross_attention_core_flops(1, 1, length, kHeads * kHeadDim));
-    state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * 2 * length * kKvHeads *
-                            kHeadDim * static_cast<std::int64_t>(sizeof(Eigen::bfloat16)));
+    decode_core<Eigen::bfloat16>(state);
 }
 
 // A whole decoding step of the layer with a cache of L tokens: project the new token, append
