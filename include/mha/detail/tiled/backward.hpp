@@ -324,13 +324,17 @@ private:
     // exp(S − lse) by packets. S − lse <= 0 but for rounding (lse >= every allowed score), the
     // range of exp_nonpositive, which takes about half of Eigen's pexp instructions: the exp was
     // the largest cost outside the five products (a seventh of the time under perf at L = 2048).
+    // (An overload, not is_same<Packet, __m512>: GCC warns that a vector type's attributes are
+    // ignored as a template argument.)
     template <class Packet>
     static MHA_ALWAYS_INLINE Packet exp_of_shifted(const Packet& x) {
-#if defined(__AVX512F__)
-        if constexpr (std::is_same_v<Packet, __m512>) return exp_nonpositive(x);
-#endif
         return eigen_compat::packet_ops<Scalar>::exp(x);
     }
+#if defined(__AVX512F__)
+    static MHA_ALWAYS_INLINE __m512 exp_of_shifted(__m512 x) {
+        return exp_nonpositive(x);
+    }
+#endif
 
     // One key's column of the block over n queries (a multiple of the packet width, or any n
     // without packets): col (S → P) and dcol (dP → scale·dS), with P = exp(S − lse) and
