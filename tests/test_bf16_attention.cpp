@@ -53,14 +53,24 @@ bool build_runs_here() {
 #define MHA_SKIP_UNLESS_BUILD_RUNS_HERE() \
     if (!build_runs_here()) SKIP("compiled for AVX512-BF16, which this CPU lacks")
 
+/// Whether the AMX kernels are compiled in, and the CPU and the OS let them run.
+bool amx_available() {
+#if defined(MHA_BF16_AMX)
+    return native_available() && mha::detail::amx_usable();
+#else
+    return false;
+#endif
+}
+
 std::vector<kernel> kernels() {
     std::vector<kernel> ks{kernel::portable};
     if (native_available()) ks.push_back(kernel::native);
+    if (amx_available()) ks.push_back(kernel::amx);
     return ks;
 }
 
 const char* name(kernel k) {
-    return k == kernel::native ? "native" : "portable";
+    return k == kernel::amx ? "amx" : k == kernel::native ? "native" : "portable";
 }
 
 /// N(0, sigma) values rounded to bf16.
@@ -90,6 +100,11 @@ mat<float> run(kernel k, const bmat& q, const bmat& kk, const bmat& v,
 #if defined(MHA_BF16_NATIVE)
         mha::detail::multi_head_attention_core_bf16<kernel::native>(q, kk, v, 1, 1, batch, out,
                                                                     mask, options, {}, cfg);
+#endif
+    } else if (k == kernel::amx) {
+#if defined(MHA_BF16_NATIVE)
+        mha::detail::multi_head_attention_core_bf16<kernel::amx>(q, kk, v, 1, 1, batch, out, mask,
+                                                                 options, {}, cfg);
 #endif
     } else {
         mha::detail::multi_head_attention_core_bf16<kernel::portable>(q, kk, v, 1, 1, batch, out,

@@ -11,11 +11,13 @@
 // u_b = 2⁻⁸. A wrong pair, a missed k-block, a dropped edge row or column moves an output by a
 // whole term |w·x|, which is far above γ·S for these sizes (γ_{1026} ≈ 6·10⁻⁵).
 //
-// Both GEMM paths run: the portable one always, the native vdpbf16ps one when the translation
-// unit is compiled for AVX512-BF16 and the CPU has it. This file is built twice by
-// tests/CMakeLists.txt: with the preset's flags, and with -mavx512bf16 where the compiler takes
-// it (test_bf16_projection_native), so that both paths run in every build on a CPU that has the
-// instruction, and the portable one alone where the instruction is not compiled in.
+// Every GEMM path runs: the portable one always, the native vdpbf16ps one when the translation
+// unit is compiled for AVX512-BF16 and the CPU has it, the AMX one when AMX-BF16 is compiled in,
+// the CPU has it and the OS grants it. This file is built twice by tests/CMakeLists.txt: with the
+// preset's flags, and with -mavx512bf16 (and -mamx-tile -mamx-bf16) where the compiler takes it
+// (test_bf16_projection_native), so that every path the CPU has runs in every build, and the
+// portable one alone where the instructions are not compiled in. The AMX path sums in chunks of
+// 32 products, so its bits may differ from the others'; the bound above holds for all.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -62,14 +64,25 @@ bool build_runs_here() {
 #define MHA_SKIP_UNLESS_BUILD_RUNS_HERE() \
     if (!build_runs_here()) SKIP("compiled for AVX512-BF16, which this CPU lacks")
 
+// True when the AMX path runs here: compiled in (AMX-TILE and AMX-BF16 targeted), the CPU has it
+// and the OS grants the tile state.
+bool amx_available() {
+#if defined(MHA_BF16_AMX)
+    return native_available() && mha::detail::amx_usable();
+#else
+    return false;
+#endif
+}
+
 std::vector<kernel> kernels() {
     std::vector<kernel> ks{kernel::portable};
     if (native_available()) ks.push_back(kernel::native);
+    if (amx_available()) ks.push_back(kernel::amx);
     return ks;
 }
 
 const char* name(kernel k) {
-    return k == kernel::native ? "native" : "portable";
+    return k == kernel::amx ? "amx" : k == kernel::native ? "native" : "portable";
 }
 
 bmat normal_bf16(mha_test::value_source& rnd, Index rows, Index cols) {
@@ -118,10 +131,31 @@ struct shape {
 // Rows around the 16-lane packet and the 64-row tile, k odd, 1, around the 512 k-block, columns
 // around the 6-column tile and the 192-column block; 1 to 4 columns (the native kernel's narrow
 // path, A read in place) with rows and k around its packets and sweeps.
-const shape kShapes[] = {
-    {1, 1, 1},     {17, 1, 7},      {64, 2, 6},    {63, 7, 5},     {65, 3, 13}, {16, 512, 192},
-    {15, 511, 12}, {130, 513, 193}, {33, 1025, 7}, {200, 64, 385}, {80, 9, 1},  {1, 100, 70},
-    {2100, 33, 1}, {47, 1025, 3},   {300, 2, 2},   {1030, 7, 4},   {5, 16, 4},  {31, 17, 2}};
+const shape kShapes[] = {{1, 1, 1},
+                         {17, 1, 7},
+                         {64, 2, 6},
+                         {63, 7, 5},
+                         {65, 3, 13},
+                         {16, 512, 192},
+                         {15, 511, 12},
+                         {130, 513, 193},
+                         {33, 1025, 7},
+                         {200, 64, 385},
+                         {80, 9, 1},
+                         {1, 100, 70},
+                         {2100, 33, 1},
+                         {47, 1025, 3},
+                         {300, 2, 2},
+                         {1030, 7, 4},
+                         {5, 16, 4},
+                         {31, 17, 2},
+                         // The AMX tiles: 16 × 16 blocks of C in 32 × 32 steps, k in chunks of 32.
+                         {32, 32, 32},
+                         {16, 32, 16},
+                         {17, 31, 33},
+                         {48, 65, 47},
+                         {96, 96, 64},
+                         {65, 63, 5}};
 
 }  // namespace
 
@@ -230,7 +264,7 @@ TEST_CASE("bf16 linear: NaN and infinity propagate to the outputs that read them
     }
 }
 
-TEST_CASE("bf16 linear: 1, 2 and 3 threads give the same bits; native and portable agree",
+TEST_CASE("bf16 linear: 1, 2 and 3 threads give the same bits; every path agrees",
           "[bf16_projection]") {
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
     mha_test::value_source rnd(3);
@@ -249,14 +283,13 @@ TEST_CASE("bf16 linear: 1, 2 and 3 threads give the same bits; native and portab
         require_close(one, r, 601, false, name(kn));
         results.push_back(one);
     }
-    // Both within γ·S of the reference, hence within 2·γ·S of each other.
-    if (results.size() == 2) {
-        const long double g = gamma_of(602);
+    // Each within γ·S of the reference, hence within 2·γ·S of each other.
+    const long double g = gamma_of(602);
+    for (std::size_t other = 1; other < results.size(); ++other)
         for (Index j = 0; j < x.cols(); ++j)
             for (Index i = 0; i < w.rows(); ++i)
-                REQUIRE(std::fabs(static_cast<long double>(results[0](i, j)) - results[1](i, j)) <=
-                        2 * g * r.magnitude(i, j));
-    }
+                REQUIRE(std::fabs(static_cast<long double>(results[0](i, j)) -
+                                  results[other](i, j)) <= 2 * g * r.magnitude(i, j));
 }
 
 TEST_CASE("bf16 linear: the narrow native path gives the packed path's bits, for any thread count",

@@ -3,12 +3,14 @@
 // A m×k and B k×n in Eigen::bfloat16. Eigen's own product on bfloat16 converts every element in
 // its inner loop; this one packs instead.
 //
-// Two implementations, chosen at compile time like the bf16 block kernels
-// (detail/tiled/block_kernels_bf16.hpp, whose bf16_kernel selects them):
+// Three implementations, chosen like the bf16 block kernels (detail/tiled/block_kernels_bf16.hpp,
+// whose bf16_kernel selects them):
+//   amx      (AMX-TILE and AMX-BF16 compiled in, and granted at run time): tiles of TDPBF16PS,
+//            detail/gemm_bf16_amx.hpp; otherwise, and for the narrow products below, native.
 //   native   (__AVX512BF16__): register tiles of vdpbf16ps. The instruction pairs adjacent
 //            elements of the reduction dimension (lane i gets a[2i]·b[2i] + a[2i+1]·b[2i+1]), so
-//            A is packed once per call into panels of 64 rows in which each row holds its pairs
-//            (A(i, 2p), A(i, 2p+1)) as one 32-bit word, 64 words per pair p: four zmm loads.
+//            A is packed once per call into the pair panels of detail/gemm_bf16_packing.hpp
+//            (64 rows, each row's pairs (A(i, 2p), A(i, 2p+1)) as 32-bit words): four zmm loads.
 //            B is packed per k-block and column block into panels of 6 columns, its words
 //            (B(2p, j), B(2p+1, j)) in the order the tile broadcasts them. An odd k gets a zero
 //            partner in both.
@@ -49,92 +51,20 @@
 
 #include <mha/core.hpp>
 #include <mha/detail/gemm.hpp>
+#include <mha/detail/gemm_bf16_amx.hpp>
+#include <mha/detail/gemm_bf16_packing.hpp>
 #include <mha/detail/parallel.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
 
 namespace mha {
 namespace detail {
 
-/// A bf16 operand in memory: element (r, c) at data[r·row_stride + c·col_stride].
-struct bf16_operand {
-    const Eigen::bfloat16* data = nullptr;  ///< element (0, 0)
-    Index row_stride = 1;                   ///< distance between rows
-    Index col_stride = 0;                   ///< distance between columns
-};
-
-/// Blocking and tile sizes of gemm_bf16 (see the top of this file).
-struct bf16_gemm_sizes {
-    static constexpr Index mr = 64;   ///< rows of the register tile (4 packets of 16)
-    static constexpr Index nr = 6;    ///< columns of the register tile
-    static constexpr Index kc = 512;  ///< k-block (even: pairs never straddle blocks)
-    static constexpr Index mc = 256;  ///< row block (a multiple of mr)
-    static constexpr Index nc = 192;  ///< column block: the unit of work a thread takes
-};
-static_assert(bf16_gemm_sizes::kc % 2 == 0, "k-blocks must hold whole pairs");
-static_assert(bf16_gemm_sizes::mc % bf16_gemm_sizes::mr == 0, "row blocks of whole panels");
-static_assert(bf16_gemm_sizes::nc % bf16_gemm_sizes::nr == 0, "column blocks of whole panels");
 static_assert(bf16_gemm_sizes::nc % eigen_compat::gemm_column_tile<float> == 0,
               "column blocks of whole tiles of Eigen's fp32 kernel (portable path)");
 
 /// Columns of B up to which the native gemm_bf16 runs the narrow product, A read in place (a
 /// decode step's projection).
 inline constexpr Index bf16_narrow_columns = 4;
-
-/// Grows v to at least n elements; never shrinks, so a buffer that served a shape allocates
-/// nothing for it again.
-template <class T>
-void grow(std::vector<T>& v, Index n) {
-    if (static_cast<Index>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
-}
-
-/// One thread's buffers of gemm_bf16.
-struct bf16_gemm_thread_buffers {
-    std::vector<std::uint16_t> packed_b;  // native: a k-block × column block of B, in pairs
-    std::vector<float> wide_b;            // portable: a column block of B in fp32 (k × nc)
-    gemm_buffers<float> gemm;             // portable: Eigen's packing buffers
-};
-
-/// Buffers of gemm_bf16, kept by the caller between calls; they only grow. One set serves one
-/// call at a time.
-struct bf16_gemm_buffers {
-    std::vector<std::uint16_t> packed_a;               // native: all of A, in pair panels
-    std::vector<float> wide_a;                         // portable: A in fp32, m × k column-major
-    std::vector<bf16_gemm_thread_buffers> per_thread;  // one per thread of the call
-};
-
-/// Column blocks of n columns.
-inline Index bf16_gemm_column_blocks(Index n) {
-    return (n + bf16_gemm_sizes::nc - 1) / bf16_gemm_sizes::nc;
-}
-
-/// Runs block(column0, column1, thread_buffers) over the column blocks of n columns on up to
-/// `threads` threads (0: OpenMP's default), each thread taking a contiguous range of blocks.
-template <class Block>
-void bf16_gemm_over_columns(Index n, int threads, bf16_gemm_buffers& buffers, Block block) {
-    const Index blocks = bf16_gemm_column_blocks(n);
-    const int nt =
-        static_cast<int>(std::max<Index>(1, std::min<Index>(thread_count(threads), blocks)));
-    if (buffers.per_thread.size() < static_cast<std::size_t>(nt))
-        buffers.per_thread.resize(static_cast<std::size_t>(nt));
-    parallel_parts(nt, [&](int part, int thread) {
-        const Index b0 = blocks * part / nt, b1 = blocks * (part + 1) / nt;
-        for (Index blk = b0; blk < b1; ++blk) {
-            const Index j0 = blk * bf16_gemm_sizes::nc;
-            const Index j1 = std::min(n, j0 + bf16_gemm_sizes::nc);
-            block(j0, j1, buffers.per_thread[static_cast<std::size_t>(thread)]);
-        }
-    });
-}
-
-/// C(:, j0 : j1) ← bias·1ᵀ, or 0 without a bias (null).
-inline void start_columns(Index m, Index j0, Index j1, const float* bias, float* c, Index ldc) {
-    for (Index j = j0; j < j1; ++j) {
-        if (bias != nullptr)
-            std::copy(bias, bias + m, c + j * ldc);
-        else
-            std::fill(c + j * ldc, c + j * ldc + m, 0.0f);
-    }
-}
 
 /// The portable path of gemm_bf16: A and blocks of B widened to fp32, Eigen's fp32 kernel.
 inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
@@ -164,47 +94,6 @@ inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_o
 }
 
 #if defined(MHA_BF16_NATIVE)
-
-/// packed ← A in pair panels: panel p (rows p·mr ...) holds, for each pair q of k, the words
-/// (A(i, 2q), A(i, 2q+1)) of its mr rows; zero for rows beyond m and for the partner of an odd
-/// k. Word (p, q, r) is at packed + ((p·pairs + q)·mr + r)·2.
-inline void pack_bf16_gemm_a(Index m, Index k, bf16_operand a, std::uint16_t* packed) {
-    constexpr Index mr = bf16_gemm_sizes::mr;
-    const Index pairs = (k + 1) / 2, panels = (m + mr - 1) / mr;
-    if (m % mr != 0 || k % 2 != 0)
-        std::fill(packed, packed + panels * pairs * mr * 2, std::uint16_t(0));
-    for (Index p = 0; p < panels; ++p) {
-        const Index i0 = p * mr, rows = std::min(mr, m - i0);
-        for (Index q = 0; q < pairs; ++q) {
-            std::uint16_t* dst = packed + (p * pairs + q) * mr * 2;
-            const Eigen::bfloat16* x = a.data + i0 * a.row_stride + 2 * q * a.col_stride;
-            const bool partner = 2 * q + 1 < k;
-            Index r = 0;
-            if (a.row_stride == 1 && partner) {
-                // Column-major: columns 2q and 2q + 1 interleaved 32 rows at a time by one
-                // two-source permute per 32 words.
-                alignas(64) static constexpr std::int16_t low[32] = {
-                    0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-                alignas(64) static constexpr std::int16_t high[32] = {
-                    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-                const __m512i lo = _mm512_load_si512(low), hi = _mm512_load_si512(high);
-                const Eigen::bfloat16* y = x + a.col_stride;
-                for (; r + 32 <= rows; r += 32) {
-                    const __m512i u = _mm512_loadu_si512(x + r), v = _mm512_loadu_si512(y + r);
-                    _mm512_storeu_si512(dst + 2 * r, _mm512_permutex2var_epi16(u, lo, v));
-                    _mm512_storeu_si512(dst + 2 * r + 32, _mm512_permutex2var_epi16(u, hi, v));
-                }
-            }
-            for (; r < rows; ++r) {
-                const Eigen::bfloat16* e = x + r * a.row_stride;
-                dst[2 * r] = bf16_bits(e[0]);
-                if (partner) dst[2 * r + 1] = bf16_bits(e[a.col_stride]);
-            }
-        }
-    }
-}
 
 /// packed ← B(2·q0 ..., j0 : j1) for the pairs [q0, q0 + pairs) in panels of nr columns: the
 /// panel at column jr (relative to j0, width w = min(nr, j1 − j0 − jr)) starts at word jr·pairs
@@ -309,7 +198,7 @@ inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_ope
     const Index all_pairs = (k + 1) / 2, panels = (m + s::mr - 1) / s::mr;
     grow(buffers.packed_a, panels * all_pairs * s::mr * 2);
     const std::uint16_t* pa = buffers.packed_a.data();
-    pack_bf16_gemm_a(m, k, a, buffers.packed_a.data());
+    pack_bf16_gemm_a(m, k, a, buffers.packed_a.data(), all_pairs);
     bf16_gemm_over_columns(n, threads, buffers, [&](Index j0, Index j1, auto& own) {
         grow(own.packed_b, std::min(k + 1, s::kc) * s::nc);
         std::uint16_t* pb = own.packed_b.data();
@@ -444,9 +333,10 @@ inline void gemm_bf16_narrow(Index m, Index n, Index k, bf16_operand a, bf16_ope
 /// C (m×n, fp32, column-major, ldc) = bias·1ᵀ + A·B (bias: m floats, or null for none), or
 /// C += A·B when `accumulate` (bias ignored), with A m×k and B k×n in bfloat16 (any strides) and
 /// fp32 sums (the bias or C is each sum's first term), on up to `threads` threads (0: OpenMP's
-/// default; the result does not depend on it). `kernel` picks the implementation; native is only
-/// available when MHA_BF16_NATIVE is defined (else the portable path runs). Allocates only to grow
-/// `buffers`. C must not overlap A or B.
+/// default; the result does not depend on it). `kernel` picks the implementation; native and amx
+/// are only available when MHA_BF16_NATIVE is defined (else the portable path runs); amx runs the
+/// AMX tiles where MHA_BF16_AMX is defined and amx_usable(), the native path elsewhere and for up
+/// to bf16_narrow_columns columns. Allocates only to grow `buffers`. C must not overlap A or B.
 inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
                       Index ldc, bool accumulate, const float* bias, bf16_gemm_buffers& buffers,
                       int threads = 0, bf16_kernel kernel = default_bf16_kernel) {
@@ -456,9 +346,13 @@ inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b,
         return;
     }
 #if defined(MHA_BF16_NATIVE)
-    if (kernel == bf16_kernel::native) {
+    if (uses_dot_pairs(kernel)) {
         if (n <= bf16_narrow_columns && a.row_stride == 1)
             gemm_bf16_narrow(m, n, k, a, b, c, ldc, accumulate, bias, threads);
+#if defined(MHA_BF16_AMX)
+        else if (kernel == bf16_kernel::amx && amx_usable())
+            gemm_bf16_amx(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
+#endif
         else
             gemm_bf16_native(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
         return;

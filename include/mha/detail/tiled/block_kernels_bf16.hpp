@@ -52,11 +52,21 @@ namespace detail {
 /// Which implementation of the bf16 block kernels a call runs.
 enum class bf16_kernel {
     portable,  ///< bf16 widened to fp32, then the fp32 register tiles
-    native     ///< vdpbf16ps register tiles; only when MHA_BF16_NATIVE is defined
+    native,    ///< vdpbf16ps register tiles; only when MHA_BF16_NATIVE is defined
+    amx        ///< native, with the GEMM on AMX tiles where the CPU and OS allow it
+               ///< (detail/gemm_bf16_amx.hpp)
 };
 
-/// The implementation the translation unit is compiled for.
-#if defined(MHA_BF16_NATIVE)
+/// True when `k` runs the vdpbf16ps block kernels (native and amx alike).
+constexpr bool uses_dot_pairs(bf16_kernel k) {
+    return k != bf16_kernel::portable;
+}
+
+/// The implementation the translation unit is compiled for: amx when the compiler targets AMX-BF16
+/// (the GEMM still checks at run time that the CPU and the OS allow it).
+#if defined(MHA_BF16_NATIVE) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+inline constexpr bf16_kernel default_bf16_kernel = bf16_kernel::amx;
+#elif defined(MHA_BF16_NATIVE)
 inline constexpr bf16_kernel default_bf16_kernel = bf16_kernel::native;
 #else
 inline constexpr bf16_kernel default_bf16_kernel = bf16_kernel::portable;

@@ -32,6 +32,7 @@
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/parallel.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/detail/tiled/block_kernels_amx.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
 #include <mha/detail/tiled/forward.hpp>
 #include <mha/detail/tiled/online_softmax.hpp>
@@ -117,6 +118,10 @@ struct bf16_thread_state {
     matrix<float> kb;                       // portable: dk × key_block, the block's keys widened
     std::vector<std::uint16_t> qp, vp, pp;  // native: the pair-interleaved Q, V and P
     std::vector<Eigen::bfloat16> kb16;      // native: the block's keys, contiguous
+    // amx (block_kernels_amx.hpp): Qᵀ (nqp × dkp), the key pairs (dkp / 2 × nkp words), the
+    // scores (nqp × nkp fp32) and the probabilities (nqp × nkp bf16), all padded to 32.
+    std::vector<std::uint16_t> q_rows, k_pairs, p_rows;
+    std::vector<float> s_rows;
     tile_scratch_key made_for;
 };
 
@@ -130,12 +135,26 @@ void make_bf16_scratch(bf16_thread_state& s, Index dk, Index dv, const tiled_set
     if (s.t.s.rows() < nqp) s.t.s.resize(nqp, cfg.key_block);
     for (auto* v : {&s.t.block_max, &s.t.shift, &s.t.block_sum})
         if (v->size() < nqp) v->resize(nqp);
-    if constexpr (Kernel == bf16_kernel::native) {
+    if constexpr (uses_dot_pairs(Kernel)) {
         s.qp.assign(static_cast<std::size_t>((dk + 1) / 2 * nqp * 2), 0);
         s.vp.assign(static_cast<std::size_t>(pairs * bf16_padded(dv) * 2), 0);
         s.pp.assign(static_cast<std::size_t>(pairs * nqp * 2), 0);
         s.kb16.assign(static_cast<std::size_t>(std::max<Index>(dk, 1) * cfg.key_block),
                       Eigen::bfloat16(0.0f));
+        if constexpr (Kernel == bf16_kernel::amx) {
+            // Tiles of 16 queries × 16 value lanes read and write whole rows and columns of the
+            // accumulator, which is padded to 32 both ways.
+            const Index nq32 = amx_padded(cfg.query_block), nk32 = amx_padded(cfg.key_block);
+            const Index dk32 = amx_padded(dk), dv32 = amx_padded(dv);
+            s.t.acc.resize(dv32, nq32);
+            s.vp.assign(
+                static_cast<std::size_t>(std::max(pairs * bf16_padded(dv), nk32 / 2 * dv32) * 2),
+                0);
+            s.q_rows.assign(static_cast<std::size_t>(nq32 * dk32), 0);
+            s.k_pairs.assign(static_cast<std::size_t>(dk32 / 2 * nk32 * 2), 0);
+            s.p_rows.assign(static_cast<std::size_t>(nq32 * nk32), 0);
+            s.s_rows.assign(static_cast<std::size_t>(nq32 * nk32), 0.0f);
+        }
     } else {
         s.kb.resize(std::max<Index>(dk, 1), cfg.key_block);
     }
@@ -144,7 +163,7 @@ void make_bf16_scratch(bf16_thread_state& s, Index dk, Index dv, const tiled_set
 /// Query padding of a kernel's score tile.
 template <bf16_kernel Kernel>
 constexpr Index bf16_padded_queries(Index nq) {
-    if constexpr (Kernel == bf16_kernel::native)
+    if constexpr (uses_dot_pairs(Kernel))
         return bf16_padded(nq);
     else
         return padded_queries<float>(nq);
@@ -161,7 +180,7 @@ void masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nq
     const Eigen::bfloat16* k = p.k + j0 * p.f.k_stride;
     const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
     const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
-    if constexpr (Kernel == bf16_kernel::native) {
+    if constexpr (uses_dot_pairs(Kernel)) {
 #if defined(MHA_BF16_NATIVE)
         // The block's keys copied contiguous (64 KB for 512 keys of d_k = 64): a score tile then
         // reads its 6 keys from adjacent cache lines instead of 6 columns a QKV row apart, which
@@ -210,7 +229,7 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
     if (iv.lo >= iv.hi) return;
     const Index nqp = bf16_padded_queries<Kernel>(nq);
     const Eigen::bfloat16* q = p.q + i0 * p.f.q_stride;
-    if constexpr (Kernel == bf16_kernel::native) {
+    if constexpr (uses_dot_pairs(Kernel)) {
         pack_query_pairs(q, p.f.q_stride, p.f.dk, nq, nqp, s.qp.data());
     } else {
         // qt(c, d) = Q(d, c) in fp32 (exact), zero padding queries.
@@ -236,7 +255,7 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
         // kernel's exp pass writes the rounded pairs straight away (st is not needed after).
         bool packed = false;
 #if defined(MHA_BF16_NATIVE)
-        if constexpr (Kernel == bf16_kernel::native) {
+        if constexpr (uses_dot_pairs(Kernel)) {
             exp_pack_probability_pairs(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(),
                                        s.pp.data());
             packed = true;
@@ -262,7 +281,7 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
         const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
         const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
         const Eigen::bfloat16* v = p.v + j0 * p.f.v_stride;
-        if constexpr (Kernel == bf16_kernel::native) {
+        if constexpr (uses_dot_pairs(Kernel)) {
 #if defined(MHA_BF16_NATIVE)
             const Index dvp = bf16_padded(dv);
             pack_value_pairs(v, p.f.v_stride, dv, nk, dvp, s.vp.data());
@@ -280,6 +299,74 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
         }
     }
 }
+
+#if defined(MHA_BF16_AMX)
+/// online_pass_bf16 on AMX tiles (block_kernels_amx.hpp): the same key blocks, masks, running
+/// max and sum, and the same rescaling of the accumulator; the scores and P·V as tile products,
+/// the softmax along each query's row of scores.
+inline void online_pass_bf16_amx(const bf16_head_problem& p, Index i0, Index nq,
+                                 const tiled_settings& cfg, bf16_thread_state& s) {
+    tile_scratch<float>& t = s.t;
+    const float minus_inf = -std::numeric_limits<float>::infinity();
+    const Index dv = p.f.dv;
+    const Index nqp = amx_padded(nq), dkp = amx_padded(p.f.dk), dvp = amx_padded(dv);
+    t.acc.leftCols(nqp).setZero();  // the padding queries' columns too: tiles read them
+    t.m.head(nq).setConstant(minus_inf);
+    t.l.head(nq).setZero();
+    const interval_summary iv = key_intervals(p.f, i0, nq, 0, p.f.lk, t);
+    if (iv.lo >= iv.hi) return;
+    stage_queries_amx(p.q + i0 * p.f.q_stride, p.f.q_stride, p.f.dk, nq, nqp, dkp, s.q_rows.data());
+    const auto& mask = *p.f.mask;
+    const amx_tile_scope tiles;
+    for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
+        const Index nk = std::min(cfg.key_block, iv.hi - j0), nkp = amx_padded(nk);
+        float* sr = s.s_rows.data();          // nqp × nkp
+        std::uint16_t* pr = s.p_rows.data();  // nqp × nkp
+        pack_key_pairs_amx(p.k + j0 * p.f.k_stride, p.f.k_stride, p.f.dk, nk, nkp, dkp,
+                           s.k_pairs.data());
+        scores_amx(s.q_rows.data(), nqp, dkp, s.k_pairs.data(), nkp, sr, nkp);
+        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+        const bool masked = !interior || mask.has_elementwise();
+        for (Index c = 0; c < nq; ++c) {
+            float* row = sr + c * nkp;
+            scale_row(row, nk, p.f.scale);
+            if (masked) {
+                const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
+                const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
+                mask.apply(row, 1, i0 + c, j0, nk, f, e);
+            }
+            // As online_pass: a query with nothing allowed yet shifts by 0.
+            const float m_new = nan_propagating_max(t.m(c), row_max_nan(row, nk));
+            t.block_max(c) = m_new;
+            t.block_sum(c) =
+                exp_row_amx(row, nk, nkp, m_new == minus_inf ? 0.0f : m_new, pr + c * nkp);
+        }
+        std::fill(pr + nq * nkp, pr + nqp * nkp, std::uint16_t(0));
+        for (Index c = 0; c < nq; ++c) {
+            const float m_old = t.m(c);
+            const float m_new = t.block_max(c);
+            if (m_new == minus_inf) continue;
+            if (m_old == minus_inf) {
+                t.acc.col(c).setZero();
+                t.l(c) = t.block_sum(c);
+            } else if (m_new != m_old) {
+                const float alpha = exp_or_zero(m_old - m_new);
+                t.acc.col(c) *= alpha;
+                t.l(c) = alpha * t.l(c) + t.block_sum(c);
+            } else {
+                t.l(c) += t.block_sum(c);
+            }
+            t.m(c) = m_new;
+        }
+        pack_value_pairs(p.v + j0 * p.f.v_stride, p.f.v_stride, dv, nk, dvp, s.vp.data());
+        // Pairs beyond the block's keys: zero (P is zero there too, but a stale value could be
+        // infinite, and 0·∞ is NaN).
+        std::fill(s.vp.data() + (nk + 1) / 2 * dvp * 2, s.vp.data() + nkp / 2 * dvp * 2,
+                  std::uint16_t(0));
+        accumulate_values_amx(pr, nqp, nkp, s.vp.data(), dvp, t.acc.data(), t.acc.rows());
+    }
+}
+#endif  // MHA_BF16_AMX
 
 /// Recomputes output column i from its allowed keys alone, in fp32 from the bf16 inputs (see
 /// "Poisoned values" in detail/tiled/forward.hpp).
@@ -397,6 +484,19 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
         }
         return nothing_held{};
     };
+    // amx where the CPU and the OS allow it, else its vdpbf16ps kernels (as native).
+#if defined(MHA_BF16_AMX)
+    const bool amx = Kernel == bf16_kernel::amx && amx_usable();
+#endif
+    auto pass = [&](const bf16_head_problem& hp, Index i0, Index nq, bf16_thread_state& state) {
+#if defined(MHA_BF16_AMX)
+        if (amx) {
+            online_pass_bf16_amx(hp, i0, nq, cfg, state);
+            return;
+        }
+#endif
+        online_pass_bf16<Kernel>(hp, i0, nq, cfg, state);
+    };
     auto run = [&](Index index, bf16_thread_state& state) {
         const task& tk = tasks[static_cast<std::size_t>(index)];
         if (tk.group > 1) {
@@ -408,13 +508,13 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
             hp.f.out_stride = p.heads.dv;
             hp.f.lse_stride = 1;
             hp.f.lq = tk.group;
-            online_pass_bf16<Kernel>(hp, 0, tk.group, cfg, state);
+            pass(hp, 0, tk.group, state);
             finalize_block_bf16(hp, 0, tk.group, state.t);
             return;
         }
         const bf16_head_problem hp =
             make_bf16_head_problem(p, tk.b, tk.h, ws.masks(tk.b, tk.h), lse);
-        online_pass_bf16<Kernel>(hp, tk.i0, tk.nq, cfg, state);
+        pass(hp, tk.i0, tk.nq, state);
         finalize_block_bf16(hp, tk.i0, tk.nq, state.t);
     };
     parallel_tasks(static_cast<Index>(tasks.size()), cfg.threads, ws.threads, enter, run);
