@@ -368,6 +368,23 @@ MUTANTS = [
          find="if (!accumulate) start_columns(m, j0, j1, bias, c, ldc);",
          replace="if (!accumulate) start_columns(m, j0, j1, nullptr, c, ldc);",
          description="the portable bf16 GEMM leaves the bias out"),
+    # detail/gemm_bf16_amx.hpp, detail/tiled/block_kernels_amx.hpp (killed only on a CPU with
+    # AMX-BF16: the native tests skip the AMX path elsewhere)
+    dict(id="gemm-bf16-amx-last-chunk-dropped", file="detail/gemm_bf16_amx.hpp",
+         find="for (Index q = 0; q < kp; q += amx_k_chunk) {",
+         replace="for (Index q = 0; q + amx_k_chunk < kp; q += amx_k_chunk) {",
+         tests=["bf16_projection_native"],
+         description="the AMX GEMM leaves out the last 32 elements of k"),
+    dict(id="amx-key-pairs-edge-keys-dropped", file="detail/tiled/block_kernels_amx.hpp",
+         find="std::memcpy(words + p * nkp + j, k + j * k_stride + 2 * p, sizeof(std::uint32_t));",
+         replace="(void)words;",
+         tests=["bf16_attention_native"],
+         description="the AMX attention leaves the keys past the last 16 of a block out of the key pairs"),
+    dict(id="amx-row-max-ignores-nan", file="detail/tiled/block_kernels_amx.hpp",
+         find="return nan != 0 ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mx);",
+         replace="return _mm512_reduce_max_ps(mx);",
+         tests=["bf16_attention_native"],
+         description="the AMX attention's row max skips NaN scores"),
     # multi_head_attention_bf16.hpp
     dict(id="bf16-layer-v-bias-segment", file="multi_head_attention_bf16.hpp",
          find="b_in_ << p.b_q, p.b_k, p.b_v;",

@@ -75,6 +75,9 @@ DEFAULT_TESTS = {
     "multi_head_attention_bf16.hpp": ["bf16_layer", "bf16_layer_native", "allocation_free"],
     "detail/decode_step.hpp": ["kv_cache", "bf16_layer"],
     "detail/tiled/forward_bf16.hpp": ["bf16_attention", "bf16_layer"],
+    "detail/gemm_bf16_amx.hpp": ["bf16_projection_native"],
+    "detail/gemm_bf16_packing.hpp": ["bf16_projection", "bf16_projection_native"],
+    "detail/tiled/block_kernels_amx.hpp": ["bf16_attention_native"],
 }
 
 # ctest name -> build target, where they differ.
