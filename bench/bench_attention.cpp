@@ -350,16 +350,67 @@ void BM_attention_core_algo(benchmark::State& state) {
                           fma_probe_gflops());
 }
 
+#if defined(MHA_BF16_AMX)
+// The AMX tile-product rate of one thread (TDPBF16PS), where the bf16 kernels run on AMX: four
+// independent 16 × 16 accumulator tiles, each instruction 16·16·32 products of bf16 pairs
+// (2 FLOPs each, 16384 per instruction) from two operand tiles loaded once.
+float amx_chains(long steps) {
+    alignas(64) static std::uint16_t ones[16 * 32], small[16 * 32];
+    std::fill(std::begin(ones), std::end(ones), std::uint16_t(0x3f80));    // 1.0
+    std::fill(std::begin(small), std::end(small), std::uint16_t(0x3c00));  // 2^-7
+    alignas(64) float out[16 * 16];
+    const mha::detail::amx_tile_scope tiles;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(4, ones, 64);
+    _tile_loadd(5, ones, 64);
+    _tile_loadd(6, small, 64);
+    _tile_loadd(7, small, 64);
+    for (long i = 0; i < steps / 64; ++i) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, out, 64);
+    return out[0];
+}
+
+constexpr double kAmxProbeFlops = 2.0 * 16 * 16 * 32 * 4 * static_cast<double>(kProbeSteps / 64);
+
+void BM_amx_peak(benchmark::State& state) {
+    if (!mha::detail::amx_usable()) {
+        state.SkipWithError("AMX is compiled in but this CPU or OS does not allow it");
+        return;
+    }
+    for (auto _ : state) {
+        float sum = amx_chains(kProbeSteps);
+        benchmark::DoNotOptimize(sum);
+    }
+    set_gflops(state, kAmxProbeFlops);
+}
+#endif
+
 #if defined(MHA_BF16_NATIVE)
+// The peak of the instruction the bf16 kernels run: the AMX probe where they run on AMX, else
+// BM_bf16_peak's vdpbf16ps rate.
 double bf16_probe_gflops() {
+#if defined(MHA_BF16_AMX)
+    if (mha::detail::amx_usable()) {
+        static const double amx = probe_gflops(amx_chains, kAmxProbeFlops);
+        return amx;
+    }
+#endif
     static const double g = probe_gflops(bf16_chains, kBf16ProbeFlops);
     return g;
 }
 #endif
 
 // BM_attention_core on bfloat16 storage (Q, K, V as row blocks of one bf16 (3·D) × L matrix,
-// fp32 output), with the FLOPs of the fp32 core. "of_probe" is read against BM_bf16_peak's
-// rate where the CPU has vdpbf16ps (the native kernel), else against BM_fma_peak's.
+// fp32 output), with the FLOPs of the fp32 core. "of_probe" is read against BM_amx_peak's rate
+// where the kernel runs on AMX, BM_bf16_peak's where it runs on vdpbf16ps, else BM_fma_peak's.
 void BM_attention_core_bf16(benchmark::State& state) {
     using Bf16Matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
     const Index d = state.range(0);
@@ -390,8 +441,8 @@ void BM_attention_core_bf16(benchmark::State& state) {
 // BM_projections on bfloat16 storage (mha::linear with a bf16_linear_workspace, kept between
 // iterations as the layer would keep it): the fused Q/K/V projection rounded to bf16 (the input
 // the bf16 core takes), then the output projection of bf16 heads into fp32, both with fp32
-// biases. Same shapes and FLOPs as BM_projections; "of_probe" against BM_bf16_peak's rate
-// where the CPU has vdpbf16ps (the native GEMM), else BM_fma_peak's.
+// biases. Same shapes and FLOPs as BM_projections; "of_probe" against BM_amx_peak's rate where
+// the GEMM runs on AMX, BM_bf16_peak's where it runs on vdpbf16ps, else BM_fma_peak's.
 void BM_projections_bf16(benchmark::State& state) {
     using Bf16Matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
     const Index d = state.range(0);
@@ -614,6 +665,9 @@ BENCHMARK(BM_attention_core_large_logits)
 BENCHMARK(BM_fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
 #if defined(MHA_BF16_NATIVE)
 BENCHMARK(BM_bf16_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
+#endif
+#if defined(MHA_BF16_AMX)
+BENCHMARK(BM_amx_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
 #endif
 BENCHMARK(BM_attention_core_bf16)
     ->ArgNames({"d_model", "heads", "L", "causal"})
