@@ -88,15 +88,22 @@ MHA_ALWAYS_INLINE void transpose_16x16_words(__m512i r[16]) {
     }
 }
 
-/// kp ← K(:, 0 : nk) in pairs of d (row p of nkp words: (K(2p, j), K(2p+1, j)) for each key j),
-/// zero for keys nk … nkp, for the partner of an odd d_k and up to dkp / 2 rows: the order
-/// pack_query_pairs writes for queries. A pair is one 32-bit word of a key's column, so this is
-/// a transpose of words: 16 keys × 16 pairs at a time in registers (a copy word by word took a
-/// third of the whole pass, gathers a quarter), the edges word by word.
+/// Word index of the pair (K(2p, j), K(2p+1, j)) in the key pairs of pack_key_pairs_amx: tiles
+/// of 16 keys, each tile's rows (pairs) of 16 words contiguous, so that a 16-pair × 16-key tile
+/// is 1 KiB in one piece (rows a block's width apart fell into the same few L1 sets).
+constexpr Index key_pair_word(Index p, Index j, Index pair_rows) {
+    return ((j / 16) * pair_rows + p) * 16 + j % 16;
+}
+
+/// kp ← K(:, 0 : nk) in pairs of d, 16-key tiles (key_pair_word, pair_rows = dkp / 2); zero for
+/// keys nk … nkp, for the partner of an odd d_k and for the pairs up to dkp / 2. A pair is one
+/// 32-bit word of a key's column, so this is a transpose of words: 16 keys × 16 pairs at a time
+/// in registers (a copy word by word took a third of the whole pass, gathers a quarter), the
+/// edges word by word.
 inline void pack_key_pairs_amx(const Eigen::bfloat16* k, Index k_stride, Index dk, Index nk,
                                Index nkp, Index dkp, std::uint16_t* kp) {
     auto* words = reinterpret_cast<std::uint32_t*>(kp);
-    const Index full = dk / 2;
+    const Index full = dk / 2, rows = dkp / 2;
     Index p0 = 0;
     for (; p0 + 16 <= full; p0 += 16) {
         Index j = 0;
@@ -106,41 +113,45 @@ inline void pack_key_pairs_amx(const Eigen::bfloat16* k, Index k_stride, Index d
                 r[l] = _mm512_loadu_si512(k + (j + l) * k_stride + 2 * p0);
             transpose_16x16_words(r);
             for (int i = 0; i < 16; ++i)
-                _mm512_storeu_si512(words + (p0 + i) * nkp + j, r[i]);
+                _mm512_storeu_si512(words + key_pair_word(p0 + i, j, rows), r[i]);
         }
         for (; j < nk; ++j)
             for (Index p = p0; p < p0 + 16; ++p)
-                std::memcpy(words + p * nkp + j, k + j * k_stride + 2 * p, sizeof(std::uint32_t));
+                std::memcpy(words + key_pair_word(p, j, rows), k + j * k_stride + 2 * p,
+                            sizeof(std::uint32_t));
     }
-    for (Index p = p0; p < dkp / 2; ++p)
+    for (Index p = p0; p < rows; ++p)
         for (Index j = 0; j < nk; ++j) {
             const Eigen::bfloat16* col = k + j * k_stride;
             const std::uint32_t lo = 2 * p < dk ? bf16_bits(col[2 * p]) : 0u;
             const std::uint32_t hi = 2 * p + 1 < dk ? bf16_bits(col[2 * p + 1]) : 0u;
-            words[p * nkp + j] = lo | (hi << 16);
+            words[key_pair_word(p, j, rows)] = lo | (hi << 16);
         }
-    for (Index p = 0; p < dkp / 2; ++p)
-        std::fill(words + p * nkp + nk, words + (p + 1) * nkp, 0u);
+    for (Index j = nk; j < nkp; ++j)
+        for (Index p = 0; p < rows; ++p)
+            words[key_pair_word(p, j, rows)] = 0u;
 }
 
-/// s (nqp × nkp, row-major, ld lds) ← Qᵀ·K from qt (nqp × dkp) and the key pairs kp (dkp / 2 rows
-/// of nkp words); nqp, nkp and dkp multiples of 32. Needs an amx_tile_scope.
+/// s (nqp × nkp, row-major, ld lds) ← Qᵀ·K from qt (nqp × dkp) and the key pairs kp
+/// (pack_key_pairs_amx); nqp, nkp and dkp multiples of 32. Keys outer: a step's four key tiles
+/// (2 KiB per 32 of d_k) serve every query tile. Needs an amx_tile_scope.
 inline void scores_amx(const std::uint16_t* qt, Index nqp, Index dkp, const std::uint16_t* kp,
                        Index nkp, float* s, Index lds) {
-    const Index qt_stride = dkp * 2, kp_stride = nkp * 4, s_stride = lds * 4;
-    for (Index c0 = 0; c0 < nqp; c0 += 32)
-        for (Index j0 = 0; j0 < nkp; j0 += 32) {
+    const Index qt_stride = dkp * 2, s_stride = lds * 4, rows = dkp / 2;
+    for (Index j0 = 0; j0 < nkp; j0 += 32)
+        for (Index c0 = 0; c0 < nqp; c0 += 32) {
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
             for (Index d = 0; d < dkp; d += 32) {
                 const std::uint16_t* a = qt + c0 * dkp + d;
-                const std::uint16_t* b = kp + ((d / 2) * nkp + j0) * 2;
+                const std::uint16_t* b0 = kp + key_pair_word(d / 2, j0, rows) * 2;
+                const std::uint16_t* b1 = kp + key_pair_word(d / 2, j0 + 16, rows) * 2;
                 _tile_loadd(4, a, qt_stride);
                 _tile_loadd(5, a + 16 * dkp, qt_stride);
-                _tile_loadd(6, b, kp_stride);
-                _tile_loadd(7, b + 32, kp_stride);
+                _tile_loadd(6, b0, 64);
+                _tile_loadd(7, b1, 64);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_dpbf16ps(1, 4, 7);
                 _tile_dpbf16ps(2, 5, 6);

@@ -119,7 +119,7 @@ struct bf16_thread_state {
     std::vector<std::uint16_t> qp, vp, pp;  // native: the pair-interleaved Q, V and P
     std::vector<Eigen::bfloat16> kb16;      // native: the block's keys, contiguous
     // amx (block_kernels_amx.hpp): Qᵀ (nqp × dkp), the key pairs (dkp / 2 × nkp words), the
-    // scores (nqp × nkp fp32) and the probabilities (nqp × nkp bf16), all padded to 32.
+    // scores (32 × nkp fp32) and the probabilities (32 × nkp bf16) of 32 queries, padded to 32.
     std::vector<std::uint16_t> q_rows, k_pairs, p_rows;
     std::vector<float> s_rows;
     tile_scratch_key made_for;
@@ -152,8 +152,8 @@ void make_bf16_scratch(bf16_thread_state& s, Index dk, Index dv, const tiled_set
                 0);
             s.q_rows.assign(static_cast<std::size_t>(nq32 * dk32), 0);
             s.k_pairs.assign(static_cast<std::size_t>(dk32 / 2 * nk32 * 2), 0);
-            s.p_rows.assign(static_cast<std::size_t>(nq32 * nk32), 0);
-            s.s_rows.assign(static_cast<std::size_t>(nq32 * nk32), 0.0f);
+            s.p_rows.assign(static_cast<std::size_t>(32 * nk32), 0);
+            s.s_rows.assign(static_cast<std::size_t>(32 * nk32), 0.0f);
         }
     } else {
         s.kb.resize(std::max<Index>(dk, 1), cfg.key_block);
@@ -214,6 +214,29 @@ void masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nq
     }
 }
 
+/// Folds a key block's softmax statistics of queries [c0, c1) into the running ones: the new max
+/// (t.block_max), the block's sum of exponentials (t.block_sum); the accumulator is rescaled
+/// where the max moved, cleared where the query had no allowed key before.
+inline void fold_block_statistics(tile_scratch<float>& t, Index c0, Index c1) {
+    const float minus_inf = -std::numeric_limits<float>::infinity();
+    for (Index c = c0; c < c1; ++c) {
+        const float m_old = t.m(c);
+        const float m_new = t.block_max(c);
+        if (m_new == minus_inf) continue;
+        if (m_old == minus_inf) {
+            t.acc.col(c).setZero();
+            t.l(c) = t.block_sum(c);
+        } else if (m_new != m_old) {
+            const float alpha = exp_or_zero(m_old - m_new);
+            t.acc.col(c) *= alpha;
+            t.l(c) = alpha * t.l(c) + t.block_sum(c);
+        } else {
+            t.l(c) += t.block_sum(c);
+        }
+        t.m(c) = m_new;
+    }
+}
+
 /// The online pass of queries [i0, i0+nq) over all their allowed keys (online_pass on bf16
 /// inputs): leaves the unnormalised output in s.t.acc and the running max and sum in s.t.m, l.
 template <bf16_kernel Kernel>
@@ -262,22 +285,7 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
         }
 #endif
         if (!packed) exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
-        for (Index c = 0; c < nq; ++c) {
-            const float m_old = t.m(c);
-            const float m_new = t.block_max(c);
-            if (m_new == minus_inf) continue;
-            if (m_old == minus_inf) {
-                t.acc.col(c).setZero();
-                t.l(c) = t.block_sum(c);
-            } else if (m_new != m_old) {
-                const float alpha = exp_or_zero(m_old - m_new);
-                t.acc.col(c) *= alpha;
-                t.l(c) = alpha * t.l(c) + t.block_sum(c);
-            } else {
-                t.l(c) += t.block_sum(c);
-            }
-            t.m(c) = m_new;
-        }
+        fold_block_statistics(t, 0, nq);
         const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
         const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
         const Eigen::bfloat16* v = p.v + j0 * p.f.v_stride;
@@ -320,50 +328,42 @@ inline void online_pass_bf16_amx(const bf16_head_problem& p, Index i0, Index nq,
     const amx_tile_scope tiles;
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0), nkp = amx_padded(nk);
-        float* sr = s.s_rows.data();          // nqp × nkp
-        std::uint16_t* pr = s.p_rows.data();  // nqp × nkp
         pack_key_pairs_amx(p.k + j0 * p.f.k_stride, p.f.k_stride, p.f.dk, nk, nkp, dkp,
                            s.k_pairs.data());
-        scores_amx(s.q_rows.data(), nqp, dkp, s.k_pairs.data(), nkp, sr, nkp);
-        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
-        const bool masked = !interior || mask.has_elementwise();
-        for (Index c = 0; c < nq; ++c) {
-            float* row = sr + c * nkp;
-            scale_row(row, nk, p.f.scale);
-            if (masked) {
-                const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
-                const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
-                mask.apply(row, 1, i0 + c, j0, nk, f, e);
-            }
-            // As online_pass: a query with nothing allowed yet shifts by 0.
-            const float m_new = nan_propagating_max(t.m(c), row_max_nan(row, nk));
-            t.block_max(c) = m_new;
-            t.block_sum(c) =
-                exp_row_amx(row, nk, nkp, m_new == minus_inf ? 0.0f : m_new, pr + c * nkp);
-        }
-        std::fill(pr + nq * nkp, pr + nqp * nkp, std::uint16_t(0));
-        for (Index c = 0; c < nq; ++c) {
-            const float m_old = t.m(c);
-            const float m_new = t.block_max(c);
-            if (m_new == minus_inf) continue;
-            if (m_old == minus_inf) {
-                t.acc.col(c).setZero();
-                t.l(c) = t.block_sum(c);
-            } else if (m_new != m_old) {
-                const float alpha = exp_or_zero(m_old - m_new);
-                t.acc.col(c) *= alpha;
-                t.l(c) = alpha * t.l(c) + t.block_sum(c);
-            } else {
-                t.l(c) += t.block_sum(c);
-            }
-            t.m(c) = m_new;
-        }
         pack_value_pairs(p.v + j0 * p.f.v_stride, p.f.v_stride, dv, nk, dvp, s.vp.data());
         // Pairs beyond the block's keys: zero (P is zero there too, but a stale value could be
         // infinite, and 0·∞ is NaN).
         std::fill(s.vp.data() + (nk + 1) / 2 * dvp * 2, s.vp.data() + nkp / 2 * dvp * 2,
                   std::uint16_t(0));
-        accumulate_values_amx(pr, nqp, nkp, s.vp.data(), dvp, t.acc.data(), t.acc.rows());
+        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+        const bool masked = !interior || mask.has_elementwise();
+        // 32 queries at a time through scores, softmax and P·V: their scores (32 × nkp fp32,
+        // 64 KiB for 512 keys) and probabilities stay in L1/L2 between the three passes.
+        for (Index c0 = 0; c0 < nqp; c0 += 32) {
+            float* sr = s.s_rows.data();          // 32 × nkp
+            std::uint16_t* pr = s.p_rows.data();  // 32 × nkp
+            scores_amx(s.q_rows.data() + c0 * dkp, 32, dkp, s.k_pairs.data(), nkp, sr, nkp);
+            const Index c1 = std::min(nq, c0 + 32);
+            for (Index c = c0; c < c1; ++c) {
+                float* row = sr + (c - c0) * nkp;
+                scale_row(row, nk, p.f.scale);
+                if (masked) {
+                    const Index f =
+                        std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
+                    const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
+                    mask.apply(row, 1, i0 + c, j0, nk, f, e);
+                }
+                // As online_pass: a query with nothing allowed yet shifts by 0.
+                const float m_new = nan_propagating_max(t.m(c), row_max_nan(row, nk));
+                t.block_max(c) = m_new;
+                t.block_sum(c) = exp_row_amx(row, nk, nkp, m_new == minus_inf ? 0.0f : m_new,
+                                             pr + (c - c0) * nkp);
+            }
+            std::fill(pr + std::max<Index>(c1 - c0, 0) * nkp, pr + 32 * nkp, std::uint16_t(0));
+            fold_block_statistics(t, c0, c1);
+            accumulate_values_amx(pr, 32, nkp, s.vp.data(), dvp, t.acc.data() + c0 * t.acc.rows(),
+                                  t.acc.rows());
+        }
     }
 }
 #endif  // MHA_BF16_AMX
@@ -434,6 +434,10 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
     static_assert(Kernel == bf16_kernel::portable,
                   "mha: the native bf16 kernel needs AVX512-BF16 (e.g. -mavx512bf16)");
 #endif
+    // amx where the CPU and the OS allow it, else its vdpbf16ps kernels (as native).
+#if defined(MHA_BF16_AMX)
+    const bool amx = Kernel == bf16_kernel::amx && amx_usable();
+#endif
     bf16_workspace local;
     bf16_workspace& ws = workspace != nullptr ? *workspace : local;
     const Index num_heads = p.heads.num_heads;
@@ -484,10 +488,6 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
         }
         return nothing_held{};
     };
-    // amx where the CPU and the OS allow it, else its vdpbf16ps kernels (as native).
-#if defined(MHA_BF16_AMX)
-    const bool amx = Kernel == bf16_kernel::amx && amx_usable();
-#endif
     auto pass = [&](const bf16_head_problem& hp, Index i0, Index nq, bf16_thread_state& state) {
 #if defined(MHA_BF16_AMX)
         if (amx) {
