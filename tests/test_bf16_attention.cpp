@@ -19,6 +19,7 @@
 
 #include <mha/attention.hpp>
 
+#include "bf16_kernels.hpp"
 #include "check.hpp"
 #include "reference.hpp"
 
@@ -30,48 +31,6 @@ using bf16 = Eigen::bfloat16;
 using bmat = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>;
 using settings = mha::detail::tiled_settings;
 using kernel = mha::detail::bf16_kernel;
-
-/// Whether the native kernel is compiled in and the CPU runs it.
-bool native_available() {
-#if defined(MHA_BF16_NATIVE) && (defined(__GNUC__) || defined(__clang__))
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-#else
-    return false;
-#endif
-}
-
-/// False in the build compiled for AVX512-BF16 (test_bf16_attention_native) on a CPU without it:
-/// every test case then skips before running code compiled for the instruction set.
-bool build_runs_here() {
-#if defined(MHA_TEST_NATIVE_BUILD)
-    return native_available();
-#else
-    return true;
-#endif
-}
-
-#define MHA_SKIP_UNLESS_BUILD_RUNS_HERE() \
-    if (!build_runs_here()) SKIP("compiled for AVX512-BF16, which this CPU lacks")
-
-/// Whether the AMX kernels are compiled in, and the CPU and the OS let them run.
-bool amx_available() {
-#if defined(MHA_BF16_AMX)
-    return native_available() && mha::detail::amx_usable();
-#else
-    return false;
-#endif
-}
-
-std::vector<kernel> kernels() {
-    std::vector<kernel> ks{kernel::portable};
-    if (native_available()) ks.push_back(kernel::native);
-    if (amx_available()) ks.push_back(kernel::amx);
-    return ks;
-}
-
-const char* name(kernel k) {
-    return k == kernel::amx ? "amx" : k == kernel::native ? "native" : "portable";
-}
 
 /// N(0, sigma) values rounded to bf16.
 bmat normal_bf16(mha_test::value_source& rnd, Index rows, Index cols, double sigma = 1.0) {
@@ -178,10 +137,10 @@ void check_shape(Index lq, Index lk, Index dk, Index dv, const settings& cfg, st
     for (const mask_case& mc : all_masks(lq, lk, seed + 1)) {
         const mat<long double> ref = mha_test::reference_attention<long double>(
             ql, kl, vl, static_cast<long double>(scale), mc.allowed, mc.bias);
-        for (kernel kn : kernels()) {
-            const std::string what = std::string(name(kn)) + ", " + mc.name + ", " +
-                                     std::to_string(lq) + "x" + std::to_string(lk) + ", dk " +
-                                     std::to_string(dk) + ", dv " + std::to_string(dv);
+        for (kernel kn : mha_test::bf16_kernels_here()) {
+            const std::string what = std::string(mha_test::bf16_kernel_name(kn)) + ", " + mc.name +
+                                     ", " + std::to_string(lq) + "x" + std::to_string(lk) +
+                                     ", dk " + std::to_string(dk) + ", dv " + std::to_string(dv);
             settings one = cfg, two = cfg;
             one.threads = 1;
             two.threads = 2;
@@ -214,7 +173,8 @@ TEST_CASE("bf16 core: tile boundaries and every mask, against the long-double re
 
 TEST_CASE("bf16 core: the native and portable kernels agree within the bound") {
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
-    if (!native_available()) SKIP("the native kernel is not compiled in, or the CPU lacks it");
+    if (!mha_test::bf16_native_available())
+        SKIP("the native kernel is not compiled in, or the CPU lacks it");
     mha_test::value_source rnd(21);
     const Index dk = 64, dv = 64, lq = 200, lk = 700;
     const bmat q = normal_bf16(rnd, dk, lq), k = normal_bf16(rnd, dk, lk),
@@ -251,8 +211,8 @@ TEST_CASE("bf16 core: NaN propagates, poisoned masked keys never leak") {
     bmat q = normal_bf16(rnd, dk, lq), k = normal_bf16(rnd, dk, lk), v = normal_bf16(rnd, dv, lk);
     const float nan = std::numeric_limits<float>::quiet_NaN();
     const float inf = std::numeric_limits<float>::infinity();
-    for (kernel kn : kernels()) {
-        INFO(name(kn));
+    for (kernel kn : mha_test::bf16_kernels_here()) {
+        INFO(mha_test::bf16_kernel_name(kn));
         // Keys past key_lengths hold NaN and Inf in K and V: nothing changes.
         const Index len = 37;
         bmat kp = k, vp = v;
@@ -435,7 +395,7 @@ TEST_CASE("bf16 core: fully masked queries are exactly 0, requests it cannot ser
 TEST_CASE("bf16 core: the native kernel's exp is within 3 ulp of exp over [-88, 0]") {
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
 #if defined(MHA_BF16_NATIVE)
-    if (!native_available()) SKIP("the CPU lacks AVX512-BF16");
+    if (!mha_test::bf16_native_available()) SKIP("the CPU lacks AVX512-BF16");
     // 2^20 points spread over the range the exp pass sees (differences from the running max,
     // down to exp_flush_below ≈ −86), plus 0 and values near it.
     long double worst = 0;

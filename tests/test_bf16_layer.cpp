@@ -31,6 +31,7 @@
 
 #include <mha/multi_head_attention_bf16.hpp>
 
+#include "bf16_kernels.hpp"
 #include "check.hpp"
 #include "reference.hpp"
 
@@ -41,17 +42,6 @@ using mha_test::mat;
 using mha_test::vec;
 using bf16 = Eigen::bfloat16;
 using bmat = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>;
-
-bool build_runs_here() {
-#if defined(MHA_TEST_NATIVE_BUILD)
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-#else
-    return true;
-#endif
-}
-
-#define MHA_SKIP_UNLESS_BUILD_RUNS_HERE() \
-    if (!build_runs_here()) SKIP("compiled for AVX512-BF16, which this CPU lacks")
 
 bmat normal_bf16(mha_test::value_source& rnd, Index rows, Index cols, double sigma = 1.0) {
     bmat m(rows, cols);

@@ -31,6 +31,7 @@
 
 #include <mha/projection_bf16.hpp>
 
+#include "bf16_kernels.hpp"
 #include "check.hpp"
 #include "reference.hpp"
 
@@ -42,48 +43,6 @@ using bf16 = Eigen::bfloat16;
 using bmat = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic>;
 using bmat_rows = Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using kernel = mha::detail::bf16_kernel;
-
-bool native_available() {
-#if defined(MHA_BF16_NATIVE) && (defined(__GNUC__) || defined(__clang__))
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-#else
-    return false;
-#endif
-}
-
-// False in the build compiled for AVX512-BF16 on a CPU without it: every case then skips before
-// running code compiled for that instruction set.
-bool build_runs_here() {
-#if defined(MHA_TEST_NATIVE_BUILD)
-    return native_available();
-#else
-    return true;
-#endif
-}
-
-#define MHA_SKIP_UNLESS_BUILD_RUNS_HERE() \
-    if (!build_runs_here()) SKIP("compiled for AVX512-BF16, which this CPU lacks")
-
-// True when the AMX path runs here: compiled in (AMX-TILE and AMX-BF16 targeted), the CPU has it
-// and the OS grants the tile state.
-bool amx_available() {
-#if defined(MHA_BF16_AMX)
-    return native_available() && mha::detail::amx_usable();
-#else
-    return false;
-#endif
-}
-
-std::vector<kernel> kernels() {
-    std::vector<kernel> ks{kernel::portable};
-    if (native_available()) ks.push_back(kernel::native);
-    if (amx_available()) ks.push_back(kernel::amx);
-    return ks;
-}
-
-const char* name(kernel k) {
-    return k == kernel::amx ? "amx" : k == kernel::native ? "native" : "portable";
-}
 
 bmat normal_bf16(mha_test::value_source& rnd, Index rows, Index cols) {
     bmat m(rows, cols);
@@ -171,9 +130,10 @@ TEST_CASE("bf16 linear: every edge shape, weight order, bias and output type wit
         const mha::vector<float> b = normal_bf16(rnd, s.m, 1).cast<float>();
         const mha::vector<float> none(0);
         const reference with_bias = reference_of(w, b, x), without = reference_of(w, none, x);
-        for (kernel kn : kernels()) {
-            const std::string at = std::string(name(kn)) + " " + std::to_string(s.m) + "x" +
-                                   std::to_string(s.k) + "x" + std::to_string(s.n);
+        for (kernel kn : mha_test::bf16_kernels_here()) {
+            const std::string at = std::string(mha_test::bf16_kernel_name(kn)) + " " +
+                                   std::to_string(s.m) + "x" + std::to_string(s.k) + "x" +
+                                   std::to_string(s.n);
             require_close(project<mat<float>>(kn, w, b, x, 1, ws), with_bias, s.k, false,
                           at + " col-major w, float bias, float out");
             require_close(project<mat<float>>(kn, w_rows, none, x, 1, ws), without, s.k, false,
@@ -197,11 +157,12 @@ TEST_CASE("bf16 linear: views with strides read and write in place", "[bf16_proj
     const mha::vector<float> b = normal_bf16(rnd, 130, 1).cast<float>();
     const reference r = reference_of(w_plain, b, x_plain);
     mha::bf16_linear_workspace ws;
-    for (kernel kn : kernels()) {
+    for (kernel kn : mha_test::bf16_kernels_here()) {
         mat<float> big = mat<float>::Constant(140, 210, 7.0f);
         auto out = big.block(5, 4, 130, 200);  // 130 × 200, outer stride 140
         mha::detail::linear_bf16(w, b, x, out, ws, 1, kn);
-        require_close(mat<float>(out), r, 77, false, std::string(name(kn)) + " strided views");
+        require_close(mat<float>(out), r, 77, false,
+                      std::string(mha_test::bf16_kernel_name(kn)) + " strided views");
         // Outside the block: untouched.
         CHECK((big.topRows(5).array() == 7.0f).all());
         CHECK((big.bottomRows(5).array() == 7.0f).all());
@@ -214,7 +175,7 @@ TEST_CASE("bf16 linear: empty shapes", "[bf16_projection]") {
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
     mha::bf16_linear_workspace ws;
     const mha::vector<float> b = mha::vector<float>::LinSpaced(5, 1.0f, 5.0f);
-    for (kernel kn : kernels()) {
+    for (kernel kn : mha_test::bf16_kernels_here()) {
         // d_in = 0: the output is the bias (or 0), whatever `out` held.
         mat<float> out = mat<float>::Constant(5, 3, std::numeric_limits<float>::quiet_NaN());
         mha::detail::linear_bf16(bmat(5, 0), b, bmat(0, 3), out, ws, 1, kn);
@@ -245,7 +206,7 @@ TEST_CASE("bf16 linear: NaN and infinity propagate to the outputs that read them
     w(66, 4) = bf16(std::numeric_limits<float>::quiet_NaN());  // row 66, in the last packet
     x(8, 5) = bf16(std::numeric_limits<float>::infinity());    // the last k, partner of nothing
     const mha::vector<float> b = mha::vector<float>::Zero(m);
-    for (kernel kn : kernels()) {
+    for (kernel kn : mha_test::bf16_kernels_here()) {
         mha::bf16_linear_workspace ws;
         const mat<float> out = project<mat<float>>(kn, w, b, x, 1, ws);
         for (Index j = 0; j < n; ++j)
@@ -273,14 +234,14 @@ TEST_CASE("bf16 linear: 1, 2 and 3 threads give the same bits; every path agrees
     const mha::vector<float> b = normal_bf16(rnd, 100, 1).cast<float>();
     const reference r = reference_of(w, b, x);
     std::vector<mat<float>> results;
-    for (kernel kn : kernels()) {
+    for (kernel kn : mha_test::bf16_kernels_here()) {
         mha::bf16_linear_workspace ws;
         const mat<float> one = project<mat<float>>(kn, w, b, x, 1, ws);
         const mat<float> two = project<mat<float>>(kn, w, b, x, 2, ws);
         const mat<float> three = project<mat<float>>(kn, w, b, x, 3, ws);
         CHECK(same_bits(one, two));
         CHECK(same_bits(one, three));
-        require_close(one, r, 601, false, name(kn));
+        require_close(one, r, 601, false, mha_test::bf16_kernel_name(kn));
         results.push_back(one);
     }
     // Each within γ·S of the reference, hence within 2·γ·S of each other.
@@ -299,7 +260,8 @@ TEST_CASE("bf16 linear: the narrow native path gives the packed path's bits, for
     // so the first columns of a 6-column product (packed) are the same bits as the narrow
     // product of those columns alone. Rows enough for the threads to split them.
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
-    if (!native_available()) SKIP("the native kernel is not compiled in or not on this CPU");
+    if (!mha_test::bf16_native_available())
+        SKIP("the native kernel is not compiled in or not on this CPU");
     mha_test::value_source rnd(11);
     const bmat w = normal_bf16(rnd, 2500, 301), x = normal_bf16(rnd, 301, 6);
     const mha::vector<float> b = normal_bf16(rnd, 2500, 1).cast<float>();
@@ -320,7 +282,7 @@ TEST_CASE("bf16 linear: a workspace that served a shape is not grown again", "[b
     mha_test::value_source rnd(5);
     const bmat w = normal_bf16(rnd, 96, 130), x = normal_bf16(rnd, 130, 400);
     const mha::vector<float> b = normal_bf16(rnd, 96, 1).cast<float>();
-    for (kernel kn : kernels()) {
+    for (kernel kn : mha_test::bf16_kernels_here()) {
         mha::bf16_linear_workspace ws;
         bmat out(96, 400);
         mha::detail::linear_bf16(w, b, x, out, ws, 1, kn);
