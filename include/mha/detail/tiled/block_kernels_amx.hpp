@@ -197,16 +197,28 @@ inline void accumulate_values_amx(const std::uint16_t* pr, Index nqp, Index nkp,
         }
 }
 
-/// row[0 : nk) *= scale.
-inline void scale_row(float* row, Index nk, float scale) {
+/// row[0 : nk) *= scale; returns the largest of the scaled row when `want_max` (NaN when any is
+/// NaN, −∞ for nk = 0; max_per_query on a row), else −∞. One pass: the row is read once.
+inline float scale_row(float* row, Index nk, float scale, bool want_max) {
     const __m512 f = _mm512_set1_ps(scale);
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __mmask16 nan = 0;
     Index j = 0;
-    for (; j + 16 <= nk; j += 16)
-        _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), f));
+    for (; j + 16 <= nk; j += 16) {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), f);
+        _mm512_storeu_ps(row + j, x);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, x);
+    }
     if (j < nk) {
         const auto m = static_cast<__mmask16>((1u << (nk - j)) - 1u);
-        _mm512_mask_storeu_ps(row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), f));
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + j), f);
+        _mm512_mask_storeu_ps(row + j, m, x);
+        nan |= _mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q);
+        mx = _mm512_mask_max_ps(mx, m, mx, x);
     }
+    if (!want_max) return -std::numeric_limits<float>::infinity();
+    return nan != 0 ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mx);
 }
 
 /// The largest of row[0 : nk), NaN when any is NaN, −∞ for nk = 0 (max_per_query on a row).
@@ -235,8 +247,7 @@ inline float exp_row_amx(const float* row, Index nk, Index nkp, float shift, std
     const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
     const __m512 sh = _mm512_set1_ps(shift);
-    __m512 total = _mm512_setzero_ps();
-    for (Index j = 0; j < nkp; j += 16) {
+    auto probabilities = [&](Index j) {
         const Index left = std::min<Index>(16, std::max<Index>(0, nk - j));
         const auto valid = static_cast<__mmask16>((1u << left) - 1u);
         const __m512 x = _mm512_maskz_loadu_ps(valid, row + j);
@@ -246,12 +257,18 @@ inline float exp_row_amx(const float* row, Index nk, Index nkp, float shift, std
             static_cast<__mmask16>(~valid | _mm512_cmp_ps_mask(x, minus_inf, _CMP_EQ_OQ) |
                                    _mm512_cmp_ps_mask(d, flush, _CMP_LT_OQ));
         const __m512 e = _mm512_maskz_mov_ps(static_cast<__mmask16>(~cleared), exp_nonpositive(d));
-        total = _mm512_add_ps(total, e);
         const __m256bh b = _mm512_cvtneps_pbh(e);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + j),
                             reinterpret_cast<const __m256i&>(b));
+        return e;
+    };
+    // Two running sums (nkp is a multiple of 32): the additions of one do not wait on the other.
+    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    for (Index j = 0; j < nkp; j += 32) {
+        even = _mm512_add_ps(even, probabilities(j));
+        odd = _mm512_add_ps(odd, probabilities(j + 16));
     }
-    return _mm512_reduce_add_ps(total);
+    return _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
 }
 
 #endif  // MHA_BF16_AMX

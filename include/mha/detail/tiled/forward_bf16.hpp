@@ -346,15 +346,17 @@ inline void online_pass_bf16_amx(const bf16_head_problem& p, Index i0, Index nq,
             const Index c1 = std::min(nq, c0 + 32);
             for (Index c = c0; c < c1; ++c) {
                 float* row = sr + (c - c0) * nkp;
-                scale_row(row, nk, p.f.scale);
+                // Unmasked blocks take the max in the scaling pass; masked ones after the mask.
+                float block_max = scale_row(row, nk, p.f.scale, !masked);
                 if (masked) {
                     const Index f =
                         std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
                     const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
                     mask.apply(row, 1, i0 + c, j0, nk, f, e);
+                    block_max = row_max_nan(row, nk);
                 }
                 // As online_pass: a query with nothing allowed yet shifts by 0.
-                const float m_new = nan_propagating_max(t.m(c), row_max_nan(row, nk));
+                const float m_new = nan_propagating_max(t.m(c), block_max);
                 t.block_max(c) = m_new;
                 t.block_sum(c) = exp_row_amx(row, nk, nkp, m_new == minus_inf ? 0.0f : m_new,
                                              pr + (c - c0) * nkp);
