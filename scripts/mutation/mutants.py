@@ -404,7 +404,7 @@ MUTANTS = [
          find="        cache.check_append(new_tokens[b]);",
          replace="",
          description="a step whose cache cannot take its tokens is found only after earlier caches changed"),
-    dict(id="bf16-decode-cache-at-packed-offset", file="detail/tiled/forward_bf16.hpp",
+    dict(id="bf16-decode-cache-at-packed-offset", file="detail/tiled/bf16_problem.hpp",
          find="        kv_column = 0;",
          replace="        kv_column = k0;",
          description="a bf16 decode step reads sequence b's cache from the batch's packed key offset"),

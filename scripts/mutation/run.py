@@ -78,6 +78,8 @@ DEFAULT_TESTS = {
     "detail/gemm_bf16_amx.hpp": ["bf16_projection_native"],
     "detail/gemm_bf16_packing.hpp": ["bf16_projection", "bf16_projection_native"],
     "detail/tiled/block_kernels_amx.hpp": ["bf16_attention_native"],
+    "detail/tiled/bf16_problem.hpp": ["bf16_attention", "bf16_layer"],
+    "detail/tiled/forward_bf16_amx.hpp": ["bf16_attention_native"],
 }
 
 # ctest name -> build target, where they differ.

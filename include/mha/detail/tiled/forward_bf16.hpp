@@ -12,7 +12,10 @@
 //   - per key block, V is packed into the pair-interleaved layout and P is rounded to bf16 and
 //     interleaved, so P·V runs on vdpbf16ps too (the error analysis: docs/performance.md);
 //   - the portable kernel widens Q once per task and K and V once per key block to fp32 and runs
-//     the fp32 register tiles, with the same rounding of P.
+//     the fp32 register tiles, with the same rounding of P;
+//   - the amx kernel, where the CPU and the OS allow it, runs its own online pass
+//     (detail/tiled/forward_bf16_amx.hpp) with the same statistics, folds and final division.
+// The call and its per-thread buffers: detail/tiled/bf16_problem.hpp.
 // Not here yet (refused by the public entry, see multi_head_attention_core for bf16): weights,
 // normalisations other than softmax, soft-capping, ALiBi, sinks, score modifiers, and the
 // split-KV decode (one-query blocks run as ordinary tasks: correct, but a single long decode
@@ -31,134 +34,17 @@
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/parallel.hpp>
+#include <mha/detail/tiled/bf16_problem.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
-#include <mha/detail/tiled/block_kernels_amx.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
 #include <mha/detail/tiled/forward.hpp>
+#include <mha/detail/tiled/forward_bf16_amx.hpp>
 #include <mha/detail/tiled/online_softmax.hpp>
 #include <mha/mask.hpp>
 #include <mha/options.hpp>
 
 namespace mha {
 namespace detail {
-
-/// A validated bf16 multi-head call (shapes as attention_problem, masks in fp32).
-struct bf16_attention_problem {
-    Eigen::Ref<const Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>, 0,
-               Eigen::OuterStride<>>
-        q, k, v;
-    mutable matrix_ref<float> out;
-    head_layout heads;
-    const packed_batch& batch;
-    const attention_mask<float>& mask;
-    float scale;
-    bool log_sum_exp;
-    /// One entry per sequence: its keys and values are read there (a decode step's caches) and
-    /// k and v are not read; null: keys and values in k and v.
-    const sequence_keys_values<Eigen::bfloat16>* per_sequence = nullptr;
-};
-
-/// One (sequence, head) of a bf16 call: `f` carries everything but the inputs (output,
-/// log-sum-exp, strides, widths, lengths, scale, mask) as the fp32 passes read it; its q, k and
-/// v are null, the bf16 inputs are here.
-struct bf16_head_problem {
-    head_problem<float> f;
-    const Eigen::bfloat16* q;
-    const Eigen::bfloat16* k;
-    const Eigen::bfloat16* v;
-};
-
-inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p, Index b, Index h,
-                                                const mask_view<float>& mask, matrix<float>* lse) {
-    const head_layout& heads = p.heads;
-    const Index q0 = p.batch.query_offset(b), k0 = p.batch.key_offset(b);
-    const Index lq = p.batch.query_length(b), lk = p.batch.key_length(b);
-    // As make_head_problem: an empty sequence's columns do not exist and are never read.
-    auto at = [](auto* base, Index length, Index offset) {
-        return length == 0 ? base : base + offset;
-    };
-    float* lse_at =
-        lse == nullptr || lse->size() == 0 ? nullptr : at(lse->data(), lq, q0 * lse->rows() + h);
-    sequence_keys_values<Eigen::bfloat16> kv{p.k.data(), p.v.data(), p.k.outerStride(),
-                                             p.v.outerStride()};
-    Index kv_column = k0;
-    if (p.per_sequence != nullptr) {
-        kv = p.per_sequence[b];
-        kv_column = 0;
-    }
-    bf16_head_problem hp{};
-    hp.f = head_problem<float>{nullptr,
-                               nullptr,
-                               nullptr,
-                               at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
-                               lse_at,
-                               p.q.outerStride(),
-                               kv.k_stride,
-                               kv.v_stride,
-                               p.out.outerStride(),
-                               lse == nullptr ? 0 : lse->rows(),
-                               heads.dk,
-                               heads.dv,
-                               lq,
-                               lk,
-                               p.scale,
-                               &mask};
-    hp.f.sequence = b;
-    hp.f.head = h;
-    hp.q = at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h));
-    hp.k = at(kv.k, lk, kv_column * kv.k_stride + heads.k_row(h));
-    hp.v = at(kv.v, lk, kv_column * kv.v_stride + heads.v_row(h));
-    return hp;
-}
-
-/// One thread's buffers: the fp32 tile (scores, accumulator, bookkeeping, intervals; the
-/// portable kernel's widened queries and values) and the packed bf16 operands.
-struct bf16_thread_state {
-    tile_scratch<float> t;
-    matrix<float> kb;                       // portable: dk × key_block, the block's keys widened
-    std::vector<std::uint16_t> qp, vp, pp;  // native: the pair-interleaved Q, V and P
-    std::vector<Eigen::bfloat16> kb16;      // native: the block's keys, contiguous
-    // amx (block_kernels_amx.hpp): Qᵀ (nqp × dkp), the key pairs (dkp / 2 × nkp words), the
-    // scores (32 × nkp fp32) and the probabilities (32 × nkp bf16) of 32 queries, padded to 32.
-    std::vector<std::uint16_t> q_rows, k_pairs, p_rows;
-    std::vector<float> s_rows;
-    tile_scratch_key made_for;
-};
-
-template <bf16_kernel Kernel>
-void make_bf16_scratch(bf16_thread_state& s, Index dk, Index dv, const tiled_settings& cfg) {
-    s.t = make_tile_scratch<float>(dk, dv, cfg);
-    const Index nqp = bf16_padded(cfg.query_block);
-    const Index pairs = (cfg.key_block + 1) / 2;
-    // Rows: the native value tiles write whole 16-row packets.
-    s.t.acc.resize(std::max<Index>(bf16_padded(dv), 1), cfg.query_block);
-    if (s.t.s.rows() < nqp) s.t.s.resize(nqp, cfg.key_block);
-    for (auto* v : {&s.t.block_max, &s.t.shift, &s.t.block_sum})
-        if (v->size() < nqp) v->resize(nqp);
-    if constexpr (uses_dot_pairs(Kernel)) {
-        s.qp.assign(static_cast<std::size_t>((dk + 1) / 2 * nqp * 2), 0);
-        s.vp.assign(static_cast<std::size_t>(pairs * bf16_padded(dv) * 2), 0);
-        s.pp.assign(static_cast<std::size_t>(pairs * nqp * 2), 0);
-        s.kb16.assign(static_cast<std::size_t>(std::max<Index>(dk, 1) * cfg.key_block),
-                      Eigen::bfloat16(0.0f));
-        if constexpr (Kernel == bf16_kernel::amx) {
-            // Tiles of 16 queries × 16 value lanes read and write whole rows and columns of the
-            // accumulator, which is padded to 32 both ways.
-            const Index nq32 = amx_padded(cfg.query_block), nk32 = amx_padded(cfg.key_block);
-            const Index dk32 = amx_padded(dk), dv32 = amx_padded(dv);
-            s.t.acc.resize(dv32, nq32);
-            s.vp.assign(
-                static_cast<std::size_t>(std::max(pairs * bf16_padded(dv), nk32 / 2 * dv32) * 2),
-                0);
-            s.q_rows.assign(static_cast<std::size_t>(nq32 * dk32), 0);
-            s.k_pairs.assign(static_cast<std::size_t>(dk32 / 2 * nk32 * 2), 0);
-            s.p_rows.assign(static_cast<std::size_t>(32 * nk32), 0);
-            s.s_rows.assign(static_cast<std::size_t>(32 * nk32), 0.0f);
-        }
-    } else {
-        s.kb.resize(std::max<Index>(dk, 1), cfg.key_block);
-    }
-}
 
 /// Query padding of a kernel's score tile.
 template <bf16_kernel Kernel>
@@ -211,29 +97,6 @@ void masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nq
         const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
         const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
         mask.apply(st + c, lds, i0 + c, j0, nk, f, e);
-    }
-}
-
-/// Folds a key block's softmax statistics of queries [c0, c1) into the running ones: the new max
-/// (t.block_max), the block's sum of exponentials (t.block_sum); the accumulator is rescaled
-/// where the max moved, cleared where the query had no allowed key before.
-inline void fold_block_statistics(tile_scratch<float>& t, Index c0, Index c1) {
-    const float minus_inf = -std::numeric_limits<float>::infinity();
-    for (Index c = c0; c < c1; ++c) {
-        const float m_old = t.m(c);
-        const float m_new = t.block_max(c);
-        if (m_new == minus_inf) continue;
-        if (m_old == minus_inf) {
-            t.acc.col(c).setZero();
-            t.l(c) = t.block_sum(c);
-        } else if (m_new != m_old) {
-            const float alpha = exp_or_zero(m_old - m_new);
-            t.acc.col(c) *= alpha;
-            t.l(c) = alpha * t.l(c) + t.block_sum(c);
-        } else {
-            t.l(c) += t.block_sum(c);
-        }
-        t.m(c) = m_new;
     }
 }
 
@@ -307,68 +170,6 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
         }
     }
 }
-
-#if defined(MHA_BF16_AMX)
-/// online_pass_bf16 on AMX tiles (block_kernels_amx.hpp): the same key blocks, masks, running
-/// max and sum, and the same rescaling of the accumulator; the scores and P·V as tile products,
-/// the softmax along each query's row of scores.
-inline void online_pass_bf16_amx(const bf16_head_problem& p, Index i0, Index nq,
-                                 const tiled_settings& cfg, bf16_thread_state& s) {
-    tile_scratch<float>& t = s.t;
-    const float minus_inf = -std::numeric_limits<float>::infinity();
-    const Index dv = p.f.dv;
-    const Index nqp = amx_padded(nq), dkp = amx_padded(p.f.dk), dvp = amx_padded(dv);
-    t.acc.leftCols(nqp).setZero();  // the padding queries' columns too: tiles read them
-    t.m.head(nq).setConstant(minus_inf);
-    t.l.head(nq).setZero();
-    const interval_summary iv = key_intervals(p.f, i0, nq, 0, p.f.lk, t);
-    if (iv.lo >= iv.hi) return;
-    stage_queries_amx(p.q + i0 * p.f.q_stride, p.f.q_stride, p.f.dk, nq, nqp, dkp, s.q_rows.data());
-    const auto& mask = *p.f.mask;
-    const amx_tile_scope tiles;
-    for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
-        const Index nk = std::min(cfg.key_block, iv.hi - j0), nkp = amx_padded(nk);
-        pack_key_pairs_amx(p.k + j0 * p.f.k_stride, p.f.k_stride, p.f.dk, nk, nkp, dkp,
-                           s.k_pairs.data());
-        pack_value_pairs(p.v + j0 * p.f.v_stride, p.f.v_stride, dv, nk, dvp, s.vp.data());
-        // Pairs beyond the block's keys: zero (P is zero there too, but a stale value could be
-        // infinite, and 0·∞ is NaN).
-        std::fill(s.vp.data() + (nk + 1) / 2 * dvp * 2, s.vp.data() + nkp / 2 * dvp * 2,
-                  std::uint16_t(0));
-        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
-        const bool masked = !interior || mask.has_elementwise();
-        // 32 queries at a time through scores, softmax and P·V: their scores (32 × nkp fp32,
-        // 64 KiB for 512 keys) and probabilities stay in L1/L2 between the three passes.
-        for (Index c0 = 0; c0 < nqp; c0 += 32) {
-            float* sr = s.s_rows.data();          // 32 × nkp
-            std::uint16_t* pr = s.p_rows.data();  // 32 × nkp
-            scores_amx(s.q_rows.data() + c0 * dkp, 32, dkp, s.k_pairs.data(), nkp, sr, nkp);
-            const Index c1 = std::min(nq, c0 + 32);
-            for (Index c = c0; c < c1; ++c) {
-                float* row = sr + (c - c0) * nkp;
-                // Unmasked blocks take the max in the scaling pass; masked ones after the mask.
-                float block_max = scale_row(row, nk, p.f.scale, !masked);
-                if (masked) {
-                    const Index f =
-                        std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
-                    const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
-                    mask.apply(row, 1, i0 + c, j0, nk, f, e);
-                    block_max = row_max_nan(row, nk);
-                }
-                // As online_pass: a query with nothing allowed yet shifts by 0.
-                const float m_new = nan_propagating_max(t.m(c), block_max);
-                t.block_max(c) = m_new;
-                t.block_sum(c) = exp_row_amx(row, nk, nkp, m_new == minus_inf ? 0.0f : m_new,
-                                             pr + (c - c0) * nkp);
-            }
-            std::fill(pr + std::max<Index>(c1 - c0, 0) * nkp, pr + 32 * nkp, std::uint16_t(0));
-            fold_block_statistics(t, c0, c1);
-            accumulate_values_amx(pr, 32, nkp, s.vp.data(), dvp, t.acc.data() + c0 * t.acc.rows(),
-                                  t.acc.rows());
-        }
-    }
-}
-#endif  // MHA_BF16_AMX
 
 /// Recomputes output column i from its allowed keys alone, in fp32 from the bf16 inputs (see
 /// "Poisoned values" in detail/tiled/forward.hpp).
