@@ -112,12 +112,35 @@ struct head_problem {
     Scalar sink = 0;
 };
 
+/// Sequence b's keys and values, key 0 first: its columns of the problem's packed K and V, or its
+/// own entry of `per_sequence` (a decode step's cache). An empty sequence's columns do not exist
+/// and are never read: its pointers are the matrices' own. Serves every problem type with k, v,
+/// batch and per_sequence (attention_problem, the bf16 problem).
+template <class Scalar, class Problem>
+sequence_keys_values<Scalar> keys_values_of(const Problem& p, Index b) {
+    if (p.per_sequence != nullptr) return p.per_sequence[b];
+    const Index k0 = p.batch.key_length(b) == 0 ? 0 : p.batch.key_offset(b);
+    return {p.k.data() + k0 * p.k.outerStride(), p.v.data() + k0 * p.v.outerStride(),
+            p.k.outerStride(), p.v.outerStride()};
+}
+
+/// Makes hp, the problem of the first query head of a group, the problem of the group's `group`
+/// query heads stacked as the queries of one sequence of one query (see make_stacked_problem):
+/// query vectors d_k apart, outputs d_v apart, log-sum-exps 1 apart.
+template <class HeadProblem>
+void stack_query_heads(HeadProblem& hp, Index dk, Index dv, Index group) {
+    hp.q_stride = dk;
+    hp.out_stride = dv;
+    hp.lse_stride = 1;
+    hp.lq = group;
+}
+
 /// The problem of sequence b, head h. `lse`, when given, is the H × Nq log-sum-exp matrix.
 template <class Scalar>
 head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index b, Index h,
                                        const mask_view<Scalar>& mask, matrix<Scalar>* lse) {
     const head_layout& heads = p.heads;
-    const Index q0 = p.batch.query_offset(b), k0 = p.batch.key_offset(b);
+    const Index q0 = p.batch.query_offset(b);
     const Index lq = p.batch.query_length(b), lk = p.batch.key_length(b);
     // An empty sequence's columns do not exist (the matrix may even be empty, with a null data
     // pointer): offsetting into them would be undefined, and they are never read.
@@ -126,15 +149,10 @@ head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index
     };
     Scalar* lse_at =
         lse == nullptr || lse->size() == 0 ? nullptr : at(lse->data(), lq, q0 * lse->rows() + h);
-    sequence_keys_values<Scalar> kv{p.k.data(), p.v.data(), p.k.outerStride(), p.v.outerStride()};
-    Index kv_column = k0;
-    if (p.per_sequence != nullptr) {
-        kv = p.per_sequence[b];
-        kv_column = 0;
-    }
+    const sequence_keys_values<Scalar> kv = keys_values_of<Scalar>(p, b);
     head_problem<Scalar> hp{at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h)),
-                            at(kv.k, lk, kv_column * kv.k_stride + heads.k_row(h)),
-                            at(kv.v, lk, kv_column * kv.v_stride + heads.v_row(h)),
+                            at(kv.k, lk, heads.k_row(h)),
+                            at(kv.v, lk, heads.v_row(h)),
                             at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
                             lse_at,
                             p.q.outerStride(),
@@ -180,10 +198,7 @@ head_problem<Scalar> make_stacked_problem(const attention_problem<Scalar>& p, In
                                           Index group, const mask_view<Scalar>& mask,
                                           matrix<Scalar>* lse) {
     head_problem<Scalar> hp = make_head_problem(p, b, g * group, mask, lse);
-    hp.q_stride = p.heads.dk;
-    hp.out_stride = p.heads.dv;
-    hp.lse_stride = 1;
-    hp.lq = group;
+    stack_query_heads(hp, p.heads.dk, p.heads.dv, group);
     return hp;
 }
 

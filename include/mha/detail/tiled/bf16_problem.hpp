@@ -53,7 +53,7 @@ struct bf16_head_problem {
 inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p, Index b, Index h,
                                                 const mask_view<float>& mask, matrix<float>* lse) {
     const head_layout& heads = p.heads;
-    const Index q0 = p.batch.query_offset(b), k0 = p.batch.key_offset(b);
+    const Index q0 = p.batch.query_offset(b);
     const Index lq = p.batch.query_length(b), lk = p.batch.key_length(b);
     // As make_head_problem: an empty sequence's columns do not exist and are never read.
     auto at = [](auto* base, Index length, Index offset) {
@@ -61,13 +61,7 @@ inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p,
     };
     float* lse_at =
         lse == nullptr || lse->size() == 0 ? nullptr : at(lse->data(), lq, q0 * lse->rows() + h);
-    sequence_keys_values<Eigen::bfloat16> kv{p.k.data(), p.v.data(), p.k.outerStride(),
-                                             p.v.outerStride()};
-    Index kv_column = k0;
-    if (p.per_sequence != nullptr) {
-        kv = p.per_sequence[b];
-        kv_column = 0;
-    }
+    const sequence_keys_values<Eigen::bfloat16> kv = keys_values_of<Eigen::bfloat16>(p, b);
     bf16_head_problem hp{};
     hp.f = head_problem<float>{nullptr,
                                nullptr,
@@ -88,8 +82,8 @@ inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p,
     hp.f.sequence = b;
     hp.f.head = h;
     hp.q = at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h));
-    hp.k = at(kv.k, lk, kv_column * kv.k_stride + heads.k_row(h));
-    hp.v = at(kv.v, lk, kv_column * kv.v_stride + heads.v_row(h));
+    hp.k = at(kv.k, lk, heads.k_row(h));
+    hp.v = at(kv.v, lk, heads.v_row(h));
     return hp;
 }
 

@@ -307,10 +307,7 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
             // apart, their log-sum-exps 1 apart; every one sees what query 0 of head g·group sees.
             const mask_view<float> view = ws.masks(tk.b, tk.h * tk.group).stacked();
             bf16_head_problem hp = make_bf16_head_problem(p, tk.b, tk.h * tk.group, view, lse);
-            hp.f.q_stride = p.heads.dk;
-            hp.f.out_stride = p.heads.dv;
-            hp.f.lse_stride = 1;
-            hp.f.lq = tk.group;
+            stack_query_heads(hp.f, p.heads.dk, p.heads.dv, tk.group);
             pass(hp, 0, tk.group, state);
             finalize_block_bf16(hp, 0, tk.group, state.t);
             return;
