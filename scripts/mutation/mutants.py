@@ -135,8 +135,8 @@ MUTANTS = [
          replace="Index kv_head(Index h) const { return h % num_kv_heads; }",
          description="query heads grouped round-robin instead of consecutively"),
     dict(id="stacked-out-stride-dk", file="detail/head_problem.hpp",
-         find="hp.out_stride = p.heads.dv;",
-         replace="hp.out_stride = p.heads.dk;",
+         find="hp.out_stride = dv;",
+         replace="hp.out_stride = dk;",
          description="a stacked problem's outputs lie d_k apart instead of d_v"),
     # detail/tiled/online_softmax.hpp, forward.hpp, plan.hpp, block_kernels.hpp
     dict(id="online-sum-not-rescaled", file="detail/tiled/online_softmax.hpp",
