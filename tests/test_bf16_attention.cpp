@@ -169,6 +169,41 @@ TEST_CASE("bf16 core: tile boundaries and every mask, against the long-double re
     check_shape(70, 131, 64, 64, mid, 15);
     // The real tile sizes, several key blocks.
     check_shape(130, 1100, 64, 64, settings{}, 16);
+    // More queries than one AMX task takes (amx_query_blocks_per_task query blocks), d_k padded
+    // to 64 (the tile kernel that keeps the queries in tile registers), d_k past 64 (the one
+    // that does not).
+    check_shape(600, 700, 40, 24, settings{}, 17);
+    check_shape(45, 300, 80, 24, mid, 18);
+}
+
+TEST_CASE("bf16 core: a scale of either sign, or zero") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // The AMX pass folds a positive scale into its exp pass and scales the scores first
+    // otherwise: both branches, with and without a partial mask, against the reference (the
+    // reference takes the scale as given; the bound is the same bf16 model as above).
+    mha_test::value_source rnd(19);
+    const Index dk = 64, dv = 32, lq = 90, lk = 300;
+    const bmat q = normal_bf16(rnd, dk, lq), k = normal_bf16(rnd, dk, lk),
+               v = normal_bf16(rnd, dv, lk);
+    const mat<long double> ql = widen(q), kl = widen(k), vl = widen(v);
+    for (const float scale : {0.3f, -0.3f, 0.0f})
+        for (const bool causal : {false, true}) {
+            mha::attention_options options;
+            options.scale = scale;
+            const mha::attention_mask<float> mask =
+                causal ? mha::attention_mask<float>(mha::causal{}) : mha::attention_mask<float>();
+            const mha_test::allowed_fn allowed =
+                causal ? mha_test::causal_bottom_right(lq, lk) : mha_test::allow_all();
+            const mat<long double> ref = mha_test::reference_attention<long double>(
+                ql, kl, vl, static_cast<long double>(scale), allowed);
+            for (kernel kn : mha_test::bf16_kernels_here()) {
+                const std::string what = std::string(mha_test::bf16_kernel_name(kn)) + ", scale " +
+                                         std::to_string(scale) + (causal ? ", causal" : "");
+                const mat<float> out = run(kn, q, k, v, mask, settings{}, options);
+                mha_test::require_bf16_attention_close(out, ref, ql, kl, vl, scale, allowed,
+                                                       nullptr, what);
+            }
+        }
 }
 
 TEST_CASE("bf16 core: the native and portable kernels agree within the bound") {

@@ -227,26 +227,11 @@ struct bf16_workspace {
     std::vector<bf16_thread_state> threads;
 };
 
-/// The multi-head tiled attention on bf16 inputs (p validated): out and, when asked, the
-/// log-sum-exp (sized H × Nq by the caller). `workspace`, when given, keeps every buffer of the
-/// call for the next one; null: a workspace local to the call.
-template <bf16_kernel Kernel = default_bf16_kernel>
-void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
-                          const tiled_settings& cfg = {}, bf16_workspace* workspace = nullptr) {
-#if !defined(MHA_BF16_NATIVE)
-    static_assert(Kernel == bf16_kernel::portable,
-                  "mha: the native bf16 kernel needs AVX512-BF16 (e.g. -mavx512bf16)");
-#endif
-    // amx where the CPU and the OS allow it, else its vdpbf16ps kernels (as native).
-#if defined(MHA_BF16_AMX)
-    const bool amx = Kernel == bf16_kernel::amx && amx_usable();
-#endif
-    bf16_workspace local;
-    bf16_workspace& ws = workspace != nullptr ? *workspace : local;
-    const Index num_heads = p.heads.num_heads;
-    ws.masks.build(p.mask, num_heads, p.batch);
-    // Tasks (b, h, i0), the longest key ranges first (causal blocks differ), ties in index
-    // order; which thread runs a task does not change its result.
+/// The tasks of a bf16 call into ws.tasks, the longest key ranges first (causal blocks differ),
+/// ties in index order; which thread runs a task does not change its result. ws.masks must be
+/// built for the call.
+inline void plan_bf16_tasks(const bf16_attention_problem& p, const tiled_settings& cfg,
+                            bf16_workspace& ws) {
     using task = bf16_workspace::task;
     std::vector<task>& tasks = ws.tasks;
     tasks.clear();
@@ -254,6 +239,7 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
     // key/value head as the queries of one problem, as the fp32 kernel does
     // (make_stacked_problem): each cached key is read once per group, and one score tile serves
     // the group instead of one padded tile per query head.
+    const Index num_heads = p.heads.num_heads;
     const Index group = num_heads / p.heads.num_kv_heads;
     const bool can_stack = group > 1 && group <= cfg.query_block && ws.masks.same_for_every_head();
     for (Index b = 0; b < p.batch.size(); ++b) {
@@ -283,6 +269,35 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
     std::sort(tasks.begin(), tasks.end(), [](const task& a, const task& b) {
         return a.cost != b.cost ? a.cost > b.cost : a.order < b.order;
     });
+}
+
+/// The multi-head tiled attention on bf16 inputs (p validated): out and, when asked, the
+/// log-sum-exp (sized H × Nq by the caller). `workspace`, when given, keeps every buffer of the
+/// call for the next one; null: a workspace local to the call.
+template <bf16_kernel Kernel = default_bf16_kernel>
+void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
+                          const tiled_settings& settings = {},
+                          bf16_workspace* workspace = nullptr) {
+#if !defined(MHA_BF16_NATIVE)
+    static_assert(Kernel == bf16_kernel::portable,
+                  "mha: the native bf16 kernel needs AVX512-BF16 (e.g. -mavx512bf16)");
+#endif
+    // amx where the CPU and the OS allow it, else its vdpbf16ps kernels (as native).
+    tiled_settings cfg = settings;
+#if defined(MHA_BF16_AMX)
+    const bool amx = Kernel == bf16_kernel::amx && amx_usable();
+    // Its own task and key block sizes (block_kernels_amx.hpp says why; the figures:
+    // docs/performance.md, "bfloat16 on AMX tiles").
+    if (amx) {
+        cfg.query_block *= amx_query_blocks_per_task;
+        cfg.key_block = std::min(cfg.key_block, amx_key_block);
+    }
+#endif
+    bf16_workspace local;
+    bf16_workspace& ws = workspace != nullptr ? *workspace : local;
+    ws.masks.build(p.mask, p.heads.num_heads, p.batch);
+    plan_bf16_tasks(p, cfg, ws);
+    const std::vector<bf16_workspace::task>& tasks = ws.tasks;
     const tile_scratch_key key{p.heads.dk, p.heads.dv, cfg.query_block, cfg.key_block};
     auto enter = [&](bf16_thread_state& state) {
         if (!(state.made_for == key)) {
@@ -301,7 +316,7 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
         online_pass_bf16<Kernel>(hp, i0, nq, cfg, state);
     };
     auto run = [&](Index index, bf16_thread_state& state) {
-        const task& tk = tasks[static_cast<std::size_t>(index)];
+        const bf16_workspace::task& tk = tasks[static_cast<std::size_t>(index)];
         if (tk.group > 1) {
             // Query heads g·group … lie d_k apart in the query's column, their outputs d_v
             // apart, their log-sum-exps 1 apart; every one sees what query 0 of head g·group sees.
