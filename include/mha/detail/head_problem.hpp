@@ -135,10 +135,23 @@ void stack_query_heads(HeadProblem& hp, Index dk, Index dv, Index group) {
     hp.lq = group;
 }
 
-/// The problem of sequence b, head h. `lse`, when given, is the H × Nq log-sum-exp matrix.
-template <class Scalar>
-head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index b, Index h,
-                                       const mask_view<Scalar>& mask, matrix<Scalar>* lse) {
+/// One (sequence, head) of a call: `f` as the passes read it (output, log-sum-exp, strides,
+/// widths, lengths, scale, mask; its q, k and v null), and where the head's inputs start, in the
+/// inputs' own type (Scalar for attention_problem, Eigen::bfloat16 for the bf16 problem).
+template <class Scalar, class Input>
+struct located_head_problem {
+    head_problem<Scalar> f;
+    const Input* q;
+    const Input* k;
+    const Input* v;
+};
+
+/// Sequence b, head h of any problem type with q, out, heads, batch, scale, k, v and
+/// per_sequence. `lse`, when given, is the H × Nq log-sum-exp matrix.
+template <class Scalar, class Input, class Problem>
+located_head_problem<Scalar, Input> locate_head_problem(const Problem& p, Index b, Index h,
+                                                        const mask_view<Scalar>& mask,
+                                                        matrix<Scalar>* lse) {
     const head_layout& heads = p.heads;
     const Index q0 = p.batch.query_offset(b);
     const Index lq = p.batch.query_length(b), lk = p.batch.key_length(b);
@@ -149,25 +162,41 @@ head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index
     };
     Scalar* lse_at =
         lse == nullptr || lse->size() == 0 ? nullptr : at(lse->data(), lq, q0 * lse->rows() + h);
-    const sequence_keys_values<Scalar> kv = keys_values_of<Scalar>(p, b);
-    head_problem<Scalar> hp{at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h)),
-                            at(kv.k, lk, heads.k_row(h)),
-                            at(kv.v, lk, heads.v_row(h)),
-                            at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
-                            lse_at,
-                            p.q.outerStride(),
-                            kv.k_stride,
-                            kv.v_stride,
-                            p.out.outerStride(),
-                            lse == nullptr ? 0 : lse->rows(),
-                            heads.dk,
-                            heads.dv,
-                            lq,
-                            lk,
-                            p.scale,
-                            &mask};
-    hp.sequence = b;
-    hp.head = h;
+    const sequence_keys_values<Input> kv = keys_values_of<Input>(p, b);
+    located_head_problem<Scalar, Input> r{};
+    r.f = head_problem<Scalar>{nullptr,
+                               nullptr,
+                               nullptr,
+                               at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
+                               lse_at,
+                               p.q.outerStride(),
+                               kv.k_stride,
+                               kv.v_stride,
+                               p.out.outerStride(),
+                               lse == nullptr ? 0 : lse->rows(),
+                               heads.dk,
+                               heads.dv,
+                               lq,
+                               lk,
+                               static_cast<Scalar>(p.scale),
+                               &mask};
+    r.f.sequence = b;
+    r.f.head = h;
+    r.q = at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h));
+    r.k = at(kv.k, lk, heads.k_row(h));
+    r.v = at(kv.v, lk, heads.v_row(h));
+    return r;
+}
+
+/// The problem of sequence b, head h. `lse`, when given, is the H × Nq log-sum-exp matrix.
+template <class Scalar>
+head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index b, Index h,
+                                       const mask_view<Scalar>& mask, matrix<Scalar>* lse) {
+    const auto located = locate_head_problem<Scalar, Scalar>(p, b, h, mask, lse);
+    head_problem<Scalar> hp = located.f;
+    hp.q = located.q;
+    hp.k = located.k;
+    hp.v = located.v;
     if (p.terms != nullptr) {
         const attention_options& o = *p.terms;
         const auto hi = static_cast<std::size_t>(h);

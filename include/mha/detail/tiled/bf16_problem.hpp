@@ -40,51 +40,13 @@ struct bf16_attention_problem {
     const sequence_keys_values<Eigen::bfloat16>* per_sequence = nullptr;
 };
 
-/// One (sequence, head) of a bf16 call: `f` carries everything but the inputs (output,
-/// log-sum-exp, strides, widths, lengths, scale, mask) as the fp32 passes read it; its q, k and
-/// v are null, the bf16 inputs are here.
-struct bf16_head_problem {
-    head_problem<float> f;
-    const Eigen::bfloat16* q;
-    const Eigen::bfloat16* k;
-    const Eigen::bfloat16* v;
-};
+/// One (sequence, head) of a bf16 call: `f` carries everything but the inputs as the fp32
+/// passes read it; the bf16 inputs are q, k and v.
+using bf16_head_problem = located_head_problem<float, Eigen::bfloat16>;
 
 inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p, Index b, Index h,
                                                 const mask_view<float>& mask, matrix<float>* lse) {
-    const head_layout& heads = p.heads;
-    const Index q0 = p.batch.query_offset(b);
-    const Index lq = p.batch.query_length(b), lk = p.batch.key_length(b);
-    // As make_head_problem: an empty sequence's columns do not exist and are never read.
-    auto at = [](auto* base, Index length, Index offset) {
-        return length == 0 ? base : base + offset;
-    };
-    float* lse_at =
-        lse == nullptr || lse->size() == 0 ? nullptr : at(lse->data(), lq, q0 * lse->rows() + h);
-    const sequence_keys_values<Eigen::bfloat16> kv = keys_values_of<Eigen::bfloat16>(p, b);
-    bf16_head_problem hp{};
-    hp.f = head_problem<float>{nullptr,
-                               nullptr,
-                               nullptr,
-                               at(p.out.data(), lq, q0 * p.out.outerStride() + heads.out_row(h)),
-                               lse_at,
-                               p.q.outerStride(),
-                               kv.k_stride,
-                               kv.v_stride,
-                               p.out.outerStride(),
-                               lse == nullptr ? 0 : lse->rows(),
-                               heads.dk,
-                               heads.dv,
-                               lq,
-                               lk,
-                               p.scale,
-                               &mask};
-    hp.f.sequence = b;
-    hp.f.head = h;
-    hp.q = at(p.q.data(), lq, q0 * p.q.outerStride() + heads.q_row(h));
-    hp.k = at(kv.k, lk, heads.k_row(h));
-    hp.v = at(kv.v, lk, heads.v_row(h));
-    return hp;
+    return locate_head_problem<float, Eigen::bfloat16>(p, b, h, mask, lse);
 }
 
 /// One thread's buffers: the fp32 tile (scores, accumulator, bookkeeping, intervals; the
