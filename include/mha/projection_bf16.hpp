@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <mha/core.hpp>
+#include <mha/detail/aligned_vector.hpp>
 #include <mha/detail/gemm_bf16.hpp>
 
 namespace mha {
@@ -36,7 +37,7 @@ public:
 
 private:
     detail::bf16_gemm_buffers gemm_;
-    std::vector<float> result_, bias_;
+    detail::aligned_vector<float> result_, bias_;  // the result: where AMX tiles store C
 };
 
 namespace detail {

@@ -368,6 +368,11 @@ MUTANTS = [
          find="if (!accumulate) start_columns(m, j0, j1, bias, c, ldc);",
          replace="if (!accumulate) start_columns(m, j0, j1, nullptr, c, ldc);",
          description="the portable bf16 GEMM leaves the bias out"),
+    dict(id="aligned-vector-on-16-bytes", file="detail/aligned_vector.hpp",
+         find="static constexpr std::align_val_t alignment{64};",
+         replace="static constexpr std::align_val_t alignment{16};",
+         tests=["bf16_projection"],
+         description="the bf16 kernels' buffers start on 16-byte boundaries, so 64-byte rows straddle cache lines"),
     # detail/gemm_bf16_amx.hpp, detail/tiled/block_kernels_amx.hpp (killed only on a CPU with
     # AMX-BF16: the native tests skip the AMX path elsewhere)
     dict(id="gemm-bf16-amx-last-chunk-dropped", file="detail/gemm_bf16_amx.hpp",

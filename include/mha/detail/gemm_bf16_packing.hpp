@@ -21,6 +21,7 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/detail/aligned_vector.hpp>
 #include <mha/detail/parallel.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
 
@@ -48,24 +49,24 @@ static_assert(bf16_gemm_sizes::nc % bf16_gemm_sizes::nr == 0, "column blocks of 
 
 /// Grows v to at least n elements; never shrinks, so a buffer that served a shape allocates
 /// nothing for it again.
-template <class T>
-void grow(std::vector<T>& v, Index n) {
+template <class T, class Allocator>
+void grow(std::vector<T, Allocator>& v, Index n) {
     if (static_cast<Index>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
 }
 
 /// One thread's buffers of gemm_bf16.
 struct bf16_gemm_thread_buffers {
-    std::vector<std::uint16_t>
-        packed_b;               // native: a k-block × column block of B, in pairs; amx: Bᵀ
-    std::vector<float> wide_b;  // portable: a column block of B in fp32 (k × nc)
-    gemm_buffers<float> gemm;   // portable: Eigen's packing buffers
+    aligned_vector<std::uint16_t>
+        packed_b;                  // native: a k-block × column block of B, in pairs; amx: Bᵀ
+    aligned_vector<float> wide_b;  // portable: a column block of B in fp32 (k × nc)
+    gemm_buffers<float> gemm;      // portable: Eigen's packing buffers
 };
 
 /// Buffers of gemm_bf16, kept by the caller between calls; they only grow. One set serves one
 /// call at a time.
 struct bf16_gemm_buffers {
-    std::vector<std::uint16_t> packed_a;               // native, amx: all of A, in pair panels
-    std::vector<float> wide_a;                         // portable: A in fp32, m × k column-major
+    aligned_vector<std::uint16_t> packed_a;            // native, amx: all of A, in pair panels
+    aligned_vector<float> wide_a;                      // portable: A in fp32, m × k column-major
     std::vector<bf16_gemm_thread_buffers> per_thread;  // one per thread of the call
 };
 

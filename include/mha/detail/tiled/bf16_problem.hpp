@@ -13,6 +13,7 @@
 
 #include <mha/batch.hpp>
 #include <mha/core.hpp>
+#include <mha/detail/aligned_vector.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/tiled/block_kernels_amx.hpp>
@@ -53,13 +54,13 @@ inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p,
 /// portable kernel's widened queries and values) and the packed bf16 operands.
 struct bf16_thread_state {
     tile_scratch<float> t;
-    matrix<float> kb;                       // portable: dk × key_block, the block's keys widened
-    std::vector<std::uint16_t> qp, vp, pp;  // native: the pair-interleaved Q, V and P
-    std::vector<Eigen::bfloat16> kb16;      // native: the block's keys, contiguous
+    matrix<float> kb;  // portable: dk × key_block, the block's keys widened
+    aligned_vector<std::uint16_t> qp, vp, pp;  // native: the pair-interleaved Q, V and P
+    aligned_vector<Eigen::bfloat16> kb16;      // native: the block's keys, contiguous
     // amx (block_kernels_amx.hpp): Qᵀ (nqp × dkp), the key pairs (dkp / 2 × nkp words), the
     // scores (32 × nkp fp32) and the probabilities (32 × nkp bf16) of 32 queries, padded to 32.
-    std::vector<std::uint16_t> q_rows, k_pairs, p_rows;
-    std::vector<float> s_rows;
+    aligned_vector<std::uint16_t> q_rows, k_pairs, p_rows;
+    aligned_vector<float> s_rows;
     tile_scratch_key made_for;
 };
 
