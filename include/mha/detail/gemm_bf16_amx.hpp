@@ -83,6 +83,17 @@ inline const float* c_tile_source(const float* c, Index ldc, Index cols, Index r
     return scratch;
 }
 
+/// Where a tile starts the 16 × 16 block of Cᵀ at rows i0 ... of C, `rows` of them inside C, when
+/// the product does not accumulate into C: every tile row (a column of C) starts as
+/// bias(i0 : i0 + 16), or 0 without a bias, so the tile loads one row with a row stride of 0. The
+/// bias itself when the 16 rows are inside C, else `scratch` (the rows inside, then zeros).
+inline const float* start_tile_row(const float* bias, Index i0, Index rows, float* scratch) {
+    if (bias != nullptr && rows == 16) return bias + i0;
+    std::fill(scratch, scratch + 16, 0.0f);
+    if (bias != nullptr) std::copy(bias + i0, bias + i0 + rows, scratch);
+    return scratch;
+}
+
 /// Where a tile stores that block: C itself when whole, else `scratch`, which
 /// finish_c_tile then copies into C's part of the block.
 inline float* c_tile_target(float* c, Index ldc, Index cols, Index rows, float* scratch,
@@ -114,7 +125,6 @@ inline void gemm_bf16_amx(Index m, Index n, Index k, bf16_operand a, bf16_operan
         grow(own.packed_b, rows * kp);
         std::uint16_t* staged = own.packed_b.data();  // rows × kp: Bᵀ
         stage_bf16_amx_b(k, kp, b, j0, j1, rows, staged);
-        if (!accumulate) start_columns(m, j0, j1, bias, c, ldc);
         const amx_tile_scope tiles;
         alignas(64) float scratch[256];
         // Rows of C 32 at a time (two 16-word halves of a 64-row panel), columns 32 at a time:
@@ -130,10 +140,19 @@ inline void gemm_bf16_amx(Index m, Index n, Index k, bf16_operand a, bf16_operan
                 float* c10 = c00 + 16 * ldc;
                 float* c11 = c10 + 16;
                 Index stride = 0;
-                _tile_loadd(0, c_tile_source(c00, ldc, cols0, rows0, scratch, stride), stride);
-                _tile_loadd(1, c_tile_source(c01, ldc, cols0, rows1, scratch, stride), stride);
-                _tile_loadd(2, c_tile_source(c10, ldc, cols1, rows0, scratch, stride), stride);
-                _tile_loadd(3, c_tile_source(c11, ldc, cols1, rows1, scratch, stride), stride);
+                if (accumulate) {
+                    _tile_loadd(0, c_tile_source(c00, ldc, cols0, rows0, scratch, stride), stride);
+                    _tile_loadd(1, c_tile_source(c01, ldc, cols0, rows1, scratch, stride), stride);
+                    _tile_loadd(2, c_tile_source(c10, ldc, cols1, rows0, scratch, stride), stride);
+                    _tile_loadd(3, c_tile_source(c11, ldc, cols1, rows1, scratch, stride), stride);
+                } else {
+                    // The bias (or 0) as every column's start: no pass over C before the
+                    // products, and the same sums in the same order as starting from C.
+                    _tile_loadd(0, start_tile_row(bias, i0, rows0, scratch), 0);
+                    _tile_loadd(1, start_tile_row(bias, i0 + 16, rows1, scratch), 0);
+                    _tile_loadd(2, start_tile_row(bias, i0, rows0, scratch), 0);
+                    _tile_loadd(3, start_tile_row(bias, i0 + 16, rows1, scratch), 0);
+                }
                 for (Index q = 0; q < kp; q += amx_k_chunk) {
                     const std::uint16_t* aq = ap + (q / 2) * mr * 2;
                     _tile_loadd(4, bt + q, kp * 2);
