@@ -48,8 +48,9 @@ namespace detail {
 
 /// dst[0 : n) ← src[0 : n) rounded to bfloat16: the bits of Eigen::bfloat16(src[i]) (nearest,
 /// ties to even; subnormals rounded, not flushed; a NaN becomes the quiet NaN 0x7fc0 with its
-/// sign), 16 at a time where AVX-512 is compiled in. Eigen converts one element at a time here,
-/// which took about a tenth of the projections' time with a bfloat16 output on an AMX Xeon.
+/// sign), 16 at a time where AVX-512 is compiled in (Eigen's scalar conversion, one element at a
+/// time, is the fallback). On large outputs the pass is bound by memory either way: the fp32
+/// result is written by the GEMM and read back here (docs/performance.md, bfloat16 on AMX).
 inline void store_rounded_bf16(const float* src, Eigen::bfloat16* dst, Index n) {
     Index i = 0;
 #if defined(__AVX512F__)
