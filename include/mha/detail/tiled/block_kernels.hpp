@@ -23,6 +23,7 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -71,10 +72,10 @@ struct block_kernel_traits {
     // 32 vector registers (AVX-512, NEON on AArch64): 16 accumulators per tile; 16 registers
     // (AVX2, SSE): 8 or 12. Two FMA pipes with 4 cycles of latency need 8 independent chains.
     static constexpr bool many_registers = ops::many_registers;
-    static constexpr Index score_query_packets = 2;
-    static constexpr Index score_keys = many_registers ? 8 : 4;
-    static constexpr Index value_packets = 2;
-    static constexpr Index value_queries = many_registers ? 8 : 6;
+    static constexpr Index score_query_packets = many_registers ? 4 : 2;
+    static constexpr Index score_keys = many_registers ? 6 : 4;
+    static constexpr Index value_packets = many_registers ? 4 : 2;
+    static constexpr Index value_queries = many_registers ? 6 : 6;
     static constexpr Index value_key_chunk = 128;
     /// Queries are padded to a multiple of this; blocks with fewer queries use Eigen instead.
     static constexpr Index query_multiple = width;
@@ -126,10 +127,11 @@ void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, In
         std::fill(qt + d * nq_padded + nq, qt + (d + 1) * nq_padded, Scalar(0));
 }
 
-/// One score micro tile: st(0 : QP·W, 0 : Keys) = qt(0 : QP·W, :) · K(:, 0 : Keys).
+/// One score micro tile: st(0 : QP·W, 0 : Keys) = qt(0 : QP·W, :) · K(:, 0 : Keys); with a
+/// non-null `mx`, also mx(0 : QP·W) = max(mx, the tile's max per query), NaN winning.
 template <class Scalar, int QP, int Keys>
 MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, const Scalar* k,
-                                        Index k_stride, Scalar* st, Index ld) {
+                                        Index k_stride, Scalar* st, Index ld, Scalar* mx) {
     using ops = typename block_kernel_traits<Scalar>::ops;
     using packet = typename ops::packet;
     constexpr Index w = block_kernel_traits<Scalar>::width;
@@ -150,19 +152,32 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
     for (int r = 0; r < Keys; ++r)
         for (int p = 0; p < QP; ++p)
             ops::store(st + r * ld + p * w, acc[p][r]);
+    if (mx == nullptr) return;
+    for (int p = 0; p < QP; ++p) {
+        packet m = ops::load(mx + p * w);
+        for (int r = 0; r < Keys; ++r)
+            m = ops::max_nan(m, acc[p][r]);
+        ops::store(mx + p * w, m);
+    }
 }
 
 /// st(0 : nq_padded, 0 : nk) = qt · K(:, 0 : nk), with qt packed by pack_scaled_queries and key j
 /// at k + j·k_stride. nq_padded must be a multiple of the packet width. With `ranges`, a query
 /// tile computes only the keys in the union of its queries' ranges; the entries outside are left
-/// as they were, for the caller to mask.
+/// as they were, for the caller to mask. With a non-null `mx` (nq_padded entries), mx(c) becomes
+/// the max of query c's scores (NaN when one is NaN, −∞ with no key) while they are still in
+/// registers, which saves the online softmax a pass over st; only for blocks whose scores the
+/// caller leaves as they are (no ranges, no mask, no score terms).
 template <class Scalar>
 void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k, Index k_stride,
-                       Index nk, Scalar* st, Index ld, const query_key_ranges& ranges = {}) {
+                       Index nk, Scalar* st, Index ld, const query_key_ranges& ranges = {},
+                       Scalar* mx = nullptr) {
     using traits = block_kernel_traits<Scalar>;
     constexpr Index w = traits::width;
     constexpr int qp = static_cast<int>(traits::score_query_packets);
     constexpr int keys = static_cast<int>(traits::score_keys);
+    if (mx != nullptr) std::fill(mx, mx + nq_padded, -std::numeric_limits<Scalar>::infinity());
+    auto max_of = [mx](Index i) { return mx == nullptr ? nullptr : mx + i; };
     Index i = 0;
     // The query tile (QP·W queries × d_k) stays in L1 while the key block streams past it.
     for (; i + qp * w <= nq_padded; i += qp * w) {
@@ -170,20 +185,20 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
         Index j = j_lo;
         for (; j + keys <= j_hi; j += keys)
             score_micro_tile<Scalar, qp, keys>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                               st + j * ld + i, ld);
+                                               st + j * ld + i, ld, max_of(i));
         for (; j < j_hi; ++j)
             score_micro_tile<Scalar, qp, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                            st + j * ld + i, ld);
+                                            st + j * ld + i, ld, max_of(i));
     }
     for (; i < nq_padded; i += w) {
         const auto [j_lo, j_hi] = ranges.of(i, i + w, nk);
         Index j = j_lo;
         for (; j + 2 * keys <= j_hi; j += 2 * keys)
             score_micro_tile<Scalar, 1, 2 * keys>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                                  st + j * ld + i, ld);
+                                                  st + j * ld + i, ld, max_of(i));
         for (; j < j_hi; ++j)
             score_micro_tile<Scalar, 1, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                           st + j * ld + i, ld);
+                                           st + j * ld + i, ld, max_of(i));
     }
 }
 
