@@ -279,6 +279,12 @@ TEST_CASE("bf16 core: NaN propagates, poisoned masked keys never leak") {
         CHECK(qnan.col(7).array().isNaN().all());
         CHECK(qnan.leftCols(7).allFinite());
         CHECK(qnan.rightCols(lq - 8).allFinite());
+        // NaN in one allowed key, unmasked: one NaN score per query among finite ones, in a
+        // block whose max the score tiles take (which skips NaN); the NaN reaches every column
+        // through its own exp and the sum.
+        bmat kn1 = k;
+        kn1(5, 20) = bf16(nan);
+        CHECK(run(kn, q, kn1, v, {}, cfg).array().isNaN().all());
         // NaN in an allowed value: every query that sees it has NaN in that row.
         bmat vn = v;
         vn(2, 11) = bf16(nan);

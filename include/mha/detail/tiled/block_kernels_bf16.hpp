@@ -178,11 +178,14 @@ MHA_ALWAYS_INLINE __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
 }
 
-/// One native score tile: st(0 : QP·16, 0 : Keys) = scale · qp-queries · K(:, 0 : Keys).
+/// One native score tile: st(0 : QP·16, 0 : Keys) = scale · qp-queries · K(:, 0 : Keys); with a
+/// non-null `mx`, also mx(0 : QP·16) = max(mx, the tile's scaled max per query) over the scores
+/// that are not NaN: one vmaxps per score, where a NaN-propagating max takes three and made the
+/// tile slower than the separate pass it saved.
 template <int QP, int Keys>
 MHA_ALWAYS_INLINE void score_tile_bf16(const std::uint16_t* qp, Index nqp, Index dk,
                                        const Eigen::bfloat16* k, Index k_stride, float scale,
-                                       float* st, Index ld) {
+                                       float* st, Index ld, float* mx) {
     __m512 acc[QP][Keys];
     for (int p = 0; p < QP; ++p)
         for (int r = 0; r < Keys; ++r)
@@ -212,16 +215,30 @@ MHA_ALWAYS_INLINE void score_tile_bf16(const std::uint16_t* qp, Index nqp, Index
     }
     const __m512 s = _mm512_set1_ps(scale);
     for (int r = 0; r < Keys; ++r)
-        for (int p = 0; p < QP; ++p)
-            _mm512_storeu_ps(st + r * ld + p * bf16_lanes, _mm512_mul_ps(acc[p][r], s));
+        for (int p = 0; p < QP; ++p) {
+            acc[p][r] = _mm512_mul_ps(acc[p][r], s);
+            _mm512_storeu_ps(st + r * ld + p * bf16_lanes, acc[p][r]);
+        }
+    if (mx == nullptr) return;
+    for (int p = 0; p < QP; ++p) {
+        __m512 m = _mm512_loadu_ps(mx + p * bf16_lanes);
+        for (int r = 0; r < Keys; ++r)
+            m = _mm512_max_ps(acc[p][r], m);
+        _mm512_storeu_ps(mx + p * bf16_lanes, m);
+    }
 }
 
 /// st(0 : nqp, 0 : nk) = scale · Qᵀ·K(:, 0 : nk) with the queries packed by pack_query_pairs,
-/// key j at k + j·k_stride. With `ranges`, as transposed_scores.
+/// key j at k + j·k_stride. With `ranges` and `mx`, as transposed_scores, but mx(c) becomes the
+/// max of query c's scaled scores that are not NaN (−∞ when all are NaN), for blocks left as
+/// computed.
 inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
                                    const Eigen::bfloat16* k, Index k_stride, Index nk, float scale,
-                                   float* st, Index ld, const query_key_ranges& ranges = {}) {
+                                   float* st, Index ld, const query_key_ranges& ranges = {},
+                                   float* mx = nullptr) {
     constexpr Index w = bf16_lanes;
+    if (mx != nullptr) std::fill(mx, mx + nqp, -std::numeric_limits<float>::infinity());
+    auto max_of = [mx](Index i) { return mx == nullptr ? nullptr : mx + i; };
     // 4 packets of queries × 6 keys: 24 accumulators of the 32 registers, and 10 loads or
     // broadcasts per 24 dot products (2 × 8 needed 10 per 16).
     constexpr int qpk = 4, keys = 6;
@@ -231,20 +248,20 @@ inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
         Index j = j_lo;
         for (; j + keys <= j_hi; j += keys)
             score_tile_bf16<qpk, keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                       st + j * ld + i, ld);
+                                       st + j * ld + i, ld, max_of(i));
         for (; j < j_hi; ++j)
             score_tile_bf16<qpk, 1>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                    st + j * ld + i, ld);
+                                    st + j * ld + i, ld, max_of(i));
     }
     for (; i < nqp; i += w) {
         const auto [j_lo, j_hi] = ranges.of(i, i + w, nk);
         Index j = j_lo;
         for (; j + 2 * keys <= j_hi; j += 2 * keys)
             score_tile_bf16<1, 2 * keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                         st + j * ld + i, ld);
+                                         st + j * ld + i, ld, max_of(i));
         for (; j < j_hi; ++j)
             score_tile_bf16<1, 1>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                  st + j * ld + i, ld);
+                                  st + j * ld + i, ld, max_of(i));
     }
 }
 

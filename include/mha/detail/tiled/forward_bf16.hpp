@@ -56,16 +56,20 @@ constexpr Index bf16_padded_queries(Index nq) {
 }
 
 /// The scaled, masked fp32 scores of queries [i0, i0+nq) against keys [j0, j0+nk) into s.t.s
-/// (ld nqp), as masked_scores does for fp32 (without score terms).
+/// (ld nqp), as masked_scores does for fp32 (without score terms). Returns true when it also
+/// wrote each query's max into mx (native kernel, blocks left as computed).
 template <bf16_kernel Kernel>
-void masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nqp, Index j0,
-                        Index nk, const interval_summary& iv, bf16_thread_state& s) {
+bool masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nqp, Index j0,
+                        Index nk, const interval_summary& iv, bf16_thread_state& s,
+                        [[maybe_unused]] float* mx) {
     tile_scratch<float>& t = s.t;
     float* st = t.s.data();
     const Index lds = nqp;
     const Eigen::bfloat16* k = p.k + j0 * p.f.k_stride;
     const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
     const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
+    const auto& mask = *p.f.mask;
+    const bool as_computed = interior && !mask.has_elementwise();
     if constexpr (uses_dot_pairs(Kernel)) {
 #if defined(MHA_BF16_NATIVE)
         // The block's keys copied contiguous (64 KB for 512 keys of d_k = 64): a score tile then
@@ -76,7 +80,13 @@ void masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nq
         for (Index j = 0; j < nk; ++j)
             std::copy_n(k + j * p.f.k_stride, dk, s.kb16.data() + j * dk);
         transposed_scores_bf16(s.qp.data(), nqp, dk, s.kb16.data(), dk, nk, p.f.scale, st, lds,
-                               ranges);
+                               ranges, as_computed ? mx : nullptr);
+        // The tiles' max skips NaN scores, which still reach the output through their own exp.
+        // A max of −∞ (every score of the query NaN or −∞) would read as "no key yet": those
+        // blocks take the NaN-propagating pass instead.
+        if (as_computed)
+            return std::none_of(
+                mx, mx + nq, [](float m) { return m == -std::numeric_limits<float>::infinity(); });
 #endif
     } else {
         widen_columns(k, p.f.k_stride, p.f.dk, nk, s.kb.data(), s.kb.rows());
@@ -88,8 +98,7 @@ void masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nq
             for (Index c = 0; c < nqp; ++c)
                 st[r * lds + c] *= p.f.scale;
     }
-    const auto& mask = *p.f.mask;
-    if (interior && !mask.has_elementwise()) return;
+    if (as_computed) return false;
     if (!interior)  // the padding rows' skipped entries were not written: keep them finite
         for (Index r = 0; r < nk; ++r)
             std::fill(st + r * lds + nq, st + (r + 1) * lds, 0.0f);
@@ -98,6 +107,7 @@ void masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nq
         const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
         mask.apply(st + c, lds, i0 + c, j0, nk, f, e);
     }
+    return false;
 }
 
 /// The online pass of queries [i0, i0+nq) over all their allowed keys (online_pass on bf16
@@ -129,8 +139,8 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
     float* st = t.s.data();
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
-        masked_scores_bf16<Kernel>(p, i0, nq, nqp, j0, nk, iv, s);
-        max_per_query(st, nqp, nqp, nk, t.block_max.data());
+        if (!masked_scores_bf16<Kernel>(p, i0, nq, nqp, j0, nk, iv, s, t.block_max.data()))
+            max_per_query(st, nqp, nqp, nk, t.block_max.data());
         for (Index c = 0; c < nqp; ++c) {
             // As online_pass: a query with nothing allowed yet shifts by 0.
             const float m_new = c < nq ? nan_propagating_max(t.m(c), t.block_max(c)) : 0.0f;
