@@ -55,12 +55,22 @@ constexpr Index bf16_padded_queries(Index nq) {
         return padded_queries<float>(nq);
 }
 
+/// K and V of one (sequence, key/value head) packed for the native kernel once per call
+/// (bf16_workspace::pack_keys_values): K contiguous (key j at k + j·d_k), V pair-interleaved
+/// from key 0 (pack_value_pairs over all keys, row stride bf16_padded(d_v)). Null pointers: the
+/// kernel copies and packs each key block itself.
+struct bf16_packed_head {
+    const Eigen::bfloat16* k = nullptr;
+    const std::uint16_t* v = nullptr;
+};
+
 /// The scaled, masked fp32 scores of queries [i0, i0+nq) against keys [j0, j0+nk) into s.t.s
 /// (ld nqp), as masked_scores does for fp32 (without score terms). Returns true when it also
 /// wrote each query's max into mx (native kernel, blocks left as computed).
 template <bf16_kernel Kernel>
-bool masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nqp, Index j0,
-                        Index nk, const interval_summary& iv, bf16_thread_state& s,
+bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_packed_head& packed,
+                        Index i0, Index nq, Index nqp, Index j0, Index nk,
+                        const interval_summary& iv, bf16_thread_state& s,
                         [[maybe_unused]] float* mx) {
     tile_scratch<float>& t = s.t;
     float* st = t.s.data();
@@ -76,11 +86,14 @@ bool masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nq
         // reads its 6 keys from adjacent cache lines instead of 6 columns a QKV row apart, which
         // the hardware prefetcher did not keep up with (profiled: the tile's first products
         // waited on K; about 2.5× the time of the P·V tiles of the same size).
+        // With the head's keys packed once per call, the block is a slice of them.
         const Index dk = p.f.dk;
-        for (Index j = 0; j < nk; ++j)
-            std::copy_n(k + j * p.f.k_stride, dk, s.kb16.data() + j * dk);
-        transposed_scores_bf16(s.qp.data(), nqp, dk, s.kb16.data(), dk, nk, p.f.scale, st, lds,
-                               ranges, as_computed ? mx : nullptr);
+        const Eigen::bfloat16* kc = packed.k != nullptr ? packed.k + j0 * dk : s.kb16.data();
+        if (packed.k == nullptr)
+            for (Index j = 0; j < nk; ++j)
+                std::copy_n(k + j * p.f.k_stride, dk, s.kb16.data() + j * dk);
+        transposed_scores_bf16(s.qp.data(), nqp, dk, kc, dk, nk, p.f.scale, st, lds, ranges,
+                               as_computed ? mx : nullptr);
         // The tiles' max skips NaN scores, which still reach the output through their own exp.
         // A max of −∞ (every score of the query NaN or −∞) would read as "no key yet": those
         // blocks take the NaN-propagating pass instead.
@@ -113,8 +126,8 @@ bool masked_scores_bf16(const bf16_head_problem& p, Index i0, Index nq, Index nq
 /// The online pass of queries [i0, i0+nq) over all their allowed keys (online_pass on bf16
 /// inputs): leaves the unnormalised output in s.t.acc and the running max and sum in s.t.m, l.
 template <bf16_kernel Kernel>
-void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tiled_settings& cfg,
-                      bf16_thread_state& s) {
+void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed, Index i0,
+                      Index nq, const tiled_settings& cfg, bf16_thread_state& s) {
     tile_scratch<float>& t = s.t;
     const float minus_inf = -std::numeric_limits<float>::infinity();
     const Index dv = p.f.dv;
@@ -139,7 +152,7 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
     float* st = t.s.data();
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
-        if (!masked_scores_bf16<Kernel>(p, i0, nq, nqp, j0, nk, iv, s, t.block_max.data()))
+        if (!masked_scores_bf16<Kernel>(p, packed, i0, nq, nqp, j0, nk, iv, s, t.block_max.data()))
             max_per_query(st, nqp, nqp, nk, t.block_max.data());
         for (Index c = 0; c < nqp; ++c) {
             // As online_pass: a query with nothing allowed yet shifts by 0.
@@ -149,15 +162,15 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
         }
         // The sums l take the fp32 probabilities; P·V takes them rounded to bf16. The native
         // kernel's exp pass writes the rounded pairs straight away (st is not needed after).
-        bool packed = false;
+        bool packed_p = false;
 #if defined(MHA_BF16_NATIVE)
         if constexpr (uses_dot_pairs(Kernel)) {
             exp_pack_probability_pairs(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(),
                                        s.pp.data());
-            packed = true;
+            packed_p = true;
         }
 #endif
-        if (!packed) exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
+        if (!packed_p) exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
         fold_block_statistics(t, 0, nq);
         const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
         const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
@@ -165,10 +178,17 @@ void online_pass_bf16(const bf16_head_problem& p, Index i0, Index nq, const tile
         if constexpr (uses_dot_pairs(Kernel)) {
 #if defined(MHA_BF16_NATIVE)
             const Index dvp = bf16_padded(dv);
-            pack_value_pairs(v, p.f.v_stride, dv, nk, dvp, s.vp.data());
-            if (!packed) pack_probability_pairs(st, nqp, nqp, nk, s.pp.data());
-            accumulate_values_bf16(s.vp.data(), dvp, nk, s.pp.data(), nqp, nq, t.acc.data(),
-                                   t.acc.rows(), ranges);
+            // The packed pairs serve a block that starts on a pair and ends on one (or at the
+            // last key, whose partner is the packing's 0): else a pair would join a key of the
+            // block with one outside, P = 0 for it, and a non-finite value there would turn
+            // 0·V into NaN.
+            const bool slice =
+                packed.v != nullptr && j0 % 2 == 0 && (nk % 2 == 0 || j0 + nk == p.f.lk);
+            const std::uint16_t* vb = slice ? packed.v + (j0 / 2) * dvp * 2 : s.vp.data();
+            if (!slice) pack_value_pairs(v, p.f.v_stride, dv, nk, dvp, s.vp.data());
+            if (!packed_p) pack_probability_pairs(st, nqp, nqp, nk, s.pp.data());
+            accumulate_values_bf16(vb, dvp, nk, s.pp.data(), nqp, nq, t.acc.data(), t.acc.rows(),
+                                   ranges);
 #endif
         } else {
             widen_columns(v, p.f.v_stride, dv, nk, t.v.data(), dv);
@@ -235,7 +255,67 @@ struct bf16_workspace {
     mask_views<float> masks;  // refer to the mask of the current call; stale between calls
     std::vector<task> tasks;
     std::vector<bf16_thread_state> threads;
+    // The native kernel's K and V of the (sequence, key/value head) pairs that more than one
+    // query block reads, packed once per call: before, each query block copied K and packed V
+    // again (16 times per head at L = 2048 with blocks of 128; 5–8 % of the call, profiled).
+    // Offsets per b·num_kv_heads + g, −1 where not packed; the memory is that of K and V.
+    aligned_vector<Eigen::bfloat16> packed_k;
+    aligned_vector<std::uint16_t> packed_v;
+    std::vector<Index> packed_k_at, packed_v_at;
+
+    bf16_packed_head packed_head(const head_layout& heads, Index b, Index h) const {
+        const std::size_t e = static_cast<std::size_t>(b * heads.num_kv_heads + heads.kv_head(h));
+        if (e >= packed_k_at.size() || packed_k_at[e] < 0) return {};
+        return {packed_k.data() + packed_k_at[e], packed_v.data() + packed_v_at[e]};
+    }
 };
+
+/// Packs K and V of every (sequence, key/value head) whose sequence has more than one query
+/// block into ws (see bf16_workspace), on up to `threads` threads.
+inline void pack_keys_values_bf16(const bf16_attention_problem& p, const tiled_settings& cfg,
+                                  bf16_workspace& ws) {
+    const head_layout& heads = p.heads;
+    const Index dk = heads.dk, dv = heads.dv, dvp = bf16_padded(dv);
+    const Index entries = p.batch.size() * heads.num_kv_heads;
+    ws.packed_k_at.assign(static_cast<std::size_t>(entries), -1);
+    ws.packed_v_at.assign(static_cast<std::size_t>(entries), -1);
+    Index k_size = 0, v_size = 0, packed = 0;
+    for (Index b = 0; b < p.batch.size(); ++b) {
+        if (p.batch.query_length(b) <= cfg.query_block) continue;
+        const Index lk = p.batch.key_length(b);
+        for (Index g = 0; g < heads.num_kv_heads; ++g) {
+            const auto e = static_cast<std::size_t>(b * heads.num_kv_heads + g);
+            ws.packed_k_at[e] = k_size;
+            ws.packed_v_at[e] = v_size;
+            k_size += lk * dk;
+            v_size += (lk + 1) / 2 * dvp * 2;
+            ++packed;
+        }
+    }
+    if (packed == 0) return;
+    if (ws.packed_k.size() < static_cast<std::size_t>(k_size))
+        ws.packed_k.resize(static_cast<std::size_t>(k_size));
+    if (ws.packed_v.size() < static_cast<std::size_t>(v_size))
+        ws.packed_v.resize(static_cast<std::size_t>(v_size));
+    const int parts = static_cast<int>(std::min<Index>(thread_count(cfg.threads), packed));
+    const Index group = heads.num_heads / heads.num_kv_heads;
+    parallel_parts(parts, [&](int part, int) {
+        Index n = 0;
+        for (Index b = 0; b < p.batch.size(); ++b)
+            for (Index g = 0; g < heads.num_kv_heads; ++g) {
+                const auto e = static_cast<std::size_t>(b * heads.num_kv_heads + g);
+                if (ws.packed_k_at[e] < 0 || n++ % parts != part) continue;
+                // Any query head of the group locates the group's keys and values.
+                const bf16_head_problem hp =
+                    make_bf16_head_problem(p, b, g * group, ws.masks(b, g * group), nullptr);
+                Eigen::bfloat16* k = ws.packed_k.data() + ws.packed_k_at[e];
+                for (Index j = 0; j < hp.f.lk; ++j)
+                    std::copy_n(hp.k + j * hp.f.k_stride, dk, k + j * dk);
+                pack_value_pairs(hp.v, hp.f.v_stride, dv, hp.f.lk, dvp,
+                                 ws.packed_v.data() + ws.packed_v_at[e]);
+            }
+    });
+}
 
 /// The tasks of a bf16 call into ws.tasks, the longest key ranges first (causal blocks differ),
 /// ties in index order; which thread runs a task does not change its result. ws.masks must be
@@ -307,6 +387,17 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
     bf16_workspace& ws = workspace != nullptr ? *workspace : local;
     ws.masks.build(p.mask, p.heads.num_heads, p.batch);
     plan_bf16_tasks(p, cfg, ws);
+    bool pack_once = false;
+#if defined(MHA_BF16_NATIVE)
+    pack_once = uses_dot_pairs(Kernel);
+#if defined(MHA_BF16_AMX)
+    pack_once = pack_once && !amx;
+#endif
+#endif
+    if (pack_once)
+        pack_keys_values_bf16(p, cfg, ws);
+    else
+        ws.packed_k_at.clear();
     const std::vector<bf16_workspace::task>& tasks = ws.tasks;
     const tile_scratch_key key{p.heads.dk, p.heads.dv, cfg.query_block, cfg.key_block};
     auto enter = [&](bf16_thread_state& state) {
@@ -316,14 +407,15 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
         }
         return nothing_held{};
     };
-    auto pass = [&](const bf16_head_problem& hp, Index i0, Index nq, bf16_thread_state& state) {
+    auto pass = [&](const bf16_head_problem& hp, const bf16_packed_head& packed, Index i0, Index nq,
+                    bf16_thread_state& state) {
 #if defined(MHA_BF16_AMX)
         if (amx) {
             online_pass_bf16_amx(hp, i0, nq, cfg, state);
             return;
         }
 #endif
-        online_pass_bf16<Kernel>(hp, i0, nq, cfg, state);
+        online_pass_bf16<Kernel>(hp, packed, i0, nq, cfg, state);
     };
     auto run = [&](Index index, bf16_thread_state& state) {
         const bf16_workspace::task& tk = tasks[static_cast<std::size_t>(index)];
@@ -333,13 +425,13 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
             const mask_view<float> view = ws.masks(tk.b, tk.h * tk.group).stacked();
             bf16_head_problem hp = make_bf16_head_problem(p, tk.b, tk.h * tk.group, view, lse);
             stack_query_heads(hp.f, p.heads.dk, p.heads.dv, tk.group);
-            pass(hp, 0, tk.group, state);
+            pass(hp, {}, 0, tk.group, state);
             finalize_block_bf16(hp, 0, tk.group, state.t);
             return;
         }
         const bf16_head_problem hp =
             make_bf16_head_problem(p, tk.b, tk.h, ws.masks(tk.b, tk.h), lse);
-        pass(hp, tk.i0, tk.nq, state);
+        pass(hp, ws.packed_head(p.heads, tk.b, tk.h), tk.i0, tk.nq, state);
         finalize_block_bf16(hp, tk.i0, tk.nq, state.t);
     };
     parallel_tasks(static_cast<Index>(tasks.size()), cfg.threads, ws.threads, enter, run);
