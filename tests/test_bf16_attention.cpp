@@ -330,7 +330,8 @@ TEST_CASE("bf16 core: public entry, heads, grouped heads, batches, bf16 output, 
                                                          kh, vh, scale, allowed, nullptr,
                                                          what + " (bf16 out)", true);
             // Log-sum-exp: the scores err by at most γ_{dk+1}·Smax in fp32, then a log and an
-            // addition in fp32; 4·u·(1 + |lse|) + γ·Smax bounds it.
+            // addition in fp32; 4·u·(1 + |lse|) + γ·Smax bounds it, plus the native kernel's exp
+            // error, which l carries as a relative error and log l as an absolute one.
             for (Index i = 0; i < n; ++i) {
                 long double m = -std::numeric_limits<long double>::infinity(), smax = 0;
                 std::vector<long double> s;
@@ -349,8 +350,8 @@ TEST_CASE("bf16 core: public entry, heads, grouped heads, batches, bf16 output, 
                     l += std::exp(x - m);
                 const long double lse = m + std::log(l);
                 const long double u = 0x1.0p-24L;
-                const long double bound =
-                    (dk + 1) * u * smax * 2 + 4 * u * (1 + std::fabs(lse)) + 2 * s.size() * u;
+                const long double bound = (dk + 1) * u * smax * 2 + 4 * u * (1 + std::fabs(lse)) +
+                                          2 * s.size() * u + mha_test::bf16_exp_error;
                 const long double got = r.log_sum_exp(h, c0 + i);
                 INFO(what << ", query " << i << ": lse " << got << " vs " << lse);
                 CHECK(std::fabs(got - lse) <= bound);
@@ -456,6 +457,38 @@ TEST_CASE("bf16 core: the native kernel's exp is within 3 ulp of exp over [-88, 
     CHECK(worst <= 3 * 0x1.0p-24L);
     _mm512_store_ps(
         y, mha::detail::exp_nonpositive(_mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+    CHECK(std::isnan(y[0]));
+#else
+    SKIP("the native kernel is not compiled in");
+#endif
+}
+
+TEST_CASE("bf16 core: the exp of the probabilities rounded to bf16 is within its stated bound") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+#if defined(MHA_BF16_NATIVE)
+    if (!mha_test::bf16_native_available()) SKIP("the CPU lacks AVX512-BF16");
+    // The bound the bf16 checks assume (mha_test::bf16_exp_error): the Remez polynomial's
+    // 5.4e-6 and fp32 roundings of a few units of 2^-24 (exp_nonpositive, with the same
+    // reduction, stays within 3). The polynomial alone would show as about 5.4e-6 here, a wrong
+    // coefficient as 1e-4 or more. Same points as the test above; exp(0) must be exactly 1.
+    long double worst = 0;
+    alignas(64) float x[16], y[16];
+    for (long n = 0; n < (1L << 20); n += 16) {
+        for (int i = 0; i < 16; ++i)
+            x[i] = -88.0f * static_cast<float>(n + i) / static_cast<float>(1L << 20);
+        if (n == 0) x[1] = -1e-7f;
+        _mm512_store_ps(y, mha::detail::exp_nonpositive_for_bf16(_mm512_load_ps(x)));
+        for (int i = 0; i < 16; ++i) {
+            const long double exact = std::exp(static_cast<long double>(x[i]));
+            if (exact < std::numeric_limits<float>::min()) continue;  // flushed by the caller
+            worst = std::max(worst, std::fabs(y[i] - exact) / exact);
+        }
+        if (n == 0) CHECK(y[0] == 1.0f);
+    }
+    INFO("worst relative error " << worst);
+    CHECK(worst <= mha_test::bf16_exp_error);
+    _mm512_store_ps(y, mha::detail::exp_nonpositive_for_bf16(
+                           _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
     CHECK(std::isnan(y[0]));
 #else
     SKIP("the native kernel is not compiled in");
