@@ -451,7 +451,7 @@ private:
         if (hd.mask->is_unmasked()) return;
         for (Index c = 0; c < nq; ++c) {
             Eigen::Map<vector<Scalar>> dq(hd.dq + (i0 + c) * hd.dq_stride, hd.dk_width);
-            if (!dq.allFinite()) repair_dq(hd, i0 + c);
+            if (!all_finite(dq)) repair_dq(hd, i0 + c);
         }
     }
 

@@ -241,7 +241,7 @@ inline void finalize_block_bf16(const bf16_head_problem& p, Index i0, Index nq,
         }
         const float inv_l = 1.0f / t.l(c);
         out = t.acc.col(c).head(p.f.dv) * inv_l;
-        if (!out.allFinite()) repair_column_bf16(p, i0 + c, t.m(c), inv_l);
+        if (!all_finite(out)) repair_column_bf16(p, i0 + c, t.m(c), inv_l);
     }
 }
 
