@@ -8,9 +8,12 @@
 // selection), the same fp32 max/exp/sum passes (max_per_query, exp_shifted_per_query), the same
 // final division with the repair of non-finite columns and the same log-sum-exp. What differs:
 //   - the query block is packed once per task into the pair-interleaved layout (unscaled; the
-//     scale multiplies the fp32 scores), K is read in place;
-//   - per key block, V is packed into the pair-interleaved layout and P is rounded to bf16 and
-//     interleaved, so P·V runs on vdpbf16ps too (the error analysis: docs/performance.md);
+//     scale multiplies the fp32 scores); K is copied contiguous and V pair-interleaved once per
+//     call for every head that several query blocks read (pack_keys_values_bf16), else per key
+//     block;
+//   - per key block, P is rounded to bf16 and interleaved, so P·V runs on vdpbf16ps too; its exp
+//     is a coarser one, within 6e-6 (the error analysis: docs/performance.md);
+//   - the score tiles take the block max of unmasked interior blocks from their registers;
 //   - the portable kernel widens Q once per task and K and V once per key block to fp32 and runs
 //     the fp32 register tiles, with the same rounding of P;
 //   - the amx kernel, where the CPU and the OS allow it, runs its own online pass
