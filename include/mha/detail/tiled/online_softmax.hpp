@@ -322,10 +322,14 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
         }
         // V's columns lie a whole QKV row apart (3·E floats, 6 KB for E = 512). Copied
         // contiguous, the chunk the value kernel re-reads for every query tile stays in L1;
-        // measured a few per cent faster at L = 2048 (copying K as well was slower).
-        Scalar* vb = t.v.data();
-        for (Index r = 0; r < nk; ++r)
-            std::copy_n(p.v + (j0 + r) * p.v_stride, p.dv, vb + r * p.dv);
+        // measured a few per cent faster at L = 2048 (copying K as well was slower). V that
+        // tiled_attention packed once per call is contiguous already.
+        const Scalar* vb = p.v + j0 * p.v_stride;
+        if (p.v_stride != p.dv) {
+            for (Index r = 0; r < nk; ++r)
+                std::copy_n(p.v + (j0 + r) * p.v_stride, p.dv, t.v.data() + r * p.dv);
+            vb = t.v.data();
+        }
         const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
         accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
                           interior ? query_key_ranges{} : block_ranges(t, nq, j0));
