@@ -153,7 +153,7 @@ MUTANTS = [
          replace="",
          description="the score kernel's block max starts from the previous block's max"),
     dict(id="tiled-packed-v-offset-of-head", file="detail/tiled/forward.hpp",
-         find="b * p.heads.num_kv_heads + p.heads.kv_head(h))];",
+         find="b * p.heads.num_kv_heads +\n                                                                     p.heads.kv_head(h))];",
          replace="b * p.heads.num_kv_heads)];",
          tests=["tiled_attention", "multi_head_attention", "grouped_heads"],
          description="every head of a sequence reads the values packed once per call for its "
