@@ -9,6 +9,7 @@
 // allocation-free on any thread count.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <vector>
 
@@ -51,6 +52,24 @@ void parallel_parts(int parts, Fn fn) {
 #endif
     for (int part = 0; part < parts; ++part)
         fn(part, 0);
+}
+
+/// Runs fn(b, g) for every entry e = b·per_b + g of `offsets` that is not negative, spread over
+/// `threads` threads (at most one per entry): the drivers' packing of each (sequence, key/value
+/// head) once per call.
+template <class Fn>
+void for_each_listed(const std::vector<Index>& offsets, Index per_b, int threads, Fn fn) {
+    const auto listed = static_cast<Index>(
+        std::count_if(offsets.begin(), offsets.end(), [](Index at) { return at >= 0; }));
+    if (listed == 0) return;
+    const int parts = static_cast<int>(std::min<Index>(thread_count(threads), listed));
+    parallel_parts(parts, [&](int part, int) {
+        Index n = 0;
+        for (std::size_t e = 0; e < offsets.size(); ++e) {
+            if (offsets[e] < 0 || n++ % parts != part) continue;
+            fn(static_cast<Index>(e) / per_b, static_cast<Index>(e) % per_b);
+        }
+    });
 }
 
 /// What an `enter` of parallel_tasks returns when the thread holds nothing until its last task.

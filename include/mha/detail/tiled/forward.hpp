@@ -135,33 +135,25 @@ void pack_values(const attention_problem<Scalar>& p, const tiled_settings& cfg,
     const head_layout& heads = p.heads;
     const Index dv = heads.dv;
     ws.packed_v_at.assign(static_cast<std::size_t>(p.batch.size() * heads.num_kv_heads), -1);
-    Index size = 0, packed = 0;
+    Index size = 0;
     for (Index b = 0; b < p.batch.size(); ++b) {
         if (p.batch.query_length(b) <= cfg.query_block || ws.plan.stacked(b) != 1) continue;
         for (Index g = 0; g < heads.num_kv_heads; ++g) {
             ws.packed_v_at[static_cast<std::size_t>(b * heads.num_kv_heads + g)] = size;
             size += p.batch.key_length(b) * dv;
-            ++packed;
         }
     }
-    if (packed == 0) return;
     if (ws.packed_v.size() < static_cast<std::size_t>(size))
         ws.packed_v.resize(static_cast<std::size_t>(size));
-    const int parts = static_cast<int>(std::min<Index>(thread_count(cfg.threads), packed));
     const Index group = heads.num_heads / heads.num_kv_heads;
-    parallel_parts(parts, [&](int part, int) {
-        Index n = 0;
-        for (Index b = 0; b < p.batch.size(); ++b)
-            for (Index g = 0; g < heads.num_kv_heads; ++g) {
-                const Index at =
+    for_each_listed(ws.packed_v_at, heads.num_kv_heads, cfg.threads, [&](Index b, Index g) {
+        // Any query head of the group locates the group's values.
+        const head_problem<Scalar> hp = make_head_problem(p, b, g * group, ws.masks(b, g * group),
+                                                          static_cast<matrix<Scalar>*>(nullptr));
+        Scalar* v = ws.packed_v.data() +
                     ws.packed_v_at[static_cast<std::size_t>(b * heads.num_kv_heads + g)];
-                if (at < 0 || n++ % parts != part) continue;
-                // Any query head of the group locates the group's values.
-                const head_problem<Scalar> hp = make_head_problem(
-                    p, b, g * group, ws.masks(b, g * group), static_cast<matrix<Scalar>*>(nullptr));
-                for (Index j = 0; j < hp.lk; ++j)
-                    std::copy_n(hp.v + j * hp.v_stride, dv, ws.packed_v.data() + at + j * dv);
-            }
+        for (Index j = 0; j < hp.lk; ++j)
+            std::copy_n(hp.v + j * hp.v_stride, dv, v + j * dv);
     });
 }
 

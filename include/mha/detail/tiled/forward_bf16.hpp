@@ -282,7 +282,7 @@ inline void pack_keys_values_bf16(const bf16_attention_problem& p, const tiled_s
     const Index entries = p.batch.size() * heads.num_kv_heads;
     ws.packed_k_at.assign(static_cast<std::size_t>(entries), -1);
     ws.packed_v_at.assign(static_cast<std::size_t>(entries), -1);
-    Index k_size = 0, v_size = 0, packed = 0;
+    Index k_size = 0, v_size = 0;
     for (Index b = 0; b < p.batch.size(); ++b) {
         if (p.batch.query_length(b) <= cfg.query_block) continue;
         const Index lk = p.batch.key_length(b);
@@ -292,31 +292,23 @@ inline void pack_keys_values_bf16(const bf16_attention_problem& p, const tiled_s
             ws.packed_v_at[e] = v_size;
             k_size += lk * dk;
             v_size += (lk + 1) / 2 * dvp * 2;
-            ++packed;
         }
     }
-    if (packed == 0) return;
     if (ws.packed_k.size() < static_cast<std::size_t>(k_size))
         ws.packed_k.resize(static_cast<std::size_t>(k_size));
     if (ws.packed_v.size() < static_cast<std::size_t>(v_size))
         ws.packed_v.resize(static_cast<std::size_t>(v_size));
-    const int parts = static_cast<int>(std::min<Index>(thread_count(cfg.threads), packed));
     const Index group = heads.num_heads / heads.num_kv_heads;
-    parallel_parts(parts, [&](int part, int) {
-        Index n = 0;
-        for (Index b = 0; b < p.batch.size(); ++b)
-            for (Index g = 0; g < heads.num_kv_heads; ++g) {
-                const auto e = static_cast<std::size_t>(b * heads.num_kv_heads + g);
-                if (ws.packed_k_at[e] < 0 || n++ % parts != part) continue;
-                // Any query head of the group locates the group's keys and values.
-                const bf16_head_problem hp =
-                    make_bf16_head_problem(p, b, g * group, ws.masks(b, g * group), nullptr);
-                Eigen::bfloat16* k = ws.packed_k.data() + ws.packed_k_at[e];
-                for (Index j = 0; j < hp.f.lk; ++j)
-                    std::copy_n(hp.k + j * hp.f.k_stride, dk, k + j * dk);
-                pack_value_pairs(hp.v, hp.f.v_stride, dv, hp.f.lk, dvp,
-                                 ws.packed_v.data() + ws.packed_v_at[e]);
-            }
+    for_each_listed(ws.packed_k_at, heads.num_kv_heads, cfg.threads, [&](Index b, Index g) {
+        const auto e = static_cast<std::size_t>(b * heads.num_kv_heads + g);
+        // Any query head of the group locates the group's keys and values.
+        const bf16_head_problem hp =
+            make_bf16_head_problem(p, b, g * group, ws.masks(b, g * group), nullptr);
+        Eigen::bfloat16* k = ws.packed_k.data() + ws.packed_k_at[e];
+        for (Index j = 0; j < hp.f.lk; ++j)
+            std::copy_n(hp.k + j * hp.f.k_stride, dk, k + j * dk);
+        pack_value_pairs(hp.v, hp.f.v_stride, dv, hp.f.lk, dvp,
+                         ws.packed_v.data() + ws.packed_v_at[e]);
     });
 }
 
