@@ -75,6 +75,7 @@
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/parallel.hpp>
+#include <mha/detail/tiled/block_softmax.hpp>
 #include <mha/detail/tiled/online_softmax.hpp>
 
 namespace mha {

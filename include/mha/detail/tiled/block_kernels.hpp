@@ -32,37 +32,8 @@
 #include <mha/core.hpp>
 #include <mha/detail/eigen_compat.hpp>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace mha {
 namespace detail {
-
-#if defined(__AVX512F__)
-/// exp(d) for d <= 0 in 16 fp32 lanes (1.3 ulp at most, measured): d = n·ln2 + f with n =
-/// round(d/ln2) and |f| <= ln2/2 (ln2 split in two so that f is exact to fp32 rounding,
-/// Cody–Waite), e^f by its Taylor polynomial of degree 7 (truncation below (ln2/2)^8/8! ≈ 5e-9
-/// relative), and 2^n applied by vscalefps; tests/test_bf16_attention.cpp measures the error over
-/// [−88, 0] (within 3 ulp). 12 instructions where Eigen's pexp takes about twice as many; the exp
-/// pass is the largest cost of a block after the two products. NaN stays NaN; −∞ and differences
-/// below exp_flush_below are cleared by the caller.
-MHA_ALWAYS_INLINE __m512 exp_nonpositive(__m512 d) {
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);  // ln2, high bits
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);            // ln2, the rest
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-#endif  // __AVX512F__
 
 template <class Scalar>
 struct block_kernel_traits {

@@ -34,7 +34,9 @@
 #include <mha/detail/amx.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
+#include <mha/detail/tiled/block_softmax.hpp>
 #include <mha/detail/tiled/online_softmax.hpp>
+#include <mha/detail/tiled/probabilities_bf16.hpp>
 
 namespace mha {
 namespace detail {

@@ -21,6 +21,7 @@
 // V and P are not in that order, and the reordering costs a pass over the operand: done once per
 // query block (Q), once per key block (V, P), never inside the register tiles, where it would be
 // repeated for every tile that reads the block. An odd d_k or key count gets a zero partner.
+// P is packed by detail/tiled/probabilities_bf16.hpp, with its exp.
 //
 // Rounding: products of two bf16 are exact in fp32 (8 + 8 significand bits); the native kernel
 // adds them with round-to-nearest-even and treats bf16/fp32 subnormals as zero (the
@@ -262,84 +263,6 @@ inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
         for (; j < j_hi; ++j)
             score_tile_bf16<1, 1>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
                                   st + j * ld + i, ld, max_of(i));
-    }
-}
-
-/// pp ← P(0 : nk, 0 : nqp) rounded to bf16 (nearest-even) and pair-interleaved, from the
-/// transposed probabilities st (P(j, c) = st[j·ld + c]); the partner of an odd last key is 0.
-inline void pack_probability_pairs(const float* st, Index ld, Index nqp, Index nk,
-                                   std::uint16_t* pp) {
-    // Interleaves the two halves of a 32 × bf16 register: result 2c ← c, 2c + 1 ← 16 + c.
-    alignas(64) static constexpr std::int16_t order[32] = {
-        0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i idx = _mm512_load_si512(order);
-    for (Index j = 0; j < nk; j += 2) {
-        const float* even = st + j * ld;
-        const float* odd = j + 1 < nk ? st + (j + 1) * ld : nullptr;
-        for (Index c = 0; c < nqp; c += bf16_lanes) {
-            const __m512 lo = _mm512_loadu_ps(even + c);
-            const __m512 hi = odd != nullptr ? _mm512_loadu_ps(odd + c) : _mm512_setzero_ps();
-            // Elements 0..15 from `lo` (key j), 16..31 from `hi` (key j + 1).
-            const __m512bh both = _mm512_cvtne2ps_pbh(hi, lo);
-            const __m512i pairs =
-                _mm512_permutexvar_epi16(idx, reinterpret_cast<const __m512i&>(both));
-            _mm512_storeu_si512(pp + ((j / 2) * nqp + c) * 2, pairs);
-        }
-    }
-}
-
-/// e^d for d <= 0 (or NaN) with relative error below 6e-6, for probabilities that are rounded
-/// to bf16 afterwards (relative error up to 2^-9 ≈ 2e-3, 300 times more). As exp_nonpositive,
-/// with e^f on [−ln2/2, ln2/2] from 1 + f·(c1 + f·(c2 + f·(c3 + f·c4))): the polynomial of that
-/// form with the least relative error (Remez exchange, 5.4e-6), three multiply-adds fewer than
-/// exp_nonpositive's degree 7. p(0) = 1 exactly, so the largest score's probability is 1.
-MHA_ALWAYS_INLINE __m512 exp_nonpositive_for_bf16(__m512 d) {
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);  // ln2, high bits
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);            // ln2, the rest
-    __m512 p = _mm512_set1_ps(0.0419175296879f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.168173100741f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.499989948831f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999939628319f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-/// The online softmax's exp pass fused with pack_probability_pairs: for keys j < nk and
-/// queries c < nqp, P(j, c) = exp(st[j·ld + c] − shift[c]) with exp_shifted_per_query's rules
-/// (−∞ gives exactly 0, differences below exp_flush_below give 0, NaN stays NaN; the exp is
-/// exp_nonpositive_for_bf16); sum[c] gets the fp32 sum over j, pp the bf16 pairs. st is read
-/// once and not written.
-inline void exp_pack_probability_pairs(const float* st, Index ld, Index nqp, Index nk,
-                                       const float* shift, float* sum, std::uint16_t* pp) {
-    alignas(64) static constexpr std::int16_t order[32] = {
-        0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i idx = _mm512_load_si512(order);
-    const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
-    auto exp_of = [&](const float* col, __m512 sh) {
-        const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(col), sh);
-        // A −∞ score needs no test of its own: the shift is finite or +∞ (0 for a query with no
-        // key yet), so its difference is −∞, below the flush; or the shift is NaN, and then so
-        // is every probability and sum of the query. The unordered compare keeps NaN.
-        const __mmask16 kept = _mm512_cmp_ps_mask(d, flush, _CMP_NLT_UQ);
-        return _mm512_maskz_mov_ps(kept, exp_nonpositive_for_bf16(d));
-    };
-    for (Index c = 0; c < nqp; c += bf16_lanes) {
-        const __m512 sh = _mm512_loadu_ps(shift + c);
-        __m512 total = _mm512_setzero_ps();
-        for (Index j = 0; j < nk; j += 2) {
-            const __m512 e0 = exp_of(st + j * ld + c, sh);
-            const __m512 e1 = j + 1 < nk ? exp_of(st + (j + 1) * ld + c, sh) : _mm512_setzero_ps();
-            total = _mm512_add_ps(_mm512_add_ps(total, e0), e1);
-            const __m512bh both = _mm512_cvtne2ps_pbh(e1, e0);
-            const __m512i pairs =
-                _mm512_permutexvar_epi16(idx, reinterpret_cast<const __m512i&>(both));
-            _mm512_storeu_si512(pp + ((j / 2) * nqp + c) * 2, pairs);
-        }
-        _mm512_storeu_ps(sum + c, total);
     }
 }
 

@@ -18,6 +18,7 @@
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/score_terms.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/detail/tiled/block_softmax.hpp>
 #include <mha/normalization.hpp>
 
 namespace mha {
@@ -152,126 +153,6 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
         mask.apply(s + c, lds, i0 + c, j0, nk, f, e);  // key r of query c at s[c + r·lds]
     }
     return false;
-}
-
-/// mx[c] = max over keys j < nk of st[j·ld + c], for c < nqp (a multiple of the packet width);
-/// NaN when any of them is NaN, −∞ when nk = 0.
-template <class Scalar>
-void max_per_query(const Scalar* st, Index ld, Index nqp, Index nk, Scalar* mx) {
-    using traits = block_kernel_traits<Scalar>;
-    using ops = typename traits::ops;
-    constexpr Index w = traits::width;
-    std::fill(mx, mx + nqp, -std::numeric_limits<Scalar>::infinity());
-    for (Index j = 0; j < nk; ++j) {
-        const Scalar* col = st + j * ld;
-        if constexpr (w > 1) {
-            for (Index c = 0; c < nqp; c += w)
-                ops::store(mx + c, ops::max_nan(ops::load(mx + c), ops::load(col + c)));
-        } else {
-            for (Index c = 0; c < nqp; ++c)
-                mx[c] = nan_propagating_max(mx[c], col[c]);
-        }
-    }
-}
-
-/// True when every entry of x is finite. Eigen's allFinite() tests one coefficient at a time
-/// (about 4 % of the bf16 attention at L = 2048, for a check on each output column); x·0 is 0
-/// for a finite x and NaN for ±∞ or NaN, so the vectorised sum of x·0 is 0 exactly when all are
-/// (under -ffast-math, which may fold x·0 to 0, Eigen's test).
-template <class Derived>
-bool all_finite(const Eigen::MatrixBase<Derived>& x) {
-#if defined(__FAST_MATH__)
-    return x.allFinite();
-#else
-    using Scalar = typename Derived::Scalar;
-    return (x.array() * Scalar(0)).sum() == Scalar(0);
-#endif
-}
-
-/// Below this difference from the running max, exp() would be subnormal (or nearly so): the
-/// kernel uses 0 instead. Subnormal probabilities and rescale factors make every later
-/// multiply-add slow on many CPUs (double scores spread by ~1e4 ran 30x slower), and a term below
-/// 2^-1021 of the largest one (which contributes exp(0) = 1 to the sum) is far below the
-/// rounding of that sum, so dropping it changes no result by more than rounding. The caller's
-/// floating-point environment (flush-to-zero) is left alone.
-template <class Scalar>
-constexpr Scalar exp_flush_below() {
-    // log(numeric_limits::min()) + 1, with min() = 2^(min_exponent − 1).
-    return static_cast<Scalar>((std::numeric_limits<Scalar>::min_exponent - 1) *
-                               0.693147180559945309417232121458176568L) +
-           Scalar(1);
-}
-
-/// exp(d), or 0 when d < exp_flush_below (NaN stays NaN).
-template <class Scalar>
-Scalar exp_or_zero(Scalar d) {
-    return d < exp_flush_below<Scalar>() ? Scalar(0) : std::exp(d);
-}
-
-/// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
-/// (a vectorised exp(−∞) may return a denormal instead), differences below exp_flush_below
-/// giving 0 and NaN staying NaN; sum[c] receives the sum over j.
-template <class Scalar>
-void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
-                           Scalar* sum) {
-    using traits = block_kernel_traits<Scalar>;
-    using ops = typename traits::ops;
-    using packet = typename traits::packet;
-    constexpr Index w = traits::width;
-    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-#if defined(__AVX512F__)
-    // float on AVX-512: exp_nonpositive (shifted scores are <= 0 but for NaN), about half the
-    // instructions of Eigen's pexp, with the sum of each query packet kept in a register; the
-    // exp pass was a sixth of a block's time with pexp.
-    if constexpr (std::is_same_v<Scalar, float>) {
-        const __m512 pinf = _mm512_set1_ps(minus_inf);
-        const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
-        for (Index c = 0; c < nqp; c += 16) {
-            const __m512 sh = _mm512_loadu_ps(shift + c);
-            __m512 total = _mm512_setzero_ps();
-            for (Index j = 0; j < nk; ++j) {
-                float* col = st + j * ld + c;
-                const __m512 x = _mm512_loadu_ps(col);
-                const __m512 d = _mm512_sub_ps(x, sh);
-                // Ordered compares are false for NaN, so NaN differences keep their NaN.
-                const __mmask16 cleared = _mm512_cmp_ps_mask(x, pinf, _CMP_EQ_OQ) |
-                                          _mm512_cmp_ps_mask(d, flush, _CMP_LT_OQ);
-                const __m512 e =
-                    _mm512_maskz_mov_ps(static_cast<__mmask16>(~cleared), exp_nonpositive(d));
-                _mm512_storeu_ps(col, e);
-                total = _mm512_add_ps(total, e);
-            }
-            _mm512_storeu_ps(sum + c, total);
-        }
-        return;
-    }
-#endif
-    std::fill(sum, sum + nqp, Scalar(0));
-    if constexpr (w > 1 && ops::has_exp) {
-        const packet pinf = ops::broadcast(minus_inf);
-        const packet flush = ops::broadcast(exp_flush_below<Scalar>());
-        for (Index j = 0; j < nk; ++j) {
-            Scalar* col = st + j * ld;
-            for (Index c = 0; c < nqp; c += w) {
-                const packet x = ops::load(col + c);
-                const packet d = ops::sub(x, ops::load(shift + c));
-                // `less` is false for NaN, so NaN differences keep their NaN.
-                const packet e = ops::clear_where(
-                    ops::exp(d), ops::either(ops::equal(x, pinf), ops::less(d, flush)));
-                ops::store(col + c, e);
-                ops::store(sum + c, ops::add(ops::load(sum + c), e));
-            }
-        }
-    } else {
-        for (Index j = 0; j < nk; ++j) {
-            Scalar* col = st + j * ld;
-            for (Index c = 0; c < nqp; ++c) {
-                const Scalar e = col[c] == minus_inf ? Scalar(0) : exp_or_zero(col[c] - shift[c]);
-                col[c] = e;
-                sum[c] += e;
-            }
-        }
-    }
 }
 
 /// The online pass of queries [i0, i0+nq) over keys [k_lo, k_hi): leaves the unnormalised output

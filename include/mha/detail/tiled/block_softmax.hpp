@@ -1,0 +1,196 @@
+// SPDX-License-Identifier: MIT
+// The softmax steps of one block of transposed scores (st: a column per key, queries along it;
+// layouts in detail/tiled/block_kernels.hpp), shared by the fp32 and bf16 online passes and the
+// backward: each query's max, the shifted exp with its sum, and the check of an output column;
+// and the AVX-512 exps behind them, the fp32 one and the coarser one for probabilities that are
+// rounded to bf16.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include <mha/core.hpp>
+#include <mha/detail/eigen_compat.hpp>
+#include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/normalization.hpp>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace mha {
+namespace detail {
+
+#if defined(__AVX512F__)
+/// e^d for d <= 0 (or NaN) in 16 fp32 lanes, from d = n·ln2 + f with n = round(d/ln2) and
+/// |f| <= ln2/2: e^d = 2^n · e^f, with e^f from `e_to_f` (a polynomial in f) and 2^n applied by
+/// vscalefps. ln2 is split in two (Cody–Waite) so that f is exact to fp32 rounding. NaN stays
+/// NaN; −∞ and differences below exp_flush_below are the caller's to clear.
+template <class Polynomial>
+MHA_ALWAYS_INLINE __m512 exp_nonpositive_from(__m512 d, Polynomial e_to_f) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);  // ln2, high bits
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);            // ln2, the rest
+    return _mm512_scalef_ps(e_to_f(f), n);
+}
+
+/// exp(d) for d <= 0 (1.3 ulp at most, measured): e^f by its Taylor polynomial of degree 7
+/// (truncation below (ln2/2)^8/8! ≈ 5e-9 relative); tests/test_bf16_attention.cpp measures the
+/// error over [−88, 0] (within 3 ulp). 12 instructions where Eigen's pexp takes about twice as
+/// many; the exp pass is the largest cost of a block after the two products.
+MHA_ALWAYS_INLINE __m512 exp_nonpositive(__m512 d) {
+    return exp_nonpositive_from(d, [](__m512 f) {
+        __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+        return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    });
+}
+
+/// e^d for d <= 0 with relative error below 6e-6, for probabilities that are rounded to bf16
+/// afterwards (relative error up to 2^-9 ≈ 2e-3, 300 times more): e^f from
+/// 1 + f·(c1 + f·(c2 + f·(c3 + f·c4))), the polynomial of that form with the least relative
+/// error on [−ln2/2, ln2/2] (Remez exchange, 5.4e-6), three multiply-adds fewer than
+/// exp_nonpositive's degree 7. p(0) = 1 exactly, so the largest score's probability is 1.
+MHA_ALWAYS_INLINE __m512 exp_nonpositive_for_bf16(__m512 d) {
+    return exp_nonpositive_from(d, [](__m512 f) {
+        __m512 p = _mm512_set1_ps(0.0419175296879f);
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.168173100741f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.499989948831f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999939628319f));
+        return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    });
+}
+#endif  // __AVX512F__
+
+/// mx[c] = max over keys j < nk of st[j·ld + c], for c < nqp (a multiple of the packet width);
+/// NaN when any of them is NaN, −∞ when nk = 0.
+template <class Scalar>
+void max_per_query(const Scalar* st, Index ld, Index nqp, Index nk, Scalar* mx) {
+    using traits = block_kernel_traits<Scalar>;
+    using ops = typename traits::ops;
+    constexpr Index w = traits::width;
+    std::fill(mx, mx + nqp, -std::numeric_limits<Scalar>::infinity());
+    for (Index j = 0; j < nk; ++j) {
+        const Scalar* col = st + j * ld;
+        if constexpr (w > 1) {
+            for (Index c = 0; c < nqp; c += w)
+                ops::store(mx + c, ops::max_nan(ops::load(mx + c), ops::load(col + c)));
+        } else {
+            for (Index c = 0; c < nqp; ++c)
+                mx[c] = nan_propagating_max(mx[c], col[c]);
+        }
+    }
+}
+
+/// True when every entry of x is finite. Eigen's allFinite() tests one coefficient at a time
+/// (about 4 % of the bf16 attention at L = 2048, for a check on each output column); x·0 is 0
+/// for a finite x and NaN for ±∞ or NaN, so the vectorised sum of x·0 is 0 exactly when all are
+/// (under -ffast-math, which may fold x·0 to 0, Eigen's test).
+template <class Derived>
+bool all_finite(const Eigen::MatrixBase<Derived>& x) {
+#if defined(__FAST_MATH__)
+    return x.allFinite();
+#else
+    using Scalar = typename Derived::Scalar;
+    return (x.array() * Scalar(0)).sum() == Scalar(0);
+#endif
+}
+
+/// Below this difference from the running max, exp() would be subnormal (or nearly so): the
+/// kernel uses 0 instead. Subnormal probabilities and rescale factors make every later
+/// multiply-add slow on many CPUs (double scores spread by ~1e4 ran 30x slower), and a term below
+/// 2^-1021 of the largest one (which contributes exp(0) = 1 to the sum) is far below the
+/// rounding of that sum, so dropping it changes no result by more than rounding. The caller's
+/// floating-point environment (flush-to-zero) is left alone.
+template <class Scalar>
+constexpr Scalar exp_flush_below() {
+    // log(numeric_limits::min()) + 1, with min() = 2^(min_exponent − 1).
+    return static_cast<Scalar>((std::numeric_limits<Scalar>::min_exponent - 1) *
+                               0.693147180559945309417232121458176568L) +
+           Scalar(1);
+}
+
+/// exp(d), or 0 when d < exp_flush_below (NaN stays NaN).
+template <class Scalar>
+Scalar exp_or_zero(Scalar d) {
+    return d < exp_flush_below<Scalar>() ? Scalar(0) : std::exp(d);
+}
+
+/// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
+/// (a vectorised exp(−∞) may return a denormal instead), differences below exp_flush_below
+/// giving 0 and NaN staying NaN; sum[c] receives the sum over j.
+template <class Scalar>
+void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
+                           Scalar* sum) {
+    using traits = block_kernel_traits<Scalar>;
+    using ops = typename traits::ops;
+    using packet = typename traits::packet;
+    constexpr Index w = traits::width;
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+#if defined(__AVX512F__)
+    // float on AVX-512: exp_nonpositive (shifted scores are <= 0 but for NaN), about half the
+    // instructions of Eigen's pexp, with the sum of each query packet kept in a register; the
+    // exp pass was a sixth of a block's time with pexp.
+    if constexpr (std::is_same_v<Scalar, float>) {
+        const __m512 pinf = _mm512_set1_ps(minus_inf);
+        const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
+        for (Index c = 0; c < nqp; c += 16) {
+            const __m512 sh = _mm512_loadu_ps(shift + c);
+            __m512 total = _mm512_setzero_ps();
+            for (Index j = 0; j < nk; ++j) {
+                float* col = st + j * ld + c;
+                const __m512 x = _mm512_loadu_ps(col);
+                const __m512 d = _mm512_sub_ps(x, sh);
+                // Ordered compares are false for NaN, so NaN differences keep their NaN.
+                const __mmask16 cleared = _mm512_cmp_ps_mask(x, pinf, _CMP_EQ_OQ) |
+                                          _mm512_cmp_ps_mask(d, flush, _CMP_LT_OQ);
+                const __m512 e =
+                    _mm512_maskz_mov_ps(static_cast<__mmask16>(~cleared), exp_nonpositive(d));
+                _mm512_storeu_ps(col, e);
+                total = _mm512_add_ps(total, e);
+            }
+            _mm512_storeu_ps(sum + c, total);
+        }
+        return;
+    }
+#endif
+    std::fill(sum, sum + nqp, Scalar(0));
+    if constexpr (w > 1 && ops::has_exp) {
+        const packet pinf = ops::broadcast(minus_inf);
+        const packet flush = ops::broadcast(exp_flush_below<Scalar>());
+        for (Index j = 0; j < nk; ++j) {
+            Scalar* col = st + j * ld;
+            for (Index c = 0; c < nqp; c += w) {
+                const packet x = ops::load(col + c);
+                const packet d = ops::sub(x, ops::load(shift + c));
+                // `less` is false for NaN, so NaN differences keep their NaN.
+                const packet e = ops::clear_where(
+                    ops::exp(d), ops::either(ops::equal(x, pinf), ops::less(d, flush)));
+                ops::store(col + c, e);
+                ops::store(sum + c, ops::add(ops::load(sum + c), e));
+            }
+        }
+    } else {
+        for (Index j = 0; j < nk; ++j) {
+            Scalar* col = st + j * ld;
+            for (Index c = 0; c < nqp; ++c) {
+                const Scalar e = col[c] == minus_inf ? Scalar(0) : exp_or_zero(col[c] - shift[c]);
+                col[c] = e;
+                sum[c] += e;
+            }
+        }
+    }
+}
+
+}  // namespace detail
+}  // namespace mha
