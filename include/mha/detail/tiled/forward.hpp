@@ -84,6 +84,7 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/detail/aligned_vector.hpp>
 #include <mha/detail/gemm.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
@@ -123,7 +124,8 @@ struct tiled_workspace {
     // once per call (pack_values): the value kernel wants a block's columns adjacent (a QKV
     // row apart they left L1), and each query block copied its key blocks again (16 times per
     // head at L = 2048; 4.6 % of the call). Offsets per b·num_kv_heads + g, −1: not packed.
-    std::vector<Scalar> packed_v;
+    // Not zero-filled when it grows: pack_values writes every element of an entry.
+    uninitialized_aligned_vector<Scalar> packed_v;
     std::vector<Index> packed_v_at;
 };
 

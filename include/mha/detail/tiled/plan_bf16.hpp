@@ -50,8 +50,9 @@ struct bf16_workspace {
     // query block reads, packed once per call: before, each query block copied K and packed V
     // again (16 times per head at L = 2048 with blocks of 128; 5–8 % of the call, profiled).
     // Offsets per b·num_kv_heads + g, −1 where not packed; the memory is that of K and V.
-    aligned_vector<Eigen::bfloat16> packed_k;
-    aligned_vector<std::uint16_t> packed_v;
+    // Not zero-filled when they grow: the packing writes every element of an entry.
+    uninitialized_aligned_vector<Eigen::bfloat16> packed_k;
+    uninitialized_aligned_vector<std::uint16_t> packed_v;
     std::vector<Index> packed_k_at, packed_v_at;
 
     bf16_packed_head packed_head(const head_layout& heads, Index b, Index h) const {
