@@ -72,6 +72,40 @@ MHA_ALWAYS_INLINE __m512 exp_nonpositive_for_bf16(__m512 d) {
 }
 #endif  // __AVX512F__
 
+/// st[r·ld + c] = −∞ for each key j0 + r (r < nk) outside query c's allowed interval
+/// [first[c], last[c]) (absolute key indices, first[c] <= last[c]), for c < nq; keys in
+/// [max_first, min_last), inside every query's interval, are skipped. The block is walked key by
+/// key, so the stores run along a key's column of queries: masking query by query stored one
+/// score per cache line (a third of the bf16 online pass at L = 512, causal, profiled).
+template <class Scalar>
+void mask_outside_intervals(Scalar* st, Index ld, Index nq, Index j0, Index nk, const Index* first,
+                            const Index* last, Index max_first, Index min_last) {
+    const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
+    for (Index r = 0; r < nk; ++r) {
+        const Index j = j0 + r;
+        if (j >= max_first && j < min_last) continue;
+        Scalar* col = st + r * ld;
+        Index c = 0;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<Scalar, float> && sizeof(Index) == 8) {
+            const __m512i key = _mm512_set1_epi64(static_cast<long long>(j));
+            const __m512 fill = _mm512_set1_ps(minus_inf);
+            // 8 queries' bounds per compare: the keys before first[c] or from last[c] on.
+            auto outside = [&](Index at) {
+                return static_cast<unsigned>(
+                    _mm512_cmpgt_epi64_mask(_mm512_loadu_si512(first + at), key) |
+                    _mm512_cmple_epi64_mask(_mm512_loadu_si512(last + at), key));
+            };
+            for (; c + 16 <= nq; c += 16)
+                _mm512_mask_storeu_ps(
+                    col + c, static_cast<__mmask16>(outside(c) | (outside(c + 8) << 8)), fill);
+        }
+#endif
+        for (; c < nq; ++c)
+            if (j < first[c] || j >= last[c]) col[c] = minus_inf;
+    }
+}
+
 /// mx[c] = max over keys j < nk of st[j·ld + c], for c < nqp (a multiple of the packet width);
 /// NaN when any of them is NaN, −∞ when nk = 0.
 template <class Scalar>

@@ -147,6 +147,11 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
     if (!interior)  // the padding rows' skipped entries were not written: keep them finite
         for (Index r = 0; r < nk; ++r)
             std::fill(s + r * lds + nq, s + (r + 1) * lds, Scalar(0));
+    if (!mask.has_elementwise()) {
+        mask_outside_intervals(s, lds, nq, j0, nk, t.first.data(), t.last.data(), iv.max_first,
+                               iv.min_last);
+        return false;
+    }
     for (Index c = 0; c < nq; ++c) {
         const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
         const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
