@@ -32,8 +32,45 @@
 #include <mha/core.hpp>
 #include <mha/detail/eigen_compat.hpp>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace mha {
 namespace detail {
+
+#if defined(__AVX512F__)
+/// r[i](j) ← r[j](i): a 16 × 16 float block transposed in registers (pairs, then quadruples
+/// by 64-bit unpacks, then 128-bit lanes twice).
+MHA_ALWAYS_INLINE void transpose_16x16(__m512 (&r)[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    auto lo64 = [](__m512 a, __m512 b) {
+        return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+    };
+    auto hi64 = [](__m512 a, __m512 b) {
+        return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+    };
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = lo64(t[i], t[i + 2]);
+        r[i + 1] = hi64(t[i], t[i + 2]);
+        r[i + 2] = lo64(t[i + 1], t[i + 3]);
+        r[i + 3] = hi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; ++i) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+#endif
 
 template <class Scalar>
 struct block_kernel_traits {
@@ -91,10 +128,33 @@ constexpr Index padded_queries(Index nq) {
 template <class Scalar>
 void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, Index nq_padded,
                          Scalar scale, Scalar* qt) {
-    for (Index c = 0; c < nq; ++c) {
-        const Scalar* qc = q + c * q_stride;
-        for (Index d = 0; d < dk; ++d)
-            qt[d * nq_padded + c] = scale * qc[d];
+    // Query by query, every store went to another cache line of qt: 5-8 % of the float kernel at
+    // L = 512, causal (profiled). On AVX-512 float, 16 × 16 blocks go through registers:
+    // contiguous loads from 16 query columns, contiguous stores of 16 queries for each d.
+    Index c_done = 0, d_done = dk;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<Scalar, float>) {
+        const __m512 s = _mm512_set1_ps(scale);
+        d_done = dk / 16 * 16;
+        for (; c_done + 16 <= nq; c_done += 16)
+            for (Index d0 = 0; d0 < d_done; d0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; ++i)
+                    r[i] = _mm512_loadu_ps(q + (c_done + i) * q_stride + d0);
+                transpose_16x16(r);
+                for (int i = 0; i < 16; ++i)
+                    _mm512_storeu_ps(qt + (d0 + i) * nq_padded + c_done, _mm512_mul_ps(s, r[i]));
+            }
+    }
+#endif
+    // The rest a cache line of queries at a time, d by d: each d's stores fill one line of qt,
+    // and the line's query columns stay in L1 meanwhile (a QKV row apart, they map to few sets).
+    constexpr Index chunk = std::max<Index>(1, Index(64 / sizeof(Scalar)));
+    for (Index c0 = 0; c0 < nq; c0 += chunk) {
+        const Index c1 = std::min(nq, c0 + chunk);
+        for (Index d = c0 < c_done ? d_done : 0; d < dk; ++d)
+            for (Index c = c0; c < c1; ++c)
+                qt[d * nq_padded + c] = scale * q[c * q_stride + d];
     }
     for (Index d = 0; d < dk; ++d)
         std::fill(qt + d * nq_padded + nq, qt + (d + 1) * nq_padded, Scalar(0));
