@@ -490,3 +490,31 @@ TEST_CASE("bf16 core: the exp of the probabilities rounded to bf16 is within its
     SKIP("the native kernel is not compiled in");
 #endif
 }
+
+TEST_CASE("bf16 core build: the float query packing equals the plain scaled transpose") {
+    // Here because this file's _native build is the Debug suite's one compiled for AVX-512:
+    // there pack_scaled_queries transposes 16 × 16 blocks in registers, elsewhere it runs its
+    // scalar loop. Either must give qt(c, d) = scale·q(d, c) exactly (one rounding, the same
+    // product), zeros in the padding queries; sizes around the 16 × 16 blocks.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    const Index q_stride = 97;
+    const float scale = 0.125f * 3.0f;
+    for (Index nq : {1, 15, 16, 17, 40, 128})
+        for (Index dk : {1, 15, 16, 17, 64, 80}) {
+            const Index nqp = (nq + 15) / 16 * 16;
+            std::vector<float> q(static_cast<std::size_t>(q_stride * nq));
+            for (std::size_t i = 0; i < q.size(); ++i)
+                q[i] = static_cast<float>(i % 977) - 488.5f;
+            std::vector<float> qt(static_cast<std::size_t>(nqp * dk), -1.0f);
+            mha::detail::pack_scaled_queries(q.data(), q_stride, dk, nq, nqp, scale, qt.data());
+            Index wrong = 0;
+            for (Index c = 0; c < nqp; ++c)
+                for (Index d = 0; d < dk; ++d) {
+                    const float want =
+                        c < nq ? scale * q[static_cast<std::size_t>(c * q_stride + d)] : 0.0f;
+                    wrong += qt[static_cast<std::size_t>(d * nqp + c)] != want;
+                }
+            INFO("nq " << nq << ", d_k " << dk);
+            CHECK(wrong == 0);
+        }
+}

@@ -477,7 +477,7 @@ MUTANTS = [
     dict(id="transpose-16x16-last-lanes", file="detail/tiled/block_kernels.hpp",
          find="r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);",
          replace="r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);",
-         tests=["bf16_attention_native"],
+         tests=["bf16_attention_native", "tiled_attention"],
          description="the 16 × 16 register transpose of the float query packing repeats its first "
                      "eight rows in the last eight"),
     dict(id="bf16-query-pairs-chunk-short", file="detail/tiled/block_kernels_bf16.hpp",
