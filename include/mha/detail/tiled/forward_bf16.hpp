@@ -109,19 +109,7 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
                 st[r * lds + c] *= p.f.scale;
     }
     if (as_computed) return false;
-    if (!interior)  // the padding rows' skipped entries were not written: keep them finite
-        for (Index r = 0; r < nk; ++r)
-            std::fill(st + r * lds + nq, st + (r + 1) * lds, 0.0f);
-    if (!mask.has_elementwise()) {
-        mask_outside_intervals(st, lds, nq, j0, nk, t.first.data(), t.last.data(), iv.max_first,
-                               iv.min_last);
-        return false;
-    }
-    for (Index c = 0; c < nq; ++c) {
-        const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
-        const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
-        mask.apply(st + c, lds, i0 + c, j0, nk, f, e);
-    }
+    mask_by_selection(mask, st, lds, i0, nq, j0, nk, iv, interior, t);
     return false;
 }
 

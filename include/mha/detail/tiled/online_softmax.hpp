@@ -108,6 +108,30 @@ query_key_ranges block_ranges(const tile_scratch<Scalar>& t, Index nq, Index j0)
     return {t.first.data(), t.last.data(), nq, j0};
 }
 
+/// Masks by selection the transposed scores st (ld lds) of queries [i0, i0+nq) against keys
+/// [j0, j0+nk), with the queries' intervals in t (key_intervals) and their summary iv: −∞ outside
+/// each query's interval, then the mask's element-wise part (keep matrices, biases) inside it.
+/// A boundary block's padding rows are set to 0 first: its tiles skipped them, so they hold stale
+/// values. Shared by the fp32 and bf16 kernels (masked_scores, masked_scores_bf16).
+template <class Scalar>
+void mask_by_selection(const mask_view<Scalar>& mask, Scalar* st, Index lds, Index i0, Index nq,
+                       Index j0, Index nk, const interval_summary& iv, bool interior,
+                       const tile_scratch<Scalar>& t) {
+    if (!interior)
+        for (Index r = 0; r < nk; ++r)
+            std::fill(st + r * lds + nq, st + (r + 1) * lds, Scalar(0));
+    if (!mask.has_elementwise()) {
+        mask_outside_intervals(st, lds, nq, j0, nk, t.first.data(), t.last.data(), iv.max_first,
+                               iv.min_last);
+        return;
+    }
+    for (Index c = 0; c < nq; ++c) {
+        const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
+        const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
+        mask.apply(st + c, lds, i0 + c, j0, nk, f, e);  // key r of query c at st[c + r·lds]
+    }
+}
+
 /// Sᵀ(0:nqp, 0:nk) = qt · K[:, j0:j0+nk] into t.s (ld nqp), i.e. the scaled scores of queries
 /// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then changed by the
 /// score terms (soft-capping, ALiBi, the modifier) and masked by selection. Rows nq..nqp are
@@ -144,19 +168,7 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
             modify_key_column(p, mod, s + r * lds, i0, nq, j0 + r);
     const auto& mask = *p.mask;
     if (interior && !mask.has_elementwise()) return false;
-    if (!interior)  // the padding rows' skipped entries were not written: keep them finite
-        for (Index r = 0; r < nk; ++r)
-            std::fill(s + r * lds + nq, s + (r + 1) * lds, Scalar(0));
-    if (!mask.has_elementwise()) {
-        mask_outside_intervals(s, lds, nq, j0, nk, t.first.data(), t.last.data(), iv.max_first,
-                               iv.min_last);
-        return false;
-    }
-    for (Index c = 0; c < nq; ++c) {
-        const Index f = std::clamp(t.first[static_cast<std::size_t>(c)] - j0, Index(0), nk);
-        const Index e = std::clamp(t.last[static_cast<std::size_t>(c)] - j0, f, nk);
-        mask.apply(s + c, lds, i0 + c, j0, nk, f, e);  // key r of query c at s[c + r·lds]
-    }
+    mask_by_selection(mask, s, lds, i0, nq, j0, nk, iv, interior, t);
     return false;
 }
 
