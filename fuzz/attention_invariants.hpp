@@ -387,6 +387,74 @@ long double softmax_recompute_bound(const inputs& x, const mha::matrix<float>& d
     return dq_floor;
 }
 
+/// The first-order bound on what rounding the scores adds to sigmoid's gradients. The float chain
+/// rule of check B's baseline rounds the same scores, but in its own order, and may be lucky: a
+/// corpus input (amplitude 64, d_k = 8) had one allowed key with s = 2.2 out of terms of size
+/// scale·Σ|q_c·k_c| = 2247, where the plain float dot product was 5e-7 from the exact score and
+/// the library's (another summation order, with FMA) 3.4e-5, both well inside γ·2247 = 1e-3; dQ
+/// then differed from the long-double rule by 37 times the float rule's error. The terms, with
+/// w = σ(s) and σ' = w·(1 − w):
+///   Δs_ij = γ_{dk+2}·(scale·Σ_c|q_c·k_c| + |bias_ij|)     (the dot product, scale and bias add)
+///   δw_ij = σ'_ij·Δs_ij + 4u·w_ij                        (exp, 1 + e and the division)
+///   ΔdS_ij = |dW_ij|·(|1 − 2w_ij|·δw_ij + 3u·σ'_ij) + σ'_ij·γ_dv·Σ_c|dO_ci·v_cj|
+/// (dS = dW·w·(1 − w), whose 1 − w cancels as w → 1), and through the gradients
+///   dV_j: Σ_i δw_ij·max_c|dO_ci|            (accumulated per key/value head in floor_v)
+///   dK_j: scale·Σ_i ΔdS_ij·max_c|q_ci|      (floor_k)
+///   dQ_i: scale·Σ_j ΔdS_ij·max_c|k_cj|      (returned, the largest over queries)
+/// Like softmax_recompute_bound's, an a-priori worst case: at ordinary logits Δs is a few ulp of
+/// the score and the floor stays far below a wrong term's size, a fraction of the gradient.
+template <class Allowed, class Bias>
+long double sigmoid_rounding_bound(const inputs& x, const mha::matrix<float>& d_out,
+                                   const problem& p, std::size_t b, Index h, Index q0, Index k0,
+                                   float scale, const Allowed& allowed, const Bias& bias,
+                                   mha_test::mat<long double>& floor_k,
+                                   mha_test::mat<long double>& floor_v) {
+    using ld = long double;
+    const ld u = std::numeric_limits<float>::epsilon() / 2;
+    const auto gamma = [u](Index n) {
+        return static_cast<ld>(n) * u / (1 - static_cast<ld>(n) * u);
+    };
+    const ld sc = static_cast<ld>(scale);
+    const Index lq = p.lq[b], lk = p.lk[b], g = p.kv_head(h);
+    const auto column_max = [](const mha::matrix<float>& m, Index row, Index rows, Index col) {
+        ld r = 0;
+        for (Index c = 0; c < rows; ++c)
+            r = std::max(r, std::fabs(static_cast<ld>(m(row + c, col))));
+        return r;
+    };
+    ld dq_floor = 0;
+    for (Index i = 0; i < lq; ++i) {
+        const ld q_max = column_max(x.q, h * p.dk, p.dk, q0 + i);
+        const ld do_max = column_max(d_out, h * p.dv, p.dv, q0 + i);
+        ld dq_i = 0;
+        for (Index j = 0; j < lk; ++j) {
+            if (!allowed(j, i)) continue;
+            const auto [dot, magnitude] = query_key_product(x, p, h, g, q0 + i, k0 + j);
+            const ld b_ij = bias ? bias(j, i) : 0.0L;
+            const ld s = sc * dot + b_ij;
+            const ld w = 1 / (1 + std::exp(-s));
+            const ld derivative = w * (1 - w);
+            const ld ds = gamma(p.dk + 2) * (sc * magnitude + std::fabs(b_ij));
+            const ld dw = derivative * ds + 4 * u * w;
+            ld d_weight = 0, d_weight_size = 0;  // dW_ij = Σ_c dO_ci·v_cj, and Σ_c |dO_ci·v_cj|
+            for (Index c = 0; c < p.dv; ++c) {
+                const ld t = static_cast<ld>(d_out(h * p.dv + c, q0 + i)) *
+                             static_cast<ld>(x.v(g * p.dv + c, k0 + j));
+                d_weight += t;
+                d_weight_size += std::fabs(t);
+            }
+            const ld d_score =
+                std::fabs(d_weight) * (std::fabs(1 - 2 * w) * dw + 3 * u * derivative) +
+                derivative * gamma(p.dv) * d_weight_size;
+            floor_v(g, k0 + j) += dw * do_max;
+            floor_k(g, k0 + j) += sc * d_score * q_max;
+            dq_i += sc * d_score * column_max(x.k, g * p.dk, p.dk, k0 + j);
+        }
+        dq_floor = std::max(dq_floor, dq_i);
+    }
+    return dq_floor;
+}
+
 /// The backward of the attention core (multi_head_attention_core_backward) for softmax, ReLU and
 /// sigmoid on the decoded problem, for a d_out drawn from its seed: finite; a query with no
 /// allowed key gets dQ exactly 0; 1 and 2 threads give the same bits; and dQ, dK, dV are within
@@ -469,6 +537,7 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
         bool near_kink = false;
         ld relu_floor = 0;     // see the comment of check_backward
         ld softmax_floor = 0;  // likewise: the tiled backward's weights from the forward's lse
+        ld sigmoid_floor = 0;  // sigmoid_rounding_bound's dQ term
         mha_test::mat<ld> floor_k = mha_test::mat<ld>::Zero(p.kv_heads, x.k.cols());
         mha_test::mat<ld> floor_v = mha_test::mat<ld>::Zero(p.kv_heads, x.k.cols());
         Index q0 = 0, k0 = 0;
@@ -498,6 +567,10 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                     softmax_floor = std::max(
                         softmax_floor, softmax_recompute_bound(x, d_out, p, b, h, q0, k0, scale,
                                                                allowed, bias, floor_k, floor_v));
+                if (kinds[n] == mha::normalization::sigmoid)
+                    sigmoid_floor = std::max(
+                        sigmoid_floor, sigmoid_rounding_bound(x, d_out, p, b, h, q0, k0, scale,
+                                                              allowed, bias, floor_k, floor_v));
                 ld relu_dk = 0;  // Σ_i t_i·max|q_i|, this head's dK scale
                 for (Index i = 0; i < lq; ++i) {
                     bool any = false;
@@ -582,9 +655,10 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
         ld floor = 2 * noise + 8 * 2 * static_cast<ld>(u) * largest;
         if (kinds[n] == mha::normalization::relu)
             floor += 8 * static_cast<ld>(u) * static_cast<ld>(scale) * relu_floor;
-        if (kinds[n] == mha::normalization::softmax)
-            floor += std::max({softmax_floor, floor_k.size() ? floor_k.maxCoeff() : 0.0L,
-                               floor_v.size() ? floor_v.maxCoeff() : 0.0L});
+        if (kinds[n] == mha::normalization::softmax || kinds[n] == mha::normalization::sigmoid)
+            floor +=
+                std::max({softmax_floor, sigmoid_floor, floor_k.size() ? floor_k.maxCoeff() : 0.0L,
+                          floor_v.size() ? floor_v.maxCoeff() : 0.0L});
         if (!(err <= 6 * baseline + floor)) {
             std::ostringstream why;
             why << "backward (" << name << "): " << names[worst]
