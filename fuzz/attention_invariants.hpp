@@ -313,6 +313,20 @@ inline std::pair<long double, long double> query_key_product(const inputs& x, co
     return {dot, magnitude};
 }
 
+/// max_c |m(row + c, col)| over c < rows, in long double: the size of one head's slice of a column.
+inline long double column_max_abs(const mha::matrix<float>& m, Index row, Index rows, Index col) {
+    long double r = 0;
+    for (Index c = 0; c < rows; ++c)
+        r = std::max(r, std::fabs(static_cast<long double>(m(row + c, col))));
+    return r;
+}
+
+/// γ_n = n·u / (1 − n·u) for float's unit roundoff u: the relative bound of n rounded operations.
+inline long double rounding_gamma(Index n) {
+    const long double u = std::numeric_limits<float>::epsilon() / 2;
+    return static_cast<long double>(n) * u / (1 - static_cast<long double>(n) * u);
+}
+
 /// The first-order bound on what the tiled softmax backward adds to a head's gradients by
 /// recomputing each weight as P̂_ij = exp(Ŝ_ij − lse_i) from the forward's float log-sum-exp
 /// instead of normalising its own scores (FlashAttention-2's scheme). Ŝ_ij and the forward's S_ij
@@ -338,22 +352,19 @@ long double softmax_recompute_bound(const inputs& x, const mha::matrix<float>& d
                                     mha_test::mat<long double>& floor_v) {
     using ld = long double;
     const ld u = std::numeric_limits<float>::epsilon() / 2;
-    const ld gamma = static_cast<ld>(p.dk) * u / (1 - static_cast<ld>(p.dk) * u);
+    const ld gamma = rounding_gamma(p.dk);
     const ld sc = static_cast<ld>(scale);
     const Index lq = p.lq[b], lk = p.lk[b], g = p.kv_head(h);
     ld v_max = 0, k_max = 0;
     for (Index j = 0; j < lk; ++j) {
-        for (Index c = 0; c < p.dv; ++c)
-            v_max = std::max(v_max, std::fabs(static_cast<ld>(x.v(g * p.dv + c, k0 + j))));
-        for (Index c = 0; c < p.dk; ++c)
-            k_max = std::max(k_max, std::fabs(static_cast<ld>(x.k(g * p.dk + c, k0 + j))));
+        v_max = std::max(v_max, column_max_abs(x.v, g * p.dv, p.dv, k0 + j));
+        k_max = std::max(k_max, column_max_abs(x.k, g * p.dk, p.dk, k0 + j));
     }
     ld dq_floor = 0;
     std::vector<ld> s(static_cast<std::size_t>(lk)), w(static_cast<std::size_t>(lk));
     for (Index i = 0; i < lq; ++i) {
-        ld m = -std::numeric_limits<ld>::infinity(), worst = 0, q_max = 0;
-        for (Index c = 0; c < p.dk; ++c)
-            q_max = std::max(q_max, std::fabs(static_cast<ld>(x.q(h * p.dk + c, q0 + i))));
+        ld m = -std::numeric_limits<ld>::infinity(), worst = 0;
+        const ld q_max = column_max_abs(x.q, h * p.dk, p.dk, q0 + i);
         for (Index j = 0; j < lk; ++j) {
             const auto jj = static_cast<std::size_t>(j);
             if (!allowed(j, i)) continue;
@@ -411,21 +422,12 @@ long double sigmoid_rounding_bound(const inputs& x, const mha::matrix<float>& d_
                                    mha_test::mat<long double>& floor_v) {
     using ld = long double;
     const ld u = std::numeric_limits<float>::epsilon() / 2;
-    const auto gamma = [u](Index n) {
-        return static_cast<ld>(n) * u / (1 - static_cast<ld>(n) * u);
-    };
     const ld sc = static_cast<ld>(scale);
     const Index lq = p.lq[b], lk = p.lk[b], g = p.kv_head(h);
-    const auto column_max = [](const mha::matrix<float>& m, Index row, Index rows, Index col) {
-        ld r = 0;
-        for (Index c = 0; c < rows; ++c)
-            r = std::max(r, std::fabs(static_cast<ld>(m(row + c, col))));
-        return r;
-    };
     ld dq_floor = 0;
     for (Index i = 0; i < lq; ++i) {
-        const ld q_max = column_max(x.q, h * p.dk, p.dk, q0 + i);
-        const ld do_max = column_max(d_out, h * p.dv, p.dv, q0 + i);
+        const ld q_max = column_max_abs(x.q, h * p.dk, p.dk, q0 + i);
+        const ld do_max = column_max_abs(d_out, h * p.dv, p.dv, q0 + i);
         ld dq_i = 0;
         for (Index j = 0; j < lk; ++j) {
             if (!allowed(j, i)) continue;
@@ -434,7 +436,7 @@ long double sigmoid_rounding_bound(const inputs& x, const mha::matrix<float>& d_
             const ld s = sc * dot + b_ij;
             const ld w = 1 / (1 + std::exp(-s));
             const ld derivative = w * (1 - w);
-            const ld ds = gamma(p.dk + 2) * (sc * magnitude + std::fabs(b_ij));
+            const ld ds = rounding_gamma(p.dk + 2) * (sc * magnitude + std::fabs(b_ij));
             const ld dw = derivative * ds + 4 * u * w;
             ld d_weight = 0, d_weight_size = 0;  // dW_ij = Σ_c dO_ci·v_cj, and Σ_c |dO_ci·v_cj|
             for (Index c = 0; c < p.dv; ++c) {
@@ -445,10 +447,10 @@ long double sigmoid_rounding_bound(const inputs& x, const mha::matrix<float>& d_
             }
             const ld d_score =
                 std::fabs(d_weight) * (std::fabs(1 - 2 * w) * dw + 3 * u * derivative) +
-                derivative * gamma(p.dv) * d_weight_size;
+                derivative * rounding_gamma(p.dv) * d_weight_size;
             floor_v(g, k0 + j) += dw * do_max;
             floor_k(g, k0 + j) += sc * d_score * q_max;
-            dq_i += sc * d_score * column_max(x.k, g * p.dk, p.dk, k0 + j);
+            dq_i += sc * d_score * column_max_abs(x.k, g * p.dk, p.dk, k0 + j);
         }
         dq_floor = std::max(dq_floor, dq_i);
     }
@@ -588,26 +590,19 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                                 (static_cast<ld>(scale) * magnitude + std::fabs(b_ij)))
                             near_kink = true;
                         if (score > 0) {
-                            ld dw = 0, key_size = 0;
+                            ld dw = 0;
                             for (Index c = 0; c < p.dv; ++c)
                                 dw += static_cast<ld>(d_out(h * p.dv + c, q0 + i)) *
                                       static_cast<ld>(x.v(g * p.dv + c, k0 + j));
-                            for (Index c = 0; c < p.dk; ++c)
-                                key_size =
-                                    std::max(key_size,
-                                             std::fabs(static_cast<ld>(x.k(g * p.dk + c, k0 + j))));
                             sum_r += score;
                             max_dw = std::max(max_dw, std::fabs(dw));
                             weighted_dw += score * std::fabs(dw);
-                            key_sizes += key_size;
+                            key_sizes += column_max_abs(x.k, g * p.dk, p.dk, k0 + j);
                         }
                     }
                     if (sum_r > 0) {
                         const ld t = (max_dw + weighted_dw / sum_r) / sum_r;
-                        ld query_size = 0;
-                        for (Index c = 0; c < p.dk; ++c)
-                            query_size = std::max(
-                                query_size, std::fabs(static_cast<ld>(x.q(h * p.dk + c, q0 + i))));
+                        const ld query_size = column_max_abs(x.q, h * p.dk, p.dk, q0 + i);
                         relu_floor = std::max(relu_floor, t * key_sizes);
                         relu_dk += t * query_size;
                     }
