@@ -245,7 +245,9 @@ void BM_projections(benchmark::State& state) {
 }
 
 // The attention core on Q, K and V viewed inside one fused projection result, as the layer
-// passes them (row blocks of a (3·D) × L matrix: strided views, no copies).
+// passes them (row blocks of a (3·D) × L matrix: strided views, no copies), with a
+// core_workspace kept between iterations as a caller of repeated calls keeps one (the layer
+// keeps its own).
 void BM_attention_core(benchmark::State& state) {
     const Index d = state.range(0);
     const Index heads = state.range(1);
@@ -258,8 +260,9 @@ void BM_attention_core(benchmark::State& state) {
     const mha::packed_batch batch = batch_of(length);
     const mha::attention_mask<float> mask = mask_for(causal);
     Matrix out(d, kBatch * length);
+    mha::core_workspace<float> workspace;
     for (auto _ : state) {
-        mha::multi_head_attention_core(q, k, v, heads, batch, out, mask);
+        mha::multi_head_attention_core(q, k, v, heads, heads, batch, out, mask, {}, {}, workspace);
         benchmark::DoNotOptimize(out.data());
         benchmark::ClobberMemory();
     }
@@ -409,8 +412,12 @@ double bf16_probe_gflops() {
 #endif
 
 // BM_attention_core on bfloat16 storage (Q, K, V as row blocks of one bf16 (3·D) × L matrix,
-// fp32 output), with the FLOPs of the fp32 core. "of_probe" is read against BM_amx_peak's rate
-// where the kernel runs on AMX, BM_bf16_peak's where it runs on vdpbf16ps, else BM_fma_peak's.
+// fp32 output, a bf16_core_workspace kept between iterations), with the FLOPs of the fp32 core.
+// Without it each call takes the memory of its packed K and V (16 MiB at L = 8192) anew; what
+// that costs depends on whether the allocator keeps the memory between calls (a plain loop of
+// calls on the Zen 5 machine: 1.4× the time at L = 2048; this benchmark's loop: no difference).
+// "of_probe" is read against BM_amx_peak's rate where the kernel runs on AMX, BM_bf16_peak's where
+// it runs on vdpbf16ps, else BM_fma_peak's.
 void BM_attention_core_bf16(benchmark::State& state) {
     using Bf16Matrix = Eigen::Matrix<Eigen::bfloat16, Eigen::Dynamic, Eigen::Dynamic>;
     const Index d = state.range(0);
@@ -424,8 +431,9 @@ void BM_attention_core_bf16(benchmark::State& state) {
     const mha::packed_batch batch = batch_of(length);
     const mha::attention_mask<float> mask = mask_for(causal);
     Matrix out(d, kBatch * length);
+    mha::bf16_core_workspace workspace;
     for (auto _ : state) {
-        mha::multi_head_attention_core(q, k, v, heads, batch, out, mask);
+        mha::multi_head_attention_core(q, k, v, heads, heads, batch, out, mask, {}, {}, workspace);
         benchmark::DoNotOptimize(out.data());
         benchmark::ClobberMemory();
     }

@@ -563,6 +563,71 @@ TEST_CASE("forward_into allocates nothing: the bfloat16 layer, masks, grouped he
     set_threads(saved);
 }
 
+TEST_CASE("multi_head_attention_core with a workspace allocates nothing once it has run a shape",
+          "[alloc]") {
+    // The core on views of one fused QKV matrix, as a caller of repeated calls has them: float
+    // on the tiled kernel (causal, grouped heads, a packed batch) and on the materialised one
+    // (ReLU), and bfloat16 on the kernel the build selects (its K and V packed once per call:
+    // 300 queries are three query blocks). Without weights, the promise of core_workspace.
+    using bf16 = Eigen::bfloat16;
+    mha_test::value_source values(7010);
+    const Index heads = 4, kv_heads = 2, dk = 32;
+    const mha::packed_batch batch({300, 45});
+    const Index rows = heads * dk + 2 * kv_heads * dk;
+    const mat<float> qkv = values.normal_matrix<float>(rows, batch.total_queries());
+    const auto q = qkv.topRows(heads * dk);
+    const auto k = qkv.middleRows(heads * dk, kv_heads * dk);
+    const auto v = qkv.bottomRows(kv_heads * dk);
+    const Eigen::Matrix<bf16, Eigen::Dynamic, Eigen::Dynamic> qkv16 = qkv.cast<bf16>();
+    const mha::attention_mask<float> mask(mha::causal{});
+    mha::attention_options relu;
+    relu.normalize = mha::normalization::relu;
+    relu.algorithm = mha::attention_algorithm::materialized;
+    const int saved = max_threads();
+    for (const int threads : {1, 2}) {
+        set_threads(threads);
+        mat<float> out(heads * dk, batch.total_queries());
+        for (const auto& options : {mha::attention_options{}, relu}) {
+            mat<float> expected(out.rows(), out.cols());
+            mha::multi_head_attention_core(q, k, v, heads, kv_heads, batch, expected, mask,
+                                           options);
+            mha::core_workspace<float> ws;
+            auto call = [&] {
+                mha::multi_head_attention_core(q, k, v, heads, kv_heads, batch, out, mask, options,
+                                               {}, ws);
+            };
+            call();  // warm-up: sizes every buffer
+            out.setConstant(-1.0f);
+            require_no_allocation(allocations_during(call));
+            REQUIRE(bitwise_equal(out, expected));
+            // Without it, the same call takes its buffers anew: the counters see them.
+            const allocation_counts without = allocations_during([&] {
+                mha::multi_head_attention_core(q, k, v, heads, kv_heads, batch, out, mask, options);
+            });
+            CHECK(without.eigen + without.news > 0);
+        }
+        mat<float> expected(out.rows(), out.cols());
+        const auto q16 = qkv16.topRows(heads * dk);
+        const auto k16 = qkv16.middleRows(heads * dk, kv_heads * dk);
+        const auto v16 = qkv16.bottomRows(kv_heads * dk);
+        mha::multi_head_attention_core(q16, k16, v16, heads, kv_heads, batch, expected, mask);
+        mha::bf16_core_workspace ws;
+        auto call = [&] {
+            mha::multi_head_attention_core(q16, k16, v16, heads, kv_heads, batch, out, mask, {}, {},
+                                           ws);
+        };
+        call();  // warm-up
+        out.setConstant(-1.0f);
+        require_no_allocation(allocations_during(call));
+        REQUIRE(bitwise_equal(out, expected));
+        const allocation_counts without = allocations_during([&] {
+            mha::multi_head_attention_core(q16, k16, v16, heads, kv_heads, batch, out, mask);
+        });
+        CHECK(without.eigen + without.news > 0);
+    }
+    set_threads(saved);
+}
+
 TEST_CASE("the allocation counters see allocations (negative controls)", "[alloc]") {
     set_threads(1);
     SECTION("an Eigen matrix is seen by the Eigen counter (and by malloc where counted)") {

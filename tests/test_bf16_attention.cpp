@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -357,6 +358,49 @@ TEST_CASE("bf16 core: public entry, heads, grouped heads, batches, bf16 output, 
                 CHECK(std::fabs(got - lse) <= bound);
             }
         }
+}
+
+TEST_CASE(
+    "bf16 core: a workspace kept across calls of other shapes gives the results of calls "
+    "without one") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // The reference is the same public call without a workspace (checked against the long-double
+    // reference above): the same kernel on the same values, so the outputs must agree bit for
+    // bit. What could differ is a buffer left by an earlier call of another shape: the calls run
+    // large, small, grouped and large again, so every buffer is reused both grown and shrunk.
+    // The long sequence (300 queries, three query blocks) has its K and V packed once per call.
+    mha_test::value_source rnd(43);
+    struct call {
+        Index heads, kv_heads, dk, dv;
+        std::vector<Index> lengths;
+        mha::attention_mask<float> mask;
+    };
+    const call calls[] = {
+        {4, 4, 32, 32, {300, 40}, mha::causal{}},
+        {2, 2, 16, 8, {50}, {}},
+        {6, 2, 24, 16, {1, 130, 1}, mha::attention_mask<float>(mha::key_lengths{{1, 100, 0}})},
+        {4, 4, 32, 32, {300, 40}, mha::causal{}},
+    };
+    mha::bf16_core_workspace workspace;
+    mha::attention_request request;
+    request.log_sum_exp = true;
+    for (std::size_t i = 0; i < std::size(calls); ++i) {
+        const call& c = calls[i];
+        const mha::packed_batch batch(c.lengths);
+        const Index n = batch.total_queries();
+        const bmat q = normal_bf16(rnd, c.heads * c.dk, n);
+        const bmat k = normal_bf16(rnd, c.kv_heads * c.dk, n);
+        const bmat v = normal_bf16(rnd, c.kv_heads * c.dv, n);
+        mat<float> expected(c.heads * c.dv, n), out(c.heads * c.dv, n);
+        const mha::attention_outputs<float> without = mha::multi_head_attention_core(
+            q, k, v, c.heads, c.kv_heads, batch, expected, c.mask, {}, request);
+        out.setConstant(std::numeric_limits<float>::quiet_NaN());
+        const mha::attention_outputs<float> with = mha::multi_head_attention_core(
+            q, k, v, c.heads, c.kv_heads, batch, out, c.mask, {}, request, workspace);
+        INFO("call " << i);
+        CHECK(same_bits(out, expected));
+        CHECK(same_bits(with.log_sum_exp, without.log_sum_exp));
+    }
 }
 
 TEST_CASE("bf16 core: one-query sequences with grouped heads (the stacked decode problem)") {

@@ -4,6 +4,8 @@
 // without weights, with 1 and 2 threads. Small tile settings reach many boundaries with small
 // inputs; a few cases use the real tile sizes.
 #include <cmath>
+#include <cstring>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -325,6 +327,86 @@ TEST_CASE("tiled attention: public API dispatch, packed batch, per-head and aver
                 REQUIRE(mha_test::max_abs_diff(w_t[static_cast<std::size_t>(b)], avg) <= bound);
             }
         }
+    }
+}
+
+/// Same shape and the same bits in every element (NaN equals the same NaN, −0 ≠ +0).
+template <class A, class B>
+bool same_bits(const A& a, const B& b) {
+    return a.rows() == b.rows() && a.cols() == b.cols() &&
+           std::memcmp(a.data(), b.data(),
+                       sizeof(typename A::Scalar) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+TEST_CASE(
+    "multi_head_attention_core: a workspace kept across calls of other shapes and kernels "
+    "gives the results of calls without one",
+    "[tiled]") {
+    // The reference is the same public call without a workspace (checked against the long-double
+    // reference above): the same kernels on the same values, so outputs, weights and
+    // log-sum-exps must agree bit for bit. What could differ is a buffer left by an earlier call
+    // of another shape or kernel: the calls alternate the tiled kernel (long sequences: several
+    // query blocks) and the materialised one (ReLU; weights), grow and shrink every buffer, and
+    // end with the first call again.
+    mha_test::value_source rnd(701);
+    struct call {
+        Index heads, kv_heads, dk, dv;
+        std::vector<Index> lengths;
+        mha::attention_mask<float> mask;
+        mha::normalization normalize;
+        mha::weights_mode weights;
+    };
+    const call calls[] = {
+        {4,
+         2,
+         32,
+         32,
+         {300, 40},
+         mha::causal{},
+         mha::normalization::softmax,
+         mha::weights_mode::none},
+        {2, 2, 16, 8, {50}, {}, mha::normalization::relu, mha::weights_mode::per_head},
+        {3,
+         3,
+         8,
+         8,
+         {1, 130, 1},
+         mha::attention_mask<float>(mha::key_lengths{{1, 100, 0}}),
+         mha::normalization::softmax,
+         mha::weights_mode::averaged},
+        {4,
+         2,
+         32,
+         32,
+         {300, 40},
+         mha::causal{},
+         mha::normalization::softmax,
+         mha::weights_mode::none},
+    };
+    mha::core_workspace<float> workspace;
+    for (std::size_t i = 0; i < std::size(calls); ++i) {
+        const call& c = calls[i];
+        const mha::packed_batch batch(c.lengths);
+        const Index n = batch.total_queries();
+        const mat<float> q = rnd.normal_matrix<float>(c.heads * c.dk, n);
+        const mat<float> k = rnd.normal_matrix<float>(c.kv_heads * c.dk, n);
+        const mat<float> v = rnd.normal_matrix<float>(c.kv_heads * c.dv, n);
+        mha::attention_options options;
+        options.normalize = c.normalize;
+        mha::attention_request request{c.weights};
+        request.log_sum_exp = c.normalize == mha::normalization::softmax;
+        mat<float> expected(c.heads * c.dv, n), out(c.heads * c.dv, n);
+        const mha::attention_outputs<float> without = mha::multi_head_attention_core(
+            q, k, v, c.heads, c.kv_heads, batch, expected, c.mask, options, request);
+        out.setConstant(std::numeric_limits<float>::quiet_NaN());
+        const mha::attention_outputs<float> with = mha::multi_head_attention_core(
+            q, k, v, c.heads, c.kv_heads, batch, out, c.mask, options, request, workspace);
+        INFO("call " << i);
+        CHECK(same_bits(out, expected));
+        CHECK(same_bits(with.log_sum_exp, without.log_sum_exp));
+        REQUIRE(with.weights.size() == without.weights.size());
+        for (std::size_t w = 0; w < with.weights.size(); ++w)
+            CHECK(same_bits(with.weights[w], without.weights[w]));
     }
 }
 

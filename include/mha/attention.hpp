@@ -143,6 +143,15 @@ attention_outputs<Scalar> attend(const attention_problem<Scalar>& p, attention_a
 
 }  // namespace detail
 
+/// The buffers of `multi_head_attention_core`, kept between calls: pass the same workspace to
+/// repeated calls and, once a call has run with given shapes (and thread count), later calls
+/// with those shapes and without weights allocate nothing. It only grows. One workspace serves
+/// one call at a time: one per thread. The layer keeps its own (forward_workspace).
+template <class Scalar>
+struct core_workspace {
+    detail::attention_workspace<Scalar> internal;  ///< the kernels' buffers; internal
+};
+
 /// Single-head attention on any Q/K/V views (see the shapes at the top of this header), into
 /// `out` (d_v × Lq). Returns what `request` asks for besides: the weights (one Lk × Lq matrix
 /// for either weights mode) and each query's log-sum-exp (1 × Lq). `out` must not share an
@@ -201,6 +210,42 @@ matrix<typename DQ::Scalar> scaled_dot_product_attention(
     return out;
 }
 
+namespace detail {
+
+/// multi_head_attention_core with the buffers of `workspace` (null: the call's own).
+template <class DQ, class DK, class DV, class DO, class Mod>
+attention_outputs<typename DQ::Scalar> multi_head_attention_core_with(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, Index num_kv_heads, const packed_batch& batch,
+    const Eigen::MatrixBase<DO>& out_, const attention_mask<typename DQ::Scalar>& mask,
+    const attention_options& options, const attention_request& request,
+    attention_workspace<typename DQ::Scalar>* workspace, const Mod& modifier) {
+    using Scalar = typename DQ::Scalar;
+    static_assert(is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
+    static_assert(
+        same_scalars_v<Scalar, typename DK::Scalar, typename DV::Scalar, typename DO::Scalar>,
+        "mha: every matrix of one call must have the same scalar type (all float or all "
+        "double); convert with .template cast<T>()");
+    constexpr const char* where = "mha::multi_head_attention_core";
+    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
+    const head_layout heads = make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
+    check_core_shapes(where, heads, batch, q, k, v, "out", out);
+    const Scalar scale = resolve_scale<Scalar>(where, options, heads.dk);
+    check_request(where, options, request);
+    check_score_terms(where, options, num_heads);
+    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
+    attention_outputs<Scalar> outputs;
+    with_matrix_ref<Scalar>(out, [&](matrix_ref<Scalar> o) {
+        const attention_problem<Scalar> problem{
+            q, k, v, o, heads, batch, mask, scale, options.normalize, request, nullptr, &options};
+        check_output_apart(where, problem);
+        outputs = attend(problem, options.algorithm, workspace, modifier);
+    });
+    return outputs;
+}
+
+}  // namespace detail
+
 /// The multi-head attention core over a packed batch, on already projected Q, K and V, with
 /// `num_kv_heads` key/value heads shared by groups of num_heads / num_kv_heads query heads
 /// (grouped-query attention; multi-query with one key/value head):
@@ -217,36 +262,29 @@ template <class DQ, class DK, class DV, class DO, class Mod = detail::no_score_m
 attention_outputs<typename DQ::Scalar> multi_head_attention_core(
     const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
     Index num_heads, Index num_kv_heads, const packed_batch& batch,
-    const Eigen::MatrixBase<DO>& out_, const attention_mask<typename DQ::Scalar>& mask = {},
+    const Eigen::MatrixBase<DO>& out, const attention_mask<typename DQ::Scalar>& mask = {},
     const attention_options& options = {}, const attention_request& request = {},
     const Mod& modifier = Mod{}) {
-    using Scalar = typename DQ::Scalar;
-    static_assert(detail::is_supported_scalar_v<Scalar>, "mha: Scalar must be float or double");
-    static_assert(detail::same_scalars_v<Scalar, typename DK::Scalar, typename DV::Scalar,
-                                         typename DO::Scalar>,
-                  "mha: every matrix of one call must have the same scalar type (all float or all "
-                  "double); convert with .template cast<T>()");
-    constexpr const char* where = "mha::multi_head_attention_core";
-    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
-    const detail::head_layout heads =
-        detail::make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
-    detail::check_core_shapes(where, heads, batch, q, k, v, "out", out);
-    const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
-    detail::check_request(where, options, request);
-    detail::check_score_terms(where, options, num_heads);
-    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
-    attention_outputs<Scalar> outputs;
-    detail::with_matrix_ref<Scalar>(out, [&](detail::matrix_ref<Scalar> o) {
-        const detail::attention_problem<Scalar> problem{
-            q, k, v, o, heads, batch, mask, scale, options.normalize, request, nullptr, &options};
-        detail::check_output_apart(where, problem);
-        outputs =
-            detail::attend(problem, options.algorithm,
-                           static_cast<detail::attention_workspace<Scalar>*>(nullptr), modifier);
-    });
-    return outputs;
+    return detail::multi_head_attention_core_with(
+        q, k, v, num_heads, num_kv_heads, batch, out, mask, options, request,
+        static_cast<detail::attention_workspace<typename DQ::Scalar>*>(nullptr), modifier);
 }
 
+/// The multi-head attention core (see the overload above) with the buffers of `workspace`,
+/// kept for the next call: repeated calls of one shape allocate nothing after the first
+/// (without weights).
+template <class DQ, class DK, class DV, class DO, class Mod = detail::no_score_modifier,
+          std::enable_if_t<!detail::is_bfloat16_v<typename DQ::Scalar>, int> = 0>
+attention_outputs<typename DQ::Scalar> multi_head_attention_core(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, Index num_kv_heads, const packed_batch& batch,
+    const Eigen::MatrixBase<DO>& out, const attention_mask<typename DQ::Scalar>& mask,
+    const attention_options& options, const attention_request& request,
+    core_workspace<typename DQ::Scalar>& workspace, const Mod& modifier = Mod{}) {
+    return detail::multi_head_attention_core_with(q, k, v, num_heads, num_kv_heads, batch, out,
+                                                  mask, options, request, &workspace.internal,
+                                                  modifier);
+}
 /// The multi-head attention core with as many key/value heads as query heads:
 ///   q : (H·d_k) × Nq,  k : (H·d_k) × Nk,  v : (H·d_v) × Nk,  out : (H·d_v) × Nq
 /// Head h of sequence b attends with rows [h·d_k, (h+1)·d_k) of the columns of sequence b only.

@@ -98,6 +98,15 @@ attention_outputs<float> multi_head_attention_core_bf16(
 
 }  // namespace detail
 
+/// The buffers of the bfloat16 `multi_head_attention_core`, kept between calls (as
+/// core_workspace for float): once a call with a float `out` has run with given shapes (and
+/// thread count), later calls with those shapes allocate nothing. Among them, the native
+/// kernel's keys and values packed once per call (as much memory as K and V): without a
+/// workspace, each call takes that memory anew from the system. One workspace per thread.
+struct bf16_core_workspace {
+    detail::bf16_workspace internal;  ///< the kernel's buffers; internal
+};
+
 /// The multi-head attention core on bfloat16 storage: q, k and v are Eigen::bfloat16 matrices
 /// (shapes as the float overload), the scores, softmax and sums are computed in fp32, and `out`
 /// is float or Eigen::bfloat16 (then the fp32 result rounded once). Masks are fp32. Runs the
@@ -115,6 +124,21 @@ attention_outputs<float> multi_head_attention_core(
     const attention_options& options = {}, const attention_request& request = {}) {
     return detail::multi_head_attention_core_bf16<detail::default_bf16_kernel>(
         q, k, v, num_heads, num_kv_heads, batch, out, mask, options, request);
+}
+
+/// The bfloat16 multi-head attention core (see the overload above) with the buffers of
+/// `workspace`, kept for the next call.
+template <class DQ, class DK, class DV, class DO,
+          std::enable_if_t<detail::is_bfloat16_v<typename DQ::Scalar>, int> = 0>
+attention_outputs<float> multi_head_attention_core(
+    const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+    Index num_heads, Index num_kv_heads, const packed_batch& batch,
+    const Eigen::MatrixBase<DO>& out, const attention_mask<float>& mask,
+    const attention_options& options, const attention_request& request,
+    bf16_core_workspace& workspace) {
+    return detail::multi_head_attention_core_bf16<detail::default_bf16_kernel>(
+        q, k, v, num_heads, num_kv_heads, batch, out, mask, options, request, {},
+        &workspace.internal);
 }
 
 /// The bfloat16 multi-head attention core with as many key/value heads as query heads (see the
