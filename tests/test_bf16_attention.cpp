@@ -562,3 +562,33 @@ TEST_CASE("bf16 core build: the float query packing equals the plain scaled tran
             CHECK(wrong == 0);
         }
 }
+
+TEST_CASE("bf16 core build: the query pair packing equals the plain pair-interleaved layout") {
+    // pack_query_pairs moves 16 queries × 16 pairs through registers where the build targets
+    // AVX-512 (this file's _native build), the rest word by word. Either must give
+    // qp[(d2·nqp + c)·2 + e] = the bits of Q(2·d2 + e, c), 0 for padding queries and for the
+    // partner of an odd d_k; sizes around the 16 × 16 blocks, queries a stride apart.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    const Index q_stride = 99;
+    for (Index nq : {1, 15, 16, 17, 40, 128})
+        for (Index dk : {1, 2, 31, 32, 33, 40, 64, 80}) {
+            const Index nqp = mha::detail::bf16_padded(nq), pairs = (dk + 1) / 2;
+            bmat q(q_stride, nq);
+            for (Index c = 0; c < nq; ++c)
+                for (Index r = 0; r < q_stride; ++r)
+                    q(r, c) = bf16(static_cast<float>((r * 131 + c * 7) % 509) - 254.0f);
+            std::vector<std::uint16_t> qp(static_cast<std::size_t>(pairs * nqp * 2), 0xffff);
+            mha::detail::pack_query_pairs(q.data(), q_stride, dk, nq, nqp, qp.data());
+            Index wrong = 0;
+            for (Index d2 = 0; d2 < pairs; ++d2)
+                for (Index c = 0; c < nqp; ++c)
+                    for (Index e = 0; e < 2; ++e) {
+                        const Index d = 2 * d2 + e;
+                        const std::uint16_t want =
+                            c < nq && d < dk ? mha::detail::bf16_bits(q(d, c)) : std::uint16_t(0);
+                        wrong += qp[static_cast<std::size_t>((d2 * nqp + c) * 2 + e)] != want;
+                    }
+            INFO("nq " << nq << ", d_k " << dk);
+            CHECK(wrong == 0);
+        }
+}

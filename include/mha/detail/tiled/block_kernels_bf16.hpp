@@ -112,9 +112,25 @@ inline void pack_query_pairs(const Eigen::bfloat16* q, Index q_stride, Index dk,
     // qp; pair by pair over all the block's queries, the columns (a QKV row apart: 3 KB for
     // 512/8 heads, which L1 maps to 4 of its sets) evicted each other. Either took 7 % of the
     // bf16 core at L = 512, causal (profiled).
+    // On AVX-512, 16 queries × 16 pairs go through registers as a 16 × 16 block of 32-bit words:
+    // one 64-byte load per query column, one 64-byte store per pair. Word by word, the packing
+    // was 2 % of the bf16 core at L = 2048 and 3 % with the causal mask (profiled).
+    Index c_done = 0, d2_done = 0;
+#if defined(__AVX512F__)
+    d2_done = full / 16 * 16;
+    for (; c_done + 16 <= nq; c_done += 16)
+        for (Index d2 = 0; d2 < d2_done; d2 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i)
+                r[i] = _mm512_loadu_ps(q + (c_done + i) * q_stride + 2 * d2);
+            transpose_16x16(r);
+            for (int i = 0; i < 16; ++i)
+                _mm512_storeu_ps(qp + (d2 + i) * nqp * 2 + 2 * c_done, r[i]);
+        }
+#endif
     for (Index c0 = 0; c0 < nq; c0 += bf16_lanes) {
         const Index c1 = std::min(nq, c0 + bf16_lanes);
-        for (Index d2 = 0; d2 < full; ++d2) {
+        for (Index d2 = c0 < c_done ? d2_done : 0; d2 < full; ++d2) {
             std::uint16_t* row = qp + d2 * nqp * 2;
             for (Index c = c0; c < c1; ++c)
                 std::memcpy(row + 2 * c, q + c * q_stride + 2 * d2, 2 * sizeof(std::uint16_t));
