@@ -330,12 +330,14 @@ TEST_CASE("tiled attention: public API dispatch, packed batch, per-head and aver
     }
 }
 
-/// Same shape and the same bits in every element (NaN equals the same NaN, −0 ≠ +0).
+/// Same shape and the same bits in every element (NaN equals the same NaN, −0 ≠ +0). An empty
+/// matrix has no data pointer, which memcmp must not be given.
 template <class A, class B>
 bool same_bits(const A& a, const B& b) {
     return a.rows() == b.rows() && a.cols() == b.cols() &&
-           std::memcmp(a.data(), b.data(),
-                       sizeof(typename A::Scalar) * static_cast<std::size_t>(a.size())) == 0;
+           (a.size() == 0 ||
+            std::memcmp(a.data(), b.data(),
+                        sizeof(typename A::Scalar) * static_cast<std::size_t>(a.size())) == 0);
 }
 
 TEST_CASE(
