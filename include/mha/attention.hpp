@@ -228,12 +228,11 @@ attention_outputs<typename DQ::Scalar> multi_head_attention_core_with(
         "double); convert with .template cast<T>()");
     constexpr const char* where = "mha::multi_head_attention_core";
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
-    const head_layout heads = make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
-    check_core_shapes(where, heads, batch, q, k, v, "out", out);
-    const Scalar scale = resolve_scale<Scalar>(where, options, heads.dk);
+    const auto checked =
+        check_core_call(where, num_heads, num_kv_heads, batch, q, k, v, "out", out, mask, options);
+    const head_layout heads = checked.heads;
+    const Scalar scale = checked.scale;
     check_request(where, options, request);
-    check_score_terms(where, options, num_heads);
-    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
     attention_outputs<Scalar> outputs;
     with_matrix_ref<Scalar>(out, [&](matrix_ref<Scalar> o) {
         const attention_problem<Scalar> problem{

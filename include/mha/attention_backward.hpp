@@ -85,12 +85,10 @@ attention_gradients<typename DQ::Scalar> core_backward(
                   "mha: every matrix of one call must have the same scalar type (all float or all "
                   "double); convert with .template cast<T>()");
     constexpr const char* where = "mha::multi_head_attention_core_backward";
-    const detail::head_layout heads =
-        detail::make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
-    detail::check_core_shapes(where, heads, batch, q, k, v, "d_out", d_out);
-    const Scalar scale = detail::resolve_scale<Scalar>(where, options, heads.dk);
-    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
-    check_score_terms(where, options, num_heads);
+    const auto checked = detail::check_core_call(where, num_heads, num_kv_heads, batch, q, k, v,
+                                                 "d_out", d_out, mask, options);
+    const detail::head_layout heads = checked.heads;
+    const Scalar scale = checked.scale;
 
     if (forward != nullptr) {
         if ((forward->output == nullptr) != (forward->log_sum_exp == nullptr))

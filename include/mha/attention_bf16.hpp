@@ -45,11 +45,11 @@ attention_outputs<float> multi_head_attention_core_bf16(
                   "mha: the output of bf16 attention is float or Eigen::bfloat16");
     constexpr const char* where = "mha::multi_head_attention_core (bfloat16)";
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
-    const head_layout heads = make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
-    check_core_shapes(where, heads, batch, q, k, v, "out", out);
-    const float scale = resolve_scale<float>(where, options, heads.dk);
+    const auto checked =
+        check_core_call(where, num_heads, num_kv_heads, batch, q, k, v, "out", out, mask, options);
+    const head_layout heads = checked.heads;
+    const float scale = checked.scale;
     check_request(where, options, request);
-    check_score_terms(where, options, num_heads);
     if (options.normalize != normalization::softmax)
         fail<value_error>(where, "options.normalize", "softmax (the only bf16 kernel)",
                           to_string(options.normalize));
@@ -68,7 +68,6 @@ attention_outputs<float> multi_head_attention_core_bf16(
                           "no softcap, alibi_slopes or sinks (not in the bf16 "
                           "kernel yet)",
                           "a score term");
-    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
     attention_outputs<float> outputs;
     if (request.log_sum_exp)
         outputs.log_sum_exp.setConstant(num_heads, q.cols(),

@@ -21,6 +21,8 @@
 #include <mha/core.hpp>
 #include <mha/detail/check.hpp>
 #include <mha/detail/head_problem.hpp>
+#include <mha/detail/score_terms.hpp>
+#include <mha/mask.hpp>
 #include <mha/options.hpp>
 
 namespace mha {
@@ -115,6 +117,32 @@ void check_bytes_apart(const char* where, const char* out_name, const Out& out,
     if (a.second <= b.first || b.second <= a.first) return;
     fail<value_error>(where, out_name, std::string("memory that ") + input_name + " does not use",
                       std::string("a view overlapping ") + input_name);
+}
+
+/// What the common checks of a core call establish: the head layout and the scale of the scores.
+template <class Scalar>
+struct checked_core_call {
+    head_layout heads;
+    Scalar scale;
+};
+
+/// The checks every core entry (forward in any precision, backward) runs first, in one order so
+/// that one bad argument gets the same error from each: the head counts against the rows, the
+/// shapes (check_core_shapes), the scale, the score terms, then the mask against the batch.
+template <class Scalar, class DQ, class DK, class DV, class DO>
+checked_core_call<Scalar> check_core_call(const char* where, Index num_heads, Index num_kv_heads,
+                                          const packed_batch& batch, const Eigen::MatrixBase<DQ>& q,
+                                          const Eigen::MatrixBase<DK>& k,
+                                          const Eigen::MatrixBase<DV>& v, const char* out_name,
+                                          const Eigen::MatrixBase<DO>& out,
+                                          const attention_mask<Scalar>& mask,
+                                          const attention_options& options) {
+    const head_layout heads = make_head_layout(where, num_heads, num_kv_heads, q.rows(), v.rows());
+    check_core_shapes(where, heads, batch, q, k, v, out_name, out);
+    const Scalar scale = resolve_scale<Scalar>(where, options, heads.dk);
+    check_score_terms(where, options, num_heads);
+    mask.validate(where, num_heads, batch.query_lengths(), batch.key_lengths());
+    return {heads, scale};
 }
 
 }  // namespace detail
