@@ -375,11 +375,12 @@ TEST_CASE(
         std::vector<Index> lengths;
         mha::attention_mask<float> mask;
     };
+    const call first{4, 4, 32, 32, {300, 40}, mha::causal{}};
     const call calls[] = {
-        {4, 4, 32, 32, {300, 40}, mha::causal{}},
+        first,
         {2, 2, 16, 8, {50}, {}},
         {6, 2, 24, 16, {1, 130, 1}, mha::attention_mask<float>(mha::key_lengths{{1, 100, 0}})},
-        {4, 4, 32, 32, {300, 40}, mha::causal{}},
+        first,
     };
     mha::bf16_core_workspace workspace;
     mha::attention_request request;

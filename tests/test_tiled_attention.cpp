@@ -358,15 +358,16 @@ TEST_CASE(
         mha::normalization normalize;
         mha::weights_mode weights;
     };
+    const call first{4,
+                     2,
+                     32,
+                     32,
+                     {300, 40},
+                     mha::causal{},
+                     mha::normalization::softmax,
+                     mha::weights_mode::none};
     const call calls[] = {
-        {4,
-         2,
-         32,
-         32,
-         {300, 40},
-         mha::causal{},
-         mha::normalization::softmax,
-         mha::weights_mode::none},
+        first,
         {2, 2, 16, 8, {50}, {}, mha::normalization::relu, mha::weights_mode::per_head},
         {3,
          3,
@@ -376,14 +377,7 @@ TEST_CASE(
          mha::attention_mask<float>(mha::key_lengths{{1, 100, 0}}),
          mha::normalization::softmax,
          mha::weights_mode::averaged},
-        {4,
-         2,
-         32,
-         32,
-         {300, 40},
-         mha::causal{},
-         mha::normalization::softmax,
-         mha::weights_mode::none},
+        first,
     };
     mha::core_workspace<float> workspace;
     for (std::size_t i = 0; i < std::size(calls); ++i) {
