@@ -205,14 +205,29 @@ MHA_ALWAYS_INLINE __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
 }
 
+/// Per query of a block (padded), its allowed keys [from, to) relative to the block's first key;
+/// null: no limits (every computed score kept).
+struct block_key_limits {
+    const std::int32_t* from = nullptr;
+    const std::int32_t* to = nullptr;
+
+    /// The limits of the queries from c on.
+    block_key_limits at(Index c) const {
+        return from == nullptr ? block_key_limits{} : block_key_limits{from + c, to + c};
+    }
+};
+
 /// One native score tile: st(0 : QP·16, 0 : Keys) = scale · qp-queries · K(:, 0 : Keys); with a
 /// non-null `mx`, also mx(0 : QP·16) = max(mx, the tile's scaled max per query) over the scores
 /// that are not NaN: one vmaxps per score, where a NaN-propagating max takes three and made the
-/// tile slower than the separate pass it saved.
+/// tile slower than the separate pass it saved. With `limits`, the tile's first key is key j of
+/// the block and a score of query c outside [limits.from[c], limits.to[c]) becomes −∞ before it
+/// is stored or taken into the max (a boundary block masked in the registers).
 template <int QP, int Keys>
 MHA_ALWAYS_INLINE void score_tile_bf16(const std::uint16_t* qp, Index nqp, Index dk,
                                        const Eigen::bfloat16* k, Index k_stride, float scale,
-                                       float* st, Index ld, float* mx) {
+                                       float* st, Index ld, float* mx,
+                                       const block_key_limits& limits = {}, Index j = 0) {
     __m512 acc[QP][Keys];
     for (int p = 0; p < QP; ++p)
         for (int r = 0; r < Keys; ++r)
@@ -242,10 +257,24 @@ MHA_ALWAYS_INLINE void score_tile_bf16(const std::uint16_t* qp, Index nqp, Index
     }
     const __m512 s = _mm512_set1_ps(scale);
     for (int r = 0; r < Keys; ++r)
-        for (int p = 0; p < QP; ++p) {
+        for (int p = 0; p < QP; ++p)
             acc[p][r] = _mm512_mul_ps(acc[p][r], s);
-            _mm512_storeu_ps(st + r * ld + p * bf16_lanes, acc[p][r]);
+    if (limits.from != nullptr) {
+        const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int p = 0; p < QP; ++p) {
+            const __m512i from = _mm512_loadu_si512(limits.from + p * bf16_lanes);
+            const __m512i to = _mm512_loadu_si512(limits.to + p * bf16_lanes);
+            for (int r = 0; r < Keys; ++r) {
+                const __m512i key = _mm512_set1_epi32(static_cast<int>(j + r));
+                const __mmask16 allowed =
+                    _mm512_cmpge_epi32_mask(key, from) & _mm512_cmplt_epi32_mask(key, to);
+                acc[p][r] = _mm512_mask_mov_ps(minus_inf, allowed, acc[p][r]);
+            }
         }
+    }
+    for (int r = 0; r < Keys; ++r)
+        for (int p = 0; p < QP; ++p)
+            _mm512_storeu_ps(st + r * ld + p * bf16_lanes, acc[p][r]);
     if (mx == nullptr) return;
     for (int p = 0; p < QP; ++p) {
         __m512 m = _mm512_loadu_ps(mx + p * bf16_lanes);
@@ -258,11 +287,11 @@ MHA_ALWAYS_INLINE void score_tile_bf16(const std::uint16_t* qp, Index nqp, Index
 /// st(0 : nqp, 0 : nk) = scale · Qᵀ·K(:, 0 : nk) with the queries packed by pack_query_pairs,
 /// key j at k + j·k_stride. With `ranges` and `mx`, as transposed_scores, but mx(c) becomes the
 /// max of query c's scaled scores that are not NaN (−∞ when all are NaN), for blocks left as
-/// computed.
+/// computed or masked by `limits` (see score_tile_bf16; rows outside `ranges` are not written).
 inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
                                    const Eigen::bfloat16* k, Index k_stride, Index nk, float scale,
                                    float* st, Index ld, const query_key_ranges& ranges = {},
-                                   float* mx = nullptr) {
+                                   float* mx = nullptr, const block_key_limits& limits = {}) {
     constexpr Index w = bf16_lanes;
     if (mx != nullptr) std::fill(mx, mx + nqp, -std::numeric_limits<float>::infinity());
     auto max_of = [mx](Index i) { return mx == nullptr ? nullptr : mx + i; };
@@ -275,20 +304,20 @@ inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
         Index j = j_lo;
         for (; j + keys <= j_hi; j += keys)
             score_tile_bf16<qpk, keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                       st + j * ld + i, ld, max_of(i));
+                                       st + j * ld + i, ld, max_of(i), limits.at(i), j);
         for (; j < j_hi; ++j)
             score_tile_bf16<qpk, 1>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                    st + j * ld + i, ld, max_of(i));
+                                    st + j * ld + i, ld, max_of(i), limits.at(i), j);
     }
     for (; i < nqp; i += w) {
         const auto [j_lo, j_hi] = ranges.of(i, i + w, nk);
         Index j = j_lo;
         for (; j + 2 * keys <= j_hi; j += 2 * keys)
             score_tile_bf16<1, 2 * keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                         st + j * ld + i, ld, max_of(i));
+                                         st + j * ld + i, ld, max_of(i), limits.at(i), j);
         for (; j < j_hi; ++j)
             score_tile_bf16<1, 1>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                  st + j * ld + i, ld, max_of(i));
+                                  st + j * ld + i, ld, max_of(i), limits.at(i), j);
     }
 }
 

@@ -89,14 +89,32 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
         if (packed.k == nullptr)
             for (Index j = 0; j < nk; ++j)
                 std::copy_n(k + j * p.f.k_stride, dk, s.kb16.data() + j * dk);
+        // A boundary block whose mask is intervals alone is masked in the tiles' registers,
+        // which then take its max as for an interior block: no pass of −∞ stores, no max pass.
+        const bool in_tiles = !interior && !mask.has_elementwise();
+        block_key_limits limits;
+        if (in_tiles) {
+            for (Index c = 0; c < nqp; ++c) {
+                const auto u = static_cast<std::size_t>(c);
+                const Index f = c < nq ? std::clamp(t.first[u] - j0, Index(0), nk) : 0;
+                const Index e = c < nq ? std::clamp(t.last[u] - j0, f, nk) : 0;
+                s.key_from[u] = static_cast<std::int32_t>(f);
+                s.key_to[u] = static_cast<std::int32_t>(e);
+            }
+            limits = {s.key_from.data(), s.key_to.data()};
+        }
         transposed_scores_bf16(s.qp.data(), nqp, dk, kc, dk, nk, p.f.scale, st, lds, ranges,
-                               as_computed ? mx : nullptr);
+                               as_computed || in_tiles ? mx : nullptr, limits);
         // The tiles' max skips NaN scores, which still reach the output through their own exp.
-        // A max of −∞ (every score of the query NaN or −∞) would read as "no key yet": those
-        // blocks take the NaN-propagating pass instead.
-        if (as_computed)
-            return std::none_of(
-                mx, mx + nq, [](float m) { return m == -std::numeric_limits<float>::infinity(); });
+        // A max of −∞ (every score of the query NaN or −∞, or no key of it in the block) would
+        // read as "no key yet": those blocks take the NaN-propagating pass instead, a boundary
+        // block after masking by selection (its tiles skipped rows outside `ranges`).
+        if (as_computed || in_tiles) {
+            if (std::none_of(mx, mx + nq,
+                             [](float m) { return m == -std::numeric_limits<float>::infinity(); }))
+                return true;
+            if (as_computed) return false;
+        }
 #endif
     } else {
         widen_columns(k, p.f.k_stride, p.f.dk, nk, s.kb.data(), s.kb.rows());
@@ -152,18 +170,19 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
         }
         // The sums l take the fp32 probabilities; P·V takes them rounded to bf16. The native
         // kernel's exp pass writes the rounded pairs straight away (st is not needed after).
+        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+        const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
         bool packed_p = false;
 #if defined(MHA_BF16_NATIVE)
         if constexpr (uses_dot_pairs(Kernel)) {
+            // With the ranges: a block masked in the tiles has rows they did not write.
             exp_pack_probability_pairs(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(),
-                                       s.pp.data());
+                                       s.pp.data(), ranges);
             packed_p = true;
         }
 #endif
         if (!packed_p) exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
         fold_block_statistics(t, 0, nq);
-        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
-        const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
         const Eigen::bfloat16* v = p.v + j0 * p.f.v_stride;
         if constexpr (uses_dot_pairs(Kernel)) {
 #if defined(MHA_BF16_NATIVE)

@@ -4,9 +4,11 @@
 // from probabilities already computed or fused with the online softmax's exp pass.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include <mha/core.hpp>
+#include <mha/detail/tiled/block_kernels.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
 #include <mha/detail/tiled/block_softmax.hpp>
 
@@ -50,9 +52,12 @@ inline void pack_probability_pairs(const float* st, Index ld, Index nqp, Index n
 /// (−∞ gives exactly 0, differences below exp_flush_below give 0, NaN stays NaN; the exp is
 /// exp_nonpositive_for_bf16), but for a query whose shift is NaN: every P of it is NaN then,
 /// −∞ scores too, where the fp32 pass gives them 0 (its output is NaN either way); sum[c] gets the
-/// fp32 sum over j, pp the bf16 pairs. st is read once and not written.
+/// fp32 sum over j, pp the bf16 pairs. st is read once and not written. With `ranges`, the key
+/// pairs outside the union of the ranges of a group of 16 queries take P = 0 without reading st
+/// (every one of those keys is masked for all 16: on a causal diagonal, half the block).
 inline void exp_pack_probability_pairs(const float* st, Index ld, Index nqp, Index nk,
-                                       const float* shift, float* sum, std::uint16_t* pp) {
+                                       const float* shift, float* sum, std::uint16_t* pp,
+                                       const query_key_ranges& ranges = {}) {
     const __m512i idx = interleave_halves_bf16();
     const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
     auto exp_of = [&](const float* col, __m512 sh) {
@@ -63,12 +68,23 @@ inline void exp_pack_probability_pairs(const float* st, Index ld, Index nqp, Ind
         const __mmask16 kept = _mm512_cmp_ps_mask(d, flush, _CMP_NLT_UQ);
         return _mm512_maskz_mov_ps(kept, exp_nonpositive_for_bf16(d));
     };
+    const Index key_pairs = (nk + 1) / 2;
     for (Index c = 0; c < nqp; c += bf16_lanes) {
         const __m512 sh = _mm512_loadu_ps(shift + c);
         __m512 total = _mm512_setzero_ps();
-        for (Index j = 0; j < nk; j += 2) {
-            const __m512 e0 = exp_of(st + j * ld + c, sh);
-            const __m512 e1 = j + 1 < nk ? exp_of(st + (j + 1) * ld + c, sh) : _mm512_setzero_ps();
+        // Pairs [a, b) meet the group's ranges; the value tiles read others next to them (a tile
+        // of queries across two groups), so those are written as zeros, not left as they were.
+        const auto [lo, hi] = ranges.of(c, c + bf16_lanes, nk);
+        const Index a = lo / 2, b = std::max(a, (hi + 1) / 2);
+        for (Index q = 0; q < a; ++q)
+            _mm512_storeu_si512(pp + (q * nqp + c) * 2, _mm512_setzero_si512());
+        for (Index q = b; q < key_pairs; ++q)
+            _mm512_storeu_si512(pp + (q * nqp + c) * 2, _mm512_setzero_si512());
+        for (Index j = 2 * a; j < 2 * b; j += 2) {
+            // A pair's key outside [lo, hi) is 0: a block masked in the score tiles has not
+            // written its row (and a key past the last is the odd last key's partner).
+            const __m512 e0 = j >= lo ? exp_of(st + j * ld + c, sh) : _mm512_setzero_ps();
+            const __m512 e1 = j + 1 < hi ? exp_of(st + (j + 1) * ld + c, sh) : _mm512_setzero_ps();
             total = _mm512_add_ps(_mm512_add_ps(total, e0), e1);
             const __m512bh both = _mm512_cvtne2ps_pbh(e1, e0);
             const __m512i pairs =
