@@ -57,8 +57,6 @@ struct bf16_thread_state {
     matrix<float> kb;  // portable: dk × key_block, the block's keys widened
     aligned_vector<std::uint16_t> qp, vp, pp;  // native: the pair-interleaved Q, V and P
     aligned_vector<Eigen::bfloat16> kb16;      // native: the block's keys, contiguous
-    // native, boundary blocks: each query's allowed keys [key_from, key_to) within the block
-    aligned_vector<std::int32_t> key_from, key_to;
     // amx (block_kernels_amx.hpp): Qᵀ (nqp × dkp), the key pairs (dkp / 2 × nkp words), the
     // scores (32 × nkp fp32) and the probabilities (32 × nkp bf16) of 32 queries, padded to 32.
     aligned_vector<std::uint16_t> q_rows, k_pairs, p_rows;
@@ -76,14 +74,14 @@ void make_bf16_scratch(bf16_thread_state& s, Index dk, Index dv, const tiled_set
     if (s.t.s.rows() < nqp) s.t.s.resize(nqp, cfg.key_block);
     for (auto* v : {&s.t.block_max, &s.t.shift, &s.t.block_sum})
         if (v->size() < nqp) v->resize(nqp);
+    for (auto* v : {&s.t.key_from, &s.t.key_to})
+        if (static_cast<Index>(v->size()) < nqp) v->resize(static_cast<std::size_t>(nqp));
     if constexpr (uses_dot_pairs(Kernel)) {
         s.qp.assign(static_cast<std::size_t>((dk + 1) / 2 * nqp * 2), 0);
         s.vp.assign(static_cast<std::size_t>(pairs * bf16_padded(dv) * 2), 0);
         s.pp.assign(static_cast<std::size_t>(pairs * nqp * 2), 0);
         s.kb16.assign(static_cast<std::size_t>(std::max<Index>(dk, 1) * cfg.key_block),
                       Eigen::bfloat16(0.0f));
-        s.key_from.assign(static_cast<std::size_t>(nqp), 0);
-        s.key_to.assign(static_cast<std::size_t>(nqp), 0);
         if constexpr (Kernel == bf16_kernel::amx) {
             // Tiles of 16 queries × 16 value lanes read and write whole rows and columns of the
             // accumulator, which is padded to 32 both ways.

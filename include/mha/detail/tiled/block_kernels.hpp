@@ -23,6 +23,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -116,6 +117,19 @@ struct query_key_ranges {
     }
 };
 
+/// Per query of a block (padded), its allowed keys [from, to) relative to the block's first key;
+/// null: no limits (every computed score kept). A score tile masks by them in its registers
+/// (score_micro_tile, score_tile_bf16).
+struct block_key_limits {
+    const std::int32_t* from = nullptr;
+    const std::int32_t* to = nullptr;
+
+    /// The limits of the queries from c on.
+    block_key_limits at(Index c) const {
+        return from == nullptr ? block_key_limits{} : block_key_limits{from + c, to + c};
+    }
+};
+
 /// Rounds nq up to the query padding of the score kernel.
 template <class Scalar>
 constexpr Index padded_queries(Index nq) {
@@ -161,10 +175,15 @@ void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, In
 }
 
 /// One score micro tile: st(0 : QP·W, 0 : Keys) = qt(0 : QP·W, :) · K(:, 0 : Keys); with a
-/// non-null `mx`, also mx(0 : QP·W) = max(mx, the tile's max per query), NaN winning.
+/// non-null `mx`, also mx(0 : QP·W) = max(mx, the tile's max per query), NaN winning. With
+/// `limits` (float on AVX-512 only), the tile's first key is key j of the block and a score of
+/// query c outside [limits.from[c], limits.to[c]) becomes −∞ before it is stored or taken into
+/// the max.
 template <class Scalar, int QP, int Keys>
 MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, const Scalar* k,
-                                        Index k_stride, Scalar* st, Index ld, Scalar* mx) {
+                                        Index k_stride, Scalar* st, Index ld, Scalar* mx,
+                                        [[maybe_unused]] const block_key_limits& limits = {},
+                                        [[maybe_unused]] Index j = 0) {
     using ops = typename block_kernel_traits<Scalar>::ops;
     using packet = typename ops::packet;
     constexpr Index w = block_kernel_traits<Scalar>::width;
@@ -182,6 +201,24 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
                 acc[p][r] = ops::mul_add(x[p], b, acc[p][r]);
         }
     }
+#if defined(__AVX512F__)
+    // Eigen's float packet on AVX-512 is __m512 (16 lanes).
+    if constexpr (std::is_same_v<Scalar, float> && w == 16) {
+        if (limits.from != nullptr) {
+            const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+            for (int p = 0; p < QP; ++p) {
+                const __m512i from = _mm512_loadu_si512(limits.from + p * w);
+                const __m512i to = _mm512_loadu_si512(limits.to + p * w);
+                for (int r = 0; r < Keys; ++r) {
+                    const __m512i key = _mm512_set1_epi32(static_cast<int>(j + r));
+                    const __mmask16 allowed =
+                        _mm512_cmpge_epi32_mask(key, from) & _mm512_cmplt_epi32_mask(key, to);
+                    acc[p][r] = _mm512_mask_mov_ps(minus_inf, allowed, acc[p][r]);
+                }
+            }
+        }
+    }
+#endif
     for (int r = 0; r < Keys; ++r)
         for (int p = 0; p < QP; ++p)
             ops::store(st + r * ld + p * w, acc[p][r]);
@@ -200,11 +237,12 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
 /// as they were, for the caller to mask. With a non-null `mx` (nq_padded entries), mx(c) becomes
 /// the max of query c's scores (NaN when one is NaN, −∞ with no key) while they are still in
 /// registers, which saves the online softmax a pass over st; only for blocks whose scores the
-/// caller leaves as they are (no ranges, no mask, no score terms).
+/// caller leaves as they are (no mask, no score terms), or masks by `limits` (score_micro_tile;
+/// float on AVX-512).
 template <class Scalar>
 void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k, Index k_stride,
                        Index nk, Scalar* st, Index ld, const query_key_ranges& ranges = {},
-                       Scalar* mx = nullptr) {
+                       Scalar* mx = nullptr, const block_key_limits& limits = {}) {
     using traits = block_kernel_traits<Scalar>;
     constexpr Index w = traits::width;
     constexpr int qp = static_cast<int>(traits::score_query_packets);
@@ -218,20 +256,20 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
         Index j = j_lo;
         for (; j + keys <= j_hi; j += keys)
             score_micro_tile<Scalar, qp, keys>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                               st + j * ld + i, ld, max_of(i));
+                                               st + j * ld + i, ld, max_of(i), limits.at(i), j);
         for (; j < j_hi; ++j)
             score_micro_tile<Scalar, qp, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                            st + j * ld + i, ld, max_of(i));
+                                            st + j * ld + i, ld, max_of(i), limits.at(i), j);
     }
     for (; i < nq_padded; i += w) {
         const auto [j_lo, j_hi] = ranges.of(i, i + w, nk);
         Index j = j_lo;
         for (; j + 2 * keys <= j_hi; j += 2 * keys)
             score_micro_tile<Scalar, 1, 2 * keys>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                                  st + j * ld + i, ld, max_of(i));
+                                                  st + j * ld + i, ld, max_of(i), limits.at(i), j);
         for (; j < j_hi; ++j)
             score_micro_tile<Scalar, 1, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                           st + j * ld + i, ld, max_of(i));
+                                           st + j * ld + i, ld, max_of(i), limits.at(i), j);
     }
 }
 

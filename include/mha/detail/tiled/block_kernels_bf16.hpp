@@ -205,18 +205,6 @@ MHA_ALWAYS_INLINE __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
 }
 
-/// Per query of a block (padded), its allowed keys [from, to) relative to the block's first key;
-/// null: no limits (every computed score kept).
-struct block_key_limits {
-    const std::int32_t* from = nullptr;
-    const std::int32_t* to = nullptr;
-
-    /// The limits of the queries from c on.
-    block_key_limits at(Index c) const {
-        return from == nullptr ? block_key_limits{} : block_key_limits{from + c, to + c};
-    }
-};
-
 /// One native score tile: st(0 : QP·16, 0 : Keys) = scale · qp-queries · K(:, 0 : Keys); with a
 /// non-null `mx`, also mx(0 : QP·16) = max(mx, the tile's scaled max per query) over the scores
 /// that are not NaN: one vmaxps per score, where a NaN-propagating max takes three and made the

@@ -160,12 +160,25 @@ Scalar exp_or_zero(Scalar d) {
     return d < exp_flush_below<Scalar>() ? Scalar(0) : std::exp(d);
 }
 
+/// Whether the score tiles mask a boundary block themselves (block_key_limits) and the exp pass
+/// skips what they did not write: float on AVX-512.
+template <class Scalar>
+constexpr bool tiles_mask_boundaries() {
+#if defined(__AVX512F__)
+    return std::is_same_v<Scalar, float> && block_kernel_traits<Scalar>::width == 16;
+#else
+    return false;
+#endif
+}
+
 /// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
 /// (a vectorised exp(−∞) may return a denormal instead), differences below exp_flush_below
-/// giving 0 and NaN staying NaN; sum[c] receives the sum over j.
+/// giving 0 and NaN staying NaN; sum[c] receives the sum over j. With `ranges` (float on AVX-512,
+/// see tiles_mask_boundaries), the keys outside the union of the ranges of a packet of queries
+/// get 0 without being read: the score tiles of a block they masked did not write them.
 template <class Scalar>
 void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
-                           Scalar* sum) {
+                           Scalar* sum, [[maybe_unused]] const query_key_ranges& ranges = {}) {
     using traits = block_kernel_traits<Scalar>;
     using ops = typename traits::ops;
     using packet = typename traits::packet;
@@ -181,7 +194,14 @@ void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scal
         for (Index c = 0; c < nqp; c += 16) {
             const __m512 sh = _mm512_loadu_ps(shift + c);
             __m512 total = _mm512_setzero_ps();
-            for (Index j = 0; j < nk; ++j) {
+            // The value tiles read keys next to [lo, hi) (a tile of queries across two packets):
+            // those are written as zeros, not left as they were.
+            const auto [lo, hi] = ranges.of(c, c + 16, nk);
+            for (Index j = 0; j < lo; ++j)
+                _mm512_storeu_ps(st + j * ld + c, _mm512_setzero_ps());
+            for (Index j = hi; j < nk; ++j)
+                _mm512_storeu_ps(st + j * ld + c, _mm512_setzero_ps());
+            for (Index j = lo; j < hi; ++j) {
                 float* col = st + j * ld + c;
                 const __m512 x = _mm512_loadu_ps(col);
                 const __m512 d = _mm512_sub_ps(x, sh);

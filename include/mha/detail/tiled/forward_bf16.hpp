@@ -92,17 +92,8 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
         // A boundary block whose mask is intervals alone is masked in the tiles' registers,
         // which then take its max as for an interior block: no pass of −∞ stores, no max pass.
         const bool in_tiles = !interior && !mask.has_elementwise();
-        block_key_limits limits;
-        if (in_tiles) {
-            for (Index c = 0; c < nqp; ++c) {
-                const auto u = static_cast<std::size_t>(c);
-                const Index f = c < nq ? std::clamp(t.first[u] - j0, Index(0), nk) : 0;
-                const Index e = c < nq ? std::clamp(t.last[u] - j0, f, nk) : 0;
-                s.key_from[u] = static_cast<std::int32_t>(f);
-                s.key_to[u] = static_cast<std::int32_t>(e);
-            }
-            limits = {s.key_from.data(), s.key_to.data()};
-        }
+        const block_key_limits limits =
+            in_tiles ? limits_in(t, nq, nqp, j0, nk) : block_key_limits{};
         transposed_scores_bf16(s.qp.data(), nqp, dk, kc, dk, nk, p.f.scale, st, lds, ranges,
                                as_computed || in_tiles ? mx : nullptr, limits);
         // The tiles' max skips NaN scores, which still reach the output through their own exp.

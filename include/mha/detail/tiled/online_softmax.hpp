@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -51,6 +52,7 @@ struct tile_scratch {
     vector<Scalar> m, l;  // query_block: running max and sum
     vector<Scalar> block_max, shift, block_sum;  // nqp: per-block softmax bookkeeping
     std::vector<Index> first, last;              // allowed key interval of each query of the block
+    std::vector<std::int32_t> key_from, key_to;  // nqp: the same within a key block (limits_in)
 };
 
 /// A thread's scratch for heads of widths dk, dv and the tile sizes of `cfg`.
@@ -67,6 +69,8 @@ tile_scratch<Scalar> make_tile_scratch(Index dk, Index dv, const tiled_settings&
     t.block_max.resize(nqp);
     t.shift.resize(nqp);
     t.block_sum.resize(nqp);
+    t.key_from.assign(static_cast<std::size_t>(nqp), 0);
+    t.key_to.assign(static_cast<std::size_t>(nqp), 0);
     // key_intervals sizes these to the block; reserved so that no later block grows them.
     t.first.reserve(static_cast<std::size_t>(cfg.query_block));
     t.last.reserve(static_cast<std::size_t>(cfg.query_block));
@@ -106,6 +110,21 @@ interval_summary key_intervals(const head_problem<Scalar>& p, Index i0, Index nq
 template <class Scalar>
 query_key_ranges block_ranges(const tile_scratch<Scalar>& t, Index nq, Index j0) {
     return {t.first.data(), t.last.data(), nq, j0};
+}
+
+/// Each query's allowed keys [from, to) within keys [j0, j0+nk), from the intervals in t
+/// (key_intervals), for the score tiles to mask by (block_key_limits); padding queries up to nqp
+/// get none.
+template <class Scalar>
+block_key_limits limits_in(tile_scratch<Scalar>& t, Index nq, Index nqp, Index j0, Index nk) {
+    for (Index c = 0; c < nqp; ++c) {
+        const auto u = static_cast<std::size_t>(c);
+        const Index f = c < nq ? std::clamp(t.first[u] - j0, Index(0), nk) : 0;
+        const Index e = c < nq ? std::clamp(t.last[u] - j0, f, nk) : 0;
+        t.key_from[u] = static_cast<std::int32_t>(f);
+        t.key_to[u] = static_cast<std::int32_t>(e);
+    }
+    return {t.key_from.data(), t.key_to.data()};
 }
 
 /// Masks by selection the transposed scores st (ld lds) of queries [i0, i0+nq) against keys
@@ -149,11 +168,17 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
     const bool as_computed = interior && !modifies_scores(p, mod) && !p.mask->has_elementwise();
     if (nq >= block_kernel_traits<Scalar>::width) {
         // A boundary block's tiles compute only the keys their queries may see; masking below
-        // sets everything outside each query's interval to −∞, skipped entries included.
+        // sets everything outside each query's interval to −∞, skipped entries included. Where
+        // the tiles can mask (float on AVX-512) and the mask is intervals alone, they do, and
+        // take the max: the skipped entries stay as they were, which the exp pass, given the
+        // ranges, does not read.
+        const bool in_tiles = tiles_mask_boundaries<Scalar>() && mx != nullptr && !interior &&
+                              !modifies_scores(p, mod) && !p.mask->has_elementwise();
         transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds,
                           interior ? query_key_ranges{} : block_ranges(t, nq, j0),
-                          as_computed ? mx : nullptr);
-        if (as_computed) return mx != nullptr;
+                          as_computed || in_tiles ? mx : nullptr,
+                          in_tiles ? limits_in(t, nq, nqp, j0, nk) : block_key_limits{});
+        if (as_computed || in_tiles) return mx != nullptr;
     } else {
         // Fewer queries than a packet (decode steps, short tails): the register tiles would be
         // mostly padding, so let Eigen's GEMV/GEMM compute the nq live rows.
@@ -199,7 +224,9 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
             t.block_max(c) = m_new;
             t.shift(c) = m_new == minus_inf ? Scalar(0) : m_new;
         }
-        exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
+        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+        const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
+        exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(), ranges);
         for (Index c = 0; c < nq; ++c) {
             const Scalar m_old = t.m(c);
             const Scalar m_new = t.block_max(c);
@@ -228,9 +255,7 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
                 std::copy_n(p.v + (j0 + r) * p.v_stride, p.dv, t.v.data() + r * p.dv);
             vb = t.v.data();
         }
-        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
-        accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
-                          interior ? query_key_ranges{} : block_ranges(t, nq, j0));
+        accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(), ranges);
     }
 }
 
