@@ -130,6 +130,27 @@ struct block_key_limits {
     }
 };
 
+#if defined(__AVX512F__)
+/// acc[p][r], the scores of queries p·16 to p·16 + 15 with key j + r, becomes −∞ where that key
+/// lies outside the query's [limits.from, limits.to). Shared by the float tile (Eigen's float
+/// packet on AVX-512 is __m512) and the bf16 tile, whose accumulators are float.
+template <int QP, int Keys>
+MHA_ALWAYS_INLINE void mask_outside_limits(__m512 (&acc)[QP][Keys], const block_key_limits& limits,
+                                           Index j) {
+    const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int p = 0; p < QP; ++p) {
+        const __m512i from = _mm512_loadu_si512(limits.from + p * 16);
+        const __m512i to = _mm512_loadu_si512(limits.to + p * 16);
+        for (int r = 0; r < Keys; ++r) {
+            const __m512i key = _mm512_set1_epi32(static_cast<int>(j + r));
+            const __mmask16 allowed =
+                _mm512_cmpge_epi32_mask(key, from) & _mm512_cmplt_epi32_mask(key, to);
+            acc[p][r] = _mm512_mask_mov_ps(minus_inf, allowed, acc[p][r]);
+        }
+    }
+}
+#endif
+
 /// Rounds nq up to the query padding of the score kernel.
 template <class Scalar>
 constexpr Index padded_queries(Index nq) {
@@ -204,19 +225,7 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
 #if defined(__AVX512F__)
     // Eigen's float packet on AVX-512 is __m512 (16 lanes).
     if constexpr (std::is_same_v<Scalar, float> && w == 16) {
-        if (limits.from != nullptr) {
-            const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-            for (int p = 0; p < QP; ++p) {
-                const __m512i from = _mm512_loadu_si512(limits.from + p * w);
-                const __m512i to = _mm512_loadu_si512(limits.to + p * w);
-                for (int r = 0; r < Keys; ++r) {
-                    const __m512i key = _mm512_set1_epi32(static_cast<int>(j + r));
-                    const __mmask16 allowed =
-                        _mm512_cmpge_epi32_mask(key, from) & _mm512_cmplt_epi32_mask(key, to);
-                    acc[p][r] = _mm512_mask_mov_ps(minus_inf, allowed, acc[p][r]);
-                }
-            }
-        }
+        if (limits.from != nullptr) mask_outside_limits(acc, limits, j);
     }
 #endif
     for (int r = 0; r < Keys; ++r)

@@ -247,19 +247,7 @@ MHA_ALWAYS_INLINE void score_tile_bf16(const std::uint16_t* qp, Index nqp, Index
     for (int r = 0; r < Keys; ++r)
         for (int p = 0; p < QP; ++p)
             acc[p][r] = _mm512_mul_ps(acc[p][r], s);
-    if (limits.from != nullptr) {
-        const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int p = 0; p < QP; ++p) {
-            const __m512i from = _mm512_loadu_si512(limits.from + p * bf16_lanes);
-            const __m512i to = _mm512_loadu_si512(limits.to + p * bf16_lanes);
-            for (int r = 0; r < Keys; ++r) {
-                const __m512i key = _mm512_set1_epi32(static_cast<int>(j + r));
-                const __mmask16 allowed =
-                    _mm512_cmpge_epi32_mask(key, from) & _mm512_cmplt_epi32_mask(key, to);
-                acc[p][r] = _mm512_mask_mov_ps(minus_inf, allowed, acc[p][r]);
-            }
-        }
-    }
+    if (limits.from != nullptr) mask_outside_limits(acc, limits, j);
     for (int r = 0; r < Keys; ++r)
         for (int p = 0; p < QP; ++p)
             _mm512_storeu_ps(st + r * ld + p * bf16_lanes, acc[p][r]);
