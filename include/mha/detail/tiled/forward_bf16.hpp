@@ -66,15 +66,14 @@ constexpr Index bf16_padded_queries(Index nq) {
 /// wrote each query's max into mx (native kernel, blocks left as computed).
 template <bf16_kernel Kernel>
 bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_packed_head& packed,
-                        Index i0, Index nq, Index nqp, Index j0, Index nk,
+                        Index i0, Index nq, Index nqp, const key_block& block,
                         const interval_summary& iv, bf16_thread_state& s,
                         [[maybe_unused]] float* mx) {
+    const auto [j0, nk, interior, ranges] = block;
     tile_scratch<float>& t = s.t;
     float* st = t.s.data();
     const Index lds = nqp;
     const Eigen::bfloat16* k = p.k + j0 * p.f.k_stride;
-    const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
-    const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
     const auto& mask = *p.f.mask;
     const bool as_computed = interior && !mask.has_elementwise();
     if constexpr (uses_dot_pairs(Kernel)) {
@@ -151,7 +150,8 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
     float* st = t.s.data();
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
-        if (!masked_scores_bf16<Kernel>(p, packed, i0, nq, nqp, j0, nk, iv, s, t.block_max.data()))
+        const key_block block = key_block_at(t, iv, nq, j0, nk);
+        if (!masked_scores_bf16<Kernel>(p, packed, i0, nq, nqp, block, iv, s, t.block_max.data()))
             max_per_query(st, nqp, nqp, nk, t.block_max.data());
         for (Index c = 0; c < nqp; ++c) {
             // As online_pass: a query with nothing allowed yet shifts by 0.
@@ -161,8 +161,7 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
         }
         // The sums l take the fp32 probabilities; P·V takes them rounded to bf16. The native
         // kernel's exp pass writes the rounded pairs straight away (st is not needed after).
-        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
-        const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
+        const query_key_ranges& ranges = block.ranges;
         bool packed_p = false;
 #if defined(MHA_BF16_NATIVE)
         if constexpr (uses_dot_pairs(Kernel)) {

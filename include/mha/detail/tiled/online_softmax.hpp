@@ -106,10 +106,23 @@ interval_summary key_intervals(const head_problem<Scalar>& p, Index i0, Index nq
     return r;
 }
 
-/// The allowed key intervals of the block's queries (from key_intervals) for the block kernels.
+/// Keys [j0, j0 + nk) of a query block's pass, derived once per key block and read by the score,
+/// exp and value kernels: interior when every query of the block may see all of them (no mask
+/// to apply); else `ranges` holds each query's allowed keys (from key_intervals).
+struct key_block {
+    Index j0, nk;
+    bool interior;
+    query_key_ranges ranges;  // empty when interior
+};
+
+/// The key block [j0, j0 + nk) of queries whose intervals key_intervals left in t and summed in iv.
 template <class Scalar>
-query_key_ranges block_ranges(const tile_scratch<Scalar>& t, Index nq, Index j0) {
-    return {t.first.data(), t.last.data(), nq, j0};
+key_block key_block_at(const tile_scratch<Scalar>& t, const interval_summary& iv, Index nq,
+                       Index j0, Index nk) {
+    const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
+    return {
+        j0, nk, interior,
+        interior ? query_key_ranges{} : query_key_ranges{t.first.data(), t.last.data(), nq, j0}};
 }
 
 /// Each query's allowed keys [from, to) within keys [j0, j0+nk), from the intervals in t
@@ -159,12 +172,12 @@ void mask_by_selection(const mask_view<Scalar>& mask, Scalar* st, Index lds, Ind
 /// changes after the score kernel, which computes the max while they are in registers.
 template <class Scalar, class Mod>
 bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Index nq, Index nqp,
-                   Index j0, Index nk, const interval_summary& iv, tile_scratch<Scalar>& t,
+                   const key_block& block, const interval_summary& iv, tile_scratch<Scalar>& t,
                    Scalar* mx = nullptr) {
+    const auto [j0, nk, interior, ranges] = block;
     Scalar* s = t.s.data();
     const Index lds = nqp;
     const Scalar* k = p.k + j0 * p.k_stride;
-    const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
     const bool as_computed = interior && !modifies_scores(p, mod) && !p.mask->has_elementwise();
     if (nq >= block_kernel_traits<Scalar>::width) {
         // A boundary block's tiles compute only the keys their queries may see; masking below
@@ -174,8 +187,7 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
         // ranges, does not read.
         const bool in_tiles = tiles_mask_boundaries<Scalar>() && mx != nullptr && !interior &&
                               !modifies_scores(p, mod) && !p.mask->has_elementwise();
-        transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds,
-                          interior ? query_key_ranges{} : block_ranges(t, nq, j0),
+        transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds, ranges,
                           as_computed || in_tiles ? mx : nullptr,
                           in_tiles ? limits_in(t, nq, nqp, j0, nk) : block_key_limits{});
         if (as_computed || in_tiles) return mx != nullptr;
@@ -215,7 +227,8 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
         if (!visits_block(mod, p.sequence, p.head, i0, i0 + nq, j0, j0 + nk)) continue;
-        if (!masked_scores(p, mod, i0, nq, nqp, j0, nk, iv, t, t.block_max.data()))
+        const key_block block = key_block_at(t, iv, nq, j0, nk);
+        if (!masked_scores(p, mod, i0, nq, nqp, block, iv, t, t.block_max.data()))
             max_per_query(st, nqp, nqp, nk, t.block_max.data());
         for (Index c = 0; c < nqp; ++c) {
             // The new running max; a query with nothing allowed yet (−∞) shifts by 0, so its
@@ -224,9 +237,7 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
             t.block_max(c) = m_new;
             t.shift(c) = m_new == minus_inf ? Scalar(0) : m_new;
         }
-        const bool interior = iv.max_first <= j0 && j0 + nk <= iv.min_last;
-        const query_key_ranges ranges = interior ? query_key_ranges{} : block_ranges(t, nq, j0);
-        exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(), ranges);
+        exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(), block.ranges);
         for (Index c = 0; c < nq; ++c) {
             const Scalar m_old = t.m(c);
             const Scalar m_new = t.block_max(c);
@@ -255,7 +266,8 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
                 std::copy_n(p.v + (j0 + r) * p.v_stride, p.dv, t.v.data() + r * p.dv);
             vb = t.v.data();
         }
-        accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(), ranges);
+        accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
+                          block.ranges);
     }
 }
 
@@ -319,7 +331,7 @@ void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
         if (!visits_block(mod, p.sequence, p.head, i0, i0 + nq, j0, j0 + nk)) continue;
-        masked_scores(p, mod, i0, nq, nqp, j0, nk, iv, t);
+        masked_scores(p, mod, i0, nq, nqp, key_block_at(t, iv, nq, j0, nk), iv, t);
         for (Index c = 0; c < nq; ++c) {
             if (t.m(c) == minus_inf) continue;   // no allowed key: weights stay 0
             const Scalar* row = t.s.data() + c;  // key r at row[r·nqp]
