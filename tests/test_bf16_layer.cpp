@@ -296,6 +296,56 @@ TEST_CASE("bf16 layer: cross-attention and unfused weights equal their compositi
     CHECK(same_bits(fused.forward(xq, xk32, xk32, batch, mha::causal{}), composed));
 }
 
+TEST_CASE("bf16 layer: weights packed once give the composition's bits, and no call packs them") {
+    // The layer keeps its weights in the GEMM's pair panels (detail::bf16_packed_matrix); the
+    // composition of public mha::linear calls packs them per call. Same bits either way. With
+    // E = 128 every stacked block (Q, K, V rows of the fused weights, used whole by
+    // self-attention and as blocks by cross-attention) starts on a 64-row panel, so no call
+    // packs a weight: the workspace's packing buffer stays empty. With E = 96 the K and V blocks
+    // do not, and cross-attention packs those per call (same bits again).
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(12);
+    for (const Index e : {Index(128), Index(96)}) {
+        INFO("E = " << e);
+        const mha::attention_config c = config_of(e, 4);
+        const mha::attention_parameters<float> p = parameters_for(c, 9);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const mha::packed_batch cross({9, 14}, {25, 6}), self({16, 14}, {16, 14});
+        const bmat xq = normal_bf16(rnd, e, 23), xk = normal_bf16(rnd, e, 31),
+                   x = normal_bf16(rnd, e, 30);
+        mha::bf16_linear_workspace lw;
+        bmat q(e, 23), k(e, 31), v(e, 31), heads(e, 23);
+        mha::linear(bmat(p.w_q.cast<bf16>()), p.b_q, xq, q, lw);
+        mha::linear(bmat(p.w_k.cast<bf16>()), p.b_k, xk, k, lw);
+        mha::linear(bmat(p.w_v.cast<bf16>()), p.b_v, xk, v, lw);
+        mha::multi_head_attention_core(q, k, v, 4, cross, heads, mha::causal{});
+        mha::matrix<float> composed(e, 23);
+        mha::linear(bmat(p.w_o.cast<bf16>()), p.b_o, heads, composed, lw);
+        mha::bf16_forward_workspace ws_cross, ws_self;
+        mha::matrix<float> out(e, 23);
+        layer.forward_into(xq, xk, xk, cross, mha::causal{}, out, ws_cross);
+        CHECK(same_bits(out, composed));
+
+        bmat qs(e, 30), ks(e, 30), vs(e, 30), heads_self(e, 30);
+        mha::linear(bmat(p.w_q.cast<bf16>()), p.b_q, x, qs, lw);
+        mha::linear(bmat(p.w_k.cast<bf16>()), p.b_k, x, ks, lw);
+        mha::linear(bmat(p.w_v.cast<bf16>()), p.b_v, x, vs, lw);
+        mha::multi_head_attention_core(qs, ks, vs, 4, self, heads_self, mha::causal{});
+        mha::matrix<float> composed_self(e, 30), out_self(e, 30);
+        mha::linear(bmat(p.w_o.cast<bf16>()), p.b_o, heads_self, composed_self, lw);
+        layer.forward_into(x, self, mha::causal{}, out_self, ws_self);
+        CHECK(same_bits(out_self, composed_self));
+        // Where the layer's products take the vdpbf16ps tiles (AMX packs its own tiles).
+        const bool native_here =
+            mha::detail::default_bf16_kernel != mha::detail::bf16_kernel::portable &&
+            mha_test::bf16_native_available() && !mha_test::bf16_amx_available();
+        if (native_here) {
+            CHECK(ws_self.linear.gemm().packed_a.empty());
+            if (e % 64 == 0) CHECK(ws_cross.linear.gemm().packed_a.empty());
+        }
+    }
+}
+
 TEST_CASE("bf16 layer: parameters() gives the weights rounded once and the biases unchanged") {
     mha::attention_config c = config_of(24, 3, 1, 6, 5);
     c.value_input_dim = 10;

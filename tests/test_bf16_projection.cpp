@@ -23,8 +23,10 @@
 #include <cstring>
 #include <limits>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch_test_macros.hpp>
@@ -277,6 +279,63 @@ TEST_CASE("bf16 linear: the narrow native path gives the packed path's bits, for
             const mat<float> narrow = project<mat<float>>(kernel::native, w, b, xn, threads, ws);
             CHECK(same_bits(narrow, packed.leftCols(n)));
         }
+}
+
+TEST_CASE("bf16 linear: weights packed once give the bits of packing per call, whole or by rows",
+          "[bf16_projection]") {
+    // A layer packs its weights once (detail::bf16_packed_matrix) and hands gemm_bf16 the pair
+    // panels, whole or as a block of rows starting on a 64-row panel (one of a stacked Q, K, V
+    // projection); the native path then reads them where it would have packed A, so every
+    // output is the same sequence of vdpbf16ps: the same bits. The workspace's own packing
+    // buffer stays empty, which shows the panels were read.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(17);
+    for (const shape& s : kShapes) {
+        INFO(s.m << " x " << s.k << " times " << s.n);
+        const bmat w = normal_bf16(rnd, s.m, s.k), x = normal_bf16(rnd, s.k, s.n);
+        const mha::vector<float> b = normal_bf16(rnd, s.m, 1).cast<float>();
+        const mha::detail::bf16_packed_matrix packed(s.m, s.k, mha::detail::bf16_operand_of(w));
+        if (!mha_test::bf16_native_available()) {
+#if !defined(MHA_BF16_NATIVE)
+            CHECK(packed.all().data == nullptr);  // the portable path widens per call
+#endif
+            continue;
+        }
+        for (int threads : {1, 2}) {
+            mha::bf16_linear_workspace per_call, once;
+            mat<float> want(s.m, s.n), got(s.m, s.n);
+            mha::detail::linear_bf16(w, b, x, want, per_call, threads, kernel::native);
+            mha::detail::linear_bf16(w, b, x, got, once, threads, kernel::native, packed.all());
+            CHECK(same_bits(got, want));
+            CHECK(once.gemm().packed_a.empty());
+        }
+    }
+    if (!mha_test::bf16_native_available()) return;
+    // Three stacked blocks of 64, 100 and 72 rows (the last panel of the second holds rows of
+    // the third); a block that does not start on a panel, or runs past the end, has no view.
+    const bmat w = normal_bf16(rnd, 236, 130), x = normal_bf16(rnd, 130, 37);
+    const mha::vector<float> b = normal_bf16(rnd, 236, 1).cast<float>();
+    const mha::detail::bf16_packed_matrix packed(236, 130, mha::detail::bf16_operand_of(w));
+    for (const auto& [r0, rows] :
+         {std::pair<Index, Index>{0, 64}, {64, 100}, {128, 72}, {192, 44}, {64, 172}}) {
+        INFO("rows " << r0 << " to " << r0 + rows);
+        mha::bf16_linear_workspace per_call, once;
+        mat<float> want(rows, 37), got(rows, 37);
+        mha::detail::linear_bf16(w.middleRows(r0, rows), b.segment(r0, rows), x, want, per_call, 1,
+                                 kernel::native);
+        mha::detail::linear_bf16(w.middleRows(r0, rows), b.segment(r0, rows), x, got, once, 1,
+                                 kernel::native, packed.rows(r0, rows));
+        CHECK(same_bits(got, want));
+        CHECK(once.gemm().packed_a.empty());
+    }
+    CHECK(packed.rows(10, 64).data == nullptr);
+    CHECK(packed.rows(128, 109).data == nullptr);
+    // Panels of another shape than the product's are refused, not read.
+    mha::bf16_linear_workspace ws;
+    mat<float> out(100, 37);
+    CHECK_THROWS_AS(mha::detail::linear_bf16(w.topRows(100), b.head(100), x, out, ws, 1,
+                                             kernel::native, packed.all()),
+                    std::logic_error);
 }
 
 TEST_CASE("bf16 linear: a workspace that served a shape is not grown again", "[bf16_projection]") {

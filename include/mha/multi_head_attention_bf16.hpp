@@ -75,6 +75,10 @@ public:
             w_v_ = p.w_v.cast<Eigen::bfloat16>();
         }
         w_o_ = p.w_o.cast<Eigen::bfloat16>();
+        packed_in_ = packed(w_in_);
+        packed_k_ = packed(w_k_);
+        packed_v_ = packed(w_v_);
+        packed_o_ = packed(w_o_);
         if (config_.bias) {
             b_in_.resize(qk_width() + key_width() + value_width());
             b_in_ << p.b_q, p.b_k, p.b_v;
@@ -120,7 +124,7 @@ public:
         if (fused_) {
             const Index qk = qk_width(), kw = key_width(), vw = value_width();
             ws.qkv.resize(qk + kw + vw, x.cols());
-            linear(w_in_, b_in_, x, ws.qkv, ws.linear);
+            project(w_in_, b_in_, x, ws.qkv, ws, packed_in_.all());
             attend_and_project(ws.qkv.topRows(qk), ws.qkv.middleRows(qk, kw), ws.qkv.bottomRows(vw),
                                batch, mask, out, ws);
         } else {
@@ -189,7 +193,7 @@ public:
                                   out.rows(), out.cols());
         const Index qk = qk_width(), kw = key_width(), vw = value_width();
         ws.qkv.resize(qk + kw + vw, x.cols());  // the new tokens' Q, K and V only
-        linear(w_in_, b_in_, x, ws.qkv, ws.linear);
+        project(w_in_, b_in_, x, ws.qkv, ws, packed_in_.all());
         auto& d = ws.decoding;
         detail::append_decode_step(
             d, new_tokens, caches, ws.qkv.middleRows(qk, kw), ws.qkv.bottomRows(vw),
@@ -298,13 +302,15 @@ private:
         ws.q.resize(qk, query.cols());
         ws.k.resize(kw, key.cols());
         ws.v.resize(vw, key.cols());
-        linear(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q, ws.linear);
+        project(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q, ws, packed_in_.rows(0, qk));
         if (fused_) {
-            linear(w_in_.middleRows(qk, kw), bias_segment(qk, kw), key, ws.k, ws.linear);
-            linear(w_in_.bottomRows(vw), bias_segment(qk + kw, vw), value, ws.v, ws.linear);
+            project(w_in_.middleRows(qk, kw), bias_segment(qk, kw), key, ws.k, ws,
+                    packed_in_.rows(qk, kw));
+            project(w_in_.bottomRows(vw), bias_segment(qk + kw, vw), value, ws.v, ws,
+                    packed_in_.rows(qk + kw, vw));
         } else {
-            linear(w_k_, bias_segment(qk, kw), key, ws.k, ws.linear);
-            linear(w_v_, bias_segment(qk + kw, vw), value, ws.v, ws.linear);
+            project(w_k_, bias_segment(qk, kw), key, ws.k, ws, packed_k_.all());
+            project(w_v_, bias_segment(qk + kw, vw), value, ws.v, ws, packed_v_.all());
         }
     }
 
@@ -325,7 +331,19 @@ private:
     void project_output(Eigen::Ref<matrix<float>> out, bf16_forward_workspace& ws) const {
         ws.heads.resize(v_width(), ws.heads32.cols());
         ws.heads = ws.heads32.cast<Eigen::bfloat16>();
-        linear(w_o_, b_o_, ws.heads, out, ws.linear);
+        project(w_o_, b_o_, ws.heads, out, ws, packed_o_.all());
+    }
+
+    // out = w·x + b (mha::linear on bf16) with w's pair panels, kept since construction.
+    template <class DW, class DB, class DX, class DO>
+    static void project(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
+                        const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out,
+                        bf16_forward_workspace& ws, detail::bf16_prepacked_a packed_w) {
+        detail::linear_bf16(w, b, x, out, ws.linear, 0, detail::default_bf16_kernel, packed_w);
+    }
+
+    static detail::bf16_packed_matrix packed(const bf16_matrix& w) {
+        return {w.rows(), w.cols(), detail::bf16_operand_of(w)};
     }
 
     detail::head_layout heads() const {
@@ -340,6 +358,9 @@ private:
     vector<float> b_in_;  // [b_q; b_k; b_v], or size 0 without bias
     bf16_matrix w_o_;     // E × (H·d_v)
     vector<float> b_o_;   // E, or size 0
+    // The weights above in the GEMM's pair panels, packed once (empty without the native bf16
+    // kernel): every projection of more than a few tokens would pack them again.
+    detail::bf16_packed_matrix packed_in_, packed_k_, packed_v_, packed_o_;
 };
 
 }  // namespace mha

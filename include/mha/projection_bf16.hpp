@@ -83,11 +83,13 @@ bf16_operand bf16_operand_of(const Eigen::MatrixBase<Derived>& m) {
 }
 
 /// `linear` on bfloat16 with the GEMM implementation `kernel` (the public overload takes the
-/// one the translation unit is compiled for; tests force either).
+/// one the translation unit is compiled for; tests force either), and w's pair panels when the
+/// caller keeps them (`packed_w`, a view of w itself: bf16_packed_matrix).
 template <class DW, class DB, class DX, class DO>
 void linear_bf16(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
                  const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out_,
-                 bf16_linear_workspace& workspace, int threads, bf16_kernel kernel) {
+                 bf16_linear_workspace& workspace, int threads, bf16_kernel kernel,
+                 bf16_prepacked_a packed_w = {}) {
     using bf16 = Eigen::bfloat16;
     using OutScalar = typename DO::Scalar;
     using BiasScalar = typename DB::Scalar;
@@ -135,7 +137,7 @@ void linear_bf16(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
             bias[i] = static_cast<float>(b.col(0).coeff(i));
     }
     gemm_bf16(m, n, k, bf16_operand_of(w), bf16_operand_of(x), c, ldc, false, bias,
-              workspace.gemm(), threads, kernel);
+              workspace.gemm(), threads, kernel, packed_w);
     if constexpr (!in_place) {
         // A bfloat16 output is the fp32 result rounded once (nearest-even).
         constexpr bool bf16_columns =

@@ -45,6 +45,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <Eigen/Core>
@@ -193,12 +195,15 @@ void gemm_tile_bf16_columns(Index cols, const std::uint16_t* ap, const std::uint
 /// The native path of gemm_bf16.
 inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
                              Index ldc, bool accumulate, const float* bias,
-                             bf16_gemm_buffers& buffers, int threads) {
+                             bf16_gemm_buffers& buffers, int threads, bf16_prepacked_a prepacked) {
     using s = bf16_gemm_sizes;
     const Index all_pairs = (k + 1) / 2, panels = (m + s::mr - 1) / s::mr;
-    grow(buffers.packed_a, panels * all_pairs * s::mr * 2);
-    const std::uint16_t* pa = buffers.packed_a.data();
-    pack_bf16_gemm_a(m, k, a, buffers.packed_a.data(), all_pairs);
+    const std::uint16_t* pa = prepacked.data;
+    if (pa == nullptr) {
+        grow(buffers.packed_a, panels * all_pairs * s::mr * 2);
+        pack_bf16_gemm_a(m, k, a, buffers.packed_a.data(), all_pairs);
+        pa = buffers.packed_a.data();
+    }
     bf16_gemm_over_columns(n, threads, buffers, [&](Index j0, Index j1, auto& own) {
         grow(own.packed_b, std::min(k + 1, s::kc) * s::nc);
         std::uint16_t* pb = own.packed_b.data();
@@ -337,10 +342,18 @@ inline void gemm_bf16_narrow(Index m, Index n, Index k, bf16_operand a, bf16_ope
 /// are only available when MHA_BF16_NATIVE is defined (else the portable path runs); amx runs the
 /// AMX tiles where MHA_BF16_AMX is defined and amx_usable(), the native path elsewhere and for up
 /// to bf16_narrow_columns columns. Allocates only to grow `buffers`. C must not overlap A or B.
+/// With `prepacked` (A in pair panels, its m and k those of the call), the native path reads it
+/// instead of packing A: the same bits.
 inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
                       Index ldc, bool accumulate, const float* bias, bf16_gemm_buffers& buffers,
-                      int threads = 0, bf16_kernel kernel = default_bf16_kernel) {
+                      int threads = 0, bf16_kernel kernel = default_bf16_kernel,
+                      bf16_prepacked_a prepacked = {}) {
     if (m == 0 || n == 0) return;
+    if (prepacked.data != nullptr && (prepacked.m != m || prepacked.k != k))
+        throw std::logic_error("mha::detail::gemm_bf16: the prepacked A is " +
+                               std::to_string(prepacked.m) + " x " + std::to_string(prepacked.k) +
+                               ", the product's A " + std::to_string(m) + " x " +
+                               std::to_string(k));
     if (k == 0) {
         if (!accumulate) start_columns(m, 0, n, bias, c, ldc);
         return;
@@ -354,11 +367,12 @@ inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b,
             gemm_bf16_amx(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
 #endif
         else
-            gemm_bf16_native(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
+            gemm_bf16_native(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads, prepacked);
         return;
     }
 #endif
     (void)kernel;
+    (void)prepacked;
     gemm_bf16_portable(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
 }
 
