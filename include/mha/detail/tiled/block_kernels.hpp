@@ -368,8 +368,29 @@ void accumulate_values(const Scalar* v, Index v_stride, Index dv, Index nk, cons
         Index c = 0;
         for (; c + queries <= nq; c += queries)
             rows(std::integral_constant<int, queries>{}, c);
-        for (; c < nq; ++c)
-            rows(std::integral_constant<int, 1>{}, c);
+        // The rest in one narrower tile, so that V is read once more, not once per query (a
+        // decode step's group of 4 query heads read it 4 times). Each sum is still one chain in
+        // increasing j: the same bits as single columns.
+        static_assert(queries == 6, "the rest's tile widths below are 1 to 5");
+        switch (nq - c) {
+            case 5:
+                rows(std::integral_constant<int, 5>{}, c);
+                break;
+            case 4:
+                rows(std::integral_constant<int, 4>{}, c);
+                break;
+            case 3:
+                rows(std::integral_constant<int, 3>{}, c);
+                break;
+            case 2:
+                rows(std::integral_constant<int, 2>{}, c);
+                break;
+            case 1:
+                rows(std::integral_constant<int, 1>{}, c);
+                break;
+            default:
+                break;
+        }
     }
 }
 

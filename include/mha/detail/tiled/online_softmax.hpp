@@ -259,14 +259,18 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
         // V's columns lie a whole QKV row apart (3·E floats, 6 KB for E = 512). Copied
         // contiguous, the chunk the value kernel re-reads for every query tile stays in L1;
         // measured a few per cent faster at L = 2048 (copying K as well was slower). V that
-        // tiled_attention packed once per call is contiguous already.
+        // tiled_attention packed once per call is contiguous already. A block of at most one
+        // value tile of queries (a decode step) reads each V column once: a copy would only add
+        // a store and a reload.
         const Scalar* vb = p.v + j0 * p.v_stride;
-        if (p.v_stride != p.dv) {
+        Index v_stride = p.v_stride;
+        if (p.v_stride != p.dv && nq > block_kernel_traits<Scalar>::value_queries) {
             for (Index r = 0; r < nk; ++r)
                 std::copy_n(p.v + (j0 + r) * p.v_stride, p.dv, t.v.data() + r * p.dv);
             vb = t.v.data();
+            v_stride = p.dv;
         }
-        accumulate_values(vb, p.dv, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
+        accumulate_values(vb, v_stride, p.dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
                           block.ranges);
     }
 }
