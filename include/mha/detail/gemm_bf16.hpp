@@ -46,12 +46,12 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
-#include <string>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/detail/check.hpp>
 #include <mha/detail/gemm.hpp>
 #include <mha/detail/gemm_bf16_amx.hpp>
 #include <mha/detail/gemm_bf16_packing.hpp>
@@ -350,10 +350,9 @@ inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b,
                       bf16_prepacked_a prepacked = {}) {
     if (m == 0 || n == 0) return;
     if (prepacked.data != nullptr && (prepacked.m != m || prepacked.k != k))
-        throw std::logic_error("mha::detail::gemm_bf16: the prepacked A is " +
-                               std::to_string(prepacked.m) + " x " + std::to_string(prepacked.k) +
-                               ", the product's A " + std::to_string(m) + " x " +
-                               std::to_string(k));
+        fail<std::logic_error>("mha::detail::gemm_bf16", "prepacked",
+                               "panels of the product's A, " + to_text(m) + " x " + to_text(k),
+                               to_text(prepacked.m) + " x " + to_text(prepacked.k));
     if (k == 0) {
         if (!accumulate) start_columns(m, 0, n, bias, c, ldc);
         return;
