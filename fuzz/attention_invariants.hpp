@@ -313,6 +313,23 @@ inline std::pair<long double, long double> query_key_product(const inputs& x, co
     return {dot, magnitude};
 }
 
+/// dW_ij = Σ_c dO_ci·v_cj, the gradient of attention weight (i, j), of query head h (column `qc`
+/// of d_out) and key/value head g (column `kc` of V) in long double, and Σ_c |dO_ci·v_cj|, the
+/// size its rounding is proportional to.
+inline std::pair<long double, long double> value_gradient_product(const inputs& x,
+                                                                  const mha::matrix<float>& d_out,
+                                                                  const problem& p, Index h,
+                                                                  Index g, Index qc, Index kc) {
+    long double dot = 0, magnitude = 0;
+    for (Index c = 0; c < p.dv; ++c) {
+        const long double t = static_cast<long double>(d_out(h * p.dv + c, qc)) *
+                              static_cast<long double>(x.v(g * p.dv + c, kc));
+        dot += t;
+        magnitude += std::fabs(t);
+    }
+    return {dot, magnitude};
+}
+
 /// max_c |m(row + c, col)| over c < rows, in long double: the size of one head's slice of a column.
 inline long double column_max_abs(const mha::matrix<float>& m, Index row, Index rows, Index col) {
     long double r = 0;
@@ -438,13 +455,8 @@ long double sigmoid_rounding_bound(const inputs& x, const mha::matrix<float>& d_
             const ld derivative = w * (1 - w);
             const ld ds = rounding_gamma(p.dk + 2) * (sc * magnitude + std::fabs(b_ij));
             const ld dw = derivative * ds + 4 * u * w;
-            ld d_weight = 0, d_weight_size = 0;  // dW_ij = Σ_c dO_ci·v_cj, and Σ_c |dO_ci·v_cj|
-            for (Index c = 0; c < p.dv; ++c) {
-                const ld t = static_cast<ld>(d_out(h * p.dv + c, q0 + i)) *
-                             static_cast<ld>(x.v(g * p.dv + c, k0 + j));
-                d_weight += t;
-                d_weight_size += std::fabs(t);
-            }
+            const auto [d_weight, d_weight_size] =
+                value_gradient_product(x, d_out, p, h, g, q0 + i, k0 + j);
             const ld d_score =
                 std::fabs(d_weight) * (std::fabs(1 - 2 * w) * dw + 3 * u * derivative) +
                 derivative * rounding_gamma(p.dv) * d_weight_size;
@@ -500,13 +512,7 @@ long double relu_rounding_bound(const inputs& x, const mha::matrix<float>& d_out
             const ld b_ij = bias ? bias(j, i) : 0.0L;
             const ld s = sc * dot + b_ij;
             if (!(s > 0)) continue;
-            ld dw = 0, size = 0;  // dW_ij = Σ_c dO_ci·v_cj, and Σ_c |dO_ci·v_cj|
-            for (Index c = 0; c < p.dv; ++c) {
-                const ld term = static_cast<ld>(d_out(h * p.dv + c, q0 + i)) *
-                                static_cast<ld>(x.v(g * p.dv + c, k0 + j));
-                dw += term;
-                size += std::fabs(term);
-            }
+            const auto [dw, size] = value_gradient_product(x, d_out, p, h, g, q0 + i, k0 + j);
             r[jj] = s;
             rounding[jj] = gamma_s * (sc * magnitude + std::fabs(b_ij));
             sum += s;
@@ -674,10 +680,8 @@ inline std::optional<std::string> check_backward(const problem& p, const inputs&
                                 (static_cast<ld>(scale) * magnitude + std::fabs(b_ij)))
                             near_kink = true;
                         if (score > 0) {
-                            ld dw = 0;
-                            for (Index c = 0; c < p.dv; ++c)
-                                dw += static_cast<ld>(d_out(h * p.dv + c, q0 + i)) *
-                                      static_cast<ld>(x.v(g * p.dv + c, k0 + j));
+                            const ld dw =
+                                value_gradient_product(x, d_out, p, h, g, q0 + i, k0 + j).first;
                             sum_r += score;
                             max_dw = std::max(max_dw, std::fabs(dw));
                             weighted_dw += score * std::fabs(dw);
