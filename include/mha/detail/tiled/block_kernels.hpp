@@ -23,7 +23,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -32,6 +31,7 @@
 
 #include <mha/core.hpp>
 #include <mha/detail/eigen_compat.hpp>
+#include <mha/detail/tiled/key_ranges.hpp>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -91,65 +91,6 @@ struct block_kernel_traits {
     /// Queries are padded to a multiple of this; blocks with fewer queries use Eigen instead.
     static constexpr Index query_multiple = width;
 };
-
-/// The keys each query of a block may see, so that tiles whose queries all stop early (the
-/// causal diagonal, a sliding window) are cut short: query c sees block keys
-/// [first[c] − offset, last[c] − offset), clamped to the block; first[c] >= last[c] means none.
-/// A default-constructed range (first = nullptr) lets every query see every key of the block.
-struct query_key_ranges {
-    const Index* first = nullptr;
-    const Index* last = nullptr;
-    Index count = 0;   ///< queries with a range; the others (padding) take the tile's range
-    Index offset = 0;  ///< the block's first key
-
-    /// The union of the ranges of queries [c0, c1), relative to the block of nk keys.
-    std::pair<Index, Index> of(Index c0, Index c1, Index nk) const {
-        if (first == nullptr) return {0, nk};
-        Index lo = nk, hi = 0;
-        for (Index c = c0; c < std::min(c1, count); ++c) {
-            const Index f = std::max(first[c] - offset, Index(0));
-            const Index e = std::min(last[c] - offset, nk);
-            if (f >= e) continue;
-            lo = std::min(lo, f);
-            hi = std::max(hi, e);
-        }
-        return {lo, std::max(lo, hi)};
-    }
-};
-
-/// Per query of a block (padded), its allowed keys [from, to) relative to the block's first key;
-/// null: no limits (every computed score kept). A score tile masks by them in its registers
-/// (score_micro_tile, score_tile_bf16).
-struct block_key_limits {
-    const std::int32_t* from = nullptr;
-    const std::int32_t* to = nullptr;
-
-    /// The limits of the queries from c on.
-    block_key_limits at(Index c) const {
-        return from == nullptr ? block_key_limits{} : block_key_limits{from + c, to + c};
-    }
-};
-
-#if defined(__AVX512F__)
-/// acc[p][r], the scores of queries p·16 to p·16 + 15 with key j + r, becomes −∞ where that key
-/// lies outside the query's [limits.from, limits.to). Shared by the float tile (Eigen's float
-/// packet on AVX-512 is __m512) and the bf16 tile, whose accumulators are float.
-template <int QP, int Keys>
-MHA_ALWAYS_INLINE void mask_outside_limits(__m512 (&acc)[QP][Keys], const block_key_limits& limits,
-                                           Index j) {
-    const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int p = 0; p < QP; ++p) {
-        const __m512i from = _mm512_loadu_si512(limits.from + p * 16);
-        const __m512i to = _mm512_loadu_si512(limits.to + p * 16);
-        for (int r = 0; r < Keys; ++r) {
-            const __m512i key = _mm512_set1_epi32(static_cast<int>(j + r));
-            const __mmask16 allowed =
-                _mm512_cmpge_epi32_mask(key, from) & _mm512_cmplt_epi32_mask(key, to);
-            acc[p][r] = _mm512_mask_mov_ps(minus_inf, allowed, acc[p][r]);
-        }
-    }
-}
-#endif
 
 /// Rounds nq up to the query padding of the score kernel.
 template <class Scalar>
@@ -343,6 +284,18 @@ void value_rows(const Scalar* v, Index v_stride, Index dv, Index nk, const Scala
         }
 }
 
+/// f(std::integral_constant<int, n>{}) for a runtime n in [1, Max] (nothing otherwise): a tile
+/// whose width is known at compile time for the columns left after the full tiles.
+template <int Max, class F>
+MHA_ALWAYS_INLINE void with_tile_width(Index n, F&& f) {
+    if constexpr (Max > 0) {
+        if (n == Max)
+            f(std::integral_constant<int, Max>{});
+        else
+            with_tile_width<Max - 1>(n, std::forward<F>(f));
+    }
+}
+
 /// acc(0 : dv, 0 : nq) += V(:, 0 : nk) · P with P(j, c) = pt[j·ld + c] (the transposed
 /// probabilities left by the online softmax in the score tile) and V(:, j) at v + j·v_stride.
 /// With `ranges`, a query tile reads only the keys in the union of its queries' ranges: P is
@@ -371,26 +324,7 @@ void accumulate_values(const Scalar* v, Index v_stride, Index dv, Index nk, cons
         // The rest in one narrower tile, so that V is read once more, not once per query (a
         // decode step's group of 4 query heads read it 4 times). Each sum is still one chain in
         // increasing j: the same bits as single columns.
-        static_assert(queries == 6, "the rest's tile widths below are 1 to 5");
-        switch (nq - c) {
-            case 5:
-                rows(std::integral_constant<int, 5>{}, c);
-                break;
-            case 4:
-                rows(std::integral_constant<int, 4>{}, c);
-                break;
-            case 3:
-                rows(std::integral_constant<int, 3>{}, c);
-                break;
-            case 2:
-                rows(std::integral_constant<int, 2>{}, c);
-                break;
-            case 1:
-                rows(std::integral_constant<int, 1>{}, c);
-                break;
-            default:
-                break;
-        }
+        with_tile_width<queries - 1>(nq - c, [&](auto width) { rows(width, c); });
     }
 }
 
@@ -411,9 +345,11 @@ void accumulate_product(const Scalar* a, Index a_stride, Index d, Index m, const
     for (; c + cols <= n; c += cols)
         value_rows<Scalar, cols, col_major>(a, a_stride, d, m, b + c * ld, ld, acc + c * ld_acc,
                                             ld_acc);
-    for (; c < n; ++c)
-        value_rows<Scalar, 1, col_major>(a, a_stride, d, m, b + c * ld, ld, acc + c * ld_acc,
-                                         ld_acc);
+    // The rest in one narrower tile: A is read once more, not once per column.
+    with_tile_width<cols - 1>(n - c, [&](auto width) {
+        value_rows<Scalar, decltype(width)::value, col_major>(a, a_stride, d, m, b + c * ld, ld,
+                                                              acc + c * ld_acc, ld_acc);
+    });
 }
 
 }  // namespace detail
