@@ -220,8 +220,10 @@ void BM_gemm_roofline(benchmark::State& state) {
 }
 
 // The layer's two projections as the layer runs them: one fused Q/K/V GEMM with bias, then the
-// output projection of the (contiguous) concatenated heads.
-void BM_projections(benchmark::State& state) {
+// output projection of the (contiguous) concatenated heads. `product(w, b, x, y)` computes
+// y = w·x + b; the benchmark reads d_model and L from the state.
+template <class Product>
+void run_projections(benchmark::State& state, Product product) {
     const Index d = state.range(0);
     const Index n = kBatch * state.range(1);
     const Matrix w_qkv = Matrix::Random(3 * d, d);
@@ -233,8 +235,8 @@ void BM_projections(benchmark::State& state) {
     Matrix qkv(3 * d, n);
     Matrix out(d, n);
     for (auto _ : state) {
-        mha::linear(w_qkv, b_qkv, x, qkv);
-        mha::linear(w_o, b_o, heads, out);
+        product(w_qkv, b_qkv, x, qkv);
+        product(w_o, b_o, heads, out);
         benchmark::DoNotOptimize(qkv.data());
         benchmark::DoNotOptimize(out.data());
         benchmark::ClobberMemory();
@@ -242,6 +244,23 @@ void BM_projections(benchmark::State& state) {
     set_gflops(state, mha_bench::projection_flops(kBatch, state.range(1), d));
     set_fraction_of_probe(state, mha_bench::projection_flops(kBatch, state.range(1), d),
                           fma_probe_gflops());
+}
+
+void BM_projections(benchmark::State& state) {
+    run_projections(state, [](const Matrix& w, const Vector& b, const Matrix& x, Matrix& y) {
+        mha::linear(w, b, x, y);
+    });
+}
+
+// The same two products through Eigen's GEMM kernel with kept packing buffers, as `linear` ran
+// them before it took the register tiles (detail/tiled_product.hpp): the reference its rows are
+// read against in the same run.
+void BM_projections_eigen_gemm(benchmark::State& state) {
+    std::vector<mha::detail::gemm_buffers<float>> buffers;
+    run_projections(state, [&](const Matrix& w, const Vector& b, const Matrix& x, Matrix& y) {
+        mha::detail::product_into(y, w, x, 1.0f, &buffers);
+        y.colwise() += b;
+    });
 }
 
 // The attention core on Q, K and V viewed inside one fused projection result, as the layer
@@ -630,6 +649,10 @@ void algo_shapes(benchmark::internal::Benchmark* b) {
 // throughput and CPU time would hide time lost to the other processes on a shared machine.
 BENCHMARK(BM_gemm_roofline)->ArgName("n")->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_projections)->Apply(projection_shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_projections_eigen_gemm)
+    ->Apply(projection_shapes)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_projections_bf16)
     ->Apply(projection_shapes)
     ->Unit(benchmark::kMillisecond)

@@ -88,6 +88,47 @@ TEMPLATE_TEST_CASE("linear writes into blocks and Maps, and accepts them as inpu
     require_linear_close<Scalar>(out_map, w, b, x, "map");
 }
 
+TEMPLATE_TEST_CASE(
+    "linear: the register-tiled product across its row blocks and inner chunks, in "
+    "blocks of larger matrices, the same bits on 1 and 2 threads",
+    "[projection]", float, double) {
+    // detail/tiled_product.hpp takes w's rows 64 at a time and its columns 512 at a time (each
+    // chunk continuing the sums the one before left in out), and tiles of 6 tokens with a
+    // narrower tile for the rest: these shapes put a partial block, chunk and tile at each end.
+    using Scalar = TestType;
+    const auto [d_out, d_in, tokens] = GENERATE(table<Index, Index, Index>(
+        {{130, 1100, 7}, {64, 512, 1}, {65, 513, 13}, {200, 40, 6}, {17, 1025, 11}}));
+    CAPTURE(d_out, d_in, tokens);
+    mha_test::value_source source(static_cast<std::uint64_t>(d_out * 7 + d_in * 3 + tokens));
+    // w, x and out are blocks of larger matrices: outer strides that are not their row counts.
+    const mat<Scalar> w_big = source.normal_matrix<Scalar>(d_out + 3, d_in + 2);
+    const mat<Scalar> x_big = source.normal_matrix<Scalar>(d_in + 5, tokens + 1);
+    const vec<Scalar> b = source.normal_matrix<Scalar>(d_out, 1, 3.0);
+    const auto w = w_big.block(2, 1, d_out, d_in);
+    const auto x = x_big.block(3, 1, d_in, tokens);
+    const Scalar sentinel(42);
+    mat<Scalar> out_big = mat<Scalar>::Constant(d_out + 4, tokens + 2, sentinel);
+    auto out = out_big.block(1, 1, d_out, tokens);
+    mha::linear(w, b, x, out);
+    // The bound of check G (any summation order, blocking or FMA use).
+    require_linear_close<Scalar>(out, w, b, x, "tiled linear");
+    // Nothing outside the output block is written.
+    mat<Scalar> written = out_big;
+    written.block(1, 1, d_out, tokens).setConstant(sentinel);
+    CHECK((written.array() == sentinel).all());
+    // Each entry is one chain over d_in whatever the split of the row blocks over threads (a
+    // build without OpenMP runs both on one thread).
+    mat<Scalar> one(d_out, tokens), two(d_out, tokens);
+    mha::detail::tiled_product(d_out, tokens, d_in, w.data(), w.outerStride(), x.data(),
+                               x.outerStride(), one.data(), one.outerStride(), 1);
+    mha::detail::tiled_product(d_out, tokens, d_in, w.data(), w.outerStride(), x.data(),
+                               x.outerStride(), two.data(), two.outerStride(), 2);
+    CHECK(one == two);
+    mat<Scalar> without_bias(d_out, tokens);
+    mha::linear(w, vec<Scalar>(), x, without_bias);
+    CHECK(one == without_bias);
+}
+
 TEST_CASE("linear: error messages", "[projection]") {
     using M = mat<double>;
     const M w = M::Zero(5, 7), x = M::Zero(7, 13);

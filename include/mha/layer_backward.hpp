@@ -26,6 +26,7 @@
 #include <mha/detail/layer_parameters.hpp>
 #include <mha/mask.hpp>
 #include <mha/options.hpp>
+#include <mha/projection.hpp>
 #include <mha/rotary.hpp>
 
 namespace mha {
@@ -100,13 +101,13 @@ void rotate_packed(const rotary_embedding<Scalar>& rotary, DQ&& q, DK&& k,
     }
 }
 
-/// y = w·x + b into `out`, by the deterministic product of detail/gemm.hpp.
+/// y = w·x + b into `out`, by the product the layer's forward projects with (linear_into), so
+/// that the saved activations are the forward's bits.
 template <class Scalar>
 void project(const matrix<Scalar>& w, const vector<Scalar>& b, const matrix<Scalar>& x,
-             matrix<Scalar>& out, std::vector<gemm_buffers<Scalar>>& gemm, int threads) {
+             matrix<Scalar>& out, std::vector<gemm_buffers<Scalar>>& gemm) {
     out.resize(w.rows(), x.cols());
-    product_into(out, w, x, Scalar(1), &gemm, threads);
-    if (b.size() != 0) out.colwise() += b;
+    linear_into(w, b, x, out, &gemm);
 }
 
 /// dW = dY·Xᵀ, db = dY·1, and dX = Wᵀ·dY of y = w·x + b.
@@ -159,9 +160,9 @@ layer_saved_state<Scalar> layer_forward_for_backward(const attention_config& con
     s.batch = batch;
     s.mask = mask;
     std::vector<detail::gemm_buffers<Scalar>> gemm;
-    detail::project(p.w_q, p.b_q, s.query_input, s.q, gemm, 0);
-    detail::project(p.w_k, p.b_k, self_attention ? s.query_input : s.key_input, s.k, gemm, 0);
-    detail::project(p.w_v, p.b_v, self_attention ? s.query_input : s.value_input, s.v, gemm, 0);
+    detail::project(p.w_q, p.b_q, s.query_input, s.q, gemm);
+    detail::project(p.w_k, p.b_k, self_attention ? s.query_input : s.key_input, s.k, gemm);
+    detail::project(p.w_v, p.b_v, self_attention ? s.query_input : s.value_input, s.v, gemm);
     if (config.rotary)
         detail::rotate_packed(rotary_embedding<Scalar>(*config.rotary, config.head_dim), s.q, s.k,
                               batch, config.num_heads, config.num_kv_heads);
@@ -171,7 +172,7 @@ layer_saved_state<Scalar> layer_forward_for_backward(const attention_config& con
     auto outputs = multi_head_attention_core(s.q, s.k, s.v, config.num_heads, config.num_kv_heads,
                                              batch, s.heads, mask, config.attention, request);
     s.log_sum_exp = std::move(outputs.log_sum_exp);
-    detail::project(p.w_o, p.b_o, s.heads, s.output, gemm, 0);
+    detail::project(p.w_o, p.b_o, s.heads, s.output, gemm);
     return s;
 }
 

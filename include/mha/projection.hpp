@@ -7,27 +7,40 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <mha/core.hpp>
 #include <mha/detail/gemm.hpp>
+#include <mha/detail/tiled_product.hpp>
 
 namespace mha {
 
 namespace detail {
 
-/// `linear` with the GEMM's packing buffers in `gemm` (see product_into); null: Eigen's product.
+/// `linear`. Float and double operands stored column-major go through tiled_product (the
+/// attention kernel's register tiles; detail/tiled_product.hpp); others through Eigen's product,
+/// with the GEMM's packing buffers in `gemm` (see product_into; null: where Eigen puts them).
 template <class DW, class DB, class DX, class DO>
 void linear_into(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
                  const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out_,
                  std::vector<gemm_buffers<typename DX::Scalar>>* gemm) {
     constexpr const char* where = "mha::linear";
+    using Scalar = typename DX::Scalar;
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
     check_size(where, "x.rows()", w.cols(), x.rows(), "w.cols()");
     if (b.size() != 0) check_size(where, "b.size()", w.rows(), b.size(), "w.rows() or 0");
     check_size(where, "out.rows()", w.rows(), out.rows(), "w.rows()");
     check_size(where, "out.cols()", x.cols(), out.cols(), "x.cols()");
-    product_into(out.derived(), w.derived(), x.derived(), typename DX::Scalar(1), gemm);
+    if constexpr (tiled_product_scalar<Scalar> && std::is_same_v<typename DW::Scalar, Scalar> &&
+                  column_major_storage<DW> && column_major_storage<DX> &&
+                  column_major_storage<DO>) {
+        tiled_product(w.rows(), x.cols(), w.cols(), w.derived().data(), w.derived().outerStride(),
+                      x.derived().data(), x.derived().outerStride(), out.derived().data(),
+                      out.derived().outerStride(), 0);
+    } else {
+        product_into(out.derived(), w.derived(), x.derived(), Scalar(1), gemm);
+    }
     if (b.size() != 0) out.colwise() += b.col(0);
 }
 

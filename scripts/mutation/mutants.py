@@ -537,4 +537,15 @@ MUTANTS = [
          find="++chars > label_chars)",
          replace="++chars >= label_chars)",
          description="labels are cut one character before the documented length"),
+    # detail/tiled_product.hpp (the float and double projections)
+    dict(id="tiled-product-chunk-rows", file="detail/tiled_product.hpp",
+         find="b + k0, ldb, n, c + e, ldc);",
+         replace="b, ldb, n, c + e, ldc);",
+         tests=["projection"],
+         description="the projection product's later inner chunks read x's first 512 rows again"),
+    dict(id="tiled-product-last-row-block", file="detail/tiled_product.hpp",
+         find="r < blocks; r += parts",
+         replace="r + 1 < blocks; r += parts",
+         tests=["projection"],
+         description="the projection product leaves out its last block of 64 rows"),
 ]
