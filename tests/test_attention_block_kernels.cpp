@@ -13,6 +13,7 @@
 #include <catch2/catch_test_macros.hpp>
 
 #include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/detail/tiled/few_query_scores.hpp>
 
 #include "check.hpp"
 #include "reference.hpp"
@@ -149,6 +150,40 @@ TEMPLATE_TEST_CASE("block kernels: transposed scores at every tile remainder", "
                 // A dot product of length dk in any order: check G's proven bound, no bias.
                 mha_test::require_linear_within_bound<Scalar>(got, qt, mha_test::vec<Scalar>(),
                                                               k.dense(), what.str());
+            }
+}
+
+TEMPLATE_TEST_CASE("block kernels: scores of fewer queries than a packet at every key remainder",
+                   "[kernels]", float, double) {
+    using Scalar = TestType;
+    const Index w = mha::detail::block_kernel_traits<Scalar>::width;
+    const Index ktile = mha::detail::few_query_score_keys;
+    mha_test::value_source rnd(23);
+    // A power-of-two scale multiplies exactly, so scale·Q is the exact reference operand and
+    // each score is a dot product of length d_k rounded once per term: check G's bound.
+    const Scalar scale = Scalar(0.125);
+    for (Index nq : {Index(1), Index(2), std::max<Index>(w - 1, 1)})
+        for (Index nk : {Index(0), Index(1), ktile - 1, ktile, ktile + 1, 3 * ktile + 5})
+            for (Index dk : {Index(0), Index(1), Index(3), w, 2 * w + 3, Index(64)}) {
+                const strided<Scalar> q(dk, nq, dk + 3, rnd);
+                const strided<Scalar> k(dk, nk, dk + 5, rnd);
+                const Index ld = nq + 3;  // rows nq..ld of each key's column are not written
+                std::vector<Scalar> st(static_cast<std::size_t>(std::max<Index>(ld * nk, 1)),
+                                       Scalar(99));
+                mha::detail::few_query_scores(q.data.data(), q.stride, nq, dk, scale, k.data.data(),
+                                              k.stride, nk, st.data(), ld);
+                mat<Scalar> got(nq, nk);
+                for (Index j = 0; j < nk; ++j) {
+                    for (Index c = 0; c < nq; ++c)
+                        got(c, j) = st[static_cast<std::size_t>(j * ld + c)];
+                    for (Index c = nq; c < ld; ++c)
+                        REQUIRE(st[static_cast<std::size_t>(j * ld + c)] == Scalar(99));
+                }
+                const mat<Scalar> scaled_q = (scale * q.dense()).transpose();  // nq × dk, exact
+                std::ostringstream what;
+                what << "few-query scores nq " << nq << ", nk " << nk << ", dk " << dk;
+                mha_test::require_linear_within_bound<Scalar>(
+                    got, scaled_q, mha_test::vec<Scalar>(), k.dense(), what.str());
             }
 }
 

@@ -548,4 +548,15 @@ MUTANTS = [
          replace="r + 1 < blocks; r += parts",
          tests=["projection"],
          description="the projection product leaves out its last block of 64 rows"),
+    # detail/tiled/few_query_scores.hpp (the score kernel of decode steps)
+    dict(id="few-query-scores-tail-dims", file="detail/tiled/few_query_scores.hpp",
+         find="for (Index d = packed; d < dk; ++d)",
+         replace="for (Index d = packed + 1; d < dk; ++d)",
+         tests=["attention_block_kernels"],
+         description="the few-query score kernel drops the first of the dimensions past the last whole packet"),
+    dict(id="few-query-scores-key-rest", file="detail/tiled/few_query_scores.hpp",
+         find="with_tile_width<keys - 1>(nk - j,",
+         replace="with_tile_width<keys - 2>(nk - j,",
+         tests=["attention_block_kernels"],
+         description="the few-query score kernel leaves the last 7 keys of a block unscored when 7 remain"),
 ]

@@ -142,6 +142,8 @@ struct packet_ops {
         return Eigen::internal::pmax<Eigen::PropagateNaN>(a, b);
     }
     static MHA_ALWAYS_INLINE packet exp(const packet& x) { return Eigen::internal::pexp(x); }
+    /// The sum of a's lanes (in the order Eigen's reduction takes them).
+    static MHA_ALWAYS_INLINE Scalar sum(const packet& a) { return Eigen::internal::predux(a); }
     /// All bits set in the lanes where a == b, else zero.
     static MHA_ALWAYS_INLINE packet equal(const packet& a, const packet& b) {
         return Eigen::internal::pcmp_eq(a, b);

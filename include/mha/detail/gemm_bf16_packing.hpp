@@ -22,6 +22,7 @@
 
 #include <mha/core.hpp>
 #include <mha/detail/aligned_vector.hpp>
+#include <mha/detail/gemm.hpp>
 #include <mha/detail/parallel.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
 

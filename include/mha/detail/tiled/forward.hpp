@@ -20,7 +20,8 @@
 // scores are kept transposed, one key per column, so that the max, the exp and the sum run across
 // packets of queries: no horizontal reduction, no per-query loop in the hot path. The kernels live
 // in detail/tiled/block_kernels.hpp; a block with fewer queries than a packet (a decode step)
-// computes its scores with Eigen's GEMV instead, as padding would waste most of the tile.
+// computes its scores with d_k in the lanes instead (detail/tiled/few_query_scores.hpp), as
+// padding would waste most of the tile.
 //
 // Tile sizes. query_block = 128, key_block = 512: Sᵀ is 128×512 floats = 256 KB and stays in
 // the 1 MB L2 of the target (Zen 5) together with the O accumulator (d_v×128), the packed
@@ -70,9 +71,8 @@
 // from detail/mask_view.hpp, threads from detail/parallel.hpp.
 //
 // Threads. OpenMP when the compiler has it enabled (CMake option MHA_OPENMP), otherwise serial.
-// The block GEMMs call Eigen's GEMM kernel directly with no parallel info, i.e. always
-// single-threaded: Eigen's own OpenMP GEMM never nests inside our parallel region, and a 1-thread
-// call is really 1 thread.
+// The block products are the library's own single-threaded register tiles: no OpenMP region
+// nests inside a task, and a 1-thread call is really 1 thread.
 //
 // Normalisations other than softmax (relu, sigmoid) have no online form worth having here; the
 // dispatcher in attention.hpp sends them to the materialised path.
@@ -85,7 +85,6 @@
 
 #include <mha/core.hpp>
 #include <mha/detail/aligned_vector.hpp>
-#include <mha/detail/gemm.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/parallel.hpp>
@@ -110,7 +109,6 @@ template <class Scalar>
 struct tiled_thread_state {
     tile_scratch<Scalar> tile;
     tile_scratch_key made_for;  // default: made for nothing yet
-    gemm_buffers<Scalar> gemm;  // packing for the block GEMMs (see serial_gemm_add)
 };
 
 /// The buffers of tiled_attention, kept between calls: a call with the shapes and settings of
@@ -195,23 +193,13 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
 
     const tile_scratch_key key{p.heads.dk, p.heads.dv, cfg.query_block, cfg.key_block};
     // Each thread readies its state once per call: the scratch is made only when the shapes it
-    // depends on changed, and the thread's block GEMMs pack into its own buffers.
+    // depends on changed.
     auto enter = [&](tiled_thread_state<Scalar>& state) {
         if (!(state.made_for == key)) {
             state.tile = make_tile_scratch<Scalar>(p.heads.dk, p.heads.dv, cfg);
-            // Packing room for masked_scores' largest block GEMM (fewer queries than a packet,
-            // a whole key block). Sized by each product instead, the buffers grew by one key
-            // column on every decode step over a cache shorter than a key block: an
-            // allocation per step.
-            // (None with one-lane packets, nor for empty heads, whose products never run.)
-            constexpr Index narrow = block_kernel_traits<Scalar>::width - 1;
-            if (narrow > 0 && p.heads.dk > 0) {
-                gemm_blocking<Scalar> blocking(narrow, cfg.key_block, p.heads.dk);
-                use_buffers(blocking, state.gemm);
-            }
             state.made_for = key;
         }
-        return scoped_gemm_buffers<Scalar>(&state.gemm);
+        return nothing_held{};
     };
     auto run = [&](Index index, tiled_thread_state<Scalar>& state) {
         tile_scratch<Scalar>& t = state.tile;
@@ -240,7 +228,6 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
         }
     };
     parallel_tasks(static_cast<Index>(ws.plan.tasks.size()), cfg.threads, ws.threads, enter, run);
-    equalize_gemm_buffers(ws.threads);
 
     const auto& merges = ws.plan.merges;
     if (merges.empty()) return;

@@ -14,12 +14,12 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
-#include <mha/detail/gemm.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/mask_view.hpp>
 #include <mha/detail/score_terms.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
 #include <mha/detail/tiled/block_softmax.hpp>
+#include <mha/detail/tiled/few_query_scores.hpp>
 #include <mha/normalization.hpp>
 
 namespace mha {
@@ -193,10 +193,11 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
         if (as_computed || in_tiles) return mx != nullptr;
     } else {
         // Fewer queries than a packet (decode steps, short tails): the register tiles would be
-        // mostly padding, so let Eigen's GEMV/GEMM compute the nq live rows.
-        std::fill(s, s + nk * lds, Scalar(0));
-        serial_gemm_add<Scalar, Eigen::ColMajor>(nq, nk, p.dk, t.qt.data(), nqp, k, p.k_stride, s,
-                                                 lds, Scalar(1));
+        // mostly padding. Rows nq..nqp are padding the softmax passes read: 0.
+        few_query_scores(p.q + i0 * p.q_stride, p.q_stride, nq, p.dk, p.scale, k, p.k_stride, nk, s,
+                         lds);
+        for (Index r = 0; r < nk; ++r)
+            std::fill(s + r * lds + nq, s + (r + 1) * lds, Scalar(0));
     }
     // Before the mask, which then replaces excluded entries whatever the terms made of them
     // (entries a boundary tile skipped hold stale finite or ±∞ values until then).

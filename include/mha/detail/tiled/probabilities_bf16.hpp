@@ -66,7 +66,7 @@ inline void exp_pack_probability_pairs(const float* st, Index ld, Index nqp, Ind
         // key yet), so its difference is −∞, below the flush; or the shift is NaN, and then so
         // is every probability and sum of the query. The unordered compare keeps NaN.
         const __mmask16 kept = _mm512_cmp_ps_mask(d, flush, _CMP_NLT_UQ);
-        return _mm512_maskz_mov_ps(kept, exp_nonpositive_for_bf16(d));
+        return exp_nonpositive_for_bf16(d, kept);
     };
     const Index key_pairs = (nk + 1) / 2;
     for (Index c = 0; c < nqp; c += bf16_lanes) {
