@@ -182,9 +182,9 @@ constexpr bool tiles_mask_boundaries() {
 /// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
 /// (a vectorised exp(−∞) may return a denormal instead; NaN for a query whose shift is NaN, on
 /// AVX-512), differences below exp_flush_below giving 0 and NaN staying NaN; sum[c] receives the
-/// sum over j. With `ranges` (float on AVX-512,
-/// see tiles_mask_boundaries), the keys outside the union of the ranges of a packet of queries
-/// get 0 without being read: the score tiles of a block they masked did not write them.
+/// sum over j. With `ranges` (float on AVX-512, see tiles_mask_boundaries), the keys outside the
+/// union of the ranges of a packet of queries get 0 without being read: the score tiles of a
+/// block they masked did not write them.
 template <class Scalar>
 void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
                            Scalar* sum, [[maybe_unused]] const query_key_ranges& ranges = {}) {

@@ -7,9 +7,6 @@
 // kernel puts d_k in the lanes instead and reads every key column once, in place.
 #pragma once
 
-#include <algorithm>
-#include <type_traits>
-
 #include <mha/core.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
 

@@ -164,6 +164,15 @@ void mask_by_selection(const mask_view<Scalar>& mask, Scalar* st, Index lds, Ind
     }
 }
 
+/// The scaled queries [i0, i0+nq) packed into t.qt for the register tiles of masked_scores. A
+/// block of fewer queries than a packet reads Q in place (few_query_scores) and packs nothing.
+template <class Scalar>
+void pack_queries_for_tiles(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp,
+                            tile_scratch<Scalar>& t) {
+    if (nq < block_kernel_traits<Scalar>::width) return;
+    pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
+}
+
 /// Sᵀ(0:nqp, 0:nk) = qt · K[:, j0:j0+nk] into t.s (ld nqp), i.e. the scaled scores of queries
 /// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then changed by the
 /// score terms (soft-capping, ALiBi, the modifier) and masked by selection. Rows nq..nqp are
@@ -223,7 +232,7 @@ void online_pass(const head_problem<Scalar>& p, Index i0, Index nq, Index k_lo, 
     const interval_summary iv = key_intervals(p, i0, nq, k_lo, k_hi, t);
     if (iv.lo >= iv.hi) return;
     const Index nqp = padded_queries<Scalar>(nq);
-    pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
+    pack_queries_for_tiles(p, i0, nq, nqp, t);
     Scalar* st = t.s.data();
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
@@ -332,7 +341,7 @@ void weights_pass(const head_problem<Scalar>& p, Index i0, Index nq, const tiled
     const interval_summary iv = key_intervals(p, i0, nq, 0, p.lk, t);
     if (iv.lo >= iv.hi) return;
     const Index nqp = padded_queries<Scalar>(nq);
-    pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
+    pack_queries_for_tiles(p, i0, nq, nqp, t);
     for (Index j0 = iv.lo; j0 < iv.hi; j0 += cfg.key_block) {
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
         if (!visits_block(mod, p.sequence, p.head, i0, i0 + nq, j0, j0 + nk)) continue;
