@@ -3,7 +3,10 @@
 // at tile boundaries, for every mask type, with poisoned excluded keys and values, with and
 // without weights, with 1 and 2 threads. Small tile settings reach many boundaries with small
 // inputs; a few cases use the real tile sizes.
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <limits>
@@ -13,11 +16,27 @@
 #include <catch2/catch_test_macros.hpp>
 
 #include <mha/attention.hpp>
+#include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/detail/tiled/block_softmax.hpp>
 
 #include "check.hpp"
 #include "reference.hpp"
 
 namespace {
+
+#if defined(MHA_TEST_AVX512_BUILD)
+// The build for AVX-512 (tests/CMakeLists.txt) exists to run the float kernel's AVX-512 paths.
+static_assert(mha::detail::mx_skips_nan<float>() && mha::detail::tiles_mask_boundaries<float>(),
+              "compiled for AVX-512, the float kernel must take its AVX-512 paths");
+// On a CPU without AVX-512, exit before any test with the code ctest reads as "skipped".
+const bool avx512_runs_here = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        return true;
+    std::fputs("compiled for AVX-512, which this CPU lacks: skipped\n", stderr);
+    std::exit(77);
+}();
+#endif
 
 using mha::Index;
 using mha_test::mat;
@@ -268,6 +287,48 @@ TEST_CASE("tiled attention: NaN in an allowed input propagates only where it is 
             REQUIRE(out.col(i).allFinite());
         else
             REQUIRE(out.col(i).hasNaN());
+    }
+}
+
+TEST_CASE("tiled attention: NaN scores on the register tiles' paths", "[tiled]") {
+    // Blocks of 4 packets of queries take the register tiles, whose per-query max skips NaN
+    // scores on AVX-512 (mx_skips_nan): a NaN must still reach exactly the queries that see it,
+    // also when every score of a query in a block is NaN (a max of −∞ there would read as "no
+    // key yet"). Interior blocks (no mask) and boundary blocks masked in the tiles (causal).
+    // Each query is computed in its own lanes, so the other columns must equal, bit for bit,
+    // those of the same inputs without the NaN.
+    constexpr Index w = mha::detail::block_kernel_traits<float>::width;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    const Index lq = std::max<Index>(4 * w + 3, 40), lk = 49, d = 17;  // 40: one-lane builds
+    mha_test::value_source rnd(650);
+    const mat<float> q = rnd.normal_matrix<float>(d, lq);
+    const mat<float> k = rnd.normal_matrix<float>(d, lk);
+    const mat<float> v = rnd.normal_matrix<float>(9, lk);
+    const settings cfg{4 * w, 24, 48, 1};
+    using mask_t = mha::attention_mask<float>;
+    for (const mask_t& mask : {mask_t(), mask_t(mha::causal{mha::causal_alignment::top_left})}) {
+        const mat<float> clean = run_tiled<float>(q, k, v, mask, 0.3f, cfg);
+        REQUIRE(clean.allFinite());
+        // Query 7 all NaN: every score of it NaN, in every block.
+        mat<float> q_nan = q;
+        q_nan.col(7).setConstant(nan);
+        const mat<float> out_q = run_tiled<float>(q_nan, k, v, mask, 0.3f, cfg);
+        // Key 30 NaN in one coordinate: one NaN score for each query that sees it.
+        mat<float> k_nan = k;
+        k_nan(3, 30) = nan;
+        const mat<float> out_k = run_tiled<float>(q, k_nan, v, mask, 0.3f, cfg);
+        const bool causal = mask.causal_mask().has_value();
+        for (Index i = 0; i < lq; ++i) {
+            INFO("query " << i << (causal ? ", causal" : ", no mask"));
+            if (i == 7)
+                REQUIRE(out_q.col(i).array().isNaN().all());
+            else
+                REQUIRE(out_q.col(i) == clean.col(i));
+            if (!causal || i >= 30)
+                REQUIRE(out_k.col(i).array().isNaN().all());
+            else
+                REQUIRE(out_k.col(i) == clean.col(i));
+        }
     }
 }
 

@@ -148,6 +148,16 @@ MUTANTS = [
          replace="const bool as_computed = interior && !modifies_scores(p, mod);",
          description="the score kernel's block max is used although an element-wise mask changes "
                      "the scores afterwards (a poisoned masked key's NaN becomes the max)"),
+    dict(id="tile-max-nan-fallback-dropped", file="detail/tiled/online_softmax.hpp",
+         find="if (!may_hide_nan) return true;",
+         replace="return true;",
+         description="an interior block whose tiles' max skipped a query's NaN scores (max -inf) "
+                     "is taken as having no key for that query, and its NaN is lost"),
+    dict(id="tile-max-nan-boundary-unmasked", file="detail/tiled/online_softmax.hpp",
+         find="            if (as_computed) return false;\n        }",
+         replace="            if (as_computed) return false;\n            return true;\n        }",
+         description="a boundary block whose tiles' max skipped a query's NaN scores keeps that "
+                     "max instead of masking by selection and taking the NaN-propagating max"),
     dict(id="online-fused-max-not-reset", file="detail/tiled/block_kernels.hpp",
          find="if (mx != nullptr) std::fill(mx, mx + nq_padded, -std::numeric_limits<Scalar>::infinity());",
          replace="",

@@ -177,8 +177,9 @@ void pack_queries_for_tiles(const head_problem<Scalar>& p, Index i0, Index nq, I
 /// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then changed by the
 /// score terms (soft-capping, ALiBi, the modifier) and masked by selection. Rows nq..nqp are
 /// padding and hold finite values. With a non-null `mx` (nqp entries), returns true when it
-/// also wrote each query's max there (see max_per_query): for a block whose scores nothing
-/// changes after the score kernel, which computes the max while they are in registers.
+/// also wrote each query's max there (as max_per_query, but over the scores that are not NaN
+/// where mx_skips_nan): for a block whose scores nothing changes after the score kernel, which
+/// computes the max while they are in registers.
 template <class Scalar, class Mod>
 bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Index nq, Index nqp,
                    const key_block& block, const interval_summary& iv, tile_scratch<Scalar>& t,
@@ -199,7 +200,19 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
         transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds, ranges,
                           as_computed || in_tiles ? mx : nullptr,
                           in_tiles ? limits_in(t, nq, nqp, j0, nk) : block_key_limits{});
-        if (as_computed || in_tiles) return mx != nullptr;
+        // Where the tiles' max skips NaN scores (mx_skips_nan), a NaN still reaches the output
+        // through its own exp; but a query whose scores here are all NaN or −∞ gets a max of −∞,
+        // which reads as "no key yet": such a block takes the NaN-propagating max_per_query, a
+        // boundary block after masking by selection (its tiles skipped entries off `ranges`).
+        if (as_computed || in_tiles) {
+            if (mx == nullptr) return false;
+            const auto no_max = [](Scalar m) {
+                return m == -std::numeric_limits<Scalar>::infinity();
+            };
+            const bool may_hide_nan = mx_skips_nan<Scalar>() && std::any_of(mx, mx + nq, no_max);
+            if (!may_hide_nan) return true;
+            if (as_computed) return false;
+        }
     } else {
         // Fewer queries than a packet (decode steps, short tails): the register tiles would be
         // mostly padding. Rows nq..nqp are padding the softmax passes read: 0.
