@@ -164,12 +164,20 @@ void mask_by_selection(const mask_view<Scalar>& mask, Scalar* st, Index lds, Ind
     }
 }
 
-/// The scaled queries [i0, i0+nq) packed into t.qt for the register tiles of masked_scores. A
-/// block of fewer queries than a packet reads Q in place (few_query_scores) and packs nothing.
+/// Whether a block of nq queries has its scores from few_query_scores, which reads Q in place,
+/// rather than from the register tiles, which read the queries packed into t.qt: fewer queries
+/// than a packet (decode steps, short tails) would leave the tiles mostly padding.
+template <class Scalar>
+constexpr bool reads_queries_in_place(Index nq) {
+    return nq < block_kernel_traits<Scalar>::width;
+}
+
+/// The scaled queries [i0, i0+nq) packed into t.qt for the register tiles of masked_scores;
+/// nothing for a block that reads them in place.
 template <class Scalar>
 void pack_queries_for_tiles(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp,
                             tile_scratch<Scalar>& t) {
-    if (nq < block_kernel_traits<Scalar>::width) return;
+    if (reads_queries_in_place<Scalar>(nq)) return;
     pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
 }
 
@@ -189,7 +197,7 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
     const Index lds = nqp;
     const Scalar* k = p.k + j0 * p.k_stride;
     const bool as_computed = interior && !modifies_scores(p, mod) && !p.mask->has_elementwise();
-    if (nq >= block_kernel_traits<Scalar>::width) {
+    if (!reads_queries_in_place<Scalar>(nq)) {
         // A boundary block's tiles compute only the keys their queries may see; masking below
         // sets everything outside each query's interval to −∞, skipped entries included. Where
         // the tiles can mask (float on AVX-512) and the mask is intervals alone, they do, and
@@ -214,8 +222,7 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
             if (as_computed) return false;
         }
     } else {
-        // Fewer queries than a packet (decode steps, short tails): the register tiles would be
-        // mostly padding. Rows nq..nqp are padding the softmax passes read: 0.
+        // Rows nq..nqp are padding the softmax passes read: 0.
         few_query_scores(p.q + i0 * p.q_stride, p.q_stride, nq, p.dk, p.scale, k, p.k_stride, nk, s,
                          lds);
         for (Index r = 0; r < nk; ++r)
