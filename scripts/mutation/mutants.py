@@ -149,7 +149,7 @@ MUTANTS = [
          description="the score kernel's block max is used although an element-wise mask changes "
                      "the scores afterwards (a poisoned masked key's NaN becomes the max)"),
     dict(id="tile-max-nan-fallback-dropped", file="detail/tiled/online_softmax.hpp",
-         find="if (!may_hide_nan) return true;",
+         find="if (!(mx_skips_nan<Scalar>() && may_hide_nan(mx, nq, in_tiles, t))) return true;",
          replace="return true;",
          description="an interior block whose tiles' max skipped a query's NaN scores (max -inf) "
                      "is taken as having no key for that query, and its NaN is lost"),

@@ -181,6 +181,19 @@ void pack_queries_for_tiles(const head_problem<Scalar>& p, Index i0, Index nq, I
     pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
 }
 
+/// Whether one of the first nq queries has keys in the block but a max of −∞ in mx (all −∞ or
+/// NaN: a max that skips NaN may have dropped one). By `by_limits`, a query's keys in the block
+/// are t.key_from..t.key_to (limits_in); otherwise all of them (an interior block).
+template <class Scalar>
+bool may_hide_nan(const Scalar* mx, Index nq, bool by_limits, const tile_scratch<Scalar>& t) {
+    for (Index c = 0; c < nq; ++c) {
+        const auto u = static_cast<std::size_t>(c);
+        const bool has_key = !by_limits || t.key_from[u] < t.key_to[u];
+        if (has_key && mx[c] == -std::numeric_limits<Scalar>::infinity()) return true;
+    }
+    return false;
+}
+
 /// Sᵀ(0:nqp, 0:nk) = qt · K[:, j0:j0+nk] into t.s (ld nqp), i.e. the scaled scores of queries
 /// [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then changed by the
 /// score terms (soft-capping, ALiBi, the modifier) and masked by selection. Rows nq..nqp are
@@ -208,17 +221,12 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
         transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds, ranges,
                           as_computed || in_tiles ? mx : nullptr,
                           in_tiles ? limits_in(t, nq, nqp, j0, nk) : block_key_limits{});
-        // Where the tiles' max skips NaN scores (mx_skips_nan), a NaN still reaches the output
-        // through its own exp; but a query whose scores here are all NaN or −∞ gets a max of −∞,
-        // which reads as "no key yet": such a block takes the NaN-propagating max_per_query, a
+        // A NaN the tiles' max skipped still reaches the output through its own exp, unless the
+        // max became −∞ ("no key yet"): such a block takes the NaN-propagating max_per_query, a
         // boundary block after masking by selection (its tiles skipped entries off `ranges`).
         if (as_computed || in_tiles) {
             if (mx == nullptr) return false;
-            const auto no_max = [](Scalar m) {
-                return m == -std::numeric_limits<Scalar>::infinity();
-            };
-            const bool may_hide_nan = mx_skips_nan<Scalar>() && std::any_of(mx, mx + nq, no_max);
-            if (!may_hide_nan) return true;
+            if (!(mx_skips_nan<Scalar>() && may_hide_nan(mx, nq, in_tiles, t))) return true;
             if (as_computed) return false;
         }
     } else {
