@@ -92,15 +92,23 @@ struct block_kernel_traits {
     static constexpr Index query_multiple = width;
 };
 
-/// Whether transposed_scores' per-query max leaves NaN scores out (float on AVX-512) rather than
-/// returning NaN for a query with one.
+/// Whether the float kernels take their AVX-512 paths: Scalar is float and Eigen's packet is
+/// __m512 (16 lanes). The score tiles then mask boundary blocks themselves and take the max with
+/// vmaxps (mx_skips_nan, tiles_mask_boundaries).
 template <class Scalar>
-constexpr bool mx_skips_nan() {
+constexpr bool avx512_float_tiles() {
 #if defined(__AVX512F__)
     return std::is_same_v<Scalar, float> && block_kernel_traits<Scalar>::width == 16;
 #else
     return false;
 #endif
+}
+
+/// Whether transposed_scores' per-query max leaves NaN scores out (float on AVX-512) rather than
+/// returning NaN for a query with one.
+template <class Scalar>
+constexpr bool mx_skips_nan() {
+    return avx512_float_tiles<Scalar>();
 }
 
 /// Rounds nq up to the query padding of the score kernel.
@@ -176,8 +184,7 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
         }
     }
 #if defined(__AVX512F__)
-    // Eigen's float packet on AVX-512 is __m512 (16 lanes).
-    if constexpr (std::is_same_v<Scalar, float> && w == 16) {
+    if constexpr (avx512_float_tiles<Scalar>()) {
         if (limits.from != nullptr) mask_outside_limits(acc, limits, j);
     }
 #endif
@@ -207,11 +214,11 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
 /// at k + j·k_stride. nq_padded must be a multiple of the packet width. With `ranges`, a query
 /// tile computes only the keys in the union of its queries' ranges; the entries outside are left
 /// as they were, for the caller to mask. With a non-null `mx` (nq_padded entries), mx(c) becomes
-/// the max of query c's scores (NaN when one is NaN, −∞ with no key) while they are still in
-/// registers, which saves the online softmax a pass over st; only for blocks whose scores the
-/// caller leaves as they are (no mask, no score terms), or masks by `limits` (score_micro_tile;
-/// float on AVX-512). Where mx_skips_nan, a NaN score is left out of mx(c), not taken as its
-/// max: see masked_scores for what the caller does about it.
+/// the max of query c's scores (−∞ with no key) while they are still in registers, which saves
+/// the online softmax a pass over st; only for blocks whose scores the caller leaves as they are
+/// (no mask, no score terms), or masks by `limits` (score_micro_tile; float on AVX-512). Where
+/// mx_skips_nan, a NaN score is left out of mx(c), not taken as its max (see masked_scores for
+/// what the caller does about it); elsewhere mx(c) is NaN when one of the scores is.
 template <class Scalar>
 void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k, Index k_stride,
                        Index nk, Scalar* st, Index ld, const query_key_ranges& ranges = {},

@@ -172,11 +172,7 @@ Scalar exp_or_zero(Scalar d) {
 /// skips what they did not write: float on AVX-512.
 template <class Scalar>
 constexpr bool tiles_mask_boundaries() {
-#if defined(__AVX512F__)
-    return std::is_same_v<Scalar, float> && block_kernel_traits<Scalar>::width == 16;
-#else
-    return false;
-#endif
+    return avx512_float_tiles<Scalar>();
 }
 
 /// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
