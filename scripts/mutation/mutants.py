@@ -463,12 +463,30 @@ MUTANTS = [
          replace="packed.k != nullptr ? packed.k + j0 : s.kb16.data();",
          tests=["bf16_attention_native"],
          description="the keys packed once per call are sliced at the key index, not key · d_k"),
-    dict(id="exp-short-reduction", file="detail/tiled/block_softmax.hpp",
+    dict(id="exp-short-reduction", file="detail/tiled/exp_avx512.hpp",
          find="f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);",
          replace="",
          tests=["bf16_attention_native"],
-         description="the AVX-512 exps reduce by the high bits of ln 2 alone (the bf16 "
-                     "probabilities' relative error up to 1.8e-4 near −86 instead of 5.4e-6)"),
+         description="the backward's AVX-512 exp reduces by the high bits of ln 2 alone "
+                     "(relative error up to 1.8e-4 near −86 instead of 1.3 ulp)"),
+    dict(id="exp-table-short-reduction", file="detail/tiled/exp_avx512.hpp",
+         find="return _mm512_fnmadd_ps(n, _mm512_set1_ps(8.92879263e-08f), r);",
+         replace="return r;",
+         tests=["bf16_attention_native"],
+         description="the fp32 exp pass reduces by the high bits of ln 2/16 alone (1.8e-4 "
+                     "relative near −86 instead of 1.9 ulp)"),
+    dict(id="exp-table-bf16-linear", file="detail/tiled/exp_avx512.hpp",
+         find="return _mm512_fmadd_ps(_mm512_mul_ps(r, r), _mm512_set1_ps(0.5f), r);",
+         replace="return r;",
+         tests=["bf16_attention_native"],
+         description="the bf16 probabilities' exp takes e^r as 1 + r (2.4e-4 relative instead "
+                     "of 2.0e-6)"),
+    dict(id="exp-table-unmasked", file="detail/tiled/exp_avx512.hpp",
+         find="return _mm512_maskz_fmadd_ps(kept, scale, e_to_r_minus_1(r), scale);",
+         replace="return _mm512_fmadd_ps(scale, e_to_r_minus_1(r), scale);",
+         tests=["tiled_attention_avx512", "bf16_attention_native"],
+         description="the table exps ignore `kept`: a masked key's −∞ difference or one below "
+                     "the flush gives NaN or a wrong 2^k instead of 0"),
     dict(id="mask-intervals-vector-last-kept", file="detail/tiled/block_softmax.hpp",
          find="_mm512_cmple_epi64_mask(_mm512_loadu_si512(last + at), key));",
          replace="_mm512_cmplt_epi64_mask(_mm512_loadu_si512(last + at), key));",

@@ -54,6 +54,8 @@ DEFAULT_TESTS = {
                                        "targeted"],
     "detail/tiled/forward.hpp": ["tiled_attention", "multi_head_attention", "targeted"],
     "detail/tiled/plan.hpp": ["tiled_attention", "log_sum_exp", "targeted", "kv_cache"],
+    "detail/tiled/exp_avx512.hpp": ["tiled_attention_avx512", "bf16_attention_native",
+                                    "tiled_backward"],
     "detail/tiled/block_kernels.hpp": ["attention_block_kernels", "tiled_attention",
                                        "attention_block_kernels_scalar", "tiled_attention_avx512"],
     "detail/tiled/backward.hpp": ["tiled_backward", "attention_backward"],

@@ -1,9 +1,8 @@
 // SPDX-License-Identifier: MIT
 // The softmax steps of one block of transposed scores (st: a column per key, queries along it;
 // layouts in detail/tiled/block_kernels.hpp), shared by the fp32 and bf16 online passes and the
-// backward: each query's max, the shifted exp with its sum, and the check of an output column;
-// and the AVX-512 exps behind them, the fp32 one and the coarser one for probabilities that are
-// rounded to bf16.
+// backward: each query's max, the shifted exp with its sum, and the check of an output column
+// (the AVX-512 exps behind them are in detail/tiled/exp_avx512.hpp).
 #pragma once
 
 #include <algorithm>
@@ -16,6 +15,7 @@
 #include <mha/core.hpp>
 #include <mha/detail/eigen_compat.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
+#include <mha/detail/tiled/exp_avx512.hpp>
 #include <mha/normalization.hpp>
 
 #if defined(__AVX512F__)
@@ -24,61 +24,6 @@
 
 namespace mha {
 namespace detail {
-
-#if defined(__AVX512F__)
-/// e^d for d <= 0 (or NaN) in 16 fp32 lanes, from d = n·ln2 + f with n = round(d/ln2) and
-/// |f| <= ln2/2: e^d = 2^n · e^f, with e^f from `e_to_f` (a polynomial in f) and 2^n applied by
-/// vscalefps. ln2 is split in two (Cody–Waite) so that f is exact to fp32 rounding. NaN stays
-/// NaN; −∞ and differences below exp_flush_below are the caller's to clear, by `kept`: the lanes
-/// not set in it come out +0 (the scaling's own zero-masking, no instruction of its own).
-template <class Polynomial>
-MHA_ALWAYS_INLINE __m512 exp_nonpositive_from(__m512 d, Polynomial e_to_f,
-                                              __mmask16 kept = 0xFFFF) {
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);  // ln2, high bits
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);            // ln2, the rest
-    return _mm512_maskz_scalef_ps(kept, e_to_f(f), n);
-}
-
-/// exp(d) for d <= 0 (1.3 ulp at most, measured): e^f by its Taylor polynomial of degree 7
-/// (truncation below (ln2/2)^8/8! ≈ 5e-9 relative); tests/test_bf16_attention.cpp measures the
-/// error over [−88, 0] (within 3 ulp). 12 instructions where Eigen's pexp takes about twice as
-/// many; the exp pass is the largest cost of a block after the two products.
-MHA_ALWAYS_INLINE __m512 exp_nonpositive(__m512 d, __mmask16 kept = 0xFFFF) {
-    return exp_nonpositive_from(
-        d,
-        [](__m512 f) {
-            __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-            return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-        },
-        kept);
-}
-
-/// e^d for d <= 0 with relative error below 6e-6, for probabilities that are rounded to bf16
-/// afterwards (relative error up to 2^-9 ≈ 2e-3, 300 times more): e^f from
-/// 1 + f·(c1 + f·(c2 + f·(c3 + f·c4))), the polynomial of that form with the least relative
-/// error on [−ln2/2, ln2/2] (Remez exchange, 5.4e-6), three multiply-adds fewer than
-/// exp_nonpositive's degree 7. p(0) = 1 exactly, so the largest score's probability is 1.
-MHA_ALWAYS_INLINE __m512 exp_nonpositive_for_bf16(__m512 d, __mmask16 kept = 0xFFFF) {
-    return exp_nonpositive_from(
-        d,
-        [](__m512 f) {
-            __m512 p = _mm512_set1_ps(0.0419175296879f);
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.168173100741f));
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.499989948831f));
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999939628319f));
-            return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-        },
-        kept);
-}
-#endif  // __AVX512F__
 
 /// st[r·ld + c] = −∞ for each key j0 + r (r < nk) outside query c's allowed interval
 /// [first[c], last[c]) (absolute key indices, first[c] <= last[c]), for c < nq; keys in
@@ -190,7 +135,7 @@ void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scal
     constexpr Index w = traits::width;
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
 #if defined(__AVX512F__)
-    // float on AVX-512: exp_nonpositive (shifted scores are <= 0 but for NaN), about half the
+    // float on AVX-512: exp_above_flush (shifted scores are <= 0 but for NaN), under half the
     // instructions of Eigen's pexp, with the sum of each query packet kept in a register; the
     // exp pass was a sixth of a block's time with pexp. It is bound by the floating-point pipes,
     // so the entries to clear take one compare and the exp's own zero-masking: 14 % faster than
@@ -215,7 +160,7 @@ void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scal
                 // with nothing allowed yet), so its difference is −∞, below the flush; or the
                 // shift is NaN, and then every probability and the sum of the query are NaN (its
                 // output is NaN either way). The unordered compare keeps NaN.
-                const __m512 e = exp_nonpositive(d, _mm512_cmp_ps_mask(d, flush, _CMP_NLT_UQ));
+                const __m512 e = exp_above_flush(d, _mm512_cmp_ps_mask(d, flush, _CMP_NLT_UQ));
                 _mm512_storeu_ps(col, e);
                 total = _mm512_add_ps(total, e);
             }
