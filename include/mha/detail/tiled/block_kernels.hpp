@@ -155,6 +155,18 @@ void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, In
         std::fill(qt + d * nq_padded + nq, qt + (d + 1) * nq_padded, Scalar(0));
 }
 
+/// f(std::integral_constant<int, n>{}) for a runtime n in [1, Max] (nothing otherwise): a tile
+/// whose width is known at compile time for the columns left after the full tiles.
+template <int Max, class F>
+MHA_ALWAYS_INLINE void with_tile_width(Index n, F&& f) {
+    if constexpr (Max > 0) {
+        if (n == Max)
+            f(std::integral_constant<int, Max>{});
+        else
+            with_tile_width<Max - 1>(n, std::forward<F>(f));
+    }
+}
+
 /// One score micro tile: st(0 : QP·W, 0 : Keys) = qt(0 : QP·W, :) · K(:, 0 : Keys); with a
 /// non-null `mx`, also mx(0 : QP·W) = max(mx, the tile's max per query), over the scores that
 /// are not NaN for float on AVX-512 (mx_skips_nan), NaN winning elsewhere. With
@@ -228,28 +240,32 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
     constexpr int qp = static_cast<int>(traits::score_query_packets);
     constexpr int keys = static_cast<int>(traits::score_keys);
     if (mx != nullptr) std::fill(mx, mx + nq_padded, -std::numeric_limits<Scalar>::infinity());
-    auto max_of = [mx](Index i) { return mx == nullptr ? nullptr : mx + i; };
+    // Tiles of QP packets for queries [i, i + QP·W) over keys [j0, j1): full tiles of Keys, then
+    // one narrower tile for the rest (one key at a time ran at about a third of the rate).
+    auto tiles = [&](auto packets, auto width, Index i, Index j0, Index j1) {
+        constexpr int n_packets = decltype(packets)::value, n_keys = decltype(width)::value;
+        Scalar* m = mx == nullptr ? nullptr : mx + i;
+        const block_key_limits lim = limits.at(i);
+        Index j = j0;
+        for (; j + n_keys <= j1; j += n_keys)
+            score_micro_tile<Scalar, n_packets, n_keys>(qt + i, nq_padded, dk, k + j * k_stride,
+                                                        k_stride, st + j * ld + i, ld, m, lim, j);
+        with_tile_width<n_keys - 1>(j1 - j, [&](auto rest) {
+            score_micro_tile<Scalar, n_packets, decltype(rest)::value>(
+                qt + i, nq_padded, dk, k + j * k_stride, k_stride, st + j * ld + i, ld, m, lim, j);
+        });
+    };
+    static_assert(qp % 2 == 0, "a score tile splits into two halves of whole packets");
     Index i = 0;
     // The query tile (QP·W queries × d_k) stays in L1 while the key block streams past it.
-    for (; i + qp * w <= nq_padded; i += qp * w) {
-        const auto [j_lo, j_hi] = ranges.of(i, i + qp * w, nk);
-        Index j = j_lo;
-        for (; j + keys <= j_hi; j += keys)
-            score_micro_tile<Scalar, qp, keys>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                               st + j * ld + i, ld, max_of(i), limits.at(i), j);
-        for (; j < j_hi; ++j)
-            score_micro_tile<Scalar, qp, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                            st + j * ld + i, ld, max_of(i), limits.at(i), j);
-    }
+    for (; i + qp * w <= nq_padded; i += qp * w)
+        split_query_tile<qp / 2, w>(ranges, i, nk, [&](auto packets, Index at, Index j0, Index j1) {
+            tiles(packets, std::integral_constant<int, keys>{}, at, j0, j1);
+        });
     for (; i < nq_padded; i += w) {
         const auto [j_lo, j_hi] = ranges.of(i, i + w, nk);
-        Index j = j_lo;
-        for (; j + 2 * keys <= j_hi; j += 2 * keys)
-            score_micro_tile<Scalar, 1, 2 * keys>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                                  st + j * ld + i, ld, max_of(i), limits.at(i), j);
-        for (; j < j_hi; ++j)
-            score_micro_tile<Scalar, 1, 1>(qt + i, nq_padded, dk, k + j * k_stride, k_stride,
-                                           st + j * ld + i, ld, max_of(i), limits.at(i), j);
+        tiles(std::integral_constant<int, 1>{}, std::integral_constant<int, 2 * keys>{}, i, j_lo,
+              j_hi);
     }
 }
 
@@ -312,18 +328,6 @@ void value_rows(const Scalar* v, Index v_stride, Index dv, Index nk, const Scala
                 s += v[j * v_stride + e] * operand_at<Order>(pt, ld, j, c);
             acc[c * ld_acc + e] = s;
         }
-}
-
-/// f(std::integral_constant<int, n>{}) for a runtime n in [1, Max] (nothing otherwise): a tile
-/// whose width is known at compile time for the columns left after the full tiles.
-template <int Max, class F>
-MHA_ALWAYS_INLINE void with_tile_width(Index n, F&& f) {
-    if constexpr (Max > 0) {
-        if (n == Max)
-            f(std::integral_constant<int, Max>{});
-        else
-            with_tile_width<Max - 1>(n, std::forward<F>(f));
-    }
 }
 
 /// acc(0 : dv, 0 : nq) += V(:, 0 : nk) · P with P(j, c) = pt[j·ld + c] (the transposed

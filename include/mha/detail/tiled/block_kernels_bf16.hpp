@@ -270,30 +270,34 @@ inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
                                    float* mx = nullptr, const block_key_limits& limits = {}) {
     constexpr Index w = bf16_lanes;
     if (mx != nullptr) std::fill(mx, mx + nqp, -std::numeric_limits<float>::infinity());
-    auto max_of = [mx](Index i) { return mx == nullptr ? nullptr : mx + i; };
     // 4 packets of queries × 6 keys: 24 accumulators of the 32 registers, and 10 loads or
-    // broadcasts per 24 dot products (2 × 8 needed 10 per 16).
+    // broadcasts per 24 dot products (2 × 8 needed 10 per 16). Full tiles of Keys, then one
+    // narrower tile for the rest.
     constexpr int qpk = 4, keys = 6;
+    auto tiles = [&](auto packets, auto width, Index i, Index j0, Index j1) {
+        constexpr int n_packets = decltype(packets)::value, n_keys = decltype(width)::value;
+        float* m = mx == nullptr ? nullptr : mx + i;
+        const block_key_limits lim = limits.at(i);
+        Index j = j0;
+        for (; j + n_keys <= j1; j += n_keys)
+            score_tile_bf16<n_packets, n_keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride,
+                                               scale, st + j * ld + i, ld, m, lim, j);
+        with_tile_width<n_keys - 1>(j1 - j, [&](auto rest) {
+            score_tile_bf16<n_packets, decltype(rest)::value>(qp + i * 2, nqp, dk, k + j * k_stride,
+                                                              k_stride, scale, st + j * ld + i, ld,
+                                                              m, lim, j);
+        });
+    };
     Index i = 0;
-    for (; i + qpk * w <= nqp; i += qpk * w) {
-        const auto [j_lo, j_hi] = ranges.of(i, i + qpk * w, nk);
-        Index j = j_lo;
-        for (; j + keys <= j_hi; j += keys)
-            score_tile_bf16<qpk, keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                       st + j * ld + i, ld, max_of(i), limits.at(i), j);
-        for (; j < j_hi; ++j)
-            score_tile_bf16<qpk, 1>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                    st + j * ld + i, ld, max_of(i), limits.at(i), j);
-    }
+    for (; i + qpk * w <= nqp; i += qpk * w)
+        split_query_tile<qpk / 2, w>(
+            ranges, i, nk, [&](auto packets, Index at, Index j0, Index j1) {
+                tiles(packets, std::integral_constant<int, keys>{}, at, j0, j1);
+            });
     for (; i < nqp; i += w) {
         const auto [j_lo, j_hi] = ranges.of(i, i + w, nk);
-        Index j = j_lo;
-        for (; j + 2 * keys <= j_hi; j += 2 * keys)
-            score_tile_bf16<1, 2 * keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                         st + j * ld + i, ld, max_of(i), limits.at(i), j);
-        for (; j < j_hi; ++j)
-            score_tile_bf16<1, 1>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale,
-                                  st + j * ld + i, ld, max_of(i), limits.at(i), j);
+        tiles(std::integral_constant<int, 1>{}, std::integral_constant<int, 2 * keys>{}, i, j_lo,
+              j_hi);
     }
 }
 
