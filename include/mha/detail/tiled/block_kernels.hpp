@@ -167,6 +167,18 @@ MHA_ALWAYS_INLINE void with_tile_width(Index n, F&& f) {
     }
 }
 
+/// tile(std::integral_constant<int, n>{}, j) over keys [j0, j1): tiles of n = Keys keys from j0,
+/// then one narrower tile for the n < Keys keys left. Taking the rest one key at a time would
+/// give each tile too few independent multiply-add chains to hide their latency, and a load or
+/// broadcast for almost every multiply-add (inferred from the instruction mix, not measured).
+template <int Keys, class F>
+MHA_ALWAYS_INLINE void for_each_key_tile(Index j0, Index j1, F&& tile) {
+    Index j = j0;
+    for (; j + Keys <= j1; j += Keys)
+        tile(std::integral_constant<int, Keys>{}, j);
+    with_tile_width<Keys - 1>(j1 - j, [&](auto rest) { tile(rest, j); });
+}
+
 /// One score micro tile: st(0 : QP·W, 0 : Keys) = qt(0 : QP·W, :) · K(:, 0 : Keys); with a
 /// non-null `mx`, also mx(0 : QP·W) = max(mx, the tile's max per query), over the scores that
 /// are not NaN for float on AVX-512 (mx_skips_nan), NaN winning elsewhere. With
@@ -223,14 +235,15 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
 }
 
 /// st(0 : nq_padded, 0 : nk) = qt · K(:, 0 : nk), with qt packed by pack_scaled_queries and key j
-/// at k + j·k_stride. nq_padded must be a multiple of the packet width. With `ranges`, a query
-/// tile computes only the keys in the union of its queries' ranges; the entries outside are left
-/// as they were, for the caller to mask. With a non-null `mx` (nq_padded entries), mx(c) becomes
-/// the max of query c's scores (−∞ with no key) while they are still in registers, which saves
-/// the online softmax a pass over st; only for blocks whose scores the caller leaves as they are
-/// (no mask, no score terms), or masks by `limits` (score_micro_tile; float on AVX-512). Where
-/// mx_skips_nan, a NaN score is left out of mx(c), not taken as its max (see masked_scores for
-/// what the caller does about it); elsewhere mx(c) is NaN when one of the scores is.
+/// at k + j·k_stride. nq_padded must be a multiple of the packet width. With `ranges`, each half
+/// of a query tile (split_query_tile) computes only the keys in the union of its queries' ranges;
+/// the entries outside are left as they were, for the caller to mask. With a non-null `mx`
+/// (nq_padded entries), mx(c) becomes the max of query c's scores (−∞ with no key) while they are
+/// still in registers, which saves the online softmax a pass over st; only for blocks whose scores
+/// the caller leaves as they are (no mask, no score terms), or masks by `limits` (score_micro_tile;
+/// float on AVX-512). Where mx_skips_nan, a NaN score is left out of mx(c), not taken as its max
+/// (see masked_scores for what the caller does about it); elsewhere mx(c) is NaN when one of the
+/// scores is.
 template <class Scalar>
 void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k, Index k_stride,
                        Index nk, Scalar* st, Index ld, const query_key_ranges& ranges = {},
@@ -240,18 +253,13 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
     constexpr int qp = static_cast<int>(traits::score_query_packets);
     constexpr int keys = static_cast<int>(traits::score_keys);
     if (mx != nullptr) std::fill(mx, mx + nq_padded, -std::numeric_limits<Scalar>::infinity());
-    // Tiles of QP packets for queries [i, i + QP·W) over keys [j0, j1): full tiles of Keys, then
-    // one narrower tile for the rest (one key at a time ran at about a third of the rate).
+    // Tiles of QP packets for queries [i, i + QP·W) over keys [j0, j1).
     auto tiles = [&](auto packets, auto width, Index i, Index j0, Index j1) {
-        constexpr int n_packets = decltype(packets)::value, n_keys = decltype(width)::value;
+        constexpr int n_packets = decltype(packets)::value;
         Scalar* m = mx == nullptr ? nullptr : mx + i;
         const block_key_limits lim = limits.at(i);
-        Index j = j0;
-        for (; j + n_keys <= j1; j += n_keys)
-            score_micro_tile<Scalar, n_packets, n_keys>(qt + i, nq_padded, dk, k + j * k_stride,
-                                                        k_stride, st + j * ld + i, ld, m, lim, j);
-        with_tile_width<n_keys - 1>(j1 - j, [&](auto rest) {
-            score_micro_tile<Scalar, n_packets, decltype(rest)::value>(
+        for_each_key_tile<decltype(width)::value>(j0, j1, [&](auto n_keys, Index j) {
+            score_micro_tile<Scalar, n_packets, decltype(n_keys)::value>(
                 qt + i, nq_padded, dk, k + j * k_stride, k_stride, st + j * ld + i, ld, m, lim, j);
         });
     };

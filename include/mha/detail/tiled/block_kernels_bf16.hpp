@@ -271,21 +271,16 @@ inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
     constexpr Index w = bf16_lanes;
     if (mx != nullptr) std::fill(mx, mx + nqp, -std::numeric_limits<float>::infinity());
     // 4 packets of queries × 6 keys: 24 accumulators of the 32 registers, and 10 loads or
-    // broadcasts per 24 dot products (2 × 8 needed 10 per 16). Full tiles of Keys, then one
-    // narrower tile for the rest.
+    // broadcasts per 24 dot products (2 × 8 needed 10 per 16).
     constexpr int qpk = 4, keys = 6;
     auto tiles = [&](auto packets, auto width, Index i, Index j0, Index j1) {
-        constexpr int n_packets = decltype(packets)::value, n_keys = decltype(width)::value;
+        constexpr int n_packets = decltype(packets)::value;
         float* m = mx == nullptr ? nullptr : mx + i;
         const block_key_limits lim = limits.at(i);
-        Index j = j0;
-        for (; j + n_keys <= j1; j += n_keys)
-            score_tile_bf16<n_packets, n_keys>(qp + i * 2, nqp, dk, k + j * k_stride, k_stride,
-                                               scale, st + j * ld + i, ld, m, lim, j);
-        with_tile_width<n_keys - 1>(j1 - j, [&](auto rest) {
-            score_tile_bf16<n_packets, decltype(rest)::value>(qp + i * 2, nqp, dk, k + j * k_stride,
-                                                              k_stride, scale, st + j * ld + i, ld,
-                                                              m, lim, j);
+        for_each_key_tile<decltype(width)::value>(j0, j1, [&](auto n_keys, Index j) {
+            score_tile_bf16<n_packets, decltype(n_keys)::value>(qp + i * 2, nqp, dk,
+                                                                k + j * k_stride, k_stride, scale,
+                                                                st + j * ld + i, ld, m, lim, j);
         });
     };
     Index i = 0;

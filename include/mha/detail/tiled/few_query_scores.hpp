@@ -53,13 +53,8 @@ MHA_ALWAYS_INLINE void few_query_score_tile(const Scalar* q, Index q_stride, Ind
 template <class Scalar>
 void few_query_scores(const Scalar* q, Index q_stride, Index nq, Index dk, Scalar scale,
                       const Scalar* k, Index k_stride, Index nk, Scalar* st, Index ld) {
-    constexpr int keys = few_query_score_keys;
-    Index j = 0;
-    for (; j + keys <= nk; j += keys)
-        few_query_score_tile<Scalar, keys>(q, q_stride, nq, dk, scale, k + j * k_stride, k_stride,
-                                           st + j * ld, ld);
-    with_tile_width<keys - 1>(nk - j, [&](auto width) {
-        few_query_score_tile<Scalar, decltype(width)::value>(
+    for_each_key_tile<few_query_score_keys>(0, nk, [&](auto n_keys, Index j) {
+        few_query_score_tile<Scalar, decltype(n_keys)::value>(
             q, q_stride, nq, dk, scale, k + j * k_stride, k_stride, st + j * ld, ld);
     });
 }
