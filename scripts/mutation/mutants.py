@@ -475,11 +475,12 @@ MUTANTS = [
          tests=["tiled_attention", "tiled_attention_avx512"],
          description="the later half's key range is taken from its first packet of queries "
                      "only"),
-    dict(id="score-tile-rest-one-short", file="detail/tiled/block_kernels.hpp",
-         find="with_tile_width<n_keys - 1>(j1 - j, [&](auto rest) {",
-         replace="with_tile_width<n_keys - 2>(j1 - j, [&](auto rest) {",
+    dict(id="key-tile-rest-one-short", file="detail/tiled/block_kernels.hpp",
+         find="with_tile_width<Keys - 1>(j1 - j, [&](auto rest) { tile(rest, j); });",
+         replace="with_tile_width<Keys - 2>(j1 - j, [&](auto rest) { tile(rest, j); });",
          tests=["tiled_attention", "tiled_attention_avx512", "attention_block_kernels"],
-         description="the float score tiles skip a rest of Keys − 1 keys after the full tiles"),
+         description="a rest of Keys − 1 keys after the full tiles is skipped, in the float and "
+                     "bf16 score tiles and the few-query score kernel"),
     dict(id="exp-short-reduction", file="detail/tiled/exp_avx512.hpp",
          find="f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-06f), f);",
          replace="",
@@ -599,9 +600,4 @@ MUTANTS = [
          replace="for (Index d = packed + 1; d < dk; ++d)",
          tests=["attention_block_kernels"],
          description="the few-query score kernel drops the first of the dimensions past the last whole packet"),
-    dict(id="few-query-scores-key-rest", file="detail/tiled/few_query_scores.hpp",
-         find="with_tile_width<keys - 1>(nk - j,",
-         replace="with_tile_width<keys - 2>(nk - j,",
-         tests=["attention_block_kernels"],
-         description="the few-query score kernel leaves the last 7 keys of a block unscored when 7 remain"),
 ]
