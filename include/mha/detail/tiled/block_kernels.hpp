@@ -258,10 +258,12 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
         constexpr int n_packets = decltype(packets)::value;
         Scalar* m = mx == nullptr ? nullptr : mx + i;
         const block_key_limits lim = limits.at(i);
-        for_each_key_tile<decltype(width)::value>(j0, j1, [&](auto n_keys, Index j) {
-            score_micro_tile<Scalar, n_packets, decltype(n_keys)::value>(
-                qt + i, nq_padded, dk, k + j * k_stride, k_stride, st + j * ld + i, ld, m, lim, j);
-        });
+        for_each_key_tile<decltype(width)::value>(
+            j0, j1, [&](auto n_keys, Index j) MHA_ALWAYS_INLINE_LAMBDA {
+                score_micro_tile<Scalar, n_packets, decltype(n_keys)::value>(
+                    qt + i, nq_padded, dk, k + j * k_stride, k_stride, st + j * ld + i, ld, m, lim,
+                    j);
+            });
     };
     static_assert(qp % 2 == 0, "a score tile splits into two halves of whole packets");
     Index i = 0;

@@ -277,11 +277,12 @@ inline void transposed_scores_bf16(const std::uint16_t* qp, Index nqp, Index dk,
         constexpr int n_packets = decltype(packets)::value;
         float* m = mx == nullptr ? nullptr : mx + i;
         const block_key_limits lim = limits.at(i);
-        for_each_key_tile<decltype(width)::value>(j0, j1, [&](auto n_keys, Index j) {
-            score_tile_bf16<n_packets, decltype(n_keys)::value>(qp + i * 2, nqp, dk,
-                                                                k + j * k_stride, k_stride, scale,
-                                                                st + j * ld + i, ld, m, lim, j);
-        });
+        for_each_key_tile<decltype(width)::value>(
+            j0, j1, [&](auto n_keys, Index j) MHA_ALWAYS_INLINE_LAMBDA {
+                score_tile_bf16<n_packets, decltype(n_keys)::value>(
+                    qp + i * 2, nqp, dk, k + j * k_stride, k_stride, scale, st + j * ld + i, ld, m,
+                    lim, j);
+            });
     };
     Index i = 0;
     for (; i + qpk * w <= nqp; i += qpk * w)

@@ -53,10 +53,11 @@ MHA_ALWAYS_INLINE void few_query_score_tile(const Scalar* q, Index q_stride, Ind
 template <class Scalar>
 void few_query_scores(const Scalar* q, Index q_stride, Index nq, Index dk, Scalar scale,
                       const Scalar* k, Index k_stride, Index nk, Scalar* st, Index ld) {
-    for_each_key_tile<few_query_score_keys>(0, nk, [&](auto n_keys, Index j) {
-        few_query_score_tile<Scalar, decltype(n_keys)::value>(
-            q, q_stride, nq, dk, scale, k + j * k_stride, k_stride, st + j * ld, ld);
-    });
+    for_each_key_tile<few_query_score_keys>(
+        0, nk, [&](auto n_keys, Index j) MHA_ALWAYS_INLINE_LAMBDA {
+            few_query_score_tile<Scalar, decltype(n_keys)::value>(
+                q, q_stride, nq, dk, scale, k + j * k_stride, k_stride, st + j * ld, ld);
+        });
 }
 
 }  // namespace detail
