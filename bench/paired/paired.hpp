@@ -22,13 +22,20 @@ struct problem {
     long window = 256;
 };
 
-/// The attention core of one revision. qkv is (3·d_model) × length: Q, K and V stacked by rows;
-/// out is d_model × length. Each returns the call's wall time in milliseconds, measured around
-/// the call alone (the workspace is kept between calls, so no allocation is timed).
+/// One revision's attention core and whole layer. qkv is (3·d_model) × length: Q, K and V
+/// stacked by rows, of which the layer takes the first d_model rows as its input; out is
+/// d_model × length. Each returns the call's wall time in milliseconds, measured around the call
+/// alone (the workspace, and the layer built on the first call, are kept between calls, so no
+/// allocation is timed).
 struct revision {
+    using fp32_call = double (*)(const Eigen::MatrixXf& qkv, const problem& p,
+                                 Eigen::MatrixXf& out);
+    using bf16_call = double (*)(const bf16_matrix& qkv, const problem& p, Eigen::MatrixXf& out);
     const char* name;
-    double (*core_fp32)(const Eigen::MatrixXf& qkv, const problem& p, Eigen::MatrixXf& out);
-    double (*core_bf16)(const bf16_matrix& qkv, const problem& p, Eigen::MatrixXf& out);
+    fp32_call core_fp32;
+    bf16_call core_bf16;
+    fp32_call layer_fp32;  // multi_head_attention<float>::forward_into, seed 1
+    bf16_call layer_bf16;  // multi_head_attention_bf16 of the same parameters, fp32 output
 };
 
 revision revision_base();  // compiled with -DMHA_PAIRED_REVISION=base

@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: MIT
-// Two revisions of the attention core in one program, called in turn on the same inputs: the
-// driver behind compare_revisions.sh. On a shared, noisy machine two runs of the same binary
+// Two revisions of the attention core or layer in one program, called in turn on the same inputs:
+// the driver behind compare_revisions.sh. On a shared, noisy machine two runs of the same binary
 // minutes apart differ by up to ±10 %, which hides a 1–2 % change; calls of both revisions
 // alternating within a few milliseconds see the same load, so their ratio keeps its digits.
 //
-//   paired_attention [--precision fp32|bf16] [--length L] [--mask none|causal|window]
-//                    [--window W] [--d-model D] [--heads H] [--calls N] [--rounds R]
+//   paired_attention [--what core|layer] [--precision fp32|bf16] [--length L]
+//                    [--mask none|causal|window] [--window W] [--d-model D] [--heads H]
+//                    [--calls N] [--rounds R]
+//
+// core: multi_head_attention_core on Q, K and V of d_model rows each; layer: the whole layer's
+// forward_into (projections included), seed 1; bf16: bfloat16 inputs, fp32 output.
 //
 // Each round makes N calls of each revision, alternating which goes first, and keeps each
 // revision's fastest call (the one least disturbed by other work); the program prints every
@@ -26,13 +30,15 @@ namespace {
 struct options {
     paired::problem problem;
     bool bf16 = false;
+    bool layer = false;
     int calls = 10;
     int rounds = 7;
 };
 
 [[noreturn]] void usage(const char* message) {
     std::fprintf(stderr,
-                 "paired_attention: %s\nusage: paired_attention [--precision fp32|bf16] "
+                 "paired_attention: %s\nusage: paired_attention [--what core|layer] "
+                 "[--precision fp32|bf16] "
                  "[--length L] [--mask none|causal|window] [--window W] [--d-model D] "
                  "[--heads H] [--calls N] [--rounds R]\n",
                  message);
@@ -56,7 +62,11 @@ options parse(int argc, char** argv) {
         const std::string name = argv[i];
         if (i + 1 >= argc) usage((name + ": expected a value after it").c_str());
         const char* value = argv[i + 1];
-        if (name == "--precision") {
+        if (name == "--what") {
+            if (std::strcmp(value, "core") != 0 && std::strcmp(value, "layer") != 0)
+                usage((name + ": expected core or layer, got '" + value + "'").c_str());
+            o.layer = std::strcmp(value, "layer") == 0;
+        } else if (name == "--precision") {
             if (std::strcmp(value, "fp32") != 0 && std::strcmp(value, "bf16") != 0)
                 usage((name + ": expected fp32 or bf16, got '" + value + "'").c_str());
             o.bf16 = std::strcmp(value, "bf16") == 0;
@@ -102,8 +112,9 @@ int compare(const options& o, Run run) {
     // outputs tell whether the change kept the results: 0 when it should keep the bits.
     run(base, out_base);
     run(fresh, out_new);
-    std::printf("%s, L = %ld, %ld heads of %ld, mask %s; max |base - new| = %g\n",
-                o.bf16 ? "bf16" : "fp32", p.length, p.heads, p.d_model / p.heads,
+    std::printf("%s %s, L = %ld, %ld heads of %ld, mask %s; max |base - new| = %g\n",
+                o.bf16 ? "bf16" : "fp32", o.layer ? "layer" : "core", p.length, p.heads,
+                p.d_model / p.heads,
                 p.mask == paired::mask_kind::none     ? "none"
                 : p.mask == paired::mask_kind::causal ? "causal"
                                                       : "window",
@@ -138,10 +149,10 @@ int main(int argc, char** argv) {
     const Eigen::MatrixXf qkv = Eigen::MatrixXf::Random(3 * p.d_model, p.length);
     if (!o.bf16)
         return compare(o, [&](const paired::revision& rev, Eigen::MatrixXf& out) {
-            return rev.core_fp32(qkv, p, out);
+            return (o.layer ? rev.layer_fp32 : rev.core_fp32)(qkv, p, out);
         });
     const paired::bf16_matrix qkv_bf16 = qkv.cast<Eigen::bfloat16>();
     return compare(o, [&](const paired::revision& rev, Eigen::MatrixXf& out) {
-        return rev.core_bf16(qkv_bf16, p, out);
+        return (o.layer ? rev.layer_bf16 : rev.core_bf16)(qkv_bf16, p, out);
     });
 }
