@@ -19,6 +19,7 @@
 #include <catch2/catch_test_macros.hpp>
 
 #include <mha/attention.hpp>
+#include <mha/detail/bf16_conversions.hpp>
 
 #include "bf16_kernels.hpp"
 #include "check.hpp"
@@ -647,4 +648,105 @@ TEST_CASE("bf16 core build: the query pair packing equals the plain pair-interle
             INFO("nq " << nq << ", d_k " << dk);
             CHECK(wrong == 0);
         }
+}
+
+namespace {
+
+std::uint32_t float_bits(float x) {
+    std::uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+float float_of_bits(std::uint32_t u) {
+    float x;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+}  // namespace
+
+TEST_CASE("bf16 conversions: widening every bf16 pattern gives its bits in the upper half") {
+    // widen_bf16 runs 16 lanes (AVX-512: this file's _native build), 8 (AVX2) and a scalar tail;
+    // the reference is the definition (a bf16 is the upper 16 bits of an fp32). Every pattern,
+    // NaN payloads included, at every offset and length around the packet widths.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    std::vector<bf16> all(65536);
+    for (std::uint32_t b = 0; b < 65536; ++b) {
+        const auto bits = static_cast<std::uint16_t>(b);
+        std::memcpy(static_cast<void*>(&all[b]), &bits, sizeof bits);  // bf16 is 16 bits
+    }
+    Index wrong = 0;
+    for (Index offset = 0; offset < 3; ++offset) {
+        const Index n = 65536 - offset;
+        std::vector<float> out(static_cast<std::size_t>(n), 1.0f);
+        mha::detail::widen_bf16(all.data() + offset, n, out.data());
+        for (Index i = 0; i < n; ++i)
+            wrong += float_bits(out[static_cast<std::size_t>(i)]) !=
+                     static_cast<std::uint32_t>(offset + i) << 16;
+    }
+    CHECK(wrong == 0);
+    for (Index n = 0; n <= 40; ++n) {
+        std::vector<float> out(static_cast<std::size_t>(n) + 1, 7.0f);
+        mha::detail::widen_bf16(all.data() + 0x3f80, n, out.data());  // from 1.0 upwards
+        Index bad = 0;
+        for (Index i = 0; i < n; ++i)
+            bad += float_bits(out[static_cast<std::size_t>(i)]) !=
+                   static_cast<std::uint32_t>(0x3f80 + i) << 16;
+        INFO("n " << n);
+        CHECK(bad == 0);
+        CHECK(out[static_cast<std::size_t>(n)] == 7.0f);  // nothing past n written
+    }
+}
+
+TEST_CASE("bf16 conversions: rounding in place equals Eigen's scalar rounding, bit for bit") {
+    // round_to_bf16_in_place runs 16 lanes (AVX-512), 8 (AVX2) and a scalar tail; the reference
+    // is Eigen's scalar float → bfloat16 (round to nearest even, NaN to the quiet NaN of its
+    // sign). Each special value is tried at every lane position of arrays around the packet
+    // widths, among random bit patterns; the ties are also checked against their written value.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    const float inf = std::numeric_limits<float>::infinity();
+    const std::vector<float> special = {
+        0.0f,
+        -0.0f,
+        inf,
+        -inf,
+        std::numeric_limits<float>::quiet_NaN(),
+        -std::numeric_limits<float>::quiet_NaN(),
+        float_of_bits(0x7f800001u),  // signalling
+        float_of_bits(0xffbfffffu),
+        std::numeric_limits<float>::max(),  // rounds to +∞
+        -std::numeric_limits<float>::max(),
+        std::numeric_limits<float>::denorm_min(),
+        float_of_bits(0x007fffffu),  // largest subnormal: rounds up to the smallest normal
+        1.0f + 0x1.0p-8f,            // tie, even below: 1
+        1.0f + 0x1.8p-7f,            // tie, odd below: 1 + 2⁻⁶
+        1.0f + 0x1.0p-8f + 0x1.0p-23f,
+        0.3f,
+        -2.5e-3f};
+    CHECK(mha::detail::round_to_bf16(1.0f + 0x1.0p-8f) == 1.0f);
+    CHECK(mha::detail::round_to_bf16(1.0f + 0x1.8p-7f) == 1.0f + 0x1.0p-6f);
+    CHECK(mha::detail::round_to_bf16(1.0f + 0x1.0p-8f + 0x1.0p-23f) == 1.0f + 0x1.0p-7f);
+    CHECK(mha::detail::round_to_bf16(std::numeric_limits<float>::max()) == inf);
+    mha_test::value_source rnd(2061);
+    for (Index n : {1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40})
+        for (const float value : special)
+            for (Index at = 0; at < n; ++at) {
+                std::vector<float> x(static_cast<std::size_t>(n) + 1);
+                for (float& e : x)
+                    e = float_of_bits(static_cast<std::uint32_t>(rnd.next()));
+                x[static_cast<std::size_t>(at)] = value;
+                const std::vector<float> before = x;
+                mha::detail::round_to_bf16_in_place(x.data(), n);
+                Index bad = 0;
+                for (Index i = 0; i < n; ++i) {
+                    const auto u = static_cast<std::size_t>(i);
+                    bad += float_bits(x[u]) != float_bits(mha::detail::round_to_bf16(before[u]));
+                }
+                INFO("n " << n << ", position " << at << ", value bits 0x" << std::hex
+                          << float_bits(value));
+                REQUIRE(bad == 0);
+                REQUIRE(float_bits(x[static_cast<std::size_t>(n)]) ==
+                        float_bits(before[static_cast<std::size_t>(n)]));  // past n: untouched
+            }
 }

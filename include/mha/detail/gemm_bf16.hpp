@@ -51,6 +51,7 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/detail/bf16_conversions.hpp>
 #include <mha/detail/check.hpp>
 #include <mha/detail/gemm.hpp>
 #include <mha/detail/gemm_bf16_amx.hpp>
@@ -74,9 +75,14 @@ inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_o
                                bf16_gemm_buffers& buffers, int threads) {
     grow(buffers.wide_a, m * k);
     float* wa = buffers.wide_a.data();  // m × k, column-major
-    for (Index q = 0; q < k; ++q)
+    for (Index q = 0; q < k; ++q) {
+        if (a.row_stride == 1) {
+            widen_bf16(a.data + q * a.col_stride, m, wa + q * m);
+            continue;
+        }
         for (Index i = 0; i < m; ++i)
             wa[q * m + i] = bf16_to_float(a.data[i * a.row_stride + q * a.col_stride]);
+    }
     // One blocking for every column block: the k-blocks, hence the order of the sums, do not
     // depend on which thread runs a block or on how wide it is.
     const gemm_blocking<float> blocking(m, std::min(n, bf16_gemm_sizes::nc), k);
@@ -84,9 +90,14 @@ inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_o
         const Index w = j1 - j0;
         grow(own.wide_b, k * w);
         float* wb = own.wide_b.data();  // k × w, column-major
-        for (Index j = 0; j < w; ++j)
+        for (Index j = 0; j < w; ++j) {
+            if (b.row_stride == 1) {
+                widen_bf16(b.data + (j0 + j) * b.col_stride, k, wb + j * k);
+                continue;
+            }
             for (Index q = 0; q < k; ++q)
                 wb[j * k + q] = bf16_to_float(b.data[q * b.row_stride + (j0 + j) * b.col_stride]);
+        }
         if (!accumulate) start_columns(m, j0, j1, bias, c, ldc);
         gemm_blocking<float> own_blocking = blocking;
         use_buffers(own_blocking, own.gemm);

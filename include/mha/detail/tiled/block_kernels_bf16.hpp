@@ -39,6 +39,7 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/detail/bf16_conversions.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
 #include <mha/detail/tiled/online_softmax.hpp>
 
@@ -72,23 +73,6 @@ inline constexpr bf16_kernel default_bf16_kernel = bf16_kernel::native;
 #else
 inline constexpr bf16_kernel default_bf16_kernel = bf16_kernel::portable;
 #endif
-
-/// The bits of a bf16.
-inline std::uint16_t bf16_bits(Eigen::bfloat16 x) {
-    std::uint16_t b;
-    std::memcpy(&b, &x, sizeof b);
-    return b;
-}
-
-/// A bf16 as fp32, exactly (a bf16 is the upper 16 bits of the fp32 of the same value).
-inline float bf16_to_float(Eigen::bfloat16 x) {
-    return static_cast<float>(x);
-}
-
-/// x rounded to the nearest bf16 (ties to even; NaN stays NaN), back in fp32.
-inline float round_to_bf16(float x) {
-    return static_cast<float>(Eigen::bfloat16(x));
-}
 
 /// Packets of queries and value rows in the native kernels: 16 fp32 lanes, 32 bf16.
 inline constexpr Index bf16_lanes = 16;
@@ -180,15 +164,6 @@ inline void pack_value_pairs(const Eigen::bfloat16* v, Index v_stride, Index dv,
         for (Index e = 0; e < dv; ++e)
             dst[2 * e] = bf16_bits(vj[e]);
     }
-}
-
-/// dst(0 : rows, 0 : cols) ← src widened to fp32 (column j of src at src + j·stride, of dst at
-/// dst + j·ld).
-inline void widen_columns(const Eigen::bfloat16* src, Index stride, Index rows, Index cols,
-                          float* dst, Index ld) {
-    for (Index j = 0; j < cols; ++j)
-        for (Index r = 0; r < rows; ++r)
-            dst[j * ld + r] = bf16_to_float(src[j * stride + r]);
 }
 
 #if defined(MHA_BF16_NATIVE)

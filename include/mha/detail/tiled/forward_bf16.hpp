@@ -191,9 +191,9 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
 #endif
         } else {
             widen_columns(v, p.f.v_stride, dv, nk, t.v.data(), dv);
-            for (Index r = 0; r < nk; ++r)
-                for (Index c = 0; c < nq; ++c)
-                    st[r * nqp + c] = round_to_bf16(st[r * nqp + c]);
+            // Padding queries too (their probabilities are finite and no output reads them):
+            // one run over the block instead of nk runs of nq.
+            round_to_bf16_in_place(st, nk * nqp);
             accumulate_values(t.v.data(), dv, dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
                               ranges);
         }
