@@ -2,10 +2,14 @@
 // Which bf16 kernels (include/mha/detail/tiled/block_kernels_bf16.hpp's bf16_kernel) a test
 // binary can run on this CPU, for the bf16 tests that run every one of them. Each bf16 test file
 // is built twice by tests/CMakeLists.txt: with the preset's flags, and with AVX512-BF16 (and
-// AMX where the compiler takes it) as the _native binary, which skips every case on a CPU
-// without AVX512-BF16 before running code compiled for it.
+// AMX where the compiler takes it) as the _native binary. On a CPU without AVX512-BF16 that
+// binary exits with 77 before any test (ctest reads it as skipped, tests/CMakeLists.txt): any
+// of its code may use AVX-512, and skipping case by case let some run far enough to hit an
+// illegal instruction.
 #pragma once
 
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -44,6 +48,15 @@ inline bool bf16_build_runs_here() {
     return true;
 #endif
 }
+
+#if defined(MHA_TEST_NATIVE_BUILD)
+/// Exits with ctest's "skipped" code at static initialisation when this CPU cannot run the build.
+inline const bool bf16_native_build_runs_here = [] {
+    if (bf16_native_available()) return true;
+    std::fputs("compiled for AVX512-BF16, which this CPU lacks: skipped\n", stderr);
+    std::exit(77);
+}();
+#endif
 
 /// Every kernel that runs here: portable always, native and amx where available.
 inline std::vector<bf16_kernel> bf16_kernels_here() {
