@@ -66,12 +66,15 @@ mha::packed_batch batch_of(Index length) {
 // memory (a load, two FMAs and a store per chain step, chained through store-to-load forwarding),
 // which read as half the peak. Named scalars of packet type stay in registers (16 + 2 constants
 // of the 32 zmm registers). Zen 5 has 2 FMA pipes with 4 cycles of latency, so 8 chains in
-// flight suffice; 16 leave room. acc ← acc·a + b with a < 1 converges to b/(1 − a) = 0.1:
-// no overflow and no denormals, and without -ffast-math the compiler may not fold the chain.
-// Flops per benchmark iteration: kSteps × 16 chains × 2 (multiply, add) × lanes, as counted.
+// flight suffice; 16 leave room. With 16 vector registers (AVX2, SSE) the probe runs 12 chains:
+// 16 + 2 constants spilled three chains to the stack, and on a Zen 3 the probe read 56 GFLOP/s
+// where Eigen's GEMM inside the layer reached 60. acc ← acc·a + b with a < 1 converges to
+// b/(1 − a) = 0.1: no overflow and no denormals, and without -ffast-math the compiler may not
+// fold the chain. Flops per benchmark iteration: kSteps × chains × 2 (multiply, add) × lanes.
 using fma_packet = Eigen::internal::packet_traits<float>::type;
 constexpr int kFmaLanes = Eigen::internal::packet_traits<float>::size;
-constexpr int kProbeChains = 16;  // the number of chain lines in each probe loop below
+constexpr int kProbeChains = 16;  // the number of chain lines in the bf16 probe loop below
+constexpr int kFmaProbeChains = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 16 : 12;
 constexpr long kProbeSteps = 1 << 18;
 
 float fma_chains(long steps) {
@@ -99,10 +102,12 @@ float fma_chains(long steps) {
         c9 = pmadd(c9, a, b);
         c10 = pmadd(c10, a, b);
         c11 = pmadd(c11, a, b);
-        c12 = pmadd(c12, a, b);
-        c13 = pmadd(c13, a, b);
-        c14 = pmadd(c14, a, b);
-        c15 = pmadd(c15, a, b);
+        if constexpr (kFmaProbeChains == 16) {
+            c12 = pmadd(c12, a, b);
+            c13 = pmadd(c13, a, b);
+            c14 = pmadd(c14, a, b);
+            c15 = pmadd(c15, a, b);
+        }
     }
     // Only the result is escaped, once the loop is done; the sum is outside the timing-
     // relevant part (16 reductions against 2^22 FMAs).
@@ -113,7 +118,8 @@ float fma_chains(long steps) {
     return Eigen::internal::predux(s);
 }
 
-constexpr double kFmaProbeFlops = 2.0 * kFmaLanes * kProbeChains * static_cast<double>(kProbeSteps);
+constexpr double kFmaProbeFlops =
+    2.0 * kFmaLanes * kFmaProbeChains * static_cast<double>(kProbeSteps);
 
 void BM_fma_peak(benchmark::State& state) {
     for (auto _ : state) {
@@ -122,6 +128,7 @@ void BM_fma_peak(benchmark::State& state) {
     }
     set_gflops(state, kFmaProbeFlops);
     state.counters["lanes"] = kFmaLanes;
+    state.counters["chains"] = kFmaProbeChains;
 }
 
 #if defined(MHA_BF16_NATIVE)
