@@ -78,13 +78,13 @@ struct block_kernel_traits {
     using ops = eigen_compat::packet_ops<Scalar>;
     using packet = typename ops::packet;
     static constexpr Index width = ops::width;
-    // 32 vector registers (AVX-512, NEON on AArch64): 24 accumulators per tile (4 packets × 6),
-    // with room for the 4 packet loads and a broadcast; per step 10 loads feed 24 FMAs, where
-    // 2 × 8 tiles needed 10 for 16 (measured 4 % faster at L = 2048). 16 registers (AVX2, SSE):
-    // 8 or 12. Two FMA pipes with 4 cycles of latency need 8 independent chains.
+    // 32 vector registers (AVX-512, NEON on AArch64): 4 packets × 6, 24 accumulators, 4 loads
+    // and a broadcast; 10 loads per 24 FMAs (2 × 8: 10 per 16, 4 % slower at L = 2048). 16
+    // (AVX2, SSE): 2 × 6 for both products (2 × 4 scores: GCC folded the query loads into the
+    // FMAs, 12 loads per 8, and the AVX2 core ran 1.2× slower). 2 FMA pipes × 4 cycles: 8 chains.
     static constexpr bool many_registers = ops::many_registers;
     static constexpr Index score_query_packets = many_registers ? 4 : 2;
-    static constexpr Index score_keys = many_registers ? 6 : 4;
+    static constexpr Index score_keys = 6;
     static constexpr Index value_packets = many_registers ? 4 : 2;
     static constexpr Index value_queries = 6;
     static constexpr Index value_key_chunk = 128;
