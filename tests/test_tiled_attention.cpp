@@ -22,6 +22,10 @@
 #include "check.hpp"
 #include "reference.hpp"
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 #if defined(MHA_TEST_AVX512_BUILD)
@@ -34,6 +38,19 @@ const bool avx512_runs_here = [] {
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
         return true;
     std::fputs("compiled for AVX-512, which this CPU lacks: skipped\n", stderr);
+    std::exit(77);
+}();
+#endif
+
+#if defined(MHA_TEST_AVX2_BUILD)
+// The build for AVX2 with FMA (tests/CMakeLists.txt) runs the 8-lane paths: score tiles of 2 × 6,
+// the exp pass's exp_above_flush_avx2.
+static_assert(mha::detail::block_kernel_traits<float>::width == 8 &&
+                  !mha::detail::block_kernel_traits<float>::many_registers,
+              "compiled for AVX2, the float kernel must take its 8-lane paths");
+const bool avx2_runs_here = [] {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return true;
+    std::fputs("compiled for AVX2 and FMA, which this CPU lacks: skipped\n", stderr);
     std::exit(77);
 }();
 #endif
@@ -614,6 +631,34 @@ TEST_CASE("tiled kernel: exponentials that would be subnormal are exactly 0", "[
     check(0.0f);
     check(0.0);
 }
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+TEST_CASE("tiled kernel: the AVX2 exp pass's exp is within 3 ulp of exp where it is normal",
+          "[tiled]") {
+    // exp_above_flush_avx2, the AVX-512 exp_above_flush's method in 8 lanes: the table's
+    // roundings (half a unit of 2^-24 each), the cubic's 9e-9 and the last multiply-add's
+    // rounding. 2^20 differences over [−88, 0], every lane position, plus 0 and NaN.
+    long double worst = 0;
+    alignas(32) float x[8], y[8];
+    for (long n = 0; n < (1L << 20); n += 8) {
+        for (int i = 0; i < 8; ++i)
+            x[i] = -88.0f * static_cast<float>(n + i) / static_cast<float>(1L << 20);
+        if (n == 0) x[1] = -1e-7f;
+        _mm256_store_ps(y, mha::detail::exp_above_flush_avx2(_mm256_load_ps(x)));
+        if (n == 0) CHECK(y[0] == 1.0f);
+        for (int i = 0; i < 8; ++i) {
+            const long double exact = std::exp(static_cast<long double>(x[i]));
+            if (exact < std::numeric_limits<float>::min()) continue;  // the caller clears these
+            worst = std::max(worst, std::fabs(y[i] - exact) / exact);
+        }
+    }
+    INFO("worst relative error " << worst);
+    CHECK(worst <= 3 * 0x1.0p-24L);
+    _mm256_store_ps(y, mha::detail::exp_above_flush_avx2(
+                           _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+    CHECK(std::isnan(y[0]));
+}
+#endif
 
 TEST_CASE("tiled kernel: double scores spread by 1e4 agree with the materialised kernel",
           "[tiled]") {
