@@ -60,7 +60,6 @@ struct bf16_gemm_thread_buffers {
     aligned_vector<std::uint16_t>
         packed_b;                  // native: a k-block × column block of B, in pairs; amx: Bᵀ
     aligned_vector<float> wide_b;  // portable: a column block of B in fp32 (k × nc)
-    gemm_buffers<float> gemm;      // portable: Eigen's packing buffers
 };
 
 /// Buffers of gemm_bf16, kept by the caller between calls; they only grow. One set serves one

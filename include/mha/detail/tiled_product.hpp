@@ -40,13 +40,17 @@ template <class Scalar>
 inline constexpr bool tiled_product_scalar =
     std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>;
 
+/// Rows of A per block, and the inner dimension per chunk, of tiled_product (see "Blocking").
+inline constexpr Index tiled_product_rows = 64;
+inline constexpr Index tiled_product_inner = 512;
+
 /// C (m × n, column-major, ldc) = A·B, A m × k column-major (column j at a + j·lda), B k × n
 /// column-major (ldb); on `threads` threads (0: OpenMP's default). C must not overlap A or B.
 template <class Scalar>
 void tiled_product(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b,
                    Index ldb, Scalar* c, Index ldc, int threads) {
-    constexpr Index row_block = 64;
-    constexpr Index inner_chunk = 512;
+    constexpr Index row_block = tiled_product_rows;
+    constexpr Index inner_chunk = tiled_product_inner;
     if (m == 0 || n == 0) return;
     const Index blocks = (m + row_block - 1) / row_block;
     // As for the GEMM (detail/gemm.hpp): a thread pays off from about 50 000 multiply-adds.
