@@ -123,8 +123,7 @@ void size_outputs(const attention_problem<Scalar>& p, attention_outputs<Scalar>&
 }
 
 /// Runs the kernel the options select on a validated problem. `workspace`: the buffers of the
-/// call, kept for the next one; null: the call's own, and the materialised path's products are
-/// Eigen's (which may run on Eigen's own OpenMP threads). `mod`: the caller's score modifier.
+/// call, kept for the next one; null: the call's own. `mod`: the caller's score modifier.
 template <class Scalar, class Mod = no_score_modifier>
 attention_outputs<Scalar> attend(const attention_problem<Scalar>& p, attention_algorithm algorithm,
                                  attention_workspace<Scalar>* workspace, const Mod& mod = Mod{}) {
@@ -136,8 +135,13 @@ attention_outputs<Scalar> attend(const attention_problem<Scalar>& p, attention_a
         return outputs;
     }
     materialized_workspace<Scalar> local;
+    // Packing buffers even for a call without a workspace: the products then run the GEMM kernel
+    // with the blocking of one serial product on any thread count (detail/gemm.hpp). Eigen's own
+    // OpenMP product chooses its k-blocks by the thread count, and with 2 threads its results
+    // differed from 1 thread's (double, AVX2, L = 2053 keys: tests/test_grouped_heads.cpp).
+    std::vector<gemm_buffers<Scalar>> local_gemm;
     materialized_attention(p, outputs, workspace != nullptr ? workspace->materialized : local,
-                           workspace != nullptr ? &workspace->gemm : nullptr, mod);
+                           workspace != nullptr ? &workspace->gemm : &local_gemm, mod);
     return outputs;
 }
 

@@ -130,7 +130,8 @@ struct materialized_workspace {
 
 /// The multi-head materialised attention over a packed batch. `outputs` holds what the request
 /// asks for, sized and zeroed (see size_outputs). `gemm`: packing buffers for the products, one
-/// per thread; null: Eigen's own products (which may run on Eigen's own OpenMP threads).
+/// per thread; null: Eigen's own products, whose bits may depend on the thread count (Eigen's
+/// OpenMP product chooses its blocking by it).
 /// `mod`: the caller's score modifier (its block predicate is not needed here).
 template <class Scalar, class Mod = no_score_modifier>
 void materialized_attention(const attention_problem<Scalar>& p, attention_outputs<Scalar>& outputs,
