@@ -68,7 +68,8 @@ mha::packed_batch batch_of(Index length) {
 // of the 32 zmm registers). Zen 5 has 2 FMA pipes with 4 cycles of latency, so 8 chains in
 // flight suffice; 16 leave room. With 16 vector registers (AVX2, SSE) the probe runs 12 chains:
 // 16 + 2 constants spilled three chains to the stack, and on a Zen 3 the probe read 56 GFLOP/s
-// where Eigen's GEMM inside the layer reached 60. acc ← acc·a + b with a < 1 converges to
+// where the whole float layer (768/12, L = 512, its projections on the library's register
+// tiles) reached 60. acc ← acc·a + b with a < 1 converges to
 // b/(1 − a) = 0.1: no overflow and no denormals, and without -ffast-math the compiler may not
 // fold the chain. Flops per benchmark iteration: kSteps × chains × 2 (multiply, add) × lanes.
 using fma_packet = Eigen::internal::packet_traits<float>::type;

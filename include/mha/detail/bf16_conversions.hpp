@@ -3,11 +3,12 @@
 //
 // The array forms are what the portable bf16 kernels spend their conversion time in: the keys
 // and values of every key block widened to fp32, and the probabilities rounded to bf16 before
-// P·V (detail/tiled/forward_bf16.hpp), A and B widened for Eigen's fp32 GEMM
-// (detail/gemm_bf16.hpp). Converted one Eigen::bfloat16 at a time, GCC kept them scalar: 37 % of
-// the portable bf16 core at L = 2048 on an AVX2 machine (profiled; docs/performance.md). Both are
-// integer operations on the bits, so on AVX2 and AVX-512 they go 8 or 16 lanes at a time, with
-// the same bits as the scalar forms (tests/test_bf16_attention.cpp checks every lane position).
+// P·V (detail/tiled/forward_bf16.hpp), A and B widened for the fp32 register tiles
+// (detail/gemm_bf16.hpp). Converted one Eigen::bfloat16 at a time, GCC kept them scalar: about
+// a third of the portable bf16 core at L = 2048 on an AVX2 machine (profiled;
+// docs/performance.md). Both are integer operations on the bits, so on AVX2 and AVX-512 they go
+// 8 or 16 lanes at a time, with the same bits as the scalar forms (tests/test_bf16_attention.cpp
+// checks every lane position).
 #pragma once
 
 #include <cstdint>
