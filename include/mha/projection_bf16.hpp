@@ -10,12 +10,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include <mha/core.hpp>
 #include <mha/detail/aligned_vector.hpp>
+#include <mha/detail/bf16_conversions.hpp>
 #include <mha/detail/gemm_bf16.hpp>
 
 namespace mha {
@@ -45,33 +42,6 @@ private:
 };
 
 namespace detail {
-
-/// dst[0 : n) ← src[0 : n) rounded to bfloat16: the bits of Eigen::bfloat16(src[i]) (nearest,
-/// ties to even; subnormals rounded, not flushed; a NaN becomes the quiet NaN 0x7fc0 with its
-/// sign), 16 at a time where AVX-512 is compiled in (Eigen's scalar conversion, one element at a
-/// time, is the fallback). On large outputs the pass is bound by memory either way: the fp32
-/// result is written by the GEMM and read back here (docs/performance.md, bfloat16 on AMX).
-inline void store_rounded_bf16(const float* src, Eigen::bfloat16* dst, Index n) {
-    Index i = 0;
-#if defined(__AVX512F__)
-    const __m512i one = _mm512_set1_epi32(1), half_ulp = _mm512_set1_epi32(0x7fff);
-    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000U));
-    const __m512i quiet_nan = _mm512_set1_epi32(0x7fc0);
-    for (; i + 16 <= n; i += 16) {
-        const __m512 x = _mm512_loadu_ps(src + i);
-        const __m512i bits = _mm512_castps_si512(x);
-        // bits + 0x7fff + (bit 16 of bits), then the upper half: rounding to nearest even.
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(half_ulp, odd)), 16);
-        const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-        r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(_mm512_and_si512(bits, sign), 16),
-                                 quiet_nan);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
-    }
-#endif
-    for (; i < n; ++i)
-        dst[i] = Eigen::bfloat16(src[i]);
-}
 
 /// A bf16 operand view of an Eigen expression with direct access.
 template <class Derived>

@@ -7,8 +7,9 @@
 // (detail/gemm_bf16.hpp). Converted one Eigen::bfloat16 at a time, GCC kept them scalar: about
 // a third of the portable bf16 core at L = 2048 on an AVX2 machine (profiled;
 // docs/performance.md). Both are integer operations on the bits, so on AVX2 and AVX-512 they go
-// 8 or 16 lanes at a time, with the same bits as the scalar forms (tests/test_bf16_attention.cpp
-// checks every lane position).
+// 8 or 16 lanes at a time, with the same bits as the scalar forms. The bf16 linear's result is
+// rounded into a bfloat16 output the same way (store_rounded_bf16, mha/projection_bf16.hpp).
+// tests/test_bf16_conversions.cpp checks every lane position, in builds for AVX2 and AVX-512.
 #pragma once
 
 #include <cstdint>
@@ -72,49 +73,83 @@ inline void widen_columns(const Eigen::bfloat16* src, Index stride, Index rows, 
         widen_bf16(src + j * stride, rows, dst + j * ld);
 }
 
-/// x[0 : n] ← round_to_bf16(x[0 : n]), bit for bit. Rounding to nearest even adds 0x7fff plus
-/// the lowest kept bit to the pattern and clears the low half; a NaN becomes the quiet NaN of
-/// its sign (0x7fc0 or 0xffc0), which the addition could have turned into an infinity.
+// Rounding to nearest even adds 0x7fff plus the lowest kept bit (bit 16) to the pattern and keeps
+// the upper half; a NaN becomes the quiet NaN of its sign (0x7fc0 or 0xffc0), which the addition
+// could have turned into an infinity. These are Eigen's scalar float → bfloat16 bits.
+#if defined(__AVX512F__)
+/// The bf16 nearest to each lane of v in the upper 16 bits of the lane, the lower 16 zero.
+inline __m512i rounded_bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i half_ulp = _mm512_set1_epi32(0x7fff);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(half_ulp, odd)),
+                                       _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_or_epi32(
+        r, nan, _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0x80000000u))),
+        _mm512_set1_epi32(0x7fc00000));
+}
+#endif
+
+#if defined(__AVX2__)
+/// The bf16 nearest to each lane of v in the upper 16 bits of the lane, the lower 16 zero.
+inline __m256i rounded_bf16_bits(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i half_ulp = _mm256_set1_epi32(0x7fff);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(half_ulp, odd)),
+                                       _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+    const __m256i nan_bits =
+        _mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0x80000000u))),
+                        _mm256_set1_epi32(0x7fc00000));
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan_bits), nan));
+}
+#endif
+
+/// x[0 : n] ← round_to_bf16(x[0 : n]), bit for bit, 16 or 8 at a time where AVX-512 or AVX2 is
+/// compiled in.
 inline void round_to_bf16_in_place(float* x, Index n) {
     Index i = 0;
 #if defined(__AVX512F__)
-    {
-        const __m512i low = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
-        const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-        const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-        const __m512i qnan = _mm512_set1_epi32(0x7fc00000);
-        for (; i + 16 <= n; i += 16) {
-            const __m512 v = _mm512_loadu_ps(x + i);
-            const __m512i u = _mm512_castps_si512(v);
-            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-            __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(low, lsb)), high);
-            const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-            r = _mm512_mask_or_epi32(r, nan, _mm512_and_si512(u, sign), qnan);
-            _mm512_storeu_ps(x + i, _mm512_castsi512_ps(r));
-        }
-    }
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(x + i, _mm512_castsi512_ps(rounded_bf16_bits(_mm512_loadu_ps(x + i))));
 #endif
 #if defined(__AVX2__)
-    {
-        const __m256i low = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-        const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-        const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-        const __m256i qnan = _mm256_set1_epi32(0x7fc00000);
-        for (; i + 8 <= n; i += 8) {
-            const __m256 v = _mm256_loadu_ps(x + i);
-            const __m256i u = _mm256_castps_si256(v);
-            const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-            const __m256i r =
-                _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(low, lsb)), high);
-            const __m256i nan_bits = _mm256_or_si256(_mm256_and_si256(u, sign), qnan);
-            const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-            _mm256_storeu_ps(x + i, _mm256_blendv_ps(_mm256_castsi256_ps(r),
-                                                     _mm256_castsi256_ps(nan_bits), nan));
-        }
-    }
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_castsi256_ps(rounded_bf16_bits(_mm256_loadu_ps(x + i))));
 #endif
     for (; i < n; ++i)
         x[i] = round_to_bf16(x[i]);
+}
+
+/// dst[0 : n) ← src[0 : n) rounded to bfloat16: the bits of Eigen::bfloat16(src[i]) (nearest,
+/// ties to even; subnormals rounded, not flushed; a NaN becomes the quiet NaN 0x7fc0 with its
+/// sign), 16 at a time where AVX-512 is compiled in and 8 where AVX2 is (Eigen's scalar
+/// conversion, one element at a time, is the fallback). On large outputs the pass is bound by
+/// memory either way: the fp32 result is written by the GEMM and read back here
+/// (docs/performance.md, bfloat16 on AMX).
+inline void store_rounded_bf16(const float* src, Eigen::bfloat16* dst, Index n) {
+    static_assert(sizeof(Eigen::bfloat16) == 2, "a bf16 is stored in 16 bits");
+    Index i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        const __m512i r = _mm512_srli_epi32(rounded_bf16_bits(_mm512_loadu_ps(src + i)), 16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+    }
+#endif
+#if defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) {
+        // Every lane is at most 0xffff after the shift, so the unsigned saturation keeps it.
+        const __m256i r = _mm256_srli_epi32(rounded_bf16_bits(_mm256_loadu_ps(src + i)), 16);
+        _mm_storeu_si128(
+            reinterpret_cast<__m128i*>(dst + i),
+            _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    }
+#endif
+    for (; i < n; ++i)
+        dst[i] = Eigen::bfloat16(src[i]);
 }
 
 }  // namespace detail
