@@ -92,9 +92,11 @@ TEMPLATE_TEST_CASE(
     "linear: the register-tiled product across its row blocks and inner chunks, in "
     "blocks of larger matrices, the same bits on 1 and 2 threads",
     "[projection]", float, double) {
-    // detail/tiled_product.hpp takes w's rows 64 at a time and its columns 512 at a time (each
-    // chunk continuing the sums the one before left in out), and tiles of 6 tokens with a
-    // narrower tile for the rest: these shapes put a partial block, chunk and tile at each end.
+    // detail/tiled_product.hpp takes w's rows 64 at a time and its columns in chunks (each
+    // chunk continuing the sums the one before left in out): 512 read in place for up to 6
+    // tokens, 256 (float) or 128 (double) copied into panels of one micro tile's rows for more,
+    // and tiles of 6 tokens with a narrower tile for the rest: these shapes put a partial block,
+    // chunk, panel and tile at each end, on both paths.
     using Scalar = TestType;
     const auto [d_out, d_in, tokens] = GENERATE(table<Index, Index, Index>(
         {{130, 1100, 7}, {64, 512, 1}, {65, 513, 13}, {200, 40, 6}, {17, 1025, 11}}));
@@ -124,6 +126,14 @@ TEMPLATE_TEST_CASE(
     mha::detail::tiled_product(d_out, tokens, d_in, w.data(), w.outerStride(), x.data(),
                                x.outerStride(), two.data(), two.outerStride(), 2);
     CHECK(one == two);
+    // Packed or read in place, each entry is the same chain: one token at a time (in place)
+    // gives the bits of all tokens at once (packed where there are more than 6).
+    mat<Scalar> by_token(d_out, tokens);
+    for (Index t = 0; t < tokens; ++t)
+        mha::detail::tiled_product(d_out, Index(1), d_in, w.data(), w.outerStride(),
+                                   x.data() + t * x.outerStride(), x.outerStride(),
+                                   by_token.data() + t * d_out, d_out, 1);
+    CHECK(one == by_token);
     mat<Scalar> without_bias(d_out, tokens);
     mha::linear(w, vec<Scalar>(), x, without_bias);
     CHECK(one == without_bias);

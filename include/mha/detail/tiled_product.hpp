@@ -1,19 +1,27 @@
 // SPDX-License-Identifier: MIT
 // The float and double projections' product C = A·B on the attention kernel's register tiles.
 //
-// Why not Eigen's GEMM: it packs A into its own panel order on every call. For a projection A is
-// the weight, the same on every call, and at the token counts of a layer (up to a few thousand
-// columns) packing it cost more than the tiles it saves: `accumulate_product`
-// (detail/tiled/block_kernels.hpp) reads A's columns where they lie and took 0.60–0.69 of the
-// GEMM's time for the layer's projections, 512 and 768 wide, 128 to 2048 tokens (one thread,
-// AVX-512; 0.68–0.90 in a loop built for AVX2; docs/performance.md, "fp32 projections on the
-// register tiles").
+// Why not Eigen's GEMM: it packs both operands into its own order on every call, with its own
+// blocking overheads. `accumulate_product` (detail/tiled/block_kernels.hpp) reading A's columns
+// where they lie took 0.60–0.69 of the GEMM's time for the layer's projections, 512 and 768
+// wide, 128 to 2048 tokens (one thread, AVX-512; 0.68–0.90 in a loop built for AVX2;
+// docs/performance.md, "fp32 projections on the register tiles").
 //
-// Blocking: rows of A in blocks of `row_block`, and within one, the inner dimension in chunks
-// of `inner_chunk`, so that the slice of A that every column tile reads (64 × 512 floats,
-// 128 KiB) stays in L2. Each entry of C is one chain of multiply-adds over k in increasing
-// order (a chunk continues the sum left in C by the one before it), so its bits depend neither
-// on the blocking nor on the number of threads, which split the row blocks.
+// Why the slice of A is copied all the same: read in place, each step of a micro tile's chain
+// loads its rows of A from another column, a column stride apart (2 KiB for a 512-wide weight),
+// so one micro tile's pass over 512 steps touches 256 pages. Copied into panels whose columns
+// follow one another, the pass reads one contiguous stretch (16 KiB for float on AVX2): the
+// projections 1.2–1.3× faster on an AVX2 machine (Zen 3, one thread; docs/performance.md, "One
+// thread on an AVX2 machine"; the pages are the likely cause, not a counted one). The copy is
+// one load and one store per element of A, so it pays only where more than one tile of columns
+// reads the slice (n > value_queries); with fewer columns A is read in place.
+//
+// Blocking: rows of A in blocks of `tiled_product_rows`, and within one, the inner dimension in
+// chunks small enough that the packed slice takes 64 KiB (256 for float): on the stack, as
+// Eigen's GEMM keeps up to 128 KiB of its packing there, and in L2 while every column tile reads
+// it. Each entry of C is one chain of multiply-adds over k in increasing order (a chunk continues
+// the sum left in C by the one before it), so its bits depend neither on the blocking, nor on
+// the packing, nor on the number of threads, which split the row blocks.
 #pragma once
 
 #include <algorithm>
@@ -40,9 +48,72 @@ template <class Scalar>
 inline constexpr bool tiled_product_scalar =
     std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>;
 
-/// Rows of A per block, and the inner dimension per chunk, of tiled_product (see "Blocking").
+/// Rows of A per block, and the inner dimension per chunk of A read in place (see "Blocking").
 inline constexpr Index tiled_product_rows = 64;
 inline constexpr Index tiled_product_inner = 512;
+
+/// The inner dimension per chunk of A packed into panels: 64 KiB of them (see "Blocking").
+template <class Scalar>
+inline constexpr Index packed_product_inner = Index(65536 / (sizeof(Scalar) * tiled_product_rows));
+
+/// Rows per panel of pack_row_panels: one value micro tile's rows.
+template <class Scalar>
+inline constexpr Index product_panel_rows =
+    block_kernel_traits<Scalar>::value_packets* block_kernel_traits<Scalar>::width;
+
+/// pack ← A(0 : rows, 0 : kc) (column j at a + j·lda) in panels of product_panel_rows rows:
+/// row i + e of column j (e a multiple of the panel height P) at pack[e·kc + j·P + i]. The last
+/// panel may hold fewer rows; its other entries are left as they were, and never read.
+template <class Scalar>
+void pack_row_panels(const Scalar* a, Index lda, Index rows, Index kc, Scalar* pack) {
+    using ops = typename block_kernel_traits<Scalar>::ops;
+    constexpr Index w = block_kernel_traits<Scalar>::width;
+    constexpr Index panel = product_panel_rows<Scalar>;
+    static_assert(panel % w == 0, "a packet never straddles two panels");
+    auto at = [&](Index i, Index j) {
+        return pack + i / panel * panel * kc + j * panel + i % panel;
+    };
+    // Column by column: a panel at a time, each column's rows were read a column stride apart,
+    // as many times as there are panels (15 % of the product at 1536 rows; profiled).
+    for (Index j = 0; j < kc; ++j) {
+        const Scalar* from = a + j * lda;
+        Index i = 0;
+        for (; i + w <= rows; i += w)
+            ops::store(at(i, j), ops::load(from + i));
+        for (; i < rows; ++i)
+            *at(i, j) = from[i];
+    }
+}
+
+/// C(0 : rows, 0 : n) += A · B(0 : kc, 0 : n) with A packed by pack_row_panels (rows × kc) and B
+/// column-major (ldb): accumulate_product's tiles, the panels of one column tile in turn, so
+/// that the column tile of B stays in L1 while the panels stream past it from L2.
+template <class Scalar>
+void accumulate_packed_product(const Scalar* pack, Index rows, Index kc, const Scalar* b, Index ldb,
+                               Index n, Scalar* c, Index ldc) {
+    constexpr int cols = static_cast<int>(block_kernel_traits<Scalar>::value_queries);
+    constexpr Index panel = product_panel_rows<Scalar>;
+    for_each_key_tile<cols>(0, n, [&](auto width, Index col) MHA_ALWAYS_INLINE_LAMBDA {
+        for (Index e = 0; e < rows; e += panel)
+            value_rows<Scalar, decltype(width)::value, operand_order::col_major>(
+                pack + e * kc, panel, std::min(panel, rows - e), kc, b + col * ldb, ldb,
+                c + col * ldc + e, ldc);
+    });
+}
+
+/// C(0 : rows, 0 : n) += A(0 : rows, 0 : k) · B, A's rows packed into panels one inner chunk at
+/// a time (rows ≤ tiled_product_rows).
+template <class Scalar>
+void packed_row_block(const Scalar* a, Index lda, Index rows, Index k, const Scalar* b, Index ldb,
+                      Index n, Scalar* c, Index ldc) {
+    constexpr Index inner = packed_product_inner<Scalar>;
+    alignas(64) Scalar panels[tiled_product_rows * inner];
+    for (Index k0 = 0; k0 < k; k0 += inner) {
+        const Index kc = std::min(inner, k - k0);
+        pack_row_panels(a + k0 * lda, lda, rows, kc, panels);
+        accumulate_packed_product(panels, rows, kc, b + k0, ldb, n, c, ldc);
+    }
+}
 
 /// C (m × n, column-major, ldc) = A·B, A m × k column-major (column j at a + j·lda), B k × n
 /// column-major (ldb); on `threads` threads (0: OpenMP's default). C must not overlap A or B.
@@ -58,11 +129,17 @@ void tiled_product(Index m, Index n, Index k, const Scalar* a, Index lda, const 
     const int parts =
         static_cast<int>(std::max(1.0, std::min({static_cast<double>(thread_count(threads)),
                                                  static_cast<double>(blocks), work / 50000.0})));
+    // Packing pays where more than one column tile reads the slice (see "Why the slice...").
+    const bool pack = n > block_kernel_traits<Scalar>::value_queries;
     parallel_parts(parts, [&](int part, int) {
         for (Index r = part; r < blocks; r += parts) {
             const Index e = r * row_block, rows = std::min(row_block, m - e);
             for (Index col = 0; col < n; ++col)
                 std::fill(c + col * ldc + e, c + col * ldc + e + rows, Scalar(0));
+            if (pack) {
+                packed_row_block(a + e, lda, rows, k, b, ldb, n, c + e, ldc);
+                continue;
+            }
             for (Index k0 = 0; k0 < k; k0 += inner_chunk)
                 accumulate_product(a + k0 * lda + e, lda, rows, std::min(inner_chunk, k - k0),
                                    b + k0, ldb, n, c + e, ldc);
