@@ -19,9 +19,10 @@
 //            over every weight for a few columns of work; two columns of A are interleaved in
 //            registers into the same words, so the result is the same bits (narrow_rows_bf16).
 //   portable (elsewhere, or forced by the tests): A and column blocks of B widened to fp32
-//            (exactly: a bf16 is the upper half of an fp32), then the fp32 projections'
-//            register tiles on them (accumulate_product with tiled_product's blocking), which
-//            were 1.11-1.17x faster than Eigen's GEMM for the bf16 layer on an AVX2 Zen 3.
+//            (exactly: a bf16 is the upper half of an fp32), A straight into the fp32
+//            projections' panels, then their register tiles and blocking
+//            (accumulate_packed_product, detail/tiled_product.hpp), which were 1.11-1.17x faster
+//            than Eigen's GEMM for the bf16 layer on an AVX2 Zen 3 with A read in place.
 //
 // Register tile (native): 4 zmm of 16 rows × 6 columns, 24 accumulators of the 32 registers;
 // per pair of k, 4 loads and 6 broadcasts from memory (vpbroadcastd, one load each) feed 24 dot
@@ -72,16 +73,23 @@ inline constexpr Index bf16_narrow_columns = 4;
 inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
                                Index ldc, bool accumulate, const float* bias,
                                bf16_gemm_buffers& buffers, int threads) {
-    grow(buffers.wide_a, m * k);
-    float* wa = buffers.wide_a.data();  // m × k, column-major
-    for (Index q = 0; q < k; ++q) {
-        if (a.row_stride == 1) {
-            widen_bf16(a.data + q * a.col_stride, m, wa + q * m);
-            continue;
+    // A widened into the fp32 projections' panels (detail/tiled_product.hpp), P rows each over
+    // all of k: row e + i of column q (e a multiple of P) at wa[e·k + q·P + i].
+    constexpr Index panel = product_panel_rows<float>;
+    static_assert(tiled_product_rows % panel == 0, "row blocks start at a panel");
+    grow(buffers.wide_a, (m + panel - 1) / panel * panel * k);
+    float* wa = buffers.wide_a.data();
+    for (Index q = 0; q < k; ++q)
+        for (Index e = 0; e < m; e += panel) {
+            const Index height = std::min(panel, m - e);
+            float* to = wa + e * k + q * panel;
+            if (a.row_stride == 1) {
+                widen_bf16(a.data + q * a.col_stride + e, height, to);
+                continue;
+            }
+            for (Index i = 0; i < height; ++i)
+                to[i] = bf16_to_float(a.data[(e + i) * a.row_stride + q * a.col_stride]);
         }
-        for (Index i = 0; i < m; ++i)
-            wa[q * m + i] = bf16_to_float(a.data[i * a.row_stride + q * a.col_stride]);
-    }
     bf16_gemm_over_columns(n, threads, buffers, [&](Index j0, Index j1, auto& own) {
         const Index w = j1 - j0;
         grow(own.wide_b, k * w);
@@ -96,13 +104,14 @@ inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_o
         }
         if (!accumulate) start_columns(m, j0, j1, bias, c, ldc);
         // The fp32 projections' register tiles and blocking (detail/tiled_product.hpp): 64 rows
-        // of A at a time, k in chunks of 512, each entry one chain in increasing k from its
-        // starting value, whatever the column block or thread.
+        // of A at a time, k in chunks, each entry one chain in increasing k from its starting
+        // value, whatever the column block or thread.
+        constexpr Index inner = packed_product_inner<float>;
         for (Index e = 0; e < m; e += tiled_product_rows)
-            for (Index k0 = 0; k0 < k; k0 += tiled_product_inner)
-                accumulate_product(wa + k0 * m + e, m, std::min(tiled_product_rows, m - e),
-                                   std::min(tiled_product_inner, k - k0), wb + k0, k, w,
-                                   c + j0 * ldc + e, ldc);
+            for (Index k0 = 0; k0 < k; k0 += inner)
+                accumulate_packed_product(
+                    wa + e * k + k0 * panel, panel * k, std::min(tiled_product_rows, m - e),
+                    std::min(inner, k - k0), wb + k0, k, w, c + j0 * ldc + e, ldc);
     });
 }
 

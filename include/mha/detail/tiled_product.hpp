@@ -85,19 +85,20 @@ void pack_row_panels(const Scalar* a, Index lda, Index rows, Index kc, Scalar* p
     }
 }
 
-/// C(0 : rows, 0 : n) += A · B(0 : kc, 0 : n) with A packed by pack_row_panels (rows × kc) and B
-/// column-major (ldb): accumulate_product's tiles, the panels of one column tile in turn, so
-/// that the column tile of B stays in L1 while the panels stream past it from L2.
+/// C(0 : rows, 0 : n) += A · B(0 : kc, 0 : n) with A's rows in panels of product_panel_rows
+/// (P) rows: panel p's column j at pack + p·panel_stride + j·P (pack_row_panels leaves them
+/// P·kc apart), B column-major (ldb). accumulate_product's tiles, the panels of one column tile
+/// in turn, so that the column tile of B stays in L1 while the panels stream past it from L2.
 template <class Scalar>
-void accumulate_packed_product(const Scalar* pack, Index rows, Index kc, const Scalar* b, Index ldb,
-                               Index n, Scalar* c, Index ldc) {
+void accumulate_packed_product(const Scalar* pack, Index panel_stride, Index rows, Index kc,
+                               const Scalar* b, Index ldb, Index n, Scalar* c, Index ldc) {
     constexpr int cols = static_cast<int>(block_kernel_traits<Scalar>::value_queries);
     constexpr Index panel = product_panel_rows<Scalar>;
     for_each_key_tile<cols>(0, n, [&](auto width, Index col) MHA_ALWAYS_INLINE_LAMBDA {
         for (Index e = 0; e < rows; e += panel)
             value_rows<Scalar, decltype(width)::value, operand_order::col_major>(
-                pack + e * kc, panel, std::min(panel, rows - e), kc, b + col * ldb, ldb,
-                c + col * ldc + e, ldc);
+                pack + e / panel * panel_stride, panel, std::min(panel, rows - e), kc,
+                b + col * ldb, ldb, c + col * ldc + e, ldc);
     });
 }
 
@@ -111,7 +112,8 @@ void packed_row_block(const Scalar* a, Index lda, Index rows, Index k, const Sca
     for (Index k0 = 0; k0 < k; k0 += inner) {
         const Index kc = std::min(inner, k - k0);
         pack_row_panels(a + k0 * lda, lda, rows, kc, panels);
-        accumulate_packed_product(panels, rows, kc, b + k0, ldb, n, c, ldc);
+        accumulate_packed_product(panels, product_panel_rows<Scalar> * kc, rows, kc, b + k0, ldb, n,
+                                  c, ldc);
     }
 }
 
