@@ -23,6 +23,7 @@
 
 #include "bf16_kernels.hpp"
 #include "check.hpp"
+#include "exp_error.hpp"
 #include "reference.hpp"
 
 namespace {
@@ -521,29 +522,11 @@ TEST_CASE("bf16 core: fully masked queries are exactly 0, requests it cannot ser
 }
 
 #if defined(MHA_BF16_NATIVE)
-/// The worst relative error of `exp_fn` (16 lanes at a time) against the long-double exp over
-/// 2^20 points spread over the range the exp pass sees (differences from the running max, down
-/// to exp_flush_below ≈ −86), plus 0 and a value near it; results the caller flushes to 0 are
-/// not counted. Checks that exp(0) is exactly 1 and that NaN stays NaN.
+/// mha_test::worst_exp_error of `exp_fn`, an exp of one __m512.
 template <class Exp>
 long double worst_exp_error(Exp exp_fn) {
-    long double worst = 0;
-    alignas(64) float x[16], y[16];
-    for (long n = 0; n < (1L << 20); n += 16) {
-        for (int i = 0; i < 16; ++i)
-            x[i] = -88.0f * static_cast<float>(n + i) / static_cast<float>(1L << 20);
-        if (n == 0) x[1] = -1e-7f;
-        _mm512_store_ps(y, exp_fn(_mm512_load_ps(x)));
-        if (n == 0) CHECK(y[0] == 1.0f);
-        for (int i = 0; i < 16; ++i) {
-            const long double exact = std::exp(static_cast<long double>(x[i]));
-            if (exact < std::numeric_limits<float>::min()) continue;  // flushed by the caller
-            worst = std::max(worst, std::fabs(y[i] - exact) / exact);
-        }
-    }
-    _mm512_store_ps(y, exp_fn(_mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
-    CHECK(std::isnan(y[0]));
-    return worst;
+    return mha_test::worst_exp_error<16>(
+        [&](const float* x, float* y) { _mm512_store_ps(y, exp_fn(_mm512_load_ps(x))); });
 }
 #endif
 
