@@ -19,7 +19,7 @@
 #include <mha/detail/tiled/exp_avx512.hpp>
 #include <mha/normalization.hpp>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -121,78 +121,81 @@ constexpr bool tiles_mask_boundaries() {
     return avx512_float_tiles<Scalar>();
 }
 
-/// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
-/// (a vectorised exp(−∞) may return a denormal instead; NaN for a query whose shift is NaN, on
-/// AVX-512 and AVX2), differences below exp_flush_below giving 0 and NaN staying NaN; sum[c]
-/// receives the sum over j. With `ranges` (float on AVX-512, see tiles_mask_boundaries), the keys
-/// outside the union of the ranges of a packet of queries get 0 without being read: the score tiles
-/// of a block they masked did not write them.
+#if defined(__AVX512F__)
+/// exp_shifted_per_query for float on AVX-512: exp_above_flush (shifted scores are <= 0 but for
+/// NaN), under half the instructions of Eigen's pexp, with the sum of each query packet kept in a
+/// register; the exp pass was a sixth of a block's time with pexp. The keys outside `ranges`
+/// are written as zeros without being read.
+inline void exp_shifted_per_query_avx512(float* st, Index ld, Index nqp, Index nk,
+                                         const float* shift, float* sum,
+                                         const query_key_ranges& ranges) {
+    // It is bound by the floating-point pipes, so the entries to clear take one compare and the
+    // exp's own zero-masking: 14 % faster than a compare for −∞, another for the flush and a
+    // masked move (a scratch loop over one 128 × 512 block, Zen 5).
+    const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
+    for (Index c = 0; c < nqp; c += 16) {
+        const __m512 sh = _mm512_loadu_ps(shift + c);
+        __m512 total = _mm512_setzero_ps();
+        // The value tiles read keys next to [lo, hi) (a tile of queries across two packets):
+        // those are written as zeros, not left as they were.
+        const auto [lo, hi] = ranges.of(c, c + 16, nk);
+        for (Index j = 0; j < lo; ++j)
+            _mm512_storeu_ps(st + j * ld + c, _mm512_setzero_ps());
+        for (Index j = hi; j < nk; ++j)
+            _mm512_storeu_ps(st + j * ld + c, _mm512_setzero_ps());
+        for (Index j = lo; j < hi; ++j) {
+            float* col = st + j * ld + c;
+            const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(col), sh);
+            // A −∞ score needs no test of its own: the shift is finite or +∞ (0 for a query
+            // with nothing allowed yet), so its difference is −∞, below the flush; or the
+            // shift is NaN, and then every probability and the sum of the query are NaN (its
+            // output is NaN either way). The unordered compare keeps NaN.
+            const __m512 e = exp_above_flush(d, _mm512_cmp_ps_mask(d, flush, _CMP_NLT_UQ));
+            _mm512_storeu_ps(col, e);
+            total = _mm512_add_ps(total, e);
+        }
+        _mm512_storeu_ps(sum + c, total);
+    }
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+/// exp_shifted_per_query for float on AVX2: the AVX-512 pass with exp_above_flush_avx2 (1.9
+/// units of 2^-24 at most, measured), over every key (the tiles do not mask here), the lanes to
+/// clear by an and with the compare. The fp32 core 7 % faster at L = 2048 than with Eigen's
+/// pexp, its two compares and the sums kept in memory (paired comparison, Zen 3;
+/// docs/performance.md).
+inline void exp_shifted_per_query_avx2(float* st, Index ld, Index nqp, Index nk, const float* shift,
+                                       float* sum) {
+    const __m256 flush = _mm256_set1_ps(exp_flush_below<float>());
+    for (Index c = 0; c < nqp; c += 8) {
+        const __m256 sh = _mm256_loadu_ps(shift + c);
+        __m256 total = _mm256_setzero_ps();
+        for (Index j = 0; j < nk; ++j) {
+            float* col = st + j * ld + c;
+            // As on AVX-512: −∞ scores fall below the flush, NaN passes the unordered compare.
+            const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(col), sh);
+            const __m256 e =
+                _mm256_and_ps(exp_above_flush_avx2(d), _mm256_cmp_ps(d, flush, _CMP_NLT_UQ));
+            _mm256_storeu_ps(col, e);
+            total = _mm256_add_ps(total, e);
+        }
+        _mm256_storeu_ps(sum + c, total);
+    }
+}
+#endif
+
+/// exp_shifted_per_query on Eigen's packets (double, and float without AVX2 with FMA), or one
+/// value at a time where the packets are one lane wide or have no exp: −∞ scores and
+/// differences below the flush cleared by compares, the sums kept in memory.
 template <class Scalar>
-void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
-                           Scalar* sum, [[maybe_unused]] const query_key_ranges& ranges = {}) {
+void exp_shifted_per_query_packets(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
+                                   Scalar* sum) {
     using traits = block_kernel_traits<Scalar>;
     using ops = typename traits::ops;
     using packet = typename traits::packet;
     constexpr Index w = traits::width;
     const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
-#if defined(__AVX512F__)
-    // float on AVX-512: exp_above_flush (shifted scores are <= 0 but for NaN), under half the
-    // instructions of Eigen's pexp, with the sum of each query packet kept in a register; the
-    // exp pass was a sixth of a block's time with pexp. It is bound by the floating-point pipes,
-    // so the entries to clear take one compare and the exp's own zero-masking: 14 % faster than
-    // a compare for −∞, another for the flush and a masked move (a scratch loop over one
-    // 128 × 512 block, Zen 5).
-    if constexpr (std::is_same_v<Scalar, float>) {
-        const __m512 flush = _mm512_set1_ps(exp_flush_below<float>());
-        for (Index c = 0; c < nqp; c += 16) {
-            const __m512 sh = _mm512_loadu_ps(shift + c);
-            __m512 total = _mm512_setzero_ps();
-            // The value tiles read keys next to [lo, hi) (a tile of queries across two packets):
-            // those are written as zeros, not left as they were.
-            const auto [lo, hi] = ranges.of(c, c + 16, nk);
-            for (Index j = 0; j < lo; ++j)
-                _mm512_storeu_ps(st + j * ld + c, _mm512_setzero_ps());
-            for (Index j = hi; j < nk; ++j)
-                _mm512_storeu_ps(st + j * ld + c, _mm512_setzero_ps());
-            for (Index j = lo; j < hi; ++j) {
-                float* col = st + j * ld + c;
-                const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(col), sh);
-                // A −∞ score needs no test of its own: the shift is finite or +∞ (0 for a query
-                // with nothing allowed yet), so its difference is −∞, below the flush; or the
-                // shift is NaN, and then every probability and the sum of the query are NaN (its
-                // output is NaN either way). The unordered compare keeps NaN.
-                const __m512 e = exp_above_flush(d, _mm512_cmp_ps_mask(d, flush, _CMP_NLT_UQ));
-                _mm512_storeu_ps(col, e);
-                total = _mm512_add_ps(total, e);
-            }
-            _mm512_storeu_ps(sum + c, total);
-        }
-        return;
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    // float on AVX2: the same pass with exp_above_flush_avx2 (1.9 units of 2^-24 at most,
-    // measured), over every key (the tiles do not mask here), the lanes to clear by an and with
-    // the compare. The fp32 core 7 % faster at L = 2048 than with Eigen's pexp, its two compares
-    // and the sums kept in memory (paired comparison, Zen 3; docs/performance.md).
-    if constexpr (std::is_same_v<Scalar, float> && w == 8) {
-        const __m256 flush = _mm256_set1_ps(exp_flush_below<float>());
-        for (Index c = 0; c < nqp; c += 8) {
-            const __m256 sh = _mm256_loadu_ps(shift + c);
-            __m256 total = _mm256_setzero_ps();
-            for (Index j = 0; j < nk; ++j) {
-                float* col = st + j * ld + c;
-                // As on AVX-512: −∞ scores fall below the flush, NaN passes the unordered compare.
-                const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(col), sh);
-                const __m256 e =
-                    _mm256_and_ps(exp_above_flush_avx2(d), _mm256_cmp_ps(d, flush, _CMP_NLT_UQ));
-                _mm256_storeu_ps(col, e);
-                total = _mm256_add_ps(total, e);
-            }
-            _mm256_storeu_ps(sum + c, total);
-        }
-        return;
-    }
-#endif
     std::fill(sum, sum + nqp, Scalar(0));
     if constexpr (w > 1 && ops::has_exp) {
         const packet pinf = ops::broadcast(minus_inf);
@@ -219,6 +222,29 @@ void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scal
             }
         }
     }
+}
+
+/// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
+/// (a vectorised exp(−∞) may return a denormal instead; NaN for a query whose shift is NaN, on
+/// AVX-512 and AVX2), differences below exp_flush_below giving 0 and NaN staying NaN; sum[c]
+/// receives the sum over j. With `ranges` (float on AVX-512, see tiles_mask_boundaries), the keys
+/// outside the union of the ranges of a packet of queries get 0 without being read: the score tiles
+/// of a block they masked did not write them.
+template <class Scalar>
+void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
+                           Scalar* sum, [[maybe_unused]] const query_key_ranges& ranges = {}) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<Scalar, float>) {
+        exp_shifted_per_query_avx512(st, ld, nqp, nk, shift, sum, ranges);
+        return;
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if constexpr (std::is_same_v<Scalar, float> && block_kernel_traits<Scalar>::width == 8) {
+        exp_shifted_per_query_avx2(st, ld, nqp, nk, shift, sum);
+        return;
+    }
+#endif
+    exp_shifted_per_query_packets(st, ld, nqp, nk, shift, sum);
 }
 
 }  // namespace detail
