@@ -662,9 +662,9 @@ TEST_CASE("the allocation counters see allocations (negative controls)", "[alloc
         mat<float> out(3 * 128, 249);
         const allocation_counts c = allocations_during([&] { out.noalias() = w * x; });
         CHECK(c.eigen > 0);
-        // mha::linear on float matrices stored column-major reads w in place through the
-        // register tiles (detail/tiled_product.hpp), with nothing to pack: no allocation at all,
-        // with or without a workspace.
+        // mha::linear on float matrices stored column-major runs the register tiles
+        // (detail/tiled_product.hpp), which copy w into panels on the stack: no allocation at
+        // all, with or without a workspace.
         const allocation_counts linear =
             allocations_during([&] { mha::linear(w, mha::vector<float>(), x, out); });
         CHECK(linear.eigen == 0);
