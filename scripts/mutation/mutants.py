@@ -163,11 +163,11 @@ MUTANTS = [
          replace="",
          description="the score kernel's block max starts from the previous block's max"),
     dict(id="tiled-packed-v-offset-of-head", file="detail/tiled/forward.hpp",
-         find="b * p.heads.num_kv_heads +\n                                                                     p.heads.kv_head(h))];",
+         find="b * p.heads.num_kv_heads +\n                                                                   p.heads.kv_head(h))];",
          replace="b * p.heads.num_kv_heads)];",
          tests=["tiled_attention", "multi_head_attention", "grouped_heads"],
-         description="every head of a sequence reads the values packed once per call for its "
-                     "first key/value head"),
+         description="every head of a sequence reads the keys and values packed once per call "
+                     "for its first key/value head"),
     dict(id="online-acc-not-rescaled", file="detail/tiled/online_softmax.hpp",
          find="t.acc.col(c).head(p.dv) *= alpha;",
          replace="t.acc.col(c).head(p.dv) *= Scalar(1);",

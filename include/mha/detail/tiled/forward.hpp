@@ -10,7 +10,8 @@
 //
 // Loop of one task. The query block is packed once, transposed and pre-scaled:
 // Qtᵀ = scale·Q_blkᵀ (nq × d_k, padded to a packet multiple). Then over key blocks of `key_block`:
-//   Sᵀ = Qtᵀ·K_blk                    (nq × key_block; register tiles reading K in place)
+//   Sᵀ = Qtᵀ·K_blk                    (nq × key_block; register tiles, K read in place or
+//                                      from its contiguous copy: pack_keys_values)
 //   mask Sᵀ by selection              (−∞, whatever K held: poisoned keys never leak)
 //   m' = max(m, rowmax Sᵀ)            per query (NaN wins, so NaN in allowed inputs propagates)
 //   Pᵀ = exp(Sᵀ − m'), −∞ → exactly 0 (exp_above_flush on AVX-512 float, else Eigen's pexp)
@@ -63,7 +64,8 @@
 //
 // Memory. Per thread: Sᵀ (query_block × key_block), the packed queries, the V block,
 // O (d_v × query_block), m, l and the query intervals: independent of L. Split partials are d_v ×
-// Lq per chunk: linear in Lk. No L×L buffer exists unless weights are requested.
+// Lq per chunk, the contiguous copies of V and K (pack_keys_values) d_v or d_k × Lk per key/value
+// head: linear in Lk. No L×L buffer exists unless weights are requested.
 //
 // Files. online_softmax.hpp: one task's passes (the loop above, the final division, the
 // weights); plan.hpp: the tasks and the split-KV merge; block_kernels.hpp: the register tiles;
@@ -118,42 +120,59 @@ struct tiled_workspace {
     mask_views<Scalar> masks;  // refer to the mask of the current call; stale between calls
     tiled_plan<Scalar> plan;
     std::vector<tiled_thread_state<Scalar>> threads;
-    // V of each (sequence, key/value head) that several query blocks read, copied contiguous
-    // once per call (pack_values): the value kernel wants a block's columns adjacent (a QKV
-    // row apart they left L1), and each query block copied its key blocks again (16 times per
-    // head at L = 2048; 4.6 % of the call). Offsets per b·num_kv_heads + g, −1: not packed.
-    // Not zero-filled when it grows: pack_values writes every element of an entry.
-    uninitialized_aligned_vector<Scalar> packed_v;
-    std::vector<Index> packed_v_at;
+    // K and V of each (sequence, key/value head) that several query blocks read, copied
+    // contiguous once per call (pack_keys_values). V: the value kernel wants a block's columns
+    // adjacent (a QKV row apart they left L1), and each query block copied its key blocks again
+    // (16 times per head at L = 2048; 4.6 % of the call). K, where the target has 16 vector
+    // registers (packs_keys): a QKV row apart, the 6 keys of a score tile lay on 6 pages and a
+    // key block on 512; packed, the float core ran 1.07× faster at L = 2048 (AVX2 Zen 3, paired
+    // comparison). On AVX-512 (Zen 5, with the score tiles of 2026-12-04) packing K measured
+    // 1.45× slower, so K stays in place there. packed_at: where the keys of
+    // b·num_kv_heads + g start, in keys (K at packed_at·dk, V at packed_at·dv); −1: not packed.
+    // Not zero-filled when they grow: pack_keys_values writes every element of an entry.
+    uninitialized_aligned_vector<Scalar> packed_k, packed_v;
+    std::vector<Index> packed_at;
 };
 
-/// Copies V of every (sequence, key/value head) whose sequence has more than one query block
-/// and is not stacked into ws.packed_v (see tiled_workspace), on up to `threads` threads.
+/// Whether pack_keys_values copies K as well as V (see tiled_workspace).
 template <class Scalar>
-void pack_values(const attention_problem<Scalar>& p, const tiled_settings& cfg,
-                 tiled_workspace<Scalar>& ws) {
+inline constexpr bool packs_keys = !block_kernel_traits<Scalar>::many_registers;
+
+/// Copies V, and K where packs_keys, of every (sequence, key/value head) whose sequence has more
+/// than one query block and is not stacked into ws.packed_v and ws.packed_k (see
+/// tiled_workspace), on up to `threads` threads.
+template <class Scalar>
+void pack_keys_values(const attention_problem<Scalar>& p, const tiled_settings& cfg,
+                      tiled_workspace<Scalar>& ws) {
     const head_layout& heads = p.heads;
-    const Index dv = heads.dv;
-    ws.packed_v_at.assign(static_cast<std::size_t>(p.batch.size() * heads.num_kv_heads), -1);
-    Index size = 0;
+    const Index dk = heads.dk, dv = heads.dv;
+    ws.packed_at.assign(static_cast<std::size_t>(p.batch.size() * heads.num_kv_heads), -1);
+    Index keys = 0;
     for (Index b = 0; b < p.batch.size(); ++b) {
         if (p.batch.query_length(b) <= cfg.query_block || ws.plan.stacked(b) != 1) continue;
         for (Index g = 0; g < heads.num_kv_heads; ++g) {
-            ws.packed_v_at[static_cast<std::size_t>(b * heads.num_kv_heads + g)] = size;
-            size += p.batch.key_length(b) * dv;
+            ws.packed_at[static_cast<std::size_t>(b * heads.num_kv_heads + g)] = keys;
+            keys += p.batch.key_length(b);
         }
     }
-    if (ws.packed_v.size() < static_cast<std::size_t>(size))
-        ws.packed_v.resize(static_cast<std::size_t>(size));
+    if (packs_keys<Scalar> && ws.packed_k.size() < static_cast<std::size_t>(keys * dk))
+        ws.packed_k.resize(static_cast<std::size_t>(keys * dk));
+    if (ws.packed_v.size() < static_cast<std::size_t>(keys * dv))
+        ws.packed_v.resize(static_cast<std::size_t>(keys * dv));
     const Index group = heads.num_heads / heads.num_kv_heads;
-    for_each_listed(ws.packed_v_at, heads.num_kv_heads, cfg.threads, [&](Index b, Index g) {
-        // Any query head of the group locates the group's values.
+    for_each_listed(ws.packed_at, heads.num_kv_heads, cfg.threads, [&](Index b, Index g) {
+        // Any query head of the group locates the group's keys and values.
         const head_problem<Scalar> hp = make_head_problem(p, b, g * group, ws.masks(b, g * group),
                                                           static_cast<matrix<Scalar>*>(nullptr));
-        Scalar* v = ws.packed_v.data() +
-                    ws.packed_v_at[static_cast<std::size_t>(b * heads.num_kv_heads + g)];
+        const Index at = ws.packed_at[static_cast<std::size_t>(b * heads.num_kv_heads + g)];
+        Scalar* v = ws.packed_v.data() + at * dv;
         for (Index j = 0; j < hp.lk; ++j)
             std::copy_n(hp.v + j * hp.v_stride, dv, v + j * dv);
+        if constexpr (packs_keys<Scalar>) {
+            Scalar* k = ws.packed_k.data() + at * dk;
+            for (Index j = 0; j < hp.lk; ++j)
+                std::copy_n(hp.k + j * hp.k_stride, dk, k + j * dk);
+        }
     });
 }
 
@@ -174,15 +193,19 @@ void tiled_attention(const attention_problem<Scalar>& p, attention_outputs<Scala
     ws.plan.build(p, ws.masks, cfg, has_per_head_terms(p) || is_active_modifier_v<Mod>);
     // The problem of sequence b, head h; for a stacked sequence h is a key/value head and the
     // problem reads `view`, which the caller keeps alive while it uses the problem.
-    pack_values(p, cfg, ws);
+    pack_keys_values(p, cfg, ws);
     auto problem = [&](Index b, Index h, mask_view<Scalar>& view) {
         const Index group = ws.plan.stacked(b);
         if (group == 1) {
             head_problem<Scalar> hp = make_head_problem(p, b, h, ws.masks(b, h), lse);
-            const Index at = ws.packed_v_at[static_cast<std::size_t>(b * p.heads.num_kv_heads +
-                                                                     p.heads.kv_head(h))];
-            if (at >= 0) {  // the same values, contiguous: online_pass reads them in place
-                hp.v = ws.packed_v.data() + at;
+            const Index at = ws.packed_at[static_cast<std::size_t>(b * p.heads.num_kv_heads +
+                                                                   p.heads.kv_head(h))];
+            if (at >= 0) {  // the same keys and values, contiguous: the kernels read them there
+                if constexpr (packs_keys<Scalar>) {
+                    hp.k = ws.packed_k.data() + at * p.heads.dk;
+                    hp.k_stride = p.heads.dk;
+                }
+                hp.v = ws.packed_v.data() + at * p.heads.dv;
                 hp.v_stride = p.heads.dv;
             }
             return hp;
