@@ -74,22 +74,19 @@ inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_o
                                Index ldc, bool accumulate, const float* bias,
                                bf16_gemm_buffers& buffers, int threads) {
     // A widened into the fp32 projections' panels (detail/tiled_product.hpp), P rows each over
-    // all of k: row e + i of column q (e a multiple of P) at wa[e·k + q·P + i].
+    // all of k, so P·k apart.
     constexpr Index panel = product_panel_rows<float>;
     static_assert(tiled_product_rows % panel == 0, "row blocks start at a panel");
     grow(buffers.wide_a, (m + panel - 1) / panel * panel * k);
     float* wa = buffers.wide_a.data();
-    for (Index q = 0; q < k; ++q)
-        for (Index e = 0; e < m; e += panel) {
-            const Index height = std::min(panel, m - e);
-            float* to = wa + e * k + q * panel;
-            if (a.row_stride == 1) {
-                widen_bf16(a.data + q * a.col_stride + e, height, to);
-                continue;
-            }
-            for (Index i = 0; i < height; ++i)
-                to[i] = bf16_to_float(a.data[(e + i) * a.row_stride + q * a.col_stride]);
+    pack_row_panels(m, k, panel * k, wa, [&](Index q, Index e, Index count, float* to) {
+        if (a.row_stride == 1) {
+            widen_bf16(a.data + q * a.col_stride + e, count, to);
+            return;
         }
+        for (Index i = 0; i < count; ++i)
+            to[i] = bf16_to_float(a.data[(e + i) * a.row_stride + q * a.col_stride]);
+    });
     bf16_gemm_over_columns(n, threads, buffers, [&](Index j0, Index j1, auto& own) {
         const Index w = j1 - j0;
         grow(own.wide_b, k * w);

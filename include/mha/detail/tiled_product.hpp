@@ -61,34 +61,51 @@ template <class Scalar>
 inline constexpr Index product_panel_rows =
     block_kernel_traits<Scalar>::value_packets* block_kernel_traits<Scalar>::width;
 
-/// pack ← A(0 : rows, 0 : kc) (column j at a + j·lda) in panels of product_panel_rows rows:
-/// row i + e of column j (e a multiple of the panel height P) at pack[e·kc + j·P + i]. The last
-/// panel may hold fewer rows; its other entries are left as they were, and never read.
-template <class Scalar>
-void pack_row_panels(const Scalar* a, Index lda, Index rows, Index kc, Scalar* pack) {
-    using ops = typename block_kernel_traits<Scalar>::ops;
-    constexpr Index w = block_kernel_traits<Scalar>::width;
+/// The panels of A(0 : rows, 0 : kc), product_panel_rows (P) rows each and panel_stride apart:
+/// row e + i of column j (e a multiple of P) at pack[e/P·panel_stride + j·P + i].
+/// `copy_rows(j, e, count, to)` writes rows [e, e + count) of column j to `to`, contiguous: a
+/// plain copy for fp32 (copy_rows_of) and a widening one for bf16 (detail/gemm_bf16.hpp). The
+/// last panel may hold fewer rows; its other entries are left as they were, and never read.
+template <class Scalar, class CopyRows>
+void pack_row_panels(Index rows, Index kc, Index panel_stride, Scalar* pack, CopyRows copy_rows) {
     constexpr Index panel = product_panel_rows<Scalar>;
-    static_assert(panel % w == 0, "a packet never straddles two panels");
-    auto at = [&](Index i, Index j) {
-        return pack + i / panel * panel * kc + j * panel + i % panel;
-    };
-    // Column by column: a panel at a time, each column's rows were read a column stride apart,
-    // as many times as there are panels (15 % of the product at 1536 rows; profiled).
-    for (Index j = 0; j < kc; ++j) {
-        const Scalar* from = a + j * lda;
+    // Column by column, so that each column of A is read once, in one pass down its rows.
+    // Filling one panel at a time instead read every column once per panel, a column stride
+    // apart each time: 15 % of the product at 1536 rows (profiled).
+    for (Index j = 0; j < kc; ++j)
+        for (Index e = 0; e < rows; e += panel)
+            copy_rows(j, e, std::min(panel, rows - e), pack + e / panel * panel_stride + j * panel);
+}
+
+/// copy_rows for pack_row_panels over a column-major A (column j at a + j·lda).
+template <class Scalar>
+auto copy_rows_of(const Scalar* a, Index lda) {
+    return [a, lda](Index j, Index e, Index count, Scalar* to) MHA_ALWAYS_INLINE_LAMBDA {
+        using ops = typename block_kernel_traits<Scalar>::ops;
+        constexpr Index w = block_kernel_traits<Scalar>::width;
+        constexpr Index panel = product_panel_rows<Scalar>;
+        static_assert(panel % w == 0, "a packet never straddles two panels");
+        const Scalar* from = a + j * lda + e;
+        if (count == panel) {
+            // A whole panel, a fixed number of packets: unrolled. With the count unknown, g++
+            // made the loop a `rep movs`, whose start-up cost on 64 bytes doubled the copy's
+            // time (profiled on the Zen 3).
+            for (Index i = 0; i < panel; i += w)
+                ops::store(to + i, ops::load(from + i));
+            return;
+        }
         Index i = 0;
-        for (; i + w <= rows; i += w)
-            ops::store(at(i, j), ops::load(from + i));
-        for (; i < rows; ++i)
-            *at(i, j) = from[i];
-    }
+        for (; i + w <= count; i += w)
+            ops::store(to + i, ops::load(from + i));
+        for (; i < count; ++i)
+            to[i] = from[i];
+    };
 }
 
 /// C(0 : rows, 0 : n) += A · B(0 : kc, 0 : n) with A's rows in panels of product_panel_rows
-/// (P) rows: panel p's column j at pack + p·panel_stride + j·P (pack_row_panels leaves them
-/// P·kc apart), B column-major (ldb). accumulate_product's tiles, the panels of one column tile
-/// in turn, so that the column tile of B stays in L1 while the panels stream past it from L2.
+/// (P) rows: panel p's column j at pack + p·panel_stride + j·P (pack_row_panels), B
+/// column-major (ldb). accumulate_product's tiles, the panels of one column tile in turn, so
+/// that the column tile of B stays in L1 while the panels stream past it from L2.
 template <class Scalar>
 void accumulate_packed_product(const Scalar* pack, Index panel_stride, Index rows, Index kc,
                                const Scalar* b, Index ldb, Index n, Scalar* c, Index ldc) {
@@ -111,9 +128,9 @@ void packed_row_block(const Scalar* a, Index lda, Index rows, Index k, const Sca
     alignas(64) Scalar panels[tiled_product_rows * inner];
     for (Index k0 = 0; k0 < k; k0 += inner) {
         const Index kc = std::min(inner, k - k0);
-        pack_row_panels(a + k0 * lda, lda, rows, kc, panels);
-        accumulate_packed_product(panels, product_panel_rows<Scalar> * kc, rows, kc, b + k0, ldb, n,
-                                  c, ldc);
+        const Index panel_stride = product_panel_rows<Scalar> * kc;
+        pack_row_panels(rows, kc, panel_stride, panels, copy_rows_of(a + k0 * lda, lda));
+        accumulate_packed_product(panels, panel_stride, rows, kc, b + k0, ldb, n, c, ldc);
     }
 }
 
