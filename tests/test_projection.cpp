@@ -134,6 +134,41 @@ TEMPLATE_TEST_CASE(
                                    x.data() + t * x.outerStride(), x.outerStride(),
                                    by_token.data() + t * d_out, d_out, 1);
     CHECK(one == by_token);
+    // Packed once beforehand (row_panels, as the layer keeps its weights): the same chains, so
+    // the same bits, for every number of tokens (one at a time included) and on 2 threads.
+    const mha::detail::row_panels<Scalar> panels(w);
+    mat<Scalar> prepacked(d_out, tokens), prepacked_two(d_out, tokens);
+    mha::detail::tiled_product(panels.all(), tokens, x.data(), x.outerStride(), prepacked.data(),
+                               d_out, 1);
+    mha::detail::tiled_product(panels.all(), tokens, x.data(), x.outerStride(),
+                               prepacked_two.data(), d_out, 2);
+    CHECK(prepacked == one);
+    CHECK(prepacked_two == one);
+    mat<Scalar> prepacked_by_token(d_out, tokens);
+    for (Index t = 0; t < tokens; ++t)
+        mha::detail::tiled_product(panels.all(), Index(1), x.data() + t * x.outerStride(),
+                                   x.outerStride(), prepacked_by_token.data() + t * d_out, d_out,
+                                   1);
+    CHECK(prepacked_by_token == one);
+    // The layer's projection (linear_into on the panels), with the bias as linear adds it, and
+    // the panels unpacked: w exactly.
+    mat<Scalar> through_panels(d_out, tokens), through_linear(d_out, tokens);
+    mha::detail::linear_into(panels, b, x, through_panels);
+    mha::linear(w, b, x, through_linear);
+    CHECK(through_panels == through_linear);
+    CHECK(panels.unpacked() == w);
+    // A view from a panel boundary on is the product of those rows of w; off a boundary there
+    // is no view (the layer then reads w as linear does).
+    constexpr Index panel = mha::detail::product_panel_rows<Scalar>;
+    if (d_out > panel) {
+        const auto lower = panels.rows(panel, d_out - panel);
+        REQUIRE(lower.data != nullptr);
+        mat<Scalar> lower_out(d_out - panel, tokens);
+        mha::detail::tiled_product(lower, tokens, x.data(), x.outerStride(), lower_out.data(),
+                                   d_out - panel, 1);
+        CHECK(lower_out == one.bottomRows(d_out - panel));
+        CHECK(panels.rows(1, d_out - 1).data == nullptr);
+    }
     mat<Scalar> without_bias(d_out, tokens);
     mha::linear(w, vec<Scalar>(), x, without_bias);
     CHECK(one == without_bias);

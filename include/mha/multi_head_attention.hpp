@@ -82,15 +82,10 @@ public:
         detail::check_parameters(where, config_, p);
         const Index e = config_.embed_dim;
         fused_ = config_.key_input_dim == e && config_.value_input_dim == e;
-        if (fused_) {
-            w_in_.resize(qk_width() + key_width() + value_width(), e);
-            w_in_ << p.w_q, p.w_k, p.w_v;
-        } else {
-            w_in_ = p.w_q;
-            w_k_ = p.w_k;
-            w_v_ = p.w_v;
-        }
-        w_o_ = p.w_o;
+        w_q_ = detail::row_panels<Scalar>(p.w_q);
+        w_k_ = detail::row_panels<Scalar>(p.w_k);
+        w_v_ = detail::row_panels<Scalar>(p.w_v);
+        w_o_ = detail::row_panels<Scalar>(p.w_o);
         if (config_.bias) {
             b_in_.resize(qk_width() + key_width() + value_width());
             b_in_ << p.b_q, p.b_k, p.b_v;
@@ -297,8 +292,8 @@ public:
         // Q, K and V of the new tokens only, by one GEMM (decoding needs self-attention
         // weights, checked above, so the fused projection exists).
         workspace.qkv.resize(qk_width() + key_width() + value_width(), x.cols());
-        detail::linear_into(w_in_, b_in_, x, workspace.qkv, &workspace.internal.gemm);
         auto qkv = split_qkv(workspace.qkv, qk_width(), key_width(), value_width());
+        project_self(x, qkv);
         detail::append_decode_step(
             d, new_tokens, caches, qkv.k, qkv.v,
             [&](std::size_t, Index column, Index n, const kv_cache<Scalar>& cache) {
@@ -340,14 +335,16 @@ public:
     /// A copy of the parameters in the separate-matrix form.
     attention_parameters<Scalar> parameters() const {
         attention_parameters<Scalar> p;
-        detail::split_stacked_projection(w_in_, b_in_, qk_width(), key_width(), value_width(),
-                                         fused_, config_.bias, p);
-        if (!fused_) {
-            p.w_k = w_k_;
-            p.w_v = w_v_;
-        }
-        p.w_o = w_o_;
-        if (config_.bias) p.b_o = b_o_;
+        p.w_q = w_q_.unpacked();
+        p.w_k = w_k_.unpacked();
+        p.w_v = w_v_.unpacked();
+        p.w_o = w_o_.unpacked();
+        if (!config_.bias) return p;
+        const Index qk = qk_width(), kw = key_width();
+        p.b_q = b_in_.head(qk);
+        p.b_k = b_in_.segment(qk, kw);
+        p.b_v = b_in_.tail(value_width());
+        p.b_o = b_o_;
         return p;
     }
 
@@ -461,29 +458,31 @@ private:
         const Index qk = qk_width();
         const Index kw = key_width();
         const Index kvw = value_width();
-        auto* gemm = &ws.internal.gemm;
         if (in.self && fused_) {
-            // One GEMM over every token for Q, K and V together.
+            // Q, K and V stacked in one buffer, which split_qkv views.
             ws.qkv.resize(qk + kw + kvw, in.query.cols());
-            detail::linear_into(w_in_, b_in_, in.query, ws.qkv, gemm);
             auto views = split_qkv(ws.qkv, qk, kw, kvw);
+            project_self(in.query, views);
             rotate_positions(views.q, views.k, batch);
             return {views.q, views.k, views.v};
         }
         ws.q.resize(qk, in.query.cols());
         ws.k.resize(kw, in.key.cols());
         ws.v.resize(kvw, in.key.cols());
-        detail::linear_into(w_in_.topRows(qk), bias_segment(0, qk), in.query, ws.q, gemm);
-        if (fused_) {
-            detail::linear_into(w_in_.middleRows(qk, kw), bias_segment(qk, kw), in.key, ws.k, gemm);
-            detail::linear_into(w_in_.bottomRows(kvw), bias_segment(qk + kw, kvw), in.value, ws.v,
-                                gemm);
-        } else {
-            detail::linear_into(w_k_, bias_segment(qk, kw), in.key, ws.k, gemm);
-            detail::linear_into(w_v_, bias_segment(qk + kw, kvw), in.value, ws.v, gemm);
-        }
+        detail::linear_into(w_q_, bias_segment(0, qk), in.query, ws.q);
+        detail::linear_into(w_k_, bias_segment(qk, kw), in.key, ws.k);
+        detail::linear_into(w_v_, bias_segment(qk + kw, kvw), in.value, ws.v);
         rotate_positions(ws.q, ws.k, batch);
         return {ws.q, ws.k, ws.v};
+    }
+
+    // Q, K and V of the tokens x into the views of a stacked buffer (split_qkv).
+    template <class Views>
+    void project_self(const input& x, Views& qkv) const {
+        const Index qk = qk_width(), kw = key_width();
+        detail::linear_into(w_q_, bias_segment(0, qk), x, qkv.q);
+        detail::linear_into(w_k_, bias_segment(qk, kw), x, qkv.k);
+        detail::linear_into(w_v_, bias_segment(qk + kw, value_width()), x, qkv.v);
     }
 
     // Rotary positions, when configured (detail::rotate_packed says where each token is).
@@ -519,16 +518,19 @@ private:
 
     // out = W_o·heads + b_o.
     void project_output(forward_workspace<Scalar>& ws, Eigen::Ref<matrix<Scalar>> out) const {
-        detail::linear_into(w_o_, b_o_, ws.heads, out, &ws.internal.gemm);
+        detail::linear_into(w_o_, b_o_, ws.heads, out);
     }
 
     attention_config config_;
-    bool fused_ = true;    // key and value inputs have width E: W_q, W_k, W_v stacked in w_in_
-    matrix<Scalar> w_in_;  // fused: [W_q; W_k; W_v], (H·d_k + H_kv·d_k + H_kv·d_v) × E; else W_q
-    matrix<Scalar> w_k_;   // unfused only: (H_kv·d_k) × key_input_dim
-    matrix<Scalar> w_v_;   // unfused only: (H_kv·d_v) × value_input_dim
+    bool fused_ = true;  // key and value inputs have width E: self-attention projects one buffer
+    // The weights, kept only in the panels of the projections' product (detail/tiled_product.hpp),
+    // packed once here so that no call copies them (up to a sixth of a projection's time at 128
+    // tokens); parameters() unpacks them.
+    detail::row_panels<Scalar> w_q_;                  // (H·d_k) × E
+    detail::row_panels<Scalar> w_k_;                  // (H_kv·d_k) × key_input_dim
+    detail::row_panels<Scalar> w_v_;                  // (H_kv·d_v) × value_input_dim
+    detail::row_panels<Scalar> w_o_;                  // E × (H·d_v)
     vector<Scalar> b_in_;                             // [b_q; b_k; b_v], or size 0 without bias
-    matrix<Scalar> w_o_;                              // E × (H·d_v)
     vector<Scalar> b_o_;                              // E, or size 0
     std::optional<rotary_embedding<Scalar>> rotary_;  // config_.rotary for d_k, when set
 };

@@ -18,6 +18,16 @@ namespace mha {
 
 namespace detail {
 
+/// The shapes of out = w·x + b·1ᵀ (b of size 0: no bias), or shape_error naming the argument.
+inline void check_linear_shapes(Index w_rows, Index w_cols, Index b_size, Index x_rows,
+                                Index x_cols, Index out_rows, Index out_cols) {
+    constexpr const char* where = "mha::linear";
+    check_size(where, "x.rows()", w_cols, x_rows, "w.cols()");
+    if (b_size != 0) check_size(where, "b.size()", w_rows, b_size, "w.rows() or 0");
+    check_size(where, "out.rows()", w_rows, out_rows, "w.rows()");
+    check_size(where, "out.cols()", x_cols, out_cols, "x.cols()");
+}
+
 /// `linear`. Float and double operands stored column-major go through tiled_product (the
 /// attention kernel's register tiles; detail/tiled_product.hpp); others through Eigen's product,
 /// with the GEMM's packing buffers in `gemm` (see product_into; null: where Eigen puts them).
@@ -25,13 +35,9 @@ template <class DW, class DB, class DX, class DO>
 void linear_into(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
                  const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out_,
                  std::vector<gemm_buffers<typename DX::Scalar>>* gemm) {
-    constexpr const char* where = "mha::linear";
     using Scalar = typename DX::Scalar;
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
-    check_size(where, "x.rows()", w.cols(), x.rows(), "w.cols()");
-    if (b.size() != 0) check_size(where, "b.size()", w.rows(), b.size(), "w.rows() or 0");
-    check_size(where, "out.rows()", w.rows(), out.rows(), "w.rows()");
-    check_size(where, "out.cols()", x.cols(), out.cols(), "x.cols()");
+    check_linear_shapes(w.rows(), w.cols(), b.size(), x.rows(), x.cols(), out.rows(), out.cols());
     if constexpr (tiled_product_scalar<Scalar> && std::is_same_v<typename DW::Scalar, Scalar> &&
                   column_major_storage<DW> && column_major_storage<DX> &&
                   column_major_storage<DO>) {
@@ -41,6 +47,20 @@ void linear_into(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
     } else {
         product_into(out.derived(), w.derived(), x.derived(), Scalar(1), gemm);
     }
+    if (b.size() != 0) out.colwise() += b.col(0);
+}
+
+/// `linear` with w kept in panels (row_panels): the layer's projections. x and out must be
+/// column-major with unit inner stride (the layer's inputs and workspace matrices are).
+template <class Scalar, class DB, class DX, class DO>
+void linear_into(const row_panels<Scalar>& w, const Eigen::MatrixBase<DB>& b,
+                 const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out_) {
+    static_assert(column_major_storage<DX> && column_major_storage<DO>,
+                  "mha: the packed weight's product reads x and writes out through pointers");
+    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
+    check_linear_shapes(w.rows(), w.cols(), b.size(), x.rows(), x.cols(), out.rows(), out.cols());
+    tiled_product(w.all(), x.cols(), x.derived().data(), x.derived().outerStride(),
+                  out.derived().data(), out.derived().outerStride(), 0);
     if (b.size() != 0) out.colwise() += b.col(0);
 }
 

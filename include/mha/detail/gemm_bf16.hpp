@@ -103,12 +103,9 @@ inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_o
         // The fp32 projections' register tiles and blocking (detail/tiled_product.hpp): 64 rows
         // of A at a time, k in chunks, each entry one chain in increasing k from its starting
         // value, whatever the column block or thread.
-        constexpr Index inner = packed_product_inner<float>;
         for (Index e = 0; e < m; e += tiled_product_rows)
-            for (Index k0 = 0; k0 < k; k0 += inner)
-                accumulate_packed_product(
-                    wa + e * k + k0 * panel, panel * k, std::min(tiled_product_rows, m - e),
-                    std::min(inner, k - k0), wb + k0, k, w, c + j0 * ldc + e, ldc);
+            accumulate_from_panels(wa, k, e, std::min(tiled_product_rows, m - e), wb, k, w,
+                                   c + j0 * ldc + e, ldc);
     });
 }
 
