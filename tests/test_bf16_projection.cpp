@@ -281,6 +281,28 @@ TEST_CASE("bf16 linear: the narrow native path gives the packed path's bits, for
         }
 }
 
+TEST_CASE("bf16 linear: the portable path's few columns give the bits of its many",
+          "[bf16_projection]") {
+    // Up to 6 columns (one register tile) the portable path widens W a slice at a time on the
+    // stack; with more it widens all of W first (detail/gemm_bf16_portable.hpp). The chains are
+    // the same, so the first columns of a 7-column product are the same bits as those columns
+    // alone. Rows past one 64-row block and a partial one, k past one 256 chunk, odd.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(13);
+    const bmat w = normal_bf16(rnd, 150, 601), x = normal_bf16(rnd, 601, 7);
+    const mha::vector<float> b = normal_bf16(rnd, 150, 1).cast<float>();
+    mha::bf16_linear_workspace ws;
+    const mat<float> wide = project<mat<float>>(kernel::portable, w, b, x, 1, ws);
+    require_close(wide, reference_of(w, b, x), 601, false, "portable, 7 columns");
+    for (Index n = 1; n <= 6; ++n)
+        for (int threads : {1, 2}) {
+            INFO(n << " columns, " << threads << " threads");
+            const bmat xn = x.leftCols(n);
+            const mat<float> few = project<mat<float>>(kernel::portable, w, b, xn, threads, ws);
+            CHECK(same_bits(few, wide.leftCols(n)));
+        }
+}
+
 TEST_CASE("bf16 linear: weights packed once give the bits of packing per call, whole or by rows",
           "[bf16_projection]") {
     // A layer packs its weights once (detail::bf16_packed_matrix) and hands gemm_bf16 the pair

@@ -19,8 +19,9 @@
 //            over every weight for a few columns of work; two columns of A are interleaved in
 //            registers into the same words, so the result is the same bits (narrow_rows_bf16).
 //   portable (elsewhere, or forced by the tests): A and column blocks of B widened to fp32
-//            (exactly: a bf16 is the upper half of an fp32), A straight into the fp32
-//            projections' panels, then their register tiles and blocking
+//            (exactly: a bf16 is the upper half of an fp32), A into the fp32 projections'
+//            panels (a slice at a time on the stack for a few columns), then their register
+//            tiles and blocking
 //            (accumulate_packed_product, detail/tiled_product.hpp), which were 1.11-1.17x faster
 //            than Eigen's GEMM for the bf16 layer on an AVX2 Zen 3 with A read in place.
 //
@@ -58,6 +59,7 @@
 #include <mha/detail/gemm.hpp>
 #include <mha/detail/gemm_bf16_amx.hpp>
 #include <mha/detail/gemm_bf16_packing.hpp>
+#include <mha/detail/gemm_bf16_portable.hpp>
 #include <mha/detail/parallel.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
 #include <mha/detail/tiled_product.hpp>
@@ -68,46 +70,6 @@ namespace detail {
 /// Columns of B up to which the native gemm_bf16 runs the narrow product, A read in place (a
 /// decode step's projection).
 inline constexpr Index bf16_narrow_columns = 4;
-
-/// The portable path of gemm_bf16: A and blocks of B widened to fp32, the fp32 register tiles.
-inline void gemm_bf16_portable(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
-                               Index ldc, bool accumulate, const float* bias,
-                               bf16_gemm_buffers& buffers, int threads) {
-    // A widened into the fp32 projections' panels (detail/tiled_product.hpp), P rows each over
-    // all of k, so P·k apart.
-    constexpr Index panel = product_panel_rows<float>;
-    static_assert(tiled_product_rows % panel == 0, "row blocks start at a panel");
-    grow(buffers.wide_a, (m + panel - 1) / panel * panel * k);
-    float* wa = buffers.wide_a.data();
-    pack_row_panels(m, k, panel * k, wa, [&](Index q, Index e, Index count, float* to) {
-        if (a.row_stride == 1) {
-            widen_bf16(a.data + q * a.col_stride + e, count, to);
-            return;
-        }
-        for (Index i = 0; i < count; ++i)
-            to[i] = bf16_to_float(a.data[(e + i) * a.row_stride + q * a.col_stride]);
-    });
-    bf16_gemm_over_columns(n, threads, buffers, [&](Index j0, Index j1, auto& own) {
-        const Index w = j1 - j0;
-        grow(own.wide_b, k * w);
-        float* wb = own.wide_b.data();  // k × w, column-major
-        for (Index j = 0; j < w; ++j) {
-            if (b.row_stride == 1) {
-                widen_bf16(b.data + (j0 + j) * b.col_stride, k, wb + j * k);
-                continue;
-            }
-            for (Index q = 0; q < k; ++q)
-                wb[j * k + q] = bf16_to_float(b.data[q * b.row_stride + (j0 + j) * b.col_stride]);
-        }
-        if (!accumulate) start_columns(m, j0, j1, bias, c, ldc);
-        // The fp32 projections' register tiles and blocking (detail/tiled_product.hpp): 64 rows
-        // of A at a time, k in chunks, each entry one chain in increasing k from its starting
-        // value, whatever the column block or thread.
-        for (Index e = 0; e < m; e += tiled_product_rows)
-            accumulate_from_panels(wa, k, e, std::min(tiled_product_rows, m - e), wb, k, w,
-                                   c + j0 * ldc + e, ldc);
-    });
-}
 
 #if defined(MHA_BF16_NATIVE)
 

@@ -121,16 +121,20 @@ void accumulate_packed_product(const Scalar* pack, Index panel_stride, Index row
 }
 
 /// C(0 : rows, 0 : n) += A(0 : rows, 0 : k) · B, A's rows packed into panels one inner chunk at
-/// a time (rows ≤ tiled_product_rows).
-template <class Scalar>
-void packed_row_block(const Scalar* a, Index lda, Index rows, Index k, const Scalar* b, Index ldb,
-                      Index n, Scalar* c, Index ldc) {
+/// a time (rows ≤ tiled_product_rows), on the stack. `copy_rows(q, i, count, to)` writes rows
+/// [i, i + count) of A's column q (q < k) to `to`: copy_rows_of for fp32, a widening copy for
+/// bf16 (gemm_bf16_portable).
+template <class Scalar, class CopyRows>
+void packed_row_block(Index rows, Index k, CopyRows copy_rows, const Scalar* b, Index ldb, Index n,
+                      Scalar* c, Index ldc) {
     constexpr Index inner = packed_product_inner<Scalar>;
     alignas(64) Scalar panels[tiled_product_rows * inner];
     for (Index k0 = 0; k0 < k; k0 += inner) {
         const Index kc = std::min(inner, k - k0);
         const Index panel_stride = product_panel_rows<Scalar> * kc;
-        pack_row_panels(rows, kc, panel_stride, panels, copy_rows_of(a + k0 * lda, lda));
+        pack_row_panels(rows, kc, panel_stride, panels,
+                        [&](Index j, Index i, Index count, Scalar* to)
+                            MHA_ALWAYS_INLINE_LAMBDA { copy_rows(k0 + j, i, count, to); });
         accumulate_packed_product(panels, panel_stride, rows, kc, b + k0, ldb, n, c, ldc);
     }
 }
@@ -228,7 +232,7 @@ void tiled_product(Index m, Index n, Index k, const Scalar* a, Index lda, const 
     const bool pack = n > block_kernel_traits<Scalar>::value_queries;
     for_each_product_row_block(m, n, k, c, ldc, threads, [&](Index e, Index rows) {
         if (pack) {
-            packed_row_block(a + e, lda, rows, k, b, ldb, n, c + e, ldc);
+            packed_row_block(rows, k, copy_rows_of(a + e, lda), b, ldb, n, c + e, ldc);
             return;
         }
         for (Index k0 = 0; k0 < k; k0 += inner_chunk) {
