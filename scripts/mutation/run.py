@@ -74,6 +74,7 @@ DEFAULT_TESTS = {
     "plot.hpp": ["plot"],
     "detail/layer_parameters.hpp": ["multi_head_attention", "layer_backward", "pytorch_golden"],
     "detail/gemm_bf16.hpp": ["bf16_projection", "bf16_projection_native"],
+    "detail/gemm_bf16_portable.hpp": ["bf16_projection"],
     "io/half_precision.hpp": ["half_precision", "safetensors_bf16"],
     "detail/call_checks.hpp": ["attention", "hostile_input", "attention_backward"],
     "attention_bf16.hpp": ["bf16_attention", "bf16_attention_native"],
