@@ -52,7 +52,7 @@ struct forward_workspace {
     matrix<Scalar> v;      ///< cross-attention: H_kv·d_v × Nk
     matrix<Scalar> heads;  ///< concatenated head outputs, H·d_v × Nq
     /// The attention core's buffers (tiled kernel, materialised scores) and the GEMM packing
-    /// buffers of every product of the call, projections included. Internal; grows only.
+    /// buffers of its products (the projections need none). Internal; grows only.
     detail::attention_workspace<Scalar> internal;
     detail::decode_buffers<Scalar> decoding;  ///< decode_into's; internal
 };
@@ -158,8 +158,8 @@ public:
         return forward_with_weights(x, packed_batch::single(x.cols(), x.cols()), mode, mask);
     }
 
-    /// Self-attention over a packed batch, also returning the attention weights (x projected by
-    /// one GEMM, as in `forward`).
+    /// Self-attention over a packed batch, also returning the attention weights (x projected as
+    /// in `forward`).
     attention_result<Scalar> forward_with_weights(const input& x, const packed_batch& batch,
                                                   weights_mode mode,
                                                   const attention_mask<Scalar>& mask = {}) const {
@@ -289,8 +289,8 @@ public:
         detail::check_decode_step(decode_where, config_, fused_, x.rows(), x.cols(), new_tokens,
                                   caches, out.rows(), out.cols());
         auto& d = workspace.decoding;
-        // Q, K and V of the new tokens only, by one GEMM (decoding needs self-attention
-        // weights, checked above, so the fused projection exists).
+        // Q, K and V of the new tokens only, into one stacked buffer (decoding needs
+        // self-attention weights, checked above).
         workspace.qkv.resize(qk_width() + key_width() + value_width(), x.cols());
         auto qkv = split_qkv(workspace.qkv, qk_width(), key_width(), value_width());
         project_self(x, qkv);
@@ -388,7 +388,7 @@ private:
     }
 
     // The token sources of a call. Self-attention reads one x for all three, which lets
-    // project_inputs compute Q, K and V with one GEMM.
+    // project_inputs write Q, K and V into one stacked buffer.
     struct layer_inputs {
         const input& query;  // E × Nq
         const input& key;    // key_input_dim × Nk
@@ -449,10 +449,9 @@ private:
         mask.validate(where, config_.num_heads, batch.query_lengths(), batch.key_lengths());
     }
 
-    // Q, K and V of every token, into the workspace. Every product packs into the workspace's
-    // GEMM buffers, on this call's OpenMP threads (never Eigen's own parallel GEMM, which
-    // allocates): see detail/gemm.hpp. resize() keeps a buffer whose size is unchanged, so
-    // repeated calls reuse the workspace.
+    // Q, K and V of every token, into the workspace: products of the weights packed once
+    // (detail/tiled_product.hpp) on this call's OpenMP threads, which allocate nothing.
+    // resize() keeps a buffer whose size is unchanged, so repeated calls reuse the workspace.
     projected project_inputs(const layer_inputs& in, const packed_batch& batch,
                              forward_workspace<Scalar>& ws) const {
         const Index qk = qk_width();
