@@ -647,6 +647,40 @@ TEST_CASE("backward: ReLU gives a score of exactly 0 no gradient", "[backward]")
     CHECK(close(got.dv, ref.dv));
 }
 
+TEMPLATE_TEST_CASE("backward: ReLU with one positive key per query gives no score gradient",
+                   "[backward]", float, double) {
+    // A query whose only positive score is s has the weight s / s = 1 there and 0 elsewhere, a
+    // constant: every score gradient of the query, hence its dQ and the keys' dK, is exactly 0.
+    // The form dS = (dW·Σr − Σ r·dW) / (Σr)² loses that under FMA contraction (one product
+    // rounded, the other not), and divides the leftover rounding error by (Σr)²: a g++
+    // -march=native build measured 4.7e-4 in float. Small positive scores make that worst.
+    using Scalar = TestType;
+    mha_test::value_source values(29);
+    const Index lq = 5, lk = 6, dv = 3;
+    // K = I, so the (unscaled) score of key j for query i is Q(j, i): key i gets a small
+    // positive one, the other keys negative ones. The products stay inexact (dW random).
+    const mat<Scalar> k = mat<Scalar>::Identity(lk, lk);
+    mat<Scalar> q(lk, lq);
+    for (Index i = 0; i < lq; ++i)
+        for (Index j = 0; j < lk; ++j) {
+            const Scalar u = std::abs(values.normal_matrix<Scalar>(1, 1)(0, 0));
+            q(j, i) = j == i ? Scalar(1e-3) * (Scalar(0.5) + u) : -(Scalar(0.5) + u);
+        }
+    const mat<Scalar> v = values.normal_matrix<Scalar>(dv, lk);
+    const mat<Scalar> d_out = values.normal_matrix<Scalar>(dv, lq);
+    mha::attention_options options;
+    options.normalize = mha::normalization::relu;
+    mha::backward_request request;
+    request.score_gradients = true;
+    const auto got = mha::multi_head_attention_core_backward(
+        q, k, v, 1, mha::packed_batch::single(lq, lk), d_out, {}, options, request);
+    REQUIRE(got.d_scores.size() == 1);
+    CHECK(got.d_scores[0].isZero(Scalar(0)));
+    CHECK(got.dq.isZero(Scalar(0)));
+    CHECK(got.dk.isZero(Scalar(0)));
+    CHECK_FALSE(got.dv.isZero(Scalar(0)));  // the values still get dO·Wᵀ
+}
+
 TEST_CASE("backward: errors name the argument", "[backward]") {
     mha_test::value_source values(3);
     const mat<double> q = values.normal_matrix<double>(4, 3),

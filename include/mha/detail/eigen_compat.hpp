@@ -6,6 +6,9 @@
 // Checked against Eigen 3.4.0 and 5.0.1 (which have the same interfaces for all of it).
 #pragma once
 
+#include <cmath>
+#include <type_traits>
+
 #include <Eigen/Core>
 
 // Eigen 3.x numbers itself WORLD.MAJOR.MINOR (3.4.0 is 3, 4, 0); from 5.0 on it follows semantic
@@ -132,8 +135,14 @@ struct packet_ops {
     static MHA_ALWAYS_INLINE void store(Scalar* p, const packet& x) {
         Eigen::internal::pstoreu(p, x);
     }
-    /// a·b + c, fused where the instruction set has FMA.
+    /// a·b + c, fused where the instruction set has FMA. A one-lane packet is a plain scalar,
+    /// whose a·b + c the compiler may or may not contract depending on the code around it (g++
+    /// -march=native fused it in a 6-column value tile and not in a 1-column one), so that a
+    /// column's bits would depend on its tile: with FMA it is fused explicitly, always.
     static MHA_ALWAYS_INLINE packet mul_add(const packet& a, const packet& b, const packet& c) {
+#ifdef __FMA__
+        if constexpr (width == 1 && std::is_floating_point_v<packet>) return std::fma(a, b, c);
+#endif
         return Eigen::internal::pmadd(a, b, c);
     }
     static MHA_ALWAYS_INLINE packet add(const packet& a, const packet& b) {
@@ -149,9 +158,13 @@ struct packet_ops {
     static MHA_ALWAYS_INLINE packet max_nan(const packet& a, const packet& b) {
         return Eigen::internal::pmax<Eigen::PropagateNaN>(a, b);
     }
-    static MHA_ALWAYS_INLINE packet exp(const packet& x) { return Eigen::internal::pexp(x); }
+    static MHA_ALWAYS_INLINE packet exp(const packet& x) {
+        return Eigen::internal::pexp(x);
+    }
     /// The sum of a's lanes (in the order Eigen's reduction takes them).
-    static MHA_ALWAYS_INLINE Scalar sum(const packet& a) { return Eigen::internal::predux(a); }
+    static MHA_ALWAYS_INLINE Scalar sum(const packet& a) {
+        return Eigen::internal::predux(a);
+    }
     /// All bits set in the lanes where a == b, else zero.
     static MHA_ALWAYS_INLINE packet equal(const packet& a, const packet& b) {
         return Eigen::internal::pcmp_eq(a, b);

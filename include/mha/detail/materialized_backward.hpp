@@ -71,30 +71,30 @@ void normalization_backward(const matrix<Scalar>& s, const matrix<Scalar>& w,
                 break;
             }
             case normalization::relu: {
-                // w_j = r_j / Σr with r = max(s, 0): ∂w_j/∂s_l = [s_l > 0]·(δ_jl·Σr − r_j) / (Σr)²,
-                // so dS_l = (dW_l·Σr − Σ_j r_j·dW_j) / (Σr)². Kept unnormalised so that a single
-                // positive key, whose weight is the constant 1, gets exactly 0 (dW·r − r·dW).
-                Scalar sum(0), dot(0);
+                // w_j = r_j / Σr with r = max(s, 0): ∂w_j/∂s_l = [s_l > 0]·(δ_jl − w_j) / Σr, so
+                // dS_l = (dW_l − Σ_j w_j·dW_j) / Σr. The weights are divided here, not taken from
+                // `w` (which holds r·(1/Σr)): a single positive key then has w = x / x = 1
+                // exactly, Σ w·dW = dW exactly, and its dS is exactly 0 however the compiler
+                // contracts products into FMAs (a form with dW_l·Σr − Σ r_j·dW_j is not: an FMA
+                // keeps one product unrounded and leaves the other's rounding error, / (Σr)²).
+                Scalar sum(0);
                 for (Index j = 0; j < lk; ++j) {
                     const Scalar x = s(j, i);
-                    if (x != minus_inf && (x > Scalar(0) || x != x)) {
-                        sum += x;
-                        dot += x * dw(j, i);
-                    }
+                    if (x != minus_inf && (x > Scalar(0) || x != x)) sum += x;
                 }
-                // All scores ≤ 0: the weights are the constant 0, so is the gradient.
+                // All scores ≤ 0: the weights are the constant 0, so is the gradient. Only when
+                // active does anything divide by the sum (never 0/0).
                 const bool active = sum > Scalar(0) || sum != sum;
-                // Only when active: never 1/0 (and 1/sum/sum, since sum² may underflow to 0).
-                const Scalar inverse_square = active ? Scalar(1) / sum / sum : Scalar(0);
+                Scalar dot(0);
+                if (active)
+                    for (Index j = 0; j < lk; ++j) {
+                        const Scalar x = s(j, i);
+                        if (x != minus_inf && (x > Scalar(0) || x != x)) dot += x / sum * dw(j, i);
+                    }
                 for (Index j = 0; j < lk; ++j) {
                     const Scalar x = s(j, i);
                     const bool positive = x != minus_inf && (x > Scalar(0) || x != x);
-                    if (!(active && positive)) {
-                        ds(j, i) = Scalar(0);
-                        continue;
-                    }
-                    const Scalar scaled = dw(j, i) * sum;
-                    ds(j, i) = (scaled - dot) * inverse_square;
+                    ds(j, i) = active && positive ? (dw(j, i) - dot) / sum : Scalar(0);
                 }
                 break;
             }
