@@ -257,82 +257,83 @@ TEST_CASE("bf16 linear: 1, 2 and 3 threads give the same bits; every path agrees
                                   results[other](i, j)) <= 2 * g * r.magnitude(i, j));
 }
 
-TEST_CASE("bf16 linear: the narrow native path gives the packed path's bits, for any thread count",
+TEST_CASE("bf16 linear: a product's first columns alone give its bits, on each path",
           "[bf16_projection]") {
-    // Up to bf16_narrow_columns columns the native kernel reads W in place instead of packing
-    // it; each output still gets the packed path's sequence of vdpbf16ps (detail/gemm_bf16.hpp),
-    // so the first columns of a 6-column product (packed) are the same bits as the narrow
-    // product of those columns alone. Rows enough for the threads to split them.
+    // Each path switches form at a column count and keeps every output's chain: the native
+    // kernel reads W in place up to bf16_narrow_columns columns and packs it beyond, with the
+    // same sequence of vdpbf16ps per output (detail/gemm_bf16.hpp); the portable path widens W a
+    // slice at a time on the stack up to 6 columns (one register tile) and all of W first beyond
+    // (detail/gemm_bf16_portable.hpp). So the first n columns of a product past the switch are
+    // the same bits as those n columns alone, for any thread count. Native: rows enough for
+    // three threads to split them. Portable: rows past one 64-row block and a partial one, k
+    // past one 256 chunk, odd.
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
-    if (!mha_test::bf16_native_available())
-        SKIP("the native kernel is not compiled in or not on this CPU");
-    mha_test::value_source rnd(11);
-    const bmat w = normal_bf16(rnd, 2500, 301), x = normal_bf16(rnd, 301, 6);
-    const mha::vector<float> b = normal_bf16(rnd, 2500, 1).cast<float>();
-    mha::bf16_linear_workspace ws;
-    const mat<float> packed = project<mat<float>>(kernel::native, w, b, x, 1, ws);
-    require_close(packed, reference_of(w, b, x), 301, false, "packed, 6 columns");
-    for (Index n = 1; n <= mha::detail::bf16_narrow_columns; ++n)
-        for (int threads : {1, 2, 3}) {
-            INFO(n << " columns, " << threads << " threads");
-            const bmat xn = x.leftCols(n);
-            const mat<float> narrow = project<mat<float>>(kernel::native, w, b, xn, threads, ws);
-            CHECK(same_bits(narrow, packed.leftCols(n)));
-        }
-}
-
-TEST_CASE("bf16 linear: the portable path's few columns give the bits of its many",
-          "[bf16_projection]") {
-    // Up to 6 columns (one register tile) the portable path widens W a slice at a time on the
-    // stack; with more it widens all of W first (detail/gemm_bf16_portable.hpp). The chains are
-    // the same, so the first columns of a 7-column product are the same bits as those columns
-    // alone. Rows past one 64-row block and a partial one, k past one 256 chunk, odd.
-    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
-    mha_test::value_source rnd(13);
-    const bmat w = normal_bf16(rnd, 150, 601), x = normal_bf16(rnd, 601, 7);
-    const mha::vector<float> b = normal_bf16(rnd, 150, 1).cast<float>();
-    mha::bf16_linear_workspace ws;
-    const mat<float> wide = project<mat<float>>(kernel::portable, w, b, x, 1, ws);
-    require_close(wide, reference_of(w, b, x), 601, false, "portable, 7 columns");
-    for (Index n = 1; n <= 6; ++n)
-        for (int threads : {1, 2}) {
-            INFO(n << " columns, " << threads << " threads");
-            const bmat xn = x.leftCols(n);
-            const mat<float> few = project<mat<float>>(kernel::portable, w, b, xn, threads, ws);
-            CHECK(same_bits(few, wide.leftCols(n)));
-        }
+    struct path {
+        kernel which;
+        const char* name;
+        Index rows, inner, wide_columns, narrow_up_to;
+        int seed;
+    };
+    const path paths[] = {
+        {kernel::native, "native", 2500, 301, 6, mha::detail::bf16_narrow_columns, 11},
+        {kernel::portable, "portable", 150, 601, 7, 6, 13},
+    };
+    for (const path& p : paths) {
+        INFO(p.name << " path");
+        // The native kernel is not compiled in or not on this CPU: the portable row still runs.
+        if (p.which == kernel::native && !mha_test::bf16_native_available()) continue;
+        REQUIRE(p.narrow_up_to < p.wide_columns);
+        mha_test::value_source rnd(p.seed);
+        const bmat w = normal_bf16(rnd, p.rows, p.inner),
+                   x = normal_bf16(rnd, p.inner, p.wide_columns);
+        const mha::vector<float> b = normal_bf16(rnd, p.rows, 1).cast<float>();
+        mha::bf16_linear_workspace ws;
+        const mat<float> wide = project<mat<float>>(p.which, w, b, x, 1, ws);
+        require_close(wide, reference_of(w, b, x), p.inner, false, p.name);
+        for (Index n = 1; n <= p.narrow_up_to; ++n)
+            for (int threads : {1, 2, 3}) {
+                INFO(n << " columns, " << threads << " threads");
+                const bmat xn = x.leftCols(n);
+                const mat<float> narrow = project<mat<float>>(p.which, w, b, xn, threads, ws);
+                CHECK(same_bits(narrow, wide.leftCols(n)));
+            }
+    }
 }
 
 TEST_CASE("bf16 linear: weights packed once give the bits of packing per call, whole or by rows",
           "[bf16_projection]") {
-    // A layer packs its weights once (detail::bf16_packed_matrix) and hands gemm_bf16 the pair
-    // panels, whole or as a block of rows starting on a 64-row panel (one of a stacked Q, K, V
-    // projection); the native path then reads them where it would have packed A, so every
-    // output is the same sequence of vdpbf16ps: the same bits. The workspace's own packing
-    // buffer stays empty, which shows the panels were read.
+    // A layer packs its weights once (detail::bf16_packed_matrix) in the panels of the path the
+    // build runs and hands gemm_bf16 a view, whole or as a block of rows starting on a panel (one
+    // of a stacked Q, K, V projection). The native path reads the pair panels where it would have
+    // packed A, the portable path widens the bf16 row panels where it would have widened A's
+    // columns: every output is the same chain of products, so the same bits. The workspace's
+    // own buffer for A (native: packed_a; portable, over 6 columns: wide_a, widened from the
+    // panels in one run) shows which source was read: pair panels leave packed_a empty.
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    const kernel path = mha_test::bf16_native_available() ? kernel::native : kernel::portable;
+#if defined(MHA_BF16_NATIVE)
+    if (path == kernel::portable) SKIP("compiled for the native kernel, not on this CPU");
+#endif
+    INFO((path == kernel::native ? "native" : "portable") << " path");
     mha_test::value_source rnd(17);
     for (const shape& s : kShapes) {
         INFO(s.m << " x " << s.k << " times " << s.n);
         const bmat w = normal_bf16(rnd, s.m, s.k), x = normal_bf16(rnd, s.k, s.n);
         const mha::vector<float> b = normal_bf16(rnd, s.m, 1).cast<float>();
         const mha::detail::bf16_packed_matrix packed(s.m, s.k, mha::detail::bf16_operand_of(w));
-        if (!mha_test::bf16_native_available()) {
-#if !defined(MHA_BF16_NATIVE)
-            CHECK(packed.all().data == nullptr);  // the portable path widens per call
-#endif
-            continue;
+        if (s.m > 0 && s.k > 0) {
+            CHECK((packed.all().pairs != nullptr) == (path == kernel::native));
+            CHECK((packed.all().row_panels != nullptr) == (path == kernel::portable));
         }
         for (int threads : {1, 2}) {
             mha::bf16_linear_workspace per_call, once;
             mat<float> want(s.m, s.n), got(s.m, s.n);
-            mha::detail::linear_bf16(w, b, x, want, per_call, threads, kernel::native);
-            mha::detail::linear_bf16(w, b, x, got, once, threads, kernel::native, packed.all());
+            mha::detail::linear_bf16(w, b, x, want, per_call, threads, path);
+            mha::detail::linear_bf16(w, b, x, got, once, threads, path, packed.all());
             CHECK(same_bits(got, want));
-            CHECK(once.gemm().packed_a.empty());
+            if (path == kernel::native) CHECK(once.gemm().packed_a.empty());
         }
     }
-    if (!mha_test::bf16_native_available()) return;
     // Three stacked blocks of 64, 100 and 72 rows (the last panel of the second holds rows of
     // the third); a block that does not start on a panel, or runs past the end, has no view.
     const bmat w = normal_bf16(rnd, 236, 130), x = normal_bf16(rnd, 130, 37);
@@ -341,23 +342,32 @@ TEST_CASE("bf16 linear: weights packed once give the bits of packing per call, w
     for (const auto& [r0, rows] :
          {std::pair<Index, Index>{0, 64}, {64, 100}, {128, 72}, {192, 44}, {64, 172}}) {
         INFO("rows " << r0 << " to " << r0 + rows);
-        mha::bf16_linear_workspace per_call, once;
-        mat<float> want(rows, 37), got(rows, 37);
-        mha::detail::linear_bf16(w.middleRows(r0, rows), b.segment(r0, rows), x, want, per_call, 1,
-                                 kernel::native);
-        mha::detail::linear_bf16(w.middleRows(r0, rows), b.segment(r0, rows), x, got, once, 1,
-                                 kernel::native, packed.rows(r0, rows));
-        CHECK(same_bits(got, want));
-        CHECK(once.gemm().packed_a.empty());
+        for (Index n : {Index(37), Index(3)}) {  // the portable path's wide and slice forms
+            INFO(n << " columns");
+            mha::bf16_linear_workspace per_call, once;
+            mat<float> want(rows, n), got(rows, n);
+            mha::detail::linear_bf16(w.middleRows(r0, rows), b.segment(r0, rows), x.leftCols(n),
+                                     want, per_call, 1, path);
+            const auto view = packed.rows(r0, rows);
+            REQUIRE((view.pairs != nullptr || view.row_panels != nullptr));
+            mha::detail::linear_bf16(w.middleRows(r0, rows), b.segment(r0, rows), x.leftCols(n),
+                                     got, once, 1, path, view);
+            CHECK(same_bits(got, want));
+            if (path == kernel::native) CHECK(once.gemm().packed_a.empty());
+        }
     }
-    CHECK(packed.rows(10, 64).data == nullptr);
-    CHECK(packed.rows(128, 109).data == nullptr);
+    // Off a panel boundary (the panels are 64 rows for pairs, at least 2 for rows) or past the
+    // end: no view, so the product packs per call.
+    for (const auto& [r0, rows] : {std::pair<Index, Index>{1, 64}, {128, 109}}) {
+        CHECK(packed.rows(r0, rows).pairs == nullptr);
+        CHECK(packed.rows(r0, rows).row_panels == nullptr);
+    }
     // Panels of another shape than the product's are refused, not read.
     mha::bf16_linear_workspace ws;
     mat<float> out(100, 37);
-    CHECK_THROWS_AS(mha::detail::linear_bf16(w.topRows(100), b.head(100), x, out, ws, 1,
-                                             kernel::native, packed.all()),
-                    std::logic_error);
+    CHECK_THROWS_AS(
+        mha::detail::linear_bf16(w.topRows(100), b.head(100), x, out, ws, 1, path, packed.all()),
+        std::logic_error);
 }
 
 TEST_CASE("bf16 linear: a workspace that served a shape is not grown again", "[bf16_projection]") {

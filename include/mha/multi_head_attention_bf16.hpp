@@ -43,13 +43,14 @@ struct bf16_forward_workspace {
 
 /// Multi-head attention layer on bfloat16 storage. The weights are stored once as bf16 (rounded
 /// to nearest-even from the fp32 parameters; the fused [W_q; W_k; W_v] when key_input_dim =
-/// value_input_dim = E), the biases stay fp32. Where the vdpbf16ps kernel is compiled in, the
-/// weights are also kept packed in its GEMM's panels, so that no call packs them again (twice the
-/// weights' bf16 memory: 4 MiB for E = 512, 8 heads). Inputs are Eigen::bfloat16 (convert an fp32
-/// activation once with `.cast<Eigen::bfloat16>()`), the output is float. Supports what the bf16
-/// core supports: softmax, masks, packed batches, grouped heads, d_k ≠ d_v; the constructor
-/// refuses the rest (value_error naming the config field). `const` member functions may be
-/// called from several threads, each with its own workspace.
+/// value_input_dim = E), the biases stay fp32. The weights are also kept packed in the panels of
+/// the GEMM the build runs (vdpbf16ps pair panels, or the portable path's bf16 row panels), so
+/// that no call packs them again (twice the weights' bf16 memory: 4 MiB for E = 512, 8 heads).
+/// Inputs are Eigen::bfloat16 (convert an fp32 activation once with `.cast<Eigen::bfloat16>()`),
+/// the output is float. Supports what the bf16 core supports: softmax, masks, packed batches,
+/// grouped heads, d_k ≠ d_v; the constructor refuses the rest (value_error naming the config
+/// field). `const` member functions may be called from several threads, each with its own
+/// workspace.
 class multi_head_attention_bf16 {
 public:
     /// A column-major bfloat16 matrix (the weights, the inputs).
@@ -336,7 +337,7 @@ private:
         project(w_o_, b_o_, ws.heads, out, ws, packed_o_.all());
     }
 
-    // out = w·x + b (mha::linear on bf16) with w's pair panels, kept since construction.
+    // out = w·x + b (mha::linear on bf16) with w's panels, kept since construction.
     template <class DW, class DB, class DX, class DO>
     static void project(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,
                         const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out,
@@ -360,8 +361,8 @@ private:
     vector<float> b_in_;  // [b_q; b_k; b_v], or size 0 without bias
     bf16_matrix w_o_;     // E × (H·d_v)
     vector<float> b_o_;   // E, or size 0
-    // The weights above in the GEMM's pair panels, packed once (empty without the native bf16
-    // kernel): every projection of more than a few tokens would pack them again.
+    // The weights above in the GEMM's panels, packed once: every projection would otherwise
+    // pack them again (a decode step's too, on the portable path).
     detail::bf16_packed_matrix packed_in_, packed_k_, packed_v_, packed_o_;
 };
 

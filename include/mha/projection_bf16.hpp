@@ -53,7 +53,7 @@ bf16_operand bf16_operand_of(const Eigen::MatrixBase<Derived>& m) {
 }
 
 /// `linear` on bfloat16 with the GEMM implementation `kernel` (the public overload takes the
-/// one the translation unit is compiled for; tests force either), and w's pair panels when the
+/// one the translation unit is compiled for; tests force either), and w's panels when the
 /// caller keeps them (`packed_w`, a view of w itself: bf16_packed_matrix).
 template <class DW, class DB, class DX, class DO>
 void linear_bf16(const Eigen::MatrixBase<DW>& w, const Eigen::MatrixBase<DB>& b,

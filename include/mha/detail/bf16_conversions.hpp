@@ -65,6 +65,17 @@ inline void widen_bf16(const Eigen::bfloat16* src, Index n, float* dst) {
         dst[i] = bf16_to_float(src[i]);
 }
 
+/// dst[0 : n] ← src[0], src[step], …, src[(n − 1)·step] widened to fp32: one row or column of
+/// an operand stored either way round, contiguous when step is 1.
+inline void widen_bf16_strided(const Eigen::bfloat16* src, Index step, Index n, float* dst) {
+    if (step == 1) {
+        widen_bf16(src, n, dst);
+        return;
+    }
+    for (Index i = 0; i < n; ++i)
+        dst[i] = bf16_to_float(src[i * step]);
+}
+
 /// dst(0 : rows, 0 : cols) ← src widened to fp32 (column j of src at src + j·stride, of dst at
 /// dst + j·ld).
 inline void widen_columns(const Eigen::bfloat16* src, Index stride, Index rows, Index cols,

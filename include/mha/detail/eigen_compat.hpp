@@ -7,7 +7,6 @@
 #pragma once
 
 #include <cmath>
-#include <type_traits>
 
 #include <Eigen/Core>
 
@@ -141,7 +140,7 @@ struct packet_ops {
     /// column's bits would depend on its tile: with FMA it is fused explicitly, always.
     static MHA_ALWAYS_INLINE packet mul_add(const packet& a, const packet& b, const packet& c) {
 #ifdef __FMA__
-        if constexpr (width == 1 && std::is_floating_point_v<packet>) return std::fma(a, b, c);
+        if constexpr (width == 1) return std::fma(a, b, c);  // packet is Scalar
 #endif
         return Eigen::internal::pmadd(a, b, c);
     }

@@ -21,9 +21,9 @@
 //   portable (elsewhere, or forced by the tests): A and column blocks of B widened to fp32
 //            (exactly: a bf16 is the upper half of an fp32), A into the fp32 projections'
 //            panels (a slice at a time on the stack for a few columns), then their register
-//            tiles and blocking
-//            (accumulate_packed_product, detail/tiled_product.hpp), which were 1.11-1.17x faster
-//            than Eigen's GEMM for the bf16 layer on an AVX2 Zen 3 with A read in place.
+//            tiles and blocking (accumulate_packed_product, detail/tiled_product.hpp), which
+//            were 1.11-1.17x faster than Eigen's GEMM for the bf16 layer on an AVX2 Zen 3 with A
+//            read in place.
 //
 // Register tile (native): 4 zmm of 16 rows × 6 columns, 24 accumulators of the 32 registers;
 // per pair of k, 4 loads and 6 broadcasts from memory (vpbroadcastd, one load each) feed 24 dot
@@ -174,7 +174,7 @@ inline void gemm_bf16_native(Index m, Index n, Index k, bf16_operand a, bf16_ope
                              bf16_gemm_buffers& buffers, int threads, bf16_prepacked_a prepacked) {
     using s = bf16_gemm_sizes;
     const Index all_pairs = (k + 1) / 2, panels = (m + s::mr - 1) / s::mr;
-    const std::uint16_t* pa = prepacked.data;
+    const std::uint16_t* pa = prepacked.pairs;
     if (pa == nullptr) {
         grow(buffers.packed_a, panels * all_pairs * s::mr * 2);
         pack_bf16_gemm_a(m, k, a, buffers.packed_a.data(), all_pairs);
@@ -318,14 +318,16 @@ inline void gemm_bf16_narrow(Index m, Index n, Index k, bf16_operand a, bf16_ope
 /// are only available when MHA_BF16_NATIVE is defined (else the portable path runs); amx runs the
 /// AMX tiles where MHA_BF16_AMX is defined and amx_usable(), the native path elsewhere and for up
 /// to bf16_narrow_columns columns. Allocates only to grow `buffers`. C must not overlap A or B.
-/// With `prepacked` (A in pair panels, its m and k those of the call), the native path reads it
-/// instead of packing A: the same bits.
+/// With `prepacked` (A packed once, its m and k those of the call), the native path reads its
+/// pair panels instead of packing A, the portable path widens its row panels instead of A's
+/// columns: the same bits.
 inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b, float* c,
                       Index ldc, bool accumulate, const float* bias, bf16_gemm_buffers& buffers,
                       int threads = 0, bf16_kernel kernel = default_bf16_kernel,
                       bf16_prepacked_a prepacked = {}) {
     if (m == 0 || n == 0) return;
-    if (prepacked.data != nullptr && (prepacked.m != m || prepacked.k != k))
+    if ((prepacked.pairs != nullptr || prepacked.row_panels != nullptr) &&
+        (prepacked.m != m || prepacked.k != k))
         fail<std::logic_error>("mha::detail::gemm_bf16", "prepacked",
                                "panels of the product's A, " + to_text(m) + " x " + to_text(k),
                                to_text(prepacked.m) + " x " + to_text(prepacked.k));
@@ -347,8 +349,8 @@ inline void gemm_bf16(Index m, Index n, Index k, bf16_operand a, bf16_operand b,
     }
 #endif
     (void)kernel;
-    (void)prepacked;
-    gemm_bf16_portable(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads);
+    gemm_bf16_portable(m, n, k, a, b, c, ldc, accumulate, bias, buffers, threads,
+                       prepacked.row_panels);
 }
 
 }  // namespace detail

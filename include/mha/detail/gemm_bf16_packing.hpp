@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // What the bf16 GEMM's implementations share (detail/gemm_bf16.hpp, detail/gemm_bf16_amx.hpp): the
 // operand view, the blocking, the caller's buffers, the split of the columns over threads, the
-// start of C from the bias, and A packed in pair panels.
+// start of C from the bias, A packed in pair panels, and a weight packed once in the panels of
+// the path the build runs (bf16_packed_matrix).
 //
 // Pair panels. vdpbf16ps and the AMX tile product TDPBF16PS both pair adjacent elements of the
 // reduction dimension (lane i gets a[2i]·b[2i] + a[2i+1]·b[2i+1]), so A is packed once per call
@@ -25,6 +26,7 @@
 #include <mha/detail/gemm.hpp>
 #include <mha/detail/parallel.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
+#include <mha/detail/tiled_product.hpp>
 
 namespace mha {
 namespace detail {
@@ -151,30 +153,43 @@ inline void pack_bf16_gemm_a(Index m, Index k, bf16_operand a, std::uint16_t* pa
 
 #endif  // MHA_BF16_NATIVE
 
-/// A view of an A already in pair panels (pack_bf16_gemm_a with pair_stride (k + 1) / 2), which
-/// gemm_bf16's native path then reads instead of packing A again; null: pack per call.
+/// A view of an A already packed for gemm_bf16, which then reads it instead of packing A again;
+/// both null: pack per call. `pairs`: pair panels (pack_bf16_gemm_a with pair_stride
+/// (k + 1) / 2), read by the native path. `row_panels`: bf16 panels of product_panel_rows<float>
+/// (P) rows over all of k, P·k apart, in pack_row_panels' order (row e + i of column j at
+/// [e/P·P·k + j·P + i]), read by the portable path, which widens them a run at a time.
 struct bf16_prepacked_a {
-    const std::uint16_t* data = nullptr;  ///< panel 0
+    const std::uint16_t* pairs = nullptr;
+    const Eigen::bfloat16* row_panels = nullptr;
     Index m = 0, k = 0;
 };
 
-/// A matrix packed once in pair panels, kept with a layer's weights: a projection of a few dozen
-/// tokens otherwise spends a third to a half of its time packing the weights again (1536 × 512
-/// weights: 31 µs of 90 at 16 tokens, docs/performance.md). Costs as much memory as the bf16
-/// matrix itself (rows rounded up to 64, k to even). Empty where the native kernel is not
-/// compiled in (the portable path widens per call), so every view is then null.
+/// A matrix packed once in the panels of the path the build runs, kept with a layer's weights:
+/// pair panels where the native kernel is compiled in (a projection of a few dozen tokens
+/// otherwise spends a third to a half of its time packing the weights again: 1536 × 512
+/// weights, 31 µs of 90 at 16 tokens, docs/performance.md), else bf16 row panels (a decode
+/// step's product otherwise reads each weight column a column stride away from the last). Costs
+/// as much memory as the bf16 matrix itself (rows rounded up to a panel, k to even for pairs).
 class bf16_packed_matrix {
 public:
     bf16_packed_matrix() = default;
     /// A (m × k) packed.
-    bf16_packed_matrix([[maybe_unused]] Index m, [[maybe_unused]] Index k,
-                       [[maybe_unused]] bf16_operand a)
-        : m_(m), k_(k) {
+    bf16_packed_matrix(Index m, Index k, bf16_operand a) : m_(m), k_(k) {
+        if (m <= 0 || k <= 0) return;
 #if defined(MHA_BF16_NATIVE)
         constexpr Index mr = bf16_gemm_sizes::mr;
         const Index pairs = (k + 1) / 2;
-        data_.resize(static_cast<std::size_t>((m + mr - 1) / mr * pairs * mr * 2));
-        if (m > 0 && k > 0) pack_bf16_gemm_a(m, k, a, data_.data(), pairs);
+        pairs_.resize(static_cast<std::size_t>((m + mr - 1) / mr * pairs * mr * 2));
+        pack_bf16_gemm_a(m, k, a, pairs_.data(), pairs);
+#else
+        // Rows past m in the last panel are zero: they are widened with the rest, never stored.
+        constexpr Index panel = product_panel_rows<float>;
+        rows_.assign(static_cast<std::size_t>((m + panel - 1) / panel * panel * k),
+                     Eigen::bfloat16(0.0f));
+        for (Index j = 0; j < k; ++j)
+            for (Index r = 0; r < m; ++r)
+                rows_[static_cast<std::size_t>(r / panel * panel * k + j * panel + r % panel)] =
+                    a.data[r * a.row_stride + j * a.col_stride];
 #endif
     }
 
@@ -187,13 +202,20 @@ public:
     /// when r0 starts one; else null. The last panel may hold rows of the next block, which the
     /// register tiles compute but do not store.
     bf16_prepacked_a rows(Index r0, Index count) const {
-        constexpr Index mr = bf16_gemm_sizes::mr;
-        if (data_.empty() || r0 % mr != 0 || r0 < 0 || count < 0 || r0 + count > m_) return {};
-        return {data_.data() + r0 / mr * ((k_ + 1) / 2) * mr * 2, count, k_};
+        if (r0 < 0 || count < 0 || r0 + count > m_) return {};
+        bf16_prepacked_a view{nullptr, nullptr, count, k_};
+        if (!pairs_.empty() && r0 % bf16_gemm_sizes::mr == 0)
+            view.pairs =
+                pairs_.data() + r0 / bf16_gemm_sizes::mr * ((k_ + 1) / 2) * bf16_gemm_sizes::mr * 2;
+        if (!rows_.empty() && r0 % product_panel_rows<float> == 0)
+            view.row_panels = rows_.data() + r0 * k_;
+        if (view.pairs == nullptr && view.row_panels == nullptr) return {};
+        return view;
     }
 
 private:
-    aligned_vector<std::uint16_t> data_;
+    aligned_vector<std::uint16_t> pairs_;   // native builds
+    aligned_vector<Eigen::bfloat16> rows_;  // portable builds
     Index m_ = 0, k_ = 0;
 };
 

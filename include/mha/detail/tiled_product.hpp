@@ -152,6 +152,9 @@ void accumulate_from_panels(const Scalar* panels, Index k, Index e, Index rows, 
                             Index ldb, Index n, Scalar* c, Index ldc) {
     constexpr Index panel = product_panel_rows<Scalar>;
     constexpr Index inner = packed_product_inner<Scalar>;
+    // The callers step e by tiled_product_rows (for_each_product_row_block): each block must
+    // start at a panel, or panels + e·k would land inside one.
+    static_assert(tiled_product_rows % panel == 0, "row blocks start at a panel");
     for (Index k0 = 0; k0 < k; k0 += inner)
         accumulate_packed_product(panels + e * k + k0 * panel, panel * k, rows,
                                   std::min(inner, k - k0), b + k0, ldb, n, c, ldc);
