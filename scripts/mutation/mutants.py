@@ -668,6 +668,11 @@ MUTANTS = [
          replace="view.row_panels = rows_.data() + r0;",
          tests=["bf16_projection"],
          description="a block of rows of the packed row panels starts at the wrong panel"),
+    dict(id="value-single-tile-chunk-skips-key", file="detail/tiled/block_kernels.hpp",
+         find="for (Index j0 = 0; j0 < nk; j0 += chunk) {",
+         replace="for (Index j0 = 0; j0 < nk; j0 += chunk + (nq <= queries ? 1 : 0)) {",
+         tests=["attention_block_kernels", "kv_cache"],
+         description="a single query tile's value chunks skip a key between them"),
     # detail/tiled/few_query_scores.hpp (the score kernel of decode steps)
     dict(id="few-query-scores-tail-dims", file="detail/tiled/few_query_scores.hpp",
          find="for (Index d = packed; d < dk; ++d)",
