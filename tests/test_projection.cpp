@@ -192,6 +192,71 @@ TEST_CASE("linear: error messages", "[projection]") {
                         Equals("mha::linear: out.cols() must be 13 (x.cols()), got 12"));
 }
 
+TEMPLATE_TEST_CASE("prepacked_weight: linear gives the bits of linear with w, for any operands",
+                   "[projection]", float, double) {
+    // The weight packed once is multiplied on the same register tiles, each entry the same chain
+    // over d_in, so every shape (a decoding step's 1 to 6 tokens, which linear with w reads in
+    // place, and more, which it packs per call) gives the bits of linear with w itself; so do
+    // operands that are not plain column-major (copied, or written through a copy).
+    using Scalar = TestType;
+    const auto [d_out, d_in] = GENERATE(table<Index, Index>({{1, 1}, {17, 9}, {70, 130}}));
+    CAPTURE(d_out, d_in);
+    mha_test::value_source source(static_cast<std::uint64_t>(d_out * 100 + d_in));
+    const mat<Scalar> w = source.normal_matrix<Scalar>(d_out, d_in);
+    const vec<Scalar> b = source.normal_matrix<Scalar>(d_out, 1);
+    const mha::prepacked_weight<Scalar> packed(w);
+    CHECK(packed.rows() == d_out);
+    CHECK(packed.cols() == d_in);
+    CHECK(packed.unpacked() == w);
+    for (Index tokens : {Index(0), Index(1), Index(3), Index(6), Index(7), Index(40)}) {
+        CAPTURE(tokens);
+        const mat<Scalar> x = source.normal_matrix<Scalar>(d_in, tokens);
+        const mat<Scalar> want = mha::linear(w, b, x);
+        CHECK(mha::linear(packed, b, x) == want);
+        mat<Scalar> without_bias(d_out, tokens);
+        mha::linear(packed, vec<Scalar>(), x, without_bias);
+        CHECK(without_bias == mha::linear(w, vec<Scalar>(), x));
+        // Into a block of a larger matrix (in place), and into a row-major matrix (a copy).
+        mat<Scalar> big = mat<Scalar>::Constant(d_out + 3, tokens + 2, Scalar(7));
+        mha::linear(packed, b, x, big.block(1, 2, d_out, tokens));
+        CHECK(big.block(1, 2, d_out, tokens) == want);
+        CHECK((big.topRows(1).array() == Scalar(7)).all());
+        Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major(d_out,
+                                                                                         tokens);
+        mha::linear(packed, b, x, row_major);
+        CHECK(mat<Scalar>(row_major) == want);
+        // x as an expression (a transpose of its row-major copy).
+        const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> xt =
+            x.transpose();
+        CHECK(mha::linear(packed, b, xt.transpose()) == want);
+    }
+    // A weight given as a row-major matrix or as a block packs the same weight.
+    const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> w_rows = w;
+    CHECK(mha::prepacked_weight<Scalar>(w_rows).unpacked() == w);
+    mat<Scalar> padded = mat<Scalar>::Zero(d_out + 2, d_in + 1);
+    padded.block(2, 1, d_out, d_in) = w;
+    CHECK(mha::prepacked_weight<Scalar>(padded.block(2, 1, d_out, d_in)).unpacked() == w);
+}
+
+TEST_CASE("prepacked_weight: error messages name the argument", "[projection]") {
+    using M = mat<double>;
+    const mha::prepacked_weight<double> w(M::Zero(5, 7));
+    const vec<double> b = vec<double>::Zero(5);
+    M out(5, 13);
+    REQUIRE_NOTHROW(mha::linear(w, b, M::Zero(7, 13), out));
+    REQUIRE_THROWS_WITH(mha::linear(w, b, M::Zero(6, 13), out),
+                        Equals("mha::linear: x.rows() must be 7 (w.cols()), got 6"));
+    REQUIRE_THROWS_WITH(mha::linear(w, vec<double>::Zero(4), M::Zero(7, 13), out),
+                        Equals("mha::linear: b.size() must be 5 (w.rows() or 0), got 4"));
+    M wrong_cols(5, 12);
+    REQUIRE_THROWS_WITH(mha::linear(w, b, M::Zero(7, 13), wrong_cols),
+                        Equals("mha::linear: out.cols() must be 13 (x.cols()), got 12"));
+    // The copying path checks before it copies.
+    Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> wrong_rows(4, 13);
+    REQUIRE_THROWS_WITH(mha::linear(w, b, M::Zero(7, 13), wrong_rows),
+                        Equals("mha::linear: out.rows() must be 5 (w.rows()), got 4"));
+}
+
 TEMPLATE_TEST_CASE("fused projection (linear) + split_qkv: views equal separate projections",
                    "[projection]", float, double) {
     using Scalar = TestType;

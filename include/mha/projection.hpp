@@ -86,6 +86,72 @@ matrix<typename DX::Scalar> linear(const Eigen::MatrixBase<DW>& w, const Eigen::
     return out;
 }
 
+/// A weight (d_out × d_in, float or double) copied once into the panels `linear` multiplies
+/// from, for a weight that many calls read: `linear` otherwise copies w into panels on every
+/// call, or, for up to 6 columns of x (a decoding step's tokens), reads its columns a column
+/// stride apart. The layer keeps its own weights this way. The same memory as w; the results
+/// are the same bits as `linear` with w itself.
+template <class Scalar>
+class prepacked_weight {
+    static_assert(detail::tiled_product_scalar<Scalar>,
+                  "mha::prepacked_weight: Scalar must be float or double");
+
+public:
+    prepacked_weight() = default;
+    /// Copies w (any expression of Scalar, e.g. a block or a Map) into the panels.
+    template <class Derived>
+    explicit prepacked_weight(const Eigen::MatrixBase<Derived>& w) {
+        static_assert(std::is_same_v<typename Derived::Scalar, Scalar>,
+                      "mha::prepacked_weight: w must hold the weight's Scalar");
+        if constexpr (detail::column_major_storage<Derived>) {
+            panels_ = detail::row_panels<Scalar>(w.derived());
+        } else {
+            const matrix<Scalar> plain = w;  // row-major or an expression: evaluated once
+            panels_ = detail::row_panels<Scalar>(plain);
+        }
+    }
+    Index rows() const { return panels_.rows(); }  ///< d_out
+    Index cols() const { return panels_.cols(); }  ///< d_in
+    /// The weight it was packed from, exactly.
+    matrix<Scalar> unpacked() const { return panels_.unpacked(); }
+    /// The panels (for the library's products).
+    const detail::row_panels<Scalar>& panels() const { return panels_; }
+
+private:
+    detail::row_panels<Scalar> panels_;
+};
+
+/// out = w·x + b·1ᵀ with a weight packed once (see prepacked_weight); b, x and out as for
+/// `linear`. x and out in column-major storage with unit inner stride (plain matrices, their
+/// column blocks, Maps) are read and written in place; others go through a column-major copy.
+template <class Scalar, class DB, class DX, class DO>
+void linear(const prepacked_weight<Scalar>& w, const Eigen::MatrixBase<DB>& b,
+            const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out_) {
+    static_assert(std::is_same_v<typename DX::Scalar, Scalar> &&
+                      std::is_same_v<typename DO::Scalar, Scalar>,
+                  "mha::linear: x and out must hold the prepacked weight's Scalar");
+    auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
+    if constexpr (detail::column_major_storage<DX> && detail::column_major_storage<DO>) {
+        detail::linear_into(w.panels(), b, x, out);
+    } else {
+        detail::check_linear_shapes(w.rows(), w.cols(), b.size(), x.rows(), x.cols(), out.rows(),
+                                    out.cols());
+        const matrix<Scalar> plain_x = x;
+        matrix<Scalar> plain_out(out.rows(), out.cols());
+        detail::linear_into(w.panels(), b, plain_x, plain_out);
+        out = plain_out;
+    }
+}
+
+/// Returns w·x + b·1ᵀ with a weight packed once (see the overload writing into `out`).
+template <class Scalar, class DB, class DX>
+matrix<Scalar> linear(const prepacked_weight<Scalar>& w, const Eigen::MatrixBase<DB>& b,
+                      const Eigen::MatrixBase<DX>& x) {
+    matrix<Scalar> out(w.rows(), x.cols());
+    linear(w, b, x, out);
+    return out;
+}
+
 /// Views of Q, K and V inside a fused projection result (no copies).
 template <class Derived>
 struct qkv_views {

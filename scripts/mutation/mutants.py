@@ -673,6 +673,11 @@ MUTANTS = [
          replace="for (Index j0 = 0; j0 < nk; j0 += chunk + (nq <= queries ? 1 : 0)) {",
          tests=["attention_block_kernels", "kv_cache"],
          description="a single query tile's value chunks skip a key between them"),
+    dict(id="prepacked-linear-copy-drops-bias", file="projection.hpp",
+         find="detail::linear_into(w.panels(), b, plain_x, plain_out);",
+         replace="detail::linear_into(w.panels(), b.head(0), plain_x, plain_out);",
+         tests=["projection"],
+         description="linear with a prepacked weight leaves the bias out when it goes through a copy"),
     # detail/tiled/few_query_scores.hpp (the score kernel of decode steps)
     dict(id="few-query-scores-tail-dims", file="detail/tiled/few_query_scores.hpp",
          find="for (Index d = packed; d < dk; ++d)",
