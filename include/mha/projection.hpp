@@ -127,9 +127,9 @@ private:
 template <class Scalar, class DB, class DX, class DO>
 void linear(const prepacked_weight<Scalar>& w, const Eigen::MatrixBase<DB>& b,
             const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DO>& out_) {
-    static_assert(std::is_same_v<typename DX::Scalar, Scalar> &&
-                      std::is_same_v<typename DO::Scalar, Scalar>,
-                  "mha::linear: x and out must hold the prepacked weight's Scalar");
+    static_assert(
+        std::is_same_v<typename DX::Scalar, Scalar> && std::is_same_v<typename DO::Scalar, Scalar>,
+        "mha::linear: x and out must hold the prepacked weight's Scalar");
     auto& out = const_cast<Eigen::MatrixBase<DO>&>(out_);
     if constexpr (detail::column_major_storage<DX> && detail::column_major_storage<DO>) {
         detail::linear_into(w.panels(), b, x, out);
