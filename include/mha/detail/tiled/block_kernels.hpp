@@ -93,7 +93,7 @@ struct block_kernel_traits {
     /// then read once, from memory, and the row strips of a 128-key chunk read each key column a
     /// line at a time, 8 passes a column stride apart, which left the value tile waiting on
     /// its loads (perf annotate). 16 keys (8 KiB at d_v = 128 in float) are read whole before
-    /// the next: the decode core 1.3-1.45x faster at 4096 cached tokens (Zen 3, AVX2).
+    /// the next: the decode core 1.2-1.5x faster at 4096 cached tokens (Zen 3, AVX2).
     static constexpr Index value_key_chunk_single_tile = 16;
     /// Queries are padded to a multiple of this; blocks with fewer queries use Eigen instead.
     static constexpr Index query_multiple = width;
