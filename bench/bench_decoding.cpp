@@ -11,6 +11,8 @@
 // - A whole decoding step of the layer: projection of one token, cache append, attention and
 //   output projection, with its time per token and its heap allocations per step (0).
 // - Both decode cases again in bfloat16 (the bf16 layer and its bf16 cache): half the bytes.
+// - One token through a linear layer of E × E, with the weight as it is and packed once
+//   (mha::prepacked_weight), against the same bandwidth probe.
 //
 // Threads: the kernels run on OpenMP's threads; compare OMP_NUM_THREADS=1 with 2:
 //   OMP_NUM_THREADS=1 ./bench_decoding --benchmark_repetitions=3
@@ -219,7 +221,36 @@ void BM_decode_layer_step_bf16(benchmark::State& state) {
         state);
 }
 
+// One token through a 4096 × 4096 linear layer (64 MiB of float weight, read once per call),
+// as a decoding step's projections: `mha::linear` with the weight itself (prepacked 0: its
+// columns read a column stride apart) and with an `mha::prepacked_weight` (1: the panels read
+// in order). Bytes per second of the weight, to be read against BM_stream_read's.
+void BM_decode_linear(benchmark::State& state) {
+    const bool prepacked = state.range(0) != 0;
+    const Matrix w = Matrix::Random(kEmbed, kEmbed);
+    const Eigen::VectorXf b = Eigen::VectorXf::Random(kEmbed);
+    const Matrix x = Matrix::Random(kEmbed, 1);
+    Matrix y(kEmbed, 1);
+    const mha::prepacked_weight<float> packed(w);
+    for (auto _ : state) {
+        if (prepacked)
+            mha::linear(packed, b, x, y);
+        else
+            mha::linear(w, b, x, y);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+    }
+    state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * kEmbed * kEmbed *
+                            static_cast<std::int64_t>(sizeof(float)));
+}
+
 BENCHMARK(BM_stream_read)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_decode_linear)
+    ->ArgName("prepacked")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 BENCHMARK(BM_prefill_core)
     ->ArgNames({"kv_heads", "L"})
     ->Args({kKvHeads, 512})
