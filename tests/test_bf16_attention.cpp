@@ -498,6 +498,69 @@ TEST_CASE("bf16 core: one-query sequences with grouped heads (the stacked decode
         }
 }
 
+TEST_CASE("bf16 core: a decode step reads K and V in place: masked keys poisoned, NaN reaches") {
+    // One query per sequence with 4 query heads per key/value head: the few-query path, whose
+    // score and value tiles read the bf16 K and V where they lie (widened in registers). Keys
+    // a mask excludes inside a key block hold NaN in K and Inf in V: their scores are computed
+    // and masked after, their values never read. d_k and d_v = 20 leave a rest after whole
+    // packets (8 or 16 lanes) for the scalar tails. Compared per head with the long-double
+    // reference under the bound every bf16 test uses.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(61);
+    const Index heads = 8, kv_heads = 2, dk = 20, dv = 20, lk = 700;
+    const mha::packed_batch batch({1}, {lk});
+    const bmat q = normal_bf16(rnd, heads * dk, 1);
+    bmat k = normal_bf16(rnd, kv_heads * dk, lk), v = normal_bf16(rnd, kv_heads * dv, lk);
+    auto allowed = [](Index j, Index) { return j % 7 != 3; };
+    mha::bool_matrix keep(lk, 1);
+    for (Index j = 0; j < lk; ++j)
+        keep(j, 0) = allowed(j, 0);
+    const float inf = std::numeric_limits<float>::infinity();
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    bmat kp = k, vp = v;
+    for (Index j = 0; j < lk; ++j)
+        if (!allowed(j, 0)) {
+            kp.col(j).setConstant(bf16(nan));
+            vp.col(j).setConstant(bf16(inf));
+        }
+    const mha::attention_mask<float> mask{mha::keep_mask(keep)};
+    auto run_core = [&](const bmat& kk, const bmat& vv) {
+        mat<float> out(heads * dv, 1);
+        mha::multi_head_attention_core(q, kk, vv, heads, kv_heads, batch, out, mask);
+        return out;
+    };
+    const mat<float> out = run_core(kp, vp);
+    REQUIRE(out.allFinite());
+    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+    for (Index h = 0; h < heads; ++h) {
+        const Index g = h / (heads / kv_heads);
+        const mat<long double> qh = widen(q.block(h * dk, 0, dk, 1));
+        const mat<long double> kh = widen(k.block(g * dk, 0, dk, lk));
+        const mat<long double> vh = widen(v.block(g * dv, 0, dv, lk));
+        const mat<long double> ref =
+            mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
+        mha_test::require_bf16_attention_close<float>(out.block(h * dv, 0, dv, 1), ref, qh, kh,
+                                                      vh, scale, allowed, nullptr,
+                                                      "head " + std::to_string(h));
+    }
+    // NaN in an allowed key of group 1 (in the scalar tail of d_k): its 4 heads are NaN, the
+    // others are not. NaN in an allowed value of group 0 (in the tail of d_v): that row of its
+    // heads only.
+    bmat kn = kp;
+    kn(dk + 18, 501) = bf16(nan);
+    const mat<float> key_nan = run_core(kn, vp);
+    CHECK(key_nan.topRows(4 * dv).allFinite());
+    CHECK(key_nan.bottomRows(4 * dv).array().isNaN().all());
+    bmat vn = vp;
+    vn(17, 40) = bf16(nan);
+    const mat<float> value_nan = run_core(kp, vn);
+    for (Index h = 0; h < heads; ++h)
+        for (Index e = 0; e < dv; ++e) {
+            INFO("head " << h << ", row " << e);
+            CHECK(std::isnan(value_nan(h * dv + e, 0)) == (h < 4 && e == 17));
+        }
+}
+
 TEST_CASE("bf16 core: fully masked queries are exactly 0, requests it cannot serve throw") {
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
     mha_test::value_source rnd(51);

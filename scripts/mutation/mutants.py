@@ -678,6 +678,17 @@ MUTANTS = [
          replace="detail::linear_into(w.panels(), b.head(0), plain_x, plain_out);",
          tests=["projection"],
          description="linear with a prepacked weight leaves the bias out when it goes through a copy"),
+    # detail/tiled/forward_bf16.hpp: the portable kernel's few-query path (decode steps)
+    dict(id="bf16-few-query-unscaled", file="detail/tiled/forward_bf16.hpp",
+         find="few_query_scores(t.qt.data(), p.f.dk, nq, p.f.dk, p.f.scale,",
+         replace="few_query_scores(t.qt.data(), p.f.dk, nq, p.f.dk, 1.0f,",
+         tests=["bf16_attention"],
+         description="the bf16 few-query scores are not scaled"),
+    dict(id="bf16-few-query-widens-one-query", file="detail/tiled/forward_bf16.hpp",
+         find="widen_columns(q, p.f.q_stride, p.f.dk, nq, t.qt.data(), p.f.dk);",
+         replace="widen_columns(q, p.f.q_stride, p.f.dk, 1, t.qt.data(), p.f.dk);",
+         tests=["bf16_attention"],
+         description="the bf16 few-query path widens only the first of its stacked queries"),
     # detail/tiled/few_query_scores.hpp (the score kernel of decode steps)
     dict(id="few-query-scores-tail-dims", file="detail/tiled/few_query_scores.hpp",
          find="for (Index d = packed; d < dk; ++d)",

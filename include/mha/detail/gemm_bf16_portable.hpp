@@ -15,36 +15,14 @@
 namespace mha {
 namespace detail {
 
-/// One packet of fp32 lanes from as many consecutive bf16 values (exact: a bf16 is the upper
-/// half of an fp32), widened in registers where the instruction set allows.
-MHA_ALWAYS_INLINE block_kernel_traits<float>::ops::packet widen_bf16_packet(
-    const Eigen::bfloat16* p) {
-    constexpr Index w = block_kernel_traits<float>::width;
-#if defined(EIGEN_VECTORIZE_AVX512)
-    static_assert(w == 16, "Eigen's float packet on AVX-512 is a zmm");
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-#elif defined(EIGEN_VECTORIZE_AVX2)
-    static_assert(w == 8, "Eigen's float packet on AVX2 is a ymm");
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-#else
-    alignas(64) float lanes[w];
-    widen_bf16(p, w, lanes);
-    return block_kernel_traits<float>::ops::load(lanes);
-#endif
-}
-
 /// C(r, 0 : N) += A(r, :)·B(:, 0 : N) for the rows r of one row panel of A (bf16, P rows ×
-/// all of k, column q at panel + q·P), B widened to fp32 (k × N, column-major): the panel's
-/// packets are widened in registers and multiplied at once, one chain per output in increasing
-/// q from C's value, as value_rows' tile over the widened panel (the same bits). `rows` ≤ P:
+/// all of k, column q at panel + q·P), B widened to fp32 (k × N, column-major): the value tile
+/// with the panel's packets widened in registers as it reads them, one chain per output in
+/// increasing q from C's value (the bits of the tile over a widened copy). `rows` ≤ P:
 /// a short last panel computes its zero rows in a scratch copy of C and stores only its own.
 template <int N>
 void accumulate_row_panel_bf16(const Eigen::bfloat16* panel, Index rows, Index k, const float* b,
                                float* c, Index ldc) {
-    using ops = block_kernel_traits<float>::ops;
-    using packet = ops::packet;
     constexpr Index w = block_kernel_traits<float>::width;
     constexpr Index p_rows = product_panel_rows<float>;
     constexpr int vp = static_cast<int>(p_rows / w);
@@ -57,23 +35,8 @@ void accumulate_row_panel_bf16(const Eigen::bfloat16* panel, Index rows, Index k
         to = scratch;
         ld = p_rows;
     }
-    packet o[vp][N];
-    for (int j = 0; j < N; ++j)
-        for (int v = 0; v < vp; ++v)
-            o[v][j] = ops::load(to + j * ld + v * w);
-    for (Index q = 0; q < k; ++q) {
-        packet x[vp];
-        for (int v = 0; v < vp; ++v)
-            x[v] = widen_bf16_packet(panel + q * p_rows + v * w);
-        for (int j = 0; j < N; ++j) {
-            const packet bj = ops::broadcast(b[j * k + q]);
-            for (int v = 0; v < vp; ++v)
-                o[v][j] = ops::mul_add(x[v], bj, o[v][j]);
-        }
-    }
-    for (int j = 0; j < N; ++j)
-        for (int v = 0; v < vp; ++v)
-            ops::store(to + j * ld + v * w, o[v][j]);
+    value_micro_tile<float, vp, N, operand_order::col_major, Eigen::bfloat16>(panel, p_rows, k, b,
+                                                                              k, to, ld);
     if (to == scratch)
         for (int j = 0; j < N; ++j)
             std::copy(scratch + j * p_rows, scratch + j * p_rows + rows, c + j * ldc);

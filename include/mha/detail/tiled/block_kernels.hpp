@@ -31,7 +31,7 @@
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
-#include <mha/detail/eigen_compat.hpp>
+#include <mha/detail/tiled/block_kernel_traits.hpp>
 #include <mha/detail/tiled/key_ranges.hpp>
 
 #if defined(__AVX512F__)
@@ -73,57 +73,6 @@ MHA_ALWAYS_INLINE void transpose_16x16(__m512 (&r)[16]) {
     }
 }
 #endif
-
-template <class Scalar>
-struct block_kernel_traits {
-    using ops = eigen_compat::packet_ops<Scalar>;
-    using packet = typename ops::packet;
-    static constexpr Index width = ops::width;
-    // 32 vector registers (AVX-512, NEON on AArch64): 4 packets × 6, 24 accumulators, 4 loads
-    // and a broadcast; 10 loads per 24 FMAs (2 × 8: 10 per 16, 4 % slower at L = 2048). 16
-    // (AVX2, SSE): 2 × 6 for both products (2 × 4 scores: GCC folded the query loads into the
-    // FMAs, 12 loads per 8, and the AVX2 core ran 1.2× slower). 2 FMA pipes × 4 cycles: 8 chains.
-    static constexpr bool many_registers = ops::many_registers;
-    static constexpr Index score_query_packets = many_registers ? 4 : 2;
-    static constexpr Index score_keys = 6;
-    static constexpr Index value_packets = many_registers ? 4 : 2;
-    static constexpr Index value_queries = 6;
-    static constexpr Index value_key_chunk = 128;
-    /// The chunk when one query tile is all there is (a decode step's few query heads): V is
-    /// then read once, from memory, and the row strips of a 128-key chunk read each key column a
-    /// line at a time, 8 passes a column stride apart, which left the value tile waiting on
-    /// its loads (perf annotate). 16 keys (8 KiB at d_v = 128 in float) are read whole before
-    /// the next: the decode core 1.2-1.5x faster at 4096 cached tokens (Zen 3, AVX2).
-    static constexpr Index value_key_chunk_single_tile = 16;
-    /// Queries are padded to a multiple of this; blocks with fewer queries use Eigen instead.
-    static constexpr Index query_multiple = width;
-};
-
-/// Whether the float kernels take their AVX-512 paths: Scalar is float and Eigen's packet is
-/// __m512 (16 lanes). The score tiles then mask boundary blocks themselves and take the max with
-/// vmaxps (mx_skips_nan, tiles_mask_boundaries).
-template <class Scalar>
-constexpr bool avx512_float_tiles() {
-#if defined(__AVX512F__)
-    return std::is_same_v<Scalar, float> && block_kernel_traits<Scalar>::width == 16;
-#else
-    return false;
-#endif
-}
-
-/// Whether transposed_scores' per-query max leaves NaN scores out (float on AVX-512) rather than
-/// returning NaN for a query with one.
-template <class Scalar>
-constexpr bool mx_skips_nan() {
-    return avx512_float_tiles<Scalar>();
-}
-
-/// Rounds nq up to the query padding of the score kernel.
-template <class Scalar>
-constexpr Index padded_queries(Index nq) {
-    constexpr Index m = block_kernel_traits<Scalar>::query_multiple;
-    return (nq + m - 1) / m * m;
-}
 
 /// qt(c, d) = scale·q(d, c) for c < nq, 0 for nq <= c < nq_padded (ld of qt: nq_padded).
 /// Column c of q starts at q + c·q_stride.
@@ -300,10 +249,12 @@ MHA_ALWAYS_INLINE const Scalar& operand_at(const Scalar* b, Index ld, Index j, I
 }
 
 /// One value micro tile: acc(0 : VP·W, 0 : Queries) += V(0 : VP·W, 0 : nk) · B(0 : nk, 0 : Queries)
-/// with B(j, c) placed as Order says and V(:, j) at v + j·v_stride.
-template <class Scalar, int VP, int Queries, operand_order Order = operand_order::row_major>
-MHA_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index nk, const Scalar* pt,
-                                        Index ld, Scalar* acc, Index ld_acc) {
+/// with B(j, c) placed as Order says and V(:, j) at v + j·v_stride, stored as VStorage (Scalar,
+/// or bf16 widened in registers: load_packet).
+template <class Scalar, int VP, int Queries, operand_order Order = operand_order::row_major,
+          class VStorage = Scalar>
+MHA_ALWAYS_INLINE void value_micro_tile(const VStorage* v, Index v_stride, Index nk,
+                                        const Scalar* pt, Index ld, Scalar* acc, Index ld_acc) {
     using ops = typename block_kernel_traits<Scalar>::ops;
     using packet = typename ops::packet;
     constexpr Index w = block_kernel_traits<Scalar>::width;
@@ -314,7 +265,7 @@ MHA_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index n
     for (Index j = 0; j < nk; ++j) {
         packet x[VP];
         for (int p = 0; p < VP; ++p)
-            x[p] = ops::load(v + j * v_stride + p * w);
+            x[p] = load_packet<Scalar>(v + j * v_stride + p * w);
         for (int c = 0; c < Queries; ++c) {
             const packet b = ops::broadcast(operand_at<Order>(pt, ld, j, c));
             for (int p = 0; p < VP; ++p)
@@ -327,22 +278,25 @@ MHA_ALWAYS_INLINE void value_micro_tile(const Scalar* v, Index v_stride, Index n
 }
 
 /// Rows [0, dv) of `Queries` output columns: full tiles, then single packets, then scalar rows.
-template <class Scalar, int Queries, operand_order Order = operand_order::row_major>
-void value_rows(const Scalar* v, Index v_stride, Index dv, Index nk, const Scalar* pt, Index ld,
+template <class Scalar, int Queries, operand_order Order = operand_order::row_major,
+          class VStorage = Scalar>
+void value_rows(const VStorage* v, Index v_stride, Index dv, Index nk, const Scalar* pt, Index ld,
                 Scalar* acc, Index ld_acc) {
     using traits = block_kernel_traits<Scalar>;
     constexpr Index w = traits::width;
     constexpr int vp = static_cast<int>(traits::value_packets);
     Index e = 0;
     for (; e + vp * w <= dv; e += vp * w)
-        value_micro_tile<Scalar, vp, Queries, Order>(v + e, v_stride, nk, pt, ld, acc + e, ld_acc);
+        value_micro_tile<Scalar, vp, Queries, Order, VStorage>(v + e, v_stride, nk, pt, ld, acc + e,
+                                                               ld_acc);
     for (; e + w <= dv; e += w)
-        value_micro_tile<Scalar, 1, Queries, Order>(v + e, v_stride, nk, pt, ld, acc + e, ld_acc);
+        value_micro_tile<Scalar, 1, Queries, Order, VStorage>(v + e, v_stride, nk, pt, ld, acc + e,
+                                                              ld_acc);
     for (; e < dv; ++e)
         for (int c = 0; c < Queries; ++c) {
             Scalar s = acc[c * ld_acc + e];
             for (Index j = 0; j < nk; ++j)
-                s += v[j * v_stride + e] * operand_at<Order>(pt, ld, j, c);
+                s += Scalar(v[j * v_stride + e]) * operand_at<Order>(pt, ld, j, c);
             acc[c * ld_acc + e] = s;
         }
 }
@@ -351,9 +305,10 @@ void value_rows(const Scalar* v, Index v_stride, Index dv, Index nk, const Scala
 /// probabilities left by the online softmax in the score tile) and V(:, j) at v + j·v_stride.
 /// With `ranges`, a query tile reads only the keys in the union of its queries' ranges: P is
 /// exactly 0 outside them, so the sums are the same, and V columns no query of the tile may see
-/// (possibly NaN or Inf) are not read at all.
-template <class Scalar>
-void accumulate_values(const Scalar* v, Index v_stride, Index dv, Index nk, const Scalar* pt,
+/// (possibly NaN or Inf) are not read at all. V stored as VStorage: Scalar, or bf16 for float
+/// (widened in registers as the tiles read it).
+template <class Scalar, class VStorage = Scalar>
+void accumulate_values(const VStorage* v, Index v_stride, Index dv, Index nk, const Scalar* pt,
                        Index ld, Index nq, Scalar* acc, Index ld_acc,
                        const query_key_ranges& ranges = {}) {
     using traits = block_kernel_traits<Scalar>;
@@ -368,8 +323,9 @@ void accumulate_values(const Scalar* v, Index v_stride, Index dv, Index nk, cons
             lo = std::max(lo, j0);
             hi = std::min(hi, j0 + kc);
             if (lo >= hi) return;
-            value_rows<Scalar, n>(v + lo * v_stride, v_stride, dv, hi - lo, pt + lo * ld + c, ld,
-                                  acc + c * ld_acc, ld_acc);
+            value_rows<Scalar, n, operand_order::row_major, VStorage>(v + lo * v_stride, v_stride,
+                                                                      dv, hi - lo, pt + lo * ld + c,
+                                                                      ld, acc + c * ld_acc, ld_acc);
         };
         Index c = 0;
         for (; c + queries <= nq; c += queries)

@@ -18,9 +18,9 @@ namespace detail {
 inline constexpr int few_query_score_keys = 8;
 
 /// `Keys` keys of few_query_scores: st(c, j + r) for every query c < nq and r < Keys.
-template <class Scalar, int Keys>
+template <class Scalar, int Keys, class KStorage>
 MHA_ALWAYS_INLINE void few_query_score_tile(const Scalar* q, Index q_stride, Index nq, Index dk,
-                                            Scalar scale, const Scalar* k, Index k_stride,
+                                            Scalar scale, const KStorage* k, Index k_stride,
                                             Scalar* st, Index ld) {
     using ops = typename block_kernel_traits<Scalar>::ops;
     using packet = typename ops::packet;
@@ -34,12 +34,12 @@ MHA_ALWAYS_INLINE void few_query_score_tile(const Scalar* q, Index q_stride, Ind
         for (Index d = 0; d < packed; d += w) {
             const packet x = ops::load(qc + d);
             for (int r = 0; r < Keys; ++r)
-                acc[r] = ops::mul_add(x, ops::load(k + r * k_stride + d), acc[r]);
+                acc[r] = ops::mul_add(x, load_packet<Scalar>(k + r * k_stride + d), acc[r]);
         }
         for (int r = 0; r < Keys; ++r) {
             Scalar s = ops::sum(acc[r]);
             for (Index d = packed; d < dk; ++d)
-                s += qc[d] * k[r * k_stride + d];
+                s += qc[d] * Scalar(k[r * k_stride + d]);
             st[r * ld + c] = scale * s;
         }
     }
@@ -49,13 +49,14 @@ MHA_ALWAYS_INLINE void few_query_score_tile(const Scalar* q, Index q_stride, Ind
 /// q + c·q_stride, key j at k + j·k_stride (both d_k contiguous) and st(c, j) at st[j·ld + c]
 /// (the transposed score layout of transposed_scores); rows nq..ld of st are not written.
 /// Each score is a sum of d_k products in some order, rounded once more by the scale: the
-/// bound of any dot product of length d_k + 1.
-template <class Scalar>
+/// bound of any dot product of length d_k + 1. K stored as KStorage: Scalar, or bf16 for float
+/// (widened in registers: a decode step reads a bf16 cache once, in place).
+template <class Scalar, class KStorage = Scalar>
 void few_query_scores(const Scalar* q, Index q_stride, Index nq, Index dk, Scalar scale,
-                      const Scalar* k, Index k_stride, Index nk, Scalar* st, Index ld) {
+                      const KStorage* k, Index k_stride, Index nk, Scalar* st, Index ld) {
     for_each_key_tile<few_query_score_keys>(
         0, nk, [&](auto n_keys, Index j) MHA_ALWAYS_INLINE_LAMBDA {
-            few_query_score_tile<Scalar, decltype(n_keys)::value>(
+            few_query_score_tile<Scalar, decltype(n_keys)::value, KStorage>(
                 q, q_stride, nq, dk, scale, k + j * k_stride, k_stride, st + j * ld, ld);
         });
 }

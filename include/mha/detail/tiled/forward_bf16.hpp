@@ -15,7 +15,8 @@
 //     is a coarser one, within 6e-6 (the error analysis: docs/performance.md);
 //   - the score tiles take the block max of unmasked interior blocks from their registers;
 //   - the portable kernel widens Q once per task and K and V once per key block to fp32 and runs
-//     the fp32 register tiles, with the same rounding of P;
+//     the fp32 register tiles, with the same rounding of P; with fewer queries than a packet (a
+//     decode step) its tiles read K and V in place and widen them in registers;
 //   - the amx kernel, where the CPU and the OS allow it, runs its own online pass
 //     (detail/tiled/forward_bf16_amx.hpp) with the same statistics, folds and final division.
 // The call and its per-thread buffers: detail/tiled/bf16_problem.hpp; its tasks, workspace and
@@ -106,6 +107,13 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
             if (as_computed) return false;
         }
 #endif
+    } else if (reads_queries_in_place<float>(nq)) {
+        // A decode step's few queries (widened d-contiguous into t.qt by online_pass_bf16) read
+        // the block's keys in place, widened in registers: one pass over a bf16 cache, not a
+        // widening pass and a product pass over twice the bytes.
+        few_query_scores(t.qt.data(), p.f.dk, nq, p.f.dk, p.f.scale, k, p.f.k_stride, nk, st, lds);
+        for (Index r = 0; r < nk; ++r)
+            std::fill(st + r * lds + nq, st + (r + 1) * lds, 0.0f);  // padding rows
     } else {
         widen_columns(k, p.f.k_stride, p.f.dk, nk, s.kb.data(), s.kb.rows());
         // The fp32 tiles compute the unscaled products of exact bf16 values (the queries were
@@ -138,6 +146,10 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
     const Eigen::bfloat16* q = p.q + i0 * p.f.q_stride;
     if constexpr (uses_dot_pairs(Kernel)) {
         pack_query_pairs(q, p.f.q_stride, p.f.dk, nq, nqp, s.qp.data());
+    } else if (reads_queries_in_place<float>(nq)) {
+        // Few queries: Q(:, c) in fp32 (exact), d_k contiguous, as few_query_scores reads them
+        // (t.qt's storage, nqp × d_k, holds these d_k × nq).
+        widen_columns(q, p.f.q_stride, p.f.dk, nq, t.qt.data(), p.f.dk);
     } else {
         // qt(c, d) = Q(d, c) in fp32 (exact), zero padding queries.
         float* qt = t.qt.data();
@@ -189,6 +201,11 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
             accumulate_values_bf16(vb, dvp, nk, s.pp.data(), nqp, nq, t.acc.data(), t.acc.rows(),
                                    ranges);
 #endif
+        } else if (nq <= block_kernel_traits<float>::value_queries) {
+            // One value tile reads V once: in place, widened in registers.
+            round_to_bf16_in_place(st, nk * nqp);
+            accumulate_values(v, p.f.v_stride, dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
+                              ranges);
         } else {
             widen_columns(v, p.f.v_stride, dv, nk, t.v.data(), dv);
             // Padding queries too (their probabilities are finite and no output reads them):
