@@ -539,8 +539,8 @@ TEST_CASE("bf16 core: a decode step reads K and V in place: masked keys poisoned
         const mat<long double> vh = widen(v.block(g * dv, 0, dv, lk));
         const mat<long double> ref =
             mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
-        mha_test::require_bf16_attention_close<float>(out.block(h * dv, 0, dv, 1), ref, qh, kh,
-                                                      vh, scale, allowed, nullptr,
+        mha_test::require_bf16_attention_close<float>(out.block(h * dv, 0, dv, 1), ref, qh, kh, vh,
+                                                      scale, allowed, nullptr,
                                                       "head " + std::to_string(h));
     }
     // NaN in an allowed key of group 1 (in the scalar tail of d_k): its 4 heads are NaN, the

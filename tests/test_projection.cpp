@@ -229,6 +229,13 @@ TEMPLATE_TEST_CASE("prepacked_weight: linear gives the bits of linear with w, fo
         const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> xt =
             x.transpose();
         CHECK(mha::linear(packed, b, xt.transpose()) == want);
+        // x as an expression with no storage (×1 is exact): copied, then written in place, or
+        // through a copy into the row-major output.
+        mat<Scalar> from_expression(d_out, tokens);
+        mha::linear(packed, b, x * Scalar(1), from_expression);
+        CHECK(from_expression == want);
+        mha::linear(packed, b, x * Scalar(1), row_major);
+        CHECK(mat<Scalar>(row_major) == want);
     }
     // A weight given as a row-major matrix or as a block packs the same weight.
     const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> w_rows = w;

@@ -134,12 +134,22 @@ void linear(const prepacked_weight<Scalar>& w, const Eigen::MatrixBase<DB>& b,
     if constexpr (detail::column_major_storage<DX> && detail::column_major_storage<DO>) {
         detail::linear_into(w.panels(), b, x, out);
     } else {
+        // Shapes first: a copy of the wrong shape would be made before any error.
         detail::check_linear_shapes(w.rows(), w.cols(), b.size(), x.rows(), x.cols(), out.rows(),
                                     out.cols());
-        const matrix<Scalar> plain_x = x;
-        matrix<Scalar> plain_out(out.rows(), out.cols());
-        detail::linear_into(w.panels(), b, plain_x, plain_out);
-        out = plain_out;
+        auto into = [&](const auto& plain_x) {
+            if constexpr (detail::column_major_storage<DO>) {
+                detail::linear_into(w.panels(), b, plain_x, out);
+            } else {
+                matrix<Scalar> plain_out(out.rows(), out.cols());
+                detail::linear_into(w.panels(), b, plain_x, plain_out);
+                out = plain_out;
+            }
+        };
+        if constexpr (detail::column_major_storage<DX>)
+            into(x);
+        else
+            into(matrix<Scalar>(x));
     }
 }
 

@@ -77,25 +77,24 @@ void normalization_backward(const matrix<Scalar>& s, const matrix<Scalar>& w,
                 // exactly, Σ w·dW = dW exactly, and its dS is exactly 0 however the compiler
                 // contracts products into FMAs (a form with dW_l·Σr − Σ r_j·dW_j is not: an FMA
                 // keeps one product unrounded and leaves the other's rounding error, / (Σr)²).
-                Scalar sum(0);
-                for (Index j = 0; j < lk; ++j) {
+                // A key takes part in Σr when it is allowed and positive, or NaN (which must
+                // reach the gradient).
+                auto positive = [&](Index j) {
                     const Scalar x = s(j, i);
-                    if (x != minus_inf && (x > Scalar(0) || x != x)) sum += x;
-                }
+                    return x != minus_inf && (x > Scalar(0) || x != x);
+                };
+                Scalar sum(0);
+                for (Index j = 0; j < lk; ++j)
+                    if (positive(j)) sum += s(j, i);
                 // All scores ≤ 0: the weights are the constant 0, so is the gradient. Only when
                 // active does anything divide by the sum (never 0/0).
                 const bool active = sum > Scalar(0) || sum != sum;
                 Scalar dot(0);
                 if (active)
-                    for (Index j = 0; j < lk; ++j) {
-                        const Scalar x = s(j, i);
-                        if (x != minus_inf && (x > Scalar(0) || x != x)) dot += x / sum * dw(j, i);
-                    }
-                for (Index j = 0; j < lk; ++j) {
-                    const Scalar x = s(j, i);
-                    const bool positive = x != minus_inf && (x > Scalar(0) || x != x);
-                    ds(j, i) = active && positive ? (dw(j, i) - dot) / sum : Scalar(0);
-                }
+                    for (Index j = 0; j < lk; ++j)
+                        if (positive(j)) dot += s(j, i) / sum * dw(j, i);
+                for (Index j = 0; j < lk; ++j)
+                    ds(j, i) = active && positive(j) ? (dw(j, i) - dot) / sum : Scalar(0);
                 break;
             }
             case normalization::sigmoid:
