@@ -21,12 +21,13 @@ namespace detail {
 /// is reported. A no-op off Linux.
 inline void advise_huge_pages([[maybe_unused]] void* data, [[maybe_unused]] std::size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    constexpr std::uintptr_t huge = std::uintptr_t(1) << 21;
-    const auto begin = reinterpret_cast<std::uintptr_t>(data);
-    const std::uintptr_t first = (begin + huge - 1) & ~(huge - 1);
-    const std::uintptr_t last = (begin + bytes) & ~(huge - 1);
-    if (data != nullptr && last > first)
-        (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+    constexpr std::size_t huge = std::size_t(1) << 21;
+    if (data == nullptr) return;
+    // Bytes from data to the first 2 MiB boundary, then the whole pages after it.
+    const std::size_t skip = (huge - reinterpret_cast<std::uintptr_t>(data) % huge) % huge;
+    if (bytes <= skip) return;
+    const std::size_t length = (bytes - skip) / huge * huge;
+    if (length > 0) (void)madvise(static_cast<char*>(data) + skip, length, MADV_HUGEPAGE);
 #endif
 }
 
