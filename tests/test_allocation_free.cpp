@@ -81,6 +81,7 @@ inline void eigen_assertion_failed(const char* expression, const char* file, int
 
 #include <catch2/catch_template_test_macros.hpp>
 #include <catch2/catch_test_macros.hpp>
+#include <catch2/generators/catch_generators.hpp>
 
 #include <mha/multi_head_attention.hpp>
 #include <mha/multi_head_attention_bf16.hpp>
@@ -538,6 +539,9 @@ TEST_CASE("forward_into allocates nothing: the bfloat16 layer, masks, grouped he
     mha_test::value_source values(7009);
     mha::attention_config config = config_of(128, 4);
     config.num_kv_heads = 2;
+    const bool rotary = GENERATE(false, true);
+    if (rotary) config.rotary = mha::rotary_options{};
+    INFO("rotary " << rotary);
     const mha::multi_head_attention_bf16 layer(mha::multi_head_attention<float>(config, 15));
     const mha::packed_batch batch({70, 150});
     const bmat x = values.normal_matrix<float>(128, batch.total_queries()).cast<bf16>();
@@ -846,6 +850,13 @@ TEST_CASE("decode_into allocates nothing: the bfloat16 layer and its bf16 caches
         }
         DYNAMIC_SECTION(threads << " thread(s), a batch, windows of 6") {
             check_decode_steps(layer, {5, 30, 1}, {1, 1, 1}, 6, 10, values);
+        }
+        DYNAMIC_SECTION(threads << " thread(s), rotary positions, a batch") {
+            mha::attention_config rotary = grouped_config(128, 4, 2);
+            rotary.rotary = mha::rotary_options{};
+            const mha::multi_head_attention_bf16 turned(
+                mha::multi_head_attention<float>(rotary, 25));
+            check_decode_steps(turned, {5, 30, 1}, {1, 1, 1}, 0, 10, values);
         }
     }
     set_threads(saved);

@@ -8,7 +8,9 @@
 // reference fed that stage's own bf16 input (the previous stage's rounded output), so a value
 // that rounds across a bf16 boundary in one stage cannot spoil the next stage's bound:
 //   - projections: tests/support/check.hpp, require_bf16_linear_close (γ_{d_in+1}·Σ|w·x| plus
-//     one bf16 rounding for Q, K, V);
+//     one bf16 rounding for Q, K, V); with rotary positions, Q and K against the long-double
+//     projection turned by the formula (support/reference.hpp), bound derived at
+//     `input_projection` below;
 //   - the core, per sequence and head: require_bf16_attention_close with a bf16 output;
 //   - the output projection: require_bf16_linear_close with an fp32 output.
 // The whole layer is also compared with the fp32 layer of the same parameters, only as a smoke
@@ -78,6 +80,86 @@ mha::attention_parameters<float> parameters_for(const mha::attention_config& c,
     return p;
 }
 
+// Q, K, V of self-attention over `batch` as the layer computes them, from public pieces, each
+// row block checked against its long-double reference; stacked as the layer's workspace holds
+// them: (H·d_k + H_kv·d_k + H_kv·d_v) × N.
+//
+// Without rotary positions: one mha::linear of the stacked bf16 weights, bf16 output.
+// With them: Q and K by mha::linear into fp32, turned by mha::rotary_embedding<float> at each
+// token's position in its sequence, then rounded once to bf16; V by its own product. The bound for
+// a turned row a of pair (a, b), angle θ, against y = μ(cos θ·r_a − sin θ·r_b) of the long-double
+// projection r (magnitudes S, see require_bf16_linear_close): the fp32 projection is within
+// γ_{k+1}·S; the turn rounds μ·cos and μ·sin to float (one u each, from double values within
+// a few 2⁻⁵³), then two products and a sum (three u): within γ_{k+4}·S' with
+// S' = |μ cos θ|·S_a + |μ sin θ|·S_b, since (1 + γ_{k+1})(1 + γ_3) ≤ 1 + γ_{k+4}. One more u
+// covers the angle formed in double (position·θ_i rounds once; positions here stay below 2^9, so
+// its effect is under 2⁻⁴⁰ of |r|). So require_bf16_linear_close with S' and d_in = k + 4
+// (γ_{k+5}), plus the bf16 rounding it adds. The cases use no frequency scaling (μ = 1, the
+// plain formula). A wrong position turns pair 0 (θ_0 = 1) by a radian per position, far above
+// that bound.
+bmat input_projection(const mha::multi_head_attention_bf16& layer,
+                      const mha::attention_parameters<float>& p, const bmat& x,
+                      const mha::packed_batch& batch, const std::string& what) {
+    const mha::attention_config& c = layer.config();
+    const Index n = x.cols(), e = c.embed_dim;
+    const Index qk = layer.qk_width(), kw = layer.key_width(), vw = layer.value_width();
+    bmat w_in(qk + kw + vw, e);  // (H·d_k + H_kv·d_k + H_kv·d_v) × E
+    w_in << p.w_q.cast<bf16>(), p.w_k.cast<bf16>(), p.w_v.cast<bf16>();
+    mha::vector<float> b_in(c.bias ? qk + kw + vw : 0);
+    if (c.bias) b_in << p.b_q, p.b_k, p.b_v;
+    bmat qkv(qk + kw + vw, n);
+    mha::bf16_linear_workspace lw;
+    mha::linear(w_in, b_in, x, qkv, lw);
+    const auto reference = mha_test::bf16_linear_reference_of(w_in, b_in, x);
+    if (!c.rotary) {
+        mha_test::require_bf16_linear_close(qkv, reference, e, true, what + ", input projection");
+        return qkv;
+    }
+    // V by its own product, as the layer does with rotary positions.
+    bmat v(vw, n);  // H_kv·d_v × N
+    mha::linear(bmat(w_in.bottomRows(vw)), p.b_v, x, v, lw);
+    qkv.bottomRows(vw) = v;
+    mha_test::require_bf16_linear_close(
+        qkv.bottomRows(vw), {reference.value.bottomRows(vw), reference.magnitude.bottomRows(vw)}, e,
+        true, what + ", V projection");
+    mha::matrix<float> qk32(qk + kw, n);  // Q over K, as the layer's two products give them
+    mha::matrix<float> q32(qk, n), k32(kw, n);
+    mha::linear(bmat(w_in.topRows(qk)), p.b_q, x, q32, lw);
+    mha::linear(bmat(w_in.middleRows(qk, kw)), p.b_k, x, k32, lw);
+    qk32 << q32, k32;
+    const mha::rotary_embedding<float> rope(*c.rotary, c.head_dim);
+    mha_test::bf16_linear_reference turned{reference.value.topRows(qk + kw),
+                                           reference.magnitude.topRows(qk + kw)};
+    const Index dk = c.head_dim, r = rope.rotary_dim();
+    const bool interleaved = c.rotary->layout == mha::rotary_layout::interleaved;
+    for (Index b = 0; b < batch.size(); ++b) {
+        const Index start = batch.query_offset(b), len = batch.query_length(b);
+        if (len == 0) continue;
+        auto q = qk32.block(0, start, qk, len);
+        auto k = qk32.block(qk, start, kw, len);
+        rope.apply(q, c.num_heads, 0);
+        rope.apply(k, c.num_kv_heads, 0);
+        for (Index t = 0; t < len; ++t)
+            for (Index h = 0; h < c.num_heads + c.num_kv_heads; ++h) {
+                long double* y = &turned.value(h * dk, start + t);
+                long double* m = &turned.magnitude(h * dk, start + t);
+                mha_test::for_each_rotary_pair(
+                    r, c.rotary->base, interleaved, t,
+                    [y, m](Index a, Index pb, long double cs, long double sn) {
+                        const long double ya = y[a], yb = y[pb], ma = m[a], mb = m[pb];
+                        y[a] = cs * ya - sn * yb;
+                        y[pb] = cs * yb + sn * ya;
+                        m[a] = std::fabs(cs) * ma + std::fabs(sn) * mb;
+                        m[pb] = std::fabs(cs) * mb + std::fabs(sn) * ma;
+                    });
+            }
+    }
+    qkv.topRows(qk + kw) = qk32.cast<bf16>();
+    mha_test::require_bf16_linear_close(qkv.topRows(qk + kw), turned, e + 4, true,
+                                        what + ", Q and K turned");
+    return qkv;
+}
+
 // Which keys query i of sequence s may see (indices within the sequence).
 using allowed_in = std::function<bool(Index s, Index j, Index i)>;
 
@@ -94,17 +176,8 @@ void check_layer(const mha::multi_head_attention_bf16& layer,
     const Index dk = c.head_dim, dv = c.value_head_dim;
     const Index qk = layer.qk_width(), kw = layer.key_width(), vw = layer.value_width();
 
-    // Stage 1: the stacked input projection, as the layer stores it.
-    bmat w_in(qk + kw + vw, c.embed_dim);  // (H·d_k + H_kv·d_k + H_kv·d_v) × E
-    w_in << p.w_q.cast<bf16>(), p.w_k.cast<bf16>(), p.w_v.cast<bf16>();
-    mha::vector<float> b_in(c.bias ? qk + kw + vw : 0);
-    if (c.bias) b_in << p.b_q, p.b_k, p.b_v;
-    bmat qkv(qk + kw + vw, n);  // (H·d_k + H_kv·d_k + H_kv·d_v) × N
-    mha::bf16_linear_workspace lw;
-    mha::linear(w_in, b_in, x, qkv, lw);
-    mha_test::require_bf16_linear_close(qkv, mha_test::bf16_linear_reference_of(w_in, b_in, x),
-                                        c.embed_dim, true, what + ", input projection");
-
+    // Stage 1: the input projection as the layer computes it.
+    const bmat qkv = input_projection(layer, p, x, batch, what);  // (H·d_k + H_kv·(d_k + d_v)) × N
     // Stage 2: the bf16 core on the stage-1 values, heads rounded to bf16.
     const bmat q = qkv.topRows(qk), k = qkv.middleRows(qk, kw), v = qkv.bottomRows(vw);
     bmat heads16(heads * dv, n);  // H·d_v × N
@@ -132,6 +205,7 @@ void check_layer(const mha::multi_head_attention_bf16& layer,
     // Stage 3: the output projection on the stage-2 heads, fp32 output.
     const bmat w_o = p.w_o.cast<bf16>();  // E × H·d_v
     mha::matrix<float> composed(c.embed_dim, n);
+    mha::bf16_linear_workspace lw;
     mha::linear(w_o, p.b_o, heads16, composed, lw);
     mha_test::require_bf16_linear_close(composed,
                                         mha_test::bf16_linear_reference_of(w_o, p.b_o, heads16),
@@ -199,6 +273,121 @@ TEST_CASE("bf16 layer: every stage within its bound, the layer equal to the comp
         const bmat x = normal_bf16(rnd, 32, 300);
         check_layer(layer, p, x, mha::packed_batch({200, 100}, {200, 100}), mha::causal{}, causal,
                     "no bias, 200 + 100");
+    }
+}
+
+namespace {
+
+mha::rotary_options rope_of(Index rotary_dim, bool interleaved, double base = 10000) {
+    mha::rotary_options r;
+    r.rotary_dim = rotary_dim;
+    r.layout = interleaved ? mha::rotary_layout::interleaved : mha::rotary_layout::half_split;
+    r.base = base;
+    return r;
+}
+
+}  // namespace
+
+TEST_CASE("bf16 layer: rotary positions, every stage within its bound, equal to the composition") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(31);
+    const auto causal = [](Index, Index j, Index i) { return j <= i; };
+    {
+        // The whole head, half-split.
+        mha::attention_config c = config_of(64, 4);
+        c.rotary = rope_of(0, false);
+        const mha::attention_parameters<float> p = parameters_for(c, 32);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const bmat x = normal_bf16(rnd, 64, 45);
+        check_layer(layer, p, x, mha::packed_batch::single(45, 45), mha::causal{}, causal,
+                    "rotary 64/4, causal");
+    }
+    {
+        // Grouped heads, d_k ≠ d_v, 6 of 10 features turned, interleaved, Llama 3's base; a
+        // packed batch, each sequence counting from position 0.
+        mha::attention_config c = config_of(48, 6, 2, 10, 7);
+        c.rotary = rope_of(6, true, 500000);
+        const mha::attention_parameters<float> p = parameters_for(c, 33);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const bmat x = normal_bf16(rnd, 48, 76);
+        check_layer(layer, p, x, mha::packed_batch({30, 5, 41}, {30, 5, 41}), mha::causal{}, causal,
+                    "rotary grouped, batch, causal");
+    }
+}
+
+TEST_CASE("bf16 layer: rotary cross-attention turns query i at Lk - Lq + i, key j at j") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // The composition written with the public pieces, positions placed here (not by the
+    // library's helper): Q and K in fp32, turned, rounded once; V in bf16.
+    mha_test::value_source rnd(34);
+    mha::attention_config c = config_of(32, 4, 2);
+    c.key_input_dim = 20;
+    c.value_input_dim = 12;
+    c.rotary = rope_of(4, false);
+    const mha::attention_parameters<float> p = parameters_for(c, 35);
+    const mha::multi_head_attention_bf16 layer(c, p);
+    const mha::packed_batch batch({9, 14, 3}, {25, 6, 0});
+    const bmat xq = normal_bf16(rnd, 32, 26), xk = normal_bf16(rnd, 20, 31),
+               xv = normal_bf16(rnd, 12, 31);
+    mha::bf16_linear_workspace lw;
+    mha::matrix<float> q32(32, 26), k32(16, 31);
+    mha::linear(bmat(p.w_q.cast<bf16>()), p.b_q, xq, q32, lw);
+    mha::linear(bmat(p.w_k.cast<bf16>()), p.b_k, xk, k32, lw);
+    const mha::rotary_embedding<float> rope(*c.rotary, 8);
+    for (Index b = 0; b < batch.size(); ++b) {
+        const Index lq = batch.query_length(b), lk = batch.key_length(b);
+        auto q = q32.middleCols(batch.query_offset(b), lq);
+        auto k = k32.middleCols(batch.key_offset(b), lk);
+        rope.apply(q, 4, lk > lq ? lk - lq : 0);
+        rope.apply(k, 2, 0);
+    }
+    bmat v(16, 31), heads(32, 26);
+    mha::linear(bmat(p.w_v.cast<bf16>()), p.b_v, xv, v, lw);
+    mha::multi_head_attention_core(bmat(q32.cast<bf16>()), bmat(k32.cast<bf16>()), v, 4, 2, batch,
+                                   heads, mha::attention_mask<float>{});
+    mha::matrix<float> composed(32, 26);
+    mha::linear(bmat(p.w_o.cast<bf16>()), p.b_o, heads, composed, lw);
+    CHECK(same_bits(layer.forward(xq, xk, xv, batch), composed));
+}
+
+TEST_CASE("bf16 layer: rotary positions close to the fp32 layer's (smoke check)") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // Not the accuracy claim (the stage-by-stage cases are): the bound of the smoke check above
+    // (2⁻⁶ of the largest fp32 output), which the turn does not change (one more rounding of Q
+    // and K in fp32). A position off by one turns pair 0 by a whole radian: the output moves by
+    // its own scale.
+    mha_test::value_source rnd(36);
+    mha::attention_config c = config_of(64, 8, 2);
+    c.rotary = rope_of(0, true);
+    const mha::multi_head_attention<float> fp32(c, parameters_for(c, 37));
+    const mha::multi_head_attention_bf16 layer(fp32);
+    const auto close = [](const mha::matrix<float>& a, const mha::matrix<float>& b) {
+        return (a - b).cwiseAbs().maxCoeff() <= 0x1.0p-6f * b.cwiseAbs().maxCoeff();
+    };
+    const mha::packed_batch batch({60, 30}, {60, 30});
+    const bmat x = normal_bf16(rnd, 64, 90);
+    const mha::matrix<float> x32 = x.cast<float>();
+    CHECK(close(layer.forward(x, batch, mha::causal{}), fp32.forward(x32, batch, mha::causal{})));
+    const mha::packed_batch cross({20, 10}, {60, 30});
+    const bmat xq = normal_bf16(rnd, 64, 30);
+    const mha::matrix<float> xq32 = xq.cast<float>();
+    CHECK(close(layer.forward(xq, x, x, cross), fp32.forward(xq32, x32, x32, cross)));
+    // Decoding: a prompt of 50, then single tokens, against the fp32 layer's causal forward over
+    // the whole sequence (with and without a window).
+    for (const Index window : {Index(0), Index(16)}) {
+        INFO("window " << window);
+        mha::kv_cache_options options;
+        options.window = window;
+        mha::kv_cache<bf16> cache = layer.make_cache(options);
+        const Index t = 60;
+        mha::matrix<float> decoded(64, t);
+        decoded.leftCols(50) = layer.decode(x.leftCols(50), cache);
+        for (Index j = 50; j < t; ++j)
+            decoded.col(j) = layer.decode(x.col(j), cache);
+        const mha::attention_mask<float> mask =
+            window > 0 ? mha::attention_mask<float>(mha::sliding_window{window - 1, 0})
+                       : mha::attention_mask<float>(mha::causal{});
+        CHECK(close(decoded, fp32.forward(mha::matrix<float>(x32.leftCols(t)), mask)));
     }
 }
 
@@ -374,9 +563,6 @@ TEST_CASE("bf16 layer: refuses what the bf16 kernels do not run, naming the fiel
         CHECK_THROWS_AS(mha::multi_head_attention_bf16(c, p), mha::value_error);
     };
     mha::attention_config c = base;
-    c.rotary = mha::rotary_options{};
-    refuses(c, "config.rotary");
-    c = base;
     c.attention.normalize = mha::normalization::relu;
     refuses(c, "config.attention.normalize");
     c = base;
@@ -435,13 +621,11 @@ void check_decode_steps(const mha::multi_head_attention_bf16& layer,
     const Index heads = c.num_heads, kv = c.num_kv_heads, dk = c.head_dim, dv = c.value_head_dim;
     const Index qk = layer.qk_width(), kw = layer.key_width(), vw = layer.value_width();
     const Index window = cache.window();
-    bmat w_in(qk + kw + vw, c.embed_dim);  // (H·d_k + H_kv·d_k + H_kv·d_v) × E
-    w_in << p.w_q.cast<bf16>(), p.w_k.cast<bf16>(), p.w_v.cast<bf16>();
-    mha::vector<float> b_in(c.bias ? qk + kw + vw : 0);
-    if (c.bias) b_in << p.b_q, p.b_k, p.b_v;
-    bmat qkv(qk + kw + vw, x.cols());  // every token's Q, K, V
+    // Every token's Q, K, V, token t at position t (the cache starts empty and keeps counting
+    // positions past its window): (H·d_k + H_kv·d_k + H_kv·d_v) × T.
+    const bmat qkv =
+        input_projection(layer, p, x, mha::packed_batch::single(x.cols(), x.cols()), what);
     mha::bf16_linear_workspace lw;
-    mha::linear(w_in, b_in, x, qkv, lw);
     const bmat w_o = p.w_o.cast<bf16>();  // E × H·d_v
     const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
     const float scale32 = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dk)));
@@ -521,6 +705,33 @@ TEST_CASE("bf16 layer: decode steps equal their composition over the bf16 cache"
         cache.reserve(12);
         check_decode_steps(layer, p, x, {5, 1, 1, 1, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 6},
                            cache, "window 9");
+    }
+}
+
+TEST_CASE("bf16 layer: rotary decode steps equal their composition, positions past the window") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(38);
+    {
+        mha::attention_config c = config_of(48, 6, 2, 10, 7);
+        c.rotary = rope_of(6, true);
+        const mha::attention_parameters<float> p = parameters_for(c, 39);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const bmat x = normal_bf16(rnd, 48, 90);
+        mha::kv_cache<bf16> cache = layer.make_cache();
+        check_decode_steps(layer, p, x, {70, 1, 1, 3, 1, 13}, cache, "rotary, grouped");
+    }
+    {
+        // A window of 9: the cache drops tokens, the positions keep counting.
+        mha::attention_config c = config_of(32, 4);
+        c.rotary = rope_of(0, false);
+        const mha::attention_parameters<float> p = parameters_for(c, 40);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        const bmat x = normal_bf16(rnd, 32, 30);
+        mha::kv_cache_options options;
+        options.window = 9;
+        mha::kv_cache<bf16> cache = layer.make_cache(options);
+        check_decode_steps(layer, p, x, {5, 1, 1, 1, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 6}, cache,
+                           "rotary, window 9");
     }
 }
 

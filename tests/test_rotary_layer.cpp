@@ -32,22 +32,16 @@ namespace {
 
 constexpr long double layer_baseline_k = 4;
 
-/// The rotation of one head's rows [0, r) at position p, written from the formula: pair
-/// (a, b) = (i, i + r/2) in the half-split layout, (2i, 2i + 1) interleaved, turned by
-/// p·base^(−2i/r). The angle is formed in long double, then the arithmetic is in T.
+/// support/reference.hpp's turn of one head's rows [0, r) at position p, the arithmetic in T.
 template <class T>
 void rotate_head(T* x, Index r, long double base, bool interleaved, Index position) {
-    for (Index i = 0; i < r / 2; ++i) {
-        const long double angle =
-            static_cast<long double>(position) *
-            std::pow(base, -2.0L * static_cast<long double>(i) / static_cast<long double>(r));
-        const T c = static_cast<T>(std::cos(angle)), s = static_cast<T>(std::sin(angle));
-        const Index a = interleaved ? 2 * i : i;
-        const Index b = interleaved ? 2 * i + 1 : i + r / 2;
-        const T xa = x[a], xb = x[b];
-        x[a] = xa * c - xb * s;
-        x[b] = xb * c + xa * s;
-    }
+    mha_test::for_each_rotary_pair(r, base, interleaved, position,
+                                   [x](Index a, Index b, long double cl, long double sl) {
+                                       const T c = static_cast<T>(cl), s = static_cast<T>(sl);
+                                       const T xa = x[a], xb = x[b];
+                                       x[a] = xa * c - xb * s;
+                                       x[b] = xb * c + xa * s;
+                                   });
 }
 
 struct rope_case {

@@ -20,6 +20,7 @@
 #include <mha/detail/decode_step.hpp>
 #include <mha/detail/head_problem.hpp>
 #include <mha/detail/layer_parameters.hpp>
+#include <mha/detail/rotary_positions.hpp>
 #include <mha/kv_cache.hpp>
 #include <mha/layer_backward.hpp>
 #include <mha/mask.hpp>

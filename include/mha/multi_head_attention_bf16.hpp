@@ -3,10 +3,12 @@
 /// The multi-head attention layer on bfloat16 storage: weights and activations in
 /// Eigen::bfloat16, every sum in fp32, the output in float. A call runs the stages of the fp32
 /// layer (mha/multi_head_attention.hpp) with their bf16 counterparts: the input projection
-/// (mha::linear on bf16, Q, K and V rounded once to bf16) -> the bf16 core (fp32 softmax, the
-/// heads rounded once to bf16) -> the output projection (fp32 result).
+/// (mha::linear on bf16; with rotary positions Q and K turned in fp32 first; Q, K and V rounded
+/// once to bf16) -> the bf16 core (fp32 softmax, the heads rounded once to bf16) -> the output
+/// projection (fp32 result).
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,10 +19,12 @@
 #include <mha/detail/check.hpp>
 #include <mha/detail/decode_step.hpp>
 #include <mha/detail/layer_parameters.hpp>
+#include <mha/detail/rotary_positions.hpp>
 #include <mha/kv_cache.hpp>
 #include <mha/mask.hpp>
 #include <mha/multi_head_attention.hpp>
 #include <mha/projection_bf16.hpp>
+#include <mha/rotary.hpp>
 
 namespace mha {
 
@@ -35,6 +39,8 @@ struct bf16_forward_workspace {
     bf16_matrix k;          ///< cross-attention: H_kv·d_k × Nk
     bf16_matrix v;          ///< cross-attention: H_kv·d_v × Nk
     matrix<float> heads32;  ///< the core's fp32 result, H·d_v × Nq
+    matrix<float> q32;      ///< rotary positions only: Q before rounding, H·d_k × Nq
+    matrix<float> k32;      ///< rotary positions only: K before rounding, H_kv·d_k × Nk
     bf16_matrix heads;      ///< heads32 rounded once, the output projection's input, H·d_v × Nq
     bf16_linear_workspace linear;  ///< the projections' packing buffers; internal
     detail::bf16_workspace core;   ///< the attention kernel's buffers; internal
@@ -48,9 +54,10 @@ struct bf16_forward_workspace {
 /// that no call packs them again (twice the weights' bf16 memory: 4 MiB for E = 512, 8 heads).
 /// Inputs are Eigen::bfloat16 (convert an fp32 activation once with `.cast<Eigen::bfloat16>()`),
 /// the output is float. Supports what the bf16 core supports: softmax, masks, packed batches,
-/// grouped heads, d_k ≠ d_v; the constructor refuses the rest (value_error naming the config
-/// field). `const` member functions may be called from several threads, each with its own
-/// workspace.
+/// grouped heads, d_k ≠ d_v, and rotary positions as the fp32 layer places them (Q and K
+/// projected in fp32, turned in fp32, then rounded once); the constructor refuses the rest
+/// (value_error naming the config field). `const` member functions may be called from several
+/// threads, each with its own workspace.
 class multi_head_attention_bf16 {
 public:
     /// A column-major bfloat16 matrix (the weights, the inputs).
@@ -65,6 +72,7 @@ public:
         : config_(config.resolved()) {
         constexpr const char* where = "mha::multi_head_attention_bf16";
         check_supported(where);
+        if (config_.rotary) rotary_.emplace(*config_.rotary, config_.head_dim);
         detail::check_parameters(where, config_, p);
         const Index e = config_.embed_dim;
         fused_ = config_.key_input_dim == e && config_.value_input_dim == e;
@@ -124,14 +132,14 @@ public:
     void forward_into(const input& x, const packed_batch& batch, const attention_mask<float>& mask,
                       Eigen::Ref<matrix<float>> out, bf16_forward_workspace& ws) const {
         validate(x, x, x, batch, mask, out);
-        if (fused_) {
+        if (fused_ && !rotary_) {
             const Index qk = qk_width(), kw = key_width(), vw = value_width();
             ws.qkv.resize(qk + kw + vw, x.cols());
             project(w_in_, b_in_, x, ws.qkv, ws, packed_in_.all());
             attend_and_project(ws.qkv.topRows(qk), ws.qkv.middleRows(qk, kw), ws.qkv.bottomRows(vw),
                                batch, mask, out, ws);
         } else {
-            project_separately(x, x, x, ws);
+            project_separately(x, x, x, batch, ws);
             attend_and_project(ws.q, ws.k, ws.v, batch, mask, out, ws);
         }
     }
@@ -141,7 +149,7 @@ public:
                       const packed_batch& batch, const attention_mask<float>& mask,
                       Eigen::Ref<matrix<float>> out, bf16_forward_workspace& ws) const {
         validate(query, key, value, batch, mask, out);
-        project_separately(query, key, value, ws);
+        project_separately(query, key, value, batch, ws);
         attend_and_project(ws.q, ws.k, ws.v, batch, mask, out, ws);
     }
 
@@ -154,9 +162,10 @@ public:
     /// One decoding step of one sequence, as multi_head_attention::decode: x (E × n, bf16) holds
     /// its n new tokens; their keys and values (rounded to bf16 by the projection) are appended
     /// to `cache`, and new token i attends to every cached token and the new tokens up to itself
-    /// (within the cache's window, if it has one). Returns E × n (float): the step is the
-    /// composition of the public bf16 pieces, as for forward, with the cache's columns as the
-    /// keys and values.
+    /// (within the cache's window, if it has one). With rotary positions the new tokens continue
+    /// the cache's positions (`cache.position()`), as in the fp32 layer. Returns E × n (float):
+    /// the step is the composition of the public bf16 pieces, as for forward, with the cache's
+    /// columns as the keys and values.
     matrix<float> decode(const input& x, kv_cache<Eigen::bfloat16>& cache) const {
         matrix<float> out(config_.embed_dim, x.cols());
         bf16_forward_workspace workspace;
@@ -196,11 +205,27 @@ public:
                                   out.rows(), out.cols());
         const Index qk = qk_width(), kw = key_width(), vw = value_width();
         ws.qkv.resize(qk + kw + vw, x.cols());  // the new tokens' Q, K and V only
-        project(w_in_, b_in_, x, ws.qkv, ws, packed_in_.all());
+        if (rotary_) {
+            project_unrounded_qk(x, x, ws);
+            project(w_in_.bottomRows(vw), bias_segment(qk + kw, vw), x, ws.qkv.bottomRows(vw), ws,
+                    packed_in_.rows(qk + kw, vw));
+        } else {
+            project(w_in_, b_in_, x, ws.qkv, ws, packed_in_.all());
+        }
         auto& d = ws.decoding;
         detail::append_decode_step(
             d, new_tokens, caches, ws.qkv.middleRows(qk, kw), ws.qkv.bottomRows(vw),
-            [](std::size_t, Index, Index, const kv_cache<Eigen::bfloat16>&) {});
+            [&](std::size_t, Index column, Index n, const kv_cache<Eigen::bfloat16>& cache) {
+                if (!rotary_) return;
+                // The new tokens' positions continue the cache's; rounded before the append
+                // copies their keys.
+                auto q = ws.q32.middleCols(column, n);
+                auto k = ws.k32.middleCols(column, n);
+                rotary_->apply(q, config_.num_heads, cache.position());
+                rotary_->apply(k, config_.num_kv_heads, cache.position());
+                ws.qkv.topRows(qk).middleCols(column, n) = q.cast<Eigen::bfloat16>();
+                ws.qkv.middleRows(qk, kw).middleCols(column, n) = k.cast<Eigen::bfloat16>();
+            });
         ws.heads32.resize(v_width(), x.cols());
         const detail::bf16_attention_problem problem{
             ws.qkv.topRows(qk),
@@ -247,9 +272,6 @@ private:
     // What the bf16 core does not run, refused once here rather than on every call.
     void check_supported(const char* where) const {
         const attention_options& a = config_.attention;
-        if (config_.rotary)
-            detail::fail<value_error>(where, "config.rotary", "not set (no bf16 rotary yet)",
-                                      "rotary_options");
         if (a.normalize != normalization::softmax)
             detail::fail<value_error>(where, "config.attention.normalize",
                                       "softmax (the only bf16 kernel)", to_string(a.normalize));
@@ -297,24 +319,49 @@ private:
         return b_in_.segment(config_.bias ? start : 0, config_.bias ? size : 0);
     }
 
-    // Q, K and V by three products, into ws.q, ws.k, ws.v (cross-attention, or self-attention
-    // without the fused weights).
+    // Q, K and V by three products, into ws.q, ws.k, ws.v (cross-attention, self-attention
+    // without the fused weights, or with rotary positions: Q and K turned before rounding).
     void project_separately(const input& query, const input& key, const input& value,
-                            bf16_forward_workspace& ws) const {
+                            const packed_batch& batch, bf16_forward_workspace& ws) const {
         const Index qk = qk_width(), kw = key_width(), vw = value_width();
         ws.q.resize(qk, query.cols());
         ws.k.resize(kw, key.cols());
         ws.v.resize(vw, key.cols());
-        project(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q, ws, packed_in_.rows(0, qk));
-        if (fused_) {
-            project(w_in_.middleRows(qk, kw), bias_segment(qk, kw), key, ws.k, ws,
-                    packed_in_.rows(qk, kw));
+        if (rotary_) {
+            project_unrounded_qk(query, key, ws);
+            detail::rotate_packed(*rotary_, ws.q32, ws.k32, batch, config_.num_heads,
+                                  config_.num_kv_heads);
+            ws.q = ws.q32.cast<Eigen::bfloat16>();
+            ws.k = ws.k32.cast<Eigen::bfloat16>();
+        } else {
+            project(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q, ws,
+                    packed_in_.rows(0, qk));
+            if (fused_)
+                project(w_in_.middleRows(qk, kw), bias_segment(qk, kw), key, ws.k, ws,
+                        packed_in_.rows(qk, kw));
+            else
+                project(w_k_, bias_segment(qk, kw), key, ws.k, ws, packed_k_.all());
+        }
+        if (fused_)
             project(w_in_.bottomRows(vw), bias_segment(qk + kw, vw), value, ws.v, ws,
                     packed_in_.rows(qk + kw, vw));
-        } else {
-            project(w_k_, bias_segment(qk, kw), key, ws.k, ws, packed_k_.all());
+        else
             project(w_v_, bias_segment(qk + kw, vw), value, ws.v, ws, packed_v_.all());
-        }
+    }
+
+    // Q and K unrounded, into ws.q32 (H·d_k × Nq) and ws.k32 (H_kv·d_k × Nk): rotary positions
+    // turn them in fp32 so that each is rounded to bf16 once, after the turn.
+    void project_unrounded_qk(const input& query, const input& key,
+                              bf16_forward_workspace& ws) const {
+        const Index qk = qk_width(), kw = key_width();
+        ws.q32.resize(qk, query.cols());
+        ws.k32.resize(kw, key.cols());
+        project(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q32, ws, packed_in_.rows(0, qk));
+        if (fused_)
+            project(w_in_.middleRows(qk, kw), bias_segment(qk, kw), key, ws.k32, ws,
+                    packed_in_.rows(qk, kw));
+        else
+            project(w_k_, bias_segment(qk, kw), key, ws.k32, ws, packed_k_.all());
     }
 
     // Every head into ws.heads32 ((H·d_v) × Nq), then the output projection.
@@ -354,6 +401,7 @@ private:
     }
 
     attention_config config_;
+    std::optional<rotary_embedding<float>> rotary_;  // config_.rotary for d_k, when set
     bool fused_ = true;   // key and value inputs have width E: W_q, W_k, W_v stacked in w_in_
     bf16_matrix w_in_;    // fused: [W_q; W_k; W_v], (H·d_k + H_kv·d_k + H_kv·d_v) × E; else W_q
     bf16_matrix w_k_;     // unfused only: (H_kv·d_k) × key_input_dim

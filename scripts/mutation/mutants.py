@@ -108,11 +108,36 @@ MUTANTS = [
          replace="end_ -= position_ - position - 1;",
          description="truncate keeps one rolled-back token"),
     # multi_head_attention.hpp
-    dict(id="layer-rotary-query-position", file="layer_backward.hpp",
+    dict(id="layer-rotary-query-position", file="detail/rotary_positions.hpp",
          find="const Index first_query = std::max<Index>(lk - lq, 0);",
          replace="const Index first_query = 0;",
-         tests=["rotary_layer", "layer_backward"],
+         tests=["rotary_layer", "layer_backward", "bf16_layer"],
          description="queries of cross-length sequences are rotated from position 0, not Lk - Lq"),
+    # multi_head_attention_bf16.hpp: rotary positions
+    dict(id="bf16-layer-fused-path-ignores-rotary", file="multi_head_attention_bf16.hpp",
+         find="if (fused_ && !rotary_) {",
+         replace="if (fused_) {",
+         tests=["bf16_layer"],
+         description="the bf16 layer's fused self-attention forward drops the rotary turn"),
+    dict(id="bf16-layer-rotary-rounds-before-turn", file="multi_head_attention_bf16.hpp",
+         find="ws.k = ws.k32.cast<Eigen::bfloat16>();",
+         replace="ws.k = ws.k32.cast<Eigen::bfloat16>();\n"
+                 "            ws.k32 = ws.k.cast<float>();\n"
+                 "            detail::rotate_packed(*rotary_, ws.q32, ws.k32, batch,\n"
+                 "                                  config_.num_heads, config_.num_kv_heads);\n"
+                 "            ws.k = ws.k32.cast<Eigen::bfloat16>();",
+         tests=["bf16_layer"],
+         description="forward keys turned twice, the second time after a bf16 rounding"),
+    dict(id="bf16-layer-decode-position-from-size", file="multi_head_attention_bf16.hpp",
+         find="rotary_->apply(k, config_.num_kv_heads, cache.position());",
+         replace="rotary_->apply(k, config_.num_kv_heads, cache.size());",
+         tests=["bf16_layer"],
+         description="decoded bf16 keys turned at the cache's size, not its position (window mode)"),
+    dict(id="bf16-layer-decode-query-unturned", file="multi_head_attention_bf16.hpp",
+         find="rotary_->apply(q, config_.num_heads, cache.position());",
+         replace="",
+         tests=["bf16_layer"],
+         description="decoded bf16 queries are not turned"),
     dict(id="layer-decode-key-position", file="multi_head_attention.hpp",
          find="rotary_->apply(qkv.k.middleCols(column, n), config_.num_kv_heads, cache.position());",
          replace="rotary_->apply(qkv.k.middleCols(column, n), config_.num_kv_heads, cache.size());",

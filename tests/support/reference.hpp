@@ -218,6 +218,22 @@ mat<T> reference_linear(const mat<T>& w, const vec<T>& b, const mat<T>& x) {
     return y;
 }
 
+/// The rotary turn of one head's rows [0, r) at `position`, written from the formula,
+/// independent of mha/rotary.hpp: pair (a, b) = (i, i + r/2) in the half-split layout,
+/// (2i, 2i + 1) interleaved, turned by the angle position·base^(−2i/r), formed in long double.
+/// Calls turn(a, b, cos, sin) once per pair, in long double.
+template <class Turn>
+void for_each_rotary_pair(Index r, long double base, bool interleaved, Index position,
+                          Turn&& turn) {
+    for (Index i = 0; i < r / 2; ++i) {
+        const long double angle =
+            static_cast<long double>(position) *
+            std::pow(base, -2.0L * static_cast<long double>(i) / static_cast<long double>(r));
+        turn(interleaved ? 2 * i : i, interleaved ? 2 * i + 1 : i + r / 2, std::cos(angle),
+             std::sin(angle));
+    }
+}
+
 /// Parameters of a layer in the reference's own form.
 template <class T>
 struct reference_params {
