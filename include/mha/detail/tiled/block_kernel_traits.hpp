@@ -38,7 +38,8 @@ struct block_kernel_traits {
     /// its loads (perf annotate). 16 keys (8 KiB at d_v = 128 in float) are read whole before
     /// the next: the decode core 1.2-1.5x faster at 4096 cached tokens (Zen 3, AVX2).
     static constexpr Index value_key_chunk_single_tile = 16;
-    /// Queries are padded to a multiple of this; blocks with fewer queries use Eigen instead.
+    /// Queries are padded to a multiple of this; blocks with fewer queries take few_query_scores
+    /// (detail/tiled/few_query_scores.hpp), which reads K in place.
     static constexpr Index query_multiple = width;
 };
 

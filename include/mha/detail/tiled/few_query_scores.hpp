@@ -7,6 +7,8 @@
 // kernel puts d_k in the lanes instead and reads every key column once, in place.
 #pragma once
 
+#include <algorithm>
+
 #include <mha/core.hpp>
 #include <mha/detail/tiled/block_kernels.hpp>
 
@@ -43,11 +45,14 @@ MHA_ALWAYS_INLINE void few_query_score_tile(const Scalar* q, Index q_stride, Ind
             st[r * ld + c] = scale * s;
         }
     }
+    for (int r = 0; r < Keys; ++r)
+        std::fill(st + r * ld + nq, st + (r + 1) * ld, Scalar(0));
 }
 
 /// st(c, j) = scale·Σ_d q(d, c)·K(d, j) for queries c < nq and keys j < nk, with query c at
 /// q + c·q_stride, key j at k + j·k_stride (both d_k contiguous) and st(c, j) at st[j·ld + c]
-/// (the transposed score layout of transposed_scores); rows nq..ld of st are not written.
+/// (the transposed score layout of transposed_scores); rows nq..ld of st are set to 0 (the
+/// query padding, which the softmax passes read).
 /// Each score is a sum of d_k products in some order, rounded once more by the scale: the
 /// bound of any dot product of length d_k + 1. K stored as KStorage: Scalar, or bf16 for float
 /// (widened in registers: a decode step reads a bf16 cache once, in place).

@@ -112,8 +112,6 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
         // the block's keys in place, widened in registers: one pass over a bf16 cache, not a
         // widening pass and a product pass over twice the bytes.
         few_query_scores(t.qt.data(), p.f.dk, nq, p.f.dk, p.f.scale, k, p.f.k_stride, nk, st, lds);
-        for (Index r = 0; r < nk; ++r)
-            std::fill(st + r * lds + nq, st + (r + 1) * lds, 0.0f);  // padding rows
     } else {
         widen_columns(k, p.f.k_stride, p.f.dk, nk, s.kb.data(), s.kb.rows());
         // The fp32 tiles compute the unscaled products of exact bf16 values (the queries were

@@ -230,11 +230,9 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
             if (as_computed) return false;
         }
     } else {
-        // Rows nq..nqp are padding the softmax passes read: 0.
+        // Also sets rows nq..nqp, the padding the softmax passes read, to 0.
         few_query_scores(p.q + i0 * p.q_stride, p.q_stride, nq, p.dk, p.scale, k, p.k_stride, nk, s,
                          lds);
-        for (Index r = 0; r < nk; ++r)
-            std::fill(s + r * lds + nq, s + (r + 1) * lds, Scalar(0));
     }
     // Before the mask, which then replaces excluded entries whatever the terms made of them
     // (entries a boundary tile skipped hold stale finite or ±∞ values until then).
