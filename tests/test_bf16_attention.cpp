@@ -8,12 +8,14 @@
 // tests/CMakeLists.txt: with the preset's flags, and with -mavx512bf16 where the compiler takes
 // it (test_bf16_attention_native), so that the native kernel runs in every build on a CPU that
 // has the instruction.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <iterator>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch_test_macros.hpp>
@@ -559,6 +561,194 @@ TEST_CASE("bf16 core: a decode step reads K and V in place: masked keys poisoned
             INFO("head " << h << ", row " << e);
             CHECK(std::isnan(value_nan(h * dv + e, 0)) == (h < 4 && e == 17));
         }
+}
+
+namespace {
+
+/// The bf16 core with kernel `kn` on a multi-head problem, returning the log-sum-exp.
+mha::attention_outputs<float> run_heads(kernel kn, const bmat& q, const bmat& k, const bmat& v,
+                                        Index heads, Index kv_heads, const mha::packed_batch& batch,
+                                        mat<float>& out, const mha::attention_mask<float>& mask,
+                                        const mha::attention_options& options,
+                                        const settings& cfg) {
+    mha::attention_request request;
+    request.log_sum_exp = true;
+#if defined(MHA_BF16_NATIVE)
+    if (kn == kernel::native)
+        return mha::detail::multi_head_attention_core_bf16<kernel::native>(
+            q, k, v, heads, kv_heads, batch, out, mask, options, request, cfg);
+    if (kn == kernel::amx)
+        return mha::detail::multi_head_attention_core_bf16<kernel::amx>(
+            q, k, v, heads, kv_heads, batch, out, mask, options, request, cfg);
+#endif
+    (void)kn;
+    return mha::detail::multi_head_attention_core_bf16<kernel::portable>(
+        q, k, v, heads, kv_heads, batch, out, mask, options, request, cfg);
+}
+
+}  // namespace
+
+TEST_CASE("bf16 core: soft-capping, ALiBi and sinks, every kernel, against the reference") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // Reference: reference_attention_terms in long double on the same bf16 values. Bound:
+    // require_bf16_attention_close with each score's term magnitudes added to Smax through its
+    // `bias` argument, as test_score_modifiers does for fp32: soft-capping's tanh has derivative
+    // at most 1 (score errors do not grow) and its fp32 evaluation errs by a few u·cap; ALiBi adds
+    // slope·distance, rounded once; a sink enters l as one more exp, erring as a score of
+    // magnitude |sink| does. Log-sum-exp: the bound of the public-entry case above with those
+    // magnitudes in Smax. A term applied to the wrong head, key or query, or a sink left out,
+    // moves outputs by O(Vmax), far above.
+    // The batch: one query against 150 keys (a decode step: the query heads of a group stacked
+    // into one problem with soft-capping alone, one problem per head with ALiBi or sinks), a
+    // causal prefill over several key blocks of the small tiles, and queries with no key
+    // (output exactly 0; log-sum-exp −∞, or exactly the sink).
+    mha_test::value_source rnd(57);
+    const Index heads = 4, kv_heads = 2, dk = 24, dv = 16;
+    const std::vector<Index> lq{1, 45, 3}, lk{150, 45, 0};
+    const mha::packed_batch batch(lq, lk);
+    const Index nq = batch.total_queries(), nk = batch.total_keys();
+    const bmat q = normal_bf16(rnd, heads * dk, nq), k = normal_bf16(rnd, kv_heads * dk, nk),
+               v = normal_bf16(rnd, kv_heads * dv, nk);
+    std::vector<std::pair<std::string, mha::attention_options>> sets;
+    mha::attention_options softcap;
+    softcap.softcap = 1.5;  // scores of N(0, 1) inputs reach the curved part
+    sets.emplace_back("softcap", softcap);
+    mha::attention_options alibi;
+    alibi.alibi_slopes = mha::alibi_slopes(heads);
+    sets.emplace_back("alibi", alibi);
+    mha::attention_options sinks;
+    sinks.sinks = {-0.7, -0.2, 0.3, 0.8};
+    sets.emplace_back("sinks", sinks);
+    mha::attention_options all = alibi;
+    all.softcap = 2.0;
+    all.sinks = sinks.sinks;
+    sets.emplace_back("softcap + alibi + sinks", all);
+    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+    const long double u = 0x1.0p-24L, minus_inf = -std::numeric_limits<long double>::infinity();
+    for (const settings& cfg : {settings{16, 24, 1024, 0}, settings{}})
+        for (const auto& [name, options] : sets)
+            for (kernel kn : mha_test::bf16_kernels_here()) {
+                mat<float> out(heads * dv, nq);
+                const mha::attention_outputs<float> r = run_heads(
+                    kn, q, k, v, heads, kv_heads, batch, out, mha::causal{}, options, cfg);
+                for (Index b = 0; b < batch.size(); ++b)
+                    for (Index h = 0; h < heads; ++h) {
+                        const Index n = lq[static_cast<std::size_t>(b)];
+                        const Index m = lk[static_cast<std::size_t>(b)];
+                        const Index c0 = batch.query_offset(b),
+                                    k0 = m > 0 ? batch.key_offset(b) : 0;
+                        const Index g = h / (heads / kv_heads);
+                        const mat<long double> qh = widen(q.block(h * dk, c0, dk, n));
+                        const mat<long double> kh = widen(k.block(g * dk, k0, dk, m));
+                        const mat<long double> vh = widen(v.block(g * dv, k0, dv, m));
+                        mha_test::score_terms terms;
+                        if (options.softcap) terms.softcap = *options.softcap;
+                        terms.alibi = !options.alibi_slopes.empty();
+                        if (terms.alibi)
+                            terms.slope = options.alibi_slopes[static_cast<std::size_t>(h)];
+                        terms.sink = !options.sinks.empty();
+                        if (terms.sink)
+                            terms.sink_logit = options.sinks[static_cast<std::size_t>(h)];
+                        const auto allowed = mha_test::causal_bottom_right(n, m);
+                        mha_test::vec<long double> ref_lse;
+                        const mat<long double> ref =
+                            mha_test::reference_attention_terms<long double>(
+                                qh, kh, vh, scale, terms, allowed, nullptr,
+                                mha_test::norm_kind::softmax, nullptr, &ref_lse);
+                        auto magnitude = [&](Index j, Index i) {
+                            long double t = terms.softcap + std::fabs(terms.sink_logit);
+                            if (terms.alibi)
+                                t += std::fabs(terms.slope *
+                                               static_cast<long double>(j - i - (m - n)));
+                            return t;
+                        };
+                        const std::string what = std::string(mha_test::bf16_kernel_name(kn)) +
+                                                 ", " + name + ", blocks " +
+                                                 std::to_string(cfg.query_block) + ", sequence " +
+                                                 std::to_string(b) + ", head " + std::to_string(h);
+                        mha_test::require_bf16_attention_close<float>(out.block(h * dv, c0, dv, n),
+                                                                      ref, qh, kh, vh, scale,
+                                                                      allowed, magnitude, what);
+                        for (Index i = 0; i < n; ++i) {
+                            const long double got = r.log_sum_exp(h, c0 + i);
+                            INFO(what << ", query " << i << ": lse " << got << " vs "
+                                      << ref_lse(i));
+                            if (m == 0) {  // nothing to attend to
+                                CHECK(got == (terms.sink ? static_cast<long double>(
+                                                               static_cast<float>(terms.sink_logit))
+                                                         : minus_inf));
+                                continue;
+                            }
+                            long double smax = 0;
+                            Index count = terms.sink ? 1 : 0;
+                            for (Index j = 0; j < m; ++j) {
+                                if (!allowed(j, i)) continue;
+                                long double mag = 0;
+                                for (Index d = 0; d < dk; ++d)
+                                    mag += std::fabs(qh(d, i) * kh(d, j));
+                                smax = std::max(smax, mag * scale + magnitude(j, i));
+                                ++count;
+                            }
+                            const long double bound =
+                                (dk + 1) * u * smax * 2 + 4 * u * (1 + std::fabs(ref_lse(i))) +
+                                2 * static_cast<long double>(count) * u + mha_test::bf16_exp_error;
+                            CHECK(std::fabs(got - ref_lse(i)) <= bound);
+                        }
+                    }
+            }
+}
+
+TEST_CASE("bf16 core: with score terms, poisoned masked keys never leak and NaN propagates") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // An output column made non-finite by 0·Inf from an excluded value is recomputed from its
+    // allowed keys (repair_column_bf16): with the terms, or it would disagree with (m, l). Bound:
+    // the case above on score terms.
+    mha_test::value_source rnd(59);
+    // Every 7th key excluded by a keep mask: inside the blocks the tiles visit, so its value
+    // meets a probability of 0 in P·V.
+    const Index dk = 16, dv = 16, lq = 40, lk = 60;
+    const settings cfg{16, 24, 1024, 0};
+    const bmat q = normal_bf16(rnd, dk, lq), k = normal_bf16(rnd, dk, lk),
+               v = normal_bf16(rnd, dv, lk);
+    mha::bool_matrix keep = mha::bool_matrix::Constant(lk, lq, true);
+    bmat kp = k, vp = v;
+    for (Index j = 3; j < lk; j += 7) {
+        keep.row(j).setConstant(false);
+        kp.col(j).setConstant(bf16(j % 2 ? std::numeric_limits<float>::quiet_NaN()
+                                         : std::numeric_limits<float>::infinity()));
+        vp.col(j).setConstant(bf16(-std::numeric_limits<float>::infinity()));
+    }
+    mha::attention_options options;
+    options.softcap = 1.5;
+    options.alibi_slopes = {0.25};
+    options.sinks = {0.5};
+    mha_test::score_terms terms;
+    terms.softcap = 1.5;
+    terms.alibi = true;
+    terms.slope = 0.25;
+    terms.sink = true;
+    terms.sink_logit = 0.5;
+    const auto allowed = [=](Index j, Index) { return (j - 3) % 7 != 0; };
+    const mha::attention_mask<float> mask = mha::keep_mask(keep);
+    const mat<long double> ref = mha_test::reference_attention_terms<long double>(
+        widen(q), widen(k), widen(v), 0.25L, terms, allowed);
+    const auto magnitude = [=](Index j, Index i) {
+        return 1.5L + 0.5L + 0.25L * std::fabs(static_cast<long double>(j - i - (lk - lq)));
+    };
+    for (kernel kn : mha_test::bf16_kernels_here()) {
+        INFO(mha_test::bf16_kernel_name(kn));
+        const mat<float> poisoned = run(kn, q, kp, vp, mask, cfg, options);
+        CHECK(poisoned.allFinite());
+        mha_test::require_bf16_attention_close(poisoned, ref, widen(q), widen(k), widen(v), 0.25f,
+                                               allowed, magnitude, "poisoned, terms");
+        // NaN in an allowed value: every query has NaN in that row, the other rows stay finite.
+        bmat vn = v;
+        vn(2, 11) = bf16(std::numeric_limits<float>::quiet_NaN());
+        const mat<float> vnan = run(kn, q, k, vn, mask, cfg, options);
+        CHECK(vnan.row(2).array().isNaN().all());
+        CHECK(vnan.topRows(2).allFinite());
+        CHECK(vnan.bottomRows(dv - 3).allFinite());
+    }
 }
 
 TEST_CASE("bf16 core: fully masked queries are exactly 0, requests it cannot serve throw") {

@@ -160,6 +160,38 @@ bmat input_projection(const mha::multi_head_attention_bf16& layer,
     return qkv;
 }
 
+// The core's long-double reference for query head h of a problem of q.cols() queries and
+// k.cols() keys, with the score terms of `options` (soft-capping, ALiBi, a sink), and the
+// function that adds each score's term magnitudes to the bound's Smax (null without terms), as
+// the bf16 core's own case on score terms derives it (test_bf16_attention.cpp).
+struct core_reference {
+    mat<long double> out;
+    mha_test::bias_fn magnitude;
+};
+
+core_reference reference_core(const mha::attention_options& options, Index h,
+                              const mat<long double>& q, const mat<long double>& k,
+                              const mat<long double>& v, long double scale,
+                              const mha_test::allowed_fn& allowed) {
+    mha_test::score_terms terms;
+    if (options.softcap) terms.softcap = *options.softcap;
+    terms.alibi = !options.alibi_slopes.empty();
+    if (terms.alibi) terms.slope = options.alibi_slopes[static_cast<std::size_t>(h)];
+    terms.sink = !options.sinks.empty();
+    if (terms.sink) terms.sink_logit = options.sinks[static_cast<std::size_t>(h)];
+    core_reference r{
+        mha_test::reference_attention_terms<long double>(q, k, v, scale, terms, allowed), nullptr};
+    if (terms.softcap != 0 || terms.alibi || terms.sink) {
+        const Index shift = k.cols() - q.cols();
+        r.magnitude = [terms, shift](Index j, Index i) {
+            long double t = terms.softcap + std::fabs(terms.sink_logit);
+            if (terms.alibi) t += std::fabs(terms.slope * static_cast<long double>(j - i - shift));
+            return t;
+        };
+    }
+    return r;
+}
+
 // Which keys query i of sequence s may see (indices within the sequence).
 using allowed_in = std::function<bool(Index s, Index j, Index i)>;
 
@@ -192,11 +224,10 @@ void check_layer(const mha::multi_head_attention_bf16& layer,
             const mat<long double> ql = widen(q.block(h * dk, start, dk, len));
             const mat<long double> kl = widen(k.block(g * dk, start, dk, len));
             const mat<long double> vl = widen(v.block(g * dv, start, dv, len));
-            const mat<long double> ref =
-                mha_test::reference_attention<long double>(ql, kl, vl, scale, ok);
+            const core_reference ref = reference_core(c.attention, h, ql, kl, vl, scale, ok);
             const mat<float> got = heads16.block(h * dv, start, dv, len).cast<float>();
             mha_test::require_bf16_attention_close(
-                got, ref, ql, kl, vl, scale32, ok, nullptr,
+                got, ref.out, ql, kl, vl, scale32, ok, ref.magnitude,
                 what + ", core, sequence " + std::to_string(s) + ", head " + std::to_string(h),
                 true);
         }
@@ -391,6 +422,39 @@ TEST_CASE("bf16 layer: rotary positions close to the fp32 layer's (smoke check)"
     }
 }
 
+TEST_CASE("bf16 layer: soft-capping, ALiBi and sinks, every stage within its bound") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // Gemma 2's soft-capping, BLOOM's ALiBi and gpt-oss's sinks (with rotary positions, as
+    // gpt-oss has them): the composition of the public pieces with config.attention's terms,
+    // each stage against its long-double reference, the layer equal to it bit for bit.
+    mha_test::value_source rnd(41);
+    const auto causal = [](Index, Index j, Index i) { return j <= i; };
+    mha::attention_config c = config_of(48, 6, 2, 10, 7);
+    const mha::packed_batch batch({30, 5, 41}, {30, 5, 41});
+    const bmat x = normal_bf16(rnd, 48, 76);
+    {
+        c.attention.softcap = 1.5;
+        const mha::attention_parameters<float> p = parameters_for(c, 42);
+        check_layer(mha::multi_head_attention_bf16(c, p), p, x, batch, mha::causal{}, causal,
+                    "softcap");
+    }
+    {
+        c.attention.softcap.reset();
+        c.attention.alibi_slopes = mha::alibi_slopes(6);
+        const mha::attention_parameters<float> p = parameters_for(c, 43);
+        check_layer(mha::multi_head_attention_bf16(c, p), p, x, batch, mha::causal{}, causal,
+                    "alibi");
+    }
+    {
+        c.attention.alibi_slopes.clear();
+        c.attention.sinks = {-0.5, 0.0, 0.5, 1.0, -1.0, 2.0};
+        c.rotary = rope_of(0, false);
+        const mha::attention_parameters<float> p = parameters_for(c, 44);
+        check_layer(mha::multi_head_attention_bf16(c, p), p, x, batch, mha::causal{}, causal,
+                    "sinks, rotary");
+    }
+}
+
 TEST_CASE("bf16 layer: a query with no key gives exactly the output bias") {
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
     mha_test::value_source rnd(8);
@@ -568,15 +632,6 @@ TEST_CASE("bf16 layer: refuses what the bf16 kernels do not run, naming the fiel
     c = base;
     c.attention.algorithm = mha::attention_algorithm::materialized;
     refuses(c, "config.attention.algorithm");
-    c = base;
-    c.attention.softcap = 30.0;
-    refuses(c, "config.attention.softcap");
-    c = base;
-    c.attention.alibi_slopes = {0.5, 0.25};
-    refuses(c, "config.attention.alibi_slopes");
-    c = base;
-    c.attention.sinks = {0.0, 1.0};
-    refuses(c, "config.attention.sinks");
 }
 
 TEST_CASE("bf16 layer: shape errors name the argument") {
@@ -666,11 +721,10 @@ void check_decode_steps(const mha::multi_head_attention_bf16& layer,
             const mat<long double> ql = widen(q.middleRows(h * dk, dk));
             const mat<long double> kl = widen(k.middleRows(g * dk, dk));
             const mat<long double> vl = widen(v.middleRows(g * dv, dv));
-            const mat<long double> ref =
-                mha_test::reference_attention<long double>(ql, kl, vl, scale, ok);
+            const core_reference ref = reference_core(c.attention, h, ql, kl, vl, scale, ok);
             mha_test::require_bf16_attention_close(
-                mat<float>(heads16.middleRows(h * dv, dv).cast<float>()), ref, ql, kl, vl, scale32,
-                ok, nullptr, step + ", head " + std::to_string(h), true);
+                mat<float>(heads16.middleRows(h * dv, dv).cast<float>()), ref.out, ql, kl, vl,
+                scale32, ok, ref.magnitude, step + ", head " + std::to_string(h), true);
         }
         t0 += n;
     }
@@ -732,6 +786,33 @@ TEST_CASE("bf16 layer: rotary decode steps equal their composition, positions pa
         mha::kv_cache<bf16> cache = layer.make_cache(options);
         check_decode_steps(layer, p, x, {5, 1, 1, 1, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 6}, cache,
                            "rotary, window 9");
+    }
+}
+
+TEST_CASE("bf16 layer: decode steps with score terms equal their composition") {
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    // A one-token step with grouped heads stacks each group's query heads into one problem with
+    // soft-capping alone; with ALiBi or sinks one problem per head. Both against the reference.
+    mha_test::value_source rnd(45);
+    const bmat x = normal_bf16(rnd, 48, 60);
+    mha::attention_config c = config_of(48, 6, 2, 10, 7);
+    c.attention.softcap = 2.0;
+    {
+        const mha::attention_parameters<float> p = parameters_for(c, 46);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        mha::kv_cache<bf16> cache = layer.make_cache();
+        check_decode_steps(layer, p, x, {40, 1, 1, 3, 1, 14}, cache, "softcap");
+    }
+    c.attention.alibi_slopes = mha::alibi_slopes(6);
+    c.attention.sinks = {-0.5, 0.0, 0.5, 1.0, -1.0, 2.0};
+    {
+        const mha::attention_parameters<float> p = parameters_for(c, 47);
+        const mha::multi_head_attention_bf16 layer(c, p);
+        mha::kv_cache_options options;
+        options.window = 9;
+        mha::kv_cache<bf16> cache = layer.make_cache(options);
+        check_decode_steps(layer, p, x, {20, 1, 1, 2, 1, 1, 1, 1, 1, 1, 30}, cache,
+                           "softcap + alibi + sinks, window 9");
     }
 }
 

@@ -63,11 +63,6 @@ attention_outputs<float> multi_head_attention_core_bf16(
                           "weights_mode::none (bf16 does not return "
                           "weights yet)",
                           "a weights mode");
-    if (options.softcap || !options.alibi_slopes.empty() || !options.sinks.empty())
-        fail<value_error>(where, "options",
-                          "no softcap, alibi_slopes or sinks (not in the bf16 "
-                          "kernel yet)",
-                          "a score term");
     attention_outputs<float> outputs;
     if (request.log_sum_exp)
         outputs.log_sum_exp.setConstant(num_heads, q.cols(),
@@ -81,7 +76,7 @@ attention_outputs<float> multi_head_attention_core_bf16(
         check_bytes_apart(where, "out", o, "k", kr);
         check_bytes_apart(where, "out", o, "v", vr);
         const bf16_attention_problem problem{
-            qr, kr, vr, o, heads, batch, mask, scale, request.log_sum_exp};
+            qr, kr, vr, o, heads, batch, mask, scale, request.log_sum_exp, nullptr, &options};
         tiled_attention_bf16<Kernel>(problem, lse, cfg, workspace);
     };
     if constexpr (std::is_same_v<OutScalar, float>) {
@@ -112,8 +107,9 @@ struct bf16_core_workspace {
 /// tiled kernel with vdpbf16ps where the compiler targets AVX512-BF16, with fp32 arithmetic on
 /// widened values elsewhere; P is rounded to bf16 for the P·V product (error bound:
 /// docs/performance.md, "bfloat16"). Returns the log-sum-exp when `request` asks for it.
-/// Not yet for bf16 (value_error): weights, normalisations other than softmax, the materialised
-/// algorithm, soft-capping, ALiBi, sinks.
+/// Soft-capping, ALiBi and sinks (`options`) apply to the fp32 scores as in the float core. Not
+/// yet for bf16 (value_error): weights, normalisations other than softmax, the materialised
+/// algorithm.
 template <class DQ, class DK, class DV, class DO,
           std::enable_if_t<detail::is_bfloat16_v<typename DQ::Scalar>, int> = 0>
 attention_outputs<float> multi_head_attention_core(

@@ -54,8 +54,9 @@ struct bf16_forward_workspace {
 /// that no call packs them again (twice the weights' bf16 memory: 4 MiB for E = 512, 8 heads).
 /// Inputs are Eigen::bfloat16 (convert an fp32 activation once with `.cast<Eigen::bfloat16>()`),
 /// the output is float. Supports what the bf16 core supports: softmax, masks, packed batches,
-/// grouped heads, d_k ≠ d_v, and rotary positions as the fp32 layer places them (Q and K
-/// projected in fp32, turned in fp32, then rounded once); the constructor refuses the rest
+/// grouped heads, d_k ≠ d_v, soft-capping, ALiBi, sinks, and rotary positions as the fp32 layer
+/// places them (Q and K projected in fp32, turned in fp32, then rounded once); the constructor
+/// refuses the rest
 /// (value_error naming the config field). `const` member functions may be called from several
 /// threads, each with its own workspace.
 class multi_head_attention_bf16 {
@@ -237,7 +238,8 @@ public:
             d.mask,
             detail::resolve_scale<float>(where, config_.attention, config_.head_dim),
             false,
-            d.caches.data()};
+            d.caches.data(),
+            &config_.attention};
         detail::tiled_attention_bf16<detail::default_bf16_kernel>(problem, nullptr, {}, &ws.core);
         project_output(out, ws);
     }
@@ -279,17 +281,6 @@ private:
             detail::fail<value_error>(where, "config.attention.algorithm",
                                       "automatic or tiled (bf16 has no materialised kernel)",
                                       "materialized");
-        if (a.softcap)
-            detail::fail<value_error>(where, "config.attention.softcap",
-                                      "not set (not in the bf16 kernel yet)", *a.softcap);
-        if (!a.alibi_slopes.empty())
-            detail::fail<value_error>(where, "config.attention.alibi_slopes",
-                                      "empty (not in the bf16 kernel yet)",
-                                      std::to_string(a.alibi_slopes.size()) + " slopes");
-        if (!a.sinks.empty())
-            detail::fail<value_error>(where, "config.attention.sinks",
-                                      "empty (not in the bf16 kernel yet)",
-                                      std::to_string(a.sinks.size()) + " sinks");
         detail::check_scale<float>(where, "config.attention.scale", a.scale);
     }
 

@@ -188,6 +188,19 @@ located_head_problem<Scalar, Input> locate_head_problem(const Problem& p, Index 
     return r;
 }
 
+/// Head h's score terms from `terms` (null: none) into hp.
+template <class Scalar>
+void set_score_terms(head_problem<Scalar>& hp, const attention_options* terms, Index h) {
+    if (terms == nullptr) return;
+    const attention_options& o = *terms;
+    const auto hi = static_cast<std::size_t>(h);
+    if (o.softcap) hp.softcap = static_cast<Scalar>(*o.softcap);
+    hp.alibi = !o.alibi_slopes.empty();
+    if (hp.alibi) hp.alibi_slope = static_cast<Scalar>(o.alibi_slopes[hi]);
+    hp.has_sink = !o.sinks.empty();
+    if (hp.has_sink) hp.sink = static_cast<Scalar>(o.sinks[hi]);
+}
+
 /// The problem of sequence b, head h. `lse`, when given, is the H × Nq log-sum-exp matrix.
 template <class Scalar>
 head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index b, Index h,
@@ -197,23 +210,22 @@ head_problem<Scalar> make_head_problem(const attention_problem<Scalar>& p, Index
     hp.q = located.q;
     hp.k = located.k;
     hp.v = located.v;
-    if (p.terms != nullptr) {
-        const attention_options& o = *p.terms;
-        const auto hi = static_cast<std::size_t>(h);
-        if (o.softcap) hp.softcap = static_cast<Scalar>(*o.softcap);
-        hp.alibi = !o.alibi_slopes.empty();
-        if (hp.alibi) hp.alibi_slope = static_cast<Scalar>(o.alibi_slopes[hi]);
-        hp.has_sink = !o.sinks.empty();
-        if (hp.has_sink) hp.sink = static_cast<Scalar>(o.sinks[hi]);
-    }
+    set_score_terms(hp, p.terms, h);
     return hp;
 }
 
-/// Whether the problems of `p` change their scores by head (ALiBi, sinks) or by a caller's
-/// modifier: then query heads cannot be stacked into one problem.
-template <class Scalar>
-bool has_per_head_terms(const attention_problem<Scalar>& p) {
+/// Whether the problems of `p` (any problem type with `terms`) change their scores by head
+/// (ALiBi, sinks): then query heads cannot be stacked into one problem.
+template <class Problem>
+bool has_per_head_terms(const Problem& p) {
     return p.terms != nullptr && (!p.terms->alibi_slopes.empty() || !p.terms->sinks.empty());
+}
+
+/// Whether `p` (any problem type with `terms`) has a score term at all.
+template <class Problem>
+bool has_score_terms(const Problem& p) {
+    return p.terms != nullptr &&
+           (p.terms->softcap || !p.terms->alibi_slopes.empty() || !p.terms->sinks.empty());
 }
 
 /// Sequence b's single query seen by the `group` query heads of key/value head g, stacked as the

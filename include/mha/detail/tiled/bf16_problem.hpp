@@ -39,6 +39,8 @@ struct bf16_attention_problem {
     /// One entry per sequence: its keys and values are read there (a decode step's caches) and
     /// k and v are not read; null: keys and values in k and v.
     const sequence_keys_values<Eigen::bfloat16>* per_sequence = nullptr;
+    /// Soft-capping, ALiBi and sinks (validated by check_score_terms); null: none.
+    const attention_options* terms = nullptr;
 };
 
 /// One (sequence, head) of a bf16 call: `f` carries everything but the inputs as the fp32
@@ -47,7 +49,9 @@ using bf16_head_problem = located_head_problem<float, Eigen::bfloat16>;
 
 inline bf16_head_problem make_bf16_head_problem(const bf16_attention_problem& p, Index b, Index h,
                                                 const mask_view<float>& mask, matrix<float>* lse) {
-    return locate_head_problem<float, Eigen::bfloat16>(p, b, h, mask, lse);
+    bf16_head_problem r = locate_head_problem<float, Eigen::bfloat16>(p, b, h, mask, lse);
+    set_score_terms(r.f, p.terms, h);
+    return r;
 }
 
 /// One thread's buffers: the fp32 tile (scores, accumulator, bookkeeping, intervals; the

@@ -21,10 +21,13 @@
 //     (detail/tiled/forward_bf16_amx.hpp) with the same statistics, folds and final division.
 // The call and its per-thread buffers: detail/tiled/bf16_problem.hpp; its tasks, workspace and
 // once-per-call packing: detail/tiled/plan_bf16.hpp.
+// Soft-capping and ALiBi change the fp32 scores of a block as in the fp32 kernel
+// (modify_key_column, before the mask; such blocks take the separate max pass), a sink joins
+// (m, l) in finalize_block_bf16; the amx kernel leaves problems with score terms to the
+// vdpbf16ps one.
 // Not here yet (refused by the public entry, see multi_head_attention_core for bf16): weights,
-// normalisations other than softmax, soft-capping, ALiBi, sinks, score modifiers, and the
-// split-KV decode (one-query blocks run as ordinary tasks: correct, but a single long decode
-// uses one thread).
+// normalisations other than softmax, score modifiers, and the split-KV decode (one-query blocks
+// run as ordinary tasks: correct, but a single long decode uses one thread).
 #pragma once
 
 #include <algorithm>
@@ -63,7 +66,7 @@ constexpr Index bf16_padded_queries(Index nq) {
 }
 
 /// The scaled, masked fp32 scores of queries [i0, i0+nq) against keys [j0, j0+nk) into s.t.s
-/// (ld nqp), as masked_scores does for fp32 (without score terms). Returns true when it also
+/// (ld nqp), with the score terms, as masked_scores does for fp32. Returns true when it also
 /// wrote each query's max into mx (native kernel, blocks left as computed).
 template <bf16_kernel Kernel>
 bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_packed_head& packed,
@@ -76,7 +79,8 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
     const Index lds = nqp;
     const Eigen::bfloat16* k = p.k + j0 * p.f.k_stride;
     const auto& mask = *p.f.mask;
-    const bool as_computed = interior && !mask.has_elementwise();
+    const bool terms = modifies_scores(p.f, no_score_modifier{});
+    const bool as_computed = interior && !terms && !mask.has_elementwise();
     if constexpr (uses_dot_pairs(Kernel)) {
 #if defined(MHA_BF16_NATIVE)
         // The block's keys copied contiguous (64 KB for 512 keys of d_k = 64): a score tile then
@@ -91,7 +95,7 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
                 std::copy_n(k + j * p.f.k_stride, dk, s.kb16.data() + j * dk);
         // A boundary block whose mask is intervals alone is masked in the tiles' registers,
         // which then take its max as for an interior block: no pass of −∞ stores, no max pass.
-        const bool in_tiles = !interior && !mask.has_elementwise();
+        const bool in_tiles = !interior && !terms && !mask.has_elementwise();
         const block_key_limits limits =
             in_tiles ? limits_in(t, nq, nqp, j0, nk) : block_key_limits{};
         transposed_scores_bf16(s.qp.data(), nqp, dk, kc, dk, nk, p.f.scale, st, lds, ranges,
@@ -122,6 +126,10 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
             for (Index c = 0; c < nqp; ++c)
                 st[r * lds + c] *= p.f.scale;
     }
+    // Before the mask, which then replaces excluded entries whatever the terms made of them.
+    if (terms)
+        for (Index r = 0; r < nk; ++r)
+            modify_key_column(p.f, no_score_modifier{}, st + r * lds, i0, nq, j0 + r);
     if (as_computed) return false;
     mask_by_selection(mask, st, lds, i0, nq, j0, nk, iv, interior, t);
     return false;
@@ -229,7 +237,7 @@ inline void repair_column_bf16(const bf16_head_problem& p, Index i, float m, flo
         float dot = 0;
         for (Index d = 0; d < p.f.dk; ++d)
             dot += bf16_to_float(qi[d]) * bf16_to_float(kj[d]);
-        float sc = p.f.scale * dot;
+        float sc = modified_score(p.f, no_score_modifier{}, i, j, p.f.scale * dot);
         if (mask.has_bias()) sc += mask.bias(j, i);
         if (sc == -std::numeric_limits<float>::infinity()) continue;
         const float w = round_to_bf16(std::exp(sc - m)) * inv_l;
@@ -240,21 +248,23 @@ inline void repair_column_bf16(const bf16_head_problem& p, Index i, float m, flo
 }
 
 /// out = acc / l for queries [i0, i0+nq), 0 for a query with no allowed key, non-finite columns
-/// repaired, log-sum-exp written when asked (finalize_block on bf16 inputs, without sinks).
+/// repaired, log-sum-exp written when asked, the sink folded in (finalize_block on bf16 inputs).
 inline void finalize_block_bf16(const bf16_head_problem& p, Index i0, Index nq,
                                 tile_scratch<float>& t) {
     const float minus_inf = -std::numeric_limits<float>::infinity();
     for (Index c = 0; c < nq; ++c) {
         Eigen::Map<vector<float>> out(p.f.out + (i0 + c) * p.f.out_stride, p.f.dv);
         const bool no_key = t.m(c) == minus_inf;
+        const float alpha = fold_sink(p.f, t.m(c), t.l(c));
         if (p.f.lse != nullptr)
-            p.f.lse[(i0 + c) * p.f.lse_stride] = no_key ? minus_inf : t.m(c) + std::log(t.l(c));
-        if (no_key) {
+            p.f.lse[(i0 + c) * p.f.lse_stride] =
+                t.m(c) == minus_inf ? minus_inf : t.m(c) + std::log(t.l(c));
+        if (no_key) {  // exactly 0, with or without a sink
             out.setZero();
             continue;
         }
         const float inv_l = 1.0f / t.l(c);
-        out = t.acc.col(c).head(p.f.dv) * inv_l;
+        out = t.acc.col(c).head(p.f.dv) * (alpha * inv_l);
         if (!all_finite(out)) repair_column_bf16(p, i0 + c, t.m(c), inv_l);
     }
 }
@@ -273,7 +283,8 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
     // amx where the CPU and the OS allow it, else its vdpbf16ps kernels (as native).
     tiled_settings cfg = settings;
 #if defined(MHA_BF16_AMX)
-    const bool amx = Kernel == bf16_kernel::amx && amx_usable();
+    // Its online pass has no score terms: such problems take the vdpbf16ps tiles.
+    const bool amx = Kernel == bf16_kernel::amx && amx_usable() && !has_score_terms(p);
     // Its own task and key block sizes (block_kernels_amx.hpp says why; the figures:
     // docs/performance.md, "bfloat16 on AMX tiles").
     if (amx) {

@@ -115,7 +115,8 @@ inline void plan_bf16_tasks(const bf16_attention_problem& p, const tiled_setting
     // the group instead of one padded tile per query head.
     const Index num_heads = p.heads.num_heads;
     const Index group = num_heads / p.heads.num_kv_heads;
-    const bool can_stack = group > 1 && group <= cfg.query_block && ws.masks.same_for_every_head();
+    const bool can_stack = group > 1 && group <= cfg.query_block &&
+                           ws.masks.same_for_every_head() && !has_per_head_terms(p);
     for (Index b = 0; b < p.batch.size(); ++b) {
         if (can_stack && p.batch.query_length(b) == 1) {
             for (Index g = 0; g < p.heads.num_kv_heads; ++g) {
