@@ -168,7 +168,8 @@ void BM_decode_core_bf16(benchmark::State& state) {
 // A whole decoding step of the layer with a cache of L tokens: project the new token, append
 // its key and value, attend, project the output. Each iteration rolls the cache back by one
 // token, so every step sees the same L. Reports the heap allocations per step. `Layer`: the
-// fp32 layer, or the bf16 one (bf16 weights, input and cache; float output).
+// fp32 layer, or the bf16 one (bf16 weights, input and cache; float output). Second argument:
+// 1 for Llama 3's rotary positions (base 500000), whose turn of Q and K the step then includes.
 template <class Layer, class Input, class Workspace>
 void decode_layer_step(benchmark::State& state) {
     const Index length = state.range(0);
@@ -177,6 +178,11 @@ void decode_layer_step(benchmark::State& state) {
     config.num_heads = kHeads;
     config.num_kv_heads = kKvHeads;
     config.bias = false;
+    if (state.range(1) != 0) {
+        mha::rotary_options rope;
+        rope.base = 500000;
+        config.rotary = rope;
+    }
     const Layer layer(mha::multi_head_attention<float>(config, /*seed=*/1));
     auto cache = layer.make_cache();
     cache.reserve(length + 1);
@@ -272,15 +278,17 @@ BENCHMARK(BM_decode_core_bf16)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_decode_layer_step)
-    ->ArgName("L")
-    ->Arg(4096)
-    ->Arg(32768)
+    ->ArgNames({"L", "rotary"})
+    ->Args({4096, 0})
+    ->Args({4096, 1})
+    ->Args({32768, 0})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_decode_layer_step_bf16)
-    ->ArgName("L")
-    ->Arg(4096)
-    ->Arg(32768)
+    ->ArgNames({"L", "rotary"})
+    ->Args({4096, 0})
+    ->Args({4096, 1})
+    ->Args({32768, 0})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
