@@ -641,14 +641,7 @@ TEST_CASE("bf16 core: soft-capping, ALiBi and sinks, every kernel, against the r
                         const mat<long double> qh = widen(q.block(h * dk, c0, dk, n));
                         const mat<long double> kh = widen(k.block(g * dk, k0, dk, m));
                         const mat<long double> vh = widen(v.block(g * dv, k0, dv, m));
-                        mha_test::score_terms terms;
-                        if (options.softcap) terms.softcap = *options.softcap;
-                        terms.alibi = !options.alibi_slopes.empty();
-                        if (terms.alibi)
-                            terms.slope = options.alibi_slopes[static_cast<std::size_t>(h)];
-                        terms.sink = !options.sinks.empty();
-                        if (terms.sink)
-                            terms.sink_logit = options.sinks[static_cast<std::size_t>(h)];
+                        const mha_test::score_terms terms = mha_test::score_terms_of(options, h);
                         const auto allowed = mha_test::causal_bottom_right(n, m);
                         mha_test::vec<long double> ref_lse;
                         const mat<long double> ref =
@@ -656,11 +649,7 @@ TEST_CASE("bf16 core: soft-capping, ALiBi and sinks, every kernel, against the r
                                 qh, kh, vh, scale, terms, allowed, nullptr,
                                 mha_test::norm_kind::softmax, nullptr, &ref_lse);
                         auto magnitude = [&](Index j, Index i) {
-                            long double t = terms.softcap + std::fabs(terms.sink_logit);
-                            if (terms.alibi)
-                                t += std::fabs(terms.slope *
-                                               static_cast<long double>(j - i - (m - n)));
-                            return t;
+                            return mha_test::term_magnitude(terms, j, i, m - n);
                         };
                         const std::string what = std::string(mha_test::bf16_kernel_name(kn)) +
                                                  ", " + name + ", blocks " +
@@ -722,18 +711,13 @@ TEST_CASE("bf16 core: with score terms, poisoned masked keys never leak and NaN 
     options.softcap = 1.5;
     options.alibi_slopes = {0.25};
     options.sinks = {0.5};
-    mha_test::score_terms terms;
-    terms.softcap = 1.5;
-    terms.alibi = true;
-    terms.slope = 0.25;
-    terms.sink = true;
-    terms.sink_logit = 0.5;
+    const mha_test::score_terms terms = mha_test::score_terms_of(options, 0);
     const auto allowed = [=](Index j, Index) { return (j - 3) % 7 != 0; };
     const mha::attention_mask<float> mask = mha::keep_mask(keep);
     const mat<long double> ref = mha_test::reference_attention_terms<long double>(
         widen(q), widen(k), widen(v), 0.25L, terms, allowed);
     const auto magnitude = [=](Index j, Index i) {
-        return 1.5L + 0.5L + 0.25L * std::fabs(static_cast<long double>(j - i - (lk - lq)));
+        return mha_test::term_magnitude(terms, j, i, lk - lq);
     };
     for (kernel kn : mha_test::bf16_kernels_here()) {
         INFO(mha_test::bf16_kernel_name(kn));

@@ -173,20 +173,13 @@ core_reference reference_core(const mha::attention_options& options, Index h,
                               const mat<long double>& q, const mat<long double>& k,
                               const mat<long double>& v, long double scale,
                               const mha_test::allowed_fn& allowed) {
-    mha_test::score_terms terms;
-    if (options.softcap) terms.softcap = *options.softcap;
-    terms.alibi = !options.alibi_slopes.empty();
-    if (terms.alibi) terms.slope = options.alibi_slopes[static_cast<std::size_t>(h)];
-    terms.sink = !options.sinks.empty();
-    if (terms.sink) terms.sink_logit = options.sinks[static_cast<std::size_t>(h)];
+    const mha_test::score_terms terms = mha_test::score_terms_of(options, h);
     core_reference r{
         mha_test::reference_attention_terms<long double>(q, k, v, scale, terms, allowed), nullptr};
     if (terms.softcap != 0 || terms.alibi || terms.sink) {
         const Index shift = k.cols() - q.cols();
         r.magnitude = [terms, shift](Index j, Index i) {
-            long double t = terms.softcap + std::fabs(terms.sink_logit);
-            if (terms.alibi) t += std::fabs(terms.slope * static_cast<long double>(j - i - shift));
-            return t;
+            return mha_test::term_magnitude(terms, j, i, shift);
         };
     }
     return r;

@@ -146,16 +146,7 @@ void compare(const problem_case<Scalar>& c, const mat<Scalar>& out, const mat<Sc
                 c.k.block(g * c.dk, k0, c.dk, lk).template cast<long double>();
             const mat<long double> v =
                 c.v.block(g * c.dv, k0, c.dv, lk).template cast<long double>();
-            mha_test::score_terms terms;
-            if (options.softcap) terms.softcap = *options.softcap;
-            if (!options.alibi_slopes.empty()) {
-                terms.alibi = true;
-                terms.slope = options.alibi_slopes[static_cast<std::size_t>(h)];
-            }
-            if (!options.sinks.empty()) {
-                terms.sink = true;
-                terms.sink_logit = options.sinks[static_cast<std::size_t>(h)];
-            }
+            mha_test::score_terms terms = mha_test::score_terms_of(options, h);
             if (modifier != nullptr)
                 terms.modifier = [=](Index i, Index j, long double s) {
                     return (*modifier)(b, h, i, j, s);
@@ -172,9 +163,7 @@ void compare(const problem_case<Scalar>& c, const mat<Scalar>& out, const mat<Sc
                 if (m == minus_inf_ld) return minus_inf_ld;
                 if (terms.modifier && terms.modifier(i, j, 0.0L) == minus_inf_ld)
                     return minus_inf_ld;
-                m = std::fabs(m) + terms.softcap + std::fabs(terms.sink_logit);
-                if (terms.alibi)
-                    m += std::fabs(terms.slope * static_cast<long double>(j - i - (lk - lq)));
+                m = std::fabs(m) + mha_test::term_magnitude(terms, j, i, lk - lq);
                 if (terms.modifier) m += std::fabs(terms.modifier(i, j, 0.0L));
                 return m;
             };
@@ -757,8 +746,7 @@ TEST_CASE("score terms: returned weights of both kernels against the reference",
             mha_test::reference_attention_terms<long double>(
                 q, k, eye, scale, terms, causal, nullptr, mha_test::norm_kind::softmax, &ref_w);
             auto magnitude = [&](Index j, Index i) {
-                return 1.5L + std::fabs(terms.sink_logit) +
-                       std::fabs(terms.slope * static_cast<long double>(j - i - (lk - lq))) +
+                return mha_test::term_magnitude(terms, j, i, lk - lq) +
                        std::fabs(t5(0, h, i, j, 0.0L));
             };
             mha_test::require_attention_close<float>(

@@ -13,8 +13,7 @@
 // and dK are turned back by the transpose μRᵀ before the projections' backward.
 #pragma once
 
-#include <algorithm>
-#include <string>
+#include <utility>
 #include <vector>
 
 #include <mha/attention.hpp>

@@ -325,13 +325,7 @@ private:
             ws.q = ws.q32.cast<Eigen::bfloat16>();
             ws.k = ws.k32.cast<Eigen::bfloat16>();
         } else {
-            project(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q, ws,
-                    packed_in_.rows(0, qk));
-            if (fused_)
-                project(w_in_.middleRows(qk, kw), bias_segment(qk, kw), key, ws.k, ws,
-                        packed_in_.rows(qk, kw));
-            else
-                project(w_k_, bias_segment(qk, kw), key, ws.k, ws, packed_k_.all());
+            project_qk(query, key, ws.q, ws.k, ws);
         }
         if (fused_)
             project(w_in_.bottomRows(vw), bias_segment(qk + kw, vw), value, ws.v, ws,
@@ -344,15 +338,22 @@ private:
     // turn them in fp32 so that each is rounded to bf16 once, after the turn.
     void project_unrounded_qk(const input& query, const input& key,
                               bf16_forward_workspace& ws) const {
+        ws.q32.resize(qk_width(), query.cols());
+        ws.k32.resize(key_width(), key.cols());
+        project_qk(query, key, ws.q32, ws.k32, ws);
+    }
+
+    // out_q = W_q·query + b_q and out_k = W_k·key + b_k, in bf16 or fp32 as out_q and out_k are.
+    template <class OutQ, class OutK>
+    void project_qk(const input& query, const input& key, OutQ& out_q, OutK& out_k,
+                    bf16_forward_workspace& ws) const {
         const Index qk = qk_width(), kw = key_width();
-        ws.q32.resize(qk, query.cols());
-        ws.k32.resize(kw, key.cols());
-        project(w_in_.topRows(qk), bias_segment(0, qk), query, ws.q32, ws, packed_in_.rows(0, qk));
+        project(w_in_.topRows(qk), bias_segment(0, qk), query, out_q, ws, packed_in_.rows(0, qk));
         if (fused_)
-            project(w_in_.middleRows(qk, kw), bias_segment(qk, kw), key, ws.k32, ws,
+            project(w_in_.middleRows(qk, kw), bias_segment(qk, kw), key, out_k, ws,
                     packed_in_.rows(qk, kw));
         else
-            project(w_k_, bias_segment(qk, kw), key, ws.k32, ws, packed_k_.all());
+            project(w_k_, bias_segment(qk, kw), key, out_k, ws, packed_k_.all());
     }
 
     // Every head into ws.heads32 ((H·d_v) × Nq), then the output projection.

@@ -135,6 +135,30 @@ struct score_terms {
     long double sink_logit = 0;
 };
 
+/// The score terms of query head h under `options` (an mha::attention_options: soft-capping,
+/// ALiBi slopes and sinks, each absent when unset or empty); a template so that this reference
+/// does not include the library.
+template <class Options>
+score_terms score_terms_of(const Options& options, Index h) {
+    score_terms terms;
+    if (options.softcap) terms.softcap = *options.softcap;
+    terms.alibi = !options.alibi_slopes.empty();
+    if (terms.alibi) terms.slope = options.alibi_slopes[static_cast<std::size_t>(h)];
+    terms.sink = !options.sinks.empty();
+    if (terms.sink) terms.sink_logit = options.sinks[static_cast<std::size_t>(h)];
+    return terms;
+}
+
+/// What soft-capping, ALiBi and the sink add to the magnitude of the score of key j for query
+/// i, where shift = Lk − Lq: cap + |slope·(j − i − shift)| + |sink|. The bounds add it to Smax,
+/// since each term adds O(u) of its own magnitude to a score's error. The modifier is not
+/// included: its magnitude depends on the score.
+inline long double term_magnitude(const score_terms& terms, Index j, Index i, Index shift) {
+    long double m = terms.softcap + std::fabs(terms.sink_logit);
+    if (terms.alibi) m += std::fabs(terms.slope * static_cast<long double>(j - i - shift));
+    return m;
+}
+
 /// Single-head attention with score terms, in the order scale → soft-cap → ALiBi → modifier →
 /// bias → mask → normalise (sink in the softmax normaliser). Written apart from
 /// reference_attention so that the plain path stays as it was. A query with no allowed key gets
