@@ -134,26 +134,29 @@ void BM_prefill_core(benchmark::State& state) {
     set_gflops(state, mha_bench::attention_core_flops(1, length, kHeads * kHeadDim, true));
 }
 
-// The attention core of one decode step: one new query per head over a cache of L tokens, 8
-// key/value heads shared by groups of 4 query heads. The keys and values are read once:
-// 2 · L · H_kv · d_k elements per step, reported as bytes/s. `Storage`: float, or
-// Eigen::bfloat16 (Q, K and V in bf16, the sums and softmax in fp32; half the bytes).
+// The attention core of one decode step: one new query per head over a cache of L tokens,
+// H_kv key/value heads (second argument: 8 as Llama 3 8B, 1 for multi-query attention) shared
+// by the 32 query heads. The keys and values are read once: 2 · L · H_kv · d_k elements per
+// step, reported as bytes/s. `Storage`: float, or Eigen::bfloat16 (Q, K and V in bf16, the sums
+// and softmax in fp32; half the bytes). With fewer key/value heads than threads, only the split
+// of the keys into chunks keeps every thread busy.
 template <class Storage>
 void decode_core(benchmark::State& state) {
     using storage_matrix = Eigen::Matrix<Storage, Eigen::Dynamic, Eigen::Dynamic>;
     const Index length = state.range(0);
+    const Index kv_heads = state.range(1);
     const storage_matrix q = Matrix::Random(kHeads * kHeadDim, 1).cast<Storage>();
-    const storage_matrix k = Matrix::Random(kKvHeads * kHeadDim, length).cast<Storage>();
-    const storage_matrix v = Matrix::Random(kKvHeads * kHeadDim, length).cast<Storage>();
+    const storage_matrix k = Matrix::Random(kv_heads * kHeadDim, length).cast<Storage>();
+    const storage_matrix v = Matrix::Random(kv_heads * kHeadDim, length).cast<Storage>();
     const mha::packed_batch batch({1}, {length});
     Matrix out(kHeads * kHeadDim, 1);
     for (auto _ : state) {
-        mha::multi_head_attention_core(q, k, v, kHeads, kKvHeads, batch, out);
+        mha::multi_head_attention_core(q, k, v, kHeads, kv_heads, batch, out);
         benchmark::DoNotOptimize(out.data());
         benchmark::ClobberMemory();
     }
     set_gflops(state, mha_bench::cross_attention_core_flops(1, 1, length, kHeads * kHeadDim));
-    state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * 2 * length * kKvHeads *
+    state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * 2 * length * kv_heads *
                             kHeadDim * static_cast<std::int64_t>(sizeof(Storage)));
 }
 
@@ -266,15 +269,17 @@ BENCHMARK(BM_prefill_core)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 BENCHMARK(BM_decode_core)
-    ->ArgName("L")
-    ->Arg(4096)
-    ->Arg(32768)
+    ->ArgNames({"L", "kv_heads"})
+    ->Args({4096, 8})
+    ->Args({32768, 8})
+    ->Args({32768, 1})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_decode_core_bf16)
-    ->ArgName("L")
-    ->Arg(4096)
-    ->Arg(32768)
+    ->ArgNames({"L", "kv_heads"})
+    ->Args({4096, 8})
+    ->Args({32768, 8})
+    ->Args({32768, 1})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_decode_layer_step)

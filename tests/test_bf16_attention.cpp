@@ -588,7 +588,7 @@ mha::attention_outputs<float> run_heads(kernel kn, const bmat& q, const bmat& k,
 
 }  // namespace
 
-TEST_CASE("bf16 core: soft-capping, ALiBi and sinks, every kernel, against the reference") {
+TEST_CASE("bf16 core: score terms and split-KV decodes, every kernel, against the reference") {
     MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
     // Reference: reference_attention_terms in long double on the same bf16 values. Bound:
     // require_bf16_attention_close with each score's term magnitudes added to Smax through its
@@ -599,17 +599,21 @@ TEST_CASE("bf16 core: soft-capping, ALiBi and sinks, every kernel, against the r
     // magnitudes in Smax. A term applied to the wrong head, key or query, or a sink left out,
     // moves outputs by O(Vmax), far above.
     // The batch: one query against 150 keys (a decode step: the query heads of a group stacked
-    // into one problem with soft-capping alone, one problem per head with ALiBi or sinks), a
-    // causal prefill over several key blocks of the small tiles, and queries with no key
-    // (output exactly 0; log-sum-exp −∞, or exactly the sink).
+    // into one problem without terms or with soft-capping alone, one problem per head with ALiBi
+    // or sinks), a causal prefill over several key blocks of the small tiles, queries with no key
+    // (output exactly 0; log-sum-exp −∞, or exactly the sink), and 2 queries over 90 keys (one
+    // problem per head). With split chunks of 32 keys the decode and the 2 queries are split
+    // over key chunks whose partial states are merged (the sink joins after the merge); the
+    // merge adds a few fp32 roundings per query, far inside the bf16 bound.
     mha_test::value_source rnd(57);
     const Index heads = 4, kv_heads = 2, dk = 24, dv = 16;
-    const std::vector<Index> lq{1, 45, 3}, lk{150, 45, 0};
+    const std::vector<Index> lq{1, 45, 3, 2}, lk{150, 45, 0, 90};
     const mha::packed_batch batch(lq, lk);
     const Index nq = batch.total_queries(), nk = batch.total_keys();
     const bmat q = normal_bf16(rnd, heads * dk, nq), k = normal_bf16(rnd, kv_heads * dk, nk),
                v = normal_bf16(rnd, kv_heads * dv, nk);
     std::vector<std::pair<std::string, mha::attention_options>> sets;
+    sets.emplace_back("no terms", mha::attention_options{});
     mha::attention_options softcap;
     softcap.softcap = 1.5;  // scores of N(0, 1) inputs reach the curved part
     sets.emplace_back("softcap", softcap);
@@ -625,7 +629,7 @@ TEST_CASE("bf16 core: soft-capping, ALiBi and sinks, every kernel, against the r
     sets.emplace_back("softcap + alibi + sinks", all);
     const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
     const long double u = 0x1.0p-24L, minus_inf = -std::numeric_limits<long double>::infinity();
-    for (const settings& cfg : {settings{16, 24, 1024, 0}, settings{}})
+    for (const settings& cfg : {settings{16, 24, 1024, 0}, settings{16, 24, 32, 0}, settings{}})
         for (const auto& [name, options] : sets)
             for (kernel kn : mha_test::bf16_kernels_here()) {
                 mat<float> out(heads * dv, nq);
@@ -653,7 +657,8 @@ TEST_CASE("bf16 core: soft-capping, ALiBi and sinks, every kernel, against the r
                         };
                         const std::string what = std::string(mha_test::bf16_kernel_name(kn)) +
                                                  ", " + name + ", blocks " +
-                                                 std::to_string(cfg.query_block) + ", sequence " +
+                                                 std::to_string(cfg.query_block) + ", chunks " +
+                                                 std::to_string(cfg.split_chunk) + ", sequence " +
                                                  std::to_string(b) + ", head " + std::to_string(h);
                         mha_test::require_bf16_attention_close<float>(out.block(h * dv, c0, dv, n),
                                                                       ref, qh, kh, vh, scale,
@@ -732,6 +737,67 @@ TEST_CASE("bf16 core: with score terms, poisoned masked keys never leak and NaN 
         CHECK(vnan.row(2).array().isNaN().all());
         CHECK(vnan.topRows(2).allFinite());
         CHECK(vnan.bottomRows(dv - 3).allFinite());
+    }
+}
+
+TEST_CASE("bf16 core: a decode split over key chunks: empty chunks, poisoned keys, thread counts") {
+    // One query over 300 keys with 4 query heads per key/value head, split into chunks of 32
+    // keys (settings: query block 16, key block 24). Keys from 130 on are past the key length
+    // and hold NaN in K and Inf in V, so chunks 5 to 9 have no allowed key (their partials are
+    // m = −∞, which the merge skips); keys 32–63, chunk 1, are excluded by a keep mask and
+    // poisoned too. Checked per head against the long-double reference under the bound every
+    // bf16 test uses; 1, 2 and 3 threads give the same bits (the chunks are merged in order
+    // whatever thread computed them); a NaN in an allowed value reaches that row of its group's
+    // 4 heads only, through the merge.
+    MHA_SKIP_UNLESS_BUILD_RUNS_HERE();
+    mha_test::value_source rnd(67);
+    const Index heads = 8, kv_heads = 2, dk = 20, dv = 20, lk = 300, kept = 130;
+    const mha::packed_batch batch({1}, {lk});
+    const bmat q = normal_bf16(rnd, heads * dk, 1);
+    const bmat k = normal_bf16(rnd, kv_heads * dk, lk), v = normal_bf16(rnd, kv_heads * dv, lk);
+    auto allowed = [=](Index j, Index) { return j < kept && (j < 32 || j >= 64); };
+    mha::bool_matrix keep(lk, 1);
+    for (Index j = 0; j < lk; ++j)
+        keep(j, 0) = j < 32 || j >= 64;
+    bmat kp = k, vp = v;
+    for (Index j = 0; j < lk; ++j)
+        if (!allowed(j, 0)) {
+            kp.col(j).setConstant(bf16(std::numeric_limits<float>::quiet_NaN()));
+            vp.col(j).setConstant(bf16(std::numeric_limits<float>::infinity()));
+        }
+    const mha::attention_mask<float> mask(mha::key_lengths{{kept}}, mha::keep_mask(keep));
+    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+    for (kernel kn : mha_test::bf16_kernels_here()) {
+        const std::string name = mha_test::bf16_kernel_name(kn);
+        auto run_split = [&](const bmat& vv, int threads) {
+            mat<float> out(heads * dv, 1);
+            run_heads(kn, q, kp, vv, heads, kv_heads, batch, out, mask, {},
+                      settings{16, 24, 32, threads});
+            return out;
+        };
+        const mat<float> out = run_split(vp, 1);
+        REQUIRE(out.allFinite());
+        CHECK(same_bits(out, run_split(vp, 2)));
+        CHECK(same_bits(out, run_split(vp, 3)));
+        for (Index h = 0; h < heads; ++h) {
+            const Index g = h / (heads / kv_heads);
+            const mat<long double> qh = widen(q.block(h * dk, 0, dk, 1));
+            const mat<long double> kh = widen(k.block(g * dk, 0, dk, lk));
+            const mat<long double> vh = widen(v.block(g * dv, 0, dv, lk));
+            const mat<long double> ref =
+                mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
+            mha_test::require_bf16_attention_close<float>(out.block(h * dv, 0, dv, 1), ref, qh, kh,
+                                                          vh, scale, allowed, nullptr,
+                                                          name + ", head " + std::to_string(h));
+        }
+        bmat vn = vp;
+        vn(dv + 5, 100) = bf16(std::numeric_limits<float>::quiet_NaN());  // group 1, chunk 3
+        const mat<float> value_nan = run_split(vn, 2);
+        for (Index h = 0; h < heads; ++h)
+            for (Index e = 0; e < dv; ++e) {
+                INFO(name << ", head " << h << ", row " << e);
+                CHECK(std::isnan(value_nan(h * dv + e, 0)) == (h >= 4 && e == 5));
+            }
     }
 }
 

@@ -44,19 +44,26 @@ public:
     /// weights never splits.
     void build(const attention_problem<Scalar>& p, const mask_views<Scalar>& masks,
                const tiled_settings& cfg, bool per_head_scores = false) {
-        const packed_batch& batch = p.batch;
+        build(p.heads, p.batch, masks, cfg, per_head_scores, p.request.weights);
+    }
+
+    /// The plan of a call on these heads and batch (the bf16 kernel's too, which returns no
+    /// weights); `per_head_scores`: the heads' scores differ beyond their inputs (ALiBi, sinks,
+    /// a modifier), so a decode step's query heads cannot be stacked.
+    void build(const head_layout& heads, const packed_batch& batch, const mask_views<Scalar>& masks,
+               const tiled_settings& cfg, bool per_head_scores, weights_mode weights) {
         const Index nb = batch.size();
-        const Index num_heads = p.heads.num_heads;
-        const bool want_weights = p.request.weights != weights_mode::none;
-        const bool averaged = p.request.weights == weights_mode::averaged;
+        const Index num_heads = heads.num_heads;
+        const bool want_weights = weights != weights_mode::none;
+        const bool averaged = weights == weights_mode::averaged;
         split_chunk_ = cfg.split_chunk;
-        dv_ = p.heads.dv;
+        dv_ = heads.dv;
         tasks.clear();
         chunks_of_.assign(static_cast<std::size_t>(nb), 0);
         // One query per sequence with grouped heads (a decode step): the query heads of each
         // key/value head become the queries of one problem (make_stacked_problem) when they
         // share their masks and no weights are asked (weights are per query head).
-        const Index group = p.heads.num_heads / p.heads.num_kv_heads;
+        const Index group = heads.num_heads / heads.num_kv_heads;
         // (Scores that differ by head, ALiBi, sinks or a modifier, cannot be stacked either.)
         const bool can_stack = group > 1 && group <= cfg.query_block && !want_weights &&
                                !per_head_scores && masks.same_for_every_head();
@@ -71,7 +78,7 @@ public:
             Index problem_heads = num_heads;
             if (can_stack && lq == 1) {
                 stack_[static_cast<std::size_t>(b)] = group;
-                problem_heads = p.heads.num_kv_heads;
+                problem_heads = heads.num_kv_heads;
                 lq = group;
             }
             // Decode (few queries, many keys): one (b, h, query block) task per head would leave
@@ -110,19 +117,23 @@ public:
         // stay in cache for its next query block, where alternating heads would stream all of
         // them: 10% at L = 8192), then in creation order. std::sort with a total order: no
         // buffer, unlike std::stable_sort, and the same order every time.
-        // Split-KV chunks of grouped heads go key/value head by key/value head, then chunk by
-        // chunk, then over the query heads of the group: the query heads sharing a chunk of K
-        // and V read it while it is in cache, so a decode step streams each cached key once,
-        // not once per query head.
+        // Split-KV chunks go chunk by chunk, then key/value head by key/value head, then over
+        // the query heads of the group: the query heads sharing a chunk of K and V read it while
+        // it is in cache, so a decode step streams each cached key once, not once per query
+        // head; and the key/value heads of a chunk read the same cache columns (a KV cache
+        // keeps a token's heads in one column), so the chunk's memory is read whole and in
+        // turn, where head by head each pass read 256 or 512 bytes per column a column apart
+        // (one decode step over 32768 cached tokens, one thread: 1.6-1.75x faster,
+        // docs/performance.md).
         // (A stacked sequence's task already covers a whole group: its h is the key/value head.)
         std::sort(
             tasks.begin(), tasks.end(), [this, group](const tiled_task& a, const tiled_task& b) {
                 if (a.cost != b.cost) return a.cost > b.cost;
                 if (a.b != b.b) return a.b < b.b;
                 if (a.chunk >= 0 && b.chunk >= 0 && a.i0 == b.i0) {
+                    if (a.chunk != b.chunk) return a.chunk < b.chunk;
                     const Index kv_group = stack_[static_cast<std::size_t>(a.b)] > 1 ? 1 : group;
                     if (a.h / kv_group != b.h / kv_group) return a.h / kv_group < b.h / kv_group;
-                    if (a.chunk != b.chunk) return a.chunk < b.chunk;
                 }
                 if (a.h != b.h) return a.h < b.h;
                 return a.order < b.order;
@@ -136,7 +147,7 @@ public:
         for (Index b = 0; b < nb; ++b) {
             const auto bi = static_cast<std::size_t>(b);
             // A stacked sequence has H_kv problems of `group` queries: the same H columns.
-            const Index problem_heads = stack_[bi] > 1 ? p.heads.num_kv_heads : num_heads;
+            const Index problem_heads = stack_[bi] > 1 ? heads.num_kv_heads : num_heads;
             partial_column_[bi] = columns;
             query_length_[bi] = batch.query_length(b) * stack_[bi];
             columns += problem_heads * chunks_of_[bi] * query_length_[bi];
@@ -174,19 +185,28 @@ public:
     template <class Mod = no_score_modifier>
     void merge(const head_problem<Scalar>& p, Index b, Index h, Index query_block,
                tile_scratch<Scalar>& t, const Mod& mod = Mod{}) const {
+        merge(b, h, p.lq, query_block, t,
+              [&](Index i0, Index nq) { finalize_block(p, i0, nq, t, mod); });
+    }
+
+    /// The merge of (sequence b, problem h) of lq queries, each query block's merged state left
+    /// in t and handed to finalize(i0, nq), which writes the outputs (the bf16 kernel's own).
+    template <class Finalize>
+    void merge(Index b, Index h, Index lq, Index query_block, tile_scratch<Scalar>& t,
+               const Finalize& finalize) const {
         const Index nchunks = chunks_of_[static_cast<std::size_t>(b)];
         const Index first = partial_at(b, h, 0);  // chunk ch of query i: column first + ch·lq + i
-        for (Index i0 = 0; i0 < p.lq; i0 += query_block) {
-            const Index nq = std::min(query_block, p.lq - i0);
+        for (Index i0 = 0; i0 < lq; i0 += query_block) {
+            const Index nq = std::min(query_block, lq - i0);
             for (Index c = 0; c < nq; ++c) {
                 const Index i = i0 + c;
                 const auto chunk_part = [&](Index ch) {
-                    const Index at = first + ch * p.lq + i;
-                    return state_part<Scalar>{m_(at), l_(at), acc_.data() + at * p.dv};
+                    const Index at = first + ch * lq + i;
+                    return state_part<Scalar>{m_(at), l_(at), acc_.data() + at * dv_};
                 };
-                t.m(c) = merge_state_parts(nchunks, chunk_part, p.dv, t.acc.col(c).data(), t.l(c));
+                t.m(c) = merge_state_parts(nchunks, chunk_part, dv_, t.acc.col(c).data(), t.l(c));
             }
-            finalize_block(p, i0, nq, t, mod);
+            finalize(i0, nq);
         }
     }
 

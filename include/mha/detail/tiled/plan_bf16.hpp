@@ -1,15 +1,14 @@
 // SPDX-License-Identifier: MIT
-// The work plan of the bf16 tiled kernel (detail/tiled/forward_bf16.hpp) and the buffers it
-// keeps between calls: its tasks (sequence, head, query block, or a decode step's stacked query
-// heads), longest key ranges first, and the native kernel's K and V packed once per call for the
-// heads that several query blocks read. As for the fp32 plan (detail/tiled/plan.hpp), the plan
-// depends only on the shapes, the masks and the settings, never on the thread count.
+// The buffers the bf16 tiled kernel (detail/tiled/forward_bf16.hpp) keeps between calls: its
+// plan, which is the fp32 kernel's (detail/tiled/plan.hpp: tasks, stacked decode steps, split-KV
+// partials; it depends only on the shapes, the masks and the settings, never on the thread
+// count), and the native kernel's K and V packed once per call for the heads that several query
+// blocks read.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -22,6 +21,7 @@
 #include <mha/detail/tiled/bf16_problem.hpp>
 #include <mha/detail/tiled/block_kernels_bf16.hpp>
 #include <mha/detail/tiled/online_softmax.hpp>
+#include <mha/detail/tiled/plan.hpp>
 #include <mha/options.hpp>
 
 namespace mha {
@@ -39,12 +39,8 @@ struct bf16_packed_head {
 /// The buffers of a bf16 call (see tiled_workspace); they only grow, so a call of a shape the
 /// workspace has served allocates nothing.
 struct bf16_workspace {
-    struct task {
-        Index b, h, i0, nq, cost, order;  // order: creation index, breaks cost ties
-        Index group;  // 1, or the query heads stacked as the queries of key/value head h
-    };
     mask_views<float> masks;  // refer to the mask of the current call; stale between calls
-    std::vector<task> tasks;
+    tiled_plan<float> plan;   // the tasks and split-KV partials, as the fp32 kernel's
     std::vector<bf16_thread_state> threads;
     // The native kernel's K and V of the (sequence, key/value head) pairs that more than one
     // query block reads, packed once per call: before, each query block copied K and packed V
@@ -98,51 +94,6 @@ inline void pack_keys_values_bf16(const bf16_attention_problem& p, const tiled_s
             std::copy_n(hp.k + j * hp.f.k_stride, dk, k + j * dk);
         pack_value_pairs(hp.v, hp.f.v_stride, dv, hp.f.lk, dvp,
                          ws.packed_v.data() + ws.packed_v_at[e]);
-    });
-}
-
-/// The tasks of a bf16 call into ws.tasks, the longest key ranges first (causal blocks differ),
-/// ties in index order; which thread runs a task does not change its result. ws.masks must be
-/// built for the call.
-inline void plan_bf16_tasks(const bf16_attention_problem& p, const tiled_settings& cfg,
-                            bf16_workspace& ws) {
-    using task = bf16_workspace::task;
-    std::vector<task>& tasks = ws.tasks;
-    tasks.clear();
-    // A sequence of one query with grouped heads (a decode step) stacks the query heads of each
-    // key/value head as the queries of one problem, as the fp32 kernel does
-    // (make_stacked_problem): each cached key is read once per group, and one score tile serves
-    // the group instead of one padded tile per query head.
-    const Index num_heads = p.heads.num_heads;
-    const Index group = num_heads / p.heads.num_kv_heads;
-    const bool can_stack = group > 1 && group <= cfg.query_block &&
-                           ws.masks.same_for_every_head() && !has_per_head_terms(p);
-    for (Index b = 0; b < p.batch.size(); ++b) {
-        if (can_stack && p.batch.query_length(b) == 1) {
-            for (Index g = 0; g < p.heads.num_kv_heads; ++g) {
-                const auto r = ws.masks(b, g * group).key_range(0);
-                tasks.push_back({b, g, 0, group, std::max<Index>(r.second - r.first, 0) * group,
-                                 static_cast<Index>(tasks.size()), group});
-            }
-            continue;
-        }
-        for (Index h = 0; h < num_heads; ++h)
-            for (Index i0 = 0; i0 < p.batch.query_length(b); i0 += cfg.query_block) {
-                const Index nq = std::min(cfg.query_block, p.batch.query_length(b) - i0);
-                const auto& view = ws.masks(b, h);
-                Index lo = std::numeric_limits<Index>::max(), hi = 0;
-                for (Index c : {i0, i0 + nq - 1}) {
-                    const auto r = view.key_range(c);
-                    lo = std::min(lo, r.first);
-                    hi = std::max(hi, r.second);
-                }
-                tasks.push_back({b, h, i0, nq, std::max<Index>(hi - lo, 0) * nq,
-                                 static_cast<Index>(tasks.size()), 1});
-            }
-    }
-    // std::sort with a total order: the order of a stable sort without its buffer.
-    std::sort(tasks.begin(), tasks.end(), [](const task& a, const task& b) {
-        return a.cost != b.cost ? a.cost > b.cost : a.order < b.order;
     });
 }
 
