@@ -82,6 +82,27 @@ bool same_bits(const mat<float>& a, const mat<float>& b) {
            std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<std::size_t>(a.size())) == 0;
 }
 
+/// A one-query decode output (heads·d_v × 1) checked per query head against the long-double
+/// reference over the keys `allowed` admits, under the bound every bf16 test uses; query head h
+/// reads key/value head h / (heads / kv_heads) of k (kv_heads·d_k × Lk) and v.
+void check_one_query_heads(const mat<float>& out, const bmat& q, const bmat& k, const bmat& v,
+                           Index heads, Index kv_heads, const mha_test::allowed_fn& allowed,
+                           const std::string& what) {
+    const Index dk = q.rows() / heads, dv = out.rows() / heads, lk = k.cols();
+    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
+    for (Index h = 0; h < heads; ++h) {
+        const Index g = h / (heads / kv_heads);
+        const mat<long double> qh = widen(q.block(h * dk, 0, dk, 1));
+        const mat<long double> kh = widen(k.block(g * dk, 0, dk, lk));
+        const mat<long double> vh = widen(v.block(g * dv, 0, dv, lk));
+        const mat<long double> ref =
+            mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
+        mha_test::require_bf16_attention_close<float>(out.block(h * dv, 0, dv, 1), ref, qh, kh, vh,
+                                                      scale, allowed, nullptr,
+                                                      what + "head " + std::to_string(h));
+    }
+}
+
 struct mask_case {
     std::string name;
     mha::attention_mask<float> mask;
@@ -533,18 +554,7 @@ TEST_CASE("bf16 core: a decode step reads K and V in place: masked keys poisoned
     };
     const mat<float> out = run_core(kp, vp);
     REQUIRE(out.allFinite());
-    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
-    for (Index h = 0; h < heads; ++h) {
-        const Index g = h / (heads / kv_heads);
-        const mat<long double> qh = widen(q.block(h * dk, 0, dk, 1));
-        const mat<long double> kh = widen(k.block(g * dk, 0, dk, lk));
-        const mat<long double> vh = widen(v.block(g * dv, 0, dv, lk));
-        const mat<long double> ref =
-            mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
-        mha_test::require_bf16_attention_close<float>(out.block(h * dv, 0, dv, 1), ref, qh, kh, vh,
-                                                      scale, allowed, nullptr,
-                                                      "head " + std::to_string(h));
-    }
+    check_one_query_heads(out, q, k, v, heads, kv_heads, allowed, "");
     // NaN in an allowed key of group 1 (in the scalar tail of d_k): its 4 heads are NaN, the
     // others are not. NaN in an allowed value of group 0 (in the tail of d_v): that row of its
     // heads only.
@@ -766,7 +776,6 @@ TEST_CASE("bf16 core: a decode split over key chunks: empty chunks, poisoned key
             vp.col(j).setConstant(bf16(std::numeric_limits<float>::infinity()));
         }
     const mha::attention_mask<float> mask(mha::key_lengths{{kept}}, mha::keep_mask(keep));
-    const long double scale = 1.0L / std::sqrt(static_cast<long double>(dk));
     for (kernel kn : mha_test::bf16_kernels_here()) {
         const std::string name = mha_test::bf16_kernel_name(kn);
         auto run_split = [&](const bmat& vv, int threads) {
@@ -779,17 +788,7 @@ TEST_CASE("bf16 core: a decode split over key chunks: empty chunks, poisoned key
         REQUIRE(out.allFinite());
         CHECK(same_bits(out, run_split(vp, 2)));
         CHECK(same_bits(out, run_split(vp, 3)));
-        for (Index h = 0; h < heads; ++h) {
-            const Index g = h / (heads / kv_heads);
-            const mat<long double> qh = widen(q.block(h * dk, 0, dk, 1));
-            const mat<long double> kh = widen(k.block(g * dk, 0, dk, lk));
-            const mat<long double> vh = widen(v.block(g * dv, 0, dv, lk));
-            const mat<long double> ref =
-                mha_test::reference_attention<long double>(qh, kh, vh, scale, allowed);
-            mha_test::require_bf16_attention_close<float>(out.block(h * dv, 0, dv, 1), ref, qh, kh,
-                                                          vh, scale, allowed, nullptr,
-                                                          name + ", head " + std::to_string(h));
-        }
+        check_one_query_heads(out, q, k, v, heads, kv_heads, allowed, name + ", ");
         bmat vn = vp;
         vn(dv + 5, 100) = bf16(std::numeric_limits<float>::quiet_NaN());  // group 1, chunk 3
         const mat<float> value_nan = run_split(vn, 2);
