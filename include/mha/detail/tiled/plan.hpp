@@ -123,7 +123,7 @@ public:
         // head; and the key/value heads of a chunk read the same cache columns (a KV cache
         // keeps a token's heads in one column), so the chunk's memory is read whole and in
         // turn, where head by head each pass read 256 or 512 bytes per column a column apart
-        // (one decode step over 32768 cached tokens, one thread: 1.6-1.75x faster,
+        // (one decode step over 32768 cached tokens, one thread: 1.3-1.7x faster,
         // docs/performance.md).
         // (A stacked sequence's task already covers a whole group: its h is the key/value head.)
         std::sort(
