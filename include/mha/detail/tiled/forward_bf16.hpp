@@ -274,6 +274,21 @@ inline void finalize_block_bf16(const bf16_head_problem& p, Index i0, Index nq,
     }
 }
 
+/// The problem of sequence b, head h as ws.plan runs it: for a stacked sequence h is a key/value
+/// head and the problem reads `view`, which the caller keeps alive while it uses the problem.
+/// Query heads g·group … lie d_k apart in the query's column, their outputs d_v apart, their
+/// log-sum-exps 1 apart; every one sees what query 0 of head g·group sees.
+inline bf16_head_problem planned_bf16_problem(const bf16_attention_problem& p,
+                                              const bf16_workspace& ws, Index b, Index h,
+                                              mask_view<float>& view, matrix<float>* lse) {
+    const Index group = ws.plan.stacked(b);
+    if (group == 1) return make_bf16_head_problem(p, b, h, ws.masks(b, h), lse);
+    view = ws.masks(b, h * group).stacked();
+    bf16_head_problem hp = make_bf16_head_problem(p, b, h * group, view, lse);
+    stack_query_heads(hp.f, p.heads.dk, p.heads.dv, group);
+    return hp;
+}
+
 /// The multi-head tiled attention on bf16 inputs (p validated): out and, when asked, the
 /// log-sum-exp (sized H × Nq by the caller). `workspace`, when given, keeps every buffer of the
 /// call for the next one; null: a workspace local to the call.
@@ -325,17 +340,8 @@ void tiled_attention_bf16(const bf16_attention_problem& p, matrix<float>* lse,
         }
         return nothing_held{};
     };
-    // The problem of sequence b, head h; for a stacked sequence h is a key/value head and the
-    // problem reads `view`, which the caller keeps alive while it uses the problem. Query heads
-    // g·group … lie d_k apart in the query's column, their outputs d_v apart, their
-    // log-sum-exps 1 apart; every one sees what query 0 of head g·group sees.
     auto problem = [&](Index b, Index h, mask_view<float>& view) {
-        const Index group = ws.plan.stacked(b);
-        if (group == 1) return make_bf16_head_problem(p, b, h, ws.masks(b, h), lse);
-        view = ws.masks(b, h * group).stacked();
-        bf16_head_problem hp = make_bf16_head_problem(p, b, h * group, view, lse);
-        stack_query_heads(hp.f, p.heads.dk, p.heads.dv, group);
-        return hp;
+        return planned_bf16_problem(p, ws, b, h, view, lse);
     };
     auto run = [&](Index index, bf16_thread_state& state) {
         const tiled_task& task = ws.plan.tasks[static_cast<std::size_t>(index)];
