@@ -59,11 +59,13 @@ MHA_ALWAYS_INLINE void few_query_score_tile(const Scalar* q, Index q_stride, Ind
 template <class Scalar, class KStorage = Scalar>
 void few_query_scores(const Scalar* q, Index q_stride, Index nq, Index dk, Scalar scale,
                       const KStorage* k, Index k_stride, Index nk, Scalar* st, Index ld) {
-    for_each_key_tile<few_query_score_keys>(
-        0, nk, [&](auto n_keys, Index j) MHA_ALWAYS_INLINE_LAMBDA {
-            few_query_score_tile<Scalar, decltype(n_keys)::value, KStorage>(
-                q, q_stride, nq, dk, scale, k + j * k_stride, k_stride, st + j * ld, ld);
-        });
+    constexpr Index keys = few_query_score_keys;
+    for_each_key_tile<keys>(0, nk, [&](auto n_keys, Index j) MHA_ALWAYS_INLINE_LAMBDA {
+        // The next tile's keys, asked for while this one is computed (see prefetch_columns).
+        prefetch_columns(k, k_stride, dk, j + keys, j + 2 * keys, nk);
+        few_query_score_tile<Scalar, decltype(n_keys)::value, KStorage>(
+            q, q_stride, nq, dk, scale, k + j * k_stride, k_stride, st + j * ld, ld);
+    });
 }
 
 }  // namespace detail
