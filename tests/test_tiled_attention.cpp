@@ -35,10 +35,11 @@ static_assert(mha::detail::mx_skips_nan<float>() && mha::detail::tiles_mask_boun
 #endif
 
 #if defined(MHA_TEST_AVX2_BUILD)
-// The build for AVX2 with FMA (tests/CMakeLists.txt) runs the 8-lane paths: score tiles of 2 × 6,
-// the exp pass's exp_above_flush_avx2.
+// The build for AVX2 with FMA (tests/CMakeLists.txt) runs the 8-lane paths: score tiles of 2 × 6
+// that mask boundary blocks and skip NaN in their max, the exp pass's exp_above_flush_avx2.
 static_assert(mha::detail::block_kernel_traits<float>::width == 8 &&
-                  !mha::detail::block_kernel_traits<float>::many_registers,
+                  !mha::detail::block_kernel_traits<float>::many_registers &&
+                  mha::detail::mx_skips_nan<float>() && mha::detail::tiles_mask_boundaries<float>(),
               "compiled for AVX2, the float kernel must take its 8-lane paths");
 #endif
 
@@ -296,9 +297,9 @@ TEST_CASE("tiled attention: NaN in an allowed input propagates only where it is 
 
 TEST_CASE("tiled attention: NaN scores on the register tiles' paths", "[tiled]") {
     // Blocks of 4 packets of queries take the register tiles, whose per-query max skips NaN
-    // scores on AVX-512 (mx_skips_nan): a NaN must still reach exactly the queries that see it,
-    // also when every score of a query in a block is NaN (a max of −∞ there would read as "no
-    // key yet"). Interior blocks (no mask) and boundary blocks masked in the tiles (causal).
+    // scores on AVX-512 and AVX2 (mx_skips_nan): a NaN must still reach exactly the queries that
+    // see it, also when every score of a query in a block is NaN (a max of −∞ there would read as
+    // "no key yet"). Interior blocks (no mask) and boundary blocks masked in the tiles (causal).
     // Each query is computed in its own lanes, so the other columns must equal, bit for bit,
     // those of the same inputs without the NaN.
     constexpr Index w = mha::detail::block_kernel_traits<float>::width;

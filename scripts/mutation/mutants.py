@@ -570,6 +570,18 @@ MUTANTS = [
          tests=["tiled_attention", "tiled_attention_avx512"],
          description="the later half's key range is taken from its first packet of queries "
                      "only"),
+    dict(id="mask-limits-avx2-past-last-kept", file="detail/tiled/key_ranges.hpp",
+         find="_mm256_andnot_si256(_mm256_cmpgt_epi32(from, key), _mm256_cmpgt_epi32(to, key));",
+         replace="_mm256_andnot_si256(_mm256_cmpgt_epi32(from, key), _mm256_set1_epi32(-1));",
+         tests=["tiled_attention_avx2"],
+         description="the AVX2 score tiles keep the keys past each query's interval on a "
+                     "boundary block (the causal diagonal)"),
+    dict(id="exp-avx2-tail-not-cleared", file="detail/tiled/block_softmax.hpp",
+         find="for (Index j = hi; j < nk; ++j)\n            _mm256_storeu_ps(",
+         replace="for (Index j = nk; j < nk; ++j)\n            _mm256_storeu_ps(",
+         tests=["tiled_attention_avx2"],
+         description="the AVX2 exp pass leaves the keys after a packet's range as the score "
+                     "tiles left them instead of 0"),
     dict(id="key-tile-rest-one-short", file="detail/tiled/block_kernels.hpp",
          find="with_tile_width<Keys - 1>(j1 - j, [&](auto rest) { tile(rest, j); });",
          replace="with_tile_width<Keys - 2>(j1 - j, [&](auto rest) { tile(rest, j); });",

@@ -55,11 +55,30 @@ constexpr bool avx512_float_tiles() {
 #endif
 }
 
-/// Whether transposed_scores' per-query max leaves NaN scores out (float on AVX-512) rather than
-/// returning NaN for a query with one.
+/// Whether the float kernels take their AVX2 paths: Scalar is float, Eigen's packet is __m256 (8
+/// lanes) and the target has FMA, which the exp pass of those paths needs (exp_above_flush_avx2).
+/// The score tiles then mask boundary blocks and take the max as on AVX-512.
+template <class Scalar>
+constexpr bool avx2_float_tiles() {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+    return std::is_same_v<Scalar, float> && block_kernel_traits<Scalar>::width == 8;
+#else
+    return false;
+#endif
+}
+
+/// Whether the score tiles mask a boundary block themselves (block_key_limits) and the exp pass
+/// skips what they did not write (exp_shifted_per_query): float on AVX-512, or on AVX2 with FMA.
+template <class Scalar>
+constexpr bool tiles_mask_boundaries() {
+    return avx512_float_tiles<Scalar>() || avx2_float_tiles<Scalar>();
+}
+
+/// Whether transposed_scores' per-query max leaves NaN scores out (float on AVX-512, or AVX2 with
+/// FMA) rather than returning NaN for a query with one.
 template <class Scalar>
 constexpr bool mx_skips_nan() {
-    return avx512_float_tiles<Scalar>();
+    return tiles_mask_boundaries<Scalar>();
 }
 
 /// Rounds nq up to the query padding of the score kernel.

@@ -34,7 +34,7 @@
 #include <mha/detail/tiled/block_kernel_traits.hpp>
 #include <mha/detail/tiled/key_ranges.hpp>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -156,15 +156,16 @@ MHA_ALWAYS_INLINE void prefetch_columns(const T* base, Index stride, Index rows,
 
 /// One score micro tile: st(0 : QP·W, 0 : Keys) = qt(0 : QP·W, :) · K(:, 0 : Keys); with a
 /// non-null `mx`, also mx(0 : QP·W) = max(mx, the tile's max per query), over the scores that
-/// are not NaN for float on AVX-512 (mx_skips_nan), NaN winning elsewhere. With
-/// `limits` (float on AVX-512 only), the tile's first key is key j of the block and a score of
-/// query c outside [limits.from[c], limits.to[c]) becomes −∞ before it is stored or taken into
-/// the max.
-template <class Scalar, int QP, int Keys>
+/// are not NaN for float on AVX-512 and AVX2 with FMA (mx_skips_nan), NaN winning elsewhere.
+/// With Masks (on those targets only: tiles_mask_boundaries), the tile's first key is key j of
+/// the block and a score of query c outside [limits.from[c], limits.to[c]) becomes −∞ before it
+/// is stored or taken into the max.
+template <class Scalar, int QP, int Keys, bool Masks = false>
 MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, const Scalar* k,
                                         Index k_stride, Scalar* st, Index ld, Scalar* mx,
                                         [[maybe_unused]] const block_key_limits& limits = {},
                                         [[maybe_unused]] Index j = 0) {
+    static_assert(!Masks || tiles_mask_boundaries<Scalar>(), "no tile masking on this target");
     using ops = typename block_kernel_traits<Scalar>::ops;
     using packet = typename ops::packet;
     constexpr Index w = block_kernel_traits<Scalar>::width;
@@ -182,10 +183,8 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
                 acc[p][r] = ops::mul_add(x[p], b, acc[p][r]);
         }
     }
-#if defined(__AVX512F__)
-    if constexpr (avx512_float_tiles<Scalar>()) {
-        if (limits.from != nullptr) mask_outside_limits(acc, limits, j);
-    }
+#if defined(__AVX2__)
+    if constexpr (Masks) mask_outside_limits(acc, limits, j);
 #endif
     for (int r = 0; r < Keys; ++r)
         for (int p = 0; p < QP; ++p)
@@ -202,6 +201,11 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
                 m = _mm512_max_ps(acc[p][r], m);
                 continue;
             }
+#elif defined(__AVX2__)
+            if constexpr (mx_skips_nan<Scalar>()) {  // as on AVX-512, one vmaxps per score
+                m = _mm256_max_ps(acc[p][r], m);
+                continue;
+            }
 #endif
             m = ops::max_nan(m, acc[p][r]);
         }
@@ -216,9 +220,9 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
 /// (nq_padded entries), mx(c) becomes the max of query c's scores (−∞ with no key) while they are
 /// still in registers, which saves the online softmax a pass over st; only for blocks whose scores
 /// the caller leaves as they are (no mask, no score terms), or masks by `limits` (score_micro_tile;
-/// float on AVX-512). Where mx_skips_nan, a NaN score is left out of mx(c), not taken as its max
-/// (see masked_scores for what the caller does about it); elsewhere mx(c) is NaN when one of the
-/// scores is.
+/// tiles_mask_boundaries). Where mx_skips_nan, a NaN score is left out of mx(c), not taken as its
+/// max (see masked_scores for what the caller does about it); elsewhere mx(c) is NaN when one of
+/// the scores is.
 template <class Scalar>
 void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k, Index k_stride,
                        Index nk, Scalar* st, Index ld, const query_key_ranges& ranges = {},
@@ -233,12 +237,24 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
         constexpr int n_packets = decltype(packets)::value;
         Scalar* m = mx == nullptr ? nullptr : mx + i;
         const block_key_limits lim = limits.at(i);
-        for_each_key_tile<decltype(width)::value>(
-            j0, j1, [&](auto n_keys, Index j) MHA_ALWAYS_INLINE_LAMBDA {
-                score_micro_tile<Scalar, n_packets, decltype(n_keys)::value>(
-                    qt + i, nq_padded, dk, k + j * k_stride, k_stride, st + j * ld + i, ld, m, lim,
-                    j);
-            });
+        auto run = [&](auto masks) {
+            for_each_key_tile<decltype(width)::value>(
+                j0, j1, [&](auto n_keys, Index j) MHA_ALWAYS_INLINE_LAMBDA {
+                    score_micro_tile<Scalar, n_packets, decltype(n_keys)::value,
+                                     decltype(masks)::value>(qt + i, nq_padded, dk,
+                                                             k + j * k_stride, k_stride,
+                                                             st + j * ld + i, ld, m, lim, j);
+                });
+        };
+        // Two instantiations: the check for limits inside every tile of an interior block cost
+        // the AVX2 core 2 % at L = 2048 (paired comparison, Zen 3).
+        if constexpr (tiles_mask_boundaries<Scalar>()) {
+            if (lim.from != nullptr) {
+                run(std::true_type{});
+                return;
+            }
+        }
+        run(std::false_type{});
     };
     static_assert(qp % 2 == 0, "a score tile splits into two halves of whole packets");
     Index i = 0;

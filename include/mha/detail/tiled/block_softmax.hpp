@@ -114,13 +114,6 @@ Scalar exp_or_zero(Scalar d) {
     return d < exp_flush_below<Scalar>() ? Scalar(0) : std::exp(d);
 }
 
-/// Whether the score tiles mask a boundary block themselves (block_key_limits) and the exp pass
-/// skips what they did not write: float on AVX-512.
-template <class Scalar>
-constexpr bool tiles_mask_boundaries() {
-    return avx512_float_tiles<Scalar>();
-}
-
 #if defined(__AVX512F__)
 /// exp_shifted_per_query for float on AVX-512: exp_above_flush (shifted scores are <= 0 but for
 /// NaN), under half the instructions of Eigen's pexp, with the sum of each query packet kept in a
@@ -161,17 +154,22 @@ inline void exp_shifted_per_query_avx512(float* st, Index ld, Index nqp, Index n
 
 #if defined(__AVX2__) && defined(__FMA__)
 /// exp_shifted_per_query for float on AVX2: the AVX-512 pass with exp_above_flush_avx2 (1.9
-/// units of 2^-24 at most, measured), over every key (the tiles do not mask here), the lanes to
-/// clear by an and with the compare. The fp32 core 7 % faster at L = 2048 than with Eigen's
-/// pexp, its two compares and the sums kept in memory (paired comparison, Zen 3;
-/// docs/performance.md).
+/// units of 2^-24 at most, measured), the lanes to clear by an and with the compare. The fp32
+/// core 7 % faster at L = 2048 than with Eigen's pexp, its two compares and the sums kept in
+/// memory (paired comparison, Zen 3; docs/performance.md). As on AVX-512, the keys outside
+/// `ranges` are written as zeros without being read.
 inline void exp_shifted_per_query_avx2(float* st, Index ld, Index nqp, Index nk, const float* shift,
-                                       float* sum) {
+                                       float* sum, const query_key_ranges& ranges) {
     const __m256 flush = _mm256_set1_ps(exp_flush_below<float>());
     for (Index c = 0; c < nqp; c += 8) {
         const __m256 sh = _mm256_loadu_ps(shift + c);
         __m256 total = _mm256_setzero_ps();
-        for (Index j = 0; j < nk; ++j) {
+        const auto [lo, hi] = ranges.of(c, c + 8, nk);
+        for (Index j = 0; j < lo; ++j)
+            _mm256_storeu_ps(st + j * ld + c, _mm256_setzero_ps());
+        for (Index j = hi; j < nk; ++j)
+            _mm256_storeu_ps(st + j * ld + c, _mm256_setzero_ps());
+        for (Index j = lo; j < hi; ++j) {
             float* col = st + j * ld + c;
             // As on AVX-512: −∞ scores fall below the flush, NaN passes the unordered compare.
             const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(col), sh);
@@ -227,9 +225,9 @@ void exp_shifted_per_query_packets(Scalar* st, Index ld, Index nqp, Index nk, co
 /// st[j·ld + c] = exp(st[j·ld + c] − shift[c]) for j < nk, c < nqp, with −∞ giving exactly 0
 /// (a vectorised exp(−∞) may return a denormal instead; NaN for a query whose shift is NaN, on
 /// AVX-512 and AVX2), differences below exp_flush_below giving 0 and NaN staying NaN; sum[c]
-/// receives the sum over j. With `ranges` (float on AVX-512, see tiles_mask_boundaries), the keys
-/// outside the union of the ranges of a packet of queries get 0 without being read: the score tiles
-/// of a block they masked did not write them.
+/// receives the sum over j. With `ranges` (float on AVX-512 or AVX2, see tiles_mask_boundaries),
+/// the keys outside the union of the ranges of a packet of queries get 0 without being read: the
+/// score tiles of a block they masked did not write them.
 template <class Scalar>
 void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scalar* shift,
                            Scalar* sum, [[maybe_unused]] const query_key_ranges& ranges = {}) {
@@ -240,7 +238,7 @@ void exp_shifted_per_query(Scalar* st, Index ld, Index nqp, Index nk, const Scal
     }
 #elif defined(__AVX2__) && defined(__FMA__)
     if constexpr (std::is_same_v<Scalar, float> && block_kernel_traits<Scalar>::width == 8) {
-        exp_shifted_per_query_avx2(st, ld, nqp, nk, shift, sum);
+        exp_shifted_per_query_avx2(st, ld, nqp, nk, shift, sum, ranges);
         return;
     }
 #endif

@@ -15,7 +15,7 @@
 #include <mha/core.hpp>
 #include <mha/detail/eigen_compat.hpp>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -103,6 +103,26 @@ MHA_ALWAYS_INLINE void mask_outside_limits(__m512 (&acc)[QP][Keys], const block_
             const __mmask16 allowed =
                 _mm512_cmpge_epi32_mask(key, from) & _mm512_cmplt_epi32_mask(key, to);
             acc[p][r] = _mm512_mask_mov_ps(minus_inf, allowed, acc[p][r]);
+        }
+    }
+}
+#elif defined(__AVX2__)
+/// mask_outside_limits for the float tile on AVX2 (Eigen's float packet is __m256): the same
+/// test with 8-lane integer compares, a key allowed where from <= key < to.
+template <int QP, int Keys>
+MHA_ALWAYS_INLINE void mask_outside_limits(__m256 (&acc)[QP][Keys], const block_key_limits& limits,
+                                           Index j) {
+    const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int p = 0; p < QP; ++p) {
+        const __m256i from =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(limits.from + p * 8));
+        const __m256i to = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(limits.to + p * 8));
+        for (int r = 0; r < Keys; ++r) {
+            const __m256i key = _mm256_set1_epi32(static_cast<int>(j + r));
+            // ~(from > key) & (to > key); blendv takes acc where the lane's sign bit is set.
+            const __m256i allowed =
+                _mm256_andnot_si256(_mm256_cmpgt_epi32(from, key), _mm256_cmpgt_epi32(to, key));
+            acc[p][r] = _mm256_blendv_ps(minus_inf, acc[p][r], _mm256_castsi256_ps(allowed));
         }
     }
 }

@@ -213,7 +213,7 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
     if (!reads_queries_in_place<Scalar>(nq)) {
         // A boundary block's tiles compute only the keys their queries may see; masking below
         // sets everything outside each query's interval to −∞, skipped entries included. Where
-        // the tiles can mask (float on AVX-512) and the mask is intervals alone, they do, and
+        // the tiles can mask (tiles_mask_boundaries) and the mask is intervals alone, they do, and
         // take the max: the skipped entries stay as they were, which the exp pass, given the
         // ranges, does not read.
         const bool in_tiles = tiles_mask_boundaries<Scalar>() && mx != nullptr && !interior &&
