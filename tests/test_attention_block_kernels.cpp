@@ -94,22 +94,25 @@ TEMPLATE_TEST_CASE("block kernels: packed queries are scale·Qᵀ with zero padd
                    float, double) {
     using Scalar = TestType;
     mha_test::value_source rnd(11);
-    for (Index nq : {Index(1), Index(5), Index(16), Index(17)}) {
-        const Index dk = 7;
-        const strided<Scalar> q(dk, nq, dk + 3, rnd);
-        const Index nqp = mha::detail::padded_queries<Scalar>(nq);
-        REQUIRE(nqp >= nq);
-        REQUIRE(nqp % mha::detail::block_kernel_traits<Scalar>::query_multiple == 0);
-        std::vector<Scalar> qt(static_cast<std::size_t>(nqp * dk), Scalar(-1));
-        const Scalar scale = Scalar(0.3);
-        mha::detail::pack_scaled_queries(q.data.data(), q.stride, dk, nq, nqp, scale, qt.data());
-        for (Index d = 0; d < dk; ++d)
-            for (Index c = 0; c < nqp; ++c) {
-                // The same single multiplication, so equality is exact.
-                const Scalar expected = c < nq ? scale * q(d, c) : Scalar(0);
-                REQUIRE(qt[static_cast<std::size_t>(d * nqp + c)] == expected);
-            }
-    }
+    // Query counts and widths below, at and past the register transposes' blocks (8 × 8 and
+    // 16 × 16, in 16 queries at a time) and their remainders.
+    for (Index nq : {Index(1), Index(5), Index(16), Index(17), Index(35)})
+        for (Index dk : {Index(7), Index(16), Index(24), Index(33)}) {
+            const strided<Scalar> q(dk, nq, dk + 3, rnd);
+            const Index nqp = mha::detail::padded_queries<Scalar>(nq);
+            REQUIRE(nqp >= nq);
+            REQUIRE(nqp % mha::detail::block_kernel_traits<Scalar>::query_multiple == 0);
+            std::vector<Scalar> qt(static_cast<std::size_t>(nqp * dk), Scalar(-1));
+            const Scalar scale = Scalar(0.3);
+            mha::detail::pack_scaled_queries(q.data.data(), q.stride, dk, nq, nqp, scale,
+                                             qt.data());
+            for (Index d = 0; d < dk; ++d)
+                for (Index c = 0; c < nqp; ++c) {
+                    // The same single multiplication, so equality is exact.
+                    const Scalar expected = c < nq ? scale * q(d, c) : Scalar(0);
+                    REQUIRE(qt[static_cast<std::size_t>(d * nqp + c)] == expected);
+                }
+        }
 }
 
 TEMPLATE_TEST_CASE("block kernels: transposed scores at every tile remainder", "[kernels]", float,
