@@ -14,8 +14,8 @@
 //                                      from its contiguous copy: pack_keys_values)
 //   mask Sᵀ by selection              (−∞, whatever K held: poisoned keys never leak)
 //   m' = max(m, rowmax Sᵀ)            per query (NaN wins, so NaN in allowed inputs propagates)
-//   Pᵀ = exp(Sᵀ − m'), −∞ → exactly 0 (exp_above_flush on AVX-512 and AVX2 float, else Eigen's
-//   pexp) l  = exp(m − m')·l + rowsum Pᵀ;  O = exp(m − m')·O + V_blk·P   (register tiles)
+//   Pᵀ = exp(Sᵀ − m'), −∞ → exactly 0 (float on AVX-512 or AVX2: exp_above_flush; else pexp)
+//   l  = exp(m − m')·l + rowsum Pᵀ;  O = exp(m − m')·O + V_blk·P   (register tiles)
 // At the end O /= l, and the query's log-sum-exp is m + log l (returned when asked for, at no
 // extra pass); a query that saw no allowed key (m = −∞) gets exactly 0 and a log-sum-exp of −∞. The
 // scores are kept transposed, one key per column, so that the max, the exp and the sum run across
