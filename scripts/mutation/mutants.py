@@ -627,7 +627,7 @@ MUTANTS = [
          replace="if (j >= max_first && j <= min_last) continue;",
          tests=["tiled_attention", "bf16_attention_native"],
          description="the interval mask skips the first key past the block's common interval"),
-    dict(id="transpose-16x16-last-lanes", file="detail/tiled/block_kernels.hpp",
+    dict(id="transpose-16x16-last-lanes", file="detail/tiled/pack_queries.hpp",
          find="r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);",
          replace="r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);",
          tests=["bf16_attention_native", "tiled_attention"],

@@ -59,6 +59,8 @@ DEFAULT_TESTS = {
                                     "tiled_backward"],
     "detail/tiled/block_kernels.hpp": ["attention_block_kernels", "tiled_attention",
                                        "attention_block_kernels_scalar", "tiled_attention_avx512"],
+    "detail/tiled/pack_queries.hpp": ["attention_block_kernels", "tiled_attention",
+                                      "tiled_attention_avx512"],
     "detail/tiled/backward.hpp": ["tiled_backward", "attention_backward"],
     "detail/gemm.hpp": ["targeted", "allocation_free"],
     "detail/parallel.hpp": ["targeted", "tiled_attention"],
