@@ -298,6 +298,47 @@ void BM_attention_core(benchmark::State& state) {
                           fma_probe_gflops());
 }
 
+// The three passes of one (query block, key block) step of the float core, each alone, on the
+// default block (128 queries × 512 keys, d_k = d_v = 64, K and V contiguous as pack_keys_values
+// leaves them): pass 0 the score tiles with each query's max (transposed_scores), 1 the exp and
+// sum (exp_shifted_per_query), 2 the value tiles (accumulate_values). Gscores/s counts the
+// block's scores for every pass, so the three rows add up as shares of a step; the products also
+// report GFLOP/s and of_probe. Where the core stays short of the probe, these rows say which
+// pass holds it back. The exp pass runs on its own output after the first iteration; it has no
+// branch on the values, so its time is the same.
+void BM_tiled_block_pass(benchmark::State& state) {
+    namespace dt = mha::detail;
+    const int pass = static_cast<int>(state.range(0));
+    const Index nq = dt::tiled_query_block, nk = dt::tiled_key_block, d = 64;
+    const Index nqp = dt::padded_queries<float>(nq);
+    const Matrix qt = Matrix::Random(nqp, d) * 0.125f;  // nqp × d_k, packed and scaled queries
+    const Matrix k = Matrix::Random(d, nk);             // d_k × nk, one key per column
+    const Matrix v = Matrix::Random(d, nk);             // d_v × nk
+    Matrix st(nqp, nk);                                 // nqp × nk, Sᵀ then Pᵀ
+    Matrix acc = Matrix::Zero(d, nq);                   // d_v × nq
+    Vector mx(nqp), sum(nqp);
+    dt::transposed_scores(qt.data(), nqp, d, k.data(), d, nk, st.data(), nqp, {}, mx.data());
+    for (auto _ : state) {
+        if (pass == 0)
+            dt::transposed_scores(qt.data(), nqp, d, k.data(), d, nk, st.data(), nqp, {},
+                                  mx.data());
+        else if (pass == 1)
+            dt::exp_shifted_per_query(st.data(), nqp, nqp, nk, mx.data(), sum.data());
+        else
+            dt::accumulate_values(v.data(), d, d, nk, st.data(), nqp, nq, acc.data(), d);
+        benchmark::DoNotOptimize(st.data());
+        benchmark::DoNotOptimize(acc.data());
+        benchmark::ClobberMemory();
+    }
+    const double scores = static_cast<double>(nq * nk);
+    state.counters["Gscores/s"] =
+        benchmark::Counter(scores / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+    if (pass != 1) {
+        set_gflops(state, 2.0 * scores * static_cast<double>(d));
+        set_fraction_of_probe(state, 2.0 * scores * static_cast<double>(d), fma_probe_gflops());
+    }
+}
+
 // The backward of BM_attention_core's call (same views of one fused projection, same shapes),
 // given the forward's output and log-sum-exp as a training step keeps them: softmax runs the
 // tiled backward (include/mha/detail/tiled/backward.hpp). The gradients are allocated by each
@@ -717,6 +758,11 @@ BENCHMARK(BM_attention_core_large_logits)
     ->Args({2048, 0})
     ->Args({2048, 1})
     ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_tiled_block_pass)
+    ->ArgName("pass")
+    ->DenseRange(0, 2)
+    ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
 #if defined(MHA_BF16_NATIVE)
