@@ -311,21 +311,21 @@ void BM_tiled_block_pass(benchmark::State& state) {
     const int pass = static_cast<int>(state.range(0));
     const Index nq = dt::tiled_query_block, nk = dt::tiled_key_block, d = 64;
     const Index nqp = dt::padded_queries<float>(nq);
+    const Index ld = dt::score_stride<float>(nqp);      // Sᵀ's leading dimension, as the core's
     const Matrix qt = Matrix::Random(nqp, d) * 0.125f;  // nqp × d_k, packed and scaled queries
     const Matrix k = Matrix::Random(d, nk);             // d_k × nk, one key per column
     const Matrix v = Matrix::Random(d, nk);             // d_v × nk
-    Matrix st(nqp, nk);                                 // nqp × nk, Sᵀ then Pᵀ
+    Matrix st(ld, nk);                                  // nqp × nk (ld rows), Sᵀ then Pᵀ
     Matrix acc = Matrix::Zero(d, nq);                   // d_v × nq
     Vector mx(nqp), sum(nqp);
-    dt::transposed_scores(qt.data(), nqp, d, k.data(), d, nk, st.data(), nqp, {}, mx.data());
+    dt::transposed_scores(qt.data(), nqp, d, k.data(), d, nk, st.data(), ld, {}, mx.data());
     for (auto _ : state) {
         if (pass == 0)
-            dt::transposed_scores(qt.data(), nqp, d, k.data(), d, nk, st.data(), nqp, {},
-                                  mx.data());
+            dt::transposed_scores(qt.data(), nqp, d, k.data(), d, nk, st.data(), ld, {}, mx.data());
         else if (pass == 1)
-            dt::exp_shifted_per_query(st.data(), nqp, nqp, nk, mx.data(), sum.data());
+            dt::exp_shifted_per_query(st.data(), ld, nqp, nk, mx.data(), sum.data());
         else
-            dt::accumulate_values(v.data(), d, d, nk, st.data(), nqp, nq, acc.data(), d);
+            dt::accumulate_values(v.data(), d, d, nk, st.data(), ld, nq, acc.data(), d);
         benchmark::DoNotOptimize(st.data());
         benchmark::DoNotOptimize(acc.data());
         benchmark::ClobberMemory();

@@ -31,7 +31,12 @@ struct block_kernel_traits {
     static constexpr Index score_keys = 6;
     static constexpr Index value_packets = many_registers ? 4 : 2;
     static constexpr Index value_queries = 6;
-    static constexpr Index value_key_chunk = 128;
+    /// Keys per pass of the value tiles over a block (accumulate_values). With 16 registers
+    /// (AVX2: Zen 3 and Intel client cores, 32 KiB L1d) 64: a row tile's V lines and the query
+    /// tiles' probability lines of 64 keys stay in L1 together. Paired with the row-tile order
+    /// and score_stride, the float core ran 1.03× faster at L = 2048 than with 128 (Zen 3;
+    /// docs/performance.md). The 128 of AVX-512 was chosen on Zen 5 (48 KiB L1d).
+    static constexpr Index value_key_chunk = many_registers ? 128 : 64;
     /// The chunk when one query tile is all there is (a decode step's few query heads): V is
     /// then read once, from memory, and the row strips of a 128-key chunk read each key column a
     /// line at a time, 8 passes a column stride apart, which left the value tile waiting on

@@ -19,8 +19,9 @@
 // registers; per step d it loads the packets of qt(:, d) and broadcasts K(d, j) for each key.
 // Values: a micro tile is (value_packets · W rows of d_v) × value_queries queries; per key j it
 // loads value_packets packets of V(:, j) and broadcasts P(j, c) for each query. Keys are taken
-// in chunks of value_key_chunk so that the V chunk stays in L1 while every query tile reads it
-// (smaller when a single query tile reads V, once).
+// in chunks of value_key_chunk, and within a chunk every query tile runs one row tile before the
+// next, so that the row tile's V lines stay in L1 while the query tiles read them (smaller
+// chunks when a single query tile reads V, once).
 #pragma once
 
 #include <algorithm>
@@ -260,31 +261,47 @@ void accumulate_values(const VStorage* v, Index v_stride, Index dv, Index nk, co
                        const query_key_ranges& ranges = {}) {
     using traits = block_kernel_traits<Scalar>;
     constexpr int queries = static_cast<int>(traits::value_queries);
+    constexpr Index tile_rows = traits::value_packets * traits::width;
     const Index chunk =
         nq <= queries ? traits::value_key_chunk_single_tile : traits::value_key_chunk;
+    const Index full_rows = dv / tile_rows * tile_rows;
     for (Index j0 = 0; j0 < nk; j0 += chunk) {
         const Index kc = std::min(chunk, nk - j0);
         // One query tile reads V in place (a decode step): the next chunk's columns are asked
         // for while this one is summed (with few_query_scores' prefetch of K, a decode step over
         // 8 key/value heads 1.1-1.6x faster, docs/performance.md).
         if (nq <= queries) prefetch_columns(v, v_stride, dv, j0 + chunk, j0 + 2 * chunk, nk);
-        auto rows = [&](auto tile, Index c) {
-            constexpr int n = decltype(tile)::value;
-            auto [lo, hi] = ranges.of(c, c + n, nk);
-            lo = std::max(lo, j0);
-            hi = std::min(hi, j0 + kc);
-            if (lo >= hi) return;
-            value_rows<Scalar, n, operand_order::row_major, VStorage>(v + lo * v_stride, v_stride,
-                                                                      dv, hi - lo, pt + lo * ld + c,
-                                                                      ld, acc + c * ld_acc, ld_acc);
-        };
-        Index c = 0;
-        for (; c + queries <= nq; c += queries)
-            rows(std::integral_constant<int, queries>{}, c);
-        // The rest in one narrower tile, so that V is read once more, not once per query (a
-        // decode step's group of 4 query heads read it 4 times). Each sum is still one chain in
+        // f(tile, c, lo, hi) for each query tile of the chunk with keys [lo, hi) to read; the
+        // rest in one narrower tile, so that V is read once more, not once per query (a decode
+        // step's group of 4 query heads read it 4 times). Each sum is still one chain in
         // increasing j: the same bits as single columns.
-        with_tile_width<queries - 1>(nq - c, [&](auto width) { rows(width, c); });
+        auto each_query_tile = [&](auto&& f) {
+            auto visit = [&](auto tile, Index c) {
+                auto [lo, hi] = ranges.of(c, c + decltype(tile)::value, nk);
+                lo = std::max(lo, j0);
+                hi = std::min(hi, j0 + kc);
+                if (lo < hi) f(tile, c, lo, hi);
+            };
+            Index c = 0;
+            for (; c + queries <= nq; c += queries)
+                visit(std::integral_constant<int, queries>{}, c);
+            with_tile_width<queries - 1>(nq - c, [&](auto width) { visit(width, c); });
+        };
+        // Row tiles outside, query tiles inside: a row tile's V lines (one per key) are read
+        // by every query tile while they are in L1.
+        for (Index e = 0; e < full_rows; e += tile_rows)
+            each_query_tile([&](auto tile, Index c, Index lo, Index hi) {
+                value_micro_tile<Scalar, static_cast<int>(traits::value_packets),
+                                 decltype(tile)::value, operand_order::row_major, VStorage>(
+                    v + lo * v_stride + e, v_stride, hi - lo, pt + lo * ld + c, ld,
+                    acc + c * ld_acc + e, ld_acc);
+            });
+        if (full_rows < dv)
+            each_query_tile([&](auto tile, Index c, Index lo, Index hi) {
+                value_rows<Scalar, decltype(tile)::value, operand_order::row_major, VStorage>(
+                    v + lo * v_stride + full_rows, v_stride, dv - full_rows, hi - lo,
+                    pt + lo * ld + c, ld, acc + c * ld_acc + full_rows, ld_acc);
+            });
     }
 }
 
