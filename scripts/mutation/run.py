@@ -50,6 +50,8 @@ DEFAULT_TESTS = {
     "detail/head_problem.hpp": ["grouped_heads", "kv_cache", "targeted"],
     "detail/tiled/online_softmax.hpp": ["tiled_attention", "tiled_attention_avx512", "log_sum_exp",
                                         "targeted"],
+    "detail/tiled/tile_scratch.hpp": ["tiled_attention", "tiled_attention_avx512", "log_sum_exp",
+                                      "targeted"],
     "detail/tiled/block_softmax.hpp": ["tiled_attention", "tiled_attention_avx512", "log_sum_exp",
                                        "targeted"],
     "detail/tiled/forward.hpp": ["tiled_attention", "multi_head_attention", "targeted"],

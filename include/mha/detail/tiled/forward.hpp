@@ -68,10 +68,10 @@
 // head: linear in Lk. No L×L buffer exists unless weights are requested.
 //
 // Files. online_softmax.hpp: one task's passes (the loop above, the final division, the
-// weights); plan.hpp: the tasks and the split-KV merge; block_kernels.hpp: the register tiles
-// (their packed queries: pack_queries.hpp); this file: the driver. Views of one (sequence, head)
-// come from detail/head_problem.hpp, masks from detail/mask_view.hpp, threads from
-// detail/parallel.hpp.
+// weights); tile_scratch.hpp: the tile sizes, a thread's scratch and the queries' key intervals;
+// plan.hpp: the tasks and the split-KV merge; block_kernels.hpp: the register tiles (their packed
+// queries: pack_queries.hpp); this file: the driver. Views of one (sequence, head) come from
+// detail/head_problem.hpp, masks from detail/mask_view.hpp, threads from detail/parallel.hpp.
 //
 // Threads. OpenMP when the compiler has it enabled (CMake option MHA_OPENMP), otherwise serial.
 // The block products are the library's own single-threaded register tiles: no OpenMP region
