@@ -311,17 +311,19 @@ void BM_tiled_block_pass(benchmark::State& state) {
     const int pass = static_cast<int>(state.range(0));
     const Index nq = dt::tiled_query_block, nk = dt::tiled_key_block, d = 64;
     const Index nqp = dt::padded_queries<float>(nq);
-    const Index ld = dt::score_stride<float>(nqp);      // Sᵀ's leading dimension, as the core's
-    const Matrix qt = Matrix::Random(nqp, d) * 0.125f;  // nqp × d_k, packed and scaled queries
-    const Matrix k = Matrix::Random(d, nk);             // d_k × nk, one key per column
-    const Matrix v = Matrix::Random(d, nk);             // d_v × nk
-    Matrix st(ld, nk);                                  // nqp × nk (ld rows), Sᵀ then Pᵀ
-    Matrix acc = Matrix::Zero(d, nq);                   // d_v × nq
+    // qt's and Sᵀ's leading dimension, as the core's.
+    const Index ld = dt::score_stride<float>(nqp);
+    const Matrix qt = Matrix::Random(ld, d) * 0.125f;  // nqp × d_k (ld rows), packed scaled queries
+    const Matrix k = Matrix::Random(d, nk);            // d_k × nk, one key per column
+    const Matrix v = Matrix::Random(d, nk);            // d_v × nk
+    Matrix st(ld, nk);                                 // nqp × nk (ld rows), Sᵀ then Pᵀ
+    Matrix acc = Matrix::Zero(d, nq);                  // d_v × nq
     Vector mx(nqp), sum(nqp);
-    dt::transposed_scores(qt.data(), nqp, d, k.data(), d, nk, st.data(), ld, {}, mx.data());
+    dt::transposed_scores(qt.data(), ld, nqp, d, k.data(), d, nk, st.data(), ld, {}, mx.data());
     for (auto _ : state) {
         if (pass == 0)
-            dt::transposed_scores(qt.data(), nqp, d, k.data(), d, nk, st.data(), ld, {}, mx.data());
+            dt::transposed_scores(qt.data(), ld, nqp, d, k.data(), d, nk, st.data(), ld, {},
+                                  mx.data());
         else if (pass == 1)
             dt::exp_shifted_per_query(st.data(), ld, nqp, nk, mx.data(), sum.data());
         else

@@ -102,15 +102,20 @@ TEMPLATE_TEST_CASE("block kernels: packed queries are scale·Qᵀ with zero padd
             const Index nqp = mha::detail::padded_queries<Scalar>(nq);
             REQUIRE(nqp >= nq);
             REQUIRE(nqp % mha::detail::block_kernel_traits<Scalar>::query_multiple == 0);
-            std::vector<Scalar> qt(static_cast<std::size_t>(nqp * dk), Scalar(-1));
+            // A leading dimension past nqp, as the float core's (score_stride): rows nqp..ldq
+            // are not the packing's to write.
+            const Index ldq = nqp + 3;
+            std::vector<Scalar> qt(static_cast<std::size_t>(ldq * dk), Scalar(-1));
             const Scalar scale = Scalar(0.3);
-            mha::detail::pack_scaled_queries(q.data.data(), q.stride, dk, nq, nqp, scale,
-                                             qt.data());
+            mha::detail::pack_scaled_queries(q.data.data(), q.stride, dk, nq, nqp, scale, qt.data(),
+                                             ldq);
             for (Index d = 0; d < dk; ++d)
-                for (Index c = 0; c < nqp; ++c) {
+                for (Index c = 0; c < ldq; ++c) {
                     // The same single multiplication, so equality is exact.
-                    const Scalar expected = c < nq ? scale * q(d, c) : Scalar(0);
-                    REQUIRE(qt[static_cast<std::size_t>(d * nqp + c)] == expected);
+                    const Scalar expected = c < nq    ? scale * q(d, c)
+                                            : c < nqp ? Scalar(0)
+                                                      : Scalar(-1);
+                    REQUIRE(qt[static_cast<std::size_t>(d * ldq + c)] == expected);
                 }
         }
 }
@@ -133,13 +138,16 @@ TEMPLATE_TEST_CASE("block kernels: transposed scores at every tile remainder", "
                 const Index ld = nqp + 2 * w;  // a leading dimension larger than nqp
                 std::vector<Scalar> st(static_cast<std::size_t>(std::max<Index>(ld * nk, 1)),
                                        Scalar(99));
-                // With dk = 0, qt has no storage (a null data pointer) and the kernel's tile
-                // offsets from it would be undefined; the tiled kernel's own qt always has at
-                // least one column, as this one.
-                const mat<Scalar> qt_storage =
-                    dk == 0 ? mat<Scalar>(mat<Scalar>::Zero(nqp, 1)) : qt;
-                mha::detail::transposed_scores(qt_storage.data(), nqp, dk, k.data.data(), k.stride,
-                                               nk, st.data(), ld);
+                // qt with a leading dimension past nqp, as the float core packs it (score_stride);
+                // the rows between are NaN, so that a score that read them would fail the bound.
+                // At least one column: with dk = 0 a null data pointer would make the kernel's
+                // tile offsets undefined; the tiled kernel's own qt always has one.
+                const Index ldq = nqp + w;
+                mat<Scalar> qt_storage = mat<Scalar>::Constant(
+                    ldq, std::max<Index>(dk, 1), std::numeric_limits<Scalar>::quiet_NaN());
+                qt_storage.topLeftCorner(nqp, dk) = qt;
+                mha::detail::transposed_scores(qt_storage.data(), ldq, nqp, dk, k.data.data(),
+                                               k.stride, nk, st.data(), ld);
                 mat<Scalar> got(nqp, nk);
                 for (Index j = 0; j < nk; ++j)
                     for (Index c = 0; c < nqp; ++c)
@@ -277,11 +285,11 @@ TEMPLATE_TEST_CASE("block kernels: per-query key ranges cut tiles short and read
     const mat<Scalar> qt = rnd.normal_matrix<Scalar>(nqp, dk);
     const strided<Scalar> k(dk, nk, dk, rnd);
     std::vector<Scalar> st(static_cast<std::size_t>(nqp * nk), Scalar(99));
-    mha::detail::transposed_scores(qt.data(), nqp, dk, k.data.data(), k.stride, nk, st.data(), nqp,
-                                   ranges);
+    mha::detail::transposed_scores(qt.data(), nqp, nqp, dk, k.data.data(), k.stride, nk, st.data(),
+                                   nqp, ranges);
     std::vector<Scalar> full(st.size());
-    mha::detail::transposed_scores(qt.data(), nqp, dk, k.data.data(), k.stride, nk, full.data(),
-                                   nqp);
+    mha::detail::transposed_scores(qt.data(), nqp, nqp, dk, k.data.data(), k.stride, nk,
+                                   full.data(), nqp);
     for (Index j = 0; j < nk; ++j)
         for (Index c = 0; c < nq; ++c) {
             const auto at = static_cast<std::size_t>(j * nqp + c);

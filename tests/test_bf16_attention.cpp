@@ -892,7 +892,8 @@ TEST_CASE("bf16 core build: the float query packing equals the plain scaled tran
             for (std::size_t i = 0; i < q.size(); ++i)
                 q[i] = static_cast<float>(i % 977) - 488.5f;
             std::vector<float> qt(static_cast<std::size_t>(nqp * dk), -1.0f);
-            mha::detail::pack_scaled_queries(q.data(), q_stride, dk, nq, nqp, scale, qt.data());
+            mha::detail::pack_scaled_queries(q.data(), q_stride, dk, nq, nqp, scale, qt.data(),
+                                             nqp);
             Index wrong = 0;
             for (Index c = 0; c < nqp; ++c)
                 for (Index d = 0; d < dk; ++d) {

@@ -284,9 +284,9 @@ private:
         const Scalar minus_inf = -std::numeric_limits<Scalar>::infinity();
         const Index nqp = padded_queries<Scalar>(nq);
         pack_scaled_queries(hd.q + i0 * hd.q_stride, hd.q_stride, hd.dk_width, nq, nqp, hd.scale,
-                            s.qt.data());
+                            s.qt.data(), nqp);
         pack_scaled_queries(hd.d_out + i0 * hd.d_out_stride, hd.d_out_stride, hd.dv_width, nq, nqp,
-                            Scalar(1), s.dot.data());
+                            Scalar(1), s.dot.data(), nqp);
         for (Index c = 0; c < nqp; ++c) {
             const Index i = i0 + std::min(c, nq - 1);
             // A query with no allowed key (lse = −∞) has every score of the block excluded (−∞),
@@ -305,10 +305,10 @@ private:
     void block_gradients(const backward_head<Scalar>& hd, Index i0, Index nq, Index j0, Index nk,
                          bool interior, tiled_backward_thread_state<Scalar>& s) const {
         const Index nqp = padded_queries<Scalar>(nq), ld = s.p.rows();
-        transposed_scores(s.qt.data(), nqp, hd.dk_width, hd.k + j0 * hd.k_stride, hd.k_stride, nk,
-                          s.p.data(), ld);
-        transposed_scores(s.dot.data(), nqp, hd.dv_width, hd.v + j0 * hd.v_stride, hd.v_stride, nk,
-                          s.ds.data(), ld);
+        transposed_scores(s.qt.data(), nqp, nqp, hd.dk_width, hd.k + j0 * hd.k_stride, hd.k_stride,
+                          nk, s.p.data(), ld);
+        transposed_scores(s.dot.data(), nqp, nqp, hd.dv_width, hd.v + j0 * hd.v_stride, hd.v_stride,
+                          nk, s.ds.data(), ld);
         if (!interior)
             for (Index c = 0; c < nq; ++c) {
                 const Index i = i0 + c;

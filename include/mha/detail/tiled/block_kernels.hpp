@@ -126,20 +126,21 @@ MHA_ALWAYS_INLINE void score_micro_tile(const Scalar* qt, Index ldq, Index dk, c
     }
 }
 
-/// st(0 : nq_padded, 0 : nk) = qt · K(:, 0 : nk), with qt packed by pack_scaled_queries and key j
-/// at k + j·k_stride. nq_padded must be a multiple of the packet width. With `ranges`, each half
-/// of a query tile (split_query_tile) computes only the keys in the union of its queries' ranges;
-/// the entries outside are left as they were, for the caller to mask. With a non-null `mx`
-/// (nq_padded entries), mx(c) becomes the max of query c's scores (−∞ with no key) while they are
-/// still in registers, which saves the online softmax a pass over st; only for blocks whose scores
-/// the caller leaves as they are (no mask, no score terms), or masks by `limits` (score_micro_tile;
-/// tiles_mask_boundaries). Where mx_skips_nan, a NaN score is left out of mx(c), not taken as its
-/// max (see masked_scores for what the caller does about it); elsewhere mx(c) is NaN when one of
-/// the scores is.
+/// st(0 : nq_padded, 0 : nk) = qt · K(:, 0 : nk), with qt packed by pack_scaled_queries (leading
+/// dimension ldq >= nq_padded) and key j at k + j·k_stride. nq_padded must be a multiple of the
+/// packet width. With `ranges`, each half of a query tile (split_query_tile) computes only the keys
+/// in the union of its queries' ranges; the entries outside are left as they were, for the caller
+/// to mask. With a non-null `mx` (nq_padded entries), mx(c) becomes the max of query c's scores (−∞
+/// with no key) while they are still in registers, which saves the online softmax a pass over st;
+/// only for blocks whose scores the caller leaves as they are (no mask, no score terms), or masks
+/// by `limits` (score_micro_tile; tiles_mask_boundaries). Where mx_skips_nan, a NaN score is left
+/// out of mx(c), not taken as its max (see masked_scores for what the caller does about it);
+/// elsewhere mx(c) is NaN when one of the scores is.
 template <class Scalar>
-void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar* k, Index k_stride,
-                       Index nk, Scalar* st, Index ld, const query_key_ranges& ranges = {},
-                       Scalar* mx = nullptr, const block_key_limits& limits = {}) {
+void transposed_scores(const Scalar* qt, Index ldq, Index nq_padded, Index dk, const Scalar* k,
+                       Index k_stride, Index nk, Scalar* st, Index ld,
+                       const query_key_ranges& ranges = {}, Scalar* mx = nullptr,
+                       const block_key_limits& limits = {}) {
     using traits = block_kernel_traits<Scalar>;
     constexpr Index w = traits::width;
     constexpr int qp = static_cast<int>(traits::score_query_packets);
@@ -154,9 +155,9 @@ void transposed_scores(const Scalar* qt, Index nq_padded, Index dk, const Scalar
             for_each_key_tile<decltype(width)::value>(
                 j0, j1, [&](auto n_keys, Index j) MHA_ALWAYS_INLINE_LAMBDA {
                     score_micro_tile<Scalar, n_packets, decltype(n_keys)::value,
-                                     decltype(masks)::value>(qt + i, nq_padded, dk,
-                                                             k + j * k_stride, k_stride,
-                                                             st + j * ld + i, ld, m, lim, j);
+                                     decltype(masks)::value>(qt + i, ldq, dk, k + j * k_stride,
+                                                             k_stride, st + j * ld + i, ld, m, lim,
+                                                             j);
                 });
         };
         // Two instantiations: with the check for limits inside every tile, interior blocks ran

@@ -124,7 +124,8 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
         widen_columns(k, p.f.k_stride, p.f.dk, nk, s.kb.data(), s.kb.rows());
         // The fp32 tiles compute the unscaled products of exact bf16 values (the queries were
         // widened unscaled); the scale then multiplies each score once, as the native kernel.
-        transposed_scores(t.qt.data(), nqp, p.f.dk, s.kb.data(), s.kb.rows(), nk, st, lds, ranges);
+        transposed_scores(t.qt.data(), nqp, nqp, p.f.dk, s.kb.data(), s.kb.rows(), nk, st, lds,
+                          ranges);
         const auto [lo, hi] = ranges.of(0, nqp, nk);
         for (Index r = lo; r < hi; ++r)
             for (Index c = 0; c < nqp; ++c)

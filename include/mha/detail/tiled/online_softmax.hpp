@@ -64,7 +64,8 @@ template <class Scalar>
 void pack_queries_for_tiles(const head_problem<Scalar>& p, Index i0, Index nq, Index nqp,
                             tile_scratch<Scalar>& t) {
     if (reads_queries_in_place<Scalar>(nq)) return;
-    pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data());
+    pack_scaled_queries(p.q + i0 * p.q_stride, p.q_stride, p.dk, nq, nqp, p.scale, t.qt.data(),
+                        score_stride<Scalar>(nqp));
 }
 
 /// Whether one of the first nq queries has keys in the block but a max of −∞ in mx (all −∞ or
@@ -80,13 +81,13 @@ bool may_hide_nan(const Scalar* mx, Index nq, bool by_limits, const tile_scratch
     return false;
 }
 
-/// Sᵀ(0:nqp, 0:nk) = qt · K[:, j0:j0+nk] into t.s (ld score_stride(nqp)), i.e. the scaled scores of
-/// queries [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0, j0+nk), then changed by
-/// the score terms (soft-capping, ALiBi, the modifier) and masked by selection. Rows nq..nqp are
-/// padding and hold finite values. With a non-null `mx` (nqp entries), returns true when it
-/// also wrote each query's max there (as max_per_query, but over the scores that are not NaN
-/// where mx_skips_nan): for a block whose scores nothing changes after the score kernel, which
-/// computes the max while they are in registers.
+/// Sᵀ(0:nqp, 0:nk) = qt · K[:, j0:j0+nk] into t.s (qt and t.s with ld score_stride(nqp)), i.e. the
+/// scaled scores of queries [i0, i0+nq) (qt packed by pack_scaled_queries) against keys [j0,
+/// j0+nk), then changed by the score terms (soft-capping, ALiBi, the modifier) and masked by
+/// selection. Rows nq..nqp are padding and hold finite values. With a non-null `mx` (nqp entries),
+/// returns true when it also wrote each query's max there (as max_per_query, but over the scores
+/// that are not NaN where mx_skips_nan): for a block whose scores nothing changes after the score
+/// kernel, which computes the max while they are in registers.
 template <class Scalar, class Mod>
 bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Index nq, Index nqp,
                    const key_block& block, const interval_summary& iv, tile_scratch<Scalar>& t,
@@ -104,7 +105,7 @@ bool masked_scores(const head_problem<Scalar>& p, const Mod& mod, Index i0, Inde
         // ranges, does not read.
         const bool in_tiles = tiles_mask_boundaries<Scalar>() && mx != nullptr && !interior &&
                               !modifies_scores(p, mod) && !p.mask->has_elementwise();
-        transposed_scores(t.qt.data(), nqp, p.dk, k, p.k_stride, nk, s, lds, ranges,
+        transposed_scores(t.qt.data(), lds, nqp, p.dk, k, p.k_stride, nk, s, lds, ranges,
                           as_computed || in_tiles ? mx : nullptr,
                           in_tiles ? limits_in(t, nq, nqp, j0, nk) : block_key_limits{});
         // A NaN the tiles' max skipped still reaches the output through its own exp, unless the

@@ -94,11 +94,12 @@ MHA_ALWAYS_INLINE void prefetch_columns(const T* base, Index stride, Index rows,
 #endif
 }
 
-/// qt(c, d) = scale·q(d, c) for c < nq, 0 for nq <= c < nq_padded (ld of qt: nq_padded).
-/// Column c of q starts at q + c·q_stride.
+/// qt(c, d) = scale·q(d, c) for c < nq, 0 for nq <= c < nq_padded, with qt(c, d) at
+/// qt[d·ldq + c] (ldq >= nq_padded; rows from nq_padded to ldq are left as they are). Column c
+/// of q starts at q + c·q_stride.
 template <class Scalar>
 void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, Index nq_padded,
-                         Scalar scale, Scalar* qt) {
+                         Scalar scale, Scalar* qt, Index ldq) {
     // Query by query, every store went to another cache line of qt: 5-8 % of the float kernel at
     // L = 512, causal (profiled). On AVX-512 float, 16 × 16 blocks go through registers:
     // contiguous loads from 16 query columns, contiguous stores of 16 queries for each d.
@@ -114,7 +115,7 @@ void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, In
                     r[i] = _mm512_loadu_ps(q + (c_done + i) * q_stride + d0);
                 transpose_16x16(r);
                 for (int i = 0; i < 16; ++i)
-                    _mm512_storeu_ps(qt + (d0 + i) * nq_padded + c_done, _mm512_mul_ps(s, r[i]));
+                    _mm512_storeu_ps(qt + (d0 + i) * ldq + c_done, _mm512_mul_ps(s, r[i]));
             }
     }
 #elif defined(__AVX2__)
@@ -132,7 +133,7 @@ void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, In
                         r[i] = _mm256_loadu_ps(q + (c + i) * q_stride + d0);
                     transpose_8x8(r);
                     for (int i = 0; i < 8; ++i)
-                        _mm256_storeu_ps(qt + (d0 + i) * nq_padded + c, _mm256_mul_ps(s, r[i]));
+                        _mm256_storeu_ps(qt + (d0 + i) * ldq + c, _mm256_mul_ps(s, r[i]));
                 }
     }
 #endif
@@ -143,10 +144,10 @@ void pack_scaled_queries(const Scalar* q, Index q_stride, Index dk, Index nq, In
         const Index c1 = std::min(nq, c0 + chunk);
         for (Index d = c0 < c_done ? d_done : 0; d < dk; ++d)
             for (Index c = c0; c < c1; ++c)
-                qt[d * nq_padded + c] = scale * q[c * q_stride + d];
+                qt[d * ldq + c] = scale * q[c * q_stride + d];
     }
     for (Index d = 0; d < dk; ++d)
-        std::fill(qt + d * nq_padded + nq, qt + (d + 1) * nq_padded, Scalar(0));
+        std::fill(qt + d * ldq + nq, qt + d * ldq + nq_padded, Scalar(0));
 }
 
 }  // namespace detail
