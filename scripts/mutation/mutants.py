@@ -771,6 +771,12 @@ MUTANTS = [
          replace="std::fill(qt + d * ldq + nq, qt + (d + 1) * ldq, Scalar(0));",
          tests=["attention_block_kernels"],
          description="the query packing zeroes rows past nq_padded that belong to the caller"),
+    dict(id="bf16-portable-queries-read-unpadded", file="detail/tiled/forward_bf16.hpp",
+         find="transposed_scores(t.qt.data(), lds, nqp, p.f.dk,",
+         replace="transposed_scores(t.qt.data(), nqp, nqp, p.f.dk,",
+         tests=["bf16_attention"],
+         description="the bf16 portable score tiles read the widened queries with the unpadded "
+                     "leading dimension"),
     dict(id="value-single-tile-chunk-skips-key", file="detail/tiled/block_kernels.hpp",
          find="for (Index j0 = 0; j0 < nk; j0 += chunk) {",
          replace="for (Index j0 = 0; j0 < nk; j0 += chunk + (nq <= queries ? 1 : 0)) {",

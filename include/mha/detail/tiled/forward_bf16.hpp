@@ -69,9 +69,21 @@ constexpr Index bf16_padded_queries(Index nq) {
         return padded_queries<float>(nq);
 }
 
+/// The leading dimension of Sᵀ (s.t.s) and of the portable kernel's fp32 qt for a block of nqp
+/// padded queries: the float core's (score_stride) for the portable kernel, whose tiles and
+/// passes are the float core's; nqp for the vdpbf16ps kernels, which read Sᵀ with their own
+/// packing (the padding is unmeasured there: no CPU here has AVX512-BF16).
+template <bf16_kernel Kernel>
+constexpr Index bf16_score_stride(Index nqp) {
+    if constexpr (uses_dot_pairs(Kernel))
+        return nqp;
+    else
+        return score_stride<float>(nqp);
+}
+
 /// The scaled, masked fp32 scores of queries [i0, i0+nq) against keys [j0, j0+nk) into s.t.s
-/// (ld nqp), with the score terms, as masked_scores does for fp32. Returns true when it also
-/// wrote each query's max into mx (native kernel, blocks left as computed).
+/// (ld bf16_score_stride), with the score terms, as masked_scores does for fp32. Returns true when
+/// it also wrote each query's max into mx (native kernel, blocks left as computed).
 template <bf16_kernel Kernel>
 bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_packed_head& packed,
                         Index i0, Index nq, Index nqp, const key_block& block,
@@ -80,7 +92,7 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
     const auto [j0, nk, interior, ranges] = block;
     tile_scratch<float>& t = s.t;
     float* st = t.s.data();
-    const Index lds = nqp;
+    const Index lds = bf16_score_stride<Kernel>(nqp);
     const Eigen::bfloat16* k = p.k + j0 * p.f.k_stride;
     const auto& mask = *p.f.mask;
     const bool terms = modifies_scores(p.f, no_score_modifier{});
@@ -124,7 +136,7 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
         widen_columns(k, p.f.k_stride, p.f.dk, nk, s.kb.data(), s.kb.rows());
         // The fp32 tiles compute the unscaled products of exact bf16 values (the queries were
         // widened unscaled); the scale then multiplies each score once, as the native kernel.
-        transposed_scores(t.qt.data(), nqp, nqp, p.f.dk, s.kb.data(), s.kb.rows(), nk, st, lds,
+        transposed_scores(t.qt.data(), lds, nqp, p.f.dk, s.kb.data(), s.kb.rows(), nk, st, lds,
                           ranges);
         const auto [lo, hi] = ranges.of(0, nqp, nk);
         for (Index r = lo; r < hi; ++r)
@@ -155,6 +167,7 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
     const interval_summary iv = key_intervals(p.f, i0, nq, k_lo, k_hi, t);
     if (iv.lo >= iv.hi) return;
     const Index nqp = bf16_padded_queries<Kernel>(nq);
+    const Index lds = bf16_score_stride<Kernel>(nqp);
     const Eigen::bfloat16* q = p.q + i0 * p.f.q_stride;
     if constexpr (uses_dot_pairs(Kernel)) {
         pack_query_pairs(q, p.f.q_stride, p.f.dk, nq, nqp, s.qp.data());
@@ -163,12 +176,12 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
         // (t.qt's storage, nqp × d_k, holds these d_k × nq).
         widen_columns(q, p.f.q_stride, p.f.dk, nq, t.qt.data(), p.f.dk);
     } else {
-        // qt(c, d) = Q(d, c) in fp32 (exact), zero padding queries.
+        // qt(c, d) = Q(d, c) in fp32 (exact), zero padding queries, ld as Sᵀ's.
         float* qt = t.qt.data();
         for (Index d = 0; d < p.f.dk; ++d) {
             for (Index c = 0; c < nq; ++c)
-                qt[d * nqp + c] = bf16_to_float(q[c * p.f.q_stride + d]);
-            std::fill(qt + d * nqp + nq, qt + (d + 1) * nqp, 0.0f);
+                qt[d * lds + c] = bf16_to_float(q[c * p.f.q_stride + d]);
+            std::fill(qt + d * lds + nq, qt + d * lds + nqp, 0.0f);
         }
     }
     float* st = t.s.data();
@@ -176,7 +189,7 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
         const Index nk = std::min(cfg.key_block, iv.hi - j0);
         const key_block block = key_block_at(t, iv, nq, j0, nk);
         if (!masked_scores_bf16<Kernel>(p, packed, i0, nq, nqp, block, iv, s, t.block_max.data()))
-            max_per_query(st, nqp, nqp, nk, t.block_max.data());
+            max_per_query(st, lds, nqp, nk, t.block_max.data());
         for (Index c = 0; c < nqp; ++c) {
             // As online_pass: a query with nothing allowed yet shifts by 0.
             const float m_new = c < nq ? nan_propagating_max(t.m(c), t.block_max(c)) : 0.0f;
@@ -190,12 +203,12 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
 #if defined(MHA_BF16_NATIVE)
         if constexpr (uses_dot_pairs(Kernel)) {
             // With the ranges: a block masked in the tiles has rows they did not write.
-            exp_pack_probability_pairs(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data(),
+            exp_pack_probability_pairs(st, lds, nqp, nk, t.shift.data(), t.block_sum.data(),
                                        s.pp.data(), ranges);
             packed_p = true;
         }
 #endif
-        if (!packed_p) exp_shifted_per_query(st, nqp, nqp, nk, t.shift.data(), t.block_sum.data());
+        if (!packed_p) exp_shifted_per_query(st, lds, nqp, nk, t.shift.data(), t.block_sum.data());
         fold_block_statistics(t, 0, nq);
         const Eigen::bfloat16* v = p.v + j0 * p.f.v_stride;
         if constexpr (uses_dot_pairs(Kernel)) {
@@ -209,21 +222,23 @@ void online_pass_bf16(const bf16_head_problem& p, const bf16_packed_head& packed
                 packed.v != nullptr && j0 % 2 == 0 && (nk % 2 == 0 || j0 + nk == p.f.lk);
             const std::uint16_t* vb = slice ? packed.v + (j0 / 2) * dvp * 2 : s.vp.data();
             if (!slice) pack_value_pairs(v, p.f.v_stride, dv, nk, dvp, s.vp.data());
-            if (!packed_p) pack_probability_pairs(st, nqp, nqp, nk, s.pp.data());
+            if (!packed_p) pack_probability_pairs(st, lds, nqp, nk, s.pp.data());
             accumulate_values_bf16(vb, dvp, nk, s.pp.data(), nqp, nq, t.acc.data(), t.acc.rows(),
                                    ranges);
 #endif
         } else if (nq <= block_kernel_traits<float>::value_queries) {
             // One value tile reads V once: in place, widened in registers.
-            round_to_bf16_in_place(st, nk * nqp);
-            accumulate_values(v, p.f.v_stride, dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
+            for (Index r = 0; r < nk; ++r)
+                round_to_bf16_in_place(st + r * lds, nqp);
+            accumulate_values(v, p.f.v_stride, dv, nk, st, lds, nq, t.acc.data(), t.acc.rows(),
                               ranges);
         } else {
             widen_columns(v, p.f.v_stride, dv, nk, t.v.data(), dv);
             // Padding queries too (their probabilities are finite and no output reads them):
-            // one run over the block instead of nk runs of nq.
-            round_to_bf16_in_place(st, nk * nqp);
-            accumulate_values(t.v.data(), dv, dv, nk, st, nqp, nq, t.acc.data(), t.acc.rows(),
+            // whole packets. The rows past nqp (score_stride's padding) hold nothing.
+            for (Index r = 0; r < nk; ++r)
+                round_to_bf16_in_place(st + r * lds, nqp);
+            accumulate_values(t.v.data(), dv, dv, nk, st, lds, nq, t.acc.data(), t.acc.rows(),
                               ranges);
         }
     }
