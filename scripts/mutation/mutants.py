@@ -113,15 +113,15 @@ MUTANTS = [
          replace="const Index first_query = 0;",
          tests=["rotary_layer", "layer_backward", "bf16_layer"],
          description="queries of cross-length sequences are rotated from position 0, not Lk - Lq"),
-    # detail/tiled/forward_bf16.hpp: score terms on bf16
-    dict(id="bf16-terms-not-applied", file="detail/tiled/forward_bf16.hpp",
+    # detail/tiled/forward_bf16.hpp, online_softmax_bf16.hpp: score terms on bf16
+    dict(id="bf16-terms-not-applied", file="detail/tiled/online_softmax_bf16.hpp",
          find="    if (terms)\n        for (Index r = 0; r < nk; ++r)",
          replace="    if (false)\n        for (Index r = 0; r < nk; ++r)",
          tests=["bf16_attention"],
          description="the bf16 kernel computes soft-capping and ALiBi nowhere"),
     # (killed only on a CPU with AVX512-BF16: in the portable kernel as_computed only decides
     # whether the mask pass runs, after the terms; the vdpbf16ps tiles return their max early)
-    dict(id="bf16-terms-block-max-from-tiles", file="detail/tiled/forward_bf16.hpp",
+    dict(id="bf16-terms-block-max-from-tiles", file="detail/tiled/online_softmax_bf16.hpp",
          find="const bool as_computed = interior && !terms && !mask.has_elementwise();",
          replace="const bool as_computed = interior && !mask.has_elementwise();",
          tests=["bf16_attention_native"],
@@ -139,7 +139,7 @@ MUTANTS = [
          tests=["bf16_attention"],
          description="the merge of a stacked decode step finalises query head h instead of the "
                      "group of key/value head h"),
-    dict(id="bf16-sink-not-folded", file="detail/tiled/forward_bf16.hpp",
+    dict(id="bf16-sink-not-folded", file="detail/tiled/online_softmax_bf16.hpp",
          find="const float alpha = fold_sink(p.f, t.m(c), t.l(c));",
          replace="const float alpha = 1.0f;",
          tests=["bf16_attention"],
@@ -149,7 +149,7 @@ MUTANTS = [
          replace="ws.plan.build(p.heads, p.batch, ws.masks, cfg, false, weights_mode::none);",
          tests=["bf16_attention"],
          description="a decode step stacks query heads whose ALiBi slopes or sinks differ"),
-    dict(id="bf16-repair-without-terms", file="detail/tiled/forward_bf16.hpp",
+    dict(id="bf16-repair-without-terms", file="detail/tiled/online_softmax_bf16.hpp",
          find="float sc = modified_score(p.f, no_score_modifier{}, i, j, p.f.scale * dot);",
          replace="float sc = p.f.scale * dot;",
          tests=["bf16_attention"],
@@ -540,20 +540,20 @@ MUTANTS = [
          replace="_tile_dpbf16ps(1, 5, 3);\n        }",
          tests=["bf16_attention_native"],
          description="the AMX score tiles with resident queries use queries 0–15's second d_k half for queries 16–31"),
-    # detail/tiled/block_kernels_bf16.hpp, detail/tiled/forward_bf16.hpp (vdpbf16ps kernel)
-    dict(id="bf16-fused-max-all-nan-kept", file="detail/tiled/forward_bf16.hpp",
+    # detail/tiled/block_kernels_bf16.hpp, detail/tiled/online_softmax_bf16.hpp (vdpbf16ps kernel)
+    dict(id="bf16-fused-max-all-nan-kept", file="detail/tiled/online_softmax_bf16.hpp",
          find="if (std::none_of(mx, mx + nq,",
          replace="if (true || std::none_of(mx, mx + nq,",
          tests=["bf16_attention_native"],
          description="a query whose scores in a block are all NaN keeps the tiles' max of −∞ and "
                      "reads as having no key"),
-    dict(id="bf16-packed-v-odd-start", file="detail/tiled/forward_bf16.hpp",
+    dict(id="bf16-packed-v-odd-start", file="detail/tiled/online_softmax_bf16.hpp",
          find="packed.v != nullptr && j0 % 2 == 0 &&",
          replace="packed.v != nullptr &&",
          tests=["bf16_attention_native"],
          description="a key block starting on an odd key reads the values packed once per call, "
                      "whose pairs then straddle its keys"),
-    dict(id="bf16-packed-k-offset", file="detail/tiled/forward_bf16.hpp",
+    dict(id="bf16-packed-k-offset", file="detail/tiled/online_softmax_bf16.hpp",
          find="packed.k != nullptr ? packed.k + j0 * dk : s.kb16.data();",
          replace="packed.k != nullptr ? packed.k + j0 : s.kb16.data();",
          tests=["bf16_attention_native"],
@@ -771,7 +771,7 @@ MUTANTS = [
          replace="std::fill(qt + d * ldq + nq, qt + (d + 1) * ldq, Scalar(0));",
          tests=["attention_block_kernels"],
          description="the query packing zeroes rows past nq_padded that belong to the caller"),
-    dict(id="bf16-portable-queries-read-unpadded", file="detail/tiled/forward_bf16.hpp",
+    dict(id="bf16-portable-queries-read-unpadded", file="detail/tiled/online_softmax_bf16.hpp",
          find="transposed_scores(t.qt.data(), lds, nqp, p.f.dk,",
          replace="transposed_scores(t.qt.data(), nqp, nqp, p.f.dk,",
          tests=["bf16_attention"],
@@ -803,15 +803,21 @@ MUTANTS = [
          replace="if (true) {",
          tests=["kv_cache"],
          description="the cache advises huge pages even when asked not to"),
-    # detail/tiled/forward_bf16.hpp: the portable kernel's few-query path (decode steps)
-    dict(id="bf16-few-query-unscaled", file="detail/tiled/forward_bf16.hpp",
+    # detail/tiled/online_softmax_bf16.hpp: the portable kernel's few-query path (decode steps)
+    dict(id="bf16-few-query-unscaled", file="detail/tiled/online_softmax_bf16.hpp",
          find="few_query_scores(t.qt.data(), p.f.dk, nq, p.f.dk, p.f.scale,",
          replace="few_query_scores(t.qt.data(), p.f.dk, nq, p.f.dk, 1.0f,",
          tests=["bf16_attention"],
          description="the bf16 few-query scores are not scaled"),
-    dict(id="bf16-few-query-widens-one-query", file="detail/tiled/forward_bf16.hpp",
-         find="widen_columns(q, p.f.q_stride, p.f.dk, nq, t.qt.data(), p.f.dk);",
-         replace="widen_columns(q, p.f.q_stride, p.f.dk, 1, t.qt.data(), p.f.dk);",
+    dict(id="bf16-portable-probabilities-unrounded", file="detail/tiled/online_softmax_bf16.hpp",
+         find="            round_to_bf16_in_place(st + r * lds, nqp);",
+         replace="            (void)r;",
+         tests=["bf16_attention"],
+         description="the bf16 portable kernel multiplies V by the fp32 probabilities, not by "
+                     "them rounded to bf16 as the vdpbf16ps kernel does"),
+    dict(id="bf16-few-query-widens-one-query", file="detail/tiled/online_softmax_bf16.hpp",
+         find="widen_columns(q, p.f.q_stride, p.f.dk, nq, s.t.qt.data(), p.f.dk);",
+         replace="widen_columns(q, p.f.q_stride, p.f.dk, 1, s.t.qt.data(), p.f.dk);",
          tests=["bf16_attention"],
          description="the bf16 few-query path widens only the first of its stacked queries"),
     # detail/tiled/few_query_scores.hpp (the score kernel of decode steps)

@@ -86,6 +86,7 @@ DEFAULT_TESTS = {
     "multi_head_attention_bf16.hpp": ["bf16_layer", "bf16_layer_native", "allocation_free"],
     "detail/decode_step.hpp": ["kv_cache", "bf16_layer"],
     "detail/tiled/forward_bf16.hpp": ["bf16_attention", "bf16_layer"],
+    "detail/tiled/online_softmax_bf16.hpp": ["bf16_attention", "bf16_layer"],
     "detail/tiled/plan_bf16.hpp": ["bf16_attention", "bf16_layer"],
     "detail/tiled/probabilities_bf16.hpp": ["bf16_attention_native"],
     "detail/gemm_bf16_amx.hpp": ["bf16_projection_native"],

@@ -40,8 +40,10 @@ struct tiled_settings {
 /// to the score kernel's packet multiple (padded_queries).
 template <class Scalar>
 struct tile_scratch {
-    matrix<Scalar> qt;    // nqp × dk: the block's queries, transposed and scaled
-    matrix<Scalar> s;     // nqp × key_block: transposed scores, then probabilities
+    // Flat buffers whose columns start score_stride(nqp) entries apart; one cache line of rows
+    // more than nqp leaves room for that stride.
+    matrix<Scalar> qt;    // (nqp + line) × dk: the block's queries, transposed and scaled
+    matrix<Scalar> s;     // (nqp + line) × key_block: transposed scores, then probabilities
     matrix<Scalar> acc;   // dv × query_block unnormalised output
     matrix<Scalar> v;     // dv × key_block: the block's values, contiguous
     vector<Scalar> m, l;  // query_block: running max and sum
