@@ -98,7 +98,7 @@ bool masked_scores_bf16(const bf16_head_problem& p, [[maybe_unused]] const bf16_
         }
 #endif
     } else if (reads_queries_in_place<float>(nq)) {
-        // A decode step's few queries (widened d-contiguous into t.qt by online_pass_bf16) read
+        // A decode step's few queries (widened d-contiguous into t.qt by pack_queries_bf16) read
         // the block's keys in place, widened in registers: one pass over a bf16 cache, not a
         // widening pass and a product pass over twice the bytes.
         few_query_scores(t.qt.data(), p.f.dk, nq, p.f.dk, p.f.scale, k, p.f.k_stride, nk, st, lds);
