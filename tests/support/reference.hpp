@@ -243,14 +243,20 @@ mat<T> reference_attention_terms(const mat<T>& q, const mat<T>& k, const mat<T>&
 /// y = w·x + b with plain loops (b may be empty).
 template <class T>
 mat<T> reference_linear(const mat<T>& w, const vec<T>& b, const mat<T>& x) {
-    mat<T> y(w.rows(), x.cols());
-    for (Index n = 0; n < x.cols(); ++n)
-        for (Index r = 0; r < w.rows(); ++r) {
+    // Read through pointers (column-major, no padding): the unoptimised sanitizer builds spend
+    // most of this function in Eigen's coefficient accessors otherwise.
+    const Index rows = w.rows(), width = w.cols();
+    eigen_assert(x.rows() == width && (b.size() == 0 || b.size() == rows));
+    mat<T> y(rows, x.cols());
+    for (Index n = 0; n < x.cols(); ++n) {
+        const T* xn = x.data() + n * width;
+        for (Index r = 0; r < rows; ++r) {
             T acc = b.size() ? b(r) : T(0);
-            for (Index c = 0; c < w.cols(); ++c)
-                acc += w(r, c) * x(c, n);
+            for (Index c = 0; c < width; ++c)
+                acc += w.data()[r + c * rows] * xn[c];
             y(r, n) = acc;
         }
+    }
     return y;
 }
 
